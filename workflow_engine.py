@@ -1,0 +1,1087 @@
+"""A minimal async workflow engine: graphs of Python nodes over a shared state, served over HTTP.
+
+Nodes are registered Python functions (async, or plain ones run in a worker thread) that read and update a
+`WorkflowState` (`data` and `metadata`). A graph, written as JSON, names a start node, its nodes, and per node a
+default next node plus ordered branches on registered conditions; loops are allowed and bounded by
+`max_iterations`. Every step is logged with the keys it changed and their new values.
+
+Run it:    uvicorn workflow_engine:app            (loads the modules in WORKFLOW_MODULES, default `code_review`)
+Embed it:  app = create_app(registry=my_registry)  (a Starlette app with its own registry and store)
+Call it:   run = await Engine(registry).run(graph, WorkflowState(data={...}))
+
+Endpoints:
+    GET  /                             health check
+    POST /graph/create                 store a graph definition      -> 201 {"graph_id"} (200 if identical)
+    POST /graph/run                    run a stored graph            -> 200 run record with "final_state"
+    GET  /graph/state/{run_id}         a run's record
+    GET  /graph/definition/{graph_id}  a stored graph, as /graph/create accepts it
+
+Every non-2xx answer has one shape:
+    {"error": {"code": "graph_not_found", "message": "graph 'x' does not exist", "details": [{"path", "message"}]}}
+"""
+
+import asyncio
+import enum
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.cols import (
+    homogenous_tuple_structure_factory,
+    is_mapping,
+    is_mutable_sequence,
+    is_sequence,
+    list_structure_factory,
+    mapping_structure_factory,
+)
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+__all__ = [
+    "BranchCondition",
+    "EdgeDef",
+    "Engine",
+    "EngineError",
+    "ErrorCode",
+    "GraphConflict",
+    "GraphDefinition",
+    "GraphNotFound",
+    "InvalidGraph",
+    "InvalidJson",
+    "InvalidRequest",
+    "LogEntry",
+    "LogEvent",
+    "MemoryStore",
+    "NodeContext",
+    "Problem",
+    "Registry",
+    "RunContext",
+    "RunNotFound",
+    "RunStatus",
+    "Settings",
+    "StoreFull",
+    "UnknownName",
+    "WorkflowState",
+    "app",
+    "create_app",
+    "run_graph",
+    "settings_from_env",
+    "validate_graph",
+]
+
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------
+# Constants and limits
+# ---------------------------------------------------------------------------
+MAX_ITERATIONS = 100  # node executions per run unless the graph or the run request says otherwise
+MAX_ITERATIONS_CAP = 10_000  # server-wide ceiling on any max_iterations a graph or run may ask for
+MAX_STORED_RUNS = 10_000  # finished runs kept in memory; the oldest finished is evicted first
+MAX_STORED_GRAPHS = 10_000  # graph definitions kept in memory
+MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
+MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects accepted in bodies and node output
+GRAPH_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+DEFAULT_WORKFLOWS = ("code_review",)
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+@enum.unique
+class ErrorCode(enum.Enum):
+    """The `error.code` values of the HTTP API."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_REQUEST = "invalid_request"
+    INVALID_GRAPH = "invalid_graph"
+    UNKNOWN_NAME = "unknown_name"
+    GRAPH_NOT_FOUND = "graph_not_found"
+    RUN_NOT_FOUND = "run_not_found"
+    GRAPH_CONFLICT = "graph_conflict"
+    STORE_FULL = "store_full"
+    BODY_TOO_LARGE = "body_too_large"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    HTTP_ERROR = "http_error"
+    INTERNAL_ERROR = "internal_error"
+
+
+class InvalidValue(ValueError):
+    """A value of the wrong JSON type or outside its bounds; the message is meant for the client."""
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with a request: a JSON path from `$` and what is wrong there."""
+
+    path: str
+    message: str
+
+
+class EngineError(Exception):
+    """Root of every error the engine raises on purpose; `status_code` and `code` give the HTTP answer."""
+
+    status_code = 500
+    code = ErrorCode.INTERNAL_ERROR
+
+    def __init__(self, message: str, details: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class InvalidJson(EngineError):
+    """The body is not JSON, or not a JSON object."""
+
+    status_code = 400
+    code = ErrorCode.INVALID_JSON
+
+
+class InvalidRequest(EngineError):
+    """The body is JSON but does not match the request's schema."""
+
+    status_code = 422
+    code = ErrorCode.INVALID_REQUEST
+
+    def __init__(self, details: list[Problem]) -> None:
+        super().__init__(f"the request has {_count(details, 'problem')}", details)
+
+
+class InvalidGraph(EngineError):
+    """A graph definition breaks a graph rule (unknown node, bad edge, ...)."""
+
+    status_code = 422
+    code = ErrorCode.INVALID_GRAPH
+
+    def __init__(self, details: list[Problem]) -> None:
+        super().__init__(f"the graph has {_count(details, 'problem')}", details)
+
+
+class UnknownName(EngineError):
+    """A node, condition or tool name that is not registered."""
+
+    status_code = 422
+    code = ErrorCode.UNKNOWN_NAME
+
+    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown {kind} {name!r}; registered: {', '.join(sorted(known)) or 'none'}")
+
+
+class GraphNotFound(EngineError):
+    """No graph is stored under the id."""
+
+    status_code = 404
+    code = ErrorCode.GRAPH_NOT_FOUND
+
+    def __init__(self, graph_id: str) -> None:
+        super().__init__(f"graph {graph_id!r} does not exist")
+
+
+class RunNotFound(EngineError):
+    """No run is stored under the id (it never existed, or was evicted)."""
+
+    status_code = 404
+    code = ErrorCode.RUN_NOT_FOUND
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} does not exist")
+
+
+class GraphConflict(EngineError):
+    """A different graph is already stored under the id."""
+
+    status_code = 409
+    code = ErrorCode.GRAPH_CONFLICT
+
+    def __init__(self, graph_id: str) -> None:
+        super().__init__(f"graph {graph_id!r} already exists with a different definition")
+
+
+class StoreFull(EngineError):
+    """The store holds as many graphs as it may."""
+
+    status_code = 409
+    code = ErrorCode.STORE_FULL
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the store already holds {limit} graphs, its limit")
+
+
+class BodyTooLarge(EngineError):
+    """The request body is over the size limit."""
+
+    status_code = 413
+    code = ErrorCode.BODY_TOO_LARGE
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is over the limit of {limit} bytes")
+
+
+def _count(items: list[Any], noun: str) -> str:
+    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+# Definitions are frozen; only the run record, which the runner updates step by step, is mutable.
+@enum.unique
+class RunStatus(enum.Enum):
+    """Where a run is in its life."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED_MAX_ITERATIONS = "stopped_max_iterations"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the run has ended and will not change again."""
+        return self is not RunStatus.PENDING and self is not RunStatus.RUNNING
+
+
+@enum.unique
+class LogEvent(enum.Enum):
+    """What happened in one step of a run."""
+
+    EXECUTED = "executed"
+    ERROR = "error"
+
+
+def _positive(instance: object, attribute: attrs.Attribute, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise InvalidValue(f"{attribute.name} must be at least 1, got {value}")
+
+
+@attrs.define(kw_only=True)
+class WorkflowState:
+    """The state nodes read and update: `data` for the workflow, `metadata` for the caller's bookkeeping."""
+
+    data: dict[str, Any] = attrs.field(factory=dict)
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class BranchCondition:
+    """Go to `target` when the registered condition `condition` is true."""
+
+    condition: str
+    target: str
+
+
+@attrs.frozen(kw_only=True)
+class EdgeDef:
+    """Where to go after a node: the first branch whose condition holds, else `default_next` (None ends the run)."""
+
+    default_next: str | None = None
+    branches: tuple[BranchCondition, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class GraphDefinition:
+    """A workflow: its nodes, where it starts, and the edges between nodes."""
+
+    graph_id: str | None = None
+    start_node: str
+    nodes: tuple[str, ...]
+    edges: dict[str, EdgeDef] = attrs.field(factory=dict)
+    max_iterations: int | None = attrs.field(default=None, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class LogEntry:
+    """One step of a run: a node executed (or failed), the data keys it changed and where the run went next.
+
+    Replaying `updates` rebuilds the state: a key in `keys_changed` but not in `updates` was removed.
+    """
+
+    iteration: int
+    node: str
+    event: LogEvent
+    started_at: datetime
+    duration_ms: float
+    keys_changed: tuple[str, ...] = ()
+    updates: dict[str, Any] = attrs.field(factory=dict)
+    next: str | None = None
+    branch: str | None = None
+    error: str | None = None
+
+
+@attrs.define(kw_only=True)
+class RunContext:
+    """The record of one run: its status, where it is, its state and its log."""
+
+    run_id: str
+    graph_id: str
+    status: RunStatus = RunStatus.PENDING
+    current_node: str | None = None
+    iteration: int = 0
+    max_iterations: int = MAX_ITERATIONS
+    state: WorkflowState
+    logs: list[LogEntry] = attrs.field(factory=list)
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: float = 0.0
+    engine_overhead_ms: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class RunRequest:
+    """The body of `POST /graph/run`."""
+
+    graph_id: str
+    state: WorkflowState = attrs.field(factory=WorkflowState)
+    max_iterations: int | None = attrs.field(default=None, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class RunResponse:
+    """The answer of `POST /graph/run`: the run record, its state as `final_state`."""
+
+    run_id: str
+    graph_id: str
+    status: RunStatus
+    final_state: WorkflowState
+    logs: list[LogEntry]
+    iteration: int
+    current_node: str | None
+    error: str | None
+    duration_ms: float
+    engine_overhead_ms: float
+
+
+@attrs.frozen(kw_only=True)
+class CreateGraphResponse:
+    """The answer of `POST /graph/create`."""
+
+    graph_id: str
+
+
+@attrs.frozen(kw_only=True)
+class HealthResponse:
+    """The answer of `GET /`."""
+
+    status: str
+    graphs: int
+    runs: int
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Server settings; `settings_from_env` reads them from WORKFLOW_* environment variables."""
+
+    max_iterations: int = attrs.field(default=MAX_ITERATIONS, validator=_positive)
+    max_iterations_cap: int = attrs.field(default=MAX_ITERATIONS_CAP, validator=_positive)
+    max_runs: int = attrs.field(default=MAX_STORED_RUNS, validator=_positive)
+    max_graphs: int = attrs.field(default=MAX_STORED_GRAPHS, validator=_positive)
+    max_body_bytes: int = attrs.field(default=MAX_BODY_BYTES, validator=_positive)
+    # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
+    workflow_modules: tuple[str, ...] | None = None
+
+
+# ---------------------------------------------------------------------------
+# Serialization
+# ---------------------------------------------------------------------------
+# JSON is validated once, here, at the edge: strict types, no unknown keys, every problem reported with its path.
+_JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool | type(None) | dict | list | str):
+        return _JSON_TYPE_NAMES[type(value)]
+    return "a number" if isinstance(value, int | float) else type(value).__name__
+
+
+def _strict(expected: type, name: str, accepts: tuple[type, ...], rejects: tuple[type, ...] = ()) -> Callable:
+    def hook(value: object, _: type) -> Any:
+        if not isinstance(value, accepts) or isinstance(value, rejects):
+            raise InvalidValue(f"expected {name}, got {_json_type(value)}")
+        return expected(value) if expected is float else value
+
+    return hook
+
+
+def _shape_guard(kind: type, name: str, factory: Callable) -> Callable:
+    """Wrap a cattrs hook factory so its hooks reject anything that is not a JSON `kind` first."""
+
+    def guarded_factory(type_: type, converter: cattrs.Converter) -> Callable:
+        inner = factory(type_, converter)
+
+        def hook(value: object, type_: type) -> Any:
+            if not isinstance(value, kind):
+                raise InvalidValue(f"expected {name}, got {_json_type(value)}")
+            return inner(value, type_)
+
+        return hook
+
+    return guarded_factory
+
+
+def _make_converter() -> cattrs.Converter:
+    """Build the module's converter: strict JSON types, no extra keys, ISO 8601 datetimes, enums by value."""
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(str, _strict(str, "a string", (str,)))
+    converter.register_structure_hook(int, _strict(int, "an integer", (int,), (bool,)))
+    converter.register_structure_hook(float, _strict(float, "a number", (int, float), (bool,)))
+    converter.register_structure_hook(bool, _strict(bool, "a boolean", (bool,)))
+    # Later factories are tried first, so the predicates must stay disjoint.
+    converter.register_structure_hook_factory(
+        is_mutable_sequence, _shape_guard(list, "an array", list_structure_factory)
+    )
+    converter.register_structure_hook_factory(
+        lambda t: is_sequence(t) and not is_mutable_sequence(t),
+        _shape_guard(list, "an array", homogenous_tuple_structure_factory),
+    )
+    converter.register_structure_hook_factory(is_mapping, _shape_guard(dict, "an object", mapping_structure_factory))
+    converter.register_unstructure_hook(datetime, datetime.isoformat)
+    return converter
+
+
+converter = _make_converter()
+
+
+def _format_problem(exc: BaseException, type_: type | None) -> str:
+    if isinstance(exc, InvalidValue):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_QUOTED_PLAIN_KEY = re.compile(rf"\['({_PLAIN_KEY.pattern})'\]")
+
+
+def _split(problem: str) -> Problem:
+    """Turn cattrs' `"<message> @ <path>"` into a Problem, writing `$.edges['a']` as `$.edges.a`."""
+    message, _, path = problem.rpartition(" @ ")
+    return Problem(_QUOTED_PLAIN_KEY.sub(r".\1", path), message)
+
+
+def key_path(path: str, key: str) -> str:
+    """Extend a JSON path by an object key: `.key` for plain names, `['key']` otherwise."""
+    return f"{path}.{key}" if _PLAIN_KEY.fullmatch(key) else f"{path}[{key!r}]"
+
+
+def structure_body(payload: object, cls: type[T]) -> T:
+    """Turn a decoded JSON body into `cls`, or raise InvalidRequest listing every problem."""
+    if not isinstance(payload, dict):  # cattrs raises a bare AttributeError here
+        raise InvalidRequest([Problem("$", "expected a JSON object")])
+    try:
+        return converter.structure(payload, cls)
+    except cattrs.BaseValidationError as exc:
+        problems = cattrs.transform_error(exc, format_exception=_format_problem)
+        raise InvalidRequest([_split(p) for p in problems]) from None
+
+
+def json_problem(value: object, depth: int = 0) -> str | None:
+    """Say why `value` is not plain JSON (NaN, a set, an object, nesting over MAX_JSON_DEPTH), or None if it is."""
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value} is not a JSON number"
+    if depth >= MAX_JSON_DEPTH:
+        return f"nesting deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = "object keys must be strings" if not isinstance(key, str) else json_problem(item, depth + 1)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        return next(filter(None, (json_problem(item, depth + 1) for item in value)), None)
+    return f"{type(value).__name__} is not a JSON type"
+
+
+# ---------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------
+NodeResult = dict[str, Any] | None
+NodeFn = Callable[[WorkflowState, "NodeContext"], NodeResult | Awaitable[NodeResult]]
+ConditionFn = Callable[[WorkflowState], bool]
+ToolFn = Callable[..., Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Registry:
+    """Named node functions, conditions and tools, plus graphs to load at startup. There is no global one."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeFn] = {}
+        self._conditions: dict[str, ConditionFn] = {}
+        self._tools: dict[str, ToolFn] = {}
+        self._graphs: dict[str, GraphDefinition] = {}
+
+    def node(self, fn: F | None = None, /, *, name: str | None = None) -> Any:
+        """Register a node function (`@registry.node` or `@registry.node(name=...)`); return it unchanged."""
+        return self._register(self._nodes, "node", fn, name)
+
+    def condition(self, fn: F | None = None, /, *, name: str | None = None) -> Any:
+        """Register a condition `(state) -> bool`; return it unchanged."""
+        return self._register(self._conditions, "condition", fn, name)
+
+    def tool(self, fn: F | None = None, /, *, name: str | None = None) -> Any:
+        """Register a tool that nodes can reach through `ctx.tool(name)`; return it unchanged."""
+        return self._register(self._tools, "tool", fn, name)
+
+    def add_graph(self, graph: GraphDefinition) -> None:
+        """Register a graph that `create_app` stores at startup (it is validated then)."""
+        if not graph.graph_id:
+            raise ValueError("a registered graph needs a graph_id")
+        if graph.graph_id in self._graphs:
+            raise ValueError(f"graph {graph.graph_id!r} is already registered")
+        self._graphs[graph.graph_id] = graph
+
+    def get_node(self, name: str) -> NodeFn:
+        """Return the node function registered as `name`, or raise UnknownName."""
+        return _lookup(self._nodes, "node", name)
+
+    def get_condition(self, name: str) -> ConditionFn:
+        """Return the condition registered as `name`, or raise UnknownName."""
+        return _lookup(self._conditions, "condition", name)
+
+    def get_tool(self, name: str) -> ToolFn:
+        """Return the tool registered as `name`, or raise UnknownName."""
+        return _lookup(self._tools, "tool", name)
+
+    def has_node(self, name: str) -> bool:
+        """Whether a node function is registered as `name`."""
+        return name in self._nodes
+
+    def has_condition(self, name: str) -> bool:
+        """Whether a condition is registered as `name`."""
+        return name in self._conditions
+
+    @property
+    def graphs(self) -> tuple[GraphDefinition, ...]:
+        """The graphs registered for startup, in registration order."""
+        return tuple(self._graphs.values())
+
+    @staticmethod
+    def _register(table: dict[str, Any], kind: str, fn: F | None, name: str | None) -> Any:
+        def add(fn: F) -> F:
+            key = name or fn.__name__
+            if key in table:
+                raise ValueError(f"a {kind} named {key!r} is already registered")
+            table[key] = fn
+            return fn
+
+        return add if fn is None else add(fn)
+
+
+def _lookup(table: dict[str, T], kind: str, name: str) -> T:
+    try:
+        return table[name]
+    except KeyError:
+        raise UnknownName(kind, name, list(table)) from None
+
+
+# ---------------------------------------------------------------------------
+# Graph validation
+# ---------------------------------------------------------------------------
+# Every rule is checked and every problem collected, so the client can fix them all at once.
+def validate_graph(
+    graph: GraphDefinition, registry: Registry, *, max_iterations_cap: int = MAX_ITERATIONS_CAP
+) -> None:
+    """Raise InvalidGraph listing every problem of `graph` against the names in `registry`."""
+    problems = [*_id_problems(graph), *_node_problems(graph, registry), *_edge_problems(graph, registry)]
+    if graph.max_iterations is not None and graph.max_iterations > max_iterations_cap:
+        problems.append(Problem("$.max_iterations", f"must be at most {max_iterations_cap}"))
+    if problems:
+        raise InvalidGraph(problems)
+
+
+def _id_problems(graph: GraphDefinition) -> list[Problem]:
+    if graph.graph_id is None or GRAPH_ID_PATTERN.fullmatch(graph.graph_id):
+        return []
+    return [Problem("$.graph_id", "must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', '-'")]
+
+
+def _node_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
+    problems = []
+    if not graph.nodes:
+        problems.append(Problem("$.nodes", "nodes must not be empty"))
+    seen: set[str] = set()
+    for index, name in enumerate(graph.nodes):
+        if name in seen:
+            problems.append(Problem(f"$.nodes[{index}]", f"duplicate node {name!r}"))
+        elif not registry.has_node(name):
+            problems.append(Problem(f"$.nodes[{index}]", f"unknown node function {name!r}"))
+        seen.add(name)
+    if graph.start_node not in seen:
+        problems.append(Problem("$.start_node", f"unknown node {graph.start_node!r}"))
+    return problems
+
+
+def _edge_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
+    nodes = set(graph.nodes)
+    problems = []
+    for source, edge in graph.edges.items():
+        path = key_path("$.edges", source)
+        if source not in nodes:
+            problems.append(Problem(path, f"unknown node {source!r}"))
+        if edge.default_next is not None and edge.default_next not in nodes:
+            problems.append(Problem(f"{path}.default_next", f"unknown node {edge.default_next!r}"))
+        for index, branch in enumerate(edge.branches):
+            branch_path = f"{path}.branches[{index}]"
+            if not registry.has_condition(branch.condition):
+                problems.append(Problem(f"{branch_path}.condition", f"unknown condition {branch.condition!r}"))
+            if branch.target not in nodes:
+                problems.append(Problem(f"{branch_path}.target", f"unknown node {branch.target!r}"))
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# Runner
+# ---------------------------------------------------------------------------
+# The runner never raises for a node or condition failure: it records it in the log and ends the run `failed`.
+@attrs.frozen(kw_only=True)
+class NodeContext:
+    """What a node gets besides the state: its run's ids, a logger, and the registered tools."""
+
+    run_id: str
+    graph_id: str
+    logger: logging.LoggerAdapter
+    registry: Registry
+
+    def tool(self, name: str) -> ToolFn:
+        """Return the tool registered as `name`, or raise UnknownName."""
+        return self.registry.get_tool(name)
+
+
+class _StepFailed(Exception):
+    """A node or condition failed; the message says which and why."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_run(graph: GraphDefinition, state: WorkflowState, *, max_iterations: int = MAX_ITERATIONS) -> RunContext:
+    """Create a pending run record of `graph` that owns a copy of `state`."""
+    return RunContext(
+        run_id=uuid.uuid4().hex,
+        graph_id=graph.graph_id or "",
+        max_iterations=max_iterations,
+        state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata)),
+        created_at=_now(),
+    )
+
+
+async def run_graph(
+    graph: GraphDefinition, state: WorkflowState, registry: Registry, *, max_iterations: int = MAX_ITERATIONS
+) -> RunContext:
+    """Run `graph` from its start node until it ends or hits `max_iterations`; return the finished run record."""
+    run = new_run(graph, state, max_iterations=max_iterations)
+    return await execute_run(run, graph, registry)
+
+
+async def execute_run(run: RunContext, graph: GraphDefinition, registry: Registry) -> RunContext:
+    """Drive the pending `run` through `graph`, updating it in place after every step; return it."""
+    ctx = NodeContext(
+        run_id=run.run_id,
+        graph_id=run.graph_id,
+        logger=logging.LoggerAdapter(logger, {"run_id": run.run_id}),
+        registry=registry,
+    )
+    run.status, run.started_at = RunStatus.RUNNING, _now()
+    clock, node_ms = time.perf_counter(), 0.0
+    name: str | None = graph.start_node
+    while name is not None:
+        if run.iteration >= run.max_iterations:
+            run.status = RunStatus.STOPPED_MAX_ITERATIONS
+            break
+        run.iteration += 1
+        run.current_node = name
+        entry = await _step(run, graph, registry, ctx, name)
+        run.logs.append(entry)
+        node_ms += entry.duration_ms
+        if entry.event is LogEvent.ERROR:
+            run.status, run.error = RunStatus.FAILED, entry.error
+            break
+        name = entry.next
+    else:
+        run.status = RunStatus.COMPLETED
+    run.finished_at = _now()
+    run.duration_ms = (time.perf_counter() - clock) * 1000
+    run.engine_overhead_ms = max(run.duration_ms - node_ms, 0.0)
+    return run
+
+
+async def _step(run: RunContext, graph: GraphDefinition, registry: Registry, ctx: NodeContext, name: str) -> LogEntry:
+    """Run node `name` on a copy of the data, commit what it changed, and choose the next node."""
+    started_at, clock = _now(), time.perf_counter()
+    # Copy data so a failing node cannot leave it half-written.
+    working = WorkflowState(data=dict(run.state.data), metadata=run.state.metadata)
+    keys: tuple[str, ...] = ()
+    updates: dict[str, Any] = {}
+    try:
+        result = await _call_node(registry.get_node(name), working, ctx)
+        duration_ms = (time.perf_counter() - clock) * 1000
+        updates, keys = _commit(name, run.state.data, working.data, result)
+        run.state.data = working.data
+        next_node, branch = _next_node(graph.edges.get(name), working, registry, name)
+    except Exception as exc:  # a failing node is recorded, never raised
+        duration_ms = (time.perf_counter() - clock) * 1000
+        message = str(exc) if isinstance(exc, _StepFailed) else f"node {name!r} raised {_describe(exc)}"
+        return LogEntry(
+            iteration=run.iteration, node=name, event=LogEvent.ERROR, started_at=started_at,
+            duration_ms=duration_ms, keys_changed=keys, updates=updates, error=message,
+        )
+    return LogEntry(
+        iteration=run.iteration, node=name, event=LogEvent.EXECUTED, started_at=started_at,
+        duration_ms=duration_ms, keys_changed=keys, updates=updates, next=next_node, branch=branch,
+    )
+
+
+async def _call_node(fn: NodeFn, state: WorkflowState, ctx: NodeContext) -> object:
+    if inspect.iscoroutinefunction(fn):
+        return await fn(state, ctx)
+    # A plain function may block: run it in a worker thread so the event loop keeps serving.
+    result = await asyncio.to_thread(fn, state, ctx)
+    return await result if inspect.isawaitable(result) else result
+
+
+_MISSING = object()
+
+
+def _commit(name: str, before: dict[str, Any], data: dict[str, Any], result: object) -> tuple[dict, tuple[str, ...]]:
+    """Merge a node's result into `data`; return the changed keys' new values and the changed keys."""
+    if result is not None and not isinstance(result, dict):
+        raise _StepFailed(f"node {name!r} returned {type(result).__name__}, expected a dict or None")
+    if result:
+        data.update(result)
+    # A key changed if the node returned it, or rebound or removed it in place.
+    returned = result or {}
+    changed = [key for key, value in data.items() if key in returned or before.get(key, _MISSING) is not value]
+    changed += [key for key in before if key not in data]
+    updates = {key: data[key] for key in changed if key in data}
+    problem = json_problem(updates)
+    if problem:
+        raise _StepFailed(f"node {name!r} wrote data that is not JSON: {problem}")
+    return updates, tuple(changed)
+
+
+def _next_node(
+    edge: EdgeDef | None, state: WorkflowState, registry: Registry, name: str
+) -> tuple[str | None, str | None]:
+    """Return the next node and the condition that chose it (None for the default edge)."""
+    if edge is None:
+        return None, None
+    for branch in edge.branches:
+        try:
+            taken = registry.get_condition(branch.condition)(state)
+        except Exception as exc:  # recorded as the step's error by _step
+            raise _StepFailed(f"condition {branch.condition!r} of node {name!r} raised {_describe(exc)}") from exc
+        if not isinstance(taken, bool):
+            raise _StepFailed(f"condition {branch.condition!r} returned {type(taken).__name__}, expected bool")
+        if taken:
+            return branch.target, branch.condition
+    return edge.default_next, None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _copy_json(value: Any) -> Any:
+    """Copy nested dicts and lists so a run never shares mutable data with its caller."""
+    if isinstance(value, dict):
+        return {key: _copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Store
+# ---------------------------------------------------------------------------
+# The store's methods never await, so no other task can see it between a read and a write.
+class MemoryStore:
+    """Graphs and runs in memory: at most `max_runs` finished runs (oldest evicted first) and `max_graphs` graphs."""
+
+    def __init__(self, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> None:
+        self.max_runs = max_runs
+        self.max_graphs = max_graphs
+        self._graphs: dict[str, GraphDefinition] = {}
+        self._runs: dict[str, RunContext] = {}
+        self._finished: dict[str, None] = {}  # finished run ids, oldest first; running runs are never evicted
+
+    def add_graph(self, graph: GraphDefinition) -> bool:
+        """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
+        assert graph.graph_id is not None
+        stored = self._graphs.get(graph.graph_id)
+        if stored is not None:
+            if stored != graph:
+                raise GraphConflict(graph.graph_id)
+            return False
+        if len(self._graphs) >= self.max_graphs:
+            raise StoreFull(self.max_graphs)
+        self._graphs[graph.graph_id] = graph
+        return True
+
+    def get_graph(self, graph_id: str) -> GraphDefinition:
+        """Return the graph stored as `graph_id`, or raise GraphNotFound."""
+        try:
+            return self._graphs[graph_id]
+        except KeyError:
+            raise GraphNotFound(graph_id) from None
+
+    def put_run(self, run: RunContext) -> None:
+        """Store `run`, new or updated; once it is finished it may be evicted to keep the store bounded."""
+        self._runs[run.run_id] = run
+        if run.status.is_terminal and run.run_id not in self._finished:
+            self._finished[run.run_id] = None
+            while len(self._finished) > self.max_runs:
+                oldest = next(iter(self._finished))
+                del self._finished[oldest], self._runs[oldest]
+
+    def get_run(self, run_id: str) -> RunContext:
+        """Return the run stored as `run_id`, or raise RunNotFound."""
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise RunNotFound(run_id) from None
+
+    def counts(self) -> tuple[int, int]:
+        """Return how many graphs and runs are stored."""
+        return len(self._graphs), len(self._runs)
+
+
+# ---------------------------------------------------------------------------
+# Engine
+# ---------------------------------------------------------------------------
+class Engine:
+    """The core the HTTP layer calls: graphs are validated and stored, runs are executed and recorded."""
+
+    def __init__(self, registry: Registry, store: MemoryStore | None = None, settings: Settings | None = None) -> None:
+        self.registry = registry
+        self.settings = settings or Settings()
+        self.store = store or MemoryStore(max_runs=self.settings.max_runs, max_graphs=self.settings.max_graphs)
+
+    def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool]:
+        """Validate and store `graph` (a new id if it has none); return it and whether it was new."""
+        validate_graph(graph, self.registry, max_iterations_cap=self.settings.max_iterations_cap)
+        if graph.graph_id is None:
+            graph = attrs.evolve(graph, graph_id=uuid.uuid4().hex)
+        return graph, self.store.add_graph(graph)
+
+    async def run(
+        self, graph: GraphDefinition | str, state: WorkflowState | None = None, *, max_iterations: int | None = None
+    ) -> RunContext:
+        """Run a stored graph (by id) or a given definition on a copy of `state`; return the finished record."""
+        if isinstance(graph, str):
+            graph = self.store.get_graph(graph)
+        else:
+            validate_graph(graph, self.registry, max_iterations_cap=self.settings.max_iterations_cap)
+        run = new_run(graph, state or WorkflowState(), max_iterations=self._max_iterations(graph, max_iterations))
+        self.store.put_run(run)
+        await execute_run(run, graph, self.registry)
+        self.store.put_run(run)
+        return run
+
+    def _max_iterations(self, graph: GraphDefinition, requested: int | None) -> int:
+        limit = requested or graph.max_iterations or self.settings.max_iterations
+        if limit > self.settings.max_iterations_cap:
+            raise InvalidRequest([Problem("$.max_iterations", f"must be at most {self.settings.max_iterations_cap}")])
+        return limit
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+# Endpoints parse, call one engine method and answer; every error leaves through `error_response`.
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, max_bytes: int) -> object:
+    """Read the body (at most `max_bytes`) and decode it as strict JSON, or raise BodyTooLarge / InvalidJson."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise BodyTooLarge(max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise BodyTooLarge(max_bytes)
+    try:
+        payload = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        detail = "nesting is too deep" if isinstance(exc, RecursionError) else str(exc)
+        raise InvalidJson("the request body is not valid JSON", [Problem("$", detail)]) from None
+    problem = json_problem(payload)
+    if problem:
+        raise InvalidJson("the request body is not valid JSON", [Problem("$", problem)])
+    return payload
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _run_response(run: RunContext) -> RunResponse:
+    return RunResponse(
+        run_id=run.run_id, graph_id=run.graph_id, status=run.status, final_state=run.state, logs=run.logs,
+        iteration=run.iteration, current_node=run.current_node, error=run.error, duration_ms=run.duration_ms,
+        engine_overhead_ms=run.engine_overhead_ms,
+    )
+
+
+async def get_health(request: Request) -> Response:
+    """Answer that the service is up, with how many graphs and runs it holds."""
+    graphs, runs = _engine(request).store.counts()
+    return JSONResponse(converter.unstructure(HealthResponse(status="ok", graphs=graphs, runs=runs)))
+
+
+async def post_graph_create(request: Request) -> Response:
+    """Validate and store a graph definition: 201 when new, 200 when identical to the stored one."""
+    engine = _engine(request)
+    graph = structure_body(await read_json(request, engine.settings.max_body_bytes), GraphDefinition)
+    graph, created = engine.create_graph(graph)
+    body = converter.unstructure(CreateGraphResponse(graph_id=graph.graph_id or ""))
+    return JSONResponse(body, status_code=201 if created else 200)
+
+
+async def post_graph_run(request: Request) -> Response:
+    """Run a stored graph to its end and answer with the run record; a failed run is still a 200."""
+    engine = _engine(request)
+    body = structure_body(await read_json(request, engine.settings.max_body_bytes), RunRequest)
+    run = await engine.run(body.graph_id, body.state, max_iterations=body.max_iterations)
+    return JSONResponse(converter.unstructure(_run_response(run)))
+
+
+async def get_graph_state(request: Request) -> Response:
+    """Answer with a run's record, finished or still running."""
+    run = _engine(request).store.get_run(request.path_params["run_id"])
+    return JSONResponse(converter.unstructure(run))
+
+
+async def get_graph_definition(request: Request) -> Response:
+    """Answer with a stored graph, as JSON that `/graph/create` accepts."""
+    graph = _engine(request).store.get_graph(request.path_params["graph_id"])
+    return JSONResponse(converter.unstructure(graph))
+
+
+def error_response(
+    status_code: int, code: ErrorCode, message: str, details: list[Problem] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """Build the one error shape every non-2xx answer has."""
+    error = {"code": code.value, "message": message, "details": converter.unstructure(details or [], list[Problem])}
+    return JSONResponse({"error": error}, status_code=status_code, headers=headers)
+
+
+async def on_engine_error(request: Request, exc: Exception) -> Response:
+    """Answer an EngineError with its own status, code and details."""
+    assert isinstance(exc, EngineError)
+    return error_response(exc.status_code, exc.code, exc.message, exc.details)
+
+
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    """Answer the router's 404 and 405 in the error shape, keeping headers such as `Allow`."""
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+    """Answer a bug with a fixed 500 message; the traceback goes to the server log only."""
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, ErrorCode.INTERNAL_ERROR, "internal error; see the server log")
+
+
+# ---------------------------------------------------------------------------
+# Wiring
+# ---------------------------------------------------------------------------
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read Settings from WORKFLOW_* variables (see the README's settings table); unset ones keep defaults."""
+    env = os.environ if environ is None else environ
+    modules = env.get("WORKFLOW_MODULES")
+    return Settings(
+        max_iterations=_env_int(env, "WORKFLOW_MAX_ITERATIONS", MAX_ITERATIONS),
+        max_iterations_cap=_env_int(env, "WORKFLOW_MAX_ITERATIONS_CAP", MAX_ITERATIONS_CAP),
+        max_runs=_env_int(env, "WORKFLOW_MAX_RUNS", MAX_STORED_RUNS),
+        max_graphs=_env_int(env, "WORKFLOW_MAX_GRAPHS", MAX_STORED_GRAPHS),
+        max_body_bytes=_env_int(env, "WORKFLOW_MAX_BODY_BYTES", MAX_BODY_BYTES),
+        workflow_modules=None if modules is None else tuple(m.strip() for m in modules.split(",") if m.strip()),
+    )
+
+
+def load_workflows(registry: Registry, modules: tuple[str, ...] | None) -> None:
+    """Import each workflow module and call its `register(registry)`.
+
+    With `modules` None the DEFAULT_WORKFLOWS are loaded, each skipped quietly when absent (this file copied alone);
+    a module named explicitly must exist.
+    """
+    for name in DEFAULT_WORKFLOWS if modules is None else modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if modules is None and exc.name == name:
+                logger.info("default workflow module %r not found; skipped", name)
+                continue
+            raise RuntimeError(f"workflow module {name!r} (from WORKFLOW_MODULES) cannot be imported: {exc}") from exc
+        module.register(registry)
+
+
+def create_app(
+    *, registry: Registry | None = None, store: MemoryStore | None = None, settings: Settings | None = None
+) -> Starlette:
+    """Build the HTTP app with its own engine.
+
+    Without a `registry`, one is made and filled from `settings.workflow_modules`; graphs registered on the
+    registry are validated and stored at once, so a bad built-in graph stops startup.
+    """
+    settings = settings or Settings()
+    if registry is None:
+        registry = Registry()
+        load_workflows(registry, settings.workflow_modules)
+    engine = Engine(registry, store, settings)
+    for graph in registry.graphs:
+        engine.create_graph(graph)
+    routes = [
+        Route("/", get_health, methods=["GET"]),
+        Route("/graph/create", post_graph_create, methods=["POST"]),
+        Route("/graph/run", post_graph_run, methods=["POST"]),
+        Route("/graph/state/{run_id}", get_graph_state, methods=["GET"]),
+        Route("/graph/definition/{graph_id}", get_graph_definition, methods=["GET"]),
+    ]
+    handlers = {EngineError: on_engine_error, HTTPException: on_http_error, Exception: on_unexpected_error}
+    starlette_app = Starlette(routes=routes, exception_handlers=handlers)
+    starlette_app.state.engine = engine
+    return starlette_app
+
+
+app = create_app(settings=settings_from_env())
