@@ -755,7 +755,7 @@ async def _step(run: RunContext, graph: GraphDefinition, registry: Registry, ctx
     state.data = dict(before)
     started_at, clock = _now(), time.perf_counter()
     try:
-        result = await _call_node(registry, name, state, ctx)
+        result = await _start_node(registry, name, state, ctx)
         updates, keys = _changes(name, before, state.data, result)
     except Exception as exc:  # a failing node is recorded, never raised
         state.data = before
@@ -772,11 +772,14 @@ async def _step(run: RunContext, graph: GraphDefinition, registry: Registry, ctx
                     duration_ms=duration_ms, keys_changed=keys, updates=updates, next=next_node, branch=branch)
 
 
-async def _call_node(registry: Registry, name: str, state: WorkflowState, ctx: NodeContext) -> object:
+def _start_node(registry: Registry, name: str, state: WorkflowState, ctx: NodeContext) -> Awaitable[object]:
+    """Call node `name` and return what to await for its result (a plain function goes to a worker thread)."""
     fn = registry.get_node(name)
-    if registry.is_async_node(name):
-        return await fn(state, ctx)
-    # A plain function may block: run it in a worker thread so the event loop keeps serving.
+    return fn(state, ctx) if registry.is_async_node(name) else _in_thread(fn, state, ctx)
+
+
+async def _in_thread(fn: NodeFn, state: WorkflowState, ctx: NodeContext) -> object:
+    # A plain function may block: a worker thread keeps the event loop serving meanwhile.
     result = await asyncio.to_thread(fn, state, ctx)
     return await result if inspect.isawaitable(result) else result
 
