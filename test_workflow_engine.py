@@ -765,6 +765,28 @@ def test_load_workflows_calls_register(tmp_path: Path, monkeypatch: pytest.Monke
     assert registry.has_node("hello")
 
 
+def readme_block(opening: str) -> str:
+    """The first ```python block of the README whose first line is `opening`."""
+    blocks = (HERE / "README.md").read_text().split("```python\n")[1:]
+    return next(block.split("```")[0] for block in blocks if block.startswith(opening))
+
+
+async def test_readme_node_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_flow.py").write_text(readme_block("# my_flow.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = we.Registry()
+    we.load_workflows(registry, ("my_flow",))
+    definition = we.GraphDefinition(
+        graph_id="demo", start_node="fetch", nodes=("fetch", "count_words"),
+        edges={"fetch": we.EdgeDef(default_next="count_words"),
+               "count_words": we.EdgeDef(branches=(we.BranchCondition(condition="too_short", target="fetch"),))},
+        max_iterations=4,
+    )
+    run = await we.Engine(registry).run(definition, we.WorkflowState(data={"name": "ada lovelace"}))
+    assert (run.status, [entry.node for entry in run.logs]) == (we.RunStatus.STOPPED_MAX_ITERATIONS, ["fetch", "count_words"] * 2)
+    assert run.state.data == {"name": "ada lovelace", "text": "ADA LOVELACE", "words": 2}
+
+
 # ---------------------------------------------------------------------------
 # End to end: a real uvicorn on 127.0.0.1
 # ---------------------------------------------------------------------------
