@@ -30,6 +30,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+flaky_attempts: dict[str, int] = {}  # attempts of the `flaky` node, by run id
+hang_started: dict[str, asyncio.Event] = {}  # set when a `hang` node starts, by the key in metadata["started"]
+
+
 def make_registry() -> we.Registry:
     """A registry of tiny nodes and conditions used across the tests."""
     registry = we.Registry()
@@ -95,6 +99,31 @@ def make_registry() -> we.Registry:
     def returns_one(state: we.WorkflowState) -> int:
         return 1
 
+    @registry.node
+    async def flaky(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        """Fail until the attempt given in data["succeed_on"], counting attempts per run."""
+        attempts = flaky_attempts[ctx.run_id] = flaky_attempts.get(ctx.run_id, 0) + 1
+        if attempts < state.data["succeed_on"]:
+            raise ConnectionError(f"attempt {attempts} failed")
+        return {"attempts": attempts}
+
+    @registry.node
+    async def hang(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        """Signal that it started, then wait for ever (until cancelled or timed out)."""
+        started = state.metadata.get("started")
+        if started:
+            hang_started[started].set()
+        await asyncio.Event().wait()
+        return {}
+
+    @registry.node
+    async def echo_config(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        return {ctx.node: ctx.config}
+
+    @registry.node
+    async def handle_error(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        return {"handled": state.data["last_error"]["node"]}
+
     return registry
 
 
@@ -119,9 +148,10 @@ async def client(app: Any) -> Any:
         yield client
 
 
-def graph(nodes: list[str], edges: dict | None = None, **extra: Any) -> dict:
+def graph(nodes: list[str | dict], edges: dict | None = None, **extra: Any) -> dict:
     """A graph definition as JSON, starting at the first node."""
-    return {"graph_id": "g", "start_node": nodes[0], "nodes": nodes, "edges": edges or {}, **extra}
+    start = nodes[0]["name"] if isinstance(nodes[0], dict) else nodes[0]
+    return {"graph_id": "g", "start_node": start, "nodes": nodes, "edges": edges or {}, **extra}
 
 
 def chain(*names: str) -> dict:
@@ -161,7 +191,7 @@ def run_keys() -> set[str]:
         ({"start_node": "a", "nodes": ["a"], "max_iterations": 0}, [("$", "max_iterations must be at least 1, got 0")]),
         ({"start_node": "a", "nodes": ["a"], "edges": []}, [("$.edges", "expected an object, got an array")]),
         ({"start_node": "a", "nodes": ["a"], "colour": "red"}, [("$", "extra fields found (colour)")]),
-        ({"nodes": [1, "b"]}, [("$.start_node", "required field missing"), ("$.nodes[0]", "expected a string, got a number")]),
+        ({"nodes": [1, "b"]}, [("$.start_node", "required field missing"), ("$.nodes[0]", "expected a node name or a node object, got a number")]),
         (
             {"start_node": "a", "nodes": ["a"], "edges": {"a": {"branches": [{"condition": 1}], "default_next": False}}},
             [
@@ -205,7 +235,7 @@ def test_converter_unstructures_enums_and_datetimes_as_json() -> None:
                         started_at=we.datetime(2026, 1, 2, 3, 4, 5, tzinfo=we.UTC), error="x")
     assert we.converter.unstructure(entry) == {
         "iteration": 1, "node": "a", "event": "error", "started_at": "2026-01-02T03:04:05+00:00", "duration_ms": 1.5,
-        "keys_changed": [], "updates": {}, "next": None, "branch": None, "error": "x",
+        "keys_changed": [], "updates": {}, "next": None, "branch": None, "error": "x", "attempt": 1,
     }
 
 
@@ -486,6 +516,130 @@ async def test_engine_rejects_an_invalid_definition(registry: we.Registry) -> No
         await we.Engine(registry).run(we.GraphDefinition(start_node="ghost", nodes=("inc",)))
 
 
+def node(name: str, **settings: Any) -> dict:
+    return {"name": name, **settings}
+
+
+async def test_run_retries_a_failing_node_and_logs_each_retry(registry: we.Registry) -> None:
+    definition = we.structure_body(graph([node("flaky", retry={"max_attempts": 3}), "inc"], chain("flaky", "inc")),
+                                   we.GraphDefinition)
+    run = await we.run_graph(definition, we.WorkflowState(data={"succeed_on": 3}), registry)
+    assert run.status is we.RunStatus.COMPLETED
+    assert [(e.node, e.event, e.attempt, e.error) for e in run.logs] == [
+        ("flaky", we.LogEvent.RETRY, 1, "node 'flaky' raised ConnectionError: attempt 1 failed"),
+        ("flaky", we.LogEvent.RETRY, 2, "node 'flaky' raised ConnectionError: attempt 2 failed"),
+        ("flaky", we.LogEvent.EXECUTED, 3, None),
+        ("inc", we.LogEvent.EXECUTED, 1, None),
+    ]
+    assert [e.iteration for e in run.logs] == [1, 1, 1, 2]
+    assert run.state.data == {"succeed_on": 3, "attempts": 3, "count": 1}
+
+
+async def test_run_fails_when_retries_run_out(registry: we.Registry) -> None:
+    definition = we.structure_body(graph([node("flaky", retry={"max_attempts": 2})]), we.GraphDefinition)
+    run = await we.run_graph(definition, we.WorkflowState(data={"succeed_on": 5}), registry)
+    assert (run.status, run.error) == (we.RunStatus.FAILED, "node 'flaky' raised ConnectionError: attempt 2 failed")
+    assert [(e.event, e.attempt) for e in run.logs] == [(we.LogEvent.RETRY, 1), (we.LogEvent.ERROR, 2)]
+
+
+def test_retry_policy_backs_off_geometrically() -> None:
+    policy = we.RetryPolicy(max_attempts=4, backoff_s=0.2, backoff_factor=3)
+    assert [policy.delay_s(attempt) for attempt in (1, 2, 3)] == pytest.approx([0.2, 0.6, 1.8])
+
+
+async def test_run_node_timeout_fails_the_node(registry: we.Registry) -> None:
+    definition = we.structure_body(graph([node("hang", timeout_s=0.01)]), we.GraphDefinition)
+    run = await we.run_graph(definition, we.WorkflowState(data={"keep": 1}), registry)
+    assert (run.status, run.error) == (we.RunStatus.FAILED, "node 'hang' timed out after 0.01 s")
+    assert [(e.node, e.event) for e in run.logs] == [("hang", we.LogEvent.ERROR)]
+    assert run.state.data == {"keep": 1}
+
+
+async def test_run_on_error_edge_recovers(registry: we.Registry) -> None:
+    edges = {"boom": {"default_next": "inc", "on_error": "handle_error"}, "handle_error": {"default_next": "inc"}}
+    definition = we.structure_body(graph(["boom", "handle_error", "inc"], edges), we.GraphDefinition)
+    run = await we.run_graph(definition, we.WorkflowState(), registry)
+    last_error = {"node": "boom", "error": "node 'boom' raised ValueError: boom"}
+    assert (run.status, run.error) == (we.RunStatus.COMPLETED, None)
+    assert [(e.node, e.event, e.next) for e in run.logs] == [
+        ("boom", we.LogEvent.ERROR, "handle_error"), ("handle_error", we.LogEvent.EXECUTED, "inc"),
+        ("inc", we.LogEvent.EXECUTED, None)]
+    assert (run.logs[0].keys_changed, run.logs[0].updates) == (("last_error",), {"last_error": last_error})
+    assert run.state.data == {"last_error": last_error, "handled": "boom", "count": 1}
+
+
+async def test_run_one_function_serves_nodes_with_their_own_config(registry: we.Registry) -> None:
+    nodes = [node("first", fn="echo_config", config={"n": 1}), node("second", fn="echo_config", config={"n": 2})]
+    definition = we.structure_body(graph(nodes, chain("first", "second")), we.GraphDefinition)
+    run = await we.run_graph(definition, we.WorkflowState(), registry)
+    assert run.state.data == {"first": {"n": 1}, "second": {"n": 2}}
+    assert [e.node for e in run.logs] == ["first", "second"]
+
+
+async def test_run_timeout_ends_the_run_timed_out(registry: we.Registry) -> None:
+    definition = we.structure_body(graph(["inc", "hang"], chain("inc", "hang")), we.GraphDefinition)
+    run = await we.run_graph(definition, we.WorkflowState(), registry, timeout_s=0.05)
+    assert (run.status, run.error) == (we.RunStatus.TIMED_OUT, "the run took longer than its timeout_s of 0.05 s")
+    assert [(e.node, e.event, e.error) for e in run.logs] == [
+        ("inc", we.LogEvent.EXECUTED, None), ("hang", we.LogEvent.TIMED_OUT, "the run timed out during node 'hang'")]
+    assert (run.state.data, run.current_node) == ({"count": 1}, "hang")
+
+
+async def test_run_cancelled_records_the_node_and_keeps_state(registry: we.Registry) -> None:
+    hang_started["cancel"] = asyncio.Event()
+    definition = we.structure_body(graph(["inc", "hang"], chain("inc", "hang")), we.GraphDefinition)
+    run = we.new_run(definition, we.WorkflowState(metadata={"started": "cancel"}))
+    task = asyncio.create_task(we.execute_run(run, definition, registry))
+    await hang_started["cancel"].wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled at node 'hang'")
+    assert [(e.node, e.event) for e in run.logs] == [("inc", we.LogEvent.EXECUTED), ("hang", we.LogEvent.CANCELLED)]
+    assert run.state.data == {"count": 1} and run.finished_at is not None
+
+
+@pytest.mark.parametrize(
+    ("nodes", "problems"),
+    [
+        ([node("inc", fn="ghost")], [("$.nodes[0].fn", "unknown node function 'ghost'")]),
+        ([node("ghost")], [("$.nodes[0].name", "unknown node function 'ghost'")]),
+        (["inc", node("inc", fn="double")], [("$.nodes[1]", "duplicate node 'inc'")]),
+    ],
+    ids=["unknown-fn", "unknown-name", "duplicate"],
+)
+def test_validate_graph_checks_node_objects(registry: we.Registry, nodes: list, problems: list) -> None:
+    definition = we.structure_body(graph(nodes), we.GraphDefinition)
+    with pytest.raises(we.InvalidGraph) as caught:
+        we.validate_graph(definition, registry)
+    assert [(p.path, p.message) for p in caught.value.details] == problems
+
+
+def test_validate_graph_checks_on_error_targets(registry: we.Registry) -> None:
+    definition = we.structure_body(graph(["inc"], {"inc": {"on_error": "ghost"}}), we.GraphDefinition)
+    with pytest.raises(we.InvalidGraph) as caught:
+        we.validate_graph(definition, registry)
+    assert [(p.path, p.message) for p in caught.value.details] == [("$.edges.inc.on_error", "unknown node 'ghost'")]
+
+
+@pytest.mark.parametrize(
+    ("settings", "problems"),
+    [
+        ({"timeout_s": 0}, [("$.nodes[0]", "timeout_s must be more than 0 and at most 86400.0, got 0.0")]),
+        ({"timeout_s": "5"}, [("$.nodes[0].timeout_s", "expected a number, got a string")]),
+        ({"retry": {"max_attempts": 0}}, [("$.nodes[0].retry", "max_attempts must be at least 1, got 0")]),
+        ({"retry": {"backoff_factor": 0.5}}, [("$.nodes[0].retry", "backoff_factor must be between 1 and 10, got 0.5")]),
+        ({"retry": {"tries": 2}}, [("$.nodes[0].retry", "extra fields found (tries)")]),
+        ({"config": []}, [("$.nodes[0].config", "expected an object, got an array")]),
+    ],
+    ids=["zero-timeout", "string-timeout", "zero-attempts", "small-factor", "extra-key", "list-config"],
+)
+def test_structure_body_checks_node_settings(settings: dict, problems: list) -> None:
+    with pytest.raises(we.InvalidRequest) as caught:
+        we.structure_body(graph([node("inc", **settings)]), we.GraphDefinition)
+    assert [(p.path, p.message) for p in caught.value.details] == problems
+
+
 # ---------------------------------------------------------------------------
 # Store
 # ---------------------------------------------------------------------------
@@ -578,7 +732,7 @@ async def test_get_graph_definition_round_trips_through_create(client: httpx.Asy
     await client.post("/graph/create", json=definition)
     stored = await client.get("/graph/definition/g")
     assert (stored.status_code, stored.json()) == (200, {**definition, "edges": {
-        "inc": {"default_next": "double", "branches": [{"condition": "below_three", "target": "inc"}]}}})
+        "inc": {"default_next": "double", "branches": [{"condition": "below_three", "target": "inc"}], "on_error": None}}})
     assert (await client.post("/graph/create", json=stored.json())).status_code == 200
 
 
@@ -605,7 +759,7 @@ async def test_get_graph_state_returns_the_run_record(client: httpx.AsyncClient)
     response = await client.get(f"/graph/state/{run['run_id']}")
     record = response.json()
     assert response.status_code == 200
-    assert set(record) == {"run_id", "graph_id", "status", "current_node", "iteration", "max_iterations", "state",
+    assert set(record) == {"run_id", "graph_id", "status", "current_node", "iteration", "max_iterations", "timeout_s", "state",
                            "logs", "error", "created_at", "started_at", "finished_at", "duration_ms", "engine_overhead_ms"}
     assert {k: record[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")} == {
         k: run[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")}
@@ -755,13 +909,13 @@ def test_load_workflows_refuses_a_missing_named_module() -> None:
 
 
 def test_load_workflows_calls_register(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "my_flow.py").write_text(
+    (tmp_path / "hello_flow.py").write_text(
         "def register(registry):\n"
         "    registry.node(name='hello')(lambda state, ctx: {'hi': 1})\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = we.Registry()
-    we.load_workflows(registry, ("my_flow",))
+    we.load_workflows(registry, ("hello_flow",))
     assert registry.has_node("hello")
 
 
@@ -772,10 +926,10 @@ def readme_block(opening: str) -> str:
 
 
 async def test_readme_node_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "my_flow.py").write_text(readme_block("# my_flow.py"))
+    (tmp_path / "readme_flow.py").write_text(readme_block("# my_flow.py"))
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = we.Registry()
-    we.load_workflows(registry, ("my_flow",))
+    we.load_workflows(registry, ("readme_flow",))
     definition = we.GraphDefinition(
         graph_id="demo", start_node="fetch", nodes=("fetch", "count_words"),
         edges={"fetch": we.EdgeDef(default_next="count_words"),

@@ -21,7 +21,9 @@ Every non-2xx answer has one shape:
 """
 
 import asyncio
+import contextlib
 import enum
+import functools
 import importlib
 import inspect
 import json
@@ -32,7 +34,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import attrs
@@ -93,6 +95,8 @@ MAX_ITERATIONS_CAP = 10_000  # server-wide ceiling on any max_iterations a graph
 MAX_STORED_RUNS = 10_000  # finished runs kept in memory; the oldest finished is evicted first
 MAX_STORED_GRAPHS = 10_000  # graph definitions kept in memory
 MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
+MAX_TIMEOUT_S = 86_400.0  # longest timeout or backoff a graph or run may ask for
+MAX_ATTEMPTS = 100  # most tries a retry policy may ask for
 MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects accepted in bodies and node output
 GRAPH_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 DEFAULT_WORKFLOWS = ("code_review",)
@@ -250,6 +254,8 @@ class RunStatus(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     STOPPED_MAX_ITERATIONS = "stopped_max_iterations"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
 
     @property
     def is_terminal(self) -> bool:
@@ -263,11 +269,19 @@ class LogEvent(enum.Enum):
 
     EXECUTED = "executed"
     ERROR = "error"
+    RETRY = "retry"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
 
 
 def _positive(instance: object, attribute: attrs.Attribute, value: int | None) -> None:
     if value is not None and value < 1:
         raise InvalidValue(f"{attribute.name} must be at least 1, got {value}")
+
+
+def _seconds(instance: object, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not 0 < value <= MAX_TIMEOUT_S:
+        raise InvalidValue(f"{attribute.name} must be more than 0 and at most {MAX_TIMEOUT_S}, got {value}")
 
 
 @attrs.define(kw_only=True)
@@ -288,10 +302,56 @@ class BranchCondition:
 
 @attrs.frozen(kw_only=True)
 class EdgeDef:
-    """Where to go after a node: the first branch whose condition holds, else `default_next` (None ends the run)."""
+    """Where to go after a node: the first branch whose condition holds, else `default_next` (None ends the run).
+
+    If the node fails (after its retries) and `on_error` names a node, the run goes there instead of failing.
+    """
 
     default_next: str | None = None
     branches: tuple[BranchCondition, ...] = ()
+    on_error: str | None = None
+
+
+def _backoff_factor(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not 1 <= value <= 10:
+        raise InvalidValue(f"backoff_factor must be between 1 and 10, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """Try a failing node up to `max_attempts` times, waiting `backoff_s`, then that times `backoff_factor`, ..."""
+
+    max_attempts: int = attrs.field(default=1, validator=[_positive, attrs.validators.le(MAX_ATTEMPTS)])
+    backoff_s: float = attrs.field(default=0.0, validator=attrs.validators.and_(
+        attrs.validators.ge(0.0), attrs.validators.le(MAX_TIMEOUT_S)))
+    backoff_factor: float = attrs.field(default=2.0, validator=_backoff_factor)
+
+    def delay_s(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1 for the first)."""
+        return self.backoff_s * self.backoff_factor ** (attempt - 1)
+
+
+NO_RETRY = RetryPolicy()
+
+
+@attrs.frozen(kw_only=True)
+class NodeDef:
+    """A node with settings; in a graph's `nodes` a plain name stands for `NodeDef(name=...)`.
+
+    `fn` names the registered function (default: `name`, so one function can serve several nodes), `config`
+    reaches the node as `ctx.config`, and `timeout_s` bounds each attempt.
+    """
+
+    name: str
+    fn: str | None = None
+    timeout_s: float | None = attrs.field(default=None, validator=_seconds)
+    retry: RetryPolicy = NO_RETRY
+    config: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def function(self) -> str:
+        """The name of the registered function this node calls."""
+        return self.fn or self.name
 
 
 @attrs.frozen(kw_only=True)
@@ -300,13 +360,22 @@ class GraphDefinition:
 
     graph_id: str | None = None
     start_node: str
-    nodes: tuple[str, ...]
+    nodes: tuple[str | NodeDef, ...]
     edges: dict[str, EdgeDef] = attrs.field(factory=dict)
     max_iterations: int | None = attrs.field(default=None, validator=_positive)
 
+    @functools.cached_property
+    def node_defs(self) -> dict[str, NodeDef]:
+        """Every node as a NodeDef, by name (a name listed twice keeps its first definition)."""
+        defs: dict[str, NodeDef] = {}
+        for node in self.nodes:
+            node_def = NodeDef(name=node) if isinstance(node, str) else node
+            defs.setdefault(node_def.name, node_def)
+        return defs
 
-# Not frozen only because a frozen attrs class costs twice as much to create and the runner makes one per step;
-# nothing changes a LogEntry after it is made.
+
+# Not frozen: a frozen attrs class costs twice as much to create and the runner makes one per step. The runner
+# completes an entry (next node, branch) before it joins the run's log; nothing changes it after that.
 @attrs.define(kw_only=True)
 class LogEntry:
     """One step of a run: a node executed (or failed), the data keys it changed and where the run went next.
@@ -324,6 +393,7 @@ class LogEntry:
     next: str | None = None
     branch: str | None = None
     error: str | None = None
+    attempt: int = 1
 
 
 @attrs.define(kw_only=True)
@@ -336,6 +406,7 @@ class RunContext:
     current_node: str | None = None
     iteration: int = 0
     max_iterations: int = MAX_ITERATIONS
+    timeout_s: float | None = None
     state: WorkflowState
     logs: list[LogEntry] = attrs.field(factory=list)
     error: str | None = None
@@ -353,6 +424,8 @@ class RunRequest:
     graph_id: str
     state: WorkflowState = attrs.field(factory=WorkflowState)
     max_iterations: int | None = attrs.field(default=None, validator=_positive)
+    timeout_s: float | None = attrs.field(default=None, validator=_seconds)
+    wait: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -454,6 +527,15 @@ def _make_converter() -> cattrs.Converter:
         _shape_guard(list, "an array", homogenous_tuple_structure_factory),
     )
     converter.register_structure_hook_factory(is_mapping, _shape_guard(dict, "an object", mapping_structure_factory))
+
+    def structure_node(value: object, _: type) -> str | NodeDef:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict):
+            return converter.structure(value, NodeDef)
+        raise InvalidValue(f"expected a node name or a node object, got {_json_type(value)}")
+
+    converter.register_structure_hook(str | NodeDef, structure_node)
     converter.register_unstructure_hook(datetime, datetime.isoformat)
     return converter
 
@@ -637,26 +719,29 @@ def _node_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
     if not graph.nodes:
         problems.append(Problem("$.nodes", "nodes must not be empty"))
     seen: set[str] = set()
-    for index, name in enumerate(graph.nodes):
-        if name in seen:
-            problems.append(Problem(f"$.nodes[{index}]", f"duplicate node {name!r}"))
-        elif not registry.has_node(name):
-            problems.append(Problem(f"$.nodes[{index}]", f"unknown node function {name!r}"))
-        seen.add(name)
+    for index, node in enumerate(graph.nodes):
+        node_def = NodeDef(name=node) if isinstance(node, str) else node
+        path = f"$.nodes[{index}]" if isinstance(node, str) else f"$.nodes[{index}].{'fn' if node.fn else 'name'}"
+        if node_def.name in seen:
+            problems.append(Problem(f"$.nodes[{index}]", f"duplicate node {node_def.name!r}"))
+        elif not registry.has_node(node_def.function):
+            problems.append(Problem(path, f"unknown node function {node_def.function!r}"))
+        seen.add(node_def.name)
     if graph.start_node not in seen:
         problems.append(Problem("$.start_node", f"unknown node {graph.start_node!r}"))
     return problems
 
 
 def _edge_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
-    nodes = set(graph.nodes)
+    nodes = graph.node_defs
     problems = []
     for source, edge in graph.edges.items():
         path = key_path("$.edges", source)
         if source not in nodes:
             problems.append(Problem(path, f"unknown node {source!r}"))
-        if edge.default_next is not None and edge.default_next not in nodes:
-            problems.append(Problem(f"{path}.default_next", f"unknown node {edge.default_next!r}"))
+        for field, target in (("default_next", edge.default_next), ("on_error", edge.on_error)):
+            if target is not None and target not in nodes:
+                problems.append(Problem(f"{path}.{field}", f"unknown node {target!r}"))
         for index, branch in enumerate(edge.branches):
             branch_path = f"{path}.branches[{index}]"
             if not registry.has_condition(branch.condition):
@@ -672,12 +757,18 @@ def _edge_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
 # The runner never raises for a node or condition failure: it records it in the log and ends the run `failed`.
 @attrs.frozen(kw_only=True)
 class NodeContext:
-    """What a node gets besides the state: its run's ids, a logger, and the registered tools."""
+    """What a node gets besides the state: its run's ids, its node's `config`, a logger, and the registered tools."""
 
     run_id: str
     graph_id: str
-    logger: logging.LoggerAdapter
+    node: str
+    config: dict[str, Any]
     registry: Registry
+
+    @functools.cached_property
+    def logger(self) -> logging.LoggerAdapter:
+        """The module's logger, with the run id and node name attached to every record."""
+        return logging.LoggerAdapter(logger, {"run_id": self.run_id, "node": self.node})
 
     def tool(self, name: str) -> ToolFn:
         """Return the tool registered as `name`, or raise UnknownName."""
@@ -688,8 +779,19 @@ class _StepFailed(Exception):
     """A node or condition failed; the message says which and why."""
 
 
+OnChange = Callable[["RunContext"], None]
+
+
+def _ignore(run: RunContext) -> None:
+    return None
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _ms_since(clock: float) -> float:
+    return (time.perf_counter() - clock) * 1000
 
 
 def _new_id() -> str:
@@ -697,83 +799,168 @@ def _new_id() -> str:
     return secrets.token_hex(16)
 
 
-def new_run(graph: GraphDefinition, state: WorkflowState, *, max_iterations: int = MAX_ITERATIONS) -> RunContext:
+def new_run(
+    graph: GraphDefinition, state: WorkflowState, *, max_iterations: int = MAX_ITERATIONS, timeout_s: float | None = None
+) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`."""
     return RunContext(
         run_id=_new_id(),
         graph_id=graph.graph_id or "",
         max_iterations=max_iterations,
+        timeout_s=timeout_s,
         state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata)),
         created_at=_now(),
     )
 
 
 async def run_graph(
-    graph: GraphDefinition, state: WorkflowState, registry: Registry, *, max_iterations: int = MAX_ITERATIONS
+    graph: GraphDefinition, state: WorkflowState, registry: Registry, *,
+    max_iterations: int = MAX_ITERATIONS, timeout_s: float | None = None,
 ) -> RunContext:
     """Run `graph` from its start node until it ends or hits `max_iterations`; return the finished run record."""
-    run = new_run(graph, state, max_iterations=max_iterations)
+    run = new_run(graph, state, max_iterations=max_iterations, timeout_s=timeout_s)
     return await execute_run(run, graph, registry)
 
 
-async def execute_run(run: RunContext, graph: GraphDefinition, registry: Registry) -> RunContext:
-    """Drive the pending `run` through `graph`, updating it in place after every step; return it."""
-    ctx = NodeContext(
-        run_id=run.run_id,
-        graph_id=run.graph_id,
-        logger=logging.LoggerAdapter(logger, {"run_id": run.run_id}),
-        registry=registry,
-    )
+async def execute_run(
+    run: RunContext, graph: GraphDefinition, registry: Registry, *, on_change: OnChange = _ignore
+) -> RunContext:
+    """Drive the pending `run` through `graph`, updating it in place after every step; return it.
+
+    `on_change(run)` is called after every log entry and status change. A run over its `timeout_s` ends
+    `timed_out`; a cancelled run ends `cancelled` and the CancelledError propagates once that is recorded.
+    """
     run.status, run.started_at = RunStatus.RUNNING, _now()
-    clock, node_ms = time.perf_counter(), 0.0
+    on_change(run)
+    clock = time.perf_counter()
+    # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
+    deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
+    try:
+        async with deadline or contextlib.nullcontext():
+            await _drive(run, graph, registry, on_change, deadline)
+    except TimeoutError:
+        run.status, run.error = RunStatus.TIMED_OUT, f"the run took longer than its timeout_s of {run.timeout_s} s"
+    except asyncio.CancelledError:
+        run.status, run.error = RunStatus.CANCELLED, f"the run was cancelled at node {run.current_node!r}"
+        raise
+    finally:
+        run.finished_at = _now()
+        run.duration_ms = _ms_since(clock)
+        run.engine_overhead_ms = max(run.duration_ms - sum(entry.duration_ms for entry in run.logs), 0.0)
+        on_change(run)
+    return run
+
+
+async def _drive(
+    run: RunContext, graph: GraphDefinition, registry: Registry, on_change: OnChange, deadline: asyncio.Timeout | None
+) -> None:
+    """Execute nodes from the start node until the run ends; set its final status."""
+    contexts: dict[str, NodeContext] = {}
     name: str | None = graph.start_node
     while name is not None:
         if run.iteration >= run.max_iterations:
             run.status = RunStatus.STOPPED_MAX_ITERATIONS
-            break
+            return
         run.iteration += 1
         run.current_node = name
-        entry = await _step(run, graph, registry, ctx, name)
+        ctx = contexts.get(name) or contexts.setdefault(name, _node_context(run, graph.node_defs[name], registry))
+        clock = time.perf_counter()
+        try:
+            entry = await _run_node(run, graph.node_defs[name], registry, ctx, on_change)
+        except asyncio.CancelledError:
+            timed_out = deadline is not None and deadline.expired()
+            run.logs.append(_interrupted(run, name, clock, LogEvent.TIMED_OUT if timed_out else LogEvent.CANCELLED))
+            on_change(run)
+            raise
+        _route(run, graph.edges.get(name), entry, registry)
         run.logs.append(entry)
-        node_ms += entry.duration_ms
-        if entry.event is LogEvent.ERROR:
+        on_change(run)
+        if entry.event is LogEvent.ERROR and entry.next is None:
             run.status, run.error = RunStatus.FAILED, entry.error
-            break
+            return
         name = entry.next
-    else:
-        run.status = RunStatus.COMPLETED
-    run.finished_at = _now()
-    run.duration_ms = (time.perf_counter() - clock) * 1000
-    run.engine_overhead_ms = max(run.duration_ms - node_ms, 0.0)
-    return run
+    run.status = RunStatus.COMPLETED
 
 
-async def _step(run: RunContext, graph: GraphDefinition, registry: Registry, ctx: NodeContext, name: str) -> LogEntry:
-    """Run node `name`, commit what it changed to the run's data, and choose the next node."""
-    state, before = run.state, run.state.data
-    # The node works on a copy, so a failing node cannot leave the data half-written.
-    state.data = dict(before)
-    started_at, clock = _now(), time.perf_counter()
+def _node_context(run: RunContext, node: NodeDef, registry: Registry) -> NodeContext:
+    return NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=node.name, config=node.config, registry=registry)
+
+
+def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> LogEntry:
+    duration_ms = _ms_since(clock)
+    started_at = _now() - timedelta(milliseconds=duration_ms)
+    reason = "the run timed out" if event is LogEvent.TIMED_OUT else "the run was cancelled"
+    return LogEntry(iteration=run.iteration, node=name, event=event, started_at=started_at, duration_ms=duration_ms,
+                    error=f"{reason} during node {name!r}")
+
+
+def _route(run: RunContext, edge: EdgeDef | None, entry: LogEntry, registry: Registry) -> None:
+    """Complete `entry` with the next node: a branch or the default after success, `on_error` after a failure."""
+    if entry.event is LogEvent.ERROR:
+        if edge is not None and edge.on_error is not None:
+            _recover(run, entry, edge.on_error)
+        return
     try:
-        result = await _start_node(registry, name, state, ctx)
-        updates, keys = _changes(name, before, state.data, result)
-    except Exception as exc:  # a failing node is recorded, never raised
-        state.data = before
-        message = str(exc) if isinstance(exc, _StepFailed) else f"node {name!r} raised {_describe(exc)}"
-        return LogEntry(iteration=run.iteration, node=name, event=LogEvent.ERROR, started_at=started_at,
-                        duration_ms=(time.perf_counter() - clock) * 1000, error=message)
-    duration_ms = (time.perf_counter() - clock) * 1000
-    try:
-        next_node, branch = _next_node(graph.edges.get(name), state, registry, name)
+        entry.next, entry.branch = _next_node(edge, run.state, registry, entry.node)
     except _StepFailed as exc:
-        return LogEntry(iteration=run.iteration, node=name, event=LogEvent.ERROR, started_at=started_at,
-                        duration_ms=duration_ms, keys_changed=keys, updates=updates, error=str(exc))
-    return LogEntry(iteration=run.iteration, node=name, event=LogEvent.EXECUTED, started_at=started_at,
-                    duration_ms=duration_ms, keys_changed=keys, updates=updates, next=next_node, branch=branch)
+        entry.event, entry.error = LogEvent.ERROR, str(exc)
+
+
+async def _run_node(
+    run: RunContext, node: NodeDef, registry: Registry, ctx: NodeContext, on_change: OnChange
+) -> LogEntry:
+    """Call the node until an attempt succeeds or none are left; log each failed attempt that is retried.
+
+    Return the entry of the last attempt: `executed`, with its changes committed to the run, or `error`.
+    """
+    before = run.state.data
+    attempt = 1
+    while True:
+        # Each attempt works on its own copy, so a failing (or timed-out, still running) node cannot touch the run.
+        working = WorkflowState(data=dict(before), metadata=run.state.metadata)
+        started_at, clock = _now(), time.perf_counter()
+        try:
+            result = await _attempt(registry, node, working, ctx)
+            updates, keys = _changes(node.name, before, working.data, result)
+        except Exception as exc:  # a failing node is recorded, never raised
+            message = str(exc) if isinstance(exc, _StepFailed) else f"node {node.name!r} raised {_describe(exc)}"
+            entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.ERROR, started_at=started_at,
+                             duration_ms=_ms_since(clock), error=message, attempt=attempt)
+            if attempt >= node.retry.max_attempts:
+                return entry
+            entry.event = LogEvent.RETRY
+            run.logs.append(entry)
+            on_change(run)
+            await asyncio.sleep(node.retry.delay_s(attempt))
+            attempt += 1
+            continue
+        run.state.data = working.data
+        return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
+                        duration_ms=_ms_since(clock), keys_changed=keys, updates=updates, attempt=attempt)
+
+
+def _recover(run: RunContext, entry: LogEntry, target: str) -> None:
+    """Send a failed step to its `on_error` node, with the error in `data["last_error"]`."""
+    last_error = {"node": entry.node, "error": entry.error}
+    run.state.data = {**run.state.data, "last_error": last_error}
+    entry.keys_changed, entry.updates, entry.next = ("last_error",), {"last_error": last_error}, target
+
+
+def _attempt(registry: Registry, node: NodeDef, state: WorkflowState, ctx: NodeContext) -> Awaitable[object]:
+    awaitable = _start_node(registry, node.function, state, ctx)
+    return awaitable if node.timeout_s is None else _within(node, awaitable)
+
+
+async def _within(node: NodeDef, awaitable: Awaitable[object]) -> object:
+    try:
+        async with asyncio.timeout(node.timeout_s):
+            return await awaitable
+    except TimeoutError:
+        raise _StepFailed(f"node {node.name!r} timed out after {node.timeout_s} s") from None
 
 
 def _start_node(registry: Registry, name: str, state: WorkflowState, ctx: NodeContext) -> Awaitable[object]:
-    """Call node `name` and return what to await for its result (a plain function goes to a worker thread)."""
+    """Call node function `name` and return what to await for its result (a plain function goes to a thread)."""
     fn = registry.get_node(name)
     return fn(state, ctx) if registry.is_async_node(name) else _in_thread(fn, state, ctx)
 
@@ -806,6 +993,7 @@ def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: ob
     if problem:
         raise _StepFailed(f"node {name!r} wrote data that is not JSON: {problem}")
     return updates, (*updates, *removed)
+
 
 
 def _next_node(
