@@ -1,0 +1,827 @@
+"""Review Python source with rules built on `ast`, fix what is safe to fix, and loop until the code is good enough.
+
+Graph `code_review`: extract_functions -> check_complexity -> detect_issues -> suggest_improvements ->
+evaluate_quality, which goes back to detect_issues while `quality_below_threshold` holds. Input: `data.code` (Python
+source) and `data.quality_threshold` (0-100, default 75). Every node reviews `data.improved_code` when present, else
+`data.code`; suggest_improvements writes the fixed source to `improved_code`, so each pass reviews the last one's
+result. Register it with `code_review.register(registry)`.
+
+| rule                | severity | detects                                                       | auto-fix            |
+|---------------------|----------|---------------------------------------------------------------|---------------------|
+| syntax-error        | error    | source that does not parse (then no other rule runs)          | no                  |
+| bare-except         | error    | `except:` without a type                                      | `except Exception:` |
+| mutable-default     | error    | a list, dict or set display or comprehension, or a `list()`,  | None default, value |
+|                     |          | `dict()` or `set()` call, as a parameter default              | built in the body   |
+| high-complexity     | warning  | McCabe complexity over 10, counted as `radon cc` counts it    | no                  |
+| long-function       | warning  | a function over 50 lines, `def` line to last line             | no                  |
+| too-many-params     | warning  | over 5 parameters, `self`, `*args` and `**kwargs` included    | no                  |
+| deep-nesting        | warning  | blocks (if, for, while, with, try, match) nested over 4 deep  | no                  |
+| swallowed-exception | warning  | an `except` whose body is only `pass`                         | no                  |
+| none-comparison     | warning  | `== None` or `!= None`                                        | `is` / `is not`     |
+| builtin-shadowing   | warning  | a function, class, parameter, variable or import named like a | no                  |
+|                     |          | builtin (class attributes and method names do not count)      |                     |
+| wildcard-import     | warning  | `from module import *`                                        | no                  |
+| unused-import       | warning  | an imported name never read, nor in `__all__` or a string     | import removed      |
+|                     |          | annotation                                                    |                     |
+| missing-docstring   | info     | a public function (no `_` in its qualified name, not nested   | a TODO stub         |
+|                     |          | in a function) without a docstring                            |                     |
+
+A fix is applied only when the function body starts on its own line, it overlaps no other fix, and the result still
+parses; fixes edit the source text at the AST's positions, so comments and formatting survive.
+
+Score: `quality_score = round(100 * size / (size + penalty))`, where `penalty` adds 10 per error, 5 per warning and
+2 per info finding, and `size` is the number of non-blank, non-comment lines of `data.code` (at least 20), so the same
+findings cost less in a bigger file. No findings scores 100; a syntax error scores 0. `quality_below_threshold` is true
+while the score is under the threshold, the last pass changed the code, and fewer than 5 passes ran.
+"""
+
+import ast
+import builtins
+import dataclasses
+import enum
+import io
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+# workflow_engine imports this module while it starts (its `app` loads the default workflows), so importing it here
+# at the top would be circular whenever this module is imported first: its names are imported where they are used.
+if TYPE_CHECKING:
+    from workflow_engine import GraphDefinition, NodeContext, Registry, WorkflowState
+
+__all__ = [
+    "DEFAULT_QUALITY_THRESHOLD",
+    "GRAPH_ID",
+    "Rule",
+    "Severity",
+    "check_complexity",
+    "detect_issues",
+    "evaluate_quality",
+    "extract_functions",
+    "graph_definition",
+    "quality_below_threshold",
+    "register",
+    "suggest_improvements",
+]
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+DEFAULT_QUALITY_THRESHOLD = 75
+MAX_COMPLEXITY = 10
+MAX_FUNCTION_LINES = 50
+MAX_PARAMETERS = 5
+MAX_NESTING = 4
+MAX_REVIEW_PASSES = 5  # passes of detect_issues per run, so the loop ends even if fixes kept changing the code
+MIN_SCORED_LINES = 20
+DOCSTRING_STUB = '"""TODO: document {name}."""'
+MUTABLE_FACTORIES = frozenset({"list", "dict", "set"})
+# Names the `site` module adds to builtins; they depend on how Python was started, so they are not rules' business.
+SITE_BUILTINS = frozenset({"copyright", "credits", "exit", "help", "license", "quit"})
+BUILTIN_NAMES = frozenset(name for name in dir(builtins) if not name.startswith("_")) - SITE_BUILTINS
+
+GRAPH_ID = "code_review"
+
+
+@enum.unique
+class Severity(enum.Enum):
+    """How much a finding costs in the score."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+@enum.unique
+class Rule(enum.Enum):
+    """The review rules, in the order findings on the same line are listed."""
+
+    SYNTAX_ERROR = "syntax-error"
+    BARE_EXCEPT = "bare-except"
+    MUTABLE_DEFAULT = "mutable-default"
+    HIGH_COMPLEXITY = "high-complexity"
+    LONG_FUNCTION = "long-function"
+    TOO_MANY_PARAMS = "too-many-params"
+    DEEP_NESTING = "deep-nesting"
+    SWALLOWED_EXCEPTION = "swallowed-exception"
+    NONE_COMPARISON = "none-comparison"
+    BUILTIN_SHADOWING = "builtin-shadowing"
+    WILDCARD_IMPORT = "wildcard-import"
+    UNUSED_IMPORT = "unused-import"
+    MISSING_DOCSTRING = "missing-docstring"
+
+
+RULE_SEVERITY: Mapping[Rule, Severity] = MappingProxyType({
+    Rule.SYNTAX_ERROR: Severity.ERROR,
+    Rule.BARE_EXCEPT: Severity.ERROR,
+    Rule.MUTABLE_DEFAULT: Severity.ERROR,
+    Rule.HIGH_COMPLEXITY: Severity.WARNING,
+    Rule.LONG_FUNCTION: Severity.WARNING,
+    Rule.TOO_MANY_PARAMS: Severity.WARNING,
+    Rule.DEEP_NESTING: Severity.WARNING,
+    Rule.SWALLOWED_EXCEPTION: Severity.WARNING,
+    Rule.NONE_COMPARISON: Severity.WARNING,
+    Rule.BUILTIN_SHADOWING: Severity.WARNING,
+    Rule.WILDCARD_IMPORT: Severity.WARNING,
+    Rule.UNUSED_IMPORT: Severity.WARNING,
+    Rule.MISSING_DOCSTRING: Severity.INFO,
+})
+SEVERITY_WEIGHT: Mapping[Severity, int] = MappingProxyType({Severity.ERROR: 10, Severity.WARNING: 5, Severity.INFO: 2})
+
+# What to do about a finding; `{function}` and `{detail}` come from the finding.
+SUGGESTIONS: Mapping[Rule, str] = MappingProxyType({
+    Rule.SYNTAX_ERROR: "Fix the syntax error ({detail}); nothing else is checked until the code parses.",
+    Rule.BARE_EXCEPT: "Catch `Exception` or a narrower type, so Ctrl-C and sys.exit() still work.",
+    Rule.MUTABLE_DEFAULT: "Default `{detail}` to None and build a fresh value inside {function}.",
+    Rule.HIGH_COMPLEXITY: "Split {function} into smaller functions or replace branches with a lookup table.",
+    Rule.LONG_FUNCTION: "Split {function} into smaller functions, one job each.",
+    Rule.TOO_MANY_PARAMS: "Group related parameters of {function} into a dataclass, or make rare ones keyword-only.",
+    Rule.DEEP_NESTING: "Flatten {function} with early returns, `continue`, or a helper function.",
+    Rule.SWALLOWED_EXCEPTION: "Handle, log or re-raise the error instead of `pass`, or catch only what is expected.",
+    Rule.NONE_COMPARISON: "Compare with None using `is` or `is not`: `==` can be overridden.",
+    Rule.BUILTIN_SHADOWING: "Rename `{detail}` so the builtin of that name stays usable.",
+    Rule.WILDCARD_IMPORT: "Import the names you use from `{detail}` explicitly.",
+    Rule.UNUSED_IMPORT: "Remove the unused import `{detail}`.",
+    Rule.MISSING_DOCSTRING: "Add a docstring that says what {function} does.",
+})
+
+FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_BLOCKS = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.TryStar, ast.Match)
+
+
+# ---------------------------------------------------------------------------
+# Source positions and edits
+# ---------------------------------------------------------------------------
+# The AST counts columns in UTF-8 bytes; edits work on str offsets, so every position goes through _Source.offset.
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    text: str
+    lines: tuple[str, ...]  # with their line endings
+    starts: tuple[int, ...]  # offset of each line, then len(text)
+
+    @classmethod
+    def of(cls, text: str) -> "_Source":
+        lines = tuple(io.StringIO(text, newline="").readlines())
+        return cls(text, lines, tuple(itertools.accumulate((len(line) for line in lines), initial=0)))
+
+    def line(self, lineno: int) -> str:
+        return self.lines[lineno - 1] if lineno <= len(self.lines) else ""
+
+    def line_start(self, lineno: int) -> int:
+        return self.starts[min(lineno, len(self.lines) + 1) - 1]
+
+    def offset(self, lineno: int, col: int) -> int:
+        return self.line_start(lineno) + len(self.line(lineno).encode()[:col].decode())
+
+    def start(self, node: ast.AST) -> int:
+        return self.offset(node.lineno, node.col_offset)
+
+    def end(self, node: ast.AST) -> int:
+        return self.offset(node.end_lineno, node.end_col_offset)
+
+    def segment(self, node: ast.AST) -> str:
+        return self.text[self.start(node) : self.end(node)]
+
+    def indent(self, lineno: int) -> str:
+        line = self.line(lineno)
+        return line[: len(line) - len(line.lstrip(" \t"))]
+
+    def newline(self, lineno: int) -> str:
+        line = self.line(lineno)
+        return line[len(line.rstrip("\r\n")) :] or "\n"
+
+    def starts_line(self, node: ast.AST) -> bool:
+        """Tell whether only indentation stands before `node` on its first line."""
+        return not self.line(node.lineno).encode()[: node.col_offset].strip()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Edit:
+    """Replace text[start:end] with `text`; insertions at one offset go in `order`."""
+
+    start: int
+    end: int
+    text: str
+    order: int = 0
+
+
+def _overlap(first: _Edit, second: _Edit) -> bool:
+    return first != second and first.start < second.end and second.start < first.end
+
+
+def _apply(text: str, edits: Iterable[_Edit]) -> str:
+    pieces, cursor = [], 0
+    # dict.fromkeys drops duplicate edits (two findings fixed by removing one statement) and keeps their order.
+    for edit in sorted(dict.fromkeys(edits), key=lambda edit: (edit.start, edit.end, edit.order)):
+        pieces += [text[cursor : edit.start], edit.text]
+        cursor = edit.end
+    return "".join(pieces) + text[cursor:]
+
+
+def _parses(text: str) -> bool:
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Functions and complexity
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Function:
+    node: FunctionNode
+    qualname: str  # enclosing classes and functions, dotted
+    class_name: str | None  # the class this function is a method of
+    is_nested: bool  # defined inside another function
+
+
+def _definitions(scope: ast.AST) -> Iterator[FunctionNode | ast.ClassDef]:
+    """Yield the functions and classes defined in `scope` but not inside another definition."""
+    pending = list(ast.iter_child_nodes(scope))
+    while pending:
+        node = pending.pop()
+        if isinstance(node, _SCOPES):
+            yield node
+        else:
+            pending.extend(ast.iter_child_nodes(node))
+
+
+def _functions(tree: ast.Module) -> list[_Function]:
+    """Return every function and method in `tree`, nested ones included, in source order."""
+    found: list[_Function] = []
+    pending: list[tuple[ast.AST, str, str | None, bool]] = [(tree, "", None, False)]
+    while pending:
+        scope, prefix, class_name, in_function = pending.pop()
+        for node in _definitions(scope):
+            qualname = prefix + node.name
+            if isinstance(node, ast.ClassDef):
+                pending.append((node, qualname + ".", node.name, in_function))
+                continue
+            found.append(_Function(node=node, qualname=qualname, class_name=class_name, is_nested=in_function))
+            pending.append((node, qualname + ".", None, True))
+    return sorted(found, key=lambda function: (function.node.lineno, function.node.col_offset))
+
+
+def _parameter_count(node: FunctionNode) -> int:
+    args = node.args
+    return len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs) + (args.vararg is not None) + (
+        args.kwarg is not None
+    )
+
+
+def _docstring(node: FunctionNode) -> ast.Expr | None:
+    first = node.body[0]
+    is_text = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    return first if is_text and isinstance(first.value.value, str) else None
+
+
+def _own_decisions(node: ast.AST) -> int:
+    """Count the decision points `node` itself adds, as radon's ComplexityVisitor does."""
+    match node:
+        case ast.If() | ast.IfExp():
+            return 1
+        case ast.For() | ast.AsyncFor() | ast.While():
+            return 1 + bool(node.orelse)
+        case ast.Try():  # like radon 6, `except*` (ast.TryStar) adds nothing
+            return len(node.handlers) + bool(node.orelse)
+        case ast.BoolOp():
+            return len(node.values) - 1
+        case ast.comprehension():
+            return 1 + len(node.ifs)
+        case ast.Match():
+            # Like radon, any irrefutable `case _:` or `case name:` makes the other cases the only decisions.
+            catch_all = any(isinstance(case.pattern, ast.MatchAs) and not case.pattern.pattern for case in node.cases)
+            return max(0, len(node.cases) - catch_all)
+    return 0
+
+
+def _complexity(node: FunctionNode) -> int:
+    """Return the McCabe complexity of `node`: 1 plus its decision points, nested definitions excluded."""
+    total, pending = 1, list(node.body)
+    while pending:
+        child = pending.pop()
+        if isinstance(child, _SCOPES):
+            continue
+        if isinstance(child, ast.Assert):  # radon counts an assert once and does not look inside it
+            total += 1
+            continue
+        total += _own_decisions(child)
+        pending.extend(ast.iter_child_nodes(child))
+    return total
+
+
+def _function_record(function: _Function) -> dict[str, Any]:
+    node = function.node
+    return {
+        "name": node.name,
+        "qualname": function.qualname,
+        "class_name": function.class_name,
+        "is_async": isinstance(node, ast.AsyncFunctionDef),
+        "first_line": node.lineno,
+        "last_line": node.end_lineno,
+        "length": node.end_lineno - node.lineno + 1,
+        "params": _parameter_count(node),
+        "has_docstring": _docstring(node) is not None,
+    }
+
+
+def _complexity_report(functions: list[_Function]) -> dict[str, Any]:
+    scores = [
+        {"qualname": function.qualname, "line": function.node.lineno, "complexity": _complexity(function.node)}
+        for function in functions
+    ]
+    # The first of equally complex functions is the worst: max() keeps the first maximum.
+    worst = max(scores, key=lambda score: score["complexity"], default=None)
+    average = round(sum(score["complexity"] for score in scores) / len(scores), 2) if scores else 0.0
+    return {"functions": scores, "average": average, "worst": worst}
+
+
+# ---------------------------------------------------------------------------
+# Findings
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Finding:
+    rule: Rule
+    line: int
+    message: str
+    function: str | None = None
+    detail: str = ""  # the name or text the suggestion talks about
+    edits: tuple[_Edit, ...] = ()  # the fix; empty when this finding cannot be fixed safely
+
+
+def _finding_record(finding: _Finding) -> dict[str, Any]:
+    return {
+        "rule": finding.rule.value,
+        "severity": RULE_SEVERITY[finding.rule].value,
+        "line": finding.line,
+        "function": finding.function,
+        "message": finding.message,
+        "fixable": bool(finding.edits),
+    }
+
+
+def _syntax_error(exc: SyntaxError | ValueError) -> _Finding:
+    if isinstance(exc, SyntaxError):
+        line = exc.lineno or 1
+        return _Finding(rule=Rule.SYNTAX_ERROR, line=line, message=exc.msg, detail=f"line {line}: {exc.msg}")
+    return _Finding(rule=Rule.SYNTAX_ERROR, line=1, message=str(exc), detail=str(exc))
+
+
+def _limit(rule: Rule, function: _Function, template: str, value: int, limit: int) -> Iterator[_Finding]:
+    if value > limit:
+        message = template.format(name=function.qualname, value=value, limit=limit)
+        yield _Finding(rule=rule, line=function.node.lineno, function=function.qualname, message=message)
+
+
+def _check_size(function: _Function, source: _Source) -> Iterator[_Finding]:
+    node, length = function.node, function.node.end_lineno - function.node.lineno + 1
+    complexity, parameters = _complexity(node), _parameter_count(node)
+    yield from _limit(Rule.HIGH_COMPLEXITY, function, "{name} has complexity {value} (limit {limit})", complexity,
+                      MAX_COMPLEXITY)
+    yield from _limit(Rule.LONG_FUNCTION, function, "{name} is {value} lines long (limit {limit})", length,
+                      MAX_FUNCTION_LINES)
+    yield from _limit(Rule.TOO_MANY_PARAMS, function, "{name} takes {value} parameters (limit {limit})", parameters,
+                      MAX_PARAMETERS)
+
+
+def _inner_blocks(statement: ast.stmt, depth: int, source: _Source) -> list[tuple[list[ast.stmt], int]]:
+    """Return the statement lists inside `statement` with their nesting depth; `elif` stays at its `if`'s depth."""
+    if not isinstance(statement, _BLOCKS):
+        return []
+    if isinstance(statement, ast.Match):
+        return [(case.body, depth + 1) for case in statement.cases]
+    blocks = [(statement.body, depth + 1)]
+    if isinstance(statement, ast.Try | ast.TryStar):
+        blocks += [(handler.body, depth + 1) for handler in statement.handlers] + [(statement.finalbody, depth + 1)]
+    orelse = getattr(statement, "orelse", [])
+    is_elif = isinstance(statement, ast.If) and len(orelse) == 1 and source.segment(orelse[0]).startswith("elif")
+    return blocks + [(orelse, depth if is_elif else depth + 1)]
+
+
+def _deepest(statements: list[ast.stmt], depth: int, source: _Source) -> tuple[int, int]:
+    """Return the nesting depth and line of the most deeply nested statement, not looking into definitions."""
+    best = (depth, statements[0].lineno) if statements else (0, 0)
+    for statement in statements:
+        if isinstance(statement, _SCOPES):
+            continue
+        for block, block_depth in _inner_blocks(statement, depth, source):
+            best = max(best, _deepest(block, block_depth, source), key=lambda found: found[0])
+    return best
+
+
+def _check_nesting(function: _Function, source: _Source) -> Iterator[_Finding]:
+    depth, line = _deepest(function.node.body, 0, source)
+    if depth > MAX_NESTING:
+        message = f"{function.qualname} nests blocks {depth} deep (limit {MAX_NESTING})"
+        yield _Finding(rule=Rule.DEEP_NESTING, line=line, function=function.qualname, message=message)
+
+
+def _is_code(line: str) -> bool:
+    stripped = line.strip()
+    return bool(stripped) and not stripped.startswith("#")
+
+
+def _body_top(node: FunctionNode, source: _Source) -> int | None:
+    """Return the offset where new first statements of `node` go (after its docstring), or None if none can."""
+    first, docstring = node.body[0], _docstring(node)
+    if not source.starts_line(first):
+        return None
+    if docstring is not None:
+        shares_line = len(node.body) > 1 and node.body[1].lineno == docstring.end_lineno
+        return None if shares_line else source.line_start(docstring.end_lineno + 1)
+    # Go above the comments before the first statement: they belong to that statement, not to the new lines.
+    line = first.lineno
+    while not _is_code(source.line(line - 1)):
+        line -= 1
+    return source.line_start(line)
+
+
+def _insertion(node: FunctionNode, lines: list[str], source: _Source, order: int) -> tuple[_Edit, ...]:
+    offset = _body_top(node, source)
+    if offset is None:
+        return ()
+    indent, newline = source.indent(node.body[0].lineno), source.newline(node.lineno)
+    text = "".join(indent + line + newline for line in lines)
+    if offset == len(source.text) and not source.text.endswith(("\n", "\r")):
+        text = newline + text
+    return (_Edit(start=offset, end=offset, text=text, order=order),)
+
+
+def _is_public(function: _Function) -> bool:
+    return not function.is_nested and not any(part.startswith("_") for part in function.qualname.split("."))
+
+
+def _check_docstring(function: _Function, source: _Source) -> Iterator[_Finding]:
+    node = function.node
+    if _is_public(function) and _docstring(node) is None:
+        edits = _insertion(node, [DOCSTRING_STUB.format(name=node.name)], source, order=0)
+        message = f"public function {function.qualname} has no docstring"
+        yield _Finding(rule=Rule.MISSING_DOCSTRING, line=node.lineno, function=function.qualname, message=message,
+                       edits=edits)
+
+
+def _is_mutable(default: ast.expr) -> bool:
+    if isinstance(default, ast.List | ast.Dict | ast.Set | ast.ListComp | ast.DictComp | ast.SetComp):
+        return True
+    return isinstance(default, ast.Call) and isinstance(default.func, ast.Name) and default.func.id in MUTABLE_FACTORIES
+
+
+def _defaults(node: FunctionNode) -> Iterator[tuple[ast.arg, ast.expr]]:
+    positional = node.args.posonlyargs + node.args.args
+    yield from zip(positional[len(positional) - len(node.args.defaults) :], node.args.defaults)
+    yield from ((arg, default) for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults) if default)
+
+
+def _mutable_default_fix(node: FunctionNode, arg: ast.arg, default: ast.expr, source: _Source) -> tuple[_Edit, ...]:
+    """Default `arg` to None and rebuild the original value at the top of the body, after the docstring."""
+    step = source.indent(node.body[0].lineno)[len(source.indent(node.lineno)) :] or "    "
+    lines = [f"if {arg.arg} is None:", f"{step}{arg.arg} = {source.segment(default)}"]
+    inserted = _insertion(node, lines, source, order=1)
+    replaced = _Edit(start=source.start(default), end=source.end(default), text="None")
+    return (replaced, *inserted) if inserted else ()
+
+
+def _check_defaults(function: _Function, source: _Source) -> Iterator[_Finding]:
+    for arg, default in _defaults(function.node):
+        if _is_mutable(default):
+            message = f"parameter `{arg.arg}` has a mutable default `{source.segment(default)}`, shared by every call"
+            yield _Finding(rule=Rule.MUTABLE_DEFAULT, line=default.lineno, function=function.qualname,
+                           message=message, detail=arg.arg,
+                           edits=_mutable_default_fix(function.node, arg, default, source))
+
+
+FunctionCheck = Callable[[_Function, _Source], Iterator[_Finding]]
+_FUNCTION_CHECKS: tuple[FunctionCheck, ...] = (_check_size, _check_nesting, _check_docstring, _check_defaults)
+
+
+def _check_excepts(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
+    for handler in ast.walk(tree):
+        if not isinstance(handler, ast.ExceptHandler):
+            continue
+        start = source.start(handler)
+        if handler.type is None and source.text.startswith("except", start):
+            fix = _Edit(start=start, end=start + len("except"), text="except Exception")
+            yield _Finding(rule=Rule.BARE_EXCEPT, line=handler.lineno, edits=(fix,),
+                           message="bare `except:` also catches KeyboardInterrupt and SystemExit")
+        if all(isinstance(statement, ast.Pass) for statement in handler.body):
+            yield _Finding(rule=Rule.SWALLOWED_EXCEPTION, line=handler.lineno,
+                           message="the `except` body is only `pass`, so the error vanishes")
+
+
+def _operator_fix(left: ast.expr, right: ast.expr, is_equal: bool, source: _Source) -> tuple[_Edit, ...]:
+    """Replace the `==`/`!=` between `left` and `right` (past parentheses and comments) with `is`/`is not`."""
+    start, gap = source.end(left), source.text[source.end(left) : source.start(right)]
+    index = 0
+    while index < len(gap) and gap[index : index + 2] not in ("==", "!="):
+        index = gap.find("\n", index) if gap[index] == "#" else index + 1
+        index = len(gap) if index < 0 else index
+    if index >= len(gap):
+        return ()
+    before = "" if index and gap[index - 1].isspace() else " "
+    after = "" if gap[index + 2 : index + 3].isspace() else " "
+    text = f"{before}{'is' if is_equal else 'is not'}{after}"
+    return (_Edit(start=start + index, end=start + index + 2, text=text),)
+
+
+def _is_none(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and node.value is None
+
+
+def _check_none_comparisons(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
+    for compare in ast.walk(tree):
+        if not isinstance(compare, ast.Compare):
+            continue
+        operands = [compare.left, *compare.comparators]
+        for op, left, right in zip(compare.ops, operands, operands[1:]):
+            if isinstance(op, ast.Eq | ast.NotEq) and (_is_none(left) or _is_none(right)):
+                symbol = "==" if isinstance(op, ast.Eq) else "!="
+                yield _Finding(rule=Rule.NONE_COMPARISON, line=compare.lineno,
+                               message=f"comparison to None with `{symbol}`",
+                               edits=_operator_fix(left, right, isinstance(op, ast.Eq), source))
+
+
+def _bound_names(node: ast.AST, in_class: bool) -> Iterator[tuple[str, int]]:
+    """Yield the names `node` itself binds, with their line; class attributes and methods bind none."""
+    match node:
+        case ast.FunctionDef() | ast.AsyncFunctionDef() | ast.ClassDef() if not in_class:
+            yield node.name, node.lineno
+        case ast.arg():
+            yield node.arg, node.lineno
+        case ast.Name(ctx=ast.Store()) if not in_class:
+            yield node.id, node.lineno
+        case ast.ExceptHandler(name=str()):
+            yield node.name, node.lineno
+        case ast.alias() if not in_class and node.name != "*":
+            yield node.asname or node.name.partition(".")[0], node.lineno
+
+
+def _check_shadowing(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
+    pending: list[tuple[ast.AST, bool]] = [(tree, False)]
+    while pending:
+        node, in_class = pending.pop()
+        for name, line in _bound_names(node, in_class):
+            if name in BUILTIN_NAMES:
+                yield _Finding(rule=Rule.BUILTIN_SHADOWING, line=line, detail=name,
+                               message=f"`{name}` shadows the builtin of the same name")
+        # A class body is class scope down to its methods; a function body is never class scope.
+        is_function = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        inner = isinstance(node, ast.ClassDef) or (in_class and not is_function)
+        pending.extend((child, inner) for child in ast.iter_child_nodes(node))
+
+
+def _check_wildcards(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
+            module = "." * node.level + (node.module or "")
+            yield _Finding(rule=Rule.WILDCARD_IMPORT, line=node.lineno, detail=module,
+                           message=f"`from {module} import *` hides where names come from")
+
+
+def _annotations(tree: ast.Module) -> Iterator[ast.expr]:
+    for node in ast.walk(tree):
+        annotation = node.returns if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) else None
+        annotation = node.annotation if isinstance(node, ast.arg | ast.AnnAssign) else annotation
+        if annotation is not None:
+            yield annotation
+
+
+def _annotation_names(tree: ast.Module) -> Iterator[str]:
+    """Yield the names used inside string annotations such as `"Path"` or `list["Node"]`."""
+    texts = [node.value for annotation in _annotations(tree) for node in ast.walk(annotation)
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    for text in filter(_parses, texts):
+        yield from (node.id for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Name))
+
+
+def _exported_names(tree: ast.Module) -> Iterator[str]:
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(target, ast.Name) and target.id == "__all__" for target in targets):
+            yield from (item.value for item in ast.walk(node.value) if isinstance(item, ast.Constant))
+
+
+def _used_names(tree: ast.Module) -> set[str]:
+    read = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store)}
+    return read | set(_annotation_names(tree)) | {name for name in _exported_names(tree) if isinstance(name, str)}
+
+
+def _import_removal(
+    statement: ast.Import | ast.ImportFrom, index: int, unused: list[bool], source: _Source
+) -> _Edit | None:
+    """Remove alias `index` of `statement`, or the whole statement's lines when all of its names are unused."""
+    aliases = statement.names
+    if all(unused):
+        last_line_rest = source.line(statement.end_lineno).encode()[statement.end_col_offset :].decode()
+        has_code_after = bool(last_line_rest.strip()) and not last_line_rest.strip().startswith("#")
+        if has_code_after or not source.starts_line(statement):
+            return None
+        first, after = source.line_start(statement.lineno), source.line_start(statement.end_lineno + 1)
+        return _Edit(start=first, end=after, text="")
+    if index + 1 < len(aliases):
+        return _Edit(start=source.start(aliases[index]), end=source.start(aliases[index + 1]), text="")
+    return _Edit(start=source.end(aliases[index - 1]), end=source.end(aliases[index]), text="")
+
+
+def _imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Yield the import statements, except `from __future__` ones (they are compiler directives)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) or isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            yield node
+
+
+def _check_imports(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
+    used = _used_names(tree)
+    for statement in _imports(tree):
+        bound = [alias.asname or alias.name.partition(".")[0] for alias in statement.names]
+        unused = [name != "*" and name not in used for name in bound]
+        for index, alias in enumerate(statement.names):
+            if unused[index]:
+                removal = _import_removal(statement, index, unused, source)
+                yield _Finding(rule=Rule.UNUSED_IMPORT, line=alias.lineno, detail=alias.name,
+                               message=f"`{bound[index]}` is imported but never used",
+                               edits=(removal,) if removal else ())
+
+
+ModuleCheck = Callable[[ast.Module, _Source], Iterator[_Finding]]
+_MODULE_CHECKS: tuple[ModuleCheck, ...] = (
+    _check_excepts, _check_none_comparisons, _check_shadowing, _check_wildcards, _check_imports,
+)
+
+
+def _enclosing(functions: list[_Function], line: int) -> str | None:
+    """Return the qualified name of the innermost function around `line`."""
+    around = [function for function in functions if function.node.lineno <= line <= function.node.end_lineno]
+    return around[-1].qualname if around else None
+
+
+def _review(code: str) -> list[_Finding]:
+    """Return every finding in `code`, sorted by line and rule."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes in the source
+        return [_syntax_error(exc)]
+    source, functions = _Source.of(code), _functions(tree)
+    findings = [finding for function in functions for check in _FUNCTION_CHECKS for finding in check(function, source)]
+    for check in _MODULE_CHECKS:
+        found = check(tree, source)
+        findings += [dataclasses.replace(finding, function=_enclosing(functions, finding.line)) for finding in found]
+    # A fix that breaks the code on its own (say, removing the only statement of a block) is no fix.
+    findings = [
+        finding if not finding.edits or _parses(_apply(code, finding.edits)) else dataclasses.replace(finding, edits=())
+        for finding in findings
+    ]
+    rule_order = list(Rule)
+    return sorted(findings, key=lambda finding: (finding.line, rule_order.index(finding.rule), finding.message))
+
+
+def _fix(code: str, findings: list[_Finding]) -> tuple[str, list[bool]]:
+    """Apply every fix that overlaps no earlier one and keeps the code parsing; say which were applied."""
+    accepted: list[_Edit] = []
+    applied: list[bool] = []
+    for finding in findings:
+        candidate = [*accepted, *finding.edits]
+        fits = bool(finding.edits) and not any(_overlap(new, old) for new in finding.edits for old in accepted)
+        is_applied = fits and _parses(_apply(code, candidate))
+        if is_applied:
+            accepted = candidate
+        applied.append(is_applied)
+    return _apply(code, accepted), applied
+
+
+def _suggestion(finding: _Finding, applied: bool) -> dict[str, Any]:
+    text = SUGGESTIONS[finding.rule].format(function=finding.function or "the module", detail=finding.detail)
+    return {"rule": finding.rule.value, "line": finding.line, "suggestion": text, "applied": applied}
+
+
+# ---------------------------------------------------------------------------
+# Input and score
+# ---------------------------------------------------------------------------
+def _code(data: dict[str, Any]) -> str:
+    code = data.get("code")
+    if not isinstance(code, str):
+        raise ValueError(f"data.code must be a string of Python source, got {type(code).__name__}")
+    return code
+
+
+def _reviewed_code(data: dict[str, Any]) -> str:
+    improved = data.get("improved_code")
+    return improved if isinstance(improved, str) else _code(data)
+
+
+def _threshold(data: dict[str, Any]) -> float:
+    threshold = data.get("quality_threshold", DEFAULT_QUALITY_THRESHOLD)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 100:
+        raise ValueError(f"data.quality_threshold must be a number from 0 to 100, got {threshold!r}")
+    return threshold
+
+
+def _code_lines(code: str) -> int:
+    return sum(1 for line in io.StringIO(code, newline="") if line.strip() and not line.lstrip().startswith("#"))
+
+
+def _score(findings: list[dict[str, Any]], code: str) -> int:
+    if any(finding["rule"] == Rule.SYNTAX_ERROR.value for finding in findings):
+        return 0
+    penalty = sum(SEVERITY_WEIGHT[Severity(finding["severity"])] for finding in findings)
+    size = max(MIN_SCORED_LINES, _code_lines(code))
+    return round(100 * size / (size + penalty))
+
+
+def _analysis(code: str) -> dict[str, Any]:
+    try:
+        functions = _functions(ast.parse(code))
+    except (SyntaxError, ValueError):
+        functions = []
+    records = [_function_record(function) for function in functions]
+    return {"functions": records, "complexity": _complexity_report(functions)}
+
+
+def _changed(data: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the keys whose value differs from `data`, so the run log records real changes."""
+    return {key: value for key, value in update.items() if key not in data or data[key] != value}
+
+
+# ---------------------------------------------------------------------------
+# Nodes and condition
+# ---------------------------------------------------------------------------
+def extract_functions(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
+    """List every function, async function and method of the reviewed code, nested ones included.
+
+    Each entry has `name`, `qualname`, `class_name` (None unless a method), `is_async`, `first_line` (the `def`
+    line), `last_line`, `length`, `params` and `has_docstring`. Code that does not parse has no functions.
+    """
+    _threshold(state.data)  # fail on a bad threshold now rather than after four nodes
+    return {"functions": _analysis(_reviewed_code(state.data))["functions"]}
+
+
+def check_complexity(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
+    """Compute each function's cyclomatic complexity as `radon cc` does, plus the average and the worst function."""
+    return {"complexity": _analysis(_reviewed_code(state.data))["complexity"]}
+
+
+def detect_issues(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
+    """Run every rule on the reviewed code and store the findings, sorted by line.
+
+    On later passes the reviewed code is the improved one, so `functions` and `complexity` are refreshed too.
+    """
+    code = _reviewed_code(state.data)
+    findings = [_finding_record(finding) for finding in _review(code)]
+    ctx.logger.info("code review found %d issues", len(findings))
+    return _changed(state.data, {**_analysis(code), "findings": findings})
+
+
+def suggest_improvements(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
+    """Suggest what to do about each finding, apply the safe fixes, and store the result in `improved_code`."""
+    code = _reviewed_code(state.data)
+    findings = _review(code)
+    improved, applied = _fix(code, findings)
+    suggestions = [_suggestion(finding, was_applied) for finding, was_applied in zip(findings, applied)]
+    ctx.logger.info("code review applied %d of %d fixes", sum(applied), len(applied))
+    update = {"suggestions": suggestions, "fixes_applied": sum(applied), "code_changed": improved != code}
+    return update | _changed(state.data, {"improved_code": improved})
+
+
+def evaluate_quality(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
+    """Score the findings of this pass (0-100), record the score history, and say whether the threshold is met."""
+    score = _score(state.data.get("findings", []), _code(state.data))
+    history = [*state.data.get("score_history", []), score]
+    return {"quality_score": score, "score_history": history, "threshold_met": score >= _threshold(state.data)}
+
+
+NODES = (extract_functions, check_complexity, detect_issues, suggest_improvements, evaluate_quality)
+
+
+def quality_below_threshold(state: "WorkflowState") -> bool:
+    """Tell whether another pass is worth it: score under the threshold, code still changing, passes left."""
+    data = state.data
+    passes = len(data.get("score_history", []))
+    is_below = data.get("quality_score", 0) < _threshold(data)
+    return is_below and bool(data.get("code_changed")) and passes < MAX_REVIEW_PASSES
+
+
+def graph_definition() -> "GraphDefinition":
+    """Return the `code_review` graph: five nodes in a row, and a loop back to detect_issues."""
+    from workflow_engine import BranchCondition, EdgeDef, GraphDefinition
+
+    loop = BranchCondition(condition=quality_below_threshold.__name__, target=detect_issues.__name__)
+    return GraphDefinition(
+        graph_id=GRAPH_ID,
+        start_node=extract_functions.__name__,
+        nodes=tuple(node.__name__ for node in NODES),
+        edges={
+            **{node.__name__: EdgeDef(default_next=after.__name__) for node, after in itertools.pairwise(NODES)},
+            evaluate_quality.__name__: EdgeDef(default_next=None, branches=(loop,)),
+        },
+    )
+
+
+def register(registry: "Registry") -> None:
+    """Register the code review nodes, its condition and the `code_review` graph on `registry`."""
+    for node in NODES:
+        registry.node(node)
+    registry.condition(quality_below_threshold)
+    registry.add_graph(graph_definition())

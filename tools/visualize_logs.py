@@ -1,0 +1,153 @@
+"""Print a run's steps as a table: Iteration | Node | Event | Duration | Keys Changed.
+
+Reads the answer of `POST /graph/run` or `GET /graph/state/{run_id}` (or just its list of log entries) from a JSON
+file, standard input, or a running server:
+
+    python tools/visualize_logs.py run.json
+    curl -s -X POST localhost:8000/graph/run -d @request.json | python tools/visualize_logs.py
+    python tools/visualize_logs.py --url http://127.0.0.1:8000 --run-id 3f2a...
+
+Log entries that carry a full state snapshot (`"state": {"data": {...}}`) instead of `keys_changed` are accepted
+too: the keys changed are found by diffing each snapshot with the one before it (the first with an empty state).
+Exit status: 0 done, 2 bad input.
+"""
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+REQUEST_TIMEOUT_SECONDS = 10
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+COLUMNS = ("Iteration", "Node", "Event", "Duration", "Keys Changed")
+NO_VALUE = "-"
+SUMMARY_FIELDS = (("run_id", "run"), ("graph_id", "graph"), ("status", "status"))
+
+
+class InputError(Exception):
+    """The run could not be read or is not a run."""
+
+
+def _fetch_json(url: str) -> Any:
+    """GET `url` and decode its JSON body; an error answer's own message is reported."""
+    try:
+        with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise InputError(f"{url} answered {exc.code}: {_error_message(exc.read())}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise InputError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+    except ValueError as exc:
+        raise InputError(f"{url} did not answer JSON: {exc}") from None
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")[:200] or "no details"
+
+
+def _read_json(path: str) -> Any:
+    try:
+        if path == "-":
+            return json.load(sys.stdin)
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InputError(f"{'standard input' if path == '-' else path} is not JSON: {exc}") from None
+
+
+def _logs(run: Any) -> list[dict[str, Any]]:
+    """Return the run's log entries, checking that each is an object with a node name."""
+    logs = run if isinstance(run, list) else run.get("logs") if isinstance(run, dict) else None
+    if not isinstance(logs, list):
+        raise InputError("not a run: expected an object with a `logs` array, or an array of log entries")
+    for index, entry in enumerate(logs):
+        if not isinstance(entry, dict) or not isinstance(entry.get("node"), str):
+            raise InputError(f"not a run: logs[{index}] must be an object with a string `node`")
+    return logs
+
+
+def _snapshot_data(entry: dict[str, Any]) -> dict[str, Any]:
+    state = entry.get("state")
+    state = state.get("data", state) if isinstance(state, dict) else {}
+    return state if isinstance(state, dict) else {}
+
+
+def keys_changed(logs: list[dict[str, Any]]) -> list[list[str]]:
+    """Return each entry's changed keys: its `keys_changed`, or the diff of its state snapshot with the last one."""
+    changed, previous = [], {}
+    for entry in logs:
+        if isinstance(entry.get("keys_changed"), list):
+            changed.append([str(key) for key in entry["keys_changed"]])
+            continue
+        current = _snapshot_data(entry)
+        keys = set(previous) | set(current)
+        changed.append(sorted(key for key in keys if previous.get(key, NO_VALUE) != current.get(key, NO_VALUE)))
+        previous = current
+    return changed
+
+
+def _duration(entry: dict[str, Any]) -> str:
+    duration = entry.get("duration_ms")
+    is_number = isinstance(duration, int | float) and not isinstance(duration, bool)
+    return f"{duration:.2f} ms" if is_number else NO_VALUE
+
+
+def table(logs: list[dict[str, Any]]) -> str:
+    """Return the aligned text table of `logs`, one row per step."""
+    rows = [
+        [str(entry.get("iteration", index)), entry["node"], str(entry.get("event", NO_VALUE)), _duration(entry),
+         ", ".join(keys) or NO_VALUE]
+        for index, (entry, keys) in enumerate(zip(logs, keys_changed(logs)), start=1)
+    ]
+    widths = [max(len(row[column]) for row in [list(COLUMNS), *rows]) for column in range(len(COLUMNS))]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [COLUMNS, *rows]]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return "\n".join(lines) + "\n"
+
+
+def summary(run: Any, logs: list[dict[str, Any]]) -> str:
+    """Return a line naming the run, its graph, status and step count, plus the run's error if it has one."""
+    run = run if isinstance(run, dict) else {}
+    labels = [f"{label} {run[key]}" for key, label in SUMMARY_FIELDS if run.get(key)]
+    lines = [", ".join([*labels, f"{len(logs)} steps"])]
+    lines += [f"error: {run['error']}"] if run.get("error") else []
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Print a workflow run's log as a table of steps.")
+    parser.add_argument("file", nargs="?", default="-", help="run JSON file ('-' or none: stdin)")
+    parser.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--run-id", help="run to fetch from --url (GET /graph/state/RUN_ID)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the run's summary and step table; return the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.url is None) != (args.run_id is None):
+        parser.error("--url and --run-id go together")
+    try:
+        if args.url is None:
+            run = _read_json(args.file)
+        else:
+            run = _fetch_json(f"{args.url.rstrip('/')}/graph/state/{urllib.parse.quote(args.run_id, safe='')}")
+        logs = _logs(run)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    sys.stdout.write(summary(run, logs) + table(logs))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
