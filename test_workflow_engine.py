@@ -46,6 +46,16 @@ flaky_attempts: dict[str, int] = {}  # attempts of the `flaky` node, by run id
 hang_started: dict[str, asyncio.Event] = {}  # set when a `hang` node starts, by the key in metadata["started"]
 
 
+class Gate:
+    """A pair of events a `gate` node uses: `entered` when it starts waiting, `opened` to let it go on."""
+
+    def __init__(self) -> None:
+        self.entered, self.opened = asyncio.Event(), asyncio.Event()
+
+
+gates: dict[str, Gate] = {}  # by the name in metadata["gate"]
+
+
 def make_registry() -> we.Registry:
     """A registry of tiny nodes and conditions used across the tests."""
     registry = we.Registry()
@@ -135,6 +145,19 @@ def make_registry() -> we.Registry:
     @registry.node
     async def handle_error(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
         return {"handled": state.data["last_error"]["node"]}
+
+    @registry.node
+    async def gate(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        """Wait until the test opens the gate named in metadata["gate"]; say when waiting starts."""
+        name = state.metadata["gate"]
+        gates[name].entered.set()
+        await gates[name].opened.wait()
+        return {"passed": name}
+
+    @registry.node
+    async def nap(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        await asyncio.sleep(0.05)
+        return {"napped": state.data["n"]}
 
     return registry
 
@@ -899,6 +922,192 @@ def test_create_app_refuses_an_invalid_registered_graph(registry: we.Registry) -
 
 
 # ---------------------------------------------------------------------------
+# Run control: background runs, lists, streams, cancellation
+# ---------------------------------------------------------------------------
+def engine_of(app: Any) -> we.Engine:
+    return app.state.engine
+
+
+async def stream_events(client: httpx.AsyncClient, run_id: str, last_event_id: int | None = None) -> list[dict]:
+    """Read a run's whole SSE stream (ASGITransport hands it over once the run has ended)."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    response = await client.get(f"/graph/stream/{run_id}", headers=headers)
+    assert (response.status_code, response.headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
+    return parse_sse(response.text)
+
+
+def parse_sse(text: str) -> list[dict]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        events.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
+    return events
+
+
+async def test_post_graph_run_without_wait_answers_202_and_runs_on(app: Any, client: httpx.AsyncClient) -> None:
+    await client.post("/graph/create", json=graph(["inc", "double"], chain("inc", "double")))
+    response = await client.post("/graph/run", json={"graph_id": "g", "wait": False})
+    run_id = response.json()["run_id"]
+    assert (response.status_code, response.json()) == (202, {"run_id": run_id, "status": "pending"})
+    assert response.headers["location"] == f"/graph/state/{run_id}"
+    events = await stream_events(client, run_id)
+    assert [(e["id"], e["event"]) for e in events] == [
+        (1, "status"), (2, "status"), (3, "log"), (4, "log"), (5, "status"), (6, "end")]
+    assert [e["data"].get("status") for e in events] == ["pending", "running", None, None, "completed", "completed"]
+    state = (await client.get(f"/graph/state/{run_id}")).json()
+    assert (state["status"], state["iteration"], state["state"]["data"]["count"]) == ("completed", 2, 1)
+    assert events[-1]["data"] == {"status": "completed", "error": None, "iteration": 2, "current_node": "double",
+                                  "state": state["state"]}
+    assert [e["data"] for e in events[2:4]] == state["logs"]
+
+
+async def test_stream_before_during_and_after_a_run_gives_the_same_events(registry: we.Registry) -> None:
+    app = we.create_app(registry=registry, settings=we.Settings(max_concurrent_runs=1))
+    gates["first"], gates["second"] = Gate(), Gate()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        await client.post("/graph/create", json=graph(["gate", "inc"], chain("gate", "inc")))
+        start = {"graph_id": "g", "wait": False}
+        await client.post("/graph/run", json={**start, "state": {"metadata": {"gate": "first"}}})
+        await gates["first"].entered.wait()
+        second = (await client.post("/graph/run", json={**start, "state": {"metadata": {"gate": "second"}}})).json()
+        assert second["status"] == "pending"  # the only slot is taken by the first run
+        before = asyncio.create_task(stream_events(client, second["run_id"]))
+        gates["first"].opened.set()
+        await gates["second"].entered.wait()
+        during = asyncio.create_task(stream_events(client, second["run_id"]))
+        gates["second"].opened.set()
+        after = await stream_events(client, second["run_id"])
+        assert await before == await during == after
+        resumed = await stream_events(client, second["run_id"], last_event_id=3)
+    assert [(e["id"], e["event"]) for e in after] == [
+        (1, "status"), (2, "status"), (3, "log"), (4, "log"), (5, "status"), (6, "end")]
+    assert resumed == after[3:]
+
+
+async def test_follow_sends_keep_alives_while_a_run_is_quiet(registry: we.Registry) -> None:
+    engine = we.Engine(registry, settings=we.Settings(stream_keepalive_s=0.01))
+    gates["quiet"] = Gate()
+    run = engine.start(we.GraphDefinition(graph_id="q", start_node="gate", nodes=("gate",)),
+                       we.WorkflowState(metadata={"gate": "quiet"}))
+    await gates["quiet"].entered.wait()
+    events = engine.follow(run.run_id)
+    first = [await anext(events) for _ in range(3)]
+    assert [(e.id, e.event) if e else None for e in first] == [
+        (1, we.StreamEvent.STATUS), (2, we.StreamEvent.STATUS), None]
+    gates["quiet"].opened.set()
+    rest = [event async for event in events if event is not None]
+    assert [(e.id, e.event) for e in rest] == [(3, we.StreamEvent.LOG), (4, we.StreamEvent.STATUS), (5, we.StreamEvent.END)]
+
+
+async def test_stream_errors(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/graph/stream/nope")
+    bad = await client.get("/graph/stream/nope", headers={"Last-Event-ID": "x"})
+    assert (missing.status_code, missing.json()) == (404, error("run_not_found", "run 'nope' does not exist"))
+    assert (bad.status_code, bad.json()) == (422, error("invalid_request", "the request has 1 problem",
+                                                        ("$.headers.Last-Event-ID", "expected an event id, got 'x'")))
+
+
+async def test_post_graph_cancel_stops_a_blocked_run_and_keeps_its_state(app: Any, client: httpx.AsyncClient) -> None:
+    hang_started["http"] = asyncio.Event()
+    await client.post("/graph/create", json=graph(["inc", "hang"], chain("inc", "hang")))
+    run_id = (await client.post("/graph/run", json={"graph_id": "g", "wait": False,
+                                                   "state": {"metadata": {"started": "http"}}})).json()["run_id"]
+    await hang_started["http"].wait()
+    response = await client.post(f"/graph/cancel/{run_id}")
+    record = response.json()
+    assert (response.status_code, record["status"], record["error"]) == (
+        200, "cancelled", "the run was cancelled at node 'hang'")
+    assert [(e["node"], e["event"], e["error"]) for e in record["logs"]] == [
+        ("inc", "executed", None), ("hang", "cancelled", "the run was cancelled during node 'hang'")]
+    assert record["state"]["data"] == {"count": 1}
+    again = await client.post(f"/graph/cancel/{run_id}")
+    assert (again.status_code, again.json()) == (409, error("run_conflict", f"run '{run_id}' has already ended as cancelled"))
+    missing = await client.post("/graph/cancel/nope")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "run_not_found")
+
+
+async def test_post_graph_run_timeout_s_ends_the_run_timed_out(client: httpx.AsyncClient) -> None:
+    run = await create_and_run(client, graph(["inc", "hang"], chain("inc", "hang")), timeout_s=0.05)
+    assert (run["status"], run["error"]) == ("timed_out", "the run took longer than its timeout_s of 0.05 s")
+    assert steps(run) == [("inc", "executed"), ("hang", "timed_out")]
+    assert run["final_state"]["data"] == {"count": 1}
+
+
+async def test_engine_refuses_runs_beyond_its_queue_and_cancels_all_at_shutdown(registry: we.Registry) -> None:
+    app = we.create_app(registry=registry, settings=we.Settings(max_concurrent_runs=1, max_pending_runs=1))
+    engine = engine_of(app)
+    gates["busy"] = Gate()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        await client.post("/graph/create", json=graph(["gate"]))
+        body = {"graph_id": "g", "wait": False, "state": {"metadata": {"gate": "busy"}}}
+        running = (await client.post("/graph/run", json=body)).json()["run_id"]
+        await gates["busy"].entered.wait()
+        pending = (await client.post("/graph/run", json=body)).json()["run_id"]
+        refused = await client.post("/graph/run", json=body)
+        assert (refused.status_code, refused.headers["retry-after"], refused.json()) == (
+            503, "1", error("busy", "too many runs are waiting; retry later"))
+        await engine.shutdown()
+        records = [(await client.get(f"/graph/state/{run_id}")).json() for run_id in (running, pending)]
+        closed = await client.post("/graph/run", json=body)
+    assert [(r["status"], r["error"]) for r in records] == [
+        ("cancelled", "the run was cancelled at node 'gate'"), ("cancelled", "the run was cancelled before it started")]
+    assert (closed.status_code, closed.json()["error"]["message"]) == (503, "the server is shutting down")
+
+
+async def test_engine_runs_a_thousand_waiting_runs_at_once(registry: we.Registry) -> None:
+    """1,000 runs whose node sleeps 50 ms finish together, in about the time of one (sequentially: 50 s)."""
+    engine = we.Engine(registry)
+    definition = we.GraphDefinition(graph_id="naps", start_node="nap", nodes=("nap",))
+    clock = time.perf_counter()
+    runs = await asyncio.gather(*(engine.run(definition, we.WorkflowState(data={"n": n})) for n in range(1000)))
+    elapsed = time.perf_counter() - clock
+    assert [(r.status, r.state.data) for r in runs] == [(we.RunStatus.COMPLETED, {"n": n, "napped": n}) for n in range(1000)]
+    assert elapsed < 5
+
+
+async def test_get_graph_runs_lists_newest_first_with_filters(client: httpx.AsyncClient) -> None:
+    await client.post("/graph/create", json=graph(["inc"]))
+    await client.post("/graph/create", json={**graph(["boom"]), "graph_id": "h"})
+    ids = [(await client.post("/graph/run", json={"graph_id": gid})).json()["run_id"] for gid in ("g", "h", "g")]
+    everything = (await client.get("/graph/runs")).json()
+    assert (everything["total"], everything["limit"], everything["offset"]) == (3, 50, 0)
+    assert [(r["run_id"], r["graph_id"], r["status"]) for r in everything["runs"]] == [
+        (ids[2], "g", "completed"), (ids[1], "h", "failed"), (ids[0], "g", "completed")]
+    assert set(everything["runs"][0]) == {"run_id", "graph_id", "status", "current_node", "iteration", "error",
+                                          "created_at", "finished_at"}
+    of_g = (await client.get("/graph/runs", params={"graph_id": "g", "limit": 1, "offset": 1})).json()
+    assert ([r["run_id"] for r in of_g["runs"]], of_g["total"]) == ([ids[0]], 2)
+    failed = (await client.get("/graph/runs", params={"status": "failed"})).json()
+    assert [r["run_id"] for r in failed["runs"]] == [ids[1]]
+
+
+@pytest.mark.parametrize(
+    ("path", "problems"),
+    [
+        ("/graph/runs?limit=-1", [("$.query.limit", "expected an integer from 0 to 1000, got '-1'")]),
+        ("/graph/runs?limit=1001", [("$.query.limit", "expected an integer from 0 to 1000, got '1001'")]),
+        ("/graph/runs?status=done", [("$.query.status", "expected one of pending, running, completed, failed, "
+                                      "stopped_max_iterations, cancelled, timed_out, got 'done'")]),
+        ("/graph/list?colour=red", [("$.query.colour", "unknown query parameter")]),
+        ("/graph/list?offset=x", [("$.query.offset", "expected an integer from 0 to 1000000000, got 'x'")]),
+    ],
+    ids=["negative", "too-many", "unknown-status", "unknown-param", "not-a-number"],
+)
+async def test_list_endpoints_reject_bad_queries(client: httpx.AsyncClient, path: str, problems: list) -> None:
+    response = await client.get(path)
+    assert (response.status_code, response.json()) == (
+        422, error("invalid_request", f"the request has {len(problems)} problem", *problems))
+
+
+async def test_get_graph_list_pages_through_graphs(client: httpx.AsyncClient) -> None:
+    for name in ("a", "b", "c"):
+        await client.post("/graph/create", json={**graph(["inc", node("second", fn="double")]), "graph_id": name})
+    page = (await client.get("/graph/list", params={"limit": 2, "offset": 1})).json()
+    assert page == {"graphs": [{"graph_id": gid, "start_node": "inc", "nodes": ["inc", "second"]} for gid in ("b", "c")],
+                    "total": 3, "limit": 2, "offset": 1}
+
+
+# ---------------------------------------------------------------------------
 # Settings and wiring
 # ---------------------------------------------------------------------------
 def test_settings_from_env_reads_every_variable() -> None:
@@ -1570,10 +1779,18 @@ def test_visualize_graph_reports_the_server_error(monkeypatch: pytest.MonkeyPatc
 # End to end: a real uvicorn on 127.0.0.1
 # ---------------------------------------------------------------------------
 E2E_FLOW = """
+import time
+
+
 def register(registry):
     @registry.node
     async def count(state, ctx):
         return {"n": state.data.get("n", 0) + 1}
+
+    @registry.node
+    def block(state, ctx):
+        time.sleep(state.data["seconds"])  # a plain function that blocks: it must run off the event loop
+        return {"slept": state.data["seconds"]}
 
     @registry.condition
     def below_limit(state):
@@ -1683,6 +1900,51 @@ def test_tools_read_a_review_server(review_server: str, capsys: pytest.CaptureFi
         capsys.readouterr().out
     assert visualize_logs.main(["--url", review_server, "--run-id", run_id]) == 0
     assert capsys.readouterr().out.startswith(f"run {run_id}, graph code_review, status completed, 8 steps\n")
+
+
+def test_e2e_stream_follows_a_run_live_while_a_blocking_node_keeps_the_server_free(server: str) -> None:
+    definition = {"graph_id": "slow", "start_node": "block", "nodes": ["block", "count"],
+                  "edges": {"block": {"default_next": "count"}}}
+    with httpx.Client(base_url=server, timeout=10) as client:
+        client.post("/graph/create", json=definition)
+        started = client.post("/graph/run", json={"graph_id": "slow", "wait": False, "state": {"data": {"seconds": 1.0}}})
+        run_id = started.json()["run_id"]
+        with client.stream("GET", f"/graph/stream/{run_id}") as stream:
+            lines = stream.iter_lines()
+            first = [next(lines) for _ in range(4)]  # the pending event, while the node is still asleep
+            clock = time.perf_counter()
+            health = client.get("/")
+            health_s = time.perf_counter() - clock
+            rest = list(lines)
+        state = client.get(f"/graph/state/{run_id}").json()
+    assert started.status_code == 202
+    assert (health.status_code, health_s < 0.5) == (200, True)
+    events = parse_sse("\n".join(first + rest))
+    assert [(e["id"], e["event"]) for e in events] == [
+        (1, "status"), (2, "status"), (3, "log"), (4, "log"), (5, "status"), (6, "end")]
+    assert [e["data"]["node"] for e in events[2:4]] == ["block", "count"]
+    assert events[-1]["data"]["state"] == state["state"] == {"data": {"seconds": 1.0, "slept": 1.0, "n": 1}, "metadata": {}}
+
+
+def test_e2e_websocket_sends_the_same_events_as_the_stream(server: str) -> None:
+    from websockets.sync.client import connect
+
+    with httpx.Client(base_url=server, timeout=10) as client:
+        client.post("/graph/create", json={"graph_id": "one", "start_node": "count", "nodes": ["count"]})
+        run_id = client.post("/graph/run", json={"graph_id": "one"}).json()["run_id"]
+        streamed = parse_sse(client.get(f"/graph/stream/{run_id}").text)
+    url = server.replace("http://", "ws://")
+    with connect(f"{url}/graph/ws/{run_id}") as websocket:
+        messages = [json.loads(message) for message in websocket]
+    with connect(f"{url}/graph/ws/{run_id}?after=4") as websocket:
+        resumed = [json.loads(message) for message in websocket]
+    with connect(f"{url}/graph/ws/nope") as websocket:
+        refusal = json.loads(websocket.recv())
+        with pytest.raises(Exception, match="4404"):
+            websocket.recv()
+    assert messages == streamed and len(messages) == 5
+    assert resumed == streamed[4:]
+    assert refusal == error("run_not_found", "run 'nope' does not exist")
 
 
 VOLATILE = re.compile(r'"(run_id|started_at|created_at|finished_at|duration_ms|engine_overhead_ms)": ?("[^"]*"|[0-9.e-]+)')

@@ -12,9 +12,12 @@ Call it:   run = await Engine(registry).run(graph, WorkflowState(data={...}))
 Endpoints:
     GET  /                             health check
     POST /graph/create                 store a graph definition      -> 201 {"graph_id"} (200 if identical)
-    POST /graph/run                    run a stored graph            -> 200 run record with "final_state"
+    POST /graph/run                    run a stored graph            -> 200 run record; "wait": false -> 202
     GET  /graph/state/{run_id}         a run's record
     GET  /graph/definition/{graph_id}  a stored graph, as /graph/create accepts it
+    POST /graph/cancel/{run_id}        cancel a pending or running run
+    GET  /graph/stream/{run_id}        the run's events as Server-Sent Events (WS /graph/ws/{run_id}: as JSON)
+    GET  /graph/runs, /graph/list      run summaries (newest first) and graphs, paginated
 
 Every non-2xx answer has one shape:
     {"error": {"code": "graph_not_found", "message": "graph 'x' does not exist", "details": [{"path", "message"}]}}
@@ -26,6 +29,7 @@ import enum
 import functools
 import importlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -33,8 +37,9 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import attrs
@@ -50,11 +55,13 @@ from cattrs.cols import (
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 __all__ = [
     "BranchCondition",
+    "Busy",
     "EdgeDef",
     "Engine",
     "EngineError",
@@ -69,17 +76,25 @@ __all__ = [
     "LogEvent",
     "MemoryStore",
     "NodeContext",
+    "NodeDef",
     "Problem",
     "Registry",
+    "RetryPolicy",
+    "RunConflict",
     "RunContext",
+    "RunEvent",
     "RunNotFound",
     "RunStatus",
     "Settings",
     "StoreFull",
+    "StreamEvent",
     "UnknownName",
     "WorkflowState",
     "app",
     "create_app",
+    "execute_run",
+    "new_run",
+    "run_events",
     "run_graph",
     "settings_from_env",
     "validate_graph",
@@ -95,6 +110,11 @@ MAX_ITERATIONS_CAP = 10_000  # server-wide ceiling on any max_iterations a graph
 MAX_STORED_RUNS = 10_000  # finished runs kept in memory; the oldest finished is evicted first
 MAX_STORED_GRAPHS = 10_000  # graph definitions kept in memory
 MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
+MAX_CONCURRENT_RUNS = 1_000  # runs executing at once; more wait as `pending`
+MAX_PENDING_RUNS = 10_000  # runs waiting for a slot; beyond this a new run is refused with 503
+RETRY_AFTER_S = 1  # what a 503 tells the client to wait
+STREAM_KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
+MAX_PAGE = 1_000  # most items one list request returns
 MAX_TIMEOUT_S = 86_400.0  # longest timeout or backoff a graph or run may ask for
 MAX_ATTEMPTS = 100  # most tries a retry policy may ask for
 MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects accepted in bodies and node output
@@ -118,6 +138,8 @@ class ErrorCode(enum.Enum):
     GRAPH_NOT_FOUND = "graph_not_found"
     RUN_NOT_FOUND = "run_not_found"
     GRAPH_CONFLICT = "graph_conflict"
+    RUN_CONFLICT = "run_conflict"
+    BUSY = "busy"
     STORE_FULL = "store_full"
     BODY_TOO_LARGE = "body_too_large"
     NOT_FOUND = "not_found"
@@ -143,6 +165,7 @@ class EngineError(Exception):
 
     status_code = 500
     code = ErrorCode.INTERNAL_ERROR
+    headers: Mapping[str, str] | None = None
 
     def __init__(self, message: str, details: list[Problem] | None = None) -> None:
         super().__init__(message)
@@ -225,6 +248,21 @@ class StoreFull(EngineError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"the store already holds {limit} graphs, its limit")
+
+
+class RunConflict(EngineError):
+    """The run is not in a state that allows the request (cancelling a finished run)."""
+
+    status_code = 409
+    code = ErrorCode.RUN_CONFLICT
+
+
+class Busy(EngineError):
+    """The engine cannot take another run now; the client should retry later."""
+
+    status_code = 503
+    code = ErrorCode.BUSY
+    headers: Mapping[str, str] | None = MappingProxyType({"Retry-After": str(RETRY_AFTER_S)})
 
 
 class BodyTooLarge(EngineError):
@@ -445,6 +483,86 @@ class RunResponse:
 
 
 @attrs.frozen(kw_only=True)
+class RunAccepted:
+    """The answer of `POST /graph/run` with `"wait": false`."""
+
+    run_id: str
+    status: RunStatus
+
+
+@attrs.frozen(kw_only=True)
+class RunSummary:
+    """One run in `GET /graph/runs`."""
+
+    run_id: str
+    graph_id: str
+    status: RunStatus
+    current_node: str | None
+    iteration: int
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@attrs.frozen(kw_only=True)
+class RunsPage:
+    """The answer of `GET /graph/runs`: newest first."""
+
+    runs: list[RunSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+@attrs.frozen(kw_only=True)
+class GraphSummary:
+    """One graph in `GET /graph/list`."""
+
+    graph_id: str
+    start_node: str
+    nodes: list[str]
+
+
+@attrs.frozen(kw_only=True)
+class GraphsPage:
+    """The answer of `GET /graph/list`: in the order they were created."""
+
+    graphs: list[GraphSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+@enum.unique
+class StreamEvent(enum.Enum):
+    """The kinds of event a run's stream carries."""
+
+    STATUS = "status"
+    LOG = "log"
+    END = "end"
+
+
+@attrs.frozen(kw_only=True)
+class RunEvent:
+    """One event of a run's stream; `id` is its position in the run's event sequence, from 1."""
+
+    id: int
+    event: StreamEvent
+    data: dict[str, Any]
+
+
+@attrs.frozen(kw_only=True)
+class RunEnd:
+    """The data of a stream's last event."""
+
+    status: RunStatus
+    error: str | None
+    iteration: int
+    current_node: str | None
+    state: WorkflowState
+
+
+@attrs.frozen(kw_only=True)
 class CreateGraphResponse:
     """The answer of `POST /graph/create`."""
 
@@ -469,6 +587,9 @@ class Settings:
     max_runs: int = attrs.field(default=MAX_STORED_RUNS, validator=_positive)
     max_graphs: int = attrs.field(default=MAX_STORED_GRAPHS, validator=_positive)
     max_body_bytes: int = attrs.field(default=MAX_BODY_BYTES, validator=_positive)
+    max_concurrent_runs: int = attrs.field(default=MAX_CONCURRENT_RUNS, validator=_positive)
+    max_pending_runs: int = attrs.field(default=MAX_PENDING_RUNS, validator=_positive)
+    stream_keepalive_s: float = attrs.field(default=STREAM_KEEPALIVE_S, validator=_seconds)
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
     workflow_modules: tuple[str, ...] | None = None
 
@@ -800,7 +921,8 @@ def _new_id() -> str:
 
 
 def new_run(
-    graph: GraphDefinition, state: WorkflowState, *, max_iterations: int = MAX_ITERATIONS, timeout_s: float | None = None
+    graph: GraphDefinition, state: WorkflowState, *,
+    max_iterations: int = MAX_ITERATIONS, timeout_s: float | None = None,
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`."""
     return RunContext(
@@ -1070,12 +1192,30 @@ class MemoryStore:
                 oldest = next(iter(self._finished))
                 del self._finished[oldest], self._runs[oldest]
 
+    def has_run(self, run_id: str) -> bool:
+        """Whether a run is stored as `run_id`."""
+        return run_id in self._runs
+
     def get_run(self, run_id: str) -> RunContext:
         """Return the run stored as `run_id`, or raise RunNotFound."""
         try:
             return self._runs[run_id]
         except KeyError:
             raise RunNotFound(run_id) from None
+
+    def list_runs(
+        self, *, graph_id: str | None = None, status: RunStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[RunContext], int]:
+        """Return a page of runs, newest first, that match the filters, and how many match in all."""
+        runs = [
+            run for run in reversed(self._runs.values())
+            if (graph_id is None or run.graph_id == graph_id) and (status is None or run.status is status)
+        ]
+        return runs[offset:offset + limit], len(runs)
+
+    def list_graphs(self, *, limit: int = 50, offset: int = 0) -> tuple[list[GraphDefinition], int]:
+        """Return a page of graphs in the order they were created, and how many there are."""
+        return list(itertools.islice(self._graphs.values(), offset, offset + limit)), len(self._graphs)
 
     def counts(self) -> tuple[int, int]:
         """Return how many graphs and runs are stored."""
@@ -1086,12 +1226,20 @@ class MemoryStore:
 # Engine
 # ---------------------------------------------------------------------------
 class Engine:
-    """The core the HTTP layer calls: graphs are validated and stored, runs are executed and recorded."""
+    """The core the HTTP layer calls: it validates and stores graphs, and starts, tracks, streams and cancels runs.
+
+    Every run executes in a task the engine keeps until it ends; at most `settings.max_concurrent_runs` execute at
+    once, the rest wait as `pending`, and with `settings.max_pending_runs` waiting a new run is refused (Busy).
+    """
 
     def __init__(self, registry: Registry, store: MemoryStore | None = None, settings: Settings | None = None) -> None:
         self.registry = registry
         self.settings = settings or Settings()
         self.store = store or MemoryStore(max_runs=self.settings.max_runs, max_graphs=self.settings.max_graphs)
+        self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._changed: dict[str, asyncio.Event] = {}  # set (and dropped) at a run's next change; streams wait on it
+        self._is_closing = False
 
     def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool]:
         """Validate and store `graph` (a new id if it has none); return it and whether it was new."""
@@ -1100,25 +1248,118 @@ class Engine:
             graph = attrs.evolve(graph, graph_id=_new_id())
         return graph, self.store.add_graph(graph)
 
-    async def run(
-        self, graph: GraphDefinition | str, state: WorkflowState | None = None, *, max_iterations: int | None = None
+    def start(
+        self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
+        max_iterations: int | None = None, timeout_s: float | None = None,
     ) -> RunContext:
-        """Run a stored graph (by id) or a given definition on a copy of `state`; return the finished record."""
+        """Start a run of a stored graph (by id) or a given definition in the background; return its record."""
+        if self._is_closing or len(self._tasks) >= self.settings.max_concurrent_runs + self.settings.max_pending_runs:
+            raise Busy("the server is shutting down" if self._is_closing else "too many runs are waiting; retry later")
         if isinstance(graph, str):
             graph = self.store.get_graph(graph)
         else:
             validate_graph(graph, self.registry, max_iterations_cap=self.settings.max_iterations_cap)
-        run = new_run(graph, state or WorkflowState(), max_iterations=self._max_iterations(graph, max_iterations))
+        limit = self._max_iterations(graph, max_iterations)
+        run = new_run(graph, state or WorkflowState(), max_iterations=limit, timeout_s=timeout_s)
         self.store.put_run(run)
-        await execute_run(run, graph, self.registry)
-        self.store.put_run(run)
+        task = asyncio.create_task(self._execute(run, graph), name=f"run {run.run_id}")
+        task.add_done_callback(functools.partial(self._finish, run))
+        self._tasks[run.run_id] = task
         return run
+
+    async def run(
+        self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
+        max_iterations: int | None = None, timeout_s: float | None = None,
+    ) -> RunContext:
+        """Run to the end and return the finished record; cancelling the caller does not cancel the run."""
+        run = self.start(graph, state, max_iterations=max_iterations, timeout_s=timeout_s)
+        await asyncio.wait([self._tasks[run.run_id]])  # unlike awaiting the task, never cancels it nor raises
+        return run
+
+    async def cancel(self, run_id: str) -> RunContext:
+        """Cancel a pending or running run and return its record once the cancellation is recorded."""
+        run = self.store.get_run(run_id)
+        task = self._tasks.get(run_id)
+        if task is None:
+            raise RunConflict(f"run {run_id!r} has already ended as {run.status.value}")
+        task.cancel()
+        await asyncio.wait([task])
+        return run
+
+    def follow(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent | None]:
+        """Return the run's events after id `after`, live until it ends; None marks a quiet keep-alive interval."""
+        return self._follow(self.store.get_run(run_id), after)
+
+    async def shutdown(self) -> None:
+        """Refuse new runs, cancel the ones still pending or running, and wait until each has been recorded."""
+        self._is_closing = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _execute(self, run: RunContext, graph: GraphDefinition) -> None:
+        async with self._slots:
+            await execute_run(run, graph, self.registry, on_change=self._notify)
+
+    def _finish(self, run: RunContext, task: asyncio.Task[None]) -> None:
+        """Record how a run's task ended; a task cancelled before it started never ran any of its own code."""
+        del self._tasks[run.run_id]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("run %s crashed", run.run_id, exc_info=task.exception())
+            run.status, run.error = RunStatus.FAILED, "internal error; see the server log"
+        if not run.status.is_terminal:
+            run.status, run.error = RunStatus.CANCELLED, "the run was cancelled before it started"
+        run.finished_at = run.finished_at or _now()
+        self.store.put_run(run)
+        self._notify(run)
+
+    def _notify(self, run: RunContext) -> None:
+        changed = self._changed.pop(run.run_id, None)
+        if changed is not None:
+            changed.set()
+
+    async def _follow(self, run: RunContext, after: int) -> AsyncIterator[RunEvent | None]:
+        while True:
+            # Take the event before reading the run, so a change made while we send cannot be missed.
+            changed = self._changed.setdefault(run.run_id, asyncio.Event())
+            for event in run_events(run, after):
+                after = event.id
+                yield event
+            if run.status.is_terminal:
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), self.settings.stream_keepalive_s)
+            except TimeoutError:
+                yield None
 
     def _max_iterations(self, graph: GraphDefinition, requested: int | None) -> int:
         limit = requested or graph.max_iterations or self.settings.max_iterations
         if limit > self.settings.max_iterations_cap:
             raise InvalidRequest([Problem("$.max_iterations", f"must be at most {self.settings.max_iterations_cap}")])
         return limit
+
+
+def run_events(run: RunContext, after: int = 0) -> Iterator[RunEvent]:
+    """Yield the run's events after id `after`: status pending, status running, each log entry, final status, end.
+
+    An event's id is its position in that sequence, so every stream of one run shows the same ids.
+    """
+    count, is_ended = len(run.logs), run.status.is_terminal  # read once: the run may move on while we yield
+    statuses = (RunStatus.PENDING,) if run.started_at is None else (RunStatus.PENDING, RunStatus.RUNNING)
+    for event_id, status in enumerate(statuses, start=1):
+        if event_id > after:
+            yield RunEvent(id=event_id, event=StreamEvent.STATUS, data={"status": status.value})
+    first_log = len(statuses) + 1
+    for event_id in range(max(after + 1, first_log), first_log + count):
+        yield RunEvent(id=event_id, event=StreamEvent.LOG, data=converter.unstructure(run.logs[event_id - first_log]))
+    final = first_log + count
+    if is_ended and final > after:
+        yield RunEvent(id=final, event=StreamEvent.STATUS, data={"status": run.status.value})
+    if is_ended and final + 1 > after:
+        end = RunEnd(status=run.status, error=run.error, iteration=run.iteration, current_node=run.current_node,
+                     state=run.state)
+        yield RunEvent(id=final + 1, event=StreamEvent.END, data=converter.unstructure(end))
 
 
 # ---------------------------------------------------------------------------
@@ -1178,11 +1419,115 @@ async def post_graph_create(request: Request) -> Response:
 
 
 async def post_graph_run(request: Request) -> Response:
-    """Run a stored graph to its end and answer with the run record; a failed run is still a 200."""
+    """Run a stored graph: to its end (200, a failed run included), or in the background with `"wait": false` (202)."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes), RunRequest)
-    run = await engine.run(body.graph_id, body.state, max_iterations=body.max_iterations)
-    return JSONResponse(converter.unstructure(_run_response(run)))
+    options = {"max_iterations": body.max_iterations, "timeout_s": body.timeout_s}
+    if body.wait:
+        run = await engine.run(body.graph_id, body.state, **options)
+        return JSONResponse(converter.unstructure(_run_response(run)))
+    run = engine.start(body.graph_id, body.state, **options)
+    accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=run.status))
+    return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}"})
+
+
+async def post_graph_cancel(request: Request) -> Response:
+    """Cancel a pending or running run and answer with its record; a run that already ended is a 409."""
+    run = await _engine(request).cancel(request.path_params["run_id"])
+    return JSONResponse(converter.unstructure(run))
+
+
+async def get_graph_runs(request: Request) -> Response:
+    """List run summaries, newest first, optionally of one graph or in one status."""
+    query = _query(request, {"graph_id", "status", "limit", "offset"})
+    limit, offset = _page(query)
+    status = _status_filter(query.get("status"))
+    runs, total = _engine(request).store.list_runs(graph_id=query.get("graph_id"), status=status, limit=limit,
+                                                   offset=offset)
+    summaries = [
+        RunSummary(run_id=run.run_id, graph_id=run.graph_id, status=run.status, current_node=run.current_node,
+                   iteration=run.iteration, error=run.error, created_at=run.created_at, finished_at=run.finished_at)
+        for run in runs
+    ]
+    return JSONResponse(converter.unstructure(RunsPage(runs=summaries, total=total, limit=limit, offset=offset)))
+
+
+async def get_graph_list(request: Request) -> Response:
+    """List stored graphs, in the order they were created."""
+    limit, offset = _page(_query(request, {"limit", "offset"}))
+    graphs, total = _engine(request).store.list_graphs(limit=limit, offset=offset)
+    summaries = [GraphSummary(graph_id=g.graph_id or "", start_node=g.start_node, nodes=list(g.node_defs))
+                 for g in graphs]
+    return JSONResponse(converter.unstructure(GraphsPage(graphs=summaries, total=total, limit=limit, offset=offset)))
+
+
+async def get_graph_stream(request: Request) -> Response:
+    """Stream a run's events as Server-Sent Events until it ends; `Last-Event-ID` resumes after that event."""
+    events = _engine(request).follow(request.path_params["run_id"], _last_event_id(request))
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(_server_sent(events), media_type="text/event-stream", headers=headers)
+
+
+async def websocket_graph_ws(websocket: WebSocket) -> None:
+    """Send a run's events as JSON messages over a WebSocket until it ends; `?after=N` resumes after event N."""
+    await websocket.accept()
+    engine: Engine = websocket.app.state.engine
+    run_id, after = websocket.path_params["run_id"], websocket.query_params.get("after", "0")
+    if not after.isdigit() or not engine.store.has_run(run_id):
+        # The HTTP error handlers cannot answer a WebSocket: send the same error body, then close with 4000 + status.
+        bad_after = InvalidRequest([Problem("$.query.after", "expected an integer")])
+        error = RunNotFound(run_id) if after.isdigit() else bad_after
+        await websocket.send_json(_error_body(error.code, error.message, error.details))
+        await websocket.close(code=4000 + error.status_code)
+        return
+    async for event in engine.follow(run_id, int(after)):
+        if event is not None:
+            await websocket.send_json(converter.unstructure(event))
+    await websocket.close()
+
+
+async def _server_sent(events: AsyncIterator[RunEvent | None]) -> AsyncIterator[str]:
+    async for event in events:
+        if event is None:
+            yield ": keep-alive\n\n"
+        else:
+            data = json.dumps(event.data, separators=(",", ":"))
+            yield f"id: {event.id}\nevent: {event.event.value}\ndata: {data}\n\n"
+
+
+def _query(request: Request, allowed: set[str]) -> dict[str, str]:
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise InvalidRequest([Problem(f"$.query.{name}", "unknown query parameter") for name in unknown])
+    return dict(request.query_params)
+
+
+def _query_int(query: dict[str, str], name: str, default: int, maximum: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > maximum:
+        raise InvalidRequest([Problem(f"$.query.{name}", f"expected an integer from 0 to {maximum}, got {raw!r}")])
+    return int(raw)
+
+
+def _page(query: dict[str, str]) -> tuple[int, int]:
+    return _query_int(query, "limit", 50, MAX_PAGE), _query_int(query, "offset", 0, 10**9)
+
+
+def _status_filter(raw: str | None) -> RunStatus | None:
+    try:
+        return None if raw is None else RunStatus(raw)
+    except ValueError:
+        known = ", ".join(status.value for status in RunStatus)
+        raise InvalidRequest([Problem("$.query.status", f"expected one of {known}, got {raw!r}")]) from None
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id", "0").strip() or "0"
+    if not raw.isdigit():
+        raise InvalidRequest([Problem("$.headers.Last-Event-ID", f"expected an event id, got {raw!r}")])
+    return int(raw)
 
 
 async def get_graph_state(request: Request) -> Response:
@@ -1202,14 +1547,18 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     """Build the one error shape every non-2xx answer has."""
-    error = {"code": code.value, "message": message, "details": converter.unstructure(details or [], list[Problem])}
-    return JSONResponse({"error": error}, status_code=status_code, headers=headers)
+    return JSONResponse(_error_body(code, message, details), status_code=status_code, headers=headers)
+
+
+def _error_body(code: ErrorCode, message: str, details: list[Problem] | None) -> dict[str, Any]:
+    problems = converter.unstructure(details or [], list[Problem])
+    return {"error": {"code": code.value, "message": message, "details": problems}}
 
 
 async def on_engine_error(request: Request, exc: Exception) -> Response:
     """Answer an EngineError with its own status, code and details."""
     assert isinstance(exc, EngineError)
-    return error_response(exc.status_code, exc.code, exc.message, exc.details)
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, headers=exc.headers)
 
 
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
@@ -1252,6 +1601,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         max_runs=_env_int(env, "WORKFLOW_MAX_RUNS", MAX_STORED_RUNS),
         max_graphs=_env_int(env, "WORKFLOW_MAX_GRAPHS", MAX_STORED_GRAPHS),
         max_body_bytes=_env_int(env, "WORKFLOW_MAX_BODY_BYTES", MAX_BODY_BYTES),
+        max_concurrent_runs=_env_int(env, "WORKFLOW_MAX_CONCURRENT_RUNS", MAX_CONCURRENT_RUNS),
+        max_pending_runs=_env_int(env, "WORKFLOW_MAX_PENDING_RUNS", MAX_PENDING_RUNS),
         workflow_modules=None if modules is None else tuple(m.strip() for m in modules.split(",") if m.strip()),
     )
 
@@ -1271,6 +1622,13 @@ def load_workflows(registry: Registry, modules: tuple[str, ...] | None) -> None:
                 continue
             raise RuntimeError(f"workflow module {name!r} (from WORKFLOW_MODULES) cannot be imported: {exc}") from exc
         module.register(registry)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    # No setup: the lifespan exists so that shutdown cancels the runs still going and records them.
+    yield
+    await app.state.engine.shutdown()
 
 
 def create_app(
@@ -1294,9 +1652,14 @@ def create_app(
         Route("/graph/run", post_graph_run, methods=["POST"]),
         Route("/graph/state/{run_id}", get_graph_state, methods=["GET"]),
         Route("/graph/definition/{graph_id}", get_graph_definition, methods=["GET"]),
+        Route("/graph/cancel/{run_id}", post_graph_cancel, methods=["POST"]),
+        Route("/graph/runs", get_graph_runs, methods=["GET"]),
+        Route("/graph/list", get_graph_list, methods=["GET"]),
+        Route("/graph/stream/{run_id}", get_graph_stream, methods=["GET"]),
+        WebSocketRoute("/graph/ws/{run_id}", websocket_graph_ws),
     ]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, Exception: on_unexpected_error}
-    starlette_app = Starlette(routes=routes, exception_handlers=handlers)
+    starlette_app = Starlette(routes=routes, exception_handlers=handlers, lifespan=_lifespan)
     starlette_app.state.engine = engine
     return starlette_app
 
