@@ -1065,6 +1065,40 @@ async def test_engine_runs_a_thousand_waiting_runs_at_once(registry: we.Registry
     assert elapsed < 5
 
 
+async def test_app_shutdown_cancels_and_records_running_runs(registry: we.Registry) -> None:
+    app = we.create_app(registry=registry)
+    gates["lifespan"] = Gate()
+    async with app.router.lifespan_context(app):
+        run = engine_of(app).start(we.GraphDefinition(graph_id="l", start_node="gate", nodes=("gate",)),
+                                   we.WorkflowState(metadata={"gate": "lifespan"}))
+        await gates["lifespan"].entered.wait()
+    assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled at node 'gate'")
+    assert engine_of(app).store.get_run(run.run_id) is run
+
+
+async def test_abandoned_stream_leaves_nothing_behind(registry: we.Registry) -> None:
+    """A client that goes away mid-stream neither holds the run back nor leaves a waiter after the run ends."""
+    engine = we.Engine(registry)
+    gates["abandoned"] = Gate()
+    run = engine.start(we.GraphDefinition(graph_id="a", start_node="gate", nodes=("gate", "inc"),
+                                          edges={"gate": we.EdgeDef(default_next="inc")}),
+                       we.WorkflowState(metadata={"gate": "abandoned"}))
+    await gates["abandoned"].entered.wait()
+    events = engine.follow(run.run_id)
+    assert [(await anext(events)).id for _ in range(2)] == [1, 2]
+    waiting = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0)  # let the stream start waiting for the run's next change
+    waiting.cancel()  # the client goes away
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert list(engine._changed) == [run.run_id]  # its waiter stays only until the run's next change
+    gates["abandoned"].opened.set()
+    replay = [event.event async for event in engine.follow(run.run_id) if event is not None]
+    assert run.status is we.RunStatus.COMPLETED
+    assert replay[-2:] == [we.StreamEvent.STATUS, we.StreamEvent.END]
+    assert engine._changed == {}
+
+
 async def test_get_graph_runs_lists_newest_first_with_filters(client: httpx.AsyncClient) -> None:
     await client.post("/graph/create", json=graph(["inc"]))
     await client.post("/graph/create", json={**graph(["boom"]), "graph_id": "h"})

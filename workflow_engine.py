@@ -1321,12 +1321,13 @@ class Engine:
 
     async def _follow(self, run: RunContext, after: int) -> AsyncIterator[RunEvent | None]:
         while True:
-            # Take the event before reading the run, so a change made while we send cannot be missed.
-            changed = self._changed.setdefault(run.run_id, asyncio.Event())
+            # Register for the next change before reading the run, so a change made while we send is not missed;
+            # an ended run will not change again, and registering then would leave the event behind for good.
+            changed = None if run.status.is_terminal else self._changed.setdefault(run.run_id, asyncio.Event())
             for event in run_events(run, after):
                 after = event.id
                 yield event
-            if run.status.is_terminal:
+            if changed is None:
                 return
             try:
                 await asyncio.wait_for(changed.wait(), self.settings.stream_keepalive_s)
