@@ -27,7 +27,7 @@ import pytest
 
 import code_review
 import workflow_engine as we
-from tools import visualize_graph, visualize_logs
+from tools import bench, visualize_graph, visualize_logs
 
 pytestmark = pytest.mark.anyio
 
@@ -1807,6 +1807,67 @@ def test_visualize_graph_reports_the_server_error(monkeypatch: pytest.MonkeyPatc
         "", "error: http://server/graph/definition/x answered 404: graph 'x' does not exist\n"
     )
 
+
+
+# ---------------------------------------------------------------------------
+# Tools: bench.py
+# ---------------------------------------------------------------------------
+def test_bench_engine_quick_prints_ratios_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The engine section measures the engine and both baselines and prints each figure as a ratio to them."""
+    path = tmp_path / "r.json"
+
+    assert bench.main(["engine", "--quick", "--json", str(path)]) == 0
+
+    results = json.loads(path.read_text())
+    assert results["quick"] is True
+    assert {"date", "cpu", "cpus", "python"} <= results["machine"].keys()
+    long, short = results["engine"]["long"], results["engine"]["short"]
+    assert (long["n"], long["steps"]) == (bench.QUICK.long_n, 1 + 4 * bench.QUICK.long_n)
+    assert (short["n"], short["steps"]) == (1, 5)
+    for figures, unit in ((long, "us_per_step"), (short, "us_per_run")):
+        for key in (f"bare_{unit}", f"bare_log_{unit}", f"engine_{unit}", "ratio_to_bare", "ratio_to_bare_log"):
+            assert figures[key] > 0, key
+        assert figures["ratio_to_bare"] == pytest.approx(figures[f"engine_{unit}"] / figures[f"bare_{unit}"])
+        assert figures["target_ratio"] == 4.5
+        assert figures["met"] is (figures["ratio_to_bare"] <= 4.5)
+    assert short["engine_store_us_per_run"] > 0
+    out, err = capsys.readouterr()
+    ratio_lines = [line for line in out.splitlines() if "x bare loop" in line and "target <= 4.5x bare loop" in line]
+    assert len(ratio_lines) == 2
+    assert all("x bare+log" in line for line in ratio_lines)
+    assert err == ""
+
+
+def test_bench_rejects_an_unknown_section(capsys: pytest.CaptureFixture) -> None:
+    assert bench.main(["engines"]) == 2
+    assert "unknown section engines" in capsys.readouterr().err
+
+
+def test_bench_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
+    assert bench.main(["--help"]) == 0
+    assert "engine, http or memory" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RSS is read from /proc")
+def test_bench_http_quick_against_live_servers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The http section starts both servers, drives every case at 16 and 64 connections, and stops them."""
+    path = tmp_path / "h.json"
+
+    assert bench.main(["http", "--quick", "--json", str(path)]) == 0
+
+    http = json.loads(path.read_text())["http"]
+    assert http["review_run_status"] == "completed"
+    cases = {(case["case"], case["connections"]): case for case in http["cases"]}
+    names = ("bare POST /echo", "POST /graph/run", "GET /graph/state/{run_id}", "GET /")
+    assert set(cases) == {(name, conns) for name in names for conns in (16, 64)}
+    for case in cases.values():
+        assert case["requests"] > 0 and case["rps"] > 0 and case["errors"] == 0
+        assert 0 < case["p50_ms"] <= case["p99_ms"]
+        assert case["rss_before_kib"] > 0 and case["rss_after_kib"] > 0
+    assert cases["bare POST /echo", 64]["share_of_bare"] == 1.0
+    assert [target["met"] for target in http["targets"]][-1] is True  # no errors
+    out = capsys.readouterr().out
+    assert "target POST /graph/run p99 <= 3x p50 at 64" in out
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,843 @@
+"""Benchmark the workflow engine against its ceiling: the runner in-process, the HTTP server, and memory.
+
+Usage:  python tools/bench.py [engine] [http] [memory] [--quick] [--json PATH] [--memory-runs N]   (default: all)
+
+engine  The runner on a five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step
+        logging: microseconds per step of one long run (N = 2000) and per short run (N = 1, five steps, including
+        the new run record), next to two baselines measured in the same invocation: a bare asyncio loop awaiting the
+        same node functions, and that loop plus a minimal attrs log record per step.
+http    `uvicorn workflow_engine:app` and a bare Starlette JSON endpoint (one worker each, 127.0.0.1), driven by the
+        same keep-alive HTTP/1.1 client at 16 and 64 connections: requests/s, p50/p99 latency, errors, server RSS,
+        for POST /graph/run (the README's code-review input), GET /graph/state/{run_id} and GET /.
+memory  Bytes held per stored finished run of the code-review input (tracemalloc over Engine.run, and the server's
+        RSS), and the server's RSS over 50,000 runs with the default WORKFLOW_MAX_RUNS: it must level off.
+
+Absolute times drift on a shared machine; the ratios to baselines measured in the same invocation drift far less.
+Targets come from issue 7; a missed target is reported, not an error. The exit status is 1 when a section could not
+run (e.g. the code_review workflow is missing). Standard library plus the project's dependencies; RSS needs Linux.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import importlib
+import inspect
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import attrs
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+SECTIONS = ("engine", "http", "memory")
+
+REVIEW_CODE = '''import os
+import sys
+
+
+def load_config(path, cache={}):
+    if path == None:
+        return None
+    try:
+        with open(path) as handle:
+            data = handle.read()
+    except:
+        pass
+    return data
+'''
+REVIEW_INPUT = {"graph_id": "code_review", "state": {"data": {"code": REVIEW_CODE, "quality_threshold": 75}}}
+
+# Targets of issue 7.
+TARGET_ENGINE_RATIO = 4.5  # engine time at most this many times the bare loop's, long and short runs
+TARGET_RUN_SHARE = 0.5  # POST /graph/run requests/s at least this share of the bare endpoint's
+TARGET_STATE_SHARE = 0.7  # GET /graph/state/{run_id} requests/s at least this share of the bare endpoint's
+TARGET_P99_OVER_P50 = 3.0  # POST /graph/run p99 at most this many times its p50 at 64 connections
+TARGET_BYTES_PER_RUN = 4096  # memory held per stored finished run
+FLAT_TOLERANCE = 0.05  # RSS may grow at most this share once the store has been full for max_runs runs
+
+CONNECTIONS = (16, 64)
+MEMORY_CONNECTIONS = 16
+SERVER_START_SECONDS = 30.0
+
+BARE_APP = '''"""The HTTP ceiling: one POST endpoint that decodes a JSON body and answers a small JSON."""
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+
+async def post_echo(request):
+    payload = await request.json()
+    return JSONResponse({"ok": True, "keys": len(payload)})
+
+
+app = Starlette(routes=[Route("/echo", post_echo, methods=["POST"])])
+'''
+
+
+@attrs.frozen(kw_only=True)
+class Profile:
+    """How long and how often each section measures."""
+
+    repeats: int  # engine samples per variant, after a warm-up
+    sample_seconds: float  # engine: length of one sample
+    long_n: int  # engine: N of the long run
+    http_seconds: float  # http: measured seconds per case
+    http_warmup: float  # http: unmeasured seconds before each case
+    review_runs: int  # http: in-process code-review runs timed
+    traced_runs: int  # memory: runs under tracemalloc
+    memory_runs: int  # memory: runs sent to the server
+    memory_checkpoints: int  # memory: RSS readings over those runs
+    memory_max_runs: int | None  # memory: WORKFLOW_MAX_RUNS for the server; None keeps the default
+
+
+FULL = Profile(
+    repeats=7, sample_seconds=0.2, long_n=2000, http_seconds=2.0, http_warmup=0.5,
+    review_runs=200, traced_runs=500, memory_runs=50_000, memory_checkpoints=10, memory_max_runs=None,
+)
+QUICK = Profile(
+    repeats=3, sample_seconds=0.02, long_n=200, http_seconds=0.8, http_warmup=0.2,
+    review_runs=20, traced_runs=200, memory_runs=3000, memory_checkpoints=6, memory_max_runs=500,
+)
+
+
+class BenchError(Exception):
+    """A section cannot run; the message says why."""
+
+
+def _import_engine() -> ModuleType:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("workflow_engine")
+
+
+def _status(met: bool) -> str:
+    return "met" if met else "NOT MET"
+
+
+# ---------------------------------------------------------------------------
+# Engine
+# ---------------------------------------------------------------------------
+# The same five node functions serve the engine and both baselines; each updates one key, E increments i.
+async def node_a(state: Any, ctx: object) -> dict[str, Any]:
+    return {"a": state.data["i"]}
+
+
+async def node_b(state: Any, ctx: object) -> dict[str, Any]:
+    return {"b": state.data["i"]}
+
+
+async def node_c(state: Any, ctx: object) -> dict[str, Any]:
+    return {"c": state.data["i"]}
+
+
+async def node_d(state: Any, ctx: object) -> dict[str, Any]:
+    return {"d": state.data["i"]}
+
+
+async def node_e(state: Any, ctx: object) -> dict[str, Any]:
+    return {"i": state.data["i"] + 1}
+
+
+def more(state: Any) -> bool:
+    """Loop back to B while i < n."""
+    return state.data["i"] < state.data["n"]
+
+
+NODE_FUNCTIONS = {"A": node_a, "B": node_b, "C": node_c, "D": node_d, "E": node_e}
+NEXT_NODE = {"A": "B", "B": "C", "C": "D", "D": "E", "E": None}
+
+
+def steps_for(n: int) -> int:
+    """Return how many steps a run with loop count `n` takes: A once, then B..E `n` times."""
+    return 1 + 4 * n
+
+
+class _BareState:
+    __slots__ = ("data", "metadata")
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.metadata: dict[str, Any] = {}
+
+
+@attrs.frozen(kw_only=True)
+class StepRecord:
+    """The minimal log record of the second baseline."""
+
+    iteration: int
+    node: str
+    duration: float
+    updates: dict[str, Any]
+
+
+async def bare_run(n: int) -> int:
+    """Run the five functions in turn with the graph's branch logic in plain Python; return the step count."""
+    state, node, steps = _BareState({"i": 0, "n": n}), "A", 0
+    while node is not None:
+        result = await NODE_FUNCTIONS[node](state, None)
+        state.data.update(result)
+        steps += 1
+        node = "B" if node == "E" and more(state) else NEXT_NODE[node]
+    return steps
+
+
+async def bare_logged_run(n: int) -> int:
+    """Run `bare_run`'s loop, keeping a StepRecord with the step's duration and updates per step."""
+    state, node, steps, records = _BareState({"i": 0, "n": n}), "A", 0, []
+    while node is not None:
+        started = time.perf_counter()
+        result = await NODE_FUNCTIONS[node](state, None)
+        state.data.update(result)
+        steps += 1
+        records.append(StepRecord(iteration=steps, node=node, duration=time.perf_counter() - started, updates=result))
+        node = "B" if node == "E" and more(state) else NEXT_NODE[node]
+    return steps
+
+
+def bench_registry(we: ModuleType) -> Any:
+    """Return a Registry holding the five nodes and the `more` condition."""
+    registry = we.Registry()
+    for name, fn in NODE_FUNCTIONS.items():
+        registry.node(fn, name=name)
+    registry.condition(more)
+    return registry
+
+
+def bench_graph(we: ModuleType) -> Any:
+    """Return the graph A -> B -> C -> D -> E with E branching back to B on `more`."""
+    edges = {name: we.EdgeDef(default_next=NEXT_NODE[name]) for name in "ABCD"}
+    edges["E"] = we.EdgeDef(branches=(we.BranchCondition(condition="more", target="B"),))
+    return we.GraphDefinition(graph_id="bench", start_node="A", nodes=tuple(NODE_FUNCTIONS), edges=edges)
+
+
+async def _sample(fn: Callable[[], Awaitable[object]], loops: int) -> float:
+    gc.collect()
+    started = time.perf_counter()
+    for _ in range(loops):
+        await fn()
+    return time.perf_counter() - started
+
+
+async def measure(variants: dict[str, Callable[[], Awaitable[object]]], repeats: int, sample_seconds: float) -> dict:
+    """Return the median seconds per call of each variant.
+
+    Each variant is first calibrated (which warms it up) to about `sample_seconds` per sample; the samples are then
+    taken in turn, variant after variant, so that drift on a shared machine hits all of them alike.
+    """
+    loops = {}
+    for name, fn in variants.items():
+        count = 1
+        while (elapsed := await _sample(fn, count)) < sample_seconds / 4:
+            count *= 2
+        loops[name] = max(1, round(count * sample_seconds / elapsed))
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            samples[name].append(await _sample(fn, loops[name]) / loops[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+async def _check_engine(we: ModuleType, graph: Any, registry: Any, n: int) -> None:
+    """Fail loudly if the engine does not run the loop as the baselines do (a failing run would look fast)."""
+    run = await we.run_graph(graph, we.WorkflowState(data={"i": 0, "n": n}), registry, max_iterations=100_000)
+    if run.status is not we.RunStatus.COMPLETED or run.iteration != steps_for(n) or len(run.logs) != run.iteration:
+        raise BenchError(f"the engine's bench run ended {run.status.value} after {run.iteration} steps: {run.error}")
+    if await bare_run(n) != steps_for(n) or await bare_logged_run(n) != steps_for(n):
+        raise BenchError("the bare loop does not take the engine's steps")
+
+
+async def _engine_figures(we: ModuleType, profile: Profile) -> dict[str, float]:
+    registry, graph, n = bench_registry(we), bench_graph(we), profile.long_n
+    await _check_engine(we, graph, registry, n)
+    engine = we.Engine(registry)
+    engine.create_graph(graph)
+
+    def state(loops: int) -> Any:
+        return we.WorkflowState(data={"i": 0, "n": loops})
+
+    variants = {
+        "bare_long": lambda: bare_run(n),
+        "bare_log_long": lambda: bare_logged_run(n),
+        "engine_long": lambda: we.run_graph(graph, state(n), registry, max_iterations=100_000),
+        "bare_short": lambda: bare_run(1),
+        "bare_log_short": lambda: bare_logged_run(1),
+        "engine_short": lambda: we.run_graph(graph, state(1), registry),
+        "engine_store_short": lambda: engine.run("bench", state(1)),
+    }
+    return await measure(variants, profile.repeats, profile.sample_seconds)
+
+
+def _engine_result(kind: str, n: int, unit_scale: float, seconds: dict[str, float]) -> dict[str, Any]:
+    bare, bare_log, eng = (seconds[f"{name}_{kind}"] * unit_scale for name in ("bare", "bare_log", "engine"))
+    unit = "us_per_step" if kind == "long" else "us_per_run"
+    result = {
+        "n": n, "steps": steps_for(n), f"bare_{unit}": bare, f"bare_log_{unit}": bare_log, f"engine_{unit}": eng,
+        "ratio_to_bare": eng / bare, "ratio_to_bare_log": eng / bare_log, "target_ratio": TARGET_ENGINE_RATIO,
+    }
+    result["met"] = result["ratio_to_bare"] <= TARGET_ENGINE_RATIO
+    return result
+
+
+def run_engine(profile: Profile) -> dict[str, Any]:
+    """Measure the runner and both baselines; return the figures in microseconds and the ratios."""
+    we = _import_engine()
+    seconds = asyncio.run(_engine_figures(we, profile))
+    long = _engine_result("long", profile.long_n, 1e6 / steps_for(profile.long_n), seconds)
+    short = _engine_result("short", 1, 1e6, seconds)
+    short["engine_store_us_per_run"] = seconds["engine_store_short"] * 1e6
+    short["engine_store_ratio_to_bare"] = short["engine_store_us_per_run"] / short["bare_us_per_run"]
+    return {"repeats": profile.repeats, "long": long, "short": short}
+
+
+def print_engine(result: dict[str, Any]) -> None:
+    """Print the engine section of the table."""
+    long, short = result["long"], result["short"]
+    print(f"== engine: A -> B -> C -> D -> E, E back to B while i < N; full logging; "
+          f"median of {result['repeats']} after warm-up")
+    print(f"  long run, N={long['n']} ({long['steps']} steps){'us/step':>31}")
+    _print_engine_rows(long, "us_per_step", "engine run_graph")
+    print(f"  short run, N=1 ({short['steps']} steps, incl. the new run record){'us/run':>13}")
+    _print_engine_rows(short, "us_per_run", "engine run_graph")
+    print(f"    {'Engine.run (stored graph, run kept)':<46}{short['engine_store_us_per_run']:>10.2f}"
+          f"   {short['engine_store_ratio_to_bare']:5.2f}x bare loop  (for information)")
+
+
+def _print_engine_rows(figures: dict[str, Any], unit: str, label: str) -> None:
+    print(f"    {'bare asyncio loop':<46}{figures['bare_' + unit]:>10.2f}")
+    print(f"    {'bare loop + attrs log record per step':<46}{figures['bare_log_' + unit]:>10.2f}")
+    print(f"    {label:<46}{figures['engine_' + unit]:>10.2f}   {figures['ratio_to_bare']:5.2f}x bare loop  "
+          f"{figures['ratio_to_bare_log']:5.2f}x bare+log   "
+          f"target <= {TARGET_ENGINE_RATIO}x bare loop: {_status(figures['met'])}")
+
+
+# ---------------------------------------------------------------------------
+# Servers
+# ---------------------------------------------------------------------------
+def rss_kib(pid: int) -> int | None:
+    """Return the resident set size of process `pid` in KiB (VmRSS), or None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+@attrs.define
+class Server:
+    """A uvicorn subprocess serving `app` on 127.0.0.1."""
+
+    name: str
+    process: subprocess.Popen
+    port: int
+
+    def rss(self) -> int | None:
+        """Return the server's RSS in KiB."""
+        return rss_kib(self.process.pid)
+
+
+@contextlib.contextmanager
+def uvicorn_server(name: str, app: str, cwd: Path, env: dict[str, str]) -> Iterator[Server]:
+    """Start `uvicorn app` (one worker) on a free port, wait until it accepts connections, and stop it by pid."""
+    port = _free_port()
+    command = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port),
+               "--workers", "1", "--log-level", "warning"]
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(name, process, port, log)
+            yield Server(name, process, port)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_ready(name: str, process: subprocess.Popen, port: int, log: Any) -> None:
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            tail = log.read()[-2000:].decode(errors="replace")
+            raise BenchError(f"the {name} server exited with status {process.returncode}:\n{tail}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"the {name} server did not accept connections within {SERVER_START_SECONDS:.0f} s")
+
+
+# ---------------------------------------------------------------------------
+# HTTP client
+# ---------------------------------------------------------------------------
+# A tiny HTTP/1.1 keep-alive client on asyncio streams: each connection sends a request, reads the response by its
+# Content-Length and sends the next. A general client (httpx) costs more per request than a fast server does.
+class ProtocolError(Exception):
+    """The server's answer is not the HTTP/1.1 this client reads."""
+
+
+def http_request(method: str, path: str, port: int, body: bytes = b"") -> bytes:
+    """Return the bytes of one HTTP/1.1 request."""
+    head = f"{method} {path} HTTP/1.1\r\nhost: {HOST}:{port}\r\n"
+    if body:
+        head += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+    return head.encode("ascii") + b"\r\n" + body
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
+    """Send `request` and return the response's status and body; raise ProtocolError if the server closes."""
+    writer.write(request)
+    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+    start = head.find(b"\r\ncontent-length:")
+    if not head.startswith(b"http/1.1 ") or start < 0:
+        raise ProtocolError(f"unexpected response head {head[:80]!r}")
+    length = int(head[start + 17:head.index(b"\r\n", start + 2)])
+    body = await reader.readexactly(length)
+    if b"\r\nconnection: close" in head:
+        raise ProtocolError("the server closed the connection")
+    return int(head[9:12]), body
+
+
+async def request_once(port: int, request: bytes) -> tuple[int, bytes]:
+    """Open a connection, exchange one request, and close it."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        return await exchange(reader, writer, request)
+    finally:
+        writer.close()
+
+
+@attrs.define
+class Tally:
+    """What a load produced: latencies of 2xx answers, and errors (other statuses, broken connections)."""
+
+    latencies: list[float] = attrs.Factory(list)
+    errors: int = 0
+    sent: int = 0
+
+
+async def _connection(port: int, request: bytes, tally: Tally, measure_from: float, keep_going: Callable) -> None:
+    reader = writer = None
+    while keep_going():
+        sent = time.perf_counter()
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(HOST, port)
+            status, _ = await exchange(reader, writer, request)
+        except (OSError, EOFError, ValueError, ProtocolError, asyncio.IncompleteReadError) as exc:
+            if sent >= measure_from:
+                tally.errors += 1
+            if writer is not None:
+                writer.close()
+            reader = writer = None
+            if not isinstance(exc, ProtocolError):
+                await asyncio.sleep(0.01)  # a refused connection must not spin
+            continue
+        if sent >= measure_from:
+            tally.sent += 1
+            if 200 <= status < 300:
+                tally.latencies.append(time.perf_counter() - sent)
+            else:
+                tally.errors += 1
+    if writer is not None:
+        writer.close()
+
+
+async def load_for(port: int, request: bytes, connections: int, warmup: float, seconds: float) -> dict[str, Any]:
+    """Send `request` over `connections` keep-alive connections for `warmup` + `seconds`; measure the last part."""
+    measure_from = time.perf_counter() + warmup
+    until = measure_from + seconds
+    tally, cpu = Tally(), time.process_time()
+    await asyncio.gather(*(
+        _connection(port, request, tally, measure_from, lambda: time.perf_counter() < until)
+        for _ in range(connections)
+    ))
+    cpu = time.process_time() - cpu
+    latencies = sorted(tally.latencies)
+    quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [0.0] * 99
+    return {
+        "connections": connections, "seconds": seconds, "requests": len(latencies), "errors": tally.errors,
+        "rps": len(latencies) / seconds, "p50_ms": quantiles[49] * 1000, "p99_ms": quantiles[98] * 1000,
+        "client_cpu": cpu / (warmup + seconds),
+    }
+
+
+async def load_count(port: int, request: bytes, connections: int, total: int) -> Tally:
+    """Send `request` `total` times over `connections` keep-alive connections; return the tally."""
+    tally, left = Tally(), [total]
+
+    def take() -> bool:
+        left[0] -= 1
+        return left[0] >= 0
+
+    await asyncio.gather(*(_connection(port, request, tally, 0.0, take) for _ in range(connections)))
+    return tally
+
+
+# ---------------------------------------------------------------------------
+# Code review in-process
+# ---------------------------------------------------------------------------
+# Where a code-review run's time goes: its nodes' work bounds what any engine can serve with one worker.
+def review_engine(max_runs: int) -> tuple[ModuleType, Any]:
+    """Return workflow_engine and an Engine holding the code_review workflow, or raise BenchError without it."""
+    we = _import_engine()
+    try:
+        code_review = importlib.import_module("code_review")
+    except ModuleNotFoundError as exc:
+        raise BenchError(f"the code_review workflow cannot be imported: {exc}") from None
+    registry = we.Registry()
+    code_review.register(registry)
+    engine = we.Engine(registry, settings=we.Settings(max_runs=max_runs))
+    for graph in registry.graphs:
+        engine.create_graph(graph)
+    return we, engine
+
+
+async def _review_run(we: ModuleType, engine: Any) -> Any:
+    return await engine.run(REVIEW_INPUT["graph_id"], we.WorkflowState(data=dict(REVIEW_INPUT["state"]["data"])))
+
+
+class _BareContext:
+    """What code-review nodes use of their NodeContext when called directly: a logger."""
+
+    logger = logging.getLogger("bench.code_review")
+
+
+async def _direct_review(registry: Any, sequence: list[str], we: ModuleType) -> None:
+    state, ctx = we.WorkflowState(data=dict(REVIEW_INPUT["state"]["data"])), _BareContext()
+    for name in sequence:
+        result = registry.get_node(name)(state, ctx)
+        result = await result if inspect.isawaitable(result) else result
+        state.data.update(result or {})
+
+
+def review_timing(runs: int) -> dict[str, Any]:
+    """Time a code-review run in-process: through Engine.run, and its node functions called directly in turn.
+
+    The direct calls are the nodes' own work, so `1000 / direct_ms` bounds the runs/s of one server worker.
+    """
+    we, engine = review_engine(max_runs=runs + 10)
+
+    async def timed() -> dict[str, Any]:
+        first = await _review_run(we, engine)
+        sequence = [entry.node for entry in first.logs if entry.event is we.LogEvent.EXECUTED]
+        seconds = await measure({"engine": lambda: _review_run(we, engine),
+                                 "direct": lambda: _direct_review(engine.registry, sequence, we)}, runs, 0.0)
+        return {"steps": sequence, "engine_ms": seconds["engine"] * 1000, "direct_ms": seconds["direct"] * 1000}
+
+    timing = asyncio.run(timed())
+    return {"runs": runs, **timing, "node_bound_rps": 1000 / timing["direct_ms"]}
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+def _review_body() -> bytes:
+    return json.dumps(REVIEW_INPUT, separators=(",", ":")).encode()
+
+
+async def probe_review_run(port: int) -> dict[str, Any]:
+    """Run the code-review input once; return the run record, or raise BenchError if the server refuses it."""
+    status, body = await request_once(port, http_request("POST", "/graph/run", port, _review_body()))
+    if status != 200:
+        hint = " (is code_review.py there, registering the 'code_review' graph?)" if status == 404 else ""
+        raise BenchError(f"POST /graph/run of the code-review input answered {status}: {body[:300].decode()!r}{hint}")
+    return json.loads(body)
+
+
+def _server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_http(profile: Profile) -> dict[str, Any]:
+    """Drive the engine's server and the bare endpoint with the same client; return every case and the targets."""
+    timing = review_timing(profile.review_runs)
+    with tempfile.TemporaryDirectory() as scratch:
+        Path(scratch, "bench_bare_app.py").write_text(BARE_APP, encoding="utf-8")
+        env = _server_env()
+        with uvicorn_server("engine", "workflow_engine:app", ROOT, env) as engine, \
+                uvicorn_server("bare", "bench_bare_app:app", Path(scratch), env) as bare:
+            result = asyncio.run(_http_cases(engine, bare, profile))
+    bare_rps = max(case["rps"] for case in result["cases"] if case["case"].startswith("bare"))
+    timing["node_bound_share_of_bare"] = timing["node_bound_rps"] / bare_rps if bare_rps else 0.0
+    return {"review_in_process": timing, **result}
+
+
+async def _http_cases(engine: Server, bare: Server, profile: Profile) -> dict[str, Any]:
+    record = await probe_review_run(engine.port)
+    body = _review_body()
+    cases = [
+        ("bare POST /echo", bare, http_request("POST", "/echo", bare.port, body)),
+        ("POST /graph/run", engine, http_request("POST", "/graph/run", engine.port, body)),
+        ("GET /graph/state/{run_id}", engine, None),
+        ("GET /", engine, http_request("GET", "/", engine.port)),
+    ]
+    results = []
+    for connections in CONNECTIONS:
+        for name, server, request in cases:
+            if request is None:  # a fresh run, so that a small WORKFLOW_MAX_RUNS cannot have evicted it
+                run_id = (await probe_review_run(engine.port))["run_id"]
+                request = http_request("GET", f"/graph/state/{run_id}", engine.port)
+            before = server.rss()
+            figures = await load_for(server.port, request, connections, profile.http_warmup, profile.http_seconds)
+            results.append({"case": name, **figures, "rss_before_kib": before, "rss_after_kib": server.rss()})
+    _add_ratios(results)
+    return {"review_run_status": record["status"], "review_run_steps": record["iteration"],
+            "cases": results, "targets": _http_targets(results)}
+
+
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    bare = {case["connections"]: case["rps"] for case in results if case["case"].startswith("bare")}
+    for case in results:
+        case["share_of_bare"] = case["rps"] / bare[case["connections"]] if bare[case["connections"]] else 0.0
+
+
+def _http_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_key = {(case["case"], case["connections"]): case for case in results}
+    targets = []
+    for connections in CONNECTIONS:
+        run, state = by_key["POST /graph/run", connections], by_key["GET /graph/state/{run_id}", connections]
+        targets.append({"target": f"POST /graph/run >= {TARGET_RUN_SHARE:.0%} of bare req/s at {connections}",
+                        "value": run["share_of_bare"], "met": run["share_of_bare"] >= TARGET_RUN_SHARE})
+        targets.append({"target": f"GET /graph/state >= {TARGET_STATE_SHARE:.0%} of bare req/s at {connections}",
+                        "value": state["share_of_bare"], "met": state["share_of_bare"] >= TARGET_STATE_SHARE})
+    run = by_key["POST /graph/run", CONNECTIONS[-1]]
+    spread = run["p99_ms"] / run["p50_ms"] if run["p50_ms"] else float("inf")
+    targets.append({"target": f"POST /graph/run p99 <= {TARGET_P99_OVER_P50:.0f}x p50 at {CONNECTIONS[-1]}",
+                    "value": spread, "met": spread <= TARGET_P99_OVER_P50})
+    targets.append({"target": "no errors", "value": sum(case["errors"] for case in results),
+                    "met": not any(case["errors"] for case in results)})
+    return targets
+
+
+def _mib(kib: int | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:.1f}"
+
+
+def print_http(result: dict[str, Any], profile: Profile) -> None:
+    """Print the http section of the table."""
+    print(f"== http: one uvicorn worker per server, keep-alive HTTP/1.1 client, {profile.http_seconds:g} s per case "
+          f"after {profile.http_warmup:g} s warm-up; code-review run: {result['review_run_status']}, "
+          f"{result['review_run_steps']} steps")
+    timing = result["review_in_process"]
+    print(f"  code-review run in-process, median of {timing['runs']}: Engine.run {timing['engine_ms']:.2f} ms, its "
+          f"{len(timing['steps'])} node calls made directly {timing['direct_ms']:.2f} ms: the nodes alone cap one "
+          f"worker at {timing['node_bound_rps']:.0f} runs/s = {timing['node_bound_share_of_bare']:.1%} of bare")
+    print(f"  {'case':<27}{'conns':>5}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
+          f"{'RSS MiB before->after':>23}  {'vs bare':>7}{'client cpu':>11}")
+    for case in result["cases"]:
+        rss = f"{_mib(case['rss_before_kib'])} -> {_mib(case['rss_after_kib'])}"
+        print(f"  {case['case']:<27}{case['connections']:>5}{case['rps']:>9.0f}{case['p50_ms']:>8.2f}"
+              f"{case['p99_ms']:>8.2f}{case['errors']:>7}{rss:>23}  {case['share_of_bare']:>6.0%}"
+              f"{case['client_cpu']:>10.0%}")
+    for target in result["targets"]:
+        value = target["value"]
+        shown = f"{value:.0%}" if "%" in target["target"] else f"{value:.2f}" if isinstance(value, float) else value
+        print(f"  target {target['target']}: {shown} {_status(target['met'])}")
+
+
+# ---------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------
+def traced_bytes_per_run(runs: int) -> dict[str, Any]:
+    """Return the bytes that `runs` stored Engine.run records of the code-review input hold, per run (tracemalloc)."""
+    we, engine = review_engine(max_runs=runs * 2)
+    return asyncio.run(_traced(we, engine, runs))
+
+
+async def _traced(we: ModuleType, engine: Any, runs: int) -> dict[str, Any]:
+    first = await _review_run(we, engine)  # warm caches first
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(runs):
+            await _review_run(we, engine)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return {"runs": runs, "bytes_per_run": held / runs, "run_status": first.status.value, "steps": first.iteration}
+
+
+def run_memory(profile: Profile) -> dict[str, Any]:
+    """Measure memory per stored run in-process, then the server's RSS over `profile.memory_runs` runs."""
+    we = _import_engine()
+    traced = traced_bytes_per_run(profile.traced_runs)
+    env = _server_env()
+    env.pop("WORKFLOW_MAX_RUNS", None)
+    if profile.memory_max_runs is not None:
+        env["WORKFLOW_MAX_RUNS"] = str(profile.memory_max_runs)
+    max_runs = profile.memory_max_runs or we.MAX_STORED_RUNS
+    with uvicorn_server("engine", "workflow_engine:app", ROOT, env) as server:
+        checkpoints = asyncio.run(_server_checkpoints(server, profile))
+    return {"traced": traced, "max_runs": max_runs, "checkpoints": checkpoints, **_memory_verdicts(traced,
+            checkpoints, max_runs)}
+
+
+async def _server_checkpoints(server: Server, profile: Profile) -> list[dict[str, Any]]:
+    await probe_review_run(server.port)
+    request = http_request("POST", "/graph/run", server.port, _review_body())
+    await load_count(server.port, request, MEMORY_CONNECTIONS, 99)  # warm-up: 100 runs with the probe
+    checkpoints = [await _checkpoint(server, 0, 0, 0.0)]
+    _print_checkpoint(checkpoints[-1], 0)
+    chunk = profile.memory_runs // profile.memory_checkpoints
+    for index in range(1, profile.memory_checkpoints + 1):
+        started = time.perf_counter()
+        tally = await load_count(server.port, request, MEMORY_CONNECTIONS, chunk)
+        checkpoints.append(await _checkpoint(server, index * chunk, tally.errors, time.perf_counter() - started))
+        _print_checkpoint(checkpoints[-1], chunk)
+    return checkpoints
+
+
+async def _checkpoint(server: Server, runs: int, errors: int, seconds: float) -> dict[str, Any]:
+    status, body = await request_once(server.port, http_request("GET", "/", server.port))
+    stored = json.loads(body)["runs"] if status == 200 else None
+    return {"runs": runs, "stored": stored, "rss_kib": server.rss(), "errors": errors, "seconds": seconds}
+
+
+def _memory_verdicts(traced: dict[str, Any], checkpoints: list[dict[str, Any]], max_runs: int) -> dict[str, Any]:
+    base = checkpoints[0]
+    full = max((cp for cp in checkpoints if cp["runs"] <= max_runs), key=lambda cp: cp["runs"])
+    settled = min((cp for cp in checkpoints if cp["runs"] >= 2 * max_runs), key=lambda cp: cp["runs"], default=None)
+    last = checkpoints[-1]
+    verdicts: dict[str, Any] = {"traced_met": traced["bytes_per_run"] <= TARGET_BYTES_PER_RUN}
+    if None not in (base["rss_kib"], full["rss_kib"]) and full["stored"] != base["stored"]:
+        per_run = (full["rss_kib"] - base["rss_kib"]) * 1024 / (full["stored"] - base["stored"])
+        verdicts.update(rss_bytes_per_run=per_run, rss_met=per_run <= TARGET_BYTES_PER_RUN)
+    if settled is not None and None not in (settled["rss_kib"], last["rss_kib"]):
+        growth = (last["rss_kib"] - settled["rss_kib"]) / settled["rss_kib"]
+        verdicts.update(growth_after_full=growth, flat_from_runs=settled["runs"], flat_met=growth <= FLAT_TOLERANCE)
+    return verdicts
+
+
+def _print_checkpoint(checkpoint: dict[str, Any], chunk: int) -> None:
+    rate = f"{chunk / checkpoint['seconds']:.0f}" if checkpoint["seconds"] else "-"
+    print(f"    {checkpoint['runs']:>8}{checkpoint['stored']:>9}{_mib(checkpoint['rss_kib']):>10}{rate:>10}"
+          f"{checkpoint['errors']:>8}", flush=True)
+
+
+def print_memory_head(profile: Profile, max_runs: int) -> None:
+    """Print the memory section's header; the checkpoints follow as they are measured."""
+    print(f"== memory: the code-review input; server with WORKFLOW_MAX_RUNS={max_runs}, "
+          f"{MEMORY_CONNECTIONS} connections")
+    print(f"    {'runs':>8}{'stored':>9}{'RSS MiB':>10}{'runs/s':>10}{'errors':>8}   (runs counted after a 100-run "
+          f"warm-up)", flush=True)
+
+
+def print_memory(result: dict[str, Any]) -> None:
+    """Print the memory section's figures and targets (after the checkpoints)."""
+    traced = result["traced"]
+    print(f"  held per stored run, tracemalloc over {traced['runs']} Engine.run ({traced['run_status']}, "
+          f"{traced['steps']} steps): {traced['bytes_per_run']:.0f} B   "
+          f"target <= {TARGET_BYTES_PER_RUN} B: {_status(result['traced_met'])}")
+    if "rss_bytes_per_run" in result:
+        print(f"  held per stored run, server RSS until the store is full: {result['rss_bytes_per_run']:.0f} B   "
+              f"target <= {TARGET_BYTES_PER_RUN} B: {_status(result['rss_met'])}")
+    if "growth_after_full" in result:
+        print(f"  RSS growth from {result['flat_from_runs']} runs to the end: {result['growth_after_full']:+.1%}   "
+              f"target flat (<= {FLAT_TOLERANCE:.0%}): {_status(result['flat_met'])}")
+    else:
+        print("  RSS growth after the store filled: not measured (too few runs for the store's bound)")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def _machine() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": model, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__.split("\n\n")[0],
+        epilog="Sections: engine, http, memory (default: all). Targets are those of issue 7.",
+    )
+    parser.add_argument("sections", nargs="*", metavar="SECTION", help="engine, http or memory (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run: few repeats, short loads, few runs")
+    parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON to PATH")
+    parser.add_argument("--memory-runs", metavar="N", type=int,
+                        help=f"runs sent to the server in the memory section (default {FULL.memory_runs:,}; "
+                             f"--quick {QUICK.memory_runs:,})")
+    return parser
+
+
+def _run_section(name: str, profile: Profile, results: dict[str, Any]) -> bool:
+    try:
+        if name == "engine":
+            results["engine"] = run_engine(profile)
+            print_engine(results["engine"])
+        elif name == "http":
+            results["http"] = run_http(profile)
+            print_http(results["http"], profile)
+        else:
+            print_memory_head(profile, profile.memory_max_runs or _import_engine().MAX_STORED_RUNS)
+            results["memory"] = run_memory(profile)
+            print_memory(results["memory"])
+    except (BenchError, OSError) as exc:  # OSError: a server that stopped answering
+        print(f"bench.py: {name}: {exc}", file=sys.stderr)
+        results.setdefault("errors", {})[name] = str(exc)
+        return False
+    print(flush=True)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen sections, print the table, and optionally write JSON; return 1 if a section could not run."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help and usage errors
+        return int(exc.code or 0)
+    unknown = [name for name in args.sections if name not in SECTIONS]
+    if unknown:
+        print(f"bench.py: unknown section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    profile = QUICK if args.quick else FULL
+    if args.memory_runs is not None:
+        if args.memory_runs < profile.memory_checkpoints:
+            print(f"bench.py: --memory-runs must be at least {profile.memory_checkpoints}", file=sys.stderr)
+            return 2
+        profile = attrs.evolve(profile, memory_runs=args.memory_runs)
+    results: dict[str, Any] = {"machine": _machine(), "quick": args.quick}
+    print(f"bench.py {results['machine']['date']}  {results['machine']['cpu']}, {results['machine']['cpus']} cpus, "
+          f"Python {results['machine']['python']}{'  (quick)' if args.quick else ''}\n")
+    ok = all([_run_section(name, profile, results) for name in (args.sections or SECTIONS)])
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
