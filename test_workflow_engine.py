@@ -558,7 +558,7 @@ async def test_engine_runs_a_definition_without_http(registry: we.Registry) -> N
     definition = we.GraphDefinition(start_node="inc", nodes=("inc",))
     run = await engine.run(definition, we.WorkflowState(data={"count": 41}))
     assert (run.status, run.iteration, run.state.data) == (we.RunStatus.COMPLETED, 1, {"count": 42})
-    assert engine.store.get_run(run.run_id) is run
+    assert engine.store.get_run(run.run_id) == run  # a finished run comes back as an equal copy
 
 
 async def test_engine_rejects_an_invalid_definition(registry: we.Registry) -> None:
@@ -715,7 +715,21 @@ def test_store_counts_a_run_once_when_saved_twice() -> None:
     store.put_run(run)
     store.put_run(run)
     store.put_run(make_run("b", we.RunStatus.COMPLETED))
-    assert store.get_run("a") is run
+    assert store.get_run("a") == run
+
+
+def test_store_keeps_a_finished_run_as_compact_json() -> None:
+    store = we.MemoryStore()
+    run = make_run("a", we.RunStatus.RUNNING)
+    store.put_run(run)
+    assert store.get_run("a") is run  # while it runs, the store holds the live record
+    run.state.data["text"] = "x" * 10_000
+    run.status = we.RunStatus.COMPLETED
+    store.put_run(run)
+    assert store.get_run("a") == run and store.get_run("a") is not run
+    assert json.loads(store.get_run_json("a")) == we.converter.unstructure(run)
+    assert len(store._runs["a"].record) < 500  # compressed, not ten thousand characters
+    assert [s.run_id for s in store.list_runs(status=we.RunStatus.COMPLETED)[0]] == ["a"]
 
 
 def test_store_add_graph_is_idempotent_and_refuses_conflicts() -> None:
@@ -895,7 +909,7 @@ async def test_http_body_over_limit_without_content_length_is_413(registry: we.R
 
 async def test_http_unexpected_error_is_a_bare_500(registry: we.Registry, caplog: pytest.LogCaptureFixture) -> None:
     class BrokenStore(we.MemoryStore):
-        def get_run(self, run_id: str) -> we.RunContext:
+        def get_run_json(self, run_id: str) -> bytes:
             raise RuntimeError("secret detail")
 
     app = we.create_app(registry=registry, store=BrokenStore())
@@ -1073,7 +1087,7 @@ async def test_app_shutdown_cancels_and_records_running_runs(registry: we.Regist
                                    we.WorkflowState(metadata={"gate": "lifespan"}))
         await gates["lifespan"].entered.wait()
     assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled at node 'gate'")
-    assert engine_of(app).store.get_run(run.run_id) is run
+    assert engine_of(app).store.get_run(run.run_id) == run
 
 
 async def test_abandoned_stream_leaves_nothing_behind(registry: we.Registry) -> None:
