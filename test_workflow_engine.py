@@ -131,7 +131,8 @@ def make_registry() -> we.Registry:
 
     @registry.node
     async def hang(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
-        """Signal that it started, then wait for ever (until cancelled or timed out)."""
+        """Write half a change, signal that it started, then wait for ever (until cancelled or timed out)."""
+        state.data["half_written"] = True
         started = state.metadata.get("started")
         if started:
             hang_started[started].set()

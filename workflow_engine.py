@@ -774,8 +774,13 @@ class Registry:
         return _lookup(self._nodes, "node", name)
 
     def is_async_node(self, name: str) -> bool:
-        """Whether the node registered as `name` is a coroutine function (else it runs in a worker thread)."""
+        """Whether node function `name` is a coroutine function (a plain one runs in a worker thread)."""
         return name in self._async_nodes
+
+    def call_node(self, name: str, state: WorkflowState, ctx: "NodeContext") -> Awaitable[object]:
+        """Call node function `name` and return what to await for its result; a plain function runs in a thread."""
+        fn = self._nodes.get(name) or self.get_node(name)
+        return fn(state, ctx) if name in self._async_nodes else _in_thread(fn, state, ctx)
 
     def get_condition(self, name: str) -> ConditionFn:
         """Return the condition registered as `name`, or raise UnknownName."""
@@ -808,6 +813,12 @@ class Registry:
             return fn
 
         return add if fn is None else add(fn)
+
+
+async def _in_thread(fn: NodeFn, state: WorkflowState, ctx: "NodeContext") -> object:
+    # A plain function may block: a worker thread keeps the event loop serving meanwhile.
+    result = await asyncio.to_thread(fn, state, ctx)
+    return await result if inspect.isawaitable(result) else result
 
 
 def _lookup(table: dict[str, T], kind: str, name: str) -> T:
@@ -1039,15 +1050,27 @@ async def _run_node(
     Return the entry of the last attempt: `executed`, with its changes committed to the run, or `error`.
     """
     before = run.state.data
+    # A node that may outlive its attempt (in a thread, or past its timeout) gets a state object of its own, so it
+    # cannot write into the run later; any other node gets the run's own, with a copy of data in each attempt.
+    is_isolated = node.timeout_s is not None or not registry.is_async_node(node.function)
     attempt = 1
     while True:
-        # Each attempt works on its own copy, so a failing (or timed-out, still running) node cannot touch the run.
-        working = WorkflowState(data=dict(before), metadata=run.state.metadata)
-        started_at, clock = _now(), time.perf_counter()
+        # Each attempt works on a copy of data, so a failing node cannot leave it half-written.
+        if is_isolated:
+            working = WorkflowState(data=dict(before), metadata=run.state.metadata)
+        else:
+            working = run.state
+            working.data = dict(before)
+        started_at, clock = datetime.now(UTC), time.perf_counter()
         try:
-            result = await _attempt(registry, node, working, ctx)
+            awaitable = registry.call_node(node.function, working, ctx)
+            result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
             updates, keys = _changes(node.name, before, working.data, result)
+        except asyncio.CancelledError:
+            run.state.data = before  # the run ends here (cancelled or timed out) with the data of its last step
+            raise
         except Exception as exc:  # a failing node is recorded, never raised
+            run.state.data = before
             message = str(exc) if isinstance(exc, _StepFailed) else f"node {node.name!r} raised {_describe(exc)}"
             entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.ERROR, started_at=started_at,
                              duration_ms=_ms_since(clock), error=message, attempt=attempt)
@@ -1071,29 +1094,12 @@ def _recover(run: RunContext, entry: LogEntry, target: str) -> None:
     entry.keys_changed, entry.updates, entry.next = ("last_error",), {"last_error": last_error}, target
 
 
-def _attempt(registry: Registry, node: NodeDef, state: WorkflowState, ctx: NodeContext) -> Awaitable[object]:
-    awaitable = _start_node(registry, node.function, state, ctx)
-    return awaitable if node.timeout_s is None else _within(node, awaitable)
-
-
 async def _within(node: NodeDef, awaitable: Awaitable[object]) -> object:
     try:
         async with asyncio.timeout(node.timeout_s):
             return await awaitable
     except TimeoutError:
         raise _StepFailed(f"node {node.name!r} timed out after {node.timeout_s} s") from None
-
-
-def _start_node(registry: Registry, name: str, state: WorkflowState, ctx: NodeContext) -> Awaitable[object]:
-    """Call node function `name` and return what to await for its result (a plain function goes to a thread)."""
-    fn = registry.get_node(name)
-    return fn(state, ctx) if registry.is_async_node(name) else _in_thread(fn, state, ctx)
-
-
-async def _in_thread(fn: NodeFn, state: WorkflowState, ctx: NodeContext) -> object:
-    # A plain function may block: a worker thread keeps the event loop serving meanwhile.
-    result = await asyncio.to_thread(fn, state, ctx)
-    return await result if inspect.isawaitable(result) else result
 
 
 _MISSING = object()
