@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 
@@ -154,6 +155,14 @@ def make_registry() -> we.Registry:
         gates[name].entered.set()
         await gates[name].opened.wait()
         return {"passed": name}
+
+    @registry.node
+    async def approve(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        """Pause for a person until data["approved"] is set."""
+        if not state.data.get("approved"):
+            state.data["asked"] = True  # dropped: an interrupted step changes nothing
+            raise we.Interrupt("needs approval")
+        return {"outcome": "approved by " + state.data["approved"]}
 
     @registry.node
     async def nap(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
@@ -698,50 +707,52 @@ def make_run(run_id: str, status: we.RunStatus) -> we.RunContext:
     return we.RunContext(run_id=run_id, graph_id="g", status=status, state=we.WorkflowState(), created_at=we.datetime.now(we.UTC))
 
 
-def test_store_evicts_the_oldest_finished_runs_only() -> None:
+async def test_store_evicts_the_oldest_finished_runs_only() -> None:
     store = we.MemoryStore(max_runs=2)
-    store.put_run(make_run("running", we.RunStatus.RUNNING))
+    await store.save_run(make_run("running", we.RunStatus.RUNNING))
+    await store.save_run(make_run("waiting", we.RunStatus.WAITING))
     for run_id in ("a", "b", "c"):
-        store.put_run(make_run(run_id, we.RunStatus.COMPLETED))
-    assert store.counts() == (0, 3)
+        await store.save_run(make_run(run_id, we.RunStatus.COMPLETED))
+    assert store.counts() == (0, 4)
     assert store.get_run("running").status is we.RunStatus.RUNNING
+    assert store.get_run("waiting").status is we.RunStatus.WAITING
     assert [store.get_run(r).run_id for r in ("b", "c")] == ["b", "c"]
     with pytest.raises(we.RunNotFound, match="run 'a' does not exist"):
         store.get_run("a")
 
 
-def test_store_counts_a_run_once_when_saved_twice() -> None:
+async def test_store_counts_a_run_once_when_saved_twice() -> None:
     store = we.MemoryStore(max_runs=2)
     run = make_run("a", we.RunStatus.FAILED)
-    store.put_run(run)
-    store.put_run(run)
-    store.put_run(make_run("b", we.RunStatus.COMPLETED))
+    await store.save_run(run)
+    await store.save_run(run)
+    await store.save_run(make_run("b", we.RunStatus.COMPLETED))
     assert store.get_run("a") == run
 
 
-def test_store_keeps_a_finished_run_as_compact_json() -> None:
+async def test_store_keeps_a_finished_run_as_compact_json() -> None:
     store = we.MemoryStore()
     run = make_run("a", we.RunStatus.RUNNING)
-    store.put_run(run)
+    await store.save_run(run)
     assert store.get_run("a") is run  # while it runs, the store holds the live record
     run.state.data["text"] = "x" * 10_000
     run.status = we.RunStatus.COMPLETED
-    store.put_run(run)
+    await store.save_run(run)
     assert store.get_run("a") == run and store.get_run("a") is not run
     assert json.loads(store.get_run_json("a")) == we.converter.unstructure(run)
     assert len(store._runs["a"].record) < 500  # compressed, not ten thousand characters
     assert [s.run_id for s in store.list_runs(status=we.RunStatus.COMPLETED)[0]] == ["a"]
 
 
-def test_store_add_graph_is_idempotent_and_refuses_conflicts() -> None:
+async def test_store_add_graph_is_idempotent_and_refuses_conflicts() -> None:
     store = we.MemoryStore(max_graphs=1)
     first = we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",))
-    assert store.add_graph(first) is True
-    assert store.add_graph(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",))) is False
+    assert await store.add_graph(first) is True
+    assert await store.add_graph(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",))) is False
     with pytest.raises(we.GraphConflict, match="graph 'g' already exists with a different definition"):
-        store.add_graph(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",), max_iterations=3))
+        await store.add_graph(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",), max_iterations=3))
     with pytest.raises(we.StoreFull, match="already holds 1 graphs"):
-        store.add_graph(we.GraphDefinition(graph_id="h", start_node="a", nodes=("a",)))
+        await store.add_graph(we.GraphDefinition(graph_id="h", start_node="a", nodes=("a",)))
     assert store.get_graph("g") is first
 
 
@@ -781,7 +792,8 @@ async def test_post_graph_create_without_id_gets_a_new_one(client: httpx.AsyncCl
     second = (await client.post("/graph/create", json=definition)).json()["graph_id"]
     assert len(first) == 32 and int(first, 16) >= 0 and first != second
     stored = await client.get(f"/graph/definition/{first}")
-    assert stored.json() == {"graph_id": first, "start_node": "inc", "nodes": ["inc"], "edges": {}, "max_iterations": None}
+    assert stored.json() == {"graph_id": first, "start_node": "inc", "nodes": ["inc"], "edges": {}, "max_iterations": None,
+                             "interrupt_before": []}
 
 
 async def test_post_graph_create_reports_graph_rules(client: httpx.AsyncClient) -> None:
@@ -796,7 +808,7 @@ async def test_get_graph_definition_round_trips_through_create(client: httpx.Asy
     definition = graph(["inc", "double"], edges, max_iterations=7)
     await client.post("/graph/create", json=definition)
     stored = await client.get("/graph/definition/g")
-    assert (stored.status_code, stored.json()) == (200, {**definition, "edges": {
+    assert (stored.status_code, stored.json()) == (200, {**definition, "interrupt_before": [], "edges": {
         "inc": {"default_next": "double", "branches": [{"condition": "below_three", "target": "inc"}], "on_error": None}}})
     assert (await client.post("/graph/create", json=stored.json())).status_code == 200
 
@@ -824,7 +836,8 @@ async def test_get_graph_state_returns_the_run_record(client: httpx.AsyncClient)
     response = await client.get(f"/graph/state/{run['run_id']}")
     record = response.json()
     assert response.status_code == 200
-    assert set(record) == {"run_id", "graph_id", "status", "current_node", "iteration", "max_iterations", "timeout_s", "state",
+    assert set(record) == {"run_id", "graph_id", "status", "current_node", "next_node", "iteration", "max_iterations",
+                           "timeout_s", "state",
                            "logs", "error", "created_at", "started_at", "finished_at", "duration_ms", "engine_overhead_ms"}
     assert {k: record[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")} == {
         k: run[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")}
@@ -1002,7 +1015,7 @@ async def test_stream_before_during_and_after_a_run_gives_the_same_events(regist
 async def test_follow_sends_keep_alives_while_a_run_is_quiet(registry: we.Registry) -> None:
     engine = we.Engine(registry, settings=we.Settings(stream_keepalive_s=0.01))
     gates["quiet"] = Gate()
-    run = engine.start(we.GraphDefinition(graph_id="q", start_node="gate", nodes=("gate",)),
+    run = await engine.start(we.GraphDefinition(graph_id="q", start_node="gate", nodes=("gate",)),
                        we.WorkflowState(metadata={"gate": "quiet"}))
     await gates["quiet"].entered.wait()
     events = engine.follow(run.run_id)
@@ -1084,7 +1097,7 @@ async def test_app_shutdown_cancels_and_records_running_runs(registry: we.Regist
     app = we.create_app(registry=registry)
     gates["lifespan"] = Gate()
     async with app.router.lifespan_context(app):
-        run = engine_of(app).start(we.GraphDefinition(graph_id="l", start_node="gate", nodes=("gate",)),
+        run = await engine_of(app).start(we.GraphDefinition(graph_id="l", start_node="gate", nodes=("gate",)),
                                    we.WorkflowState(metadata={"gate": "lifespan"}))
         await gates["lifespan"].entered.wait()
     assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled at node 'gate'")
@@ -1095,7 +1108,7 @@ async def test_abandoned_stream_leaves_nothing_behind(registry: we.Registry) -> 
     """A client that goes away mid-stream neither holds the run back nor leaves a waiter after the run ends."""
     engine = we.Engine(registry)
     gates["abandoned"] = Gate()
-    run = engine.start(we.GraphDefinition(graph_id="a", start_node="gate", nodes=("gate", "inc"),
+    run = await engine.start(we.GraphDefinition(graph_id="a", start_node="gate", nodes=("gate", "inc"),
                                           edges={"gate": we.EdgeDef(default_next="inc")}),
                        we.WorkflowState(metadata={"gate": "abandoned"}))
     await gates["abandoned"].entered.wait()
@@ -1136,7 +1149,7 @@ async def test_get_graph_runs_lists_newest_first_with_filters(client: httpx.Asyn
         ("/graph/runs?limit=-1", [("$.query.limit", "expected an integer from 0 to 1000, got '-1'")]),
         ("/graph/runs?limit=1001", [("$.query.limit", "expected an integer from 0 to 1000, got '1001'")]),
         ("/graph/runs?status=done", [("$.query.status", "expected one of pending, running, completed, failed, "
-                                      "stopped_max_iterations, cancelled, timed_out, got 'done'")]),
+                                      "stopped_max_iterations, cancelled, timed_out, waiting, interrupted, got 'done'")]),
         ("/graph/list?colour=red", [("$.query.colour", "unknown query parameter")]),
         ("/graph/list?offset=x", [("$.query.offset", "expected an integer from 0 to 1000000000, got 'x'")]),
     ],
@@ -1154,6 +1167,142 @@ async def test_get_graph_list_pages_through_graphs(client: httpx.AsyncClient) ->
     page = (await client.get("/graph/list", params={"limit": 2, "offset": 1})).json()
     assert page == {"graphs": [{"graph_id": gid, "start_node": "inc", "nodes": ["inc", "second"]} for gid in ("b", "c")],
                     "total": 3, "limit": 2, "offset": 1}
+
+
+# ---------------------------------------------------------------------------
+# Human in the loop: interrupt_before, Interrupt, resume
+# ---------------------------------------------------------------------------
+async def test_interrupt_before_pauses_and_resume_runs_the_node(client: httpx.AsyncClient) -> None:
+    definition = graph(["inc", "double"], chain("inc", "double"), interrupt_before=["double"])
+    run = await create_and_run(client, definition, {"value": 4})
+    assert (run["status"], run["iteration"], steps(run)) == ("waiting", 1, [("inc", "executed")])
+    state = (await client.get(f"/graph/state/{run['run_id']}")).json()
+    assert (state["next_node"], state["current_node"]) == ("double", "inc")
+    resumed = await client.post(f"/graph/resume/{run['run_id']}", json={"updates": {"value": 10}})
+    body = resumed.json()
+    assert (resumed.status_code, body["status"], body["iteration"]) == (200, "completed", 2)
+    assert steps(body) == [("inc", "executed"), ("double", "resumed"), ("double", "executed")]
+    assert (body["logs"][1]["keys_changed"], body["logs"][1]["updates"]) == (["value"], {"value": 10})
+    assert {k: v for k, v in body["final_state"]["data"].items() if k != "thread"} == {"value": 20, "count": 1}
+
+
+async def test_node_interrupt_pauses_and_resume_runs_the_node_again(client: httpx.AsyncClient) -> None:
+    run = await create_and_run(client, graph(["approve", "inc"], chain("approve", "inc")))
+    assert (run["status"], run["error"], steps(run)) == ("waiting", None, [("approve", "interrupt")])
+    assert (run["logs"][0]["error"], run["logs"][0]["next"], run["final_state"]["data"]) == ("needs approval", "approve", {})
+    resumed = await client.post(f"/graph/resume/{run['run_id']}", json={"updates": {"approved": "ann"}, "wait": False})
+    assert (resumed.status_code, resumed.json()["status"]) == (202, "pending")
+    events = await stream_events(client, run["run_id"])
+    assert events[-1]["data"]["status"] == "completed"
+    assert events[-1]["data"]["state"]["data"] == {"approved": "ann", "outcome": "approved by ann", "count": 1}
+    assert [e["data"]["event"] for e in events if e["event"] == "log"] == ["interrupt", "resumed", "executed", "executed"]
+
+
+async def test_resume_refuses_runs_that_are_not_paused(client: httpx.AsyncClient) -> None:
+    run = await create_and_run(client, graph(["inc"]))
+    done = await client.post(f"/graph/resume/{run['run_id']}")
+    missing = await client.post("/graph/resume/nope", json={})
+    bad = await client.post(f"/graph/resume/{run['run_id']}", json={"updates": [1]})
+    assert (done.status_code, done.json()) == (409, error(
+        "run_conflict", f"run '{run['run_id']}' is completed; only a waiting or interrupted run can be resumed"))
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "run_not_found")
+    assert (bad.status_code, bad.json()) == (422, error("invalid_request", "the request has 1 problem",
+                                                        ("$.updates", "expected an object, got an array")))
+
+
+def test_validate_graph_checks_interrupt_before(registry: we.Registry) -> None:
+    definition = we.GraphDefinition(start_node="inc", nodes=("inc",), interrupt_before=("ghost",))
+    with pytest.raises(we.InvalidGraph) as caught:
+        we.validate_graph(definition, registry)
+    assert [(p.path, p.message) for p in caught.value.details] == [("$.interrupt_before[0]", "unknown node 'ghost'")]
+
+
+# ---------------------------------------------------------------------------
+# SQLite store
+# ---------------------------------------------------------------------------
+def dead_owner() -> str:
+    """The owner name of a process that has ended."""
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return f"{socket.gethostname()}:{process.stdout.strip()}:?"
+
+
+async def test_sqlite_store_keeps_graphs_and_runs_across_reopening(tmp_path: Path, registry: we.Registry) -> None:
+    path = tmp_path / "runs.db"
+    engine = we.Engine(registry, we.SqliteStore(path))
+    definition, created = await engine.create_graph(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc", "tidy"),
+                                                                        edges={"inc": we.EdgeDef(default_next="tidy")}))
+    run = await engine.run("g", we.WorkflowState(data={"temp": 1}, metadata={"who": "ann"}))
+    assert (created, run.status) == (True, we.RunStatus.COMPLETED)
+    await engine.shutdown()
+    reopened = we.SqliteStore(path)
+    try:
+        assert reopened.get_graph("g") == definition
+        assert reopened.get_run(run.run_id) == run
+        assert json.loads(reopened.get_run_json(run.run_id)) == we.converter.unstructure(run)
+        assert [s.run_id for s in reopened.list_runs(graph_id="g", status=we.RunStatus.COMPLETED)[0]] == [run.run_id]
+        assert reopened.counts() == (1, 1)
+        assert reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+        with pytest.raises(we.GraphConflict):
+            await reopened.add_graph(attrs.evolve(definition, max_iterations=3))
+        with pytest.raises(we.RunNotFound, match="run 'nope' does not exist"):
+            reopened.get_run("nope")
+    finally:
+        reopened.close()
+
+
+async def test_sqlite_store_commits_every_step(tmp_path: Path, registry: we.Registry) -> None:
+    """While a run waits in its second node, another connection already sees the first step and the state so far."""
+    path = tmp_path / "runs.db"
+    engine = we.Engine(registry, we.SqliteStore(path))
+    gates["sqlite"] = Gate()
+    run = await engine.start(we.GraphDefinition(graph_id="s", start_node="inc", nodes=("inc", "gate"),
+                                                edges={"inc": we.EdgeDef(default_next="gate")}),
+                             we.WorkflowState(metadata={"gate": "sqlite"}))
+    await gates["sqlite"].entered.wait()
+    other = we.SqliteStore(path)
+    seen = other.get_run(run.run_id)
+    assert (seen.status, seen.next_node, seen.state.data, [e.node for e in seen.logs]) == (
+        we.RunStatus.RUNNING, "gate", {"count": 1}, ["inc"])
+    gates["sqlite"].opened.set()
+    await engine.wait(run)
+    assert other.get_run(run.run_id).status is we.RunStatus.COMPLETED
+    other.close()
+    await engine.shutdown()
+
+
+async def test_sqlite_store_marks_runs_of_a_dead_process_interrupted_and_resumes_them(
+    tmp_path: Path, registry: we.Registry
+) -> None:
+    path = tmp_path / "runs.db"
+    store = we.SqliteStore(path)
+    definition = we.GraphDefinition(graph_id="r", start_node="inc", nodes=("inc", "double"),
+                                    edges={"inc": we.EdgeDef(default_next="double")})
+    await store.add_graph(definition)
+    run = we.new_run(definition, we.WorkflowState(data={"value": 2}))
+    run.status, run.next_node, run.iteration, run.state.data["count"] = we.RunStatus.RUNNING, "double", 1, 1
+    await store.save_run(run)
+    store._writer.execute("UPDATE runs SET owner = ? WHERE run_id = ?", (dead_owner(), run.run_id))
+    store.close()
+    engine = we.Engine(registry, we.SqliteStore(path))
+    recovered = engine.get_run(run.run_id)
+    assert (recovered.status, recovered.error) == (
+        we.RunStatus.INTERRUPTED, "the server stopped while the run was going; resume it to go on")
+    resumed = await engine.wait(await engine.resume(run.run_id))
+    assert (resumed.status, resumed.iteration, [e.node for e in resumed.logs]) == (we.RunStatus.COMPLETED, 2, ["double"])
+    assert {k: v for k, v in resumed.state.data.items() if k != "thread"} == {"value": 4, "count": 1}
+    with pytest.raises(we.RunConflict, match="is completed; only a waiting or interrupted run can be resumed"):
+        await engine.resume(run.run_id)
+    await engine.shutdown()
+
+
+async def test_sqlite_store_keeps_at_most_max_runs_finished(tmp_path: Path, registry: we.Registry) -> None:
+    engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db", max_runs=3))
+    definition = we.GraphDefinition(graph_id="m", start_node="inc", nodes=("inc",))
+    runs = [await engine.run(definition) for _ in range(5)]
+    summaries, total = engine.store.list_runs()
+    assert ([s.run_id for s in summaries], total) == ([r.run_id for r in reversed(runs[2:])], 3)
+    assert engine.store._reader.execute("SELECT COUNT(*) FROM logs").fetchone() == (3,)
+    await engine.shutdown()
 
 
 # ---------------------------------------------------------------------------
@@ -1208,7 +1357,7 @@ def test_default_app_loads_the_code_review_workflow() -> None:
     """The one test of the module-level `app`: the default wiring registers the example and its graph."""
     engine = we.app.state.engine
     assert engine.registry.has_node("extract_functions")
-    assert engine.store.get_graph("code_review").start_node == "extract_functions"
+    assert engine.get_graph("code_review").start_node == "extract_functions"
 
 
 def readme_block(opening: str) -> str:
@@ -1559,6 +1708,7 @@ async def test_code_review_graph_definition_is_served(review_client: httpx.Async
                                  "branches": [{"condition": "quality_below_threshold", "target": "detect_issues"}]},
         },
         "max_iterations": None,
+        "interrupt_before": [],
     }
 
 

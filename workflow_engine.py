@@ -36,10 +36,14 @@ import math
 import os
 import re
 import secrets
+import socket
+import sqlite3
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -116,6 +120,8 @@ MAX_CONCURRENT_RUNS = 1_000  # runs executing at once; more wait as `pending`
 MAX_PENDING_RUNS = 10_000  # runs waiting for a slot; beyond this a new run is refused with 503
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait
 STREAM_KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
+STREAM_POLL_S = 0.25  # how often a stream reads the store for a run that another process executes
+SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's write to finish
 MAX_PAGE = 1_000  # most items one list request returns
 MAX_TIMEOUT_S = 86_400.0  # longest timeout or backoff a graph or run may ask for
 MAX_ATTEMPTS = 100  # most tries a retry policy may ask for
@@ -277,6 +283,14 @@ class BodyTooLarge(EngineError):
         super().__init__(f"the request body is over the limit of {limit} bytes")
 
 
+class Interrupt(Exception):
+    """Raised by a node to pause its run for a person: the run ends `waiting`, and a resume runs the node again."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def _count(items: list[Any], noun: str) -> str:
     return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
 
@@ -296,11 +310,23 @@ class RunStatus(enum.Enum):
     STOPPED_MAX_ITERATIONS = "stopped_max_iterations"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
+    WAITING = "waiting"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def is_active(self) -> bool:
+        """True while the run waits for a slot or executes."""
+        return self is RunStatus.PENDING or self is RunStatus.RUNNING
+
+    @property
+    def is_resumable(self) -> bool:
+        """True when the run stopped part-way (for a person, or because its process died) and may be resumed."""
+        return self is RunStatus.WAITING or self is RunStatus.INTERRUPTED
 
     @property
     def is_terminal(self) -> bool:
-        """True once the run has ended and will not change again."""
-        return self is not RunStatus.PENDING and self is not RunStatus.RUNNING
+        """True once the run has ended for good and will not change again."""
+        return not self.is_active and not self.is_resumable
 
 
 @enum.unique
@@ -312,6 +338,8 @@ class LogEvent(enum.Enum):
     RETRY = "retry"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
+    INTERRUPT = "interrupt"
+    RESUMED = "resumed"
 
 
 def _positive(instance: object, attribute: attrs.Attribute, value: int | None) -> None:
@@ -403,6 +431,7 @@ class GraphDefinition:
     nodes: tuple[str | NodeDef, ...]
     edges: dict[str, EdgeDef] = attrs.field(factory=dict)
     max_iterations: int | None = attrs.field(default=None, validator=_positive)
+    interrupt_before: tuple[str, ...] = ()
 
     @functools.cached_property
     def node_defs(self) -> dict[str, NodeDef]:
@@ -444,6 +473,7 @@ class RunContext:
     graph_id: str
     status: RunStatus = RunStatus.PENDING
     current_node: str | None = None
+    next_node: str | None = None  # the node to execute next; where a resumed run goes on
     iteration: int = 0
     max_iterations: int = MAX_ITERATIONS
     timeout_s: float | None = None
@@ -464,6 +494,15 @@ class RunRequest:
     graph_id: str
     state: WorkflowState = attrs.field(factory=WorkflowState)
     max_iterations: int | None = attrs.field(default=None, validator=_positive)
+    timeout_s: float | None = attrs.field(default=None, validator=_seconds)
+    wait: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class ResumeRequest:
+    """The body of `POST /graph/resume/{run_id}`; `updates` are merged into `state.data` first."""
+
+    updates: dict[str, Any] = attrs.field(factory=dict)
     timeout_s: float | None = attrs.field(default=None, validator=_seconds)
     wait: bool = True
 
@@ -592,6 +631,7 @@ class Settings:
     max_concurrent_runs: int = attrs.field(default=MAX_CONCURRENT_RUNS, validator=_positive)
     max_pending_runs: int = attrs.field(default=MAX_PENDING_RUNS, validator=_positive)
     stream_keepalive_s: float = attrs.field(default=STREAM_KEEPALIVE_S, validator=_seconds)
+    db_path: str | None = None  # a SQLite file to keep graphs and runs in; None keeps them in memory
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
     workflow_modules: tuple[str, ...] | None = None
 
@@ -837,6 +877,8 @@ def validate_graph(
 ) -> None:
     """Raise InvalidGraph listing every problem of `graph` against the names in `registry`."""
     problems = [*_id_problems(graph), *_node_problems(graph, registry), *_edge_problems(graph, registry)]
+    problems += [Problem(f"$.interrupt_before[{index}]", f"unknown node {name!r}")
+                 for index, name in enumerate(graph.interrupt_before) if name not in graph.node_defs]
     if graph.max_iterations is not None and graph.max_iterations > max_iterations_cap:
         problems.append(Problem("$.max_iterations", f"must be at most {max_iterations_cap}"))
     if problems:
@@ -915,6 +957,7 @@ class _StepFailed(Exception):
 
 
 OnChange = Callable[["RunContext"], None]
+Checkpoint = Callable[["RunContext"], Awaitable[None]]
 
 
 def _ignore(run: RunContext) -> None:
@@ -959,21 +1002,25 @@ async def run_graph(
 
 
 async def execute_run(
-    run: RunContext, graph: GraphDefinition, registry: Registry, *, on_change: OnChange = _ignore
+    run: RunContext, graph: GraphDefinition, registry: Registry, *,
+    on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None,
 ) -> RunContext:
-    """Drive the pending `run` through `graph`, updating it in place after every step; return it.
+    """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
 
-    `on_change(run)` is called after every log entry and status change. A run over its `timeout_s` ends
-    `timed_out`; a cancelled run ends `cancelled` and the CancelledError propagates once that is recorded.
+    `on_change(run)` is called after every log entry and status change, and `checkpoint(run)` awaited after every
+    step (a durable store commits it there). A run over its `timeout_s` ends `timed_out`; a cancelled run ends
+    `cancelled` and the CancelledError propagates once that is recorded. Return the run.
     """
-    run.status, run.started_at = RunStatus.RUNNING, _now()
+    is_resumed = run.next_node is not None
+    run.next_node = run.next_node or graph.start_node
+    run.status, run.started_at = RunStatus.RUNNING, run.started_at or _now()
     on_change(run)
     clock = time.perf_counter()
     # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
     deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
     try:
         async with deadline or contextlib.nullcontext():
-            await _drive(run, graph, registry, on_change, deadline)
+            await _drive(run, graph, registry, _Hooks(on_change, checkpoint, deadline), is_resumed)
     except TimeoutError:
         run.status, run.error = RunStatus.TIMED_OUT, f"the run took longer than its timeout_s of {run.timeout_s} s"
     except asyncio.CancelledError:
@@ -981,40 +1028,53 @@ async def execute_run(
         raise
     finally:
         run.finished_at = _now()
-        run.duration_ms = _ms_since(clock)
+        run.duration_ms += _ms_since(clock)
         run.engine_overhead_ms = max(run.duration_ms - sum(entry.duration_ms for entry in run.logs), 0.0)
         on_change(run)
     return run
 
 
-async def _drive(
-    run: RunContext, graph: GraphDefinition, registry: Registry, on_change: OnChange, deadline: asyncio.Timeout | None
-) -> None:
-    """Execute nodes from the start node until the run ends; set its final status."""
+@attrs.frozen
+class _Hooks:
+    on_change: OnChange
+    checkpoint: Checkpoint | None
+    deadline: asyncio.Timeout | None
+
+
+async def _drive(run: RunContext, graph: GraphDefinition, registry: Registry, hooks: _Hooks, is_resumed: bool) -> None:
+    """Execute nodes from `run.next_node` until the run ends or pauses; set its status."""
     contexts: dict[str, NodeContext] = {}
-    name: str | None = graph.start_node
-    while name is not None:
+    while (name := run.next_node) is not None:
         if run.iteration >= run.max_iterations:
             run.status = RunStatus.STOPPED_MAX_ITERATIONS
             return
+        if name in graph.interrupt_before and not is_resumed:
+            run.status = RunStatus.WAITING
+            return
+        is_resumed = False  # only the first node of a resumed run passes its interrupt_before
         run.iteration += 1
         run.current_node = name
         ctx = contexts.get(name) or contexts.setdefault(name, _node_context(run, graph.node_defs[name], registry))
         clock = time.perf_counter()
         try:
-            entry = await _run_node(run, graph.node_defs[name], registry, ctx, on_change)
+            entry = await _run_node(run, graph.node_defs[name], registry, ctx, hooks.on_change)
         except asyncio.CancelledError:
-            timed_out = deadline is not None and deadline.expired()
+            timed_out = hooks.deadline is not None and hooks.deadline.expired()
             run.logs.append(_interrupted(run, name, clock, LogEvent.TIMED_OUT if timed_out else LogEvent.CANCELLED))
-            on_change(run)
+            hooks.on_change(run)
             raise
         _route(run, graph.edges.get(name), entry, registry)
         run.logs.append(entry)
-        on_change(run)
-        if entry.event is LogEvent.ERROR and entry.next is None:
+        run.next_node = entry.next
+        if entry.event is LogEvent.INTERRUPT:
+            run.status = RunStatus.WAITING
+        elif entry.event is LogEvent.ERROR and entry.next is None:
             run.status, run.error = RunStatus.FAILED, entry.error
+        hooks.on_change(run)
+        if hooks.checkpoint is not None:
+            await hooks.checkpoint(run)
+        if run.status is not RunStatus.RUNNING:
             return
-        name = entry.next
     run.status = RunStatus.COMPLETED
 
 
@@ -1032,6 +1092,9 @@ def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> L
 
 def _route(run: RunContext, edge: EdgeDef | None, entry: LogEntry, registry: Registry) -> None:
     """Complete `entry` with the next node: a branch or the default after success, `on_error` after a failure."""
+    if entry.event is LogEvent.INTERRUPT:
+        entry.next = entry.node  # a resume runs the node again
+        return
     if entry.event is LogEvent.ERROR:
         if edge is not None and edge.on_error is not None:
             _recover(run, entry, edge.on_error)
@@ -1069,6 +1132,10 @@ async def _run_node(
         except asyncio.CancelledError:
             run.state.data = before  # the run ends here (cancelled or timed out) with the data of its last step
             raise
+        except Interrupt as interrupt:
+            run.state.data = before
+            return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.INTERRUPT, started_at=started_at,
+                            duration_ms=_ms_since(clock), error=interrupt.reason or None, attempt=attempt)
         except Exception as exc:  # a failing node is recorded, never raised
             run.state.data = before
             message = str(exc) if isinstance(exc, _StepFailed) else f"node {node.name!r} raised {_describe(exc)}"
@@ -1161,9 +1228,11 @@ def _copy_json(value: Any) -> Any:
 # ---------------------------------------------------------------------------
 # Store
 # ---------------------------------------------------------------------------
-# The store's methods never await, so no other task can see it between a read and a write. A finished run is kept as
-# its summary plus its record as compressed JSON: a fifth of the memory of the objects, nothing for the garbage
-# collector to scan again and again, and ready to send as it is.
+# Two stores share one interface: reads are plain calls, writes are awaited. MemoryStore never awaits, so no other
+# task can see it between a read and a write. SqliteStore reads on the caller's thread (WAL readers never wait for
+# writers) and writes on one thread of its own, so a busy database never stalls the event loop. A finished run is
+# kept as compact JSON: a fifth of the memory of its objects, nothing for the garbage collector to scan again and
+# again, and ready to send as it is.
 def summarize(run: RunContext) -> RunSummary:
     """The few fields of a run that lists show and filter on."""
     return RunSummary(run_id=run.run_id, graph_id=run.graph_id, status=run.status, current_node=run.current_node,
@@ -1175,6 +1244,10 @@ def dump_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
+def _not_resumable(run_id: str, status: RunStatus) -> RunConflict:
+    return RunConflict(f"run {run_id!r} is {status.value}; only a waiting or interrupted run can be resumed")
+
+
 @attrs.frozen
 class _StoredRun:
     summary: RunSummary
@@ -1182,16 +1255,21 @@ class _StoredRun:
 
 
 class MemoryStore:
-    """Graphs and runs in memory: at most `max_runs` finished runs (oldest evicted first) and `max_graphs` graphs."""
+    """Graphs and runs in memory: at most `max_runs` finished runs (oldest evicted first) and `max_graphs` graphs.
+
+    Runs that are still going, waiting or interrupted are never evicted.
+    """
+
+    is_durable = False
 
     def __init__(self, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> None:
         self.max_runs = max_runs
         self.max_graphs = max_graphs
         self._graphs: dict[str, GraphDefinition] = {}
-        self._runs: dict[str, RunContext | _StoredRun] = {}  # oldest first; a run still going is the live object
-        self._finished: dict[str, None] = {}  # finished run ids, oldest first; running runs are never evicted
+        self._runs: dict[str, RunContext | _StoredRun] = {}  # oldest first; a run not yet finished is the live object
+        self._finished: dict[str, None] = {}  # finished run ids, oldest first
 
-    def add_graph(self, graph: GraphDefinition) -> bool:
+    async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
         assert graph.graph_id is not None
         stored = self._graphs.get(graph.graph_id)
@@ -1211,8 +1289,12 @@ class MemoryStore:
         except KeyError:
             raise GraphNotFound(graph_id) from None
 
-    def put_run(self, run: RunContext) -> None:
-        """Store `run`, new or updated; once it is finished it is frozen and may be evicted to keep the store bounded."""
+    def list_graphs(self, *, limit: int = 50, offset: int = 0) -> tuple[list[GraphDefinition], int]:
+        """Return a page of graphs in the order they were created, and how many there are."""
+        return list(itertools.islice(self._graphs.values(), offset, offset + limit)), len(self._graphs)
+
+    async def save_run(self, run: RunContext) -> None:
+        """Store `run`, new or updated; once finished it is frozen and may be evicted to keep the store bounded."""
         if not run.status.is_terminal:
             self._runs[run.run_id] = run
             return
@@ -1224,12 +1306,20 @@ class MemoryStore:
                 oldest = next(iter(self._finished))
                 del self._finished[oldest], self._runs[oldest]
 
+    async def claim_resumable(self, run_id: str, owner: str) -> RunContext:
+        """Mark a waiting or interrupted run pending again and return it; raise RunConflict for any other status."""
+        run = self.get_run(run_id)
+        if not run.status.is_resumable:
+            raise _not_resumable(run_id, run.status)
+        run.status = RunStatus.PENDING
+        return run
+
     def has_run(self, run_id: str) -> bool:
         """Whether a run is stored as `run_id`."""
         return run_id in self._runs
 
     def get_run(self, run_id: str) -> RunContext:
-        """Return the run stored as `run_id` (the live record while it runs, a copy once finished)."""
+        """Return the run stored as `run_id` (the live record until it finishes, then a copy)."""
         entry = self._entry(run_id)
         if isinstance(entry, RunContext):
             return entry
@@ -1250,19 +1340,264 @@ class MemoryStore:
                    if (graph_id is None or summary.graph_id == graph_id) and (status is None or summary.status is status)]
         return matches[offset:offset + limit], len(matches)
 
+    def counts(self) -> tuple[int, int]:
+        """Return how many graphs and runs are stored."""
+        return len(self._graphs), len(self._runs)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
     def _entry(self, run_id: str) -> RunContext | _StoredRun:
         try:
             return self._runs[run_id]
         except KeyError:
             raise RunNotFound(run_id) from None
 
+
+def process_owner() -> str:
+    """Name this process so that another can later tell whether it still lives: host, pid and start time."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def _start_ticks(pid: int) -> str:
+    # Field 22 of /proc/PID/stat is when the process started, which tells a reused pid from the original.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _owner_is_alive(owner: str | None) -> bool:
+    host, _, rest = (owner or "").partition(":")
+    pid, _, ticks = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return host != socket.gethostname() and bool(host)  # another machine's process cannot be checked: trust it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return ticks in ("?", _start_ticks(int(pid)))
+
+
+_SCHEMA = (  # version 1; a later version appends its statements as a new entry of _MIGRATIONS
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE graphs (seq INTEGER PRIMARY KEY AUTOINCREMENT, graph_id TEXT NOT NULL UNIQUE, definition TEXT NOT NULL)",
+    "CREATE TABLE runs (seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL UNIQUE, graph_id TEXT NOT NULL,"
+    " status TEXT NOT NULL, owner TEXT, head TEXT NOT NULL)",
+    "CREATE INDEX runs_by_status ON runs (status, seq)",
+    "CREATE INDEX runs_by_graph ON runs (graph_id, seq)",
+    "CREATE TABLE logs (run_id TEXT NOT NULL, position INTEGER NOT NULL, entry TEXT NOT NULL,"
+    " PRIMARY KEY (run_id, position)) WITHOUT ROWID",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA,)
+_TERMINAL = tuple(status.value for status in RunStatus if status.is_terminal)
+_SUMMARY_FIELDS = tuple(field.name for field in attrs.fields(RunSummary))
+
+
+class SqliteStore:
+    """Graphs and runs in a SQLite file (WAL) that several server processes can share.
+
+    Every step of a run is committed in one transaction (its record and its new log entries), so a crash loses at
+    most the step that was executing. Opening the file creates or migrates the schema, then marks the runs whose
+    process is gone as `interrupted`. At most `max_runs` finished runs are kept, the oldest deleted first.
+    """
+
+    is_durable = True
+
+    def __init__(self, path: str | os.PathLike[str], *, max_runs: int = MAX_STORED_RUNS,
+                 max_graphs: int = MAX_STORED_GRAPHS) -> None:
+        self.path, self.max_runs, self.max_graphs = str(path), max_runs, max_graphs
+        self._reader = self._connect()  # the caller's thread
+        self._writer = self._connect()  # only ever used on self._thread
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-sqlite")
+        self._saved_logs: dict[str, int] = {}  # log entries already written, by run id
+        self._graph_cache: dict[str, GraphDefinition] = {}  # stored graphs never change
+        self._migrate()
+        self._recover()
+
+    async def add_graph(self, graph: GraphDefinition) -> bool:
+        """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
+        assert graph.graph_id is not None
+        stored = await self._write(self._insert_graph, graph.graph_id, dump_json(converter.unstructure(graph)))
+        if stored is not None and converter.structure(json.loads(stored), GraphDefinition) != graph:
+            raise GraphConflict(graph.graph_id)
+        return stored is None
+
+    def get_graph(self, graph_id: str) -> GraphDefinition:
+        """Return the graph stored as `graph_id`, or raise GraphNotFound."""
+        graph = self._graph_cache.get(graph_id)
+        if graph is None:
+            row = self._reader.execute("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+            if row is None:
+                raise GraphNotFound(graph_id)
+            graph = self._graph_cache[graph_id] = converter.structure(json.loads(row[0]), GraphDefinition)
+        return graph
+
     def list_graphs(self, *, limit: int = 50, offset: int = 0) -> tuple[list[GraphDefinition], int]:
         """Return a page of graphs in the order they were created, and how many there are."""
-        return list(itertools.islice(self._graphs.values(), offset, offset + limit)), len(self._graphs)
+        with self._reading() as db:
+            rows = db.execute("SELECT definition FROM graphs ORDER BY seq LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+            total = db.execute("SELECT COUNT(*) FROM graphs").fetchone()[0]
+        return [converter.structure(json.loads(row[0]), GraphDefinition) for row in rows], total
+
+    async def save_run(self, run: RunContext) -> None:
+        """Commit `run`'s record and its log entries not yet written, in one transaction."""
+        saved = self._saved_logs.get(run.run_id, 0)
+        head = converter.unstructure(attrs.evolve(run, logs=[]))
+        del head["logs"]
+        entries = [(run.run_id, position, dump_json(converter.unstructure(entry)))
+                   for position, entry in enumerate(run.logs[saved:], start=saved)]
+        owner = None if not run.status.is_active else process_owner()
+        await self._write(self._upsert_run, run, dump_json(head), entries, owner)
+        self._saved_logs[run.run_id] = len(run.logs)
+        if not run.status.is_active:
+            del self._saved_logs[run.run_id]
+
+    async def claim_resumable(self, run_id: str, owner: str) -> RunContext:
+        """Mark a waiting or interrupted run pending for this process and return it; raise RunConflict otherwise."""
+        await self._write(self._claim, run_id, owner)
+        run = self.get_run(run_id)
+        self._saved_logs[run_id] = len(run.logs)
+        return run
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether a run is stored as `run_id`."""
+        return self._reader.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
+
+    def get_run(self, run_id: str) -> RunContext:
+        """Return a copy of the run stored as `run_id`, or raise RunNotFound."""
+        return converter.structure(self._record(run_id), RunContext)
+
+    def get_run_json(self, run_id: str) -> bytes:
+        """Return the record of the run stored as `run_id` as JSON, or raise RunNotFound."""
+        return dump_json(self._record(run_id))
+
+    def list_runs(
+        self, *, graph_id: str | None = None, status: RunStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[RunSummary], int]:
+        """Return a page of run summaries, newest first, that match the filters, and how many match in all."""
+        # The SQL below is assembled from constant fragments only; every value is a bound parameter.
+        where = "WHERE (?1 IS NULL OR graph_id = ?1) AND (?2 IS NULL OR status = ?2)"
+        values = (graph_id, None if status is None else status.value)
+        with self._reading() as db:
+            rows = db.execute(f"SELECT head FROM runs {where} ORDER BY seq DESC LIMIT ?3 OFFSET ?4",
+                              (*values, limit, offset)).fetchall()
+            total = db.execute(f"SELECT COUNT(*) FROM runs {where}", values).fetchone()[0]
+        heads = (json.loads(row[0]) for row in rows)
+        return [converter.structure({k: head[k] for k in _SUMMARY_FIELDS}, RunSummary) for head in heads], total
 
     def counts(self) -> tuple[int, int]:
         """Return how many graphs and runs are stored."""
-        return len(self._graphs), len(self._runs)
+        with self._reading() as db:
+            return (db.execute("SELECT COUNT(*) FROM graphs").fetchone()[0],
+                    db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+
+    def close(self) -> None:
+        """Finish pending writes and close the database."""
+        self._thread.shutdown(wait=True)
+        self._reader.close()
+        self._writer.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_S)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process crash loses no committed transaction
+        return db
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        # One read transaction, so that related rows come from the same committed state.
+        self._reader.execute("BEGIN")
+        try:
+            yield self._reader
+        finally:
+            self._reader.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._writer
+        except BaseException:
+            self._writer.execute("ROLLBACK")
+            raise
+        self._writer.execute("COMMIT")
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _record(self, run_id: str) -> dict[str, Any]:
+        with self._reading() as db:
+            row = db.execute("SELECT head FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            entries = db.execute("SELECT entry FROM logs WHERE run_id = ? ORDER BY position", (run_id,)).fetchall()
+        if row is None:
+            raise RunNotFound(run_id)
+        return {**json.loads(row[0]), "logs": [json.loads(entry) for (entry,) in entries]}
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is not None
+            version = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) if has_meta else 0
+            if version > len(_MIGRATIONS):
+                raise RuntimeError(f"{self.path} has schema version {version}, newer than this code's {len(_MIGRATIONS)}")
+            for statements in _MIGRATIONS[version:]:
+                for statement in statements:
+                    db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(len(_MIGRATIONS)),))
+
+    def _recover(self) -> None:
+        """Mark runs left pending or running by a process that is gone as `interrupted`, keeping state and logs."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT run_id, owner, head FROM runs WHERE status IN ('pending', 'running')").fetchall()
+            for run_id, owner, head in rows:
+                if _owner_is_alive(owner):
+                    continue
+                record = {**json.loads(head), "status": RunStatus.INTERRUPTED.value,
+                          "error": "the server stopped while the run was going; resume it to go on"}
+                db.execute("UPDATE runs SET status = ?, owner = NULL, head = ? WHERE run_id = ?",
+                           (RunStatus.INTERRUPTED.value, dump_json(record), run_id))
+
+    def _insert_graph(self, graph_id: str, definition: bytes) -> bytes | None:
+        with self._transaction() as db:
+            row = db.execute("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+            if row is not None:
+                return row[0]
+            if db.execute("SELECT COUNT(*) FROM graphs").fetchone()[0] >= self.max_graphs:
+                raise StoreFull(self.max_graphs)
+            db.execute("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)", (graph_id, definition))
+            return None
+
+    def _upsert_run(self, run: RunContext, head: bytes, entries: list[tuple[str, int, bytes]], owner: str | None) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT INTO runs (run_id, graph_id, status, owner, head) VALUES (?, ?, ?, ?, ?)"
+                       " ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, owner = excluded.owner,"
+                       " head = excluded.head", (run.run_id, run.graph_id, run.status.value, owner, head))
+            db.executemany("INSERT OR REPLACE INTO logs (run_id, position, entry) VALUES (?, ?, ?)", entries)
+            if run.status.is_terminal:
+                self._evict(db)
+
+    def _evict(self, db: sqlite3.Connection) -> None:
+        marks = ", ".join("?" * len(_TERMINAL))
+        old = (f"SELECT run_id FROM runs WHERE status IN ({marks}) ORDER BY seq DESC LIMIT -1 OFFSET ?")
+        db.execute(f"DELETE FROM logs WHERE run_id IN ({old})", (*_TERMINAL, self.max_runs))
+        db.execute(f"DELETE FROM runs WHERE run_id IN ({old})", (*_TERMINAL, self.max_runs))
+
+    def _claim(self, run_id: str, owner: str) -> None:
+        with self._transaction() as db:
+            row = db.execute("SELECT status, head FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(run_id)
+            status = RunStatus(row[0])
+            if not status.is_resumable:
+                raise _not_resumable(run_id, status)
+            record = {**json.loads(row[1]), "status": RunStatus.PENDING.value}
+            db.execute("UPDATE runs SET status = ?, owner = ?, head = ? WHERE run_id = ?",
+                       (RunStatus.PENDING.value, owner, dump_json(record), run_id))
+
+
+Store = MemoryStore | SqliteStore
 
 
 # ---------------------------------------------------------------------------
@@ -1271,43 +1606,100 @@ class MemoryStore:
 class Engine:
     """The core the HTTP layer calls: it validates and stores graphs, and starts, tracks, streams and cancels runs.
 
-    Every run executes in a task the engine keeps until it ends; at most `settings.max_concurrent_runs` execute at
-    once, the rest wait as `pending`, and with `settings.max_pending_runs` waiting a new run is refused (Busy).
+    Graphs registered in code (`registry.add_graph`) are always available and never stored. Every run executes in a
+    task the engine keeps until it ends; at most `settings.max_concurrent_runs` execute at once, the rest wait as
+    `pending`, and with `settings.max_pending_runs` waiting a new run is refused (Busy).
     """
 
-    def __init__(self, registry: Registry, store: MemoryStore | None = None, settings: Settings | None = None) -> None:
+    def __init__(self, registry: Registry, store: Store | None = None, settings: Settings | None = None) -> None:
         self.registry = registry
         self.settings = settings or Settings()
         self.store = store or MemoryStore(max_runs=self.settings.max_runs, max_graphs=self.settings.max_graphs)
+        self.owner = process_owner()
+        self._builtin: dict[str, GraphDefinition] = {}
+        for graph in registry.graphs:
+            validate_graph(graph, registry, max_iterations_cap=self.settings.max_iterations_cap)
+            self._builtin[graph.graph_id or ""] = graph
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._live: dict[str, RunContext] = {}  # runs this process executes, from start to their final save
+        self._saves: set[asyncio.Task[None]] = set()  # final saves of runs cancelled before they began
         self._changed: dict[str, asyncio.Event] = {}  # set (and dropped) at a run's next change; streams wait on it
         self._is_closing = False
 
-    def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool]:
+    async def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool]:
         """Validate and store `graph` (a new id if it has none); return it and whether it was new."""
         validate_graph(graph, self.registry, max_iterations_cap=self.settings.max_iterations_cap)
         if graph.graph_id is None:
             graph = attrs.evolve(graph, graph_id=_new_id())
-        return graph, self.store.add_graph(graph)
+        builtin = self._builtin.get(graph.graph_id or "")
+        if builtin is not None:
+            if builtin != graph:
+                raise GraphConflict(graph.graph_id or "")
+            return graph, False
+        return graph, await self.store.add_graph(graph)
 
-    def start(
+    def get_graph(self, graph_id: str) -> GraphDefinition:
+        """Return a registered or stored graph, or raise GraphNotFound."""
+        return self._builtin.get(graph_id) or self.store.get_graph(graph_id)
+
+    def list_graphs(self, *, limit: int, offset: int) -> tuple[list[GraphDefinition], int]:
+        """Return a page of graphs, registered ones first, and how many there are."""
+        builtin = list(self._builtin.values())
+        page = builtin[offset:offset + limit]
+        stored, total = self.store.list_graphs(limit=limit - len(page), offset=max(offset - len(builtin), 0))
+        return page + stored, len(builtin) + total
+
+    def counts(self) -> tuple[int, int]:
+        """Return how many graphs (registered and stored) and runs there are."""
+        graphs, runs = self.store.counts()
+        return graphs + len(self._builtin), runs
+
+    def get_run(self, run_id: str) -> RunContext:
+        """Return a run's record: the live one while this process executes it, else the stored one."""
+        return self._live.get(run_id) or self.store.get_run(run_id)
+
+    def get_run_json(self, run_id: str) -> bytes:
+        """Return a run's record as JSON."""
+        live = self._live.get(run_id)
+        return self.store.get_run_json(run_id) if live is None else dump_json(converter.unstructure(live))
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether a run exists, here or in the store."""
+        return run_id in self._live or self.store.has_run(run_id)
+
+    async def start(
         self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
         max_iterations: int | None = None, timeout_s: float | None = None,
     ) -> RunContext:
         """Start a run of a stored graph (by id) or a given definition in the background; return its record."""
-        if self._is_closing or len(self._tasks) >= self.settings.max_concurrent_runs + self.settings.max_pending_runs:
-            raise Busy("the server is shutting down" if self._is_closing else "too many runs are waiting; retry later")
+        self._check_room()
         if isinstance(graph, str):
-            graph = self.store.get_graph(graph)
+            graph = self.get_graph(graph)
         else:
             validate_graph(graph, self.registry, max_iterations_cap=self.settings.max_iterations_cap)
         limit = self._max_iterations(graph, max_iterations)
         run = new_run(graph, state or WorkflowState(), max_iterations=limit, timeout_s=timeout_s)
-        self.store.put_run(run)
-        task = asyncio.create_task(self._execute(run, graph), name=f"run {run.run_id}")
-        task.add_done_callback(functools.partial(self._finish, run))
-        self._tasks[run.run_id] = task
+        await self.store.save_run(run)
+        self._launch(run, graph)
+        return run
+
+    async def resume(self, run_id: str, updates: dict[str, Any] | None = None, *,
+                     timeout_s: float | None = None) -> RunContext:
+        """Go on with a waiting or interrupted run from its next node, after merging `updates` into its data."""
+        self._check_room()
+        problem = json_problem(updates or {})
+        if problem:
+            raise InvalidRequest([Problem("$.updates", problem)])
+        run = await self.store.claim_resumable(run_id, self.owner)
+        if updates:
+            run.state.data.update(_copy_json(updates))
+            run.logs.append(LogEntry(iteration=run.iteration, node=run.next_node or "", event=LogEvent.RESUMED,
+                                     started_at=_now(), duration_ms=0.0, keys_changed=tuple(updates),
+                                     updates=_copy_json(updates)))
+        run.error, run.finished_at = None, None
+        run.timeout_s = timeout_s if timeout_s is not None else run.timeout_s
+        self._launch(run, self.get_graph(run.graph_id))
         return run
 
     async def run(
@@ -1315,47 +1707,84 @@ class Engine:
         max_iterations: int | None = None, timeout_s: float | None = None,
     ) -> RunContext:
         """Run to the end and return the finished record; cancelling the caller does not cancel the run."""
-        run = self.start(graph, state, max_iterations=max_iterations, timeout_s=timeout_s)
-        await asyncio.wait([self._tasks[run.run_id]])  # unlike awaiting the task, never cancels it nor raises
+        return await self.wait(await self.start(graph, state, max_iterations=max_iterations, timeout_s=timeout_s))
+
+    async def wait(self, run: RunContext) -> RunContext:
+        """Wait until the run stops (ends, pauses or fails) and its record is saved; return it."""
+        task = self._tasks.get(run.run_id)
+        if task is not None:
+            await asyncio.wait([task])  # unlike awaiting the task, never cancels it nor raises
         return run
 
     async def cancel(self, run_id: str) -> RunContext:
         """Cancel a pending or running run and return its record once the cancellation is recorded."""
-        run = self.store.get_run(run_id)
         task = self._tasks.get(run_id)
         if task is None:
-            raise RunConflict(f"run {run_id!r} has already ended as {run.status.value}")
+            run = self.store.get_run(run_id)
+            where = "has already ended as" if not run.status.is_active else "is executed by another process, status"
+            raise RunConflict(f"run {run_id!r} {where} {run.status.value}")
+        run = self._live[run_id]
         task.cancel()
         await asyncio.wait([task])
         return run
 
     def follow(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent | None]:
-        """Return the run's events after id `after`, live until it ends; None marks a quiet keep-alive interval."""
-        return self._follow(self.store.get_run(run_id), after)
+        """Return the run's events after id `after`, live until it stops; None marks a quiet keep-alive interval."""
+        return self._follow(self.get_run(run_id), after)
 
     async def shutdown(self) -> None:
-        """Refuse new runs, cancel the ones still pending or running, and wait until each has been recorded."""
+        """Refuse new runs, cancel the ones still pending or running, wait until each is saved, close the store."""
         self._is_closing = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._saves, return_exceptions=True)
+        self.store.close()
+
+    def _check_room(self) -> None:
+        if self._is_closing or len(self._tasks) >= self.settings.max_concurrent_runs + self.settings.max_pending_runs:
+            raise Busy("the server is shutting down" if self._is_closing else "too many runs are waiting; retry later")
+
+    def _launch(self, run: RunContext, graph: GraphDefinition) -> None:
+        self._live[run.run_id] = run
+        task = asyncio.create_task(self._execute(run, graph), name=f"run {run.run_id}")
+        task.add_done_callback(functools.partial(self._finish, run))
+        self._tasks[run.run_id] = task
 
     async def _execute(self, run: RunContext, graph: GraphDefinition) -> None:
-        async with self._slots:
-            await execute_run(run, graph, self.registry, on_change=self._notify)
+        checkpoint = self.store.save_run if self.store.is_durable else None
+        try:
+            async with self._slots:
+                await execute_run(run, graph, self.registry, on_change=self._notify, checkpoint=checkpoint)
+        except Exception:  # a bug in the engine: a node's failure is recorded by the runner, never raised
+            logger.exception("run %s crashed", run.run_id)
+            run.status, run.error = RunStatus.FAILED, "internal error; see the server log"
+        finally:
+            self._mark_cancelled_before_start(run)
+            await asyncio.shield(self._save_final(run))
 
     def _finish(self, run: RunContext, task: asyncio.Task[None]) -> None:
-        """Record how a run's task ended; a task cancelled before it started never ran any of its own code."""
+        """Forget the run's task; a task cancelled before it began never ran its own code, so save it here."""
         del self._tasks[run.run_id]
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("run %s crashed", run.run_id, exc_info=task.exception())
-            run.status, run.error = RunStatus.FAILED, "internal error; see the server log"
-        if not run.status.is_terminal:
-            run.status, run.error = RunStatus.CANCELLED, "the run was cancelled before it started"
-        run.finished_at = run.finished_at or _now()
-        self.store.put_run(run)
-        self._notify(run)
+        if self._mark_cancelled_before_start(run):
+            save = asyncio.ensure_future(self._save_final(run))
+            self._saves.add(save)
+            save.add_done_callback(self._saves.discard)
+
+    @staticmethod
+    def _mark_cancelled_before_start(run: RunContext) -> bool:
+        if not run.status.is_active:
+            return False
+        run.status, run.error = RunStatus.CANCELLED, "the run was cancelled before it started"
+        run.finished_at = _now()
+        return True
+
+    async def _save_final(self, run: RunContext) -> None:
+        try:
+            await self.store.save_run(run)
+        finally:
+            self._live.pop(run.run_id, None)
+            self._notify(run)
 
     def _notify(self, run: RunContext) -> None:
         changed = self._changed.pop(run.run_id, None)
@@ -1363,19 +1792,32 @@ class Engine:
             changed.set()
 
     async def _follow(self, run: RunContext, after: int) -> AsyncIterator[RunEvent | None]:
+        quiet_s = 0.0
         while True:
-            # Register for the next change before reading the run, so a change made while we send is not missed;
-            # an ended run will not change again, and registering then would leave the event behind for good.
-            changed = None if run.status.is_terminal else self._changed.setdefault(run.run_id, asyncio.Event())
+            run = self._live.get(run.run_id) or run
+            # Register for the next change before reading the run, so a change made while we send is not missed.
+            # Only a run executing here has changes to wait for; registering for another would leave the event behind.
+            is_here = run.run_id in self._live and run.status.is_active
+            changed = self._changed.setdefault(run.run_id, asyncio.Event()) if is_here else None
+            sent = False
             for event in run_events(run, after):
-                after = event.id
+                after, sent = event.id, True
                 yield event
-            if changed is None:
+            if not run.status.is_active:
                 return
-            try:
-                await asyncio.wait_for(changed.wait(), self.settings.stream_keepalive_s)
-            except TimeoutError:
+            if changed is not None:
+                try:
+                    await asyncio.wait_for(changed.wait(), self.settings.stream_keepalive_s)
+                except TimeoutError:
+                    yield None
+                continue
+            # The run executes in another process: follow the store.
+            quiet_s = 0.0 if sent else quiet_s + STREAM_POLL_S
+            if quiet_s >= self.settings.stream_keepalive_s:
+                quiet_s = 0.0
                 yield None
+            await asyncio.sleep(STREAM_POLL_S)
+            run = self.store.get_run(run.run_id)
 
     def _max_iterations(self, graph: GraphDefinition, requested: int | None) -> int:
         limit = requested or graph.max_iterations or self.settings.max_iterations
@@ -1385,11 +1827,12 @@ class Engine:
 
 
 def run_events(run: RunContext, after: int = 0) -> Iterator[RunEvent]:
-    """Yield the run's events after id `after`: status pending, status running, each log entry, final status, end.
+    """Yield the run's events after id `after`: status pending, status running, each log entry, last status, end.
 
-    An event's id is its position in that sequence, so every stream of one run shows the same ids.
+    An event's id is its position in that sequence, so every stream of one run shows the same ids. A run that
+    stopped (ended, or paused to wait) gets its last status and an end event.
     """
-    count, is_ended = len(run.logs), run.status.is_terminal  # read once: the run may move on while we yield
+    count, has_stopped = len(run.logs), not run.status.is_active  # read once: the run may move on while we yield
     statuses = (RunStatus.PENDING,) if run.started_at is None else (RunStatus.PENDING, RunStatus.RUNNING)
     for event_id, status in enumerate(statuses, start=1):
         if event_id > after:
@@ -1398,9 +1841,9 @@ def run_events(run: RunContext, after: int = 0) -> Iterator[RunEvent]:
     for event_id in range(max(after + 1, first_log), first_log + count):
         yield RunEvent(id=event_id, event=StreamEvent.LOG, data=converter.unstructure(run.logs[event_id - first_log]))
     final = first_log + count
-    if is_ended and final > after:
+    if has_stopped and final > after:
         yield RunEvent(id=final, event=StreamEvent.STATUS, data={"status": run.status.value})
-    if is_ended and final + 1 > after:
+    if has_stopped and final + 1 > after:
         end = RunEnd(status=run.status, error=run.error, iteration=run.iteration, current_node=run.current_node,
                      state=run.state)
         yield RunEvent(id=final + 1, event=StreamEvent.END, data=converter.unstructure(end))
@@ -1414,8 +1857,11 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json(request: Request, max_bytes: int) -> object:
-    """Read the body (at most `max_bytes`) and decode it as strict JSON, or raise BodyTooLarge / InvalidJson."""
+async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSING) -> object:
+    """Read the body (at most `max_bytes`) and decode it as strict JSON, or raise BodyTooLarge / InvalidJson.
+
+    An empty body is `empty` when one is given (a request whose fields are all optional), else invalid JSON.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise BodyTooLarge(max_bytes)
@@ -1424,6 +1870,8 @@ async def read_json(request: Request, max_bytes: int) -> object:
         body += chunk
         if len(body) > max_bytes:
             raise BodyTooLarge(max_bytes)
+    if not body.strip() and empty is not _MISSING:
+        return empty
     try:
         payload = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
@@ -1449,7 +1897,7 @@ def _run_response(run: RunContext) -> RunResponse:
 
 async def get_health(request: Request) -> Response:
     """Answer that the service is up, with how many graphs and runs it holds."""
-    graphs, runs = _engine(request).store.counts()
+    graphs, runs = _engine(request).counts()
     return JSONResponse(converter.unstructure(HealthResponse(status="ok", graphs=graphs, runs=runs)))
 
 
@@ -1457,7 +1905,7 @@ async def post_graph_create(request: Request) -> Response:
     """Validate and store a graph definition: 201 when new, 200 when identical to the stored one."""
     engine = _engine(request)
     graph = structure_body(await read_json(request, engine.settings.max_body_bytes), GraphDefinition)
-    graph, created = engine.create_graph(graph)
+    graph, created = await engine.create_graph(graph)
     body = converter.unstructure(CreateGraphResponse(graph_id=graph.graph_id or ""))
     return JSONResponse(body, status_code=201 if created else 200)
 
@@ -1466,11 +1914,21 @@ async def post_graph_run(request: Request) -> Response:
     """Run a stored graph: to its end (200, a failed run included), or in the background with `"wait": false` (202)."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes), RunRequest)
-    options = {"max_iterations": body.max_iterations, "timeout_s": body.timeout_s}
-    if body.wait:
-        run = await engine.run(body.graph_id, body.state, **options)
-        return JSONResponse(converter.unstructure(_run_response(run)))
-    run = engine.start(body.graph_id, body.state, **options)
+    run = await engine.start(body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s)
+    return await _run_answer(engine, run, body.wait)
+
+
+async def post_graph_resume(request: Request) -> Response:
+    """Go on with a waiting or interrupted run, after merging `updates` into its data; answers like /graph/run."""
+    engine = _engine(request)
+    body = structure_body(await read_json(request, engine.settings.max_body_bytes, empty={}), ResumeRequest)
+    run = await engine.resume(request.path_params["run_id"], body.updates, timeout_s=body.timeout_s)
+    return await _run_answer(engine, run, body.wait)
+
+
+async def _run_answer(engine: Engine, run: RunContext, wait: bool) -> Response:
+    if wait:
+        return JSONResponse(converter.unstructure(_run_response(await engine.wait(run))))
     accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=run.status))
     return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}"})
 
@@ -1495,7 +1953,7 @@ async def get_graph_runs(request: Request) -> Response:
 async def get_graph_list(request: Request) -> Response:
     """List stored graphs, in the order they were created."""
     limit, offset = _page(_query(request, {"limit", "offset"}))
-    graphs, total = _engine(request).store.list_graphs(limit=limit, offset=offset)
+    graphs, total = _engine(request).list_graphs(limit=limit, offset=offset)
     summaries = [GraphSummary(graph_id=g.graph_id or "", start_node=g.start_node, nodes=list(g.node_defs))
                  for g in graphs]
     return JSONResponse(converter.unstructure(GraphsPage(graphs=summaries, total=total, limit=limit, offset=offset)))
@@ -1513,7 +1971,7 @@ async def websocket_graph_ws(websocket: WebSocket) -> None:
     await websocket.accept()
     engine: Engine = websocket.app.state.engine
     run_id, after = websocket.path_params["run_id"], websocket.query_params.get("after", "0")
-    if not after.isdigit() or not engine.store.has_run(run_id):
+    if not after.isdigit() or not engine.has_run(run_id):
         # The HTTP error handlers cannot answer a WebSocket: send the same error body, then close with 4000 + status.
         bad_after = InvalidRequest([Problem("$.query.after", "expected an integer")])
         error = RunNotFound(run_id) if after.isdigit() else bad_after
@@ -1572,13 +2030,13 @@ def _last_event_id(request: Request) -> int:
 
 async def get_graph_state(request: Request) -> Response:
     """Answer with a run's record, finished or still running."""
-    record = _engine(request).store.get_run_json(request.path_params["run_id"])
+    record = _engine(request).get_run_json(request.path_params["run_id"])
     return Response(record, media_type="application/json")
 
 
 async def get_graph_definition(request: Request) -> Response:
     """Answer with a stored graph, as JSON that `/graph/create` accepts."""
-    graph = _engine(request).store.get_graph(request.path_params["graph_id"])
+    graph = _engine(request).get_graph(request.path_params["graph_id"])
     return JSONResponse(converter.unstructure(graph))
 
 
@@ -1643,6 +2101,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_env_int(env, "WORKFLOW_MAX_BODY_BYTES", MAX_BODY_BYTES),
         max_concurrent_runs=_env_int(env, "WORKFLOW_MAX_CONCURRENT_RUNS", MAX_CONCURRENT_RUNS),
         max_pending_runs=_env_int(env, "WORKFLOW_MAX_PENDING_RUNS", MAX_PENDING_RUNS),
+        db_path=env.get("WORKFLOW_DB") or None,
         workflow_modules=None if modules is None else tuple(m.strip() for m in modules.split(",") if m.strip()),
     )
 
@@ -1672,20 +2131,21 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 def create_app(
-    *, registry: Registry | None = None, store: MemoryStore | None = None, settings: Settings | None = None
+    *, registry: Registry | None = None, store: Store | None = None, settings: Settings | None = None
 ) -> Starlette:
     """Build the HTTP app with its own engine.
 
     Without a `registry`, one is made and filled from `settings.workflow_modules`; graphs registered on the
-    registry are validated and stored at once, so a bad built-in graph stops startup.
+    registry are validated at once, so a bad built-in graph stops startup. Without a `store`, `settings.db_path`
+    picks a SqliteStore, else a MemoryStore.
     """
     settings = settings or Settings()
     if registry is None:
         registry = Registry()
         load_workflows(registry, settings.workflow_modules)
+    if store is None and settings.db_path:
+        store = SqliteStore(settings.db_path, max_runs=settings.max_runs, max_graphs=settings.max_graphs)
     engine = Engine(registry, store, settings)
-    for graph in registry.graphs:
-        engine.create_graph(graph)
     routes = [
         Route("/", get_health, methods=["GET"]),
         Route("/graph/create", post_graph_create, methods=["POST"]),
@@ -1693,6 +2153,7 @@ def create_app(
         Route("/graph/state/{run_id}", get_graph_state, methods=["GET"]),
         Route("/graph/definition/{graph_id}", get_graph_definition, methods=["GET"]),
         Route("/graph/cancel/{run_id}", post_graph_cancel, methods=["POST"]),
+        Route("/graph/resume/{run_id}", post_graph_resume, methods=["POST"]),
         Route("/graph/runs", get_graph_runs, methods=["GET"]),
         Route("/graph/list", get_graph_list, methods=["GET"]),
         Route("/graph/stream/{run_id}", get_graph_stream, methods=["GET"]),

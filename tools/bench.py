@@ -265,7 +265,7 @@ async def _engine_figures(we: ModuleType, profile: Profile) -> dict[str, float]:
     registry, graph, n = bench_registry(we), bench_graph(we), profile.long_n
     await _check_engine(we, graph, registry, n)
     engine = we.Engine(registry)
-    engine.create_graph(graph)
+    await engine.create_graph(graph)
 
     def state(loops: int) -> Any:
         return we.WorkflowState(data={"i": 0, "n": loops})
@@ -512,10 +512,7 @@ def review_engine(max_runs: int) -> tuple[ModuleType, Any]:
         raise BenchError(f"the code_review workflow cannot be imported: {exc}") from None
     registry = we.Registry()
     code_review.register(registry)
-    engine = we.Engine(registry, settings=we.Settings(max_runs=max_runs))
-    for graph in registry.graphs:
-        engine.create_graph(graph)
-    return we, engine
+    return we, we.Engine(registry, settings=we.Settings(max_runs=max_runs))  # registered graphs come with it
 
 
 async def _review_run(we: ModuleType, engine: Any) -> Any:
