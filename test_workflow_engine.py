@@ -3,11 +3,13 @@
 import ast
 import asyncio
 import contextlib
+import copy
 import io
 import itertools
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import socket
@@ -18,7 +20,7 @@ import time
 import types
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ import pytest
 
 import code_review
 import workflow_engine as we
-from tools import bench, visualize_graph, visualize_logs
+from tools import bench, loadtest, visualize_graph, visualize_logs
 
 pytestmark = pytest.mark.anyio
 
@@ -306,12 +308,14 @@ def test_converter_unstructures_enums_and_datetimes_as_json() -> None:
         ({"a": float("nan")}, "nan is not a JSON number"),
         ([float("inf")], "inf is not a JSON number"),
         ({"a": {1, 2}}, "set is not a JSON type"),
-        ({1: "a"}, "object keys must be strings"),
+        ({1: "a"}, "object keys must be strings of valid Unicode"),
+        ({"\ud800": 1}, "object keys must be strings of valid Unicode"),
+        (["ok \u00e9 \U0001f600", "lone \udc00"], "text with a lone surrogate is not valid Unicode"),
         ({"a": object()}, "object is not a JSON type"),
         (json.loads("[" * 65 + "]" * 65), "nesting deeper than 64 levels"),
         (json.loads("[" * 64 + "1" + "]" * 64), None),
     ],
-    ids=["plain", "nan", "inf", "set", "int-key", "object", "too-deep", "deep-enough"],
+    ids=["plain", "nan", "inf", "set", "int-key", "surrogate-key", "surrogate-text", "object", "too-deep", "deep-enough"],
 )
 def test_json_problem_finds_what_json_cannot_carry(value: object, problem: str | None) -> None:
     assert we.json_problem(value) == problem
@@ -1167,6 +1171,542 @@ async def test_get_graph_list_pages_through_graphs(client: httpx.AsyncClient) ->
     page = (await client.get("/graph/list", params={"limit": 2, "offset": 1})).json()
     assert page == {"graphs": [{"graph_id": gid, "start_node": "inc", "nodes": ["inc", "second"]} for gid in ("b", "c")],
                     "total": 3, "limit": 2, "offset": 1}
+
+
+# ---------------------------------------------------------------------------
+# Fuzzing
+# ---------------------------------------------------------------------------
+# Every case is one request built from `random.Random(FUZZ_SEED)`, so a failure names a case that replays exactly.
+# The fuzz nodes never raise and never wait, so retries never fire and no run can hang: a background run always
+# ends within a few hundred steps, which lets the test wait for it through its event stream.
+FUZZ_SEED = 20_261_125
+FUZZ_CASES = 6_000
+FUZZ_BASE = "http://testserver"
+ERROR_CODES = frozenset(code.value for code in we.ErrorCode)
+SIZE_OVER_LIMIT = we.MAX_BODY_BYTES + 1
+
+
+def fuzz_registry() -> we.Registry:
+    """Tiny total nodes: whatever the state holds, they return a small dict and never raise."""
+    registry = we.Registry()
+
+    @registry.node
+    async def bump(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        n = state.data.get("n")
+        return {"n": (n if type(n) is int and abs(n) < 10**6 else 0) + 1}
+
+    @registry.node
+    async def note(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        return {"note": f"seen by {ctx.node}", "config_keys": sorted(ctx.config)[:5]}
+
+    @registry.condition
+    def below_three(state: we.WorkflowState) -> bool:
+        n = state.data.get("n")
+        return type(n) is int and n < 3
+
+    return registry
+
+
+GOOD_GRAPH = {
+    "graph_id": "fuzz_loop", "start_node": "bump", "nodes": ["bump", {"name": "tail", "fn": "note"}],
+    "edges": {"bump": {"default_next": "tail", "branches": [{"condition": "below_three", "target": "bump"}]}},
+    "max_iterations": 20,
+}
+GOOD_RUN = {"graph_id": "fuzz_loop", "state": {"data": {"n": 0}, "metadata": {"who": "fuzz"}}, "wait": True}
+GOOD_NODE = {"name": "extra", "fn": "note", "timeout_s": 5, "retry": {"max_attempts": 2, "backoff_s": 0.01,
+                                                                      "backoff_factor": 2}, "config": {"k": [1]}}
+
+# Values for type swaps and insertions. Every number that is a valid timeout or backoff is either at least 1 s
+# (a timeout no fuzz node reaches) or tiny, so no run waits on it.
+ODD_STRINGS = [
+    "", " ", "\x00", "a\x00b", "\u202eevil\u202c", "\u200f\u200e", "\ufeff", "🦀🔥", "👩‍👩‍👧", "ﷺ", "\u0301",
+    "é", "Ω", "\U0010ffff", "\\", '"', "'", "../../etc/passwd", "%00", "%2e%2e%2f", "<script>", "${x}", "{}", "null",
+    "NaN", "1", "0x10", "true", "x" * 5000, "\t\n\r", "²", "١٢", "fuzz_loop", "bump", "note", "below_three",
+]
+ODD_NUMBERS = [0, -1, 1, 3, 2.5, -0.0, 1e-300, 1e308, -1e308, 2**31, 2**63, 2**64 + 1, 10**30, 86_401, 1.0, 100]
+ODD_VALUES = [None, True, False, [], {}, [None], {"": None}, [[[]]], {"a": {"b": {"c": []}}}, *ODD_NUMBERS,
+              *ODD_STRINGS]
+ODD_KEYS = ["", "extra", "__proto__", "constructor", "graph_id", "GRAPH_ID", "nodes ", "\x00", "🦀", "\u202e",
+            "$", "$.nodes", "a.b", "a[0]", "x" * 300]
+ODD_IDS = [
+    "x" * 10_000, "a" * 129, "..", "...", "%2e%2e", "%2F", "a%2Fb", "%00", "%ZZ", "%ED%A0%80", "%C0%AF", "%FF%FE",
+    "a b", "a+b", "%20", "\u202egnp.exe", "🦀", "ﷺ", "Ω", "null", "undefined", "0", "-1", "1e9", "true",
+    "fuzz_loop ", "FUZZ_LOOP", "fuzz_loop%00", "fuzz_loop;drop", "a?b=c", "a#b", "%3F", "%23", "~root", "*",
+    "con", "nul", "\\..\\..", "%5C", "0" * 32, "f" * 32, "g" * 32,
+]
+ODD_HEADER_VALUES = [b"", b" ", b"0", b"1", b"-1", b"+1", b"1.5", b"1e3", b"0x10", b"abc", b" 3 ", b"00000003",
+                     b"99999999999999999999", b"9" * 1000, b"9" * 5000, b"\xb2", b"1\xb9", b"\xbc", b"\xd9\xa1",
+                     b"\xff", b"null", b"3, 4", b"\t2"]
+QUERY_VALUES = ["", "0", "1", "-1", "+1", "1.5", "1e3", "0x10", "abc", "1000", "1001", "99999999999999999999",
+                "9" * 5000, "%C2%B2", "1%C2%B9", "%C2%BC", "%E2%91%A0", "%00", "%FF", "%ED%A0%80", "%F0%9F%A6%80",
+                "a%20b", "%C2%A0", "%D9%A1", "completed", "pending",
+                "COMPLETED", "running ", "fuzz_loop", "x" * 3000, "%25", "%", "%%", "&", "="]
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "TRACE", "CONNECT", "PROPFIND", "get"]
+ROUTES = [("GET", "/"), ("POST", "/graph/create"), ("POST", "/graph/run"), ("GET", "/graph/state/{id}"),
+          ("GET", "/graph/definition/{id}"), ("POST", "/graph/cancel/{id}"), ("GET", "/graph/stream/{id}"),
+          ("GET", "/graph/runs"), ("GET", "/graph/list")]
+
+
+@attrs.frozen(kw_only=True)
+class FuzzCase:
+    """One request: `content` as bytes, or a byte-chunk list sent without a Content-Length."""
+
+    kind: str
+    method: str
+    path: str
+    content: bytes | tuple[bytes, ...] = b""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def describe(self) -> str:
+        """The request, short enough to read in a failure message."""
+        body = self.content if isinstance(self.content, bytes) else b"<chunked>" + b"".join(self.content)[:50]
+        shown = body[:300] + (b"...(%d bytes)" % len(body) if len(body) > 300 else b"")
+        return f"[{self.kind}] {self.method} {self.path[:300]!r} headers={self.headers!r} body={shown!r}"
+
+
+@attrs.define
+class FuzzContext:
+    """What the fuzzer may aim at: ids that exist, so some hostile requests reach deep into the endpoints."""
+
+    graph_ids: list[str]
+    run_ids: list[str]
+
+
+def dumps(value: Any, ascii_only: bool = True) -> bytes:
+    """Encode as JSON: escaped (a lone surrogate stays an escape) or raw UTF-8 (a lone surrogate is invalid UTF-8).
+
+    `allow_nan` stays on on purpose: NaN and Infinity literals are part of the attack.
+    """
+    return json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+
+def json_post(rng: random.Random, kind: str, path: str, body: Any) -> FuzzCase:
+    return FuzzCase(kind=kind, method="POST", path=path, content=dumps(body, rng.random() < 0.5),
+                    headers=((b"content-type", b"application/json"),))
+
+
+def _containers(value: Any, path: tuple = ()) -> list[tuple]:
+    """Paths of every object and array inside `value`, itself included."""
+    found = [path] if isinstance(value, dict | list) else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found += _containers(item, (*path, key))
+    return found
+
+
+def _at(value: Any, path: tuple) -> Any:
+    for key in path:
+        value = value[key]
+    return value
+
+
+def mutate(rng: random.Random, value: Any, context: FuzzContext) -> Any:
+    """Return a copy of `value` with one to three random deletions, insertions, type swaps or bad node settings."""
+    value = copy.deepcopy(value)
+    for _ in range(rng.randint(1, 3)):
+        path = rng.choice(_containers(value))
+        target = _at(value, path)
+        operation = rng.choice(("delete", "insert", "swap", "swap", "node", "id"))
+        keys = list(target) if isinstance(target, dict) else list(range(len(target)))
+        if operation == "delete" and keys:
+            del target[rng.choice(keys)]
+        elif operation == "insert":
+            if isinstance(target, dict):
+                target[rng.choice(ODD_KEYS)] = rng.choice(ODD_VALUES)
+            else:
+                target.insert(rng.randint(0, len(target)), rng.choice(ODD_VALUES))
+        elif operation == "swap" and keys:
+            target[rng.choice(keys)] = rng.choice(ODD_VALUES)
+        elif operation == "node" and isinstance(value, dict) and isinstance(value.get("nodes"), list):
+            value["nodes"].append(bad_node(rng))
+        elif operation == "id" and isinstance(value, dict):
+            value["graph_id"] = rng.choice([*ODD_STRINGS, *context.graph_ids, *ODD_NUMBERS, None])
+    return value
+
+
+def bad_node(rng: random.Random) -> Any:
+    """A node object with one or more odd settings: timeout_s, retry, config, fn, name."""
+    node = copy.deepcopy(GOOD_NODE)
+    node["name"] = f"extra{rng.randint(0, 9)}"
+    settings = {
+        "timeout_s": [0, -1, 1e-300 * 0, 86_400.5, 1e308, 2**63, "5", True, None, [], {}, 1, 2.5],
+        "retry": [None, 0, "3", [], {}, {"max_attempts": 0}, {"max_attempts": 101}, {"max_attempts": 2**63},
+                  {"max_attempts": 3, "backoff_s": -1}, {"max_attempts": 3, "backoff_s": 86_401},
+                  {"max_attempts": 3, "backoff_factor": 0.5}, {"max_attempts": 3, "backoff_factor": 11},
+                  {"max_attempts": True}, {"max_attempts": 2.0}, {"attempts": 3}, {"max_attempts": 3, "x": 1},
+                  {"max_attempts": 3, "backoff_s": 0.001, "backoff_factor": 1}],
+        "config": [None, [], "x", 1, {"": {"": {"": None}}}, {"\x00": "\ud800"}, {"k" * 200: "v" * 2000},
+                   {"nested": [[[[[[1]]]]]]}, {"a": 1e308}],
+        "fn": [None, "", "note", "bump", "nope", "below_three", 1, [], "__init__", "note\x00"],
+        "name": ["", "bump", "tail", None, 7, "\u202e", "x" * 500],
+    }
+    for key in rng.sample(sorted(settings), rng.randint(1, 3)):
+        node[key] = rng.choice(settings[key])
+    if rng.random() < 0.3:
+        del node[rng.choice(sorted(node))]
+    return node
+
+
+def case_create_mutated(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    body = mutate(rng, GOOD_GRAPH, context)
+    if isinstance(body, dict) and body.get("graph_id") == GOOD_GRAPH["graph_id"] and rng.random() < 0.7:
+        body["graph_id"] = f"fuzz_{rng.randrange(10**6)}"  # mostly fresh ids, so some mutants are stored
+    return json_post(rng, "create_mutated", "/graph/create", body)
+
+
+def case_run_mutated(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    body = mutate(rng, GOOD_RUN, context)
+    if isinstance(body, dict):
+        body.setdefault("wait", rng.choice([True, False]))
+        if rng.random() < 0.3:
+            body["graph_id"] = rng.choice(context.graph_ids)
+    return json_post(rng, "run_mutated", "/graph/run", body)
+
+
+def case_run_fields(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    """A run request with one odd field: wrong types, bounds, a state that is not an object, odd data."""
+    body = copy.deepcopy(GOOD_RUN)
+    body["wait"] = rng.choice([True, False])
+    field = rng.choice(["graph_id", "state", "data", "metadata", "max_iterations", "timeout_s", "wait", "extra"])
+    odd = rng.choice(ODD_VALUES)
+    if field == "data":
+        body["state"]["data"] = {rng.choice(ODD_KEYS): odd, "n": rng.choice([0, -5, 2, "1", None, 2**70])}
+    elif field == "metadata":
+        body["state"]["metadata"] = odd if rng.random() < 0.5 else {rng.choice(ODD_KEYS): odd}
+    elif field == "extra":
+        body[rng.choice(ODD_KEYS)] = odd
+    else:
+        body[field] = odd
+    return json_post(rng, "run_fields", "/graph/run", body)
+
+
+def case_create_unicode(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    """A well-formed graph whose names carry odd unicode, escaped or raw."""
+    weird = rng.choice(ODD_STRINGS)
+    body = copy.deepcopy(GOOD_GRAPH)
+    body[rng.choice(["graph_id", "start_node"])] = weird
+    if rng.random() < 0.5:
+        body["nodes"] = [weird, *body["nodes"]]
+    if rng.random() < 0.3:
+        body["edges"][weird] = {"default_next": weird, "branches": [{"condition": weird, "target": weird}]}
+    text = json.dumps(body, ensure_ascii=rng.random() < 0.5)
+    return FuzzCase(kind="create_unicode", method="POST", path="/graph/create", content=text.encode())
+
+
+RAW_BODIES = [
+    b"", b" ", b"{", b"}", b"[", b"{]", b"nul", b"null", b"true", b"1", b"-0", b'"x"', b"[]", b"[{}]",
+    b"{'graph_id': 'x'}", b'{"graph_id": "x",}', b'{"graph_id": "x"} {}', b'{"graph_id": "x"}x', b"{\"a\":1}//c",
+    b'{"graph_id": NaN}', b'{"graph_id": "fuzz_loop", "max_iterations": NaN}', b'{"timeout_s": Infinity}',
+    b'{"graph_id": "fuzz_loop", "timeout_s": -Infinity}', b"NaN", b"Infinity", b"[NaN]", b'{"a": 1e999}',
+    b'{"graph_id": "fuzz_loop", "timeout_s": 1e999}', b'{"graph_id": "fuzz_loop", "max_iterations": 1e2}',
+    b'{"graph_id": "fuzz_loop", "max_iterations": 1' + b"0" * 5000 + b"}", b'{"n": ' + b"9" * 4400 + b"}",
+    b'{"graph_id": "fuzz_loop", "max_iterations": ' + b"9" * 4000 + b"}",
+    b'{"graph_id": "fuzz_loop", "timeout_s": ' + b"9" * 400 + b"}",
+    b'{"graph_id": "fuzz_loop", "timeout_s": 1' + b"0" * 400 + b".0}",
+    b"\xff\xfe{\x00}\x00", b"\xef\xbb\xbf{}", b"\xef\xbb\xbf" + dumps(GOOD_RUN),
+    dumps(GOOD_RUN).decode().encode("utf-16"),
+    dumps(GOOD_RUN).decode().encode("utf-32"), b'{"graph_id": "\xff\xfe"}', b'{"graph_id": "\xc0\xaf"}',
+    b'{"graph_id": "\xed\xa0\x80"}', b'{"graph_id": "fuzz_loop", "state": {"data": {"\xf0\x9f": 1}}}',
+    b'{"graph_id": "\\ud800"}', b'{"graph_id": "\\udfff\\ud800"}', b'{"graph_id": "fuzz_loop\\u0000"}',
+    b'{"graph_id": "\\u0000"}', b'{"graph_id": "\\x41"}', b'{"graph_id": "\\u12"}', b'{"graph_id": "\n"}',
+    b'{"graph_id": "fuzz_loop", "graph_id": "fuzz_loop"}', b'{"graph_id": "fuzz_loop", "graph_id": 5}',
+    b'{"\\ud800": 1}', b'{"graph_id": "fuzz_loop", "state": {"data": {"\\ud800": "\\udc00"}}}',
+    b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}, "wait": false}',
+    b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}}',
+    b'{"graph_id": "fuzz_loop", "state": {"metadata": {"s": "\\udfff"}}}',
+    b"\x00", b"{\x00}", b"\x1f", b"\t\n{}\n\t", b"\xc3\x28", b"\xa0\xa1", b"\xf8\x88\x80\x80\x80",
+]
+
+
+def case_raw_body(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    path = rng.choice(["/graph/create", "/graph/run", "/graph/cancel/x"])
+    content_type = rng.choice([b"application/json", b"text/plain", b"application/x-www-form-urlencoded", b""])
+    return FuzzCase(kind="raw_body", method="POST", path=path, content=rng.choice(RAW_BODIES),
+                    headers=((b"content-type", content_type),))
+
+
+def nested(depth: int, kind: str) -> bytes:
+    if kind == "array":
+        return b"[" * depth + b"]" * depth
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+def case_deep(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    """Nesting at, just over and far over the depth limit, as the whole body or inside a run's data."""
+    depth = rng.choice([we.MAX_JSON_DEPTH - 2, we.MAX_JSON_DEPTH - 1, we.MAX_JSON_DEPTH, we.MAX_JSON_DEPTH + 1,
+                        200, 1_000, 10_000, 100_000])
+    inner = nested(depth, rng.choice(["array", "object"]))
+    where = rng.choice(["body", "data", "metadata", "config", "graph"])
+    if where == "body":
+        content, path = inner, rng.choice(["/graph/create", "/graph/run"])
+    elif where == "graph":
+        content, path = b'{"graph_id": "deep", "start_node": "bump", "nodes": ' + inner + b"}", "/graph/create"
+    elif where == "config":
+        content = (b'{"start_node": "bump", "nodes": [{"name": "bump", "config": {"x": ' + inner + b"}}]}")
+        path = "/graph/create"
+    else:
+        content = b'{"graph_id": "fuzz_loop", "state": {"' + where.encode() + b'": {"x": ' + inner + b"}}}"
+        path = "/graph/run"
+    return FuzzCase(kind="deep", method="POST", path=path, content=content)
+
+
+def case_huge(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    """Bodies over the size limit, declared, chunked without a length, or with a length that lies."""
+    path = rng.choice(["/graph/create", "/graph/run", "/graph/cancel/x", "/graph/state/x", "/"])
+    method = "POST" if path != "/" and "state" not in path else "GET"
+    filler = b'{"graph_id": "fuzz_loop", "state": {"data": {"blob": "' + b"a" * SIZE_OVER_LIMIT + b'"}}}'
+    style = rng.choice(["declared", "chunked", "lying", "just_under"])
+    if style == "chunked":
+        chunk = 64 * 1024
+        return FuzzCase(kind="huge", method=method, path=path,
+                        content=tuple(filler[i:i + chunk] for i in range(0, len(filler), chunk)))
+    if style == "lying":
+        length = rng.choice([b"10", b"0", b"-1", b"abc", b"9" * 30, b"9" * 5000, b"\xb2", b"1\xb9"])
+        return FuzzCase(kind="huge", method=method, path=path, content=filler, headers=((b"content-length", length),))
+    if style == "just_under":
+        blob = b"b" * (we.MAX_BODY_BYTES - 80)
+        filler = b'{"graph_id": "fuzz_loop", "state": {"data": {"blob": "' + blob + b'"}}, "wait": false}'
+    return FuzzCase(kind="huge", method=method, path=path, content=filler)
+
+
+def case_odd_id(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    method, template = rng.choice([route for route in ROUTES if "{id}" in route[1]])
+    odd = rng.choice([*ODD_IDS, rng.choice(context.run_ids), rng.choice(context.graph_ids)])
+    if rng.random() < 0.3:
+        odd = odd + rng.choice(["/", "/x", "/..", "?x=1", "#f", "%2F..%2F", "%00"])
+    return FuzzCase(kind="odd_id", method=method, path=template.replace("{id}", odd))
+
+
+def case_stream(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    """The event stream of a real run (or not), with an odd Last-Event-ID."""
+    run_id = rng.choice(context.run_ids) if rng.random() < 0.8 else rng.choice(ODD_IDS)
+    headers = ((b"last-event-id", rng.choice(ODD_HEADER_VALUES)),) if rng.random() < 0.9 else ()
+    return FuzzCase(kind="stream", method="GET", path=f"/graph/stream/{run_id}", headers=headers)
+
+
+def case_query(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    path = rng.choice(["/graph/runs", "/graph/list", "/"])
+    names = ["limit", "offset", "status", "graph_id", "LIMIT", "", "x", "limit[]", "%00", "🦀"]
+    parts = [f"{rng.choice(names)}={rng.choice(QUERY_VALUES)}" for _ in range(rng.randint(1, 4))]
+    if rng.random() < 0.2:
+        parts.append(rng.choice(["limit", "&&", "=", "==", "status", "offset=1&offset=2"]))
+    return FuzzCase(kind="query", method="GET", path=f"{path}?{'&'.join(parts)}")
+
+
+def case_wrong_method(rng: random.Random, context: FuzzContext) -> FuzzCase:
+    _, template = rng.choice(ROUTES)
+    path = template.replace("{id}", rng.choice([*context.run_ids, *context.graph_ids]))
+    if rng.random() < 0.2:
+        path = rng.choice(["/graph", "/graph/", "/graph/create/", "//", "/graph//run", "/GRAPH/RUN", "/graph/ws/x",
+                           "/openapi.json", "/graph/state", "/graph/state/", "/favicon.ico", "/" + "a" * 5000])
+    return FuzzCase(kind="wrong_method", method=rng.choice(METHODS), path=path, content=rng.choice([b"", b"{}"]))
+
+
+GENERATORS: list[tuple[Callable[[random.Random, FuzzContext], FuzzCase], int]] = [
+    (case_create_mutated, 22), (case_run_mutated, 16), (case_run_fields, 12), (case_create_unicode, 6),
+    (case_raw_body, 10), (case_deep, 4), (case_huge, 1), (case_odd_id, 10), (case_stream, 6), (case_query, 8),
+    (case_wrong_method, 5),
+]
+
+# Requests the fuzzer once found answering 5xx or off the error shape; `test_fuzz_found_requests_get_documented_answers`
+# replays each exactly, so none comes back.
+def _stream_case(last_event_id: bytes) -> FuzzCase:
+    return FuzzCase(kind="stream", method="GET", path="/graph/stream/" + "0" * 32,
+                    headers=((b"last-event-id", last_event_id),))
+
+
+FOUND_BY_FUZZING: dict[str, tuple[FuzzCase, str]] = {
+    "lone_surrogate_in_error_message": (
+        FuzzCase(kind="raw_body", method="POST", path="/graph/create", content=b'{"\\ud800": 1}'),
+        "a lone surrogate (escaped in valid JSON) echoed in an error message: JSONResponse cannot encode it as "
+        "UTF-8, so the error handler itself raises UnicodeEncodeError and the answer is a 500 (a plain-text one "
+        "under uvicorn)"),
+    "lone_surrogate_in_run_data": (
+        FuzzCase(kind="raw_body", method="POST", path="/graph/run",
+                 content=b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}}'),
+        "a lone surrogate in state.data (or metadata) passes json_problem, the run completes, then rendering the "
+        "answer and storing the record (dump_json) raise UnicodeEncodeError: 500"),
+    "unicode_digit_last_event_id": (
+        _stream_case(b"\xb2"),
+        "_last_event_id: '\u00b2'.isdigit() is True but int('\u00b2') raises ValueError: 500 (checked before the run "
+        "lookup, so any run id)"),
+    "long_last_event_id": (
+        _stream_case(b"9" * 5000),
+        "_last_event_id: int() of over 4300 digits raises ValueError (sys.int_info.default_max_str_digits): 500"),
+    "unicode_digit_query_int": (
+        FuzzCase(kind="query", method="GET", path="/graph/runs?limit=%C2%B2"),
+        "_query_int: '\u00b2'.isdigit() is True but int() raises ValueError: 500 (limit and offset, /graph/runs and "
+        "/graph/list)"),
+    "long_query_int": (
+        FuzzCase(kind="query", method="GET", path="/graph/list?offset=" + "9" * 5000),
+        "_query_int: int() of over 4300 digits raises ValueError: 500"),
+    "long_content_length": (
+        FuzzCase(kind="huge", method="POST", path="/graph/run", content=b"{}",
+                 headers=((b"content-length", b"9" * 5000),)),
+        "read_json: int() of a Content-Length of over 4300 digits raises ValueError: 500 (uvicorn's h11 may "
+        "refuse such a header first; in-process it reaches the app)"),
+    "unicode_digit_content_length": (
+        FuzzCase(kind="huge", method="POST", path="/graph/run", content=b"{}", headers=((b"content-length", b"\xb2"),)),
+        "read_json: '\u00b2'.isdigit() is True but int() raises ValueError: 500 (in-process; h11 refuses it)"),
+    "trailing_slash_redirect": (
+        FuzzCase(kind="odd_id", method="GET", path="/graph/state/abc/"),
+        "a known path plus a trailing slash answers Starlette's 307 redirect (redirect_slashes) with an empty "
+        "body and no content type, not the error shape"),
+}
+def check_answer(case: FuzzCase, response: httpx.Response) -> str | None:
+    """Say what is wrong with the answer to `case`, or None if it is a documented answer."""
+    status, content_type = response.status_code, response.headers.get("content-type", "")
+    if status >= 500:
+        return f"status {status}"
+    if 200 <= status < 300 and content_type.startswith("text/event-stream"):
+        return None if case.path.startswith("/graph/stream/") else f"unexpected event stream, status {status}"
+    if case.method == "HEAD":  # no body to check
+        return None if content_type.startswith("application/json") else f"HEAD, content type {content_type!r}"
+    if not content_type.startswith("application/json"):
+        return f"status {status} with content type {content_type!r}"
+    try:
+        body = json.loads(response.content, parse_constant=lambda name: pytest.fail(f"{name} in an answer"))
+    except ValueError as exc:
+        return f"status {status}, body is not JSON: {exc}"
+    if 200 <= status < 300:
+        return None
+    return shape_problem(body) or (None if status != 405 or "allow" in response.headers else "405 without Allow")
+
+
+def shape_problem(body: object) -> str | None:
+    """Say how `body` differs from `{"error": {"code", "message", "details": [{"path", "message"}, ...]}}`."""
+    if not isinstance(body, dict) or set(body) != {"error"} or not isinstance(body["error"], dict):
+        return f"not the error shape: {body!r:.300}"
+    error = body["error"]
+    if set(error) != {"code", "message", "details"}:
+        return f"error keys {sorted(error)}"
+    if error["code"] not in ERROR_CODES or not isinstance(error["message"], str) or not error["message"]:
+        return f"bad code or message: {error!r:.300}"
+    details = error["details"]
+    if not isinstance(details, list) or not all(
+        isinstance(d, dict) and set(d) == {"path", "message"} and all(isinstance(v, str) for v in d.values())
+        for d in details
+    ):
+        return f"bad details: {details!r:.300}"
+    return None
+
+
+async def send(client: httpx.AsyncClient, case: FuzzCase) -> httpx.Response:
+    content: bytes | AsyncIterator[bytes] = case.content if isinstance(case.content, bytes) else chunks(case.content)
+    # Headers given here win over the ones httpx derives, so a lying Content-Length is sent as it is.
+    request = client.build_request(case.method, FUZZ_BASE + case.path, content=content, headers=list(case.headers))
+    return await client.send(request)
+
+
+async def chunks(parts: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+@pytest.fixture
+async def fuzz_client() -> AsyncIterator[httpx.AsyncClient]:
+    app = we.create_app(registry=fuzz_registry(), store=we.MemoryStore())
+    # A crash must come back as the 500 a server would send, not stop the fuzz run with a traceback.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=FUZZ_BASE, timeout=10) as client:
+        yield client
+
+
+async def good_run(client: httpx.AsyncClient) -> dict:
+    response = await client.post("/graph/run", json=GOOD_RUN)
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert run["status"] == "completed"
+    assert run["final_state"]["data"] == {"n": 3, "note": "seen by tail", "config_keys": []}
+    assert [(e["node"], e["event"]) for e in run["logs"]] == [("bump", "executed")] * 3 + [("tail", "executed")]
+    return run
+
+
+async def test_fuzz_every_route_answers_hostile_requests_in_the_error_shape(fuzz_client: httpx.AsyncClient) -> None:
+    """6,000 seeded hostile requests: no 5xx, every error in the documented shape, nothing stored is harmed."""
+    client = fuzz_client
+    assert (await client.post("/graph/create", json=GOOD_GRAPH)).status_code == 201
+    node_graph = {**GOOD_GRAPH, "graph_id": "fuzz_nodes", "nodes": [*GOOD_GRAPH["nodes"], GOOD_NODE]}
+    assert (await client.post("/graph/create", json=node_graph)).status_code == 201
+    first = await good_run(client)
+    definitions = {gid: (await client.get(f"/graph/definition/{gid}")).json() for gid in ("fuzz_loop", "fuzz_nodes")}
+    first_record = (await client.get(f"/graph/state/{first['run_id']}")).json()
+    context = FuzzContext(graph_ids=["fuzz_loop", "fuzz_nodes"], run_ids=[first["run_id"]])
+    rng = random.Random(FUZZ_SEED)
+    generators, weights = zip(*GENERATORS, strict=True)
+    failures, statuses, background = [], {}, 0
+
+    for number in range(FUZZ_CASES):
+        case = rng_case(rng, generators, weights, context)
+        response = await send(client, case)
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        problem = check_answer(case, response)
+        if problem:
+            failures.append(f"case {number}: {problem}: {case.describe()}")
+        elif response.status_code in (200, 202) and case.path == "/graph/run":
+            run_id = response.json()["run_id"]
+            context.run_ids.append(run_id)
+            background += response.status_code == 202
+        elif response.status_code == 201 and case.path == "/graph/create":
+            context.graph_ids.append(response.json()["graph_id"])
+
+    assert not failures, f"{len(failures)} bad answers, first ones:\n" + "\n".join(failures[:20])
+    assert {200, 201, 202, 400, 404, 405, 409, 413, 422} <= set(statuses), statuses
+    assert background > 50, "the mix must start background runs"
+    # A stream answers once its run has ended: reading each one waits out every background run, without sleeping.
+    for run_id in context.run_ids:
+        streamed = await client.get(f"/graph/stream/{run_id}")
+        assert streamed.status_code == 200 and "event: end" in streamed.text
+        record = await client.get(f"/graph/state/{run_id}")
+        assert record.status_code == 200 and we.RunStatus(record.json()["status"]).is_terminal
+    # Every graph the fuzzer managed to store reads back as a definition that /graph/create takes as the same one.
+    for graph_id in context.graph_ids:
+        definition = await client.get(f"/graph/definition/{graph_id}")
+        assert definition.status_code == 200
+        assert (await client.post("/graph/create", content=definition.content)).status_code == 200
+    health = await client.get("/")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    await good_run(client)
+    for graph_id, definition in definitions.items():
+        assert (await client.get(f"/graph/definition/{graph_id}")).json() == definition
+    assert (await client.get(f"/graph/state/{first['run_id']}")).json() == first_record
+    unfinished = (await client.get("/graph/runs", params={"status": "running"})).json()
+    assert unfinished["total"] == 0
+
+
+def test_fuzz_cases_are_reproducible() -> None:
+    """The same seed yields the same requests, so a failing case number replays exactly."""
+    context = FuzzContext(graph_ids=["fuzz_loop"], run_ids=["r" * 32])
+    first, second = random.Random(FUZZ_SEED), random.Random(FUZZ_SEED)
+    generators, weights = zip(*GENERATORS, strict=True)
+    for _ in range(300):
+        assert rng_case(first, generators, weights, context) == rng_case(second, generators, weights, context)
+
+
+def rng_case(rng: random.Random, generators: tuple, weights: tuple, context: FuzzContext) -> FuzzCase:
+    return rng.choices(generators, weights)[0](rng, context)
+
+
+@pytest.mark.parametrize("key", list(FOUND_BY_FUZZING))
+async def test_fuzz_found_requests_get_documented_answers(fuzz_client: httpx.AsyncClient, key: str) -> None:
+    """Each request the fuzzer once found answering 5xx or off the error shape, replayed exactly."""
+    case, _ = FOUND_BY_FUZZING[key]
+    assert (await fuzz_client.post("/graph/create", json=GOOD_GRAPH)).status_code == 201
+    response = await send(fuzz_client, case)
+    assert check_answer(case, response) is None
+    assert 400 <= response.status_code < 500
+
+
+async def test_fuzz_lone_surrogate_in_a_background_run_is_refused_before_it_starts(
+    fuzz_client: httpx.AsyncClient,
+) -> None:
+    assert (await fuzz_client.post("/graph/create", json=GOOD_GRAPH)).status_code == 201
+    body = b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}, "wait": false}'
+    refused = await fuzz_client.post("/graph/run", content=body)
+    assert (refused.status_code, refused.json()) == (400, {"error": {
+        "code": "invalid_json", "message": "the request body is not valid JSON",
+        "details": [{"path": "$", "message": "text with a lone surrogate is not valid Unicode"}]}})
+    assert (await fuzz_client.get("/graph/runs")).json()["total"] == 0
 
 
 # ---------------------------------------------------------------------------
@@ -2036,6 +2576,43 @@ def test_bench_http_quick_against_live_servers(tmp_path: Path, capsys: pytest.Ca
 
 
 # ---------------------------------------------------------------------------
+# Tools: loadtest.py
+# ---------------------------------------------------------------------------
+def test_loadtest_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
+    assert loadtest.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(option in out for option in ("--url", "--clients", "--seconds", "--mix", "--pid", "--json"))
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("ftp://127.0.0.1:8000", "--url must start with http://"),
+    ("127.0.0.1:8000", "--url must start with http://"),
+    ("http://127.0.0.1:port", "--url has a bad port"),
+    ("http://:8000", "--url has no host"),
+    ("http://127.0.0.1:8000/graph", "without a path or query"),
+], ids=["scheme", "no-scheme", "port", "host", "path"])
+def test_loadtest_rejects_a_bad_url(capsys: pytest.CaptureFixture, url: str, message: str) -> None:
+    assert loadtest.main(["--url", url, "--seconds", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("loadtest.py: error: ") and message in err
+
+
+def test_loadtest_rejects_an_unknown_step(capsys: pytest.CaptureFixture) -> None:
+    assert loadtest.main(["--mix", "run,fly"]) == 2
+    assert "unknown step fly; choose from run, run_background, state" in capsys.readouterr().err
+
+
+def test_loadtest_reports_a_server_that_does_not_answer(capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound but not listening: connections are refused
+        port = sock.getsockname()[1]
+        assert loadtest.main(["--url", f"http://127.0.0.1:{port}", "--seconds", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and f"no server answers at http://127.0.0.1:{port}/" in err
+
+
+# ---------------------------------------------------------------------------
 # End to end: a real uvicorn on 127.0.0.1
 # ---------------------------------------------------------------------------
 E2E_FLOW = """
@@ -2070,8 +2647,8 @@ def uvicorn_command(port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str]) -> Iterator[str]:
-    """Run `uvicorn workflow_engine:app` on a free port with `env` added; yield its URL once it answers; stop it."""
+def running_server(env: dict[str, str]) -> Iterator[tuple[str, int]]:
+    """Run `uvicorn workflow_engine:app` on a free port with `env` added; yield its URL and pid once it answers."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(HERE), **env}
     process = subprocess.Popen(uvicorn_command(port), cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -2086,7 +2663,7 @@ def running_server(env: dict[str, str]) -> Iterator[str]:
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "server did not start in 20 s"
                 time.sleep(0.05)
-        yield base
+        yield base, process.pid
     finally:
         process.terminate()
         try:
@@ -2100,14 +2677,15 @@ def running_server(env: dict[str, str]) -> Iterator[str]:
 def server(tmp_path: Path) -> Iterator[str]:
     """A live server with the small test workflow module of E2E_FLOW."""
     (tmp_path / "e2e_flow.py").write_text(E2E_FLOW)
-    with running_server({"PYTHONPATH": os.pathsep.join([str(HERE), str(tmp_path)]), "WORKFLOW_MODULES": "e2e_flow"}) as base:
+    env = {"PYTHONPATH": os.pathsep.join([str(HERE), str(tmp_path)]), "WORKFLOW_MODULES": "e2e_flow"}
+    with running_server(env) as (base, _):
         yield base
 
 
 @pytest.fixture
 def review_server() -> Iterator[str]:
     """A live server with the default wiring (the code_review workflow)."""
-    with running_server({}) as base:
+    with running_server({}) as (base, _):
         yield base
 
 
@@ -2237,3 +2815,28 @@ def test_e2e_readme_curl_examples_work_as_written(review_server: str) -> None:
         assert result.stdout.strip(), command
         if shown is not None and '"..."' not in shown:
             assert normalized(result.stdout) == normalized(shown), command
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RSS is read from /proc")
+def test_loadtest_short_run_against_a_live_server(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Four clients for two seconds: runs complete, state reads answer, no errors, and the figures are written."""
+    path = tmp_path / "load.json"
+
+    with running_server({}) as (base, pid):
+        status = loadtest.main(["--url", base, "--clients", "4", "--seconds", "2", "--pid", str(pid),
+                                "--json", str(path)])
+        graphs = httpx.get(base + "/graph/list").json()["graphs"]
+
+    assert status == 0
+    result = json.loads(path.read_text())
+    assert (result["url"], result["clients"], result["seconds"], result["mix"]) == (base, 4, 2.0, ["run", "state"])
+    assert (result["workload"], result["graph_id"], result["pid"]) == ("quick", "loadtest_quick", pid)
+    assert result["errors"] == 0 and result["errors_by_kind"] == {}
+    assert result["rps"] > 0 and result["requests"] == sum(step["requests"] for step in result["steps"].values())
+    runs, states = result["steps"]["run"], result["steps"]["state"]
+    assert runs["requests"] > 0 and states["requests"] == runs["requests"] == result["iterations"]
+    assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert result["rss_start_kib"] > 0 and result["rss_end_kib"] > 0 and result["rss_samples"]
+    assert [g["graph_id"] for g in graphs] == ["code_review", "loadtest_quick"]  # created once
+    out, err = capsys.readouterr()
+    assert "errors      0" in out and f"(pid {pid};" in out and err == ""

@@ -129,6 +129,8 @@ MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects accepted in bodies a
 GRAPH_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 DEFAULT_WORKFLOWS = ("code_review",)
 
+_COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
+
 logger = logging.getLogger(__name__)
 
 
@@ -739,27 +741,42 @@ def structure_body(payload: object, cls: type[T]) -> T:
         raise InvalidRequest([_split(p) for p in problems]) from None
 
 
-_PLAIN_SCALARS = frozenset({str, int, bool, type(None)})  # checked by exact type first: this runs on every step
+_PLAIN_SCALARS = frozenset({int, bool, type(None)})  # checked by exact type first: this runs on every step
 
 
 def json_problem(value: object, depth: int = 0) -> str | None:
-    """Say why `value` is not plain JSON (NaN, a set, an object, nesting over MAX_JSON_DEPTH), or None if it is."""
-    if type(value) in _PLAIN_SCALARS:
+    """Say why `value` is not plain JSON, or None if it is.
+
+    Not JSON: NaN and infinities, sets and other objects, keys that are not strings, text with a lone surrogate
+    (JSON can escape one, UTF-8 cannot encode it), and nesting deeper than MAX_JSON_DEPTH.
+    """
+    if type(value) in _PLAIN_SCALARS or (type(value) is str and value.isascii()):
         return None
     if isinstance(value, dict | list | tuple):
         if depth >= MAX_JSON_DEPTH:
             return f"nesting deeper than {MAX_JSON_DEPTH} levels"
         is_object = isinstance(value, dict)
         for key, item in value.items() if is_object else enumerate(value):
-            if is_object and not isinstance(key, str):
-                return "object keys must be strings"
-            problem = None if type(item) in _PLAIN_SCALARS else json_problem(item, depth + 1)
+            if is_object and not (isinstance(key, str) and (key.isascii() or _is_unicode(key))):
+                return "object keys must be strings of valid Unicode"
+            is_plain = type(item) in _PLAIN_SCALARS or (type(item) is str and item.isascii())
+            problem = None if is_plain else json_problem(item, depth + 1)
             if problem:
                 return problem
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{value} is not a JSON number"
-    return None if isinstance(value, str | int) else f"{type(value).__name__} is not a JSON type"
+    if isinstance(value, str):
+        return None if _is_unicode(value) else "text with a lone surrogate is not valid Unicode"
+    return None if isinstance(value, int) else f"{type(value).__name__} is not a JSON type"
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1679,7 +1696,12 @@ class Engine:
         else:
             validate_graph(graph, self.registry, max_iterations_cap=self.settings.max_iterations_cap)
         limit = self._max_iterations(graph, max_iterations)
-        run = new_run(graph, state or WorkflowState(), max_iterations=limit, timeout_s=timeout_s)
+        state = state or WorkflowState()
+        problems = [Problem(f"$.state.{name}", problem) for name, problem in
+                    (("data", json_problem(state.data)), ("metadata", json_problem(state.metadata))) if problem]
+        if problems:
+            raise InvalidRequest(problems)
+        run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s)
         await self.store.save_run(run)
         self._launch(run, graph)
         return run
@@ -1862,8 +1884,8 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
 
     An empty body is `empty` when one is given (a request whose fields are all optional), else invalid JSON.
     """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    declared = _count_or_none(request.headers.get("content-length", ""))
+    if declared is not None and declared > max_bytes:
         raise BodyTooLarge(max_bytes)
     body = bytearray()
     async for chunk in request.stream():
@@ -1970,15 +1992,15 @@ async def websocket_graph_ws(websocket: WebSocket) -> None:
     """Send a run's events as JSON messages over a WebSocket until it ends; `?after=N` resumes after event N."""
     await websocket.accept()
     engine: Engine = websocket.app.state.engine
-    run_id, after = websocket.path_params["run_id"], websocket.query_params.get("after", "0")
-    if not after.isdigit() or not engine.has_run(run_id):
+    run_id, after = websocket.path_params["run_id"], _count_or_none(websocket.query_params.get("after", "0"))
+    if after is None or not engine.has_run(run_id):
         # The HTTP error handlers cannot answer a WebSocket: send the same error body, then close with 4000 + status.
         bad_after = InvalidRequest([Problem("$.query.after", "expected an integer")])
-        error = RunNotFound(run_id) if after.isdigit() else bad_after
+        error = RunNotFound(run_id) if after is not None else bad_after
         await websocket.send_json(_error_body(error.code, error.message, error.details))
         await websocket.close(code=4000 + error.status_code)
         return
-    async for event in engine.follow(run_id, int(after)):
+    async for event in engine.follow(run_id, after):
         if event is not None:
             await websocket.send_json(converter.unstructure(event))
     await websocket.close()
@@ -2000,13 +2022,19 @@ def _query(request: Request, allowed: set[str]) -> dict[str, str]:
     return dict(request.query_params)
 
 
+def _count_or_none(raw: str) -> int | None:
+    """The number written in ASCII digits (at most 18 of them), or None: `str.isdigit` also takes '²' and '①'."""
+    return int(raw) if _COUNT.fullmatch(raw) else None
+
+
 def _query_int(query: dict[str, str], name: str, default: int, maximum: int) -> int:
     raw = query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) > maximum:
-        raise InvalidRequest([Problem(f"$.query.{name}", f"expected an integer from 0 to {maximum}, got {raw!r}")])
-    return int(raw)
+    value = _count_or_none(raw)
+    if value is None or value > maximum:
+        raise InvalidRequest([Problem(f"$.query.{name}", f"expected an integer from 0 to {maximum}, got {raw[:40]!r}")])
+    return value
 
 
 def _page(query: dict[str, str]) -> tuple[int, int]:
@@ -2023,9 +2051,10 @@ def _status_filter(raw: str | None) -> RunStatus | None:
 
 def _last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id", "0").strip() or "0"
-    if not raw.isdigit():
-        raise InvalidRequest([Problem("$.headers.Last-Event-ID", f"expected an event id, got {raw!r}")])
-    return int(raw)
+    event_id = _count_or_none(raw)
+    if event_id is None:
+        raise InvalidRequest([Problem("$.headers.Last-Event-ID", f"expected an event id, got {raw[:40]!r}")])
+    return event_id
 
 
 async def get_graph_state(request: Request) -> Response:
@@ -2161,6 +2190,7 @@ def create_app(
     ]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, Exception: on_unexpected_error}
     starlette_app = Starlette(routes=routes, exception_handlers=handlers, lifespan=_lifespan)
+    starlette_app.router.redirect_slashes = False  # its 307 has no body; an unknown path is a JSON 404 instead
     starlette_app.state.engine = engine
     return starlette_app
 
