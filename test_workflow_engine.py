@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -2840,3 +2841,95 @@ def test_loadtest_short_run_against_a_live_server(tmp_path: Path, capsys: pytest
     assert [g["graph_id"] for g in graphs] == ["code_review", "loadtest_quick"]  # created once
     out, err = capsys.readouterr()
     assert "errors      0" in out and f"(pid {pid};" in out and err == ""
+
+
+# ---------------------------------------------------------------------------
+# End to end: SQLite store across restarts, kills and processes
+# ---------------------------------------------------------------------------
+SLOW_GRAPH = {"graph_id": "slow", "start_node": "count", "nodes": ["count", "block", {"name": "again", "fn": "count"}],
+              "edges": {"count": {"default_next": "block"}, "block": {"default_next": "again"}}}
+
+
+@pytest.fixture
+def db_env(tmp_path: Path) -> dict[str, str]:
+    """Settings for servers that share one database file and know the small test workflow."""
+    (tmp_path / "e2e_flow.py").write_text(E2E_FLOW)
+    return {"PYTHONPATH": os.pathsep.join([str(HERE), str(tmp_path)]), "WORKFLOW_MODULES": "e2e_flow",
+            "WORKFLOW_DB": str(tmp_path / "runs.db")}
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text())
+
+
+def test_e2e_sqlite_run_survives_a_kill_and_resumes_to_the_same_final_state(db_env: dict[str, str]) -> None:
+    with running_server(db_env) as (base, pid), httpx.Client(base_url=base, timeout=10) as client:
+        client.post("/graph/create", json=SLOW_GRAPH)
+        reference = client.post("/graph/run", json={"graph_id": "slow", "state": {"data": {"seconds": 0.01}}}).json()
+        run_id = client.post("/graph/run", json={"graph_id": "slow", "wait": False,
+                                                 "state": {"data": {"seconds": 60}}}).json()["run_id"]
+        wait_for(lambda: client.get(f"/graph/state/{run_id}").json()["current_node"] == "block")
+        kill(pid)
+    with running_server(db_env) as (base, _), httpx.Client(base_url=base, timeout=10) as client:
+        interrupted = client.get(f"/graph/state/{run_id}").json()
+        resumed = client.post(f"/graph/resume/{run_id}", json={"updates": {"seconds": 0.01}}).json()
+    assert (interrupted["status"], interrupted["next_node"], steps(interrupted)) == (
+        "interrupted", "block", [("count", "executed")])
+    assert interrupted["state"]["data"] == {"seconds": 60, "n": 1}
+    assert (resumed["status"], resumed["iteration"]) == ("completed", 3)
+    assert steps(resumed) == [("count", "executed"), ("block", "resumed"), ("block", "executed"), ("again", "executed")]
+    assert resumed["final_state"] == reference["final_state"] == {"data": {"seconds": 0.01, "n": 2, "slept": 0.01},
+                                                                  "metadata": {}}
+
+
+def test_e2e_sqlite_kill_loses_no_answered_run_and_interrupts_the_rest(db_env: dict[str, str]) -> None:
+    answered: list[str] = []
+    with running_server(db_env) as (base, pid), httpx.Client(base_url=base, timeout=10) as client:
+        client.post("/graph/create", json=SLOW_GRAPH)
+        client.post("/graph/create", json={"graph_id": "quick", "start_node": "count", "nodes": ["count"]})
+        slow = [client.post("/graph/run", json={"graph_id": "slow", "wait": False, "state": {"data": {"seconds": 60}}})
+                .json()["run_id"] for _ in range(4)]
+
+        def keep_running() -> None:
+            with httpx.Client(base_url=base, timeout=10) as runner, contextlib.suppress(httpx.TransportError):
+                while True:
+                    answer = runner.post("/graph/run", json={"graph_id": "quick"}).json()
+                    assert answer["status"] == "completed"
+                    answered.append(answer["run_id"])
+
+        stream_of_runs = threading.Thread(target=keep_running)
+        stream_of_runs.start()
+        wait_for(lambda: len(answered) >= 20)
+        kill(pid)
+        stream_of_runs.join(timeout=20)
+    with running_server(db_env) as (base, _), httpx.Client(base_url=base, timeout=10) as client:
+        statuses = {run_id: client.get(f"/graph/state/{run_id}").json()["status"] for run_id in answered + slow}
+    assert len(answered) >= 20
+    assert [statuses[run_id] for run_id in answered] == ["completed"] * len(answered)
+    assert [statuses[run_id] for run_id in slow] == ["interrupted"] * 4
+
+
+def test_e2e_sqlite_two_processes_share_graphs_runs_and_streams(db_env: dict[str, str]) -> None:
+    with running_server(db_env) as (first, _), running_server(db_env) as (second, _):
+        with httpx.Client(base_url=first, timeout=10) as a, httpx.Client(base_url=second, timeout=10) as b:
+            created = a.post("/graph/create", json=SLOW_GRAPH)
+            run = b.post("/graph/run", json={"graph_id": "slow", "state": {"data": {"seconds": 0.01}}}).json()
+            seen_by_a, seen_by_b = a.get(f"/graph/state/{run['run_id']}").json(), b.get(f"/graph/state/{run['run_id']}").json()
+            listed = [g["graph_id"] for g in b.get("/graph/list").json()["graphs"]]
+            moving = b.post("/graph/run", json={"graph_id": "slow", "wait": False,
+                                                "state": {"data": {"seconds": 0.6}}}).json()["run_id"]
+            followed = parse_sse(a.get(f"/graph/stream/{moving}").text)
+            recorded = b.get(f"/graph/state/{moving}").json()
+    assert (created.status_code, run["status"], listed) == (201, "completed", ["slow"])
+    assert seen_by_a == seen_by_b and seen_by_a["state"] == run["final_state"]
+    assert [e["event"] for e in followed] == ["status", "status", "log", "log", "log", "status", "end"]
+    assert [e["data"]["node"] for e in followed if e["event"] == "log"] == ["count", "block", "again"]
+    assert followed[-1]["data"]["state"] == recorded["state"] and recorded["status"] == "completed"
