@@ -39,8 +39,10 @@ import ast
 import builtins
 import dataclasses
 import enum
+import functools
 import io
 import itertools
+import symtable
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -221,11 +223,32 @@ def _apply(text: str, edits: Iterable[_Edit]) -> str:
 
 
 def _parses(text: str) -> bool:
+    """Tell whether `text` parses, as `ast.parse` decides."""
+    # symtable parses without building the Python objects of the tree, which costs most of ast.parse on big files;
+    # what it accepts parses. It also rejects some code that parses (say `nonlocal` at module level): ast.parse decides.
     try:
-        ast.parse(text)
-    except (SyntaxError, ValueError):
-        return False
+        symtable.symtable(text, "<unknown>", "exec")
+    except Exception:  # noqa: BLE001 - any rejection is only a reason to ask ast.parse
+        try:
+            ast.parse(text)
+        except (SyntaxError, ValueError):
+            return False
     return True
+
+
+def _children(node: ast.AST) -> list[ast.AST]:
+    """Return the child nodes of `node` in `ast.iter_child_nodes`' order, but not the `Load`/`Store`/`Del` markers.
+
+    No rule looks at those markers (rules read `ctx` from the node that has it), and skipping them makes walks faster.
+    """
+    children = []
+    for field in node._fields:
+        value = getattr(node, field, None)
+        if isinstance(value, list):
+            children += [item for item in value if isinstance(item, ast.AST)]
+        elif isinstance(value, ast.AST) and not isinstance(value, ast.expr_context):
+            children.append(value)
+    return children
 
 
 # ---------------------------------------------------------------------------
@@ -237,33 +260,51 @@ class _Function:
     qualname: str  # enclosing classes and functions, dotted
     class_name: str | None  # the class this function is a method of
     is_nested: bool  # defined inside another function
+    complexity: int
 
 
-def _definitions(scope: ast.AST) -> Iterator[FunctionNode | ast.ClassDef]:
-    """Yield the functions and classes defined in `scope` but not inside another definition."""
-    pending = list(ast.iter_child_nodes(scope))
-    while pending:
-        node = pending.pop()
-        if isinstance(node, _SCOPES):
-            yield node
-        else:
-            pending.extend(ast.iter_child_nodes(node))
+@dataclasses.dataclass(frozen=True)
+class _Scope:
+    """Where a node sits: what its definitions are named after, and whether it binds class attributes."""
+
+    prefix: str = ""  # of the qualified names defined here
+    class_name: str | None = None  # the class whose methods are defined here
+    in_function: bool = False  # inside a function body
+    in_class: bool = False  # in a class body, not inside a function or lambda there
+
+    def inner(self, node: ast.AST) -> "_Scope":
+        """Return the scope of `node`'s children."""
+        if isinstance(node, ast.ClassDef):
+            return _Scope(self.prefix + node.name + ".", node.name, self.in_function, in_class=True)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            return _Scope(self.prefix + node.name + ".", None, in_function=True)
+        if isinstance(node, ast.Lambda):
+            return dataclasses.replace(self, in_class=False)
+        return self
+
+
+def _walk(tree: ast.Module) -> list[tuple[ast.AST, _Scope]]:
+    """Return every node of `tree` with its scope, in `ast.walk`'s order (breadth first)."""
+    found = [(tree, _Scope())]
+    for node, scope in found:  # the list grows while it is read, so this visits every node
+        inner = scope.inner(node) if isinstance(node, (*_SCOPES, ast.Lambda)) else scope
+        found += [(child, inner) for child in _children(node)]
+    return found
+
+
+def _function(node: FunctionNode, scope: _Scope) -> _Function:
+    return _Function(node=node, qualname=scope.prefix + node.name, class_name=scope.class_name,
+                     is_nested=scope.in_function, complexity=_complexity(node))
+
+
+def _functions_in(walked: list[tuple[ast.AST, _Scope]]) -> list[_Function]:
+    found = [_function(node, scope) for node, scope in walked if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+    return sorted(found, key=lambda function: (function.node.lineno, function.node.col_offset))
 
 
 def _functions(tree: ast.Module) -> list[_Function]:
     """Return every function and method in `tree`, nested ones included, in source order."""
-    found: list[_Function] = []
-    pending: list[tuple[ast.AST, str, str | None, bool]] = [(tree, "", None, False)]
-    while pending:
-        scope, prefix, class_name, in_function = pending.pop()
-        for node in _definitions(scope):
-            qualname = prefix + node.name
-            if isinstance(node, ast.ClassDef):
-                pending.append((node, qualname + ".", node.name, in_function))
-                continue
-            found.append(_Function(node=node, qualname=qualname, class_name=class_name, is_nested=in_function))
-            pending.append((node, qualname + ".", None, True))
-    return sorted(found, key=lambda function: (function.node.lineno, function.node.col_offset))
+    return _functions_in(_walk(tree))
 
 
 def _parameter_count(node: FunctionNode) -> int:
@@ -310,8 +351,28 @@ def _complexity(node: FunctionNode) -> int:
             total += 1
             continue
         total += _own_decisions(child)
-        pending.extend(ast.iter_child_nodes(child))
+        pending.extend(_children(child))
     return total
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tree:
+    """The reviewed code parsed once and walked once: rules filter `walked` instead of walking the tree again."""
+
+    module: ast.Module
+    walked: list[tuple[ast.AST, _Scope]]  # every node with its scope, in `ast.walk`'s order
+    functions: list[_Function]
+
+    @classmethod
+    def parse(cls, code: str) -> "_Tree":
+        """Parse `code`; raise SyntaxError, or ValueError (null bytes), when it does not parse."""
+        module = ast.parse(code)
+        walked = _walk(module)
+        return cls(module, walked, _functions_in(walked))
+
+    def nodes(self, kind: type | tuple[type, ...]) -> list[Any]:
+        """Return the nodes of type `kind`, in `ast.walk`'s order."""
+        return [node for node, _ in self.walked if isinstance(node, kind)]
 
 
 def _function_record(function: _Function) -> dict[str, Any]:
@@ -331,7 +392,7 @@ def _function_record(function: _Function) -> dict[str, Any]:
 
 def _complexity_report(functions: list[_Function]) -> dict[str, Any]:
     scores = [
-        {"qualname": function.qualname, "line": function.node.lineno, "complexity": _complexity(function.node)}
+        {"qualname": function.qualname, "line": function.node.lineno, "complexity": function.complexity}
         for function in functions
     ]
     # The first of equally complex functions is the worst: max() keeps the first maximum.
@@ -379,7 +440,7 @@ def _limit(rule: Rule, function: _Function, template: str, value: int, limit: in
 
 def _check_size(function: _Function, source: _Source) -> Iterator[_Finding]:
     node, length = function.node, function.node.end_lineno - function.node.lineno + 1
-    complexity, parameters = _complexity(node), _parameter_count(node)
+    complexity, parameters = function.complexity, _parameter_count(node)
     yield from _limit(Rule.HIGH_COMPLEXITY, function, "{name} has complexity {value} (limit {limit})", complexity,
                       MAX_COMPLEXITY)
     yield from _limit(Rule.LONG_FUNCTION, function, "{name} is {value} lines long (limit {limit})", length,
@@ -498,10 +559,8 @@ FunctionCheck = Callable[[_Function, _Source], Iterator[_Finding]]
 _FUNCTION_CHECKS: tuple[FunctionCheck, ...] = (_check_size, _check_nesting, _check_docstring, _check_defaults)
 
 
-def _check_excepts(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
-    for handler in ast.walk(tree):
-        if not isinstance(handler, ast.ExceptHandler):
-            continue
+def _check_excepts(tree: _Tree, source: _Source) -> Iterator[_Finding]:
+    for handler in tree.nodes(ast.ExceptHandler):
         start = source.start(handler)
         if handler.type is None and source.text.startswith("except", start):
             fix = _Edit(start=start, end=start + len("except"), text="except Exception")
@@ -531,10 +590,8 @@ def _is_none(node: ast.expr) -> bool:
     return isinstance(node, ast.Constant) and node.value is None
 
 
-def _check_none_comparisons(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
-    for compare in ast.walk(tree):
-        if not isinstance(compare, ast.Compare):
-            continue
+def _check_none_comparisons(tree: _Tree, source: _Source) -> Iterator[_Finding]:
+    for compare in tree.nodes(ast.Compare):
         operands = [compare.left, *compare.comparators]
         for op, left, right in zip(compare.ops, operands, operands[1:]):
             if isinstance(op, ast.Eq | ast.NotEq) and (_is_none(left) or _is_none(right)):
@@ -559,53 +616,52 @@ def _bound_names(node: ast.AST, in_class: bool) -> Iterator[tuple[str, int]]:
             yield node.asname or node.name.partition(".")[0], node.lineno
 
 
-def _check_shadowing(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
-    pending: list[tuple[ast.AST, bool]] = [(tree, False)]
-    while pending:
-        node, in_class = pending.pop()
-        for name, line in _bound_names(node, in_class):
+def _check_shadowing(tree: _Tree, source: _Source) -> Iterator[_Finding]:
+    # A class body is class scope down to its methods; a function body is never class scope (see _Scope.inner).
+    for node, scope in tree.walked:
+        for name, line in _bound_names(node, scope.in_class):
             if name in BUILTIN_NAMES:
                 yield _Finding(rule=Rule.BUILTIN_SHADOWING, line=line, detail=name,
                                message=f"`{name}` shadows the builtin of the same name")
-        # A class body is class scope down to its methods; a function body is never class scope.
-        is_function = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-        inner = isinstance(node, ast.ClassDef) or (in_class and not is_function)
-        pending.extend((child, inner) for child in ast.iter_child_nodes(node))
 
 
-def _check_wildcards(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
+def _check_wildcards(tree: _Tree, source: _Source) -> Iterator[_Finding]:
+    for node in tree.nodes(ast.ImportFrom):
+        if any(alias.name == "*" for alias in node.names):
             module = "." * node.level + (node.module or "")
             yield _Finding(rule=Rule.WILDCARD_IMPORT, line=node.lineno, detail=module,
                            message=f"`from {module} import *` hides where names come from")
 
 
-def _annotations(tree: ast.Module) -> Iterator[ast.expr]:
-    for node in ast.walk(tree):
+def _annotations(tree: _Tree) -> Iterator[ast.expr]:
+    for node in tree.nodes((ast.FunctionDef, ast.AsyncFunctionDef, ast.arg, ast.AnnAssign)):
         annotation = node.returns if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) else None
         annotation = node.annotation if isinstance(node, ast.arg | ast.AnnAssign) else annotation
         if annotation is not None:
             yield annotation
 
 
-def _annotation_names(tree: ast.Module) -> Iterator[str]:
+def _annotation_names(tree: _Tree) -> Iterator[str]:
     """Yield the names used inside string annotations such as `"Path"` or `list["Node"]`."""
     texts = [node.value for annotation in _annotations(tree) for node in ast.walk(annotation)
              if isinstance(node, ast.Constant) and isinstance(node.value, str)]
-    for text in filter(_parses, texts):
-        yield from (node.id for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Name))
+    for text in dict.fromkeys(texts):  # each distinct text once
+        try:
+            annotation = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        yield from (node.id for node in ast.walk(annotation) if isinstance(node, ast.Name))
 
 
-def _exported_names(tree: ast.Module) -> Iterator[str]:
-    for node in tree.body:
+def _exported_names(tree: _Tree) -> Iterator[str]:
+    for node in tree.module.body:
         targets = node.targets if isinstance(node, ast.Assign) else []
         if any(isinstance(target, ast.Name) and target.id == "__all__" for target in targets):
             yield from (item.value for item in ast.walk(node.value) if isinstance(item, ast.Constant))
 
 
-def _used_names(tree: ast.Module) -> set[str]:
-    read = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store)}
+def _used_names(tree: _Tree) -> set[str]:
+    read = {node.id for node in tree.nodes(ast.Name) if not isinstance(node.ctx, ast.Store)}
     return read | set(_annotation_names(tree)) | {name for name in _exported_names(tree) if isinstance(name, str)}
 
 
@@ -626,14 +682,14 @@ def _import_removal(
     return _Edit(start=source.end(aliases[index - 1]), end=source.end(aliases[index]), text="")
 
 
-def _imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
+def _imports(tree: _Tree) -> Iterator[ast.Import | ast.ImportFrom]:
     """Yield the import statements, except `from __future__` ones (they are compiler directives)."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import) or isinstance(node, ast.ImportFrom) and node.module != "__future__":
+    for node in tree.nodes((ast.Import, ast.ImportFrom)):
+        if isinstance(node, ast.Import) or node.module != "__future__":
             yield node
 
 
-def _check_imports(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
+def _check_imports(tree: _Tree, source: _Source) -> Iterator[_Finding]:
     used = _used_names(tree)
     for statement in _imports(tree):
         bound = [alias.asname or alias.name.partition(".")[0] for alias in statement.names]
@@ -646,7 +702,7 @@ def _check_imports(tree: ast.Module, source: _Source) -> Iterator[_Finding]:
                                edits=(removal,) if removal else ())
 
 
-ModuleCheck = Callable[[ast.Module, _Source], Iterator[_Finding]]
+ModuleCheck = Callable[[_Tree, _Source], Iterator[_Finding]]
 _MODULE_CHECKS: tuple[ModuleCheck, ...] = (
     _check_excepts, _check_none_comparisons, _check_shadowing, _check_wildcards, _check_imports,
 )
@@ -658,37 +714,52 @@ def _enclosing(functions: list[_Function], line: int) -> str | None:
     return around[-1].qualname if around else None
 
 
-def _review(code: str) -> list[_Finding]:
-    """Return every finding in `code`, sorted by line and rule."""
+Parses = Callable[[str], bool]
+
+
+def _review(code: str, parses: Parses) -> tuple[list[_Function], list[_Finding]]:
+    """Return the functions in `code` and every finding in it, sorted by line and rule; `parses` checks fixes."""
     try:
-        tree = ast.parse(code)
+        tree = _Tree.parse(code)
     except (SyntaxError, ValueError) as exc:  # ValueError: null bytes in the source
-        return [_syntax_error(exc)]
-    source, functions = _Source.of(code), _functions(tree)
+        return [], [_syntax_error(exc)]
+    source, functions = _Source.of(code), tree.functions
     findings = [finding for function in functions for check in _FUNCTION_CHECKS for finding in check(function, source)]
     for check in _MODULE_CHECKS:
         found = check(tree, source)
         findings += [dataclasses.replace(finding, function=_enclosing(functions, finding.line)) for finding in found]
     # A fix that breaks the code on its own (say, removing the only statement of a block) is no fix.
     findings = [
-        finding if not finding.edits or _parses(_apply(code, finding.edits)) else dataclasses.replace(finding, edits=())
+        finding if not finding.edits or parses(_apply(code, finding.edits)) else dataclasses.replace(finding, edits=())
         for finding in findings
     ]
     rule_order = list(Rule)
-    return sorted(findings, key=lambda finding: (finding.line, rule_order.index(finding.rule), finding.message))
+    return functions, sorted(findings, key=lambda finding: (finding.line, rule_order.index(finding.rule), finding.message))
 
 
-def _fix(code: str, findings: list[_Finding]) -> tuple[str, list[bool]]:
-    """Apply every fix that overlaps no earlier one and keeps the code parsing; say which were applied."""
+def _select(findings: list[_Finding], keeps_parsing: Callable[[list[_Edit]], bool]) -> tuple[list[_Edit], list[bool]]:
+    """Accept in turn each fix that overlaps no accepted one and `keeps_parsing`; say which were accepted."""
     accepted: list[_Edit] = []
     applied: list[bool] = []
     for finding in findings:
         candidate = [*accepted, *finding.edits]
         fits = bool(finding.edits) and not any(_overlap(new, old) for new in finding.edits for old in accepted)
-        is_applied = fits and _parses(_apply(code, candidate))
+        is_applied = fits and keeps_parsing(candidate)
         if is_applied:
             accepted = candidate
         applied.append(is_applied)
+    return accepted, applied
+
+
+def _fix(code: str, findings: list[_Finding], parses: Parses) -> tuple[str, list[bool]]:
+    """Apply every fix that overlaps no earlier one and keeps the code parsing; say which were applied."""
+    # Every fix parses on its own (_review checked). If all the fixes that fit parse together, each step of applying
+    # them in turn parses too: leaving out later fixes only restores code, and no later fix repairs what earlier ones
+    # broke (an insertion only goes into a function body, and sorts before every finding inside that body). So the
+    # combined result is checked once; only when it does not parse is every step checked to find the culprits.
+    accepted, applied = _select(findings, lambda candidate: True)
+    if accepted and not parses(_apply(code, accepted)):
+        accepted, applied = _select(findings, lambda candidate: parses(_apply(code, candidate)))
     return _apply(code, accepted), applied
 
 
@@ -731,11 +802,14 @@ def _score(findings: list[dict[str, Any]], code: str) -> int:
     return round(100 * size / (size + penalty))
 
 
-def _analysis(code: str) -> dict[str, Any]:
+def _parsed_functions(code: str) -> list[_Function]:
     try:
-        functions = _functions(ast.parse(code))
+        return _Tree.parse(code).functions
     except (SyntaxError, ValueError):
-        functions = []
+        return []
+
+
+def _analysis(functions: list[_Function]) -> dict[str, Any]:
     records = [_function_record(function) for function in functions]
     return {"functions": records, "complexity": _complexity_report(functions)}
 
@@ -755,12 +829,12 @@ def extract_functions(state: "WorkflowState", ctx: "NodeContext") -> dict[str, A
     line), `last_line`, `length`, `params` and `has_docstring`. Code that does not parse has no functions.
     """
     _threshold(state.data)  # fail on a bad threshold now rather than after four nodes
-    return {"functions": _analysis(_reviewed_code(state.data))["functions"]}
+    return {"functions": _analysis(_parsed_functions(_reviewed_code(state.data)))["functions"]}
 
 
 def check_complexity(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
     """Compute each function's cyclomatic complexity as `radon cc` does, plus the average and the worst function."""
-    return {"complexity": _analysis(_reviewed_code(state.data))["complexity"]}
+    return {"complexity": _analysis(_parsed_functions(_reviewed_code(state.data)))["complexity"]}
 
 
 def detect_issues(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
@@ -768,17 +842,19 @@ def detect_issues(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
 
     On later passes the reviewed code is the improved one, so `functions` and `complexity` are refreshed too.
     """
-    code = _reviewed_code(state.data)
-    findings = [_finding_record(finding) for finding in _review(code)]
+    # One node call checks a text at most once (duplicate fixes give the same text); no cache outlives the call.
+    functions, found = _review(_reviewed_code(state.data), functools.cache(_parses))
+    findings = [_finding_record(finding) for finding in found]
     ctx.logger.info("code review found %d issues", len(findings))
-    return _changed(state.data, {**_analysis(code), "findings": findings})
+    return _changed(state.data, {**_analysis(functions), "findings": findings})
 
 
 def suggest_improvements(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
     """Suggest what to do about each finding, apply the safe fixes, and store the result in `improved_code`."""
     code = _reviewed_code(state.data)
-    findings = _review(code)
-    improved, applied = _fix(code, findings)
+    parses = functools.cache(_parses)  # _fix checks again texts _review checked; no cache outlives the call
+    _, findings = _review(code, parses)
+    improved, applied = _fix(code, findings, parses)
     suggestions = [_suggestion(finding, was_applied) for finding, was_applied in zip(findings, applied)]
     ctx.logger.info("code review applied %d of %d fixes", sum(applied), len(applied))
     update = {"suggestions": suggestions, "fixes_applied": sum(applied), "code_changed": improved != code}
