@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -166,6 +167,10 @@ def make_registry() -> we.Registry:
             state.data["asked"] = True  # dropped: an interrupted step changes nothing
             raise we.Interrupt("needs approval")
         return {"outcome": "approved by " + state.data["approved"]}
+
+    @registry.node
+    async def grow(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        return {"blob": "x" * state.data["size"]}
 
     @registry.node
     async def nap(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
@@ -842,7 +847,7 @@ async def test_get_graph_state_returns_the_run_record(client: httpx.AsyncClient)
     record = response.json()
     assert response.status_code == 200
     assert set(record) == {"run_id", "graph_id", "status", "current_node", "next_node", "iteration", "max_iterations",
-                           "timeout_s", "state",
+                           "max_state_bytes", "timeout_s", "state",
                            "logs", "error", "created_at", "started_at", "finished_at", "duration_ms", "engine_overhead_ms"}
     assert {k: record[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")} == {
         k: run[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")}
@@ -1079,7 +1084,7 @@ async def test_engine_refuses_runs_beyond_its_queue_and_cancels_all_at_shutdown(
         refused = await client.post("/graph/run", json=body)
         assert (refused.status_code, refused.headers["retry-after"], refused.json()) == (
             503, "1", error("busy", "too many runs are waiting; retry later"))
-        await engine.shutdown()
+        await engine.shutdown(grace_s=0)
         records = [(await client.get(f"/graph/state/{run_id}")).json() for run_id in (running, pending)]
         closed = await client.post("/graph/run", json=body)
     assert [(r["status"], r["error"]) for r in records] == [
@@ -1099,7 +1104,7 @@ async def test_engine_runs_a_thousand_waiting_runs_at_once(registry: we.Registry
 
 
 async def test_app_shutdown_cancels_and_records_running_runs(registry: we.Registry) -> None:
-    app = we.create_app(registry=registry)
+    app = we.create_app(registry=registry, settings=we.Settings(shutdown_grace_s=0))
     gates["lifespan"] = Gate()
     async with app.router.lifespan_context(app):
         run = await engine_of(app).start(we.GraphDefinition(graph_id="l", start_node="gate", nodes=("gate",)),
@@ -1107,6 +1112,16 @@ async def test_app_shutdown_cancels_and_records_running_runs(registry: we.Regist
         await gates["lifespan"].entered.wait()
     assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled at node 'gate'")
     assert engine_of(app).store.get_run(run.run_id) == run
+
+
+async def test_engine_shutdown_lets_runs_finish_within_the_grace_period(registry: we.Registry) -> None:
+    engine = we.Engine(registry)
+    run = await engine.start(we.GraphDefinition(graph_id="n", start_node="nap", nodes=("nap",)),
+                             we.WorkflowState(data={"n": 1}))
+    await engine.shutdown(grace_s=10)
+    assert (run.status, run.state.data) == (we.RunStatus.COMPLETED, {"n": 1, "napped": 1})
+    with pytest.raises(we.Busy, match="the server is shutting down"):
+        await engine.start(we.GraphDefinition(graph_id="n", start_node="nap", nodes=("nap",)))
 
 
 async def test_abandoned_stream_leaves_nothing_behind(registry: we.Registry) -> None:
@@ -1847,13 +1862,97 @@ async def test_sqlite_store_keeps_at_most_max_runs_finished(tmp_path: Path, regi
 
 
 # ---------------------------------------------------------------------------
+# Limits, authentication, structured logs
+# ---------------------------------------------------------------------------
+async def test_graph_limits_answer_422(registry: we.Registry) -> None:
+    app = we.create_app(registry=registry, settings=we.Settings(max_nodes=2, max_branches=1))
+    too_big = graph(["inc", "double", "tidy"])
+    too_many = graph(["inc"], {"inc": {"branches": [{"condition": "never", "target": "inc"}] * 2}})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        nodes = await client.post("/graph/create", json=too_big)
+        branches = await client.post("/graph/create", json=too_many)
+    assert (nodes.status_code, nodes.json()) == (422, error("invalid_graph", "the graph has 1 problem",
+                                                            ("$.nodes", "at most 2 nodes, got 3")))
+    assert (branches.status_code, branches.json()) == (422, error("invalid_graph", "the graph has 1 problem",
+                                                                  ("$.edges.inc.branches", "at most 1 branches, got 2")))
+
+
+async def test_run_data_over_its_limit_fails_the_step(registry: we.Registry) -> None:
+    engine = we.Engine(registry, settings=we.Settings(max_state_bytes=1_000))
+    definition = we.GraphDefinition(graph_id="big", start_node="grow", nodes=("grow",))
+    small = await engine.run(definition, we.WorkflowState(data={"size": 900}))
+    large = await engine.run(definition, we.WorkflowState(data={"size": 5_000}))
+    assert small.status is we.RunStatus.COMPLETED
+    assert (large.status, large.error) == (
+        we.RunStatus.FAILED, "node 'grow' took the run's data to about 5010 bytes, over its limit of 1000")
+    assert large.state.data == {"size": 5000}
+
+
+@pytest.fixture
+async def guarded_client(registry: we.Registry) -> Any:
+    app = we.create_app(registry=registry, settings=we.Settings(api_token="s3cret"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "authorization"),
+    [("GET", "/graph/list", None), ("GET", "/graph/list", "Bearer wrong"), ("GET", "/graph/list", "Basic s3cret"),
+     ("POST", "/graph/create", "Bearer"), ("GET", "/graph/stream/x", None), ("GET", "/nowhere", None),
+     ("POST", "/", None)],
+    ids=["none", "wrong", "basic", "empty", "stream", "unknown-path", "post-health"],
+)
+async def test_auth_refuses_requests_without_the_token(
+    guarded_client: httpx.AsyncClient, method: str, path: str, authorization: str | None
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = await guarded_client.request(method, path, headers=headers)
+    assert (response.status_code, response.json()) == (401, error("unauthorized", "a valid bearer token is required"))
+    assert response.headers["www-authenticate"] == 'Bearer realm="workflow_engine"'
+
+
+async def test_auth_lets_the_token_and_the_health_check_through(guarded_client: httpx.AsyncClient) -> None:
+    health = await guarded_client.get("/")
+    listed = await guarded_client.get("/graph/list", headers={"Authorization": "Bearer s3cret"})
+    assert (health.status_code, listed.status_code, listed.json()["total"]) == (200, 200, 0)
+
+
+def test_json_log_formatter_writes_one_object_per_record() -> None:
+    record = logging.LogRecord("workflow_engine", logging.INFO, __file__, 1, "run %s started", ("r1",), None)
+    record.fields = {"event": "run_started", "run_id": "r1", "graph_id": "g"}
+    line = we.JsonLogFormatter().format(record)
+    assert "\n" not in line
+    payload = json.loads(line)
+    assert payload.pop("time").endswith("+00:00")
+    assert payload == {"level": "info", "logger": "workflow_engine", "message": "run r1 started",
+                       "event": "run_started", "run_id": "r1", "graph_id": "g"}
+
+
+async def test_engine_logs_start_steps_and_end_with_fields(registry: we.Registry, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="workflow_engine")
+    run = await we.Engine(registry).run(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc", "boom"),
+                                                           edges={"inc": we.EdgeDef(default_next="boom")}))
+    fields = [record.fields for record in caplog.records if hasattr(record, "fields")]
+    assert [(f["event"], f.get("node"), f.get("step"), f.get("status")) for f in fields] == [
+        ("run_started", None, None, None), ("step", "inc", "executed", None), ("step", "boom", "error", None),
+        ("run_finished", None, None, "failed")]
+    assert {f["run_id"] for f in fields} == {run.run_id}
+    assert fields[-1]["error"] == "node 'boom' raised ValueError: boom"
+
+
+# ---------------------------------------------------------------------------
 # Settings and wiring
 # ---------------------------------------------------------------------------
 def test_settings_from_env_reads_every_variable() -> None:
     env = {"WORKFLOW_MAX_ITERATIONS": "7", "WORKFLOW_MAX_ITERATIONS_CAP": "70", "WORKFLOW_MAX_RUNS": "5",
-           "WORKFLOW_MAX_GRAPHS": "4", "WORKFLOW_MAX_BODY_BYTES": "1000", "WORKFLOW_MODULES": " a, b ,,"}
+           "WORKFLOW_MAX_GRAPHS": "4", "WORKFLOW_MAX_BODY_BYTES": "1000", "WORKFLOW_MODULES": " a, b ,,",
+           "WORKFLOW_MAX_CONCURRENT_RUNS": "3", "WORKFLOW_MAX_PENDING_RUNS": "2", "WORKFLOW_MAX_NODES": "9",
+           "WORKFLOW_MAX_BRANCHES": "8", "WORKFLOW_MAX_STATE_BYTES": "999", "WORKFLOW_SHUTDOWN_GRACE_S": "4",
+           "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json"}
     assert we.settings_from_env(env) == we.Settings(
-        max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"))
+        max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"),
+        max_concurrent_runs=3, max_pending_runs=2, max_nodes=9, max_branches=8, max_state_bytes=999,
+        shutdown_grace_s=4, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON)
     assert we.settings_from_env({}) == we.Settings()
 
 
@@ -1862,6 +1961,8 @@ def test_settings_from_env_rejects_bad_numbers() -> None:
         we.settings_from_env({"WORKFLOW_MAX_RUNS": "lots"})
     with pytest.raises(we.InvalidValue, match="max_runs must be at least 1, got 0"):
         we.settings_from_env({"WORKFLOW_MAX_RUNS": "0"})
+    with pytest.raises(ValueError, match="WORKFLOW_LOG_FORMAT must be text or json, got 'xml'"):
+        we.settings_from_env({"WORKFLOW_LOG_FORMAT": "xml"})
 
 
 async def test_settings_max_iterations_is_the_run_default(registry: we.Registry) -> None:
@@ -2648,30 +2749,39 @@ def uvicorn_command(port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str]) -> Iterator[tuple[str, int]]:
-    """Run `uvicorn workflow_engine:app` on a free port with `env` added; yield its URL and pid once it answers."""
+def running_server(env: dict[str, str], log: list[str] | None = None) -> Iterator[tuple[str, int]]:
+    """Run `uvicorn workflow_engine:app` on a free port with `env` added; yield its URL and pid once it answers.
+
+    Its output goes to a file (a pipe nobody reads would fill up and stall the server); `log` receives its lines.
+    """
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(HERE), **env}
-    process = subprocess.Popen(uvicorn_command(port), cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, process.stdout.read().decode() if process.stdout else "server exited"
-            try:
-                httpx.get(base + "/", timeout=0.5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "server did not start in 20 s"
-                time.sleep(0.05)
-        yield base, process.pid
-    finally:
-        process.terminate()
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(uvicorn_command(port), cwd=HERE, env=env, stdout=output, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            deadline = time.monotonic() + 20
+            while True:
+                if process.poll() is not None:
+                    output.seek(0)
+                    pytest.fail(f"the server exited: {output.read().decode()}")
+                try:
+                    httpx.get(base + "/", timeout=0.5)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "server did not start in 20 s"
+                    time.sleep(0.05)
+            yield base, process.pid
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            output.seek(0)
+            if log is not None:
+                log.extend(output.read().decode().splitlines())
 
 
 @pytest.fixture
@@ -2933,3 +3043,29 @@ def test_e2e_sqlite_two_processes_share_graphs_runs_and_streams(db_env: dict[str
     assert [e["event"] for e in followed] == ["status", "status", "log", "log", "log", "status", "end"]
     assert [e["data"]["node"] for e in followed if e["event"] == "log"] == ["count", "block", "again"]
     assert followed[-1]["data"]["state"] == recorded["state"] and recorded["status"] == "completed"
+
+
+def test_e2e_token_guards_http_and_websockets_and_logs_are_json(tmp_path: Path) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    log: list[str] = []
+    env = {"WORKFLOW_API_TOKEN": "s3cret", "WORKFLOW_LOG_FORMAT": "json"}
+    with running_server(env, log) as (base, _):
+        token = {"Authorization": "Bearer s3cret"}
+        with httpx.Client(base_url=base, timeout=10) as client:
+            health, refused = client.get("/"), client.get("/graph/list")
+            run = client.post("/graph/run", headers=token, json={
+                "graph_id": "code_review", "state": {"data": {"code": "def f(x):\n    return x\n"}}}).json()
+        url = base.replace("http://", "ws://") + "/graph/ws/nope"
+        with pytest.raises(InvalidStatus, match="403"):
+            connect(url).close()
+        with connect(url, additional_headers=token) as websocket:
+            refusal = json.loads(websocket.recv())
+    assert (health.status_code, refused.status_code, run["status"]) == (200, 401, "completed")
+    assert refusal["error"]["code"] == "run_not_found"
+    records = [json.loads(line) for line in log if line.startswith("{")]
+    ours = [r for r in records if r.get("run_id") == run["run_id"]]
+    assert [(r["event"], r.get("node")) for r in ours] == [("run_started", None)] + [
+        ("step", entry["node"]) for entry in run["logs"]] + [("run_finished", None)]
+    assert ours[-1]["status"] == "completed" and all(r["graph_id"] == "code_review" for r in ours)

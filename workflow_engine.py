@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import hmac
 import importlib
 import inspect
 import itertools
@@ -59,9 +60,11 @@ from cattrs.cols import (
 )
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 __all__ = [
@@ -123,6 +126,11 @@ STREAM_KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so
 STREAM_POLL_S = 0.25  # how often a stream reads the store for a run that another process executes
 SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's write to finish
 MAX_PAGE = 1_000  # most items one list request returns
+MAX_NODES = 1_000  # nodes in one graph
+MAX_BRANCHES = 100  # branches on one edge
+MAX_STATE_BYTES = 4 * 1024 * 1024  # a run's data, counted as the JSON text of its values; past it the step fails
+MAX_ID_CHARS = 128  # graph ids, and any run or graph id in a path
+SHUTDOWN_GRACE_S = 10.0  # on shutdown, how long running runs may go on before they are cancelled
 MAX_TIMEOUT_S = 86_400.0  # longest timeout or backoff a graph or run may ask for
 MAX_ATTEMPTS = 100  # most tries a retry policy may ask for
 MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects accepted in bodies and node output
@@ -155,6 +163,7 @@ class ErrorCode(enum.Enum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
+    UNAUTHORIZED = "unauthorized"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -332,6 +341,14 @@ class RunStatus(enum.Enum):
 
 
 @enum.unique
+class LogFormat(enum.Enum):
+    """How the server writes its own log: lines for people, or one JSON object per line for a log store."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+@enum.unique
 class LogEvent(enum.Enum):
     """What happened in one step of a run."""
 
@@ -478,6 +495,7 @@ class RunContext:
     next_node: str | None = None  # the node to execute next; where a resumed run goes on
     iteration: int = 0
     max_iterations: int = MAX_ITERATIONS
+    max_state_bytes: int = MAX_STATE_BYTES
     timeout_s: float | None = None
     state: WorkflowState
     logs: list[LogEntry] = attrs.field(factory=list)
@@ -633,9 +651,18 @@ class Settings:
     max_concurrent_runs: int = attrs.field(default=MAX_CONCURRENT_RUNS, validator=_positive)
     max_pending_runs: int = attrs.field(default=MAX_PENDING_RUNS, validator=_positive)
     stream_keepalive_s: float = attrs.field(default=STREAM_KEEPALIVE_S, validator=_seconds)
+    max_nodes: int = attrs.field(default=MAX_NODES, validator=_positive)
+    max_branches: int = attrs.field(default=MAX_BRANCHES, validator=_positive)
+    max_state_bytes: int = attrs.field(default=MAX_STATE_BYTES, validator=_positive)
+    shutdown_grace_s: float = attrs.field(default=SHUTDOWN_GRACE_S, validator=attrs.validators.ge(0.0))
     db_path: str | None = None  # a SQLite file to keep graphs and runs in; None keeps them in memory
+    api_token: str | None = None  # when set, every endpoint but GET / wants `Authorization: Bearer <api_token>`
+    log_format: LogFormat = LogFormat.TEXT
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
     workflow_modules: tuple[str, ...] | None = None
+
+
+DEFAULT_SETTINGS = Settings()
 
 
 # ---------------------------------------------------------------------------
@@ -889,17 +916,26 @@ def _lookup(table: dict[str, T], kind: str, name: str) -> T:
 # Graph validation
 # ---------------------------------------------------------------------------
 # Every rule is checked and every problem collected, so the client can fix them all at once.
-def validate_graph(
-    graph: GraphDefinition, registry: Registry, *, max_iterations_cap: int = MAX_ITERATIONS_CAP
-) -> None:
-    """Raise InvalidGraph listing every problem of `graph` against the names in `registry`."""
+def validate_graph(graph: GraphDefinition, registry: Registry, *, limits: Settings = DEFAULT_SETTINGS) -> None:
+    """Raise InvalidGraph listing every problem of `graph` against the names in `registry` and the `limits`."""
     problems = [*_id_problems(graph), *_node_problems(graph, registry), *_edge_problems(graph, registry)]
     problems += [Problem(f"$.interrupt_before[{index}]", f"unknown node {name!r}")
                  for index, name in enumerate(graph.interrupt_before) if name not in graph.node_defs]
-    if graph.max_iterations is not None and graph.max_iterations > max_iterations_cap:
-        problems.append(Problem("$.max_iterations", f"must be at most {max_iterations_cap}"))
+    problems += _limit_problems(graph, limits)
     if problems:
         raise InvalidGraph(problems)
+
+
+def _limit_problems(graph: GraphDefinition, limits: Settings) -> list[Problem]:
+    problems = []
+    if len(graph.nodes) > limits.max_nodes:
+        problems.append(Problem("$.nodes", f"at most {limits.max_nodes} nodes, got {len(graph.nodes)}"))
+    problems += [Problem(f"{key_path('$.edges', source)}.branches", f"at most {limits.max_branches} branches, "
+                         f"got {len(edge.branches)}")
+                 for source, edge in graph.edges.items() if len(edge.branches) > limits.max_branches]
+    if graph.max_iterations is not None and graph.max_iterations > limits.max_iterations_cap:
+        problems.append(Problem("$.max_iterations", f"must be at most {limits.max_iterations_cap}"))
+    return problems
 
 
 def _id_problems(graph: GraphDefinition) -> list[Problem]:
@@ -995,14 +1031,15 @@ def _new_id() -> str:
 
 
 def new_run(
-    graph: GraphDefinition, state: WorkflowState, *,
-    max_iterations: int = MAX_ITERATIONS, timeout_s: float | None = None,
+    graph: GraphDefinition, state: WorkflowState, *, max_iterations: int = MAX_ITERATIONS,
+    timeout_s: float | None = None, max_state_bytes: int = MAX_STATE_BYTES,
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`."""
     return RunContext(
         run_id=_new_id(),
         graph_id=graph.graph_id or "",
         max_iterations=max_iterations,
+        max_state_bytes=max_state_bytes,
         timeout_s=timeout_s,
         state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata)),
         created_at=_now(),
@@ -1061,6 +1098,7 @@ class _Hooks:
 async def _drive(run: RunContext, graph: GraphDefinition, registry: Registry, hooks: _Hooks, is_resumed: bool) -> None:
     """Execute nodes from `run.next_node` until the run ends or pauses; set its status."""
     contexts: dict[str, NodeContext] = {}
+    budget = _DataBudget(run.state.data, run.max_state_bytes)
     while (name := run.next_node) is not None:
         if run.iteration >= run.max_iterations:
             run.status = RunStatus.STOPPED_MAX_ITERATIONS
@@ -1074,7 +1112,7 @@ async def _drive(run: RunContext, graph: GraphDefinition, registry: Registry, ho
         ctx = contexts.get(name) or contexts.setdefault(name, _node_context(run, graph.node_defs[name], registry))
         clock = time.perf_counter()
         try:
-            entry = await _run_node(run, graph.node_defs[name], registry, ctx, hooks.on_change)
+            entry = await _run_node(run, graph.node_defs[name], registry, ctx, hooks.on_change, budget)
         except asyncio.CancelledError:
             timed_out = hooks.deadline is not None and hooks.deadline.expired()
             run.logs.append(_interrupted(run, name, clock, LogEvent.TIMED_OUT if timed_out else LogEvent.CANCELLED))
@@ -1123,7 +1161,7 @@ def _route(run: RunContext, edge: EdgeDef | None, entry: LogEntry, registry: Reg
 
 
 async def _run_node(
-    run: RunContext, node: NodeDef, registry: Registry, ctx: NodeContext, on_change: OnChange
+    run: RunContext, node: NodeDef, registry: Registry, ctx: NodeContext, on_change: OnChange, budget: "_DataBudget"
 ) -> LogEntry:
     """Call the node until an attempt succeeds or none are left; log each failed attempt that is retried.
 
@@ -1146,6 +1184,7 @@ async def _run_node(
             awaitable = registry.call_node(node.function, working, ctx)
             result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
             updates, keys = _changes(node.name, before, working.data, result)
+            budget.charge(node.name, updates, keys)
         except asyncio.CancelledError:
             run.state.data = before  # the run ends here (cancelled or timed out) with the data of its last step
             raise
@@ -1169,6 +1208,30 @@ async def _run_node(
         run.state.data = working.data
         return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
                         duration_ms=_ms_since(clock), keys_changed=keys, updates=updates, attempt=attempt)
+
+
+class _DataBudget:
+    """Keep a run's data under `limit` bytes, counting each top-level value as the length of its JSON text."""
+
+    def __init__(self, data: dict[str, Any], limit: int) -> None:
+        self.limit = limit
+        self.sizes = {key: _json_size(value) for key, value in data.items()}
+        self.total = sum(self.sizes.values())
+
+    def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> None:
+        """Count a step's changes, or raise _StepFailed (counting nothing) if they take the data over the limit."""
+        sizes = {key: _json_size(updates[key]) if key in updates else 0 for key in keys}
+        total = self.total + sum(sizes.values()) - sum(self.sizes.get(key, 0) for key in keys)
+        if total > self.limit:
+            raise _StepFailed(f"node {name!r} took the run's data to about {total} bytes, over its limit of {self.limit}")
+        self.total = total
+        self.sizes.update(sizes)
+
+
+def _json_size(value: object) -> int:
+    if type(value) is str:
+        return len(value) + 2
+    return 8 if type(value) in _PLAIN_SCALARS or type(value) is float else len(json.dumps(value, ensure_ascii=False))
 
 
 def _recover(run: RunContext, entry: LogEntry, target: str) -> None:
@@ -1635,18 +1698,19 @@ class Engine:
         self.owner = process_owner()
         self._builtin: dict[str, GraphDefinition] = {}
         for graph in registry.graphs:
-            validate_graph(graph, registry, max_iterations_cap=self.settings.max_iterations_cap)
+            validate_graph(graph, registry, limits=self.settings)
             self._builtin[graph.graph_id or ""] = graph
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._live: dict[str, RunContext] = {}  # runs this process executes, from start to their final save
         self._saves: set[asyncio.Task[None]] = set()  # final saves of runs cancelled before they began
         self._changed: dict[str, asyncio.Event] = {}  # set (and dropped) at a run's next change; streams wait on it
+        self._logged: dict[str, int] = {}  # log entries already written to the server log, by run id
         self._is_closing = False
 
     async def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool]:
         """Validate and store `graph` (a new id if it has none); return it and whether it was new."""
-        validate_graph(graph, self.registry, max_iterations_cap=self.settings.max_iterations_cap)
+        validate_graph(graph, self.registry, limits=self.settings)
         if graph.graph_id is None:
             graph = attrs.evolve(graph, graph_id=_new_id())
         builtin = self._builtin.get(graph.graph_id or "")
@@ -1694,14 +1758,15 @@ class Engine:
         if isinstance(graph, str):
             graph = self.get_graph(graph)
         else:
-            validate_graph(graph, self.registry, max_iterations_cap=self.settings.max_iterations_cap)
+            validate_graph(graph, self.registry, limits=self.settings)
         limit = self._max_iterations(graph, max_iterations)
         state = state or WorkflowState()
         problems = [Problem(f"$.state.{name}", problem) for name, problem in
                     (("data", json_problem(state.data)), ("metadata", json_problem(state.metadata))) if problem]
         if problems:
             raise InvalidRequest(problems)
-        run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s)
+        run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s,
+                      max_state_bytes=self.settings.max_state_bytes)
         await self.store.save_run(run)
         self._launch(run, graph)
         return run
@@ -1754,10 +1819,14 @@ class Engine:
         """Return the run's events after id `after`, live until it stops; None marks a quiet keep-alive interval."""
         return self._follow(self.get_run(run_id), after)
 
-    async def shutdown(self) -> None:
-        """Refuse new runs, cancel the ones still pending or running, wait until each is saved, close the store."""
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """Refuse new runs, let running ones go on for `grace_s` (default: the setting), cancel the rest, wait
+        until each is saved, and close the store."""
         self._is_closing = True
         tasks = list(self._tasks.values())
+        grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, *self._saves, return_exceptions=True)
@@ -1807,11 +1876,36 @@ class Engine:
         finally:
             self._live.pop(run.run_id, None)
             self._notify(run)
+            if logger.isEnabledFor(logging.INFO):
+                self._log_end(run)
 
     def _notify(self, run: RunContext) -> None:
         changed = self._changed.pop(run.run_id, None)
         if changed is not None:
             changed.set()
+        if run.status.is_active and logger.isEnabledFor(logging.INFO):
+            self._log_progress(run)
+
+    def _log_progress(self, run: RunContext) -> None:
+        """Log a run's start (info) and each of its new steps (debug), with fields a log store can index."""
+        ids = {"run_id": run.run_id, "graph_id": run.graph_id}
+        if run.run_id not in self._logged:
+            self._logged[run.run_id] = 0
+            logger.info("run %s of graph %s started", run.run_id, run.graph_id,
+                        extra={"fields": {"event": "run_started", **ids}})
+        for entry in run.logs[self._logged[run.run_id]:] if logger.isEnabledFor(logging.DEBUG) else ():
+            fields = {"event": "step", **ids, "node": entry.node, "iteration": entry.iteration,
+                      "step": entry.event.value, "duration_ms": round(entry.duration_ms, 3), "error": entry.error}
+            logger.debug("run %s step %d: %s %s", run.run_id, entry.iteration, entry.node, entry.event.value,
+                         extra={"fields": fields})
+        self._logged[run.run_id] = len(run.logs)
+
+    def _log_end(self, run: RunContext) -> None:
+        self._log_progress(run)  # the steps not logged yet
+        del self._logged[run.run_id]
+        fields = {"event": "run_finished", "run_id": run.run_id, "graph_id": run.graph_id, "status": run.status.value,
+                  "iteration": run.iteration, "duration_ms": round(run.duration_ms, 3), "error": run.error}
+        logger.info("run %s finished: %s", run.run_id, run.status.value, extra={"fields": fields})
 
     async def _follow(self, run: RunContext, after: int) -> AsyncIterator[RunEvent | None]:
         quiet_s = 0.0
@@ -2069,6 +2163,48 @@ async def get_graph_definition(request: Request) -> Response:
     return JSONResponse(converter.unstructure(graph))
 
 
+class BearerAuth:
+    """Pure ASGI middleware: every request but `GET /` must carry `Authorization: Bearer <token>`."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass an open or authorized request on; answer any other with 401 (a WebSocket: close code 4401)."""
+        if scope["type"] not in ("http", "websocket") or self._is_open(scope) or self._is_authorized(scope):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4401})
+        else:
+            response = error_response(401, ErrorCode.UNAUTHORIZED, "a valid bearer token is required",
+                                      headers={"WWW-Authenticate": 'Bearer realm="workflow_engine"'})
+            await response(scope, receive, send)
+
+    @staticmethod
+    def _is_open(scope: Scope) -> bool:
+        return scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD")
+
+    def _is_authorized(self, scope: Scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+        return False
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log record: time, level, message, and the record's `fields` (run id, node, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render `record` as one line of JSON."""
+        payload = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(), "level": record.levelname.lower(),
+                   "logger": record.name, "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
 def error_response(
     status_code: int, code: ErrorCode, message: str, details: list[Problem] | None = None,
     headers: Mapping[str, str] | None = None,
@@ -2118,6 +2254,14 @@ def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _env_log_format(environ: Mapping[str, str]) -> LogFormat:
+    raw = environ.get("WORKFLOW_LOG_FORMAT", "").strip() or LogFormat.TEXT.value
+    try:
+        return LogFormat(raw)
+    except ValueError:
+        raise ValueError(f"WORKFLOW_LOG_FORMAT must be text or json, got {raw!r}") from None
+
+
 def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
     """Read Settings from WORKFLOW_* variables (see the README's settings table); unset ones keep defaults."""
     env = os.environ if environ is None else environ
@@ -2130,7 +2274,13 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_env_int(env, "WORKFLOW_MAX_BODY_BYTES", MAX_BODY_BYTES),
         max_concurrent_runs=_env_int(env, "WORKFLOW_MAX_CONCURRENT_RUNS", MAX_CONCURRENT_RUNS),
         max_pending_runs=_env_int(env, "WORKFLOW_MAX_PENDING_RUNS", MAX_PENDING_RUNS),
+        max_nodes=_env_int(env, "WORKFLOW_MAX_NODES", MAX_NODES),
+        max_branches=_env_int(env, "WORKFLOW_MAX_BRANCHES", MAX_BRANCHES),
+        max_state_bytes=_env_int(env, "WORKFLOW_MAX_STATE_BYTES", MAX_STATE_BYTES),
+        shutdown_grace_s=_env_int(env, "WORKFLOW_SHUTDOWN_GRACE_S", int(SHUTDOWN_GRACE_S)),
         db_path=env.get("WORKFLOW_DB") or None,
+        api_token=env.get("WORKFLOW_API_TOKEN") or None,
+        log_format=_env_log_format(env),
         workflow_modules=None if modules is None else tuple(m.strip() for m in modules.split(",") if m.strip()),
     )
 
@@ -2154,9 +2304,21 @@ def load_workflows(registry: Registry, modules: tuple[str, ...] | None) -> None:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
-    # No setup: the lifespan exists so that shutdown cancels the runs still going and records them.
+    """While serving: a log handler if the host set none; at shutdown, let runs finish for the grace period."""
+    engine: Engine = app.state.engine
+    handler = None
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        is_json = engine.settings.log_format is LogFormat.JSON
+        handler.setFormatter(JsonLogFormatter() if is_json else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if is_json else logging.INFO)  # JSON, for a log store, has every step
+    if engine.settings.api_token is None:
+        logger.warning("authentication is off: set WORKFLOW_API_TOKEN to require a bearer token")
     yield
-    await app.state.engine.shutdown()
+    await engine.shutdown()
+    if handler is not None:
+        logger.removeHandler(handler)
 
 
 def create_app(
@@ -2189,7 +2351,8 @@ def create_app(
         WebSocketRoute("/graph/ws/{run_id}", websocket_graph_ws),
     ]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, Exception: on_unexpected_error}
-    starlette_app = Starlette(routes=routes, exception_handlers=handlers, lifespan=_lifespan)
+    middleware = [] if settings.api_token is None else [Middleware(BearerAuth, token=settings.api_token)]
+    starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware, lifespan=_lifespan)
     starlette_app.router.redirect_slashes = False  # its 307 has no body; an unknown path is a JSON 404 instead
     starlette_app.state.engine = engine
     return starlette_app
