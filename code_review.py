@@ -36,6 +36,7 @@ while the score is under the threshold, the last pass changed the code, and fewe
 """
 
 import ast
+import asyncio
 import builtins
 import dataclasses
 import enum
@@ -84,6 +85,7 @@ SITE_BUILTINS = frozenset({"copyright", "credits", "exit", "help", "license", "q
 BUILTIN_NAMES = frozenset(name for name in dir(builtins) if not name.startswith("_")) - SITE_BUILTINS
 
 GRAPH_ID = "code_review"
+INLINE_CODE_CHARS = 2_000  # code up to this size is reviewed on the event loop: under a millisecond a step
 
 
 @enum.unique
@@ -898,6 +900,21 @@ def graph_definition() -> "GraphDefinition":
 def register(registry: "Registry") -> None:
     """Register the code review nodes, its condition and the `code_review` graph on `registry`."""
     for node in NODES:
-        registry.node(node)
+        registry.node(name=node.__name__)(_sized_to_fit(node))
     registry.condition(quality_below_threshold)
     registry.add_graph(graph_definition())
+
+
+def _sized_to_fit(node: Callable[["WorkflowState", "NodeContext"], dict[str, Any]]) -> Callable[..., Any]:
+    """Run `node` on the event loop for small code, where a step takes well under a millisecond and a hop to a
+    worker thread and back would cost more than the work; big code goes to a worker thread, so no step blocks the
+    server for long."""
+
+    @functools.wraps(node)
+    async def sized(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
+        code = state.data.get("improved_code", state.data.get("code"))
+        if isinstance(code, str) and len(code) <= INLINE_CODE_CHARS:
+            return node(state, ctx)
+        return await asyncio.to_thread(node, state, ctx)
+
+    return sized

@@ -2334,6 +2334,23 @@ def test_register_adds_nodes_condition_and_graph() -> None:
     assert registry.has_condition("quality_below_threshold")
 
 
+async def test_register_runs_small_reviews_on_the_loop_and_big_ones_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = we.Registry()
+    code_review.register(registry)
+    offloaded = []
+
+    async def to_thread(fn: Callable, *args: Any) -> Any:
+        offloaded.append(fn.__name__)
+        return fn(*args)
+
+    monkeypatch.setattr(code_review.asyncio, "to_thread", to_thread)
+    node = registry.get_node("detect_issues")
+    small = await node(we.WorkflowState(data={"code": "x = 1\n"}), CTX)
+    big = await node(we.WorkflowState(data={"code": "x = 1\n" * 1_000}), CTX)
+    assert (small["findings"], big["findings"], offloaded) == ([], [], ["detect_issues"])
+    assert registry.is_async_node("detect_issues")
+
+
 async def test_code_review_graph_definition_is_served(review_client: httpx.AsyncClient) -> None:
     response = await review_client.get("/graph/definition/code_review")
     assert response.status_code == 200
