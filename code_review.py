@@ -8,7 +8,8 @@ result. Register it with `code_review.register(registry)`.
 
 | rule                | severity | detects                                                       | auto-fix            |
 |---------------------|----------|---------------------------------------------------------------|---------------------|
-| syntax-error        | error    | source that does not parse (then no other rule runs)          | no                  |
+| syntax-error        | error    | source that does not parse, nests too deeply to parse, or     | no                  |
+|                     |          | is over MAX_CODE_CHARS long (then no other rule runs)         |                     |
 | bare-except         | error    | `except:` without a type                                      | `except Exception:` |
 | mutable-default     | error    | a list, dict or set display or comprehension, or a `list()`,  | None default, value |
 |                     |          | `dict()` or `set()` call, as a parameter default              | built in the body   |
@@ -27,7 +28,8 @@ result. Register it with `code_review.register(registry)`.
 |                     |          | in a function) without a docstring                            |                     |
 
 A fix is applied only when the function body starts on its own line, it overlaps no other fix, and the result still
-parses; fixes edit the source text at the AST's positions, so comments and formatting survive.
+parses; fixes edit the source text at the AST's positions, so comments and formatting survive. Each fix is checked by
+parsing the whole code, so a pass checks at most MAX_FIX_CHECKS of them and leaves the rest to the next pass.
 
 Score: `quality_score = round(100 * size / (size + penalty))`, where `penalty` adds 10 per error, 5 per warning and
 2 per info finding, and `size` is the number of non-blank, non-comment lines of `data.code` (at least 20), so the same
@@ -85,6 +87,8 @@ SITE_BUILTINS = frozenset({"copyright", "credits", "exit", "help", "license", "q
 BUILTIN_NAMES = frozenset(name for name in dir(builtins) if not name.startswith("_")) - SITE_BUILTINS
 
 GRAPH_ID = "code_review"
+MAX_FIX_CHECKS = 50  # fixes checked (each by parsing the whole code) and applied in one pass
+MAX_CODE_CHARS = 50_000  # longer code is a `syntax-error` finding: fix checks grow with size times findings
 INLINE_CODE_CHARS = 2_000  # code up to this size is reviewed on the event loop: under a millisecond a step
 
 
@@ -233,7 +237,7 @@ def _parses(text: str) -> bool:
     except Exception:  # noqa: BLE001 - any rejection is only a reason to ask ast.parse
         try:
             ast.parse(text)
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             return False
     return True
 
@@ -367,8 +371,17 @@ class _Tree:
 
     @classmethod
     def parse(cls, code: str) -> "_Tree":
-        """Parse `code`; raise SyntaxError, or ValueError (null bytes), when it does not parse."""
-        module = ast.parse(code)
+        """Parse `code`; raise SyntaxError, or ValueError (null bytes), when it does not parse.
+
+        Code over MAX_CODE_CHARS, or nested too deeply for the parser, counts as code that does not parse.
+        """
+        if len(code) > MAX_CODE_CHARS:
+            raise SyntaxError(f"the code has {len(code)} characters, more than the {MAX_CODE_CHARS} the reviewer "
+                              "takes", ("<code>", 1, 1, ""))
+        try:
+            module = ast.parse(code)
+        except (RecursionError, MemoryError):
+            raise SyntaxError("the code is nested too deeply to parse", ("<code>", 1, 1, "")) from None
         walked = _walk(module)
         return cls(module, walked, _functions_in(walked))
 
@@ -730,13 +743,25 @@ def _review(code: str, parses: Parses) -> tuple[list[_Function], list[_Finding]]
     for check in _MODULE_CHECKS:
         found = check(tree, source)
         findings += [dataclasses.replace(finding, function=_enclosing(functions, finding.line)) for finding in found]
-    # A fix that breaks the code on its own (say, removing the only statement of a block) is no fix.
-    findings = [
-        finding if not finding.edits or parses(_apply(code, finding.edits)) else dataclasses.replace(finding, edits=())
-        for finding in findings
-    ]
+    findings = _checked_fixes(code, findings, parses)
     rule_order = list(Rule)
     return functions, sorted(findings, key=lambda finding: (finding.line, rule_order.index(finding.rule), finding.message))
+
+
+def _checked_fixes(code: str, findings: list[_Finding], parses: Parses) -> list[_Finding]:
+    """Drop each fix that breaks the code on its own (say, removing the only statement of a block).
+
+    Each check parses the whole code, so a pass checks at most MAX_FIX_CHECKS fixes; the others are left for the
+    next pass (their findings say `fixable: false` until then).
+    """
+    kept, checks = [], 0
+    for finding in findings:
+        if finding.edits:
+            checks += 1
+            if checks > MAX_FIX_CHECKS or not parses(_apply(code, finding.edits)):
+                finding = dataclasses.replace(finding, edits=())
+        kept.append(finding)
+    return kept
 
 
 def _select(findings: list[_Finding], keeps_parsing: Callable[[list[_Edit]], bool]) -> tuple[list[_Edit], list[bool]]:

@@ -2351,6 +2351,25 @@ async def test_register_runs_small_reviews_on_the_loop_and_big_ones_in_a_thread(
     assert registry.is_async_node("detect_issues")
 
 
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("x = " + "+".join(["1"] * 20_000) + "\n", "the code is nested too deeply to parse"),
+        ("x = a" + ".b" * 20_000 + "\n", "the code is nested too deeply to parse"),
+        ("x = 1\n" * 10_000, "the code has 60000 characters, more than the 50000 the reviewer takes"),
+    ],
+    ids=["deep-expression", "deep-attributes", "too-long"],
+)
+def test_detect_issues_reports_code_it_cannot_review_as_a_finding(code: str, message: str) -> None:
+    assert findings_of(code) == [finding("syntax-error", "error", 1, None, message, False)]
+
+
+def test_detect_issues_checks_at_most_max_fix_checks_fixes_a_pass() -> None:
+    code = "".join(f"def _f{i}(a):\n    return a == None\n" for i in range(code_review.MAX_FIX_CHECKS + 5))
+    fixable = [f["fixable"] for f in findings_of(code)]
+    assert fixable == [True] * code_review.MAX_FIX_CHECKS + [False] * 5
+
+
 async def test_code_review_graph_definition_is_served(review_client: httpx.AsyncClient) -> None:
     response = await review_client.get("/graph/definition/code_review")
     assert response.status_code == 200
