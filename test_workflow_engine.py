@@ -1941,6 +1941,105 @@ async def test_engine_logs_start_steps_and_end_with_fields(registry: we.Registry
 
 
 # ---------------------------------------------------------------------------
+# OpenAPI document
+# ---------------------------------------------------------------------------
+JSON_TYPE_CHECKS: dict[str, Callable[[object], bool]] = {
+    "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool), "null": lambda v: v is None,
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+}
+
+
+def schema_errors(value: object, schema: dict, document: dict, path: str = "$") -> list[str]:
+    """The ways `value` breaks `schema`: the subset of JSON Schema the document uses ($ref, anyOf, enum, type,
+    properties, required, additionalProperties, items)."""
+    if "$ref" in schema:
+        return schema_errors(value, document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]], document, path)
+    if "anyOf" in schema:
+        fits = any(not schema_errors(value, option, document, path) for option in schema["anyOf"])
+        return [] if fits else [f"{path}: {value!r:.60} matches no option"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{path}: {value!r} is not one of {schema['enum']}"]
+    kind = schema.get("type")
+    if kind is not None and not JSON_TYPE_CHECKS[kind](value):
+        return [f"{path}: expected {kind}, got {value!r:.60}"]
+    errors = []
+    if kind == "array":
+        for index, item in enumerate(value):
+            errors += schema_errors(item, schema["items"], document, f"{path}[{index}]")
+    if kind == "object":
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        errors += [f"{path}.{name}: required" for name in schema.get("required", []) if name not in value]
+        for name, item in value.items():
+            if name in properties:
+                errors += schema_errors(item, properties[name], document, f"{path}.{name}")
+            elif extra is False:
+                errors.append(f"{path}.{name}: not allowed")
+            elif isinstance(extra, dict):
+                errors += schema_errors(item, extra, document, f"{path}.{name}")
+    return errors
+
+
+def answer_schema(document: dict, path: str, method: str, status: int) -> dict:
+    responses = document["paths"][path][method]["responses"]
+    answer = responses.get(str(status)) or responses[f"{str(status)[0]}XX"]
+    return next(iter(answer["content"].values()))["schema"]
+
+
+async def test_openapi_lists_every_route_of_the_app(app: Any, client: httpx.AsyncClient) -> None:
+    response = await client.get("/openapi.json")
+    document = response.json()
+    routes = {(route.path, method.lower()) for route in app.routes for method in getattr(route, "methods", {"GET"})
+              if method != "HEAD"}
+    described = {(path, method) for path, operations in document["paths"].items() for method in operations}
+    assert (response.status_code, document["openapi"]) == (200, "3.1.0")
+    assert described == routes
+    assert document["paths"]["/graph/run"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/RunRequest"}
+    assert document["components"]["schemas"]["RunRequest"]["required"] == ["graph_id"]
+
+
+async def test_openapi_real_answers_match_their_schemas(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    edges = {"inc": {"default_next": "double", "on_error": "tidy", "branches": [{"condition": "never", "target": "tidy"}]}}
+    definition = graph(["inc", node("double", retry={"max_attempts": 2}, config={"k": [1]}), "tidy"], edges)
+    calls = [
+        ("GET", "/", "/", None), ("POST", "/graph/create", "/graph/create", definition),
+        ("POST", "/graph/create", "/graph/create", definition),
+        ("GET", "/graph/definition/g", "/graph/definition/{graph_id}", None),
+        ("POST", "/graph/run", "/graph/run", {"graph_id": "g", "state": {"data": {"value": 2}}}),
+        ("POST", "/graph/run", "/graph/run", {"graph_id": "g", "wait": False}),
+        ("POST", "/graph/run", "/graph/run", {"graph_id": 5}),
+        ("GET", "/graph/runs?limit=5", "/graph/runs", None), ("GET", "/graph/list", "/graph/list", None),
+        ("GET", "/graph/state/nope", "/graph/state/{run_id}", None),
+        ("POST", "/graph/resume/nope", "/graph/resume/{run_id}", {}),
+    ]
+    checked = []
+    for method, url, template, body in calls:
+        response = await client.request(method, url, json=body)
+        schema = answer_schema(document, template, method.lower(), response.status_code)
+        assert schema_errors(response.json(), schema, document) == [], (url, response.text)
+        checked.append(response.status_code)
+        if url == "/graph/run" and response.status_code == 200:
+            run_id = response.json()["run_id"]
+            state = await client.get(f"/graph/state/{run_id}")
+            assert schema_errors(state.json(), answer_schema(document, "/graph/state/{run_id}", "get", 200), document) == []
+            cancel = await client.post(f"/graph/cancel/{run_id}")
+            assert schema_errors(cancel.json(), answer_schema(document, "/graph/cancel/{run_id}", "post", 409),
+                                 document) == []
+            events = await stream_events(client, run_id)
+            event_schema = answer_schema(document, "/graph/stream/{run_id}", "get", 200)
+            assert [schema_errors(event, event_schema, document) for event in events] == [[]] * len(events)
+    assert checked == [200, 201, 200, 200, 200, 202, 422, 200, 200, 404, 404]
+
+
+def test_json_schema_rejects_a_type_it_cannot_describe() -> None:
+    with pytest.raises(TypeError, match="no JSON schema for <class 'set'>"):
+        we.json_schema(set, {})
+
+
+# ---------------------------------------------------------------------------
 # Settings and wiring
 # ---------------------------------------------------------------------------
 def test_settings_from_env_reads_every_variable() -> None:

@@ -18,6 +18,8 @@ Endpoints:
     POST /graph/cancel/{run_id}        cancel a pending or running run
     GET  /graph/stream/{run_id}        the run's events as Server-Sent Events (WS /graph/ws/{run_id}: as JSON)
     GET  /graph/runs, /graph/list      run summaries (newest first) and graphs, paginated
+    POST /graph/resume/{run_id}        go on with a waiting or interrupted run
+    GET  /openapi.json                 the OpenAPI 3.1 document, derived from the models
 
 Every non-2xx answer has one shape:
     {"error": {"code": "graph_not_found", "message": "graph 'x' does not exist", "details": [{"path", "message"}]}}
@@ -40,10 +42,13 @@ import secrets
 import socket
 import sqlite3
 import time
+import types
+import typing
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -85,6 +90,8 @@ __all__ = [
     "MemoryStore",
     "NodeContext",
     "NodeDef",
+    "OPERATIONS",
+    "Operation",
     "Problem",
     "Registry",
     "RetryPolicy",
@@ -628,6 +635,22 @@ class CreateGraphResponse:
     """The answer of `POST /graph/create`."""
 
     graph_id: str
+
+
+@attrs.frozen(kw_only=True)
+class ErrorBody:
+    """What went wrong: a code for programs, a sentence for people, and each problem with its JSON path."""
+
+    code: ErrorCode
+    message: str
+    details: list[Problem]
+
+
+@attrs.frozen(kw_only=True)
+class ErrorResponse:
+    """Every answer that is not a 2xx."""
+
+    error: ErrorBody
 
 
 @attrs.frozen(kw_only=True)
@@ -2214,8 +2237,7 @@ def error_response(
 
 
 def _error_body(code: ErrorCode, message: str, details: list[Problem] | None) -> dict[str, Any]:
-    problems = converter.unstructure(details or [], list[Problem])
-    return {"error": {"code": code.value, "message": message, "details": problems}}
+    return converter.unstructure(ErrorResponse(error=ErrorBody(code=code, message=message, details=details or [])))
 
 
 async def on_engine_error(request: Request, exc: Exception) -> Response:
@@ -2239,6 +2261,114 @@ async def on_unexpected_error(request: Request, exc: Exception) -> Response:
     """Answer a bug with a fixed 500 message; the traceback goes to the server log only."""
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, ErrorCode.INTERNAL_ERROR, "internal error; see the server log")
+
+
+@attrs.frozen(kw_only=True)
+class Operation:
+    """One endpoint: its route, and what the OpenAPI document says of it (derived from the models it speaks)."""
+
+    method: str
+    path: str
+    endpoint: Callable[..., Awaitable[Any]]
+    summary: str
+    body: type | None = None
+    answers: Mapping[int, Any] = attrs.field(factory=dict)  # status -> model of the body (None: no body)
+    query: Mapping[str, str] = attrs.field(factory=dict)  # parameter -> JSON type
+    media_type: str = "application/json"
+
+
+async def get_openapi(request: Request) -> Response:
+    """Answer with the OpenAPI 3.1 document of every endpoint."""
+    return JSONResponse(request.app.state.openapi)
+
+
+OPERATIONS = (
+    Operation(method="GET", path="/", endpoint=get_health, summary="Health check", answers={200: HealthResponse}),
+    Operation(method="POST", path="/graph/create", endpoint=post_graph_create, summary="Store a graph definition",
+              body=GraphDefinition, answers={200: CreateGraphResponse, 201: CreateGraphResponse}),
+    Operation(method="POST", path="/graph/run", endpoint=post_graph_run, summary="Run a stored graph", body=RunRequest,
+              answers={200: RunResponse, 202: RunAccepted}),
+    Operation(method="GET", path="/graph/state/{run_id}", endpoint=get_graph_state, summary="A run's record",
+              answers={200: RunContext}),
+    Operation(method="GET", path="/graph/definition/{graph_id}", endpoint=get_graph_definition,
+              summary="A stored graph, as /graph/create takes it", answers={200: GraphDefinition}),
+    Operation(method="POST", path="/graph/cancel/{run_id}", endpoint=post_graph_cancel,
+              summary="Cancel a pending or running run", answers={200: RunContext}),
+    Operation(method="POST", path="/graph/resume/{run_id}", endpoint=post_graph_resume,
+              summary="Go on with a waiting or interrupted run", body=ResumeRequest,
+              answers={200: RunResponse, 202: RunAccepted}),
+    Operation(method="GET", path="/graph/runs", endpoint=get_graph_runs, summary="Run summaries, newest first",
+              answers={200: RunsPage},
+              query={"graph_id": "string", "status": "string", "limit": "integer", "offset": "integer"}),
+    Operation(method="GET", path="/graph/list", endpoint=get_graph_list, summary="Graphs, oldest first",
+              answers={200: GraphsPage}, query={"limit": "integer", "offset": "integer"}),
+    Operation(method="GET", path="/graph/stream/{run_id}", endpoint=get_graph_stream,
+              summary="A run's events as Server-Sent Events (each event's data as in RunEvent)",
+              answers={200: RunEvent}, media_type="text/event-stream"),
+    Operation(method="GET", path="/graph/ws/{run_id}", endpoint=websocket_graph_ws,
+              summary="WebSocket: the same events as JSON messages (a RunEvent each)", answers={101: None},
+              query={"after": "integer"}),
+    Operation(method="GET", path="/openapi.json", endpoint=get_openapi, summary="This document", answers={200: Any}),
+)
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
+
+
+def json_schema(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of values of `type_` as the converter reads and writes them; attrs classes go to components."""
+    origin, args = typing.get_origin(type_), typing.get_args(type_)
+    if type_ is Any:
+        return {}
+    if attrs.has(type_):
+        if type_.__name__ not in components:
+            components[type_.__name__] = {}  # taken before the fields, in case a class refers to itself
+            fields = attrs.fields(type_)
+            components[type_.__name__] = {
+                "type": "object", "description": (type_.__doc__ or "").split("\n")[0], "additionalProperties": False,
+                "properties": {field.name: json_schema(field.type, components) for field in fields},
+                "required": [field.name for field in fields if field.default is attrs.NOTHING],
+            }
+        return {"$ref": f"#/components/schemas/{type_.__name__}"}
+    if isinstance(type_, type) and issubclass(type_, enum.Enum):
+        return {"type": "string", "enum": [member.value for member in type_]}
+    if type_ in _JSON_TYPES:
+        return {"type": _JSON_TYPES[type_]}
+    if type_ is datetime:
+        return {"type": "string", "format": "date-time"}
+    if origin in (types.UnionType, typing.Union):
+        return {"anyOf": [json_schema(arg, components) for arg in args]}
+    if origin in (list, tuple):
+        return {"type": "array", "items": json_schema(args[0], components)}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": json_schema(args[1], components)}
+    raise TypeError(f"no JSON schema for {type_!r}")
+
+
+def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
+    """Describe `operations` as an OpenAPI 3.1 document; every schema is derived from the models."""
+    components: dict[str, Any] = {}
+    error = {"description": "The error shape", "content": {"application/json": {
+        "schema": json_schema(ErrorResponse, components)}}}
+    paths: dict[str, Any] = {}
+    for operation in operations:
+        spec: dict[str, Any] = {"summary": operation.summary, "operationId": operation.endpoint.__name__,
+                                "parameters": _parameters(operation), "responses": {"4XX": error, "5XX": error}}
+        if operation.body is not None:
+            spec["requestBody"] = {"content": {"application/json": {"schema": json_schema(operation.body, components)}}}
+        for status, model in operation.answers.items():
+            answer: dict[str, Any] = {"description": HTTPStatus(status).phrase}
+            if model is not None:
+                answer["content"] = {operation.media_type: {"schema": json_schema(model, components)}}
+            spec["responses"][str(status)] = answer
+        paths.setdefault(operation.path, {})[operation.method.lower()] = spec
+    info = {"title": "workflow_engine", "version": "1", "description": (__doc__ or "").split("\n")[0]}
+    return {"openapi": "3.1.0", "info": info, "paths": paths, "components": {"schemas": components}}
+
+
+def _parameters(operation: Operation) -> list[dict[str, Any]]:
+    in_path = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+               for name in re.findall(r"{(\w+)}", operation.path)]
+    return in_path + [{"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+                      for name, kind in operation.query.items()]
 
 
 # ---------------------------------------------------------------------------
@@ -2338,23 +2468,16 @@ def create_app(
         store = SqliteStore(settings.db_path, max_runs=settings.max_runs, max_graphs=settings.max_graphs)
     engine = Engine(registry, store, settings)
     routes = [
-        Route("/", get_health, methods=["GET"]),
-        Route("/graph/create", post_graph_create, methods=["POST"]),
-        Route("/graph/run", post_graph_run, methods=["POST"]),
-        Route("/graph/state/{run_id}", get_graph_state, methods=["GET"]),
-        Route("/graph/definition/{graph_id}", get_graph_definition, methods=["GET"]),
-        Route("/graph/cancel/{run_id}", post_graph_cancel, methods=["POST"]),
-        Route("/graph/resume/{run_id}", post_graph_resume, methods=["POST"]),
-        Route("/graph/runs", get_graph_runs, methods=["GET"]),
-        Route("/graph/list", get_graph_list, methods=["GET"]),
-        Route("/graph/stream/{run_id}", get_graph_stream, methods=["GET"]),
-        WebSocketRoute("/graph/ws/{run_id}", websocket_graph_ws),
+        WebSocketRoute(op.path, op.endpoint) if op.endpoint is websocket_graph_ws
+        else Route(op.path, op.endpoint, methods=[op.method])
+        for op in OPERATIONS
     ]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, Exception: on_unexpected_error}
     middleware = [] if settings.api_token is None else [Middleware(BearerAuth, token=settings.api_token)]
     starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware, lifespan=_lifespan)
     starlette_app.router.redirect_slashes = False  # its 307 has no body; an unknown path is a JSON 404 instead
     starlette_app.state.engine = engine
+    starlette_app.state.openapi = openapi_document(OPERATIONS)
     return starlette_app
 
 
