@@ -14,7 +14,6 @@ circle. `--render png|svg` also runs Graphviz's `dot` (it must be on PATH). Exit
 """
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -23,47 +22,15 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-REQUEST_TIMEOUT_SECONDS = 10
+try:
+    from tools.jsonsource import InputError, fetch_json, read_json  # the tests import with the repository on sys.path
+except ImportError:
+    from jsonsource import InputError, fetch_json, read_json  # `python tools/visualize_graph.py` puts tools/ on sys.path
+
 EXIT_OK, EXIT_RENDER_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 START, END = "__start__", "__end__"
 ON_ERROR_LABEL = "on error"
 BRANCH_FIELDS = ("condition", "target")
-
-
-class InputError(Exception):
-    """The graph could not be read or is not a graph definition."""
-
-
-def _fetch_json(url: str) -> Any:
-    """GET `url` and decode its JSON body; an error answer's own message is reported."""
-    try:
-        with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_SECONDS) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise InputError(f"{url} answered {exc.code}: {_error_message(exc.read())}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise InputError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
-    except ValueError as exc:
-        raise InputError(f"{url} did not answer JSON: {exc}") from None
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        return json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return body.decode(errors="replace")[:200] or "no details"
-
-
-def _read_json(path: str) -> Any:
-    try:
-        if path == "-":
-            return json.load(sys.stdin)
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise InputError(f"{'standard input' if path == '-' else path} is not JSON: {exc}") from None
 
 
 def _expect(condition: bool, message: str) -> None:
@@ -176,9 +143,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> dict[str, Any]:
     if args.url is None:
-        return check_graph(_read_json(args.file))
+        return check_graph(read_json(args.file))
     url = f"{args.url.rstrip('/')}/graph/definition/{urllib.parse.quote(args.graph_id, safe='')}"
-    return check_graph(_fetch_json(url))
+    return check_graph(fetch_json(url))
 
 
 def main(argv: list[str] | None = None) -> int:

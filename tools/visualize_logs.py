@@ -13,54 +13,21 @@ Exit status: 0 done, 2 bad input.
 """
 
 import argparse
-import json
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
-REQUEST_TIMEOUT_SECONDS = 10
+try:
+    from tools.jsonsource import InputError, fetch_json, read_json  # the tests import with the repository on sys.path
+except ImportError:
+    from jsonsource import InputError, fetch_json, read_json  # `python tools/visualize_logs.py` puts tools/ on sys.path
+
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 COLUMNS = ("Iteration", "Node", "Event", "Duration", "Keys Changed")
 NO_VALUE = "-"
 SUMMARY_FIELDS = (("run_id", "run"), ("graph_id", "graph"), ("status", "status"))
-
-
-class InputError(Exception):
-    """The run could not be read or is not a run."""
-
-
-def _fetch_json(url: str) -> Any:
-    """GET `url` and decode its JSON body; an error answer's own message is reported."""
-    try:
-        with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_SECONDS) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise InputError(f"{url} answered {exc.code}: {_error_message(exc.read())}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise InputError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
-    except ValueError as exc:
-        raise InputError(f"{url} did not answer JSON: {exc}") from None
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        return json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return body.decode(errors="replace")[:200] or "no details"
-
-
-def _read_json(path: str) -> Any:
-    try:
-        if path == "-":
-            return json.load(sys.stdin)
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise InputError(f"{'standard input' if path == '-' else path} is not JSON: {exc}") from None
 
 
 def _logs(run: Any) -> list[dict[str, Any]]:
@@ -138,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--url and --run-id go together")
     try:
         if args.url is None:
-            run = _read_json(args.file)
+            run = read_json(args.file)
         else:
-            run = _fetch_json(f"{args.url.rstrip('/')}/graph/state/{urllib.parse.quote(args.run_id, safe='')}")
+            run = fetch_json(f"{args.url.rstrip('/')}/graph/state/{urllib.parse.quote(args.run_id, safe='')}")
         logs = _logs(run)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
