@@ -896,6 +896,16 @@ def evaluate_quality(state: "WorkflowState", ctx: "NodeContext") -> dict[str, An
 
 
 NODES = (extract_functions, check_complexity, detect_issues, suggest_improvements, evaluate_quality)
+_ANALYSIS = {"functions": list, "complexity": dict}
+NODE_DATA: dict[str, tuple[dict[str, type], dict[str, type]]] = {  # node -> the data keys it reads, and may write
+    "extract_functions": ({"code": str}, {"functions": list}),
+    "check_complexity": ({"code": str}, {"complexity": dict}),
+    "detect_issues": ({"code": str}, {**_ANALYSIS, "findings": list}),
+    "suggest_improvements": ({"code": str, "findings": list},
+                             {"suggestions": list, "fixes_applied": int, "code_changed": bool, "improved_code": str}),
+    "evaluate_quality": ({"code": str, "findings": list},
+                         {"quality_score": int, "score_history": list, "threshold_met": bool}),
+}
 
 
 def quality_below_threshold(state: "WorkflowState") -> bool:
@@ -919,13 +929,15 @@ def graph_definition() -> "GraphDefinition":
             **{node.__name__: EdgeDef(default_next=after.__name__) for node, after in itertools.pairwise(NODES)},
             evaluate_quality.__name__: EdgeDef(default_next=None, branches=(loop,)),
         },
+        inputs=("code",),
     )
 
 
 def register(registry: "Registry") -> None:
     """Register the code review nodes, its condition and the `code_review` graph on `registry`."""
     for node in NODES:
-        registry.node(name=node.__name__)(_sized_to_fit(node))
+        reads, writes = NODE_DATA[node.__name__]
+        registry.node(name=node.__name__, reads=reads, writes=writes)(_sized_to_fit(node))
     registry.condition(quality_below_threshold)
     registry.add_graph(graph_definition())
 

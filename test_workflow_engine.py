@@ -783,8 +783,8 @@ async def test_post_graph_create_stores_and_is_idempotent(client: httpx.AsyncCli
     definition = graph(["inc", "double"], chain("inc", "double"))
     first = await client.post("/graph/create", json=definition)
     again = await client.post("/graph/create", json=definition)
-    assert (first.status_code, first.json()) == (201, {"graph_id": "g"})
-    assert (again.status_code, again.json()) == (200, {"graph_id": "g"})
+    assert (first.status_code, first.json()) == (201, {"graph_id": "g", "warnings": []})
+    assert (again.status_code, again.json()) == (200, {"graph_id": "g", "warnings": []})
 
 
 async def test_post_graph_create_conflict_keeps_the_stored_graph(client: httpx.AsyncClient) -> None:
@@ -803,7 +803,7 @@ async def test_post_graph_create_without_id_gets_a_new_one(client: httpx.AsyncCl
     assert len(first) == 32 and int(first, 16) >= 0 and first != second
     stored = await client.get(f"/graph/definition/{first}")
     assert stored.json() == {"graph_id": first, "start_node": "inc", "nodes": ["inc"], "edges": {}, "max_iterations": None,
-                             "interrupt_before": []}
+                             "interrupt_before": [], "inputs": []}
 
 
 async def test_post_graph_create_reports_graph_rules(client: httpx.AsyncClient) -> None:
@@ -818,7 +818,7 @@ async def test_get_graph_definition_round_trips_through_create(client: httpx.Asy
     definition = graph(["inc", "double"], edges, max_iterations=7)
     await client.post("/graph/create", json=definition)
     stored = await client.get("/graph/definition/g")
-    assert (stored.status_code, stored.json()) == (200, {**definition, "interrupt_before": [], "edges": {
+    assert (stored.status_code, stored.json()) == (200, {**definition, "interrupt_before": [], "inputs": [], "edges": {
         "inc": {"default_next": "double", "branches": [{"condition": "below_three", "target": "inc"}], "on_error": None}}})
     assert (await client.post("/graph/create", json=stored.json())).status_code == 200
 
@@ -1785,7 +1785,7 @@ def dead_owner() -> str:
 async def test_sqlite_store_keeps_graphs_and_runs_across_reopening(tmp_path: Path, registry: we.Registry) -> None:
     path = tmp_path / "runs.db"
     engine = we.Engine(registry, we.SqliteStore(path))
-    definition, created = await engine.create_graph(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc", "tidy"),
+    definition, created, _ = await engine.create_graph(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc", "tidy"),
                                                                         edges={"inc": we.EdgeDef(default_next="tidy")}))
     run = await engine.run("g", we.WorkflowState(data={"temp": 1}, metadata={"who": "ann"}))
     assert (created, run.status) == (True, we.RunStatus.COMPLETED)
@@ -2037,6 +2037,85 @@ async def test_openapi_real_answers_match_their_schemas(client: httpx.AsyncClien
 def test_json_schema_rejects_a_type_it_cannot_describe() -> None:
     with pytest.raises(TypeError, match="no JSON schema for <class 'set'>"):
         we.json_schema(set, {})
+
+
+# ---------------------------------------------------------------------------
+# Node input and output declarations
+# ---------------------------------------------------------------------------
+def declared_registry() -> we.Registry:
+    registry = make_registry()
+
+    @registry.node(reads={"text": str}, writes={"words": int})
+    async def count_words(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        return {"words": len(state.data["text"].split()), **state.data.get("extra", {})}
+
+    @registry.node(reads={"words": int}, writes={"verdict": str})
+    async def judge(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        return {"verdict": "long" if state.data["words"] > 3 else state.data.get("odd", "short")}
+
+    @registry.node(writes={"text": str})
+    async def write_text(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        return {"text": "one two"}
+
+    return registry
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "error"),
+    [
+        ({"text": "a b c d"}, we.RunStatus.COMPLETED, None),
+        ({}, we.RunStatus.FAILED, "node 'count_words' reads data['text'] (string), which is missing"),
+        ({"text": 5}, we.RunStatus.FAILED, "node 'count_words' reads data['text'] as string, got a number"),
+        ({"text": "a", "extra": {"junk": 1}}, we.RunStatus.FAILED,
+         "node 'count_words' wrote data['junk'], which it does not declare"),
+        ({"text": "a", "odd": 7}, we.RunStatus.FAILED, "node 'judge' declares data['verdict'] as string, wrote a number"),
+    ],
+    ids=["as-declared", "missing-input", "wrong-input-type", "undeclared-output", "wrong-output-type"],
+)
+async def test_run_checks_what_nodes_declare_they_read_and_write(data: dict, status: we.RunStatus, error: str | None) -> None:
+    definition = we.GraphDefinition(graph_id="d", start_node="count_words", nodes=("count_words", "judge"),
+                                    edges={"count_words": we.EdgeDef(default_next="judge")}, inputs=("text",))
+    run = await we.run_graph(definition, we.WorkflowState(data=data), declared_registry())
+    assert (run.status, run.error) == (status, error)
+
+
+def test_registry_refuses_a_declared_type_that_is_not_json() -> None:
+    with pytest.raises(ValueError, match="declare data keys as str, int, float, bool, list or dict; got tags: <class 'set'>"):
+        we.Registry().node(reads={"tags": set})
+
+
+@pytest.mark.parametrize(
+    ("nodes", "inputs", "warnings"),
+    [
+        (("count_words", "judge"), ("text",), []),
+        (("count_words", "judge"), (), [("$.nodes[0]", "node 'count_words' reads 'text', which no node before it "
+                                         "writes and inputs does not list")]),
+        (("write_text", "count_words", "judge"), (), []),
+        (("inc", "count_words", "judge"), (), []),
+    ],
+    ids=["from-inputs", "from-nowhere", "from-an-earlier-node", "after-an-undeclared-node"],
+)
+def test_graph_warnings_name_inputs_nothing_provides(nodes: tuple, inputs: tuple, warnings: list) -> None:
+    definition = we.GraphDefinition(graph_id="w", start_node=nodes[0], nodes=nodes, inputs=inputs,
+                                    edges={a: we.EdgeDef(default_next=b) for a, b in itertools.pairwise(nodes)})
+    assert [(p.path, p.message) for p in we.graph_warnings(definition, declared_registry())] == warnings
+
+
+async def test_http_create_warns_and_definition_and_openapi_show_declarations() -> None:
+    app = we.create_app(registry=declared_registry())
+    definition = {"graph_id": "d", "start_node": "count_words", "nodes": ["count_words", "judge"],
+                  "edges": {"count_words": {"default_next": "judge"}}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        created = await client.post("/graph/create", json=definition)
+        shown = await client.get("/graph/definition/d", params={"declarations": "true"})
+        document = (await client.get("/openapi.json")).json()
+    assert (created.status_code, created.json()) == (201, {"graph_id": "d", "warnings": [
+        {"path": "$.nodes[0]", "message": "node 'count_words' reads 'text', which no node before it writes and "
+                                          "inputs does not list"}]})
+    assert shown.json()["declarations"] == {
+        "count_words": {"reads": {"text": "string"}, "writes": {"words": "integer"}},
+        "judge": {"reads": {"words": "integer"}, "writes": {"verdict": "string"}}}
+    assert document["x-node-declarations"]["write_text"] == {"reads": {}, "writes": {"text": "string"}}
 
 
 # ---------------------------------------------------------------------------
@@ -2486,6 +2565,7 @@ async def test_code_review_graph_definition_is_served(review_client: httpx.Async
         },
         "max_iterations": None,
         "interrupt_before": [],
+        "inputs": ["code"],
     }
 
 
@@ -2944,7 +3024,7 @@ def test_e2e_create_run_and_state_over_a_socket(server: str) -> None:
         run = client.post("/graph/run", json={"graph_id": "loop", "state": {"data": {"limit": 4}}})
         state = client.get(f"/graph/state/{run.json()['run_id']}")
     assert (health.status_code, health.json()) == (200, {"status": "ok", "graphs": 0, "runs": 0})
-    assert (created.status_code, created.json()) == (201, {"graph_id": "loop"})
+    assert (created.status_code, created.json()) == (201, {"graph_id": "loop", "warnings": []})
     body = run.json()
     assert (run.status_code, body["status"], body["iteration"]) == (200, "completed", 4)
     assert steps(body) == [("count", "executed")] * 4

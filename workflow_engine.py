@@ -11,7 +11,7 @@ Call it:   run = await Engine(registry).run(graph, WorkflowState(data={...}))
 
 Endpoints:
     GET  /                             health check
-    POST /graph/create                 store a graph definition      -> 201 {"graph_id"} (200 if identical)
+    POST /graph/create                 store a graph definition      -> 201 {"graph_id", "warnings"}
     POST /graph/run                    run a stored graph            -> 200 run record; "wait": false -> 202
     GET  /graph/state/{run_id}         a run's record
     GET  /graph/definition/{graph_id}  a stored graph, as /graph/create accepts it
@@ -89,7 +89,9 @@ __all__ = [
     "LogEvent",
     "MemoryStore",
     "NodeContext",
+    "JsonKind",
     "NodeDef",
+    "NodeIO",
     "OPERATIONS",
     "Operation",
     "Problem",
@@ -108,6 +110,7 @@ __all__ = [
     "app",
     "create_app",
     "execute_run",
+    "graph_warnings",
     "new_run",
     "run_events",
     "run_graph",
@@ -458,6 +461,7 @@ class GraphDefinition:
     edges: dict[str, EdgeDef] = attrs.field(factory=dict)
     max_iterations: int | None = attrs.field(default=None, validator=_positive)
     interrupt_before: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()  # data keys the initial state brings, for the check of what nodes declare they read
 
     @functools.cached_property
     def node_defs(self) -> dict[str, NodeDef]:
@@ -632,9 +636,30 @@ class RunEnd:
 
 @attrs.frozen(kw_only=True)
 class CreateGraphResponse:
-    """The answer of `POST /graph/create`."""
+    """The answer of `POST /graph/create`; `warnings` name declared inputs that nothing before their node writes."""
 
     graph_id: str
+    warnings: list[Problem] = attrs.field(factory=list)
+
+
+@enum.unique
+class JsonKind(enum.Enum):
+    """The JSON type of a data value, as a node declares what it reads and writes."""
+
+    STRING = "string"
+    INTEGER = "integer"
+    NUMBER = "number"
+    BOOLEAN = "boolean"
+    ARRAY = "array"
+    OBJECT = "object"
+
+
+@attrs.frozen(kw_only=True)
+class NodeIO:
+    """The `data` keys a node function reads (each must be there, of its kind) and may write (nothing else)."""
+
+    reads: dict[str, JsonKind] = attrs.field(factory=dict)
+    writes: dict[str, JsonKind] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -845,20 +870,40 @@ class Registry:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeFn] = {}
         self._async_nodes: set[str] = set()  # decided once here, not on every step
+        self._io: dict[str, NodeIO] = {}
         self._conditions: dict[str, ConditionFn] = {}
         self._tools: dict[str, ToolFn] = {}
         self._graphs: dict[str, GraphDefinition] = {}
 
-    def node(self, fn: F | None = None, /, *, name: str | None = None) -> Any:
-        """Register a node function (`@registry.node` or `@registry.node(name=...)`); return it unchanged."""
+    def node(
+        self, fn: F | None = None, /, *, name: str | None = None,
+        reads: Mapping[str, type] | None = None, writes: Mapping[str, type] | None = None,
+    ) -> Any:
+        """Register a node function (`@registry.node` or `@registry.node(name=...)`); return it unchanged.
+
+        `reads` and `writes` declare the `data` keys it reads and writes with their Python types (str, int, float,
+        bool, list, dict): the runner then checks them on every call.
+        """
+        io = None if reads is None and writes is None else NodeIO(reads=_kinds(reads), writes=_kinds(writes))
 
         def add(fn: F) -> F:
             self._register(self._nodes, "node", fn, name)
             if inspect.iscoroutinefunction(fn):
                 self._async_nodes.add(name or fn.__name__)
+            if io is not None:
+                self._io[name or fn.__name__] = io
             return fn
 
         return add if fn is None else add(fn)
+
+    @property
+    def node_names(self) -> list[str]:
+        """The registered node function names, sorted."""
+        return sorted(self._nodes)
+
+    def node_io(self, name: str) -> NodeIO | None:
+        """What node function `name` declares it reads and writes, if it does."""
+        return self._io.get(name)
 
     def condition(self, fn: F | None = None, /, *, name: str | None = None) -> Any:
         """Register a condition `(state) -> bool`; return it unchanged."""
@@ -922,6 +967,25 @@ class Registry:
         return add if fn is None else add(fn)
 
 
+_KINDS = {str: JsonKind.STRING, int: JsonKind.INTEGER, float: JsonKind.NUMBER, bool: JsonKind.BOOLEAN,
+          list: JsonKind.ARRAY, dict: JsonKind.OBJECT}
+_KIND_CHECKS: dict[JsonKind, Callable[[object], bool]] = {
+    JsonKind.STRING: lambda value: isinstance(value, str),
+    JsonKind.INTEGER: lambda value: isinstance(value, int) and not isinstance(value, bool),
+    JsonKind.NUMBER: lambda value: isinstance(value, int | float) and not isinstance(value, bool),
+    JsonKind.BOOLEAN: lambda value: isinstance(value, bool),
+    JsonKind.ARRAY: lambda value: isinstance(value, list | tuple),
+    JsonKind.OBJECT: lambda value: isinstance(value, dict),
+}
+
+
+def _kinds(declared: Mapping[str, type] | None) -> dict[str, JsonKind]:
+    unknown = [f"{key}: {kind!r}" for key, kind in (declared or {}).items() if kind not in _KINDS]
+    if unknown:
+        raise ValueError(f"declare data keys as str, int, float, bool, list or dict; got {', '.join(unknown)}")
+    return {key: _KINDS[kind] for key, kind in (declared or {}).items()}
+
+
 async def _in_thread(fn: NodeFn, state: WorkflowState, ctx: "NodeContext") -> object:
     # A plain function may block: a worker thread keeps the event loop serving meanwhile.
     result = await asyncio.to_thread(fn, state, ctx)
@@ -959,6 +1023,36 @@ def _limit_problems(graph: GraphDefinition, limits: Settings) -> list[Problem]:
     if graph.max_iterations is not None and graph.max_iterations > limits.max_iterations_cap:
         problems.append(Problem("$.max_iterations", f"must be at most {limits.max_iterations_cap}"))
     return problems
+
+
+def graph_warnings(graph: GraphDefinition, registry: Registry) -> list[Problem]:
+    """Name each declared input that the initial state (`inputs`) and no node before its node provide.
+
+    A node that declares nothing might write anything, so a node with such a node before it gets no warning.
+    """
+    names = list(graph.node_defs)
+    ios = {name: registry.node_io(node.function) for name, node in graph.node_defs.items()}
+    warnings = []
+    for index, name in enumerate(names):
+        io = ios[name]
+        before = _reaching(graph, name)
+        if io is None or any(ios[other] is None for other in before):
+            continue
+        available = set(graph.inputs).union(*(ios[other].writes for other in before if ios[other] is not None))
+        warnings += [Problem(f"$.nodes[{index}]", f"node {name!r} reads {key!r}, which no node before it writes "
+                             "and inputs does not list") for key in io.reads if key not in available]
+    return warnings
+
+
+def _reaching(graph: GraphDefinition, target: str) -> set[str]:
+    """The nodes from which a path of one or more edges leads to `target`."""
+    targets = {source: {edge.default_next, edge.on_error, *(branch.target for branch in edge.branches)} - {None}
+               for source, edge in graph.edges.items()}
+    found, frontier = set(), {target}
+    while frontier:
+        frontier = {source for source, nexts in targets.items() if nexts & frontier} - found
+        found |= frontier
+    return found
 
 
 def _id_problems(graph: GraphDefinition) -> list[Problem]:
@@ -1194,6 +1288,7 @@ async def _run_node(
     # A node that may outlive its attempt (in a thread, or past its timeout) gets a state object of its own, so it
     # cannot write into the run later; any other node gets the run's own, with a copy of data in each attempt.
     is_isolated = node.timeout_s is not None or not registry.is_async_node(node.function)
+    io = registry.node_io(node.function)
     attempt = 1
     while True:
         # Each attempt works on a copy of data, so a failing node cannot leave it half-written.
@@ -1204,9 +1299,13 @@ async def _run_node(
             working.data = dict(before)
         started_at, clock = datetime.now(UTC), time.perf_counter()
         try:
+            if io is not None:
+                _check_reads(node.name, io, before)
             awaitable = registry.call_node(node.function, working, ctx)
             result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
             updates, keys = _changes(node.name, before, working.data, result)
+            if io is not None:
+                _check_writes(node.name, io, updates, keys)
             budget.charge(node.name, updates, keys)
         except asyncio.CancelledError:
             run.state.data = before  # the run ends here (cancelled or timed out) with the data of its last step
@@ -1231,6 +1330,24 @@ async def _run_node(
         run.state.data = working.data
         return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
                         duration_ms=_ms_since(clock), keys_changed=keys, updates=updates, attempt=attempt)
+
+
+def _check_reads(name: str, io: NodeIO, data: dict[str, Any]) -> None:
+    for key, kind in io.reads.items():
+        value = data.get(key, _MISSING)
+        if value is _MISSING:
+            raise _StepFailed(f"node {name!r} reads data[{key!r}] ({kind.value}), which is missing")
+        if not _KIND_CHECKS[kind](value):
+            raise _StepFailed(f"node {name!r} reads data[{key!r}] as {kind.value}, got {_json_type(value)}")
+
+
+def _check_writes(name: str, io: NodeIO, updates: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        kind = io.writes.get(key)
+        if kind is None:
+            raise _StepFailed(f"node {name!r} wrote data[{key!r}], which it does not declare")
+        if key in updates and not _KIND_CHECKS[kind](updates[key]):
+            raise _StepFailed(f"node {name!r} declares data[{key!r}] as {kind.value}, wrote {_json_type(updates[key])}")
 
 
 class _DataBudget:
@@ -1731,17 +1848,18 @@ class Engine:
         self._logged: dict[str, int] = {}  # log entries already written to the server log, by run id
         self._is_closing = False
 
-    async def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool]:
-        """Validate and store `graph` (a new id if it has none); return it and whether it was new."""
+    async def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool, list[Problem]]:
+        """Validate and store `graph` (a new id if it has none); return it, whether it was new, and its warnings."""
         validate_graph(graph, self.registry, limits=self.settings)
         if graph.graph_id is None:
             graph = attrs.evolve(graph, graph_id=_new_id())
+        warnings = graph_warnings(graph, self.registry)
         builtin = self._builtin.get(graph.graph_id or "")
         if builtin is not None:
             if builtin != graph:
                 raise GraphConflict(graph.graph_id or "")
-            return graph, False
-        return graph, await self.store.add_graph(graph)
+            return graph, False, warnings
+        return graph, await self.store.add_graph(graph), warnings
 
     def get_graph(self, graph_id: str) -> GraphDefinition:
         """Return a registered or stored graph, or raise GraphNotFound."""
@@ -2044,8 +2162,8 @@ async def post_graph_create(request: Request) -> Response:
     """Validate and store a graph definition: 201 when new, 200 when identical to the stored one."""
     engine = _engine(request)
     graph = structure_body(await read_json(request, engine.settings.max_body_bytes), GraphDefinition)
-    graph, created = await engine.create_graph(graph)
-    body = converter.unstructure(CreateGraphResponse(graph_id=graph.graph_id or ""))
+    graph, created, warnings = await engine.create_graph(graph)
+    body = converter.unstructure(CreateGraphResponse(graph_id=graph.graph_id or "", warnings=warnings))
     return JSONResponse(body, status_code=201 if created else 200)
 
 
@@ -2181,9 +2299,16 @@ async def get_graph_state(request: Request) -> Response:
 
 
 async def get_graph_definition(request: Request) -> Response:
-    """Answer with a stored graph, as JSON that `/graph/create` accepts."""
-    graph = _engine(request).get_graph(request.path_params["graph_id"])
-    return JSONResponse(converter.unstructure(graph))
+    """Answer with a stored graph, as JSON that `/graph/create` accepts; `?declarations=true` adds what its nodes
+    declare they read and write."""
+    engine = _engine(request)
+    query = _query(request, {"declarations"})
+    graph = engine.get_graph(request.path_params["graph_id"])
+    body = converter.unstructure(graph)
+    if query.get("declarations") == "true":
+        declared = {name: engine.registry.node_io(node.function) for name, node in graph.node_defs.items()}
+        body["declarations"] = {name: converter.unstructure(io) for name, io in declared.items() if io is not None}
+    return JSONResponse(body)
 
 
 class BearerAuth:
@@ -2291,7 +2416,8 @@ OPERATIONS = (
     Operation(method="GET", path="/graph/state/{run_id}", endpoint=get_graph_state, summary="A run's record",
               answers={200: RunContext}),
     Operation(method="GET", path="/graph/definition/{graph_id}", endpoint=get_graph_definition,
-              summary="A stored graph, as /graph/create takes it", answers={200: GraphDefinition}),
+              summary="A stored graph, as /graph/create takes it (`?declarations=true` adds what its nodes read and write)",
+              answers={200: GraphDefinition}, query={"declarations": "string"}),
     Operation(method="POST", path="/graph/cancel/{run_id}", endpoint=post_graph_cancel,
               summary="Cancel a pending or running run", answers={200: RunContext}),
     Operation(method="POST", path="/graph/resume/{run_id}", endpoint=post_graph_resume,
@@ -2478,6 +2604,8 @@ def create_app(
     starlette_app.router.redirect_slashes = False  # its 307 has no body; an unknown path is a JSON 404 instead
     starlette_app.state.engine = engine
     starlette_app.state.openapi = openapi_document(OPERATIONS)
+    starlette_app.state.openapi["x-node-declarations"] = {  # what each registered node function reads and writes
+        name: converter.unstructure(io) for name in registry.node_names if (io := registry.node_io(name))}
     return starlette_app
 
 
