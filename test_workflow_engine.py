@@ -3284,3 +3284,21 @@ def test_e2e_token_guards_http_and_websockets_and_logs_are_json(tmp_path: Path) 
     assert [(r["event"], r.get("node")) for r in ours] == [("run_started", None)] + [
         ("step", entry["node"]) for entry in run["logs"]] + [("run_finished", None)]
     assert ours[-1]["status"] == "completed" and all(r["graph_id"] == "code_review" for r in ours)
+
+
+def test_e2e_sigterm_lets_a_running_run_finish_then_cancels_what_outlasts_the_grace(db_env: dict[str, str]) -> None:
+    with running_server({**db_env, "WORKFLOW_SHUTDOWN_GRACE_S": "3"}) as (base, pid), \
+            httpx.Client(base_url=base, timeout=10) as client:
+        client.post("/graph/create", json=SLOW_GRAPH)
+        start = {"graph_id": "slow", "wait": False}
+        quick = client.post("/graph/run", json={**start, "state": {"data": {"seconds": 1}}}).json()["run_id"]
+        stuck = client.post("/graph/run", json={**start, "state": {"data": {"seconds": 30}}}).json()["run_id"]
+        wait_for(lambda: all(client.get(f"/graph/state/{run_id}").json()["current_node"] == "block"
+                             for run_id in (quick, stuck)))
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text())
+    with running_server(db_env) as (base, _), httpx.Client(base_url=base, timeout=10) as client:
+        finished = client.get(f"/graph/state/{quick}").json()
+        cancelled = client.get(f"/graph/state/{stuck}").json()
+    assert (finished["status"], finished["iteration"]) == ("completed", 3)
+    assert (cancelled["status"], cancelled["error"]) == ("cancelled", "the run was cancelled at node 'block'")
