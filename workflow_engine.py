@@ -1287,8 +1287,9 @@ async def _run_node(
     before = run.state.data
     # A node that may outlive its attempt (in a thread, or past its timeout) gets a state object of its own, so it
     # cannot write into the run later; any other node gets the run's own, with a copy of data in each attempt.
-    is_isolated = node.timeout_s is not None or not registry.is_async_node(node.function)
-    io = registry.node_io(node.function)
+    function = node.function
+    is_isolated = node.timeout_s is not None or not registry.is_async_node(function)
+    io = registry.node_io(function)
     attempt = 1
     while True:
         # Each attempt works on a copy of data, so a failing node cannot leave it half-written.
@@ -1301,7 +1302,7 @@ async def _run_node(
         try:
             if io is not None:
                 _check_reads(node.name, io, before)
-            awaitable = registry.call_node(node.function, working, ctx)
+            awaitable = registry.call_node(function, working, ctx)
             result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
             updates, keys = _changes(node.name, before, working.data, result)
             if io is not None:
@@ -1360,8 +1361,11 @@ class _DataBudget:
 
     def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> None:
         """Count a step's changes, or raise _StepFailed (counting nothing) if they take the data over the limit."""
-        sizes = {key: _json_size(updates[key]) if key in updates else 0 for key in keys}
-        total = self.total + sum(sizes.values()) - sum(self.sizes.get(key, 0) for key in keys)
+        total, sizes = self.total, []
+        for key in keys:  # a plain loop: this runs on every step
+            size = _json_size(updates[key]) if key in updates else 0
+            total += size - self.sizes.get(key, 0)
+            sizes.append((key, size))
         if total > self.limit:
             raise _StepFailed(f"node {name!r} took the run's data to about {total} bytes, over its limit of {self.limit}")
         self.total = total
