@@ -139,12 +139,12 @@ MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
 MAX_BRANCHES = 100  # branches on one edge
 MAX_STATE_BYTES = 4 * 1024 * 1024  # a run's data, counted as the JSON text of its values; past it the step fails
-MAX_ID_CHARS = 128  # graph ids, and any run or graph id in a path
+MAX_ID_CHARS = 128  # longest graph id
 SHUTDOWN_GRACE_S = 10.0  # on shutdown, how long running runs may go on before they are cancelled
 MAX_TIMEOUT_S = 86_400.0  # longest timeout or backoff a graph or run may ask for
 MAX_ATTEMPTS = 100  # most tries a retry policy may ask for
 MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects accepted in bodies and node output
-GRAPH_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+GRAPH_ID_PATTERN = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -1058,7 +1058,7 @@ def _reaching(graph: GraphDefinition, target: str) -> set[str]:
 def _id_problems(graph: GraphDefinition) -> list[Problem]:
     if graph.graph_id is None or GRAPH_ID_PATTERN.fullmatch(graph.graph_id):
         return []
-    return [Problem("$.graph_id", "must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', '-'")]
+    return [Problem("$.graph_id", f"must be 1-{MAX_ID_CHARS} characters of A-Z, a-z, 0-9, '_', '.', '-'")]
 
 
 def _node_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
@@ -1417,7 +1417,6 @@ def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: ob
     return updates, (*updates, *removed)
 
 
-
 def _next_node(
     edge: EdgeDef | None, state: WorkflowState, registry: Registry, name: str
 ) -> tuple[str | None, str | None]:
@@ -1427,7 +1426,7 @@ def _next_node(
     for branch in edge.branches:
         try:
             taken = registry.get_condition(branch.condition)(state)
-        except Exception as exc:  # recorded as the step's error by _step
+        except Exception as exc:  # recorded as the step's error by _route
             raise _StepFailed(f"condition {branch.condition!r} of node {name!r} raised {_describe(exc)}") from exc
         if not isinstance(taken, bool):
             raise _StepFailed(f"condition {branch.condition!r} returned {type(taken).__name__}, expected bool")
@@ -1530,7 +1529,7 @@ class MemoryStore:
                 oldest = next(iter(self._finished))
                 del self._finished[oldest], self._runs[oldest]
 
-    async def claim_resumable(self, run_id: str, owner: str) -> RunContext:
+    async def claim_resumable(self, run_id: str) -> RunContext:
         """Mark a waiting or interrupted run pending again and return it; raise RunConflict for any other status."""
         run = self.get_run(run_id)
         if not run.status.is_resumable:
@@ -1633,6 +1632,7 @@ class SqliteStore:
     def __init__(self, path: str | os.PathLike[str], *, max_runs: int = MAX_STORED_RUNS,
                  max_graphs: int = MAX_STORED_GRAPHS) -> None:
         self.path, self.max_runs, self.max_graphs = str(path), max_runs, max_graphs
+        self.owner = process_owner()  # recorded with each active run, so a later process can tell if it died
         self._reader = self._connect()  # the caller's thread
         self._writer = self._connect()  # only ever used on self._thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-sqlite")
@@ -1673,15 +1673,16 @@ class SqliteStore:
         del head["logs"]
         entries = [(run.run_id, position, dump_json(converter.unstructure(entry)))
                    for position, entry in enumerate(run.logs[saved:], start=saved)]
-        owner = None if not run.status.is_active else process_owner()
-        await self._write(self._upsert_run, run, dump_json(head), entries, owner)
+        # The writer thread gets values, not the live run, which the event loop may change meanwhile.
+        owner = self.owner if run.status.is_active else None
+        await self._write(self._upsert_run, run.run_id, run.graph_id, run.status, dump_json(head), entries, owner)
         self._saved_logs[run.run_id] = len(run.logs)
         if not run.status.is_active:
             del self._saved_logs[run.run_id]
 
-    async def claim_resumable(self, run_id: str, owner: str) -> RunContext:
+    async def claim_resumable(self, run_id: str) -> RunContext:
         """Mark a waiting or interrupted run pending for this process and return it; raise RunConflict otherwise."""
-        await self._write(self._claim, run_id, owner)
+        await self._write(self._claim, run_id)
         run = self.get_run(run_id)
         self._saved_logs[run_id] = len(run.logs)
         return run
@@ -1793,13 +1794,14 @@ class SqliteStore:
             db.execute("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)", (graph_id, definition))
             return None
 
-    def _upsert_run(self, run: RunContext, head: bytes, entries: list[tuple[str, int, bytes]], owner: str | None) -> None:
+    def _upsert_run(self, run_id: str, graph_id: str, status: RunStatus, head: bytes,
+                    entries: list[tuple[str, int, bytes]], owner: str | None) -> None:
         with self._transaction() as db:
             db.execute("INSERT INTO runs (run_id, graph_id, status, owner, head) VALUES (?, ?, ?, ?, ?)"
                        " ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, owner = excluded.owner,"
-                       " head = excluded.head", (run.run_id, run.graph_id, run.status.value, owner, head))
+                       " head = excluded.head", (run_id, graph_id, status.value, owner, head))
             db.executemany("INSERT OR REPLACE INTO logs (run_id, position, entry) VALUES (?, ?, ?)", entries)
-            if run.status.is_terminal:
+            if status.is_terminal:
                 self._evict(db)
 
     def _evict(self, db: sqlite3.Connection) -> None:
@@ -1808,7 +1810,7 @@ class SqliteStore:
         db.execute(f"DELETE FROM logs WHERE run_id IN ({old})", (*_TERMINAL, self.max_runs))
         db.execute(f"DELETE FROM runs WHERE run_id IN ({old})", (*_TERMINAL, self.max_runs))
 
-    def _claim(self, run_id: str, owner: str) -> None:
+    def _claim(self, run_id: str) -> None:
         with self._transaction() as db:
             row = db.execute("SELECT status, head FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
@@ -1818,7 +1820,7 @@ class SqliteStore:
                 raise _not_resumable(run_id, status)
             record = {**json.loads(row[1]), "status": RunStatus.PENDING.value}
             db.execute("UPDATE runs SET status = ?, owner = ?, head = ? WHERE run_id = ?",
-                       (RunStatus.PENDING.value, owner, dump_json(record), run_id))
+                       (RunStatus.PENDING.value, self.owner, dump_json(record), run_id))
 
 
 Store = MemoryStore | SqliteStore
@@ -1839,7 +1841,6 @@ class Engine:
         self.registry = registry
         self.settings = settings or Settings()
         self.store = store or MemoryStore(max_runs=self.settings.max_runs, max_graphs=self.settings.max_graphs)
-        self.owner = process_owner()
         self._builtin: dict[str, GraphDefinition] = {}
         for graph in registry.graphs:
             validate_graph(graph, registry, limits=self.settings)
@@ -1923,7 +1924,7 @@ class Engine:
         problem = json_problem(updates or {})
         if problem:
             raise InvalidRequest([Problem("$.updates", problem)])
-        run = await self.store.claim_resumable(run_id, self.owner)
+        run = await self.store.claim_resumable(run_id)
         if updates:
             run.state.data.update(_copy_json(updates))
             run.logs.append(LogEntry(iteration=run.iteration, node=run.next_node or "", event=LogEvent.RESUMED,
