@@ -2173,6 +2173,12 @@ def test_load_workflows_calls_register(tmp_path: Path, monkeypatch: pytest.Monke
     assert registry.has_node("hello")
 
 
+def test_module_exports_exist_and_are_sorted() -> None:
+    assert [name for name in we.__all__ if not hasattr(we, name)] == []
+    assert we.__all__ == sorted(we.__all__, key=lambda name: (name[0].islower(), name))
+    assert {"Interrupt", "SqliteStore", "create_app", "app"} <= set(we.__all__)
+
+
 def test_default_app_loads_the_code_review_workflow() -> None:
     """The one test of the module-level `app`: the default wiring registers the example and its graph."""
     engine = we.app.state.engine
