@@ -719,10 +719,10 @@ def make_run(run_id: str, status: we.RunStatus) -> we.RunContext:
 
 async def test_store_evicts_the_oldest_finished_runs_only() -> None:
     store = we.MemoryStore(max_runs=2)
-    await store.save_run(make_run("running", we.RunStatus.RUNNING))
-    await store.save_run(make_run("waiting", we.RunStatus.WAITING))
+    await store.claim_run(make_run("running", we.RunStatus.RUNNING), None, "me")
+    await store.claim_run(make_run("waiting", we.RunStatus.WAITING), None, "me")
     for run_id in ("a", "b", "c"):
-        await store.save_run(make_run(run_id, we.RunStatus.COMPLETED))
+        await store.claim_run(make_run(run_id, we.RunStatus.COMPLETED), None, "me")
     assert store.counts() == (0, 4)
     assert store.get_run("running").status is we.RunStatus.RUNNING
     assert store.get_run("waiting").status is we.RunStatus.WAITING
@@ -733,25 +733,60 @@ async def test_store_evicts_the_oldest_finished_runs_only() -> None:
 
 async def test_store_counts_a_run_once_when_saved_twice() -> None:
     store = we.MemoryStore(max_runs=2)
-    run = make_run("a", we.RunStatus.FAILED)
-    await store.save_run(run)
-    await store.save_run(run)
-    await store.save_run(make_run("b", we.RunStatus.COMPLETED))
+    run = make_run("a", we.RunStatus.RUNNING)
+    lease = await store.claim_run(run, None, "me")
+    we.move_run(run, we.RunStatus.FAILED, "boom")
+    await store.save_run(run, lease)
+    await store.claim_run(make_run("b", we.RunStatus.COMPLETED), None, "me")
     assert store.get_run("a") == run
+    assert store.counts() == (0, 2)
 
 
 async def test_store_keeps_a_finished_run_as_compact_json() -> None:
     store = we.MemoryStore()
     run = make_run("a", we.RunStatus.RUNNING)
-    await store.save_run(run)
+    lease = await store.claim_run(run, None, "me")
     assert store.get_run("a") is run  # while it runs, the store holds the live record
     run.state.data["text"] = "x" * 10_000
-    run.status = we.RunStatus.COMPLETED
-    await store.save_run(run)
+    we.move_run(run, we.RunStatus.COMPLETED)
+    await store.save_run(run, lease)
     assert store.get_run("a") == run and store.get_run("a") is not run
     assert json.loads(store.get_run_json("a")) == we.converter.unstructure(run)
     assert len(store._runs["a"].record) < 500  # compressed, not ten thousand characters
     assert [s.run_id for s in store.list_runs(status=we.RunStatus.COMPLETED)[0]] == ["a"]
+
+
+@pytest.mark.parametrize("make_store", [lambda path: we.MemoryStore(), lambda path: we.SqliteStore(path / "runs.db")],
+                         ids=["memory", "sqlite"])
+async def test_store_claims_compare_the_status_and_saves_need_the_current_lease(
+    tmp_path: Path, make_store: Callable[[Path], we.Store]
+) -> None:
+    """The store decides no status: it writes what it is given, if the stored status and the lease still match."""
+    store = make_store(tmp_path)
+    try:
+        run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+        run.run_id = "a"
+        first = await store.claim_run(run, None, "one")
+        we.move_run(run, we.RunStatus.RUNNING)
+        await store.save_run(run, first)
+        we.move_run(run, we.RunStatus.WAITING)
+        await store.save_run(run, first)
+        with pytest.raises(we.LeaseLost, match="run 'a' is now owned by another worker"):
+            await store.save_run(run, first)  # a stopped run has no owner: the lease is spent
+        resumed = store.get_run("a")
+        we.move_run(resumed, we.RunStatus.PENDING)
+        second = await store.claim_run(resumed, we.RunStatus.WAITING, "two")
+        with pytest.raises(we.RunConflict, match="run 'a' is pending and cannot become pending; from pending it can"):
+            await store.claim_run(store.get_run("a"), we.RunStatus.WAITING, "three")
+        with pytest.raises(we.RunNotFound, match="run 'b' does not exist"):
+            await store.claim_run(make_run("b", we.RunStatus.PENDING), we.RunStatus.WAITING, "two")
+        with pytest.raises(we.LeaseLost):
+            await store.save_run(run, first)
+        assert (first, second) == (we.Lease(owner="one", attempt=1), we.Lease(owner="two", attempt=2))
+        assert [change.status for change in store.get_run("a").history] == [
+            we.RunStatus.PENDING, we.RunStatus.RUNNING, we.RunStatus.WAITING, we.RunStatus.PENDING]
+    finally:
+        store.close()
 
 
 async def test_store_add_graph_is_idempotent_and_refuses_conflicts() -> None:
@@ -848,7 +883,10 @@ async def test_get_graph_state_returns_the_run_record(client: httpx.AsyncClient)
     assert response.status_code == 200
     assert set(record) == {"run_id", "graph_id", "status", "current_node", "next_node", "iteration", "max_iterations",
                            "max_state_bytes", "timeout_s", "state",
-                           "logs", "error", "created_at", "started_at", "finished_at", "duration_ms", "engine_overhead_ms"}
+                           "logs", "error", "created_at", "started_at", "finished_at", "duration_ms", "engine_overhead_ms",
+                           "history"}
+    assert [change["status"] for change in record["history"]] == ["pending", "running", "completed"]
+    assert [change["at"] for change in record["history"]] == [record[k] for k in ("created_at", "started_at", "finished_at")]
     assert {k: record[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")} == {
         k: run[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")}
     assert record["state"] == run["final_state"]
@@ -1059,7 +1097,7 @@ async def test_post_graph_cancel_stops_a_blocked_run_and_keeps_its_state(app: An
         ("inc", "executed", None), ("hang", "cancelled", "the run was cancelled during node 'hang'")]
     assert record["state"]["data"] == {"count": 1}
     again = await client.post(f"/graph/cancel/{run_id}")
-    assert (again.status_code, again.json()) == (409, error("run_conflict", f"run '{run_id}' has already ended as cancelled"))
+    assert (again.status_code, again.json()) == (409, error("run_conflict", f"run '{run_id}' is cancelled and cannot become cancelled; it has ended"))
     missing = await client.post("/graph/cancel/nope")
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "run_not_found")
 
@@ -1139,12 +1177,12 @@ async def test_abandoned_stream_leaves_nothing_behind(registry: we.Registry) -> 
     waiting.cancel()  # the client goes away
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
-    assert list(engine._changed) == [run.run_id]  # its waiter stays only until the run's next change
+    assert engine._active[run.run_id].changed is not None  # its waiter stays only until the run's next change
     gates["abandoned"].opened.set()
     replay = [event.event async for event in engine.follow(run.run_id) if event is not None]
     assert run.status is we.RunStatus.COMPLETED
     assert replay[-2:] == [we.StreamEvent.STATUS, we.StreamEvent.END]
-    assert engine._changed == {}
+    assert engine._active == {}
 
 
 async def test_get_graph_runs_lists_newest_first_with_filters(client: httpx.AsyncClient) -> None:
@@ -1760,7 +1798,7 @@ async def test_resume_refuses_runs_that_are_not_paused(client: httpx.AsyncClient
     missing = await client.post("/graph/resume/nope", json={})
     bad = await client.post(f"/graph/resume/{run['run_id']}", json={"updates": [1]})
     assert (done.status_code, done.json()) == (409, error(
-        "run_conflict", f"run '{run['run_id']}' is completed; only a waiting or interrupted run can be resumed"))
+        "run_conflict", f"run '{run['run_id']}' is completed and cannot become pending; it has ended"))
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "run_not_found")
     assert (bad.status_code, bad.json()) == (422, error("invalid_request", "the request has 1 problem",
                                                         ("$.updates", "expected an object, got an array")))
@@ -1797,7 +1835,7 @@ async def test_sqlite_store_keeps_graphs_and_runs_across_reopening(tmp_path: Pat
         assert json.loads(reopened.get_run_json(run.run_id)) == we.converter.unstructure(run)
         assert [s.run_id for s in reopened.list_runs(graph_id="g", status=we.RunStatus.COMPLETED)[0]] == [run.run_id]
         assert reopened.counts() == (1, 1)
-        assert reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+        assert reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
         with pytest.raises(we.GraphConflict):
             await reopened.add_graph(attrs.evolve(definition, max_iterations=3))
         with pytest.raises(we.RunNotFound, match="run 'nope' does not exist"):
@@ -1835,18 +1873,19 @@ async def test_sqlite_store_marks_runs_of_a_dead_process_interrupted_and_resumes
                                     edges={"inc": we.EdgeDef(default_next="double")})
     await store.add_graph(definition)
     run = we.new_run(definition, we.WorkflowState(data={"value": 2}))
-    run.status, run.next_node, run.iteration, run.state.data["count"] = we.RunStatus.RUNNING, "double", 1, 1
-    await store.save_run(run)
-    store._writer.execute("UPDATE runs SET owner = ? WHERE run_id = ?", (dead_owner(), run.run_id))
+    we.move_run(run, we.RunStatus.RUNNING)
+    run.next_node, run.iteration, run.state.data["count"] = "double", 1, 1
+    await store.claim_run(run, None, dead_owner())
     store.close()
     engine = we.Engine(registry, we.SqliteStore(path))
+    await engine.open()
     recovered = engine.get_run(run.run_id)
     assert (recovered.status, recovered.error) == (
         we.RunStatus.INTERRUPTED, "the server stopped while the run was going; resume it to go on")
     resumed = await engine.wait(await engine.resume(run.run_id))
     assert (resumed.status, resumed.iteration, [e.node for e in resumed.logs]) == (we.RunStatus.COMPLETED, 2, ["double"])
     assert {k: v for k, v in resumed.state.data.items() if k != "thread"} == {"value": 4, "count": 1}
-    with pytest.raises(we.RunConflict, match="is completed; only a waiting or interrupted run can be resumed"):
+    with pytest.raises(we.RunConflict, match="is completed and cannot become pending; it has ended"):
         await engine.resume(run.run_id)
     await engine.shutdown()
 

@@ -89,6 +89,8 @@ __all__ = [
     "InvalidRequest",
     "JsonKind",
     "JsonLogFormatter",
+    "Lease",
+    "LeaseLost",
     "LogEntry",
     "LogEvent",
     "LogFormat",
@@ -99,6 +101,7 @@ __all__ = [
     "OPERATIONS",
     "Operation",
     "Problem",
+    "RUN_MOVES",
     "Registry",
     "ResumeRequest",
     "RetryPolicy",
@@ -111,7 +114,10 @@ __all__ = [
     "RunStatus",
     "Settings",
     "SqliteStore",
+    "StatusChange",
+    "Store",
     "StoreFull",
+    "StoreUnavailable",
     "StreamEvent",
     "UnknownName",
     "WorkflowState",
@@ -121,6 +127,7 @@ __all__ = [
     "graph_warnings",
     "json_problem",
     "json_schema",
+    "move_run",
     "new_run",
     "openapi_document",
     "run_events",
@@ -143,6 +150,7 @@ RUN_COMPRESSION_LEVEL = 6  # zlib level of stored finished runs: a code-review r
 MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
 MAX_CONCURRENT_RUNS = 1_000  # runs executing at once; more wait as `pending`
 MAX_PENDING_RUNS = 10_000  # runs waiting for a slot; beyond this a new run is refused with 503
+MAX_PAUSED_RUNS = 10_000  # runs waiting or interrupted; a run that would pause beyond this fails instead
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait
 STREAM_KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
 STREAM_POLL_S = 0.25  # how often a stream reads the store for a run that another process executes
@@ -180,6 +188,7 @@ class ErrorCode(enum.Enum):
     GRAPH_CONFLICT = "graph_conflict"
     RUN_CONFLICT = "run_conflict"
     BUSY = "busy"
+    STORE_UNAVAILABLE = "store_unavailable"
     STORE_FULL = "store_full"
     BODY_TOO_LARGE = "body_too_large"
     NOT_FOUND = "not_found"
@@ -306,6 +315,24 @@ class Busy(EngineError):
     headers: Mapping[str, str] | None = MappingProxyType({"Retry-After": str(RETRY_AFTER_S)})
 
 
+class StoreUnavailable(EngineError):
+    """The store refused a write the run needs (a full disk, a lost database); the run's stored record is unchanged."""
+
+    status_code = 503
+    code = ErrorCode.STORE_UNAVAILABLE
+    headers: Mapping[str, str] | None = MappingProxyType({"Retry-After": str(RETRY_AFTER_S)})
+
+    def __init__(self, run_id: str, cause: BaseException) -> None:
+        super().__init__(f"the store could not save run {run_id!r}: {_describe(cause)}")
+
+
+class LeaseLost(RunConflict):
+    """A write for a run whose lease another worker (or a later attempt) now holds; nothing was written."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} is now owned by another worker; this one stopped executing it")
+
+
 class BodyTooLarge(EngineError):
     """The request body is over the size limit."""
 
@@ -326,6 +353,10 @@ class Interrupt(Exception):
 
 def _count(items: list[Any], noun: str) -> str:
     return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -360,6 +391,18 @@ class RunStatus(enum.Enum):
     def is_terminal(self) -> bool:
         """True once the run has ended for good and will not change again."""
         return not self.is_active and not self.is_resumable
+
+
+# Every move a run's status may make; `move_run` applies one and refuses the rest. Nothing else sets a status.
+_ENDINGS = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.STOPPED_MAX_ITERATIONS, RunStatus.CANCELLED,
+                      RunStatus.TIMED_OUT, RunStatus.WAITING, RunStatus.INTERRUPTED})
+RUN_MOVES: Mapping[RunStatus, frozenset[RunStatus]] = MappingProxyType({
+    RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.INTERRUPTED}),
+    RunStatus.RUNNING: _ENDINGS,  # ended by its graph, a failure, a cancel, its timeout, a pause or a dead process
+    RunStatus.WAITING: frozenset({RunStatus.PENDING, RunStatus.CANCELLED}),  # resumed, or cancelled while paused
+    RunStatus.INTERRUPTED: frozenset({RunStatus.PENDING, RunStatus.CANCELLED}),
+    **{status: frozenset() for status in RunStatus if status.is_terminal},
+})
 
 
 @enum.unique
@@ -507,9 +550,22 @@ class LogEntry:
     attempt: int = 1
 
 
+@attrs.frozen(kw_only=True)
+class StatusChange:
+    """One move of a run's status: to what, when, and after how many of its log entries."""
+
+    status: RunStatus
+    at: datetime
+    log_count: int
+
+
 @attrs.define(kw_only=True)
 class RunContext:
-    """The record of one run: its status, where it is, its state and its log."""
+    """The record of one run: its status, where it is, its state and its log.
+
+    `history` holds every status the run took, in order; with `logs` it is the run's event sequence, which streams
+    number from 1, so an event keeps its id across pauses, resumes and restarts.
+    """
 
     run_id: str
     graph_id: str
@@ -528,6 +584,26 @@ class RunContext:
     finished_at: datetime | None = None
     duration_ms: float = 0.0
     engine_overhead_ms: float = 0.0
+    history: list[StatusChange] = attrs.field(factory=list)
+
+
+def _refused(run_id: str, current: RunStatus, target: RunStatus) -> RunConflict:
+    """The error for a move RUN_MOVES does not allow; it names both statuses."""
+    allowed = sorted(status.value for status in RUN_MOVES[current])
+    then = f"from {current.value} it can only become {' or '.join(allowed)}" if allowed else "it has ended"
+    return RunConflict(f"run {run_id!r} is {current.value} and cannot become {target.value}; {then}")
+
+
+def move_run(run: RunContext, target: RunStatus, error: str | None = None) -> None:
+    """Move `run` to `target` if RUN_MOVES allows it, stamping its times and history; else raise RunConflict."""
+    if target not in RUN_MOVES[run.status]:
+        raise _refused(run.run_id, run.status, target)
+    now = datetime.now(UTC)
+    if target is RunStatus.RUNNING:
+        run.started_at = run.started_at or now
+    run.finished_at = None if target.is_active else now
+    run.status, run.error = target, error
+    run.history.append(StatusChange(status=target, at=now, log_count=len(run.logs)))
 
 
 @attrs.frozen(kw_only=True)
@@ -715,6 +791,7 @@ class Settings:
     max_branches: int = attrs.field(default=MAX_BRANCHES, validator=_positive)
     max_state_bytes: int = attrs.field(default=MAX_STATE_BYTES, validator=_positive)
     shutdown_grace_s: float = attrs.field(default=SHUTDOWN_GRACE_S, validator=attrs.validators.ge(0.0))
+    max_paused_runs: int = attrs.field(default=MAX_PAUSED_RUNS, validator=_positive)
     db_path: str | None = None  # a SQLite file to keep graphs and runs in; None keeps them in memory
     api_token: str | None = None  # when set, every endpoint but GET / wants `Authorization: Bearer <api_token>`
     log_format: LogFormat = LogFormat.TEXT
@@ -1140,6 +1217,7 @@ class _StepFailed(Exception):
 
 OnChange = Callable[["RunContext"], None]
 Checkpoint = Callable[["RunContext"], Awaitable[None]]
+PauseCheck = Callable[["RunContext"], str | None]
 
 
 def _ignore(run: RunContext) -> None:
@@ -1164,6 +1242,7 @@ def new_run(
     timeout_s: float | None = None, max_state_bytes: int = MAX_STATE_BYTES,
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`."""
+    created_at = _now()
     return RunContext(
         run_id=_new_id(),
         graph_id=graph.graph_id or "",
@@ -1171,7 +1250,8 @@ def new_run(
         max_state_bytes=max_state_bytes,
         timeout_s=timeout_s,
         state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata)),
-        created_at=_now(),
+        created_at=created_at,
+        history=[StatusChange(status=RunStatus.PENDING, at=created_at, log_count=0)],
     )
 
 
@@ -1184,37 +1264,63 @@ async def run_graph(
     return await execute_run(run, graph, registry)
 
 
+def _may_pause(run: RunContext) -> str | None:
+    return None
+
+
 async def execute_run(
     run: RunContext, graph: GraphDefinition, registry: Registry, *,
-    on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None,
+    on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _may_pause,
 ) -> RunContext:
-    """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
+    """Drive a pending `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
 
-    `on_change(run)` is called after every log entry and status change, and `checkpoint(run)` awaited after every
-    step (a durable store commits it there). A run over its `timeout_s` ends `timed_out`; a cancelled run ends
-    `cancelled` and the CancelledError propagates once that is recorded. Return the run.
+    `on_change(run)` is called after every log entry and status change, and `checkpoint(run)` awaited once the run
+    is running and after every step that does not end it (a durable store commits it there). `may_pause(run)`
+    answers None to let the run pause, or the error that fails it instead. A run over its `timeout_s` ends
+    `timed_out`; a cancelled one ends `cancelled`, and the CancelledError propagates once that is recorded. Return
+    the run.
     """
     is_resumed = run.next_node is not None
     run.next_node = run.next_node or graph.start_node
-    run.status, run.started_at = RunStatus.RUNNING, run.started_at or _now()
+    move_run(run, RunStatus.RUNNING)
     on_change(run)
     clock = time.perf_counter()
     # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
     deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
+    hooks = _Hooks(on_change, checkpoint, deadline, may_pause)
     try:
+        if checkpoint is not None:
+            await checkpoint(run)
         async with deadline or contextlib.nullcontext():
-            await _drive(run, graph, registry, _Hooks(on_change, checkpoint, deadline), is_resumed)
-    except TimeoutError:
-        run.status, run.error = RunStatus.TIMED_OUT, f"the run took longer than its timeout_s of {run.timeout_s} s"
-    except asyncio.CancelledError:
-        run.status, run.error = RunStatus.CANCELLED, f"the run was cancelled at node {run.current_node!r}"
-        raise
-    finally:
-        run.finished_at = _now()
-        run.duration_ms += _ms_since(clock)
-        run.engine_overhead_ms = max(run.duration_ms - sum(entry.duration_ms for entry in run.logs), 0.0)
-        on_change(run)
+            status, error = await _drive(run, graph, registry, hooks, is_resumed)
+    except (TimeoutError, asyncio.CancelledError):
+        # One decision gives both the status and the last log entry's event: see _stop_status.
+        status = _stop_status(deadline)
+        _end(run, status, _stop_error(run, status), clock, on_change)
+        if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            raise
+        return run
+    _end(run, status, error, clock, on_change)
     return run
+
+
+def _stop_status(deadline: asyncio.Timeout | None) -> RunStatus:
+    """Why a run's task was cancelled: its own deadline (even if a cancel came at the same time), else a cancel."""
+    return RunStatus.TIMED_OUT if deadline is not None and deadline.expired() else RunStatus.CANCELLED
+
+
+def _stop_error(run: RunContext, status: RunStatus) -> str:
+    if status is RunStatus.TIMED_OUT:
+        return f"the run took longer than its timeout_s of {run.timeout_s} s"
+    where = "before its first node" if run.current_node is None else f"at node {run.current_node!r}"
+    return f"the run was cancelled {where}"
+
+
+def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: OnChange) -> None:
+    run.duration_ms += _ms_since(clock)
+    run.engine_overhead_ms = max(run.duration_ms - sum(entry.duration_ms for entry in run.logs), 0.0)
+    move_run(run, status, error)
+    on_change(run)
 
 
 @attrs.frozen
@@ -1222,19 +1328,20 @@ class _Hooks:
     on_change: OnChange
     checkpoint: Checkpoint | None
     deadline: asyncio.Timeout | None
+    may_pause: PauseCheck
 
 
-async def _drive(run: RunContext, graph: GraphDefinition, registry: Registry, hooks: _Hooks, is_resumed: bool) -> None:
-    """Execute nodes from `run.next_node` until the run ends or pauses; set its status."""
+async def _drive(
+    run: RunContext, graph: GraphDefinition, registry: Registry, hooks: _Hooks, is_resumed: bool
+) -> tuple[RunStatus, str | None]:
+    """Execute nodes from `run.next_node` until the run ends or pauses; return how it stopped, with its error."""
     contexts: dict[str, NodeContext] = {}
     budget = _DataBudget(run.state.data, run.max_state_bytes)
     while (name := run.next_node) is not None:
         if run.iteration >= run.max_iterations:
-            run.status = RunStatus.STOPPED_MAX_ITERATIONS
-            return
+            return RunStatus.STOPPED_MAX_ITERATIONS, None
         if name in graph.interrupt_before and not is_resumed:
-            run.status = RunStatus.WAITING
-            return
+            return _pause(run, hooks)
         is_resumed = False  # only the first node of a resumed run passes its interrupt_before
         run.iteration += 1
         run.current_node = name
@@ -1243,23 +1350,25 @@ async def _drive(run: RunContext, graph: GraphDefinition, registry: Registry, ho
         try:
             entry = await _run_node(run, graph.node_defs[name], registry, ctx, hooks.on_change, budget)
         except asyncio.CancelledError:
-            timed_out = hooks.deadline is not None and hooks.deadline.expired()
-            run.logs.append(_interrupted(run, name, clock, LogEvent.TIMED_OUT if timed_out else LogEvent.CANCELLED))
-            hooks.on_change(run)
+            event = LogEvent.TIMED_OUT if _stop_status(hooks.deadline) is RunStatus.TIMED_OUT else LogEvent.CANCELLED
+            run.logs.append(_interrupted(run, name, clock, event))
             raise
         _route(run, graph.edges.get(name), entry, registry)
         run.logs.append(entry)
         run.next_node = entry.next
         if entry.event is LogEvent.INTERRUPT:
-            run.status = RunStatus.WAITING
-        elif entry.event is LogEvent.ERROR and entry.next is None:
-            run.status, run.error = RunStatus.FAILED, entry.error
+            return _pause(run, hooks)
+        if entry.event is LogEvent.ERROR and entry.next is None:
+            return RunStatus.FAILED, entry.error
         hooks.on_change(run)
         if hooks.checkpoint is not None:
             await hooks.checkpoint(run)
-        if run.status is not RunStatus.RUNNING:
-            return
-    run.status = RunStatus.COMPLETED
+    return RunStatus.COMPLETED, None
+
+
+def _pause(run: RunContext, hooks: _Hooks) -> tuple[RunStatus, str | None]:
+    refusal = hooks.may_pause(run)
+    return (RunStatus.WAITING, None) if refusal is None else (RunStatus.FAILED, refusal)
 
 
 def _node_context(run: RunContext, node: NodeDef, registry: Registry) -> NodeContext:
@@ -1447,10 +1556,6 @@ def _next_node(
     return edge.default_next, None
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 def _copy_json(value: Any) -> Any:
     """Copy nested dicts and lists so a run never shares mutable data with its caller."""
     if isinstance(value, dict):
@@ -1479,8 +1584,12 @@ def dump_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
-def _not_resumable(run_id: str, status: RunStatus) -> RunConflict:
-    return RunConflict(f"run {run_id!r} is {status.value}; only a waiting or interrupted run can be resumed")
+@attrs.frozen
+class Lease:
+    """Who executes a run, and in which attempt; a save that names any other lease is refused (LeaseLost)."""
+
+    owner: str
+    attempt: int
 
 
 @attrs.frozen
@@ -1492,7 +1601,7 @@ class _StoredRun:
 class MemoryStore:
     """Graphs and runs in memory: at most `max_runs` finished runs (oldest evicted first) and `max_graphs` graphs.
 
-    Runs that are still going, waiting or interrupted are never evicted.
+    Runs that are active or paused are never evicted; the engine bounds how many may be paused.
     """
 
     is_durable = False
@@ -1501,8 +1610,10 @@ class MemoryStore:
         self.max_runs = max_runs
         self.max_graphs = max_graphs
         self._graphs: dict[str, GraphDefinition] = {}
-        self._runs: dict[str, RunContext | _StoredRun] = {}  # oldest first; a run not yet finished is the live object
+        self._runs: dict[str, RunContext | _StoredRun] = {}  # oldest first; an active run is the live object
+        self._leases: dict[str, Lease] = {}  # the last lease of each run; its owner is "" once the run stops
         self._finished: dict[str, None] = {}  # finished run ids, oldest first
+        self._paused: set[str] = set()
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -1528,33 +1639,38 @@ class MemoryStore:
         """Return a page of graphs in the order they were created, and how many there are."""
         return list(itertools.islice(self._graphs.values(), offset, offset + limit)), len(self._graphs)
 
-    async def save_run(self, run: RunContext) -> None:
-        """Store `run`, new or updated; once finished it is frozen and may be evicted to keep the store bounded."""
-        if not run.status.is_terminal:
-            self._runs[run.run_id] = run
-            return
-        record = zlib.compress(dump_json(converter.unstructure(run)), RUN_COMPRESSION_LEVEL)
-        self._runs[run.run_id] = _StoredRun(summary=summarize(run), record=record)
-        if run.run_id not in self._finished:
-            self._finished[run.run_id] = None
-            while len(self._finished) > self.max_runs:
-                oldest = next(iter(self._finished))
-                del self._finished[oldest], self._runs[oldest]
+    async def claim_run(self, run: RunContext, expected: RunStatus | None, owner: str, saved_logs: int = 0) -> Lease:
+        """Store `run` for `owner` if the stored run's status is `expected` (None: there is none yet); return the
+        new lease, or raise RunConflict (RunNotFound) and store nothing."""
+        stored = self._runs.get(run.run_id)
+        status = None if stored is None else _status_of(stored)
+        if status is not expected:
+            raise RunNotFound(run.run_id) if status is None else _refused(run.run_id, status, run.status)
+        previous = self._leases.get(run.run_id)
+        lease = Lease(owner=owner, attempt=1 if previous is None else previous.attempt + 1)
+        self._put(run, lease)
+        return lease
 
-    async def claim_resumable(self, run_id: str) -> RunContext:
-        """Mark a waiting or interrupted run pending again and return it; raise RunConflict for any other status."""
-        run = self.get_run(run_id)
-        if not run.status.is_resumable:
-            raise _not_resumable(run_id, run.status)
-        run.status = RunStatus.PENDING
-        return run
+    async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0) -> None:
+        """Store `run`, executed under `lease`, or raise LeaseLost if that is no longer its lease."""
+        if self._leases.get(run.run_id) != lease:
+            raise LeaseLost(run.run_id)
+        self._put(run, lease)
+
+    def count_paused(self) -> int:
+        """How many runs are waiting or interrupted."""
+        return len(self._paused)
+
+    def orphans(self) -> list[RunContext]:
+        """Active runs whose process is gone: none, since memory does not outlive its process."""
+        return []
 
     def has_run(self, run_id: str) -> bool:
         """Whether a run is stored as `run_id`."""
         return run_id in self._runs
 
     def get_run(self, run_id: str) -> RunContext:
-        """Return the run stored as `run_id` (the live record until it finishes, then a copy)."""
+        """Return the run stored as `run_id` (the live record while it is active, else a copy)."""
         entry = self._entry(run_id)
         if isinstance(entry, RunContext):
             return entry
@@ -1582,11 +1698,32 @@ class MemoryStore:
     def close(self) -> None:
         """Nothing to release."""
 
+    def _put(self, run: RunContext, lease: Lease) -> None:
+        # An active run is kept as the live object; a stopped one as compressed JSON, a copy nothing else changes.
+        run_id, status = run.run_id, run.status
+        (self._paused.add if status.is_resumable else self._paused.discard)(run_id)
+        if status.is_active:
+            self._runs[run_id], self._leases[run_id] = run, lease
+            return
+        record = zlib.compress(dump_json(converter.unstructure(run)), RUN_COMPRESSION_LEVEL)
+        self._runs[run_id] = _StoredRun(summary=summarize(run), record=record)
+        self._leases[run_id] = Lease(owner="", attempt=lease.attempt)
+        if not status.is_terminal:
+            return
+        self._finished[run_id] = None
+        while len(self._finished) > self.max_runs:
+            oldest = next(iter(self._finished))
+            del self._finished[oldest], self._runs[oldest], self._leases[oldest]
+
     def _entry(self, run_id: str) -> RunContext | _StoredRun:
         try:
             return self._runs[run_id]
         except KeyError:
             raise RunNotFound(run_id) from None
+
+
+def _status_of(entry: RunContext | _StoredRun) -> RunStatus:
+    return entry.status if isinstance(entry, RunContext) else entry.summary.status
 
 
 def process_owner() -> str:
@@ -1626,7 +1763,12 @@ _SCHEMA = (  # version 1; a later version appends its statements as a new entry 
     "CREATE TABLE logs (run_id TEXT NOT NULL, position INTEGER NOT NULL, entry TEXT NOT NULL,"
     " PRIMARY KEY (run_id, position)) WITHOUT ROWID",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA,)
+_LEASES = (  # version 2: the attempt of each run's lease, with its owner
+    "ALTER TABLE runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES)
+_ACTIVE = tuple(status.value for status in RunStatus if status.is_active)
+_PAUSED = tuple(status.value for status in RunStatus if status.is_resumable)
 _TERMINAL = tuple(status.value for status in RunStatus if status.is_terminal)
 _SUMMARY_FIELDS = tuple(field.name for field in attrs.fields(RunSummary))
 
@@ -1635,8 +1777,9 @@ class SqliteStore:
     """Graphs and runs in a SQLite file (WAL) that several server processes can share.
 
     Every step of a run is committed in one transaction (its record and its new log entries), so a crash loses at
-    most the step that was executing. Opening the file creates or migrates the schema, then marks the runs whose
-    process is gone as `interrupted`. At most `max_runs` finished runs are kept, the oldest deleted first.
+    most the step that was executing; every write for an active run is guarded by its lease (owner and attempt).
+    Opening the file creates or migrates the schema; `orphans()` then finds the active runs whose process is gone.
+    At most `max_runs` finished runs are kept, the oldest deleted first.
     """
 
     is_durable = True
@@ -1644,14 +1787,11 @@ class SqliteStore:
     def __init__(self, path: str | os.PathLike[str], *, max_runs: int = MAX_STORED_RUNS,
                  max_graphs: int = MAX_STORED_GRAPHS) -> None:
         self.path, self.max_runs, self.max_graphs = str(path), max_runs, max_graphs
-        self.owner = process_owner()  # recorded with each active run, so a later process can tell if it died
         self._reader = self._connect()  # the caller's thread
         self._writer = self._connect()  # only ever used on self._thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-sqlite")
-        self._saved_logs: dict[str, int] = {}  # log entries already written, by run id
         self._graph_cache: dict[str, GraphDefinition] = {}  # stored graphs never change
         self._migrate()
-        self._recover()
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -1678,26 +1818,28 @@ class SqliteStore:
             total = db.execute("SELECT COUNT(*) FROM graphs").fetchone()[0]
         return [converter.structure(json.loads(row[0]), GraphDefinition) for row in rows], total
 
-    async def save_run(self, run: RunContext) -> None:
-        """Commit `run`'s record and its log entries not yet written, in one transaction."""
-        saved = self._saved_logs.get(run.run_id, 0)
-        head = converter.unstructure(attrs.evolve(run, logs=[]))
-        del head["logs"]
-        entries = [(run.run_id, position, dump_json(converter.unstructure(entry)))
-                   for position, entry in enumerate(run.logs[saved:], start=saved)]
-        # The writer thread gets values, not the live run, which the event loop may change meanwhile.
-        owner = self.owner if run.status.is_active else None
-        await self._write(self._upsert_run, run.run_id, run.graph_id, run.status, dump_json(head), entries, owner)
-        self._saved_logs[run.run_id] = len(run.logs)
-        if not run.status.is_active:
-            del self._saved_logs[run.run_id]
+    async def claim_run(self, run: RunContext, expected: RunStatus | None, owner: str, saved_logs: int = 0) -> Lease:
+        """Commit `run` for `owner` if the stored run's status is `expected` (None: there is none yet); return the
+        new lease, or raise RunConflict (RunNotFound) and commit nothing. Other processes see the same rule."""
+        values = self._values(run, owner, saved_logs)
+        attempt = await self._write(self._claim, expected, *values)
+        return Lease(owner=owner, attempt=attempt)
 
-    async def claim_resumable(self, run_id: str) -> RunContext:
-        """Mark a waiting or interrupted run pending for this process and return it; raise RunConflict otherwise."""
-        await self._write(self._claim, run_id)
-        run = self.get_run(run_id)
-        self._saved_logs[run_id] = len(run.logs)
-        return run
+    async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0) -> None:
+        """Commit `run`'s record and its log entries from position `saved_logs` on, in one transaction, if `lease`
+        is still the run's; else raise LeaseLost and commit nothing."""
+        await self._write(self._save, lease, *self._values(run, lease.owner, saved_logs))
+
+    def count_paused(self) -> int:
+        """How many runs are waiting or interrupted."""
+        marks = ", ".join("?" * len(_PAUSED))
+        return self._reader.execute(f"SELECT COUNT(*) FROM runs WHERE status IN ({marks})", _PAUSED).fetchone()[0]
+
+    def orphans(self) -> list[RunContext]:
+        """The active runs whose owner, a process on this machine, is gone."""
+        marks = ", ".join("?" * len(_ACTIVE))
+        rows = self._reader.execute(f"SELECT run_id, owner FROM runs WHERE status IN ({marks})", _ACTIVE).fetchall()
+        return [self.get_run(run_id) for run_id, owner in rows if not _owner_is_alive(owner)]
 
     def has_run(self, run_id: str) -> bool:
         """Whether a run is stored as `run_id`."""
@@ -1784,18 +1926,6 @@ class SqliteStore:
                     db.execute(statement)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(len(_MIGRATIONS)),))
 
-    def _recover(self) -> None:
-        """Mark runs left pending or running by a process that is gone as `interrupted`, keeping state and logs."""
-        with self._transaction() as db:
-            rows = db.execute("SELECT run_id, owner, head FROM runs WHERE status IN ('pending', 'running')").fetchall()
-            for run_id, owner, head in rows:
-                if _owner_is_alive(owner):
-                    continue
-                record = {**json.loads(head), "status": RunStatus.INTERRUPTED.value,
-                          "error": "the server stopped while the run was going; resume it to go on"}
-                db.execute("UPDATE runs SET status = ?, owner = NULL, head = ? WHERE run_id = ?",
-                           (RunStatus.INTERRUPTED.value, dump_json(record), run_id))
-
     def _insert_graph(self, graph_id: str, definition: bytes) -> bytes | None:
         with self._transaction() as db:
             row = db.execute("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
@@ -1806,33 +1936,54 @@ class SqliteStore:
             db.execute("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)", (graph_id, definition))
             return None
 
-    def _upsert_run(self, run_id: str, graph_id: str, status: RunStatus, head: bytes,
-                    entries: list[tuple[str, int, bytes]], owner: str | None) -> None:
+    @staticmethod
+    def _values(run: RunContext, owner: str, saved_logs: int) -> tuple[Any, ...]:
+        # The writer thread gets values, not the live run, which the event loop may change meanwhile.
+        head = converter.unstructure(attrs.evolve(run, logs=[]))
+        del head["logs"]
+        entries = [(run.run_id, position, dump_json(converter.unstructure(entry)))
+                   for position, entry in enumerate(run.logs[saved_logs:], start=saved_logs)]
+        owner_after = owner if run.status.is_active else None  # a stopped run has no owner
+        return run.run_id, run.graph_id, run.status, owner_after, dump_json(head), entries
+
+    def _claim(self, expected: RunStatus | None, run_id: str, graph_id: str, status: RunStatus, owner: str | None,
+               head: bytes, entries: list[tuple[str, int, bytes]]) -> int:
         with self._transaction() as db:
-            db.execute("INSERT INTO runs (run_id, graph_id, status, owner, head) VALUES (?, ?, ?, ?, ?)"
-                       " ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, owner = excluded.owner,"
-                       " head = excluded.head", (run_id, graph_id, status.value, owner, head))
-            db.executemany("INSERT OR REPLACE INTO logs (run_id, position, entry) VALUES (?, ?, ?)", entries)
-            if status.is_terminal:
-                self._evict(db)
+            if expected is None:
+                attempt = 1
+                db.execute("INSERT INTO runs (run_id, graph_id, status, owner, attempt, head) VALUES (?, ?, ?, ?, 1, ?)",
+                           (run_id, graph_id, status.value, owner, head))
+            else:
+                row = db.execute("SELECT status, attempt FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                if row is None:
+                    raise RunNotFound(run_id)
+                if row[0] != expected.value:
+                    raise _refused(run_id, RunStatus(row[0]), status)
+                attempt = row[1] + 1
+                db.execute("UPDATE runs SET status = ?, owner = ?, attempt = ?, head = ? WHERE run_id = ?",
+                           (status.value, owner, attempt, head, run_id))
+            self._add_logs(db, status, entries)
+            return attempt
+
+    def _save(self, lease: Lease, run_id: str, graph_id: str, status: RunStatus, owner: str | None, head: bytes,
+              entries: list[tuple[str, int, bytes]]) -> None:
+        with self._transaction() as db:
+            updated = db.execute("UPDATE runs SET status = ?, owner = ?, head = ? WHERE run_id = ? AND owner = ?"
+                                 " AND attempt = ?", (status.value, owner, head, run_id, lease.owner, lease.attempt))
+            if updated.rowcount == 0:
+                raise LeaseLost(run_id)
+            self._add_logs(db, status, entries)
+
+    def _add_logs(self, db: sqlite3.Connection, status: RunStatus, entries: list[tuple[str, int, bytes]]) -> None:
+        db.executemany("INSERT OR REPLACE INTO logs (run_id, position, entry) VALUES (?, ?, ?)", entries)
+        if status.is_terminal:
+            self._evict(db)
 
     def _evict(self, db: sqlite3.Connection) -> None:
         marks = ", ".join("?" * len(_TERMINAL))
         old = (f"SELECT run_id FROM runs WHERE status IN ({marks}) ORDER BY seq DESC LIMIT -1 OFFSET ?")
         db.execute(f"DELETE FROM logs WHERE run_id IN ({old})", (*_TERMINAL, self.max_runs))
         db.execute(f"DELETE FROM runs WHERE run_id IN ({old})", (*_TERMINAL, self.max_runs))
-
-    def _claim(self, run_id: str) -> None:
-        with self._transaction() as db:
-            row = db.execute("SELECT status, head FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise RunNotFound(run_id)
-            status = RunStatus(row[0])
-            if not status.is_resumable:
-                raise _not_resumable(run_id, status)
-            record = {**json.loads(row[1]), "status": RunStatus.PENDING.value}
-            db.execute("UPDATE runs SET status = ?, owner = ?, head = ? WHERE run_id = ?",
-                       (RunStatus.PENDING.value, self.owner, dump_json(record), run_id))
 
 
 Store = MemoryStore | SqliteStore
@@ -1841,29 +1992,113 @@ Store = MemoryStore | SqliteStore
 # ---------------------------------------------------------------------------
 # Engine
 # ---------------------------------------------------------------------------
+# A run this engine executes has one record, `_ActiveRun`, from its launch until its task has saved it for the last
+# time. That task is the only code that changes the run; it claims the run from the store first, and releases the
+# record in its own `finally`, after the last save. Everything else (cancel, resume, streams, shutdown) asks it.
+@attrs.define(eq=False)
+class _ActiveRun:
+    run: RunContext
+    graph: GraphDefinition
+    store: "Store"
+    expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
+    saved_logs: int  # how many of the run's log entries the store holds
+    accepted: asyncio.Future[None]  # done once the store holds the claim (or refused it)
+    task: asyncio.Task[None] | None = None
+    lease: Lease | None = None
+    failure: EngineError | None = None  # set when the store does not hold the run's last state
+    changed: asyncio.Event | None = None  # set (and dropped) at the run's next change; streams wait on it
+    logged: int = -1  # log entries written to the server log; -1 until the run's start is logged
+    is_cancel_requested: bool = False
+
+    def cancel(self) -> None:
+        """Cancel the run's task, unless it is in its first or last save: those are never cut short."""
+        self.is_cancel_requested = True
+        if self.accepted.done() and self.run.status.is_active and self.task is not None:
+            self.task.cancel()
+
+    async def claim(self, owner: str) -> None:
+        """Have the store hold the run for `owner`; raise StoreUnavailable if it cannot."""
+        try:
+            self.lease = await self.store.claim_run(self.run, self.expected, owner, self.saved_logs)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise StoreUnavailable(self.run.run_id, exc) from exc
+        self.saved_logs = len(self.run.logs)
+
+    async def save(self, run: RunContext) -> None:
+        """Save the run under its lease (the runner's checkpoint); raise StoreUnavailable, or LeaseLost."""
+        assert self.lease is not None
+        try:
+            await self.store.save_run(run, self.lease, self.saved_logs)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise StoreUnavailable(run.run_id, exc) from exc
+        self.saved_logs = len(run.logs)
+
+    def notify(self, run: RunContext) -> None:
+        """Wake the run's streams (the runner's on_change) and log its progress."""
+        if self.changed is not None:
+            self.changed.set()
+            self.changed = None
+        if logger.isEnabledFor(logging.INFO):
+            self.log_progress()
+
+    def log_progress(self) -> None:
+        """Log the run's start (info) and each of its new steps (debug), with fields a log store can index."""
+        run = self.run
+        ids = {"run_id": run.run_id, "graph_id": run.graph_id}
+        if self.logged < 0:
+            self.logged = len(run.logs)
+            logger.info("run %s of graph %s started", run.run_id, run.graph_id,
+                        extra={"fields": {"event": "run_started", **ids}})
+        for entry in run.logs[self.logged:] if logger.isEnabledFor(logging.DEBUG) else ():
+            fields = {"event": "step", **ids, "node": entry.node, "iteration": entry.iteration,
+                      "step": entry.event.value, "duration_ms": round(entry.duration_ms, 3), "error": entry.error}
+            logger.debug("run %s step %d: %s %s", run.run_id, entry.iteration, entry.node, entry.event.value,
+                         extra={"fields": fields})
+        self.logged = len(run.logs)
+
+    def log_end(self) -> None:
+        """Log the steps not logged yet and how the run stopped."""
+        run = self.run
+        self.log_progress()
+        fields = {"event": "run_finished", "run_id": run.run_id, "graph_id": run.graph_id, "status": run.status.value,
+                  "iteration": run.iteration, "duration_ms": round(run.duration_ms, 3), "error": run.error}
+        logger.info("run %s finished: %s", run.run_id, run.status.value, extra={"fields": fields})
+
+
 class Engine:
     """The core the HTTP layer calls: it validates and stores graphs, and starts, tracks, streams and cancels runs.
 
     Graphs registered in code (`registry.add_graph`) are always available and never stored. Every run executes in a
     task the engine keeps until it ends; at most `settings.max_concurrent_runs` execute at once, the rest wait as
-    `pending`, and with `settings.max_pending_runs` waiting a new run is refused (Busy).
+    `pending`, and with `settings.max_pending_runs` waiting a new run is refused (Busy). `worker_id` names this
+    engine in the store's leases (default: host, pid and process start time).
     """
 
-    def __init__(self, registry: Registry, store: Store | None = None, settings: Settings | None = None) -> None:
+    def __init__(self, registry: Registry, store: Store | None = None, settings: Settings | None = None, *,
+                 worker_id: str | None = None) -> None:
         self.registry = registry
         self.settings = settings or Settings()
         self.store = store or MemoryStore(max_runs=self.settings.max_runs, max_graphs=self.settings.max_graphs)
+        self.worker_id = worker_id or process_owner()
         self._builtin: dict[str, GraphDefinition] = {}
         for graph in registry.graphs:
             validate_graph(graph, registry, limits=self.settings)
             self._builtin[graph.graph_id or ""] = graph
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._live: dict[str, RunContext] = {}  # runs this process executes, from start to their final save
-        self._saves: set[asyncio.Task[None]] = set()  # final saves of runs cancelled before they began
-        self._changed: dict[str, asyncio.Event] = {}  # set (and dropped) at a run's next change; streams wait on it
-        self._logged: dict[str, int] = {}  # log entries already written to the server log, by run id
-        self._is_closing = False
+        self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
+        self._draining: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Mark the runs that a process now gone left active as `interrupted` (create_app's lifespan calls this)."""
+        for run in self.store.orphans():
+            expected = run.status
+            move_run(run, RunStatus.INTERRUPTED, "the server stopped while the run was going; resume it to go on")
+            with contextlib.suppress(RunConflict):  # another process recovered it first
+                await self.store.claim_run(run, expected, self.worker_id, len(run.logs))
 
     async def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool, list[Problem]]:
         """Validate and store `graph` (a new id if it has none); return it, whether it was new, and its warnings."""
@@ -1895,28 +2130,27 @@ class Engine:
         return graphs + len(self._builtin), runs
 
     def get_run(self, run_id: str) -> RunContext:
-        """Return a run's record: the live one while this process executes it, else the stored one."""
-        return self._live.get(run_id) or self.store.get_run(run_id)
+        """Return a run's record: the live one while this engine executes it, else the stored one."""
+        active = self._active.get(run_id)
+        return self.store.get_run(run_id) if active is None else active.run
 
     def get_run_json(self, run_id: str) -> bytes:
         """Return a run's record as JSON."""
-        live = self._live.get(run_id)
-        return self.store.get_run_json(run_id) if live is None else dump_json(converter.unstructure(live))
+        active = self._active.get(run_id)
+        return self.store.get_run_json(run_id) if active is None else dump_json(converter.unstructure(active.run))
 
     def has_run(self, run_id: str) -> bool:
         """Whether a run exists, here or in the store."""
-        return run_id in self._live or self.store.has_run(run_id)
+        return run_id in self._active or self.store.has_run(run_id)
 
     async def start(
         self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
-        max_iterations: int | None = None, timeout_s: float | None = None,
+        max_iterations: int | None = None, timeout_s: float | None = None, wait: bool = False,
     ) -> RunContext:
-        """Start a run of a stored graph (by id) or a given definition in the background; return its record."""
+        """Start a run of a stored graph (by id) or of a definition (validated and stored first, so the run can be
+        resumed); return its record once the store holds it, or with `wait` once the run has stopped."""
         self._check_room()
-        if isinstance(graph, str):
-            graph = self.get_graph(graph)
-        else:
-            validate_graph(graph, self.registry, limits=self.settings)
+        graph = self.get_graph(graph) if isinstance(graph, str) else (await self.create_graph(graph))[0]
         limit = self._max_iterations(graph, max_iterations)
         state = state or WorkflowState()
         problems = [Problem(f"$.state.{name}", problem) for name, problem in
@@ -1925,154 +2159,189 @@ class Engine:
             raise InvalidRequest(problems)
         run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s,
                       max_state_bytes=self.settings.max_state_bytes)
-        await self.store.save_run(run)
-        self._launch(run, graph)
-        return run
+        return await self._submit(run, graph, None, wait)
 
     async def resume(self, run_id: str, updates: dict[str, Any] | None = None, *,
-                     timeout_s: float | None = None) -> RunContext:
+                     timeout_s: float | None = None, wait: bool = False) -> RunContext:
         """Go on with a waiting or interrupted run from its next node, after merging `updates` into its data."""
-        self._check_room()
         problem = json_problem(updates or {})
         if problem:
             raise InvalidRequest([Problem("$.updates", problem)])
-        run = await self.store.claim_resumable(run_id)
+        self._check_room()
+        previous = self._active.get(run_id)
+        if previous is not None:
+            if previous.run.status.is_active:
+                raise _refused(run_id, previous.run.status, RunStatus.PENDING)
+            await asyncio.wait([previous.task])  # type: ignore[list-item]  # its last save: go on from what it saved
+            if run_id in self._active:  # another resume was quicker
+                raise _refused(run_id, self._active[run_id].run.status, RunStatus.PENDING)
+        run = self.store.get_run(run_id)
+        graph = self.get_graph(run.graph_id)  # before the move: a graph that is gone leaves the run as it was
+        expected, saved_logs = run.status, len(run.logs)
+        move_run(run, RunStatus.PENDING)
+        run.timeout_s = timeout_s if timeout_s is not None else run.timeout_s
         if updates:
             run.state.data.update(_copy_json(updates))
             run.logs.append(LogEntry(iteration=run.iteration, node=run.next_node or "", event=LogEvent.RESUMED,
                                      started_at=_now(), duration_ms=0.0, keys_changed=tuple(updates),
                                      updates=_copy_json(updates)))
-        run.error, run.finished_at = None, None
-        run.timeout_s = timeout_s if timeout_s is not None else run.timeout_s
-        self._launch(run, self.get_graph(run.graph_id))
-        return run
+        return await self._submit(run, graph, expected, wait, saved_logs)
 
     async def run(
         self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
         max_iterations: int | None = None, timeout_s: float | None = None,
     ) -> RunContext:
         """Run to the end and return the finished record; cancelling the caller does not cancel the run."""
-        return await self.wait(await self.start(graph, state, max_iterations=max_iterations, timeout_s=timeout_s))
+        return await self.start(graph, state, max_iterations=max_iterations, timeout_s=timeout_s, wait=True)
 
     async def wait(self, run: RunContext) -> RunContext:
-        """Wait until the run stops (ends, pauses or fails) and its record is saved; return it."""
-        task = self._tasks.get(run.run_id)
-        if task is not None:
-            await asyncio.wait([task])  # unlike awaiting the task, never cancels it nor raises
+        """Wait until the run stops and its record is saved; return it (raise StoreUnavailable if that save failed)."""
+        active = self._active.get(run.run_id)
+        if active is not None and active.run is run:
+            await self._stopped(active)
         return run
 
     async def cancel(self, run_id: str) -> RunContext:
-        """Cancel a pending or running run and return its record once the cancellation is recorded."""
-        task = self._tasks.get(run_id)
-        if task is None:
-            run = self.store.get_run(run_id)
-            where = "has already ended as" if not run.status.is_active else "is executed by another process, status"
-            raise RunConflict(f"run {run_id!r} {where} {run.status.value}")
-        run = self._live[run_id]
-        task.cancel()
-        await asyncio.wait([task])
+        """Cancel a pending, running, waiting or interrupted run; return its record once the store holds it.
+
+        A run that has ended, or ends before the cancel takes effect, is a RunConflict naming its status.
+        """
+        active = self._active.get(run_id)
+        if active is not None:
+            active.cancel()
+            await self._stopped(active)
+            if active.run.status is RunStatus.CANCELLED:
+                return active.run
+            if not active.run.status.is_resumable or run_id in self._active:
+                raise _refused(run_id, self.get_run(run_id).status, RunStatus.CANCELLED)
+        run = self.store.get_run(run_id)
+        if run.status.is_active:
+            raise RunConflict(f"run {run_id!r} is {run.status.value} in another process; cancel it there")
+        expected = run.status
+        move_run(run, RunStatus.CANCELLED, f"the run was cancelled while {expected.value}")
+        try:
+            await self.store.claim_run(run, expected, self.worker_id, len(run.logs))
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise StoreUnavailable(run_id, exc) from exc
         return run
 
     def follow(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent | None]:
         """Return the run's events after id `after`, live until it stops; None marks a quiet keep-alive interval."""
         return self._follow(self.get_run(run_id), after)
 
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Refuse new runs, let running ones go on for `grace_s` (default: the setting), then cancel the rest and
+        wait until each is saved. Calling it again waits for the first call."""
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain(grace_s), name="drain")
+        await asyncio.wait([self._draining])
+
     async def shutdown(self, grace_s: float | None = None) -> None:
-        """Refuse new runs, let running ones go on for `grace_s` (default: the setting), cancel the rest, wait
-        until each is saved, and close the store."""
-        self._is_closing = True
-        tasks = list(self._tasks.values())
-        grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
-        if tasks and grace_s > 0:
-            await asyncio.wait(tasks, timeout=grace_s)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, *self._saves, return_exceptions=True)
+        """Drain, then close the store."""
+        await self.drain(grace_s)
         self.store.close()
 
+    async def _drain(self, grace_s: float | None) -> None:
+        grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        if self._active and grace_s > 0:
+            await asyncio.wait([active.task for active in self._active.values()], timeout=grace_s)  # type: ignore
+        while self._active:  # cancel even the runs launched while the others were cancelled
+            actives = list(self._active.values())
+            for active in actives:
+                active.cancel()
+            await asyncio.wait([active.task for active in actives])  # type: ignore[misc]
+
     def _check_room(self) -> None:
-        if self._is_closing or len(self._tasks) >= self.settings.max_concurrent_runs + self.settings.max_pending_runs:
-            raise Busy("the server is shutting down" if self._is_closing else "too many runs are waiting; retry later")
+        if self._draining is not None:
+            raise Busy("the server is shutting down")
+        if len(self._active) >= self.settings.max_concurrent_runs + self.settings.max_pending_runs:
+            raise Busy("too many runs are waiting; retry later")
 
-    def _launch(self, run: RunContext, graph: GraphDefinition) -> None:
-        self._live[run.run_id] = run
-        task = asyncio.create_task(self._execute(run, graph), name=f"run {run.run_id}")
-        task.add_done_callback(functools.partial(self._finish, run))
-        self._tasks[run.run_id] = task
+    async def _submit(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None, wait: bool,
+                      saved_logs: int = 0) -> RunContext:
+        self._check_room()  # again, with no await between it and the reservation below
+        active = _ActiveRun(run=run, graph=graph, store=self.store, expected=expected, saved_logs=saved_logs,
+                            accepted=asyncio.get_running_loop().create_future())
+        self._active[run.run_id] = active
+        active.task = asyncio.create_task(self._execute(active), name=f"run {run.run_id}")
+        await asyncio.wait([active.accepted])  # unlike awaiting it, a caller that goes away cancels nothing
+        if active.accepted.exception() is not None:
+            raise active.accepted.exception()  # type: ignore[misc]
+        if wait:
+            await self._stopped(active)
+        return run
 
-    async def _execute(self, run: RunContext, graph: GraphDefinition) -> None:
-        checkpoint = self.store.save_run if self.store.is_durable else None
+    async def _stopped(self, active: _ActiveRun) -> None:
+        await asyncio.wait([active.task])  # type: ignore[list-item]
+        if active.failure is not None:
+            raise active.failure
+
+    async def _execute(self, active: _ActiveRun) -> None:
+        run = active.run
         try:
-            async with self._slots:
-                await execute_run(run, graph, self.registry, on_change=self._notify, checkpoint=checkpoint)
+            await active.claim(self.worker_id)
+        except EngineError as exc:
+            del self._active[run.run_id]
+            active.accepted.set_exception(exc)
+            return
+        active.accepted.set_result(None)
+        is_logged = False
+        try:
+            if not active.is_cancel_requested:
+                async with self._slots:
+                    checkpoint = active.save if self.store.is_durable else None
+                    await execute_run(run, active.graph, self.registry, on_change=active.notify,
+                                      checkpoint=checkpoint, may_pause=self._may_pause)
+        except asyncio.CancelledError:  # the runner recorded it, or the finally below does for a run not started
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # the task ends here, after its last save
+        except StoreUnavailable as exc:  # a checkpoint failed: fail the run with why, if the store still takes that
+            logger.error("run %s: %s", run.run_id, exc.message)
+            is_logged = True
+            move_run(run, RunStatus.FAILED, exc.message)
+        except LeaseLost as exc:
+            logger.warning("run %s: %s", run.run_id, exc.message)
+            active.failure = exc
         except Exception:  # a bug in the engine: a node's failure is recorded by the runner, never raised
             logger.exception("run %s crashed", run.run_id)
-            run.status, run.error = RunStatus.FAILED, "internal error; see the server log"
+            if run.status.is_active:
+                move_run(run, RunStatus.FAILED, "internal error; see the server log")
         finally:
-            self._mark_cancelled_before_start(run)
-            await asyncio.shield(self._save_final(run))
-
-    def _finish(self, run: RunContext, task: asyncio.Task[None]) -> None:
-        """Forget the run's task; a task cancelled before it began never ran its own code, so save it here."""
-        del self._tasks[run.run_id]
-        if self._mark_cancelled_before_start(run):
-            save = asyncio.ensure_future(self._save_final(run))
-            self._saves.add(save)
-            save.add_done_callback(self._saves.discard)
-
-    @staticmethod
-    def _mark_cancelled_before_start(run: RunContext) -> bool:
-        if not run.status.is_active:
-            return False
-        run.status, run.error = RunStatus.CANCELLED, "the run was cancelled before it started"
-        run.finished_at = _now()
-        return True
-
-    async def _save_final(self, run: RunContext) -> None:
-        try:
-            await self.store.save_run(run)
-        finally:
-            self._live.pop(run.run_id, None)
-            self._notify(run)
+            if run.status.is_active:
+                move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
+            if active.failure is None:  # a lost lease leaves the run to its new owner
+                await self._save_last(active, is_logged)
+            del self._active[run.run_id]
+            active.notify(run)
             if logger.isEnabledFor(logging.INFO):
-                self._log_end(run)
+                active.log_end()
 
-    def _notify(self, run: RunContext) -> None:
-        changed = self._changed.pop(run.run_id, None)
-        if changed is not None:
-            changed.set()
-        if run.status.is_active and logger.isEnabledFor(logging.INFO):
-            self._log_progress(run)
+    async def _save_last(self, active: _ActiveRun, is_logged: bool) -> None:
+        try:
+            await active.save(active.run)
+        except EngineError as exc:
+            active.failure = exc
+            if not is_logged:
+                logger.error("run %s: its last state (%s) was not saved: %s", active.run.run_id,
+                             active.run.status.value, exc.message)
 
-    def _log_progress(self, run: RunContext) -> None:
-        """Log a run's start (info) and each of its new steps (debug), with fields a log store can index."""
-        ids = {"run_id": run.run_id, "graph_id": run.graph_id}
-        if run.run_id not in self._logged:
-            self._logged[run.run_id] = 0
-            logger.info("run %s of graph %s started", run.run_id, run.graph_id,
-                        extra={"fields": {"event": "run_started", **ids}})
-        for entry in run.logs[self._logged[run.run_id]:] if logger.isEnabledFor(logging.DEBUG) else ():
-            fields = {"event": "step", **ids, "node": entry.node, "iteration": entry.iteration,
-                      "step": entry.event.value, "duration_ms": round(entry.duration_ms, 3), "error": entry.error}
-            logger.debug("run %s step %d: %s %s", run.run_id, entry.iteration, entry.node, entry.event.value,
-                         extra={"fields": fields})
-        self._logged[run.run_id] = len(run.logs)
-
-    def _log_end(self, run: RunContext) -> None:
-        self._log_progress(run)  # the steps not logged yet
-        del self._logged[run.run_id]
-        fields = {"event": "run_finished", "run_id": run.run_id, "graph_id": run.graph_id, "status": run.status.value,
-                  "iteration": run.iteration, "duration_ms": round(run.duration_ms, 3), "error": run.error}
-        logger.info("run %s finished: %s", run.run_id, run.status.value, extra={"fields": fields})
+    def _may_pause(self, run: RunContext) -> str | None:
+        limit = self.settings.max_paused_runs
+        if self.store.count_paused() < limit:
+            return None
+        return f"the run cannot pause: {limit} runs are already waiting or interrupted, the limit; resume or cancel some"
 
     async def _follow(self, run: RunContext, after: int) -> AsyncIterator[RunEvent | None]:
         quiet_s = 0.0
         while True:
-            run = self._live.get(run.run_id) or run
+            active = self._active.get(run.run_id)
+            run = run if active is None else active.run
             # Register for the next change before reading the run, so a change made while we send is not missed.
             # Only a run executing here has changes to wait for; registering for another would leave the event behind.
-            is_here = run.run_id in self._live and run.status.is_active
-            changed = self._changed.setdefault(run.run_id, asyncio.Event()) if is_here else None
+            changed = None
+            if active is not None and run.status.is_active:
+                changed = active.changed = active.changed or asyncio.Event()
             sent = False
             for event in run_events(run, after):
                 after, sent = event.id, True
@@ -2085,6 +2354,8 @@ class Engine:
                 except TimeoutError:
                     yield None
                 continue
+            if self._draining is not None:  # the server is going away; the client may reconnect elsewhere
+                return
             # The run executes in another process: follow the store.
             quiet_s = 0.0 if sent else quiet_s + STREAM_POLL_S
             if quiet_s >= self.settings.stream_keepalive_s:
@@ -2101,26 +2372,36 @@ class Engine:
 
 
 def run_events(run: RunContext, after: int = 0) -> Iterator[RunEvent]:
-    """Yield the run's events after id `after`: status pending, status running, each log entry, last status, end.
+    """Yield the run's events after id `after`: each status change and log entry in the order they happened, then
+    an end event if the run has stopped (ended, or paused to wait).
 
-    An event's id is its position in that sequence, so every stream of one run shows the same ids. A run that
-    stopped (ended, or paused to wait) gets its last status and an end event.
+    Ids count the run's history and log together, from 1, and every stop takes one id for its end event, so ids
+    never repeat across pauses, resumes and restarts, and every stream of one run shows the same ids. Only the
+    last stop's end event is sent: the run went on after the others.
     """
-    count, has_stopped = len(run.logs), not run.status.is_active  # read once: the run may move on while we yield
-    statuses = (RunStatus.PENDING,) if run.started_at is None else (RunStatus.PENDING, RunStatus.RUNNING)
-    for event_id, status in enumerate(statuses, start=1):
+    history, count = run.history[:], len(run.logs)  # read once: the run may move on while we yield
+    event_id, logged = 0, 0
+    for index, change in enumerate(history):
+        yield from _log_events(run, logged, change.log_count, event_id, after)
+        event_id, logged = event_id + change.log_count - logged + 1, change.log_count
         if event_id > after:
-            yield RunEvent(id=event_id, event=StreamEvent.STATUS, data={"status": status.value})
-    first_log = len(statuses) + 1
-    for event_id in range(max(after + 1, first_log), first_log + count):
-        yield RunEvent(id=event_id, event=StreamEvent.LOG, data=converter.unstructure(run.logs[event_id - first_log]))
-    final = first_log + count
-    if has_stopped and final > after:
-        yield RunEvent(id=final, event=StreamEvent.STATUS, data={"status": run.status.value})
-    if has_stopped and final + 1 > after:
-        end = RunEnd(status=run.status, error=run.error, iteration=run.iteration, current_node=run.current_node,
-                     state=run.state)
-        yield RunEvent(id=final + 1, event=StreamEvent.END, data=converter.unstructure(end))
+            yield RunEvent(id=event_id, event=StreamEvent.STATUS, data={"status": change.status.value})
+        if not change.status.is_active:
+            event_id += 1
+            if index == len(history) - 1 and event_id > after:
+                end = RunEnd(status=run.status, error=run.error, iteration=run.iteration,
+                             current_node=run.current_node, state=run.state)
+                yield RunEvent(id=event_id, event=StreamEvent.END, data=converter.unstructure(end))
+    if history and not history[-1].status.is_active:
+        return
+    yield from _log_events(run, logged, count, event_id, after)
+
+
+def _log_events(run: RunContext, first: int, stop: int, last_id: int, after: int) -> Iterator[RunEvent]:
+    """The events of log entries `first` to `stop`, whose ids follow `last_id`, after id `after`."""
+    for position in range(max(first, first + after - last_id), stop):
+        event_id = last_id + position - first + 1
+        yield RunEvent(id=event_id, event=StreamEvent.LOG, data=converter.unstructure(run.logs[position]))
 
 
 # ---------------------------------------------------------------------------
@@ -2188,22 +2469,24 @@ async def post_graph_run(request: Request) -> Response:
     """Run a stored graph: to its end (200, a failed run included), or in the background with `"wait": false` (202)."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes), RunRequest)
-    run = await engine.start(body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s)
-    return await _run_answer(engine, run, body.wait)
+    run = await engine.start(body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s,
+                             wait=body.wait)
+    return _run_answer(run, body.wait)
 
 
 async def post_graph_resume(request: Request) -> Response:
     """Go on with a waiting or interrupted run, after merging `updates` into its data; answers like /graph/run."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes, empty={}), ResumeRequest)
-    run = await engine.resume(request.path_params["run_id"], body.updates, timeout_s=body.timeout_s)
-    return await _run_answer(engine, run, body.wait)
+    run = await engine.resume(request.path_params["run_id"], body.updates, timeout_s=body.timeout_s, wait=body.wait)
+    return _run_answer(run, body.wait)
 
 
-async def _run_answer(engine: Engine, run: RunContext, wait: bool) -> Response:
+def _run_answer(run: RunContext, wait: bool) -> Response:
     if wait:
-        return JSONResponse(converter.unstructure(_run_response(await engine.wait(run))))
-    accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=run.status))
+        return JSONResponse(converter.unstructure(_run_response(run)))
+    # The store took the run as pending; it may have moved on already, which /graph/state tells.
+    accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=RunStatus.PENDING))
     return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}"})
 
 
@@ -2551,6 +2834,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         max_branches=_env_int(env, "WORKFLOW_MAX_BRANCHES", MAX_BRANCHES),
         max_state_bytes=_env_int(env, "WORKFLOW_MAX_STATE_BYTES", MAX_STATE_BYTES),
         shutdown_grace_s=_env_int(env, "WORKFLOW_SHUTDOWN_GRACE_S", int(SHUTDOWN_GRACE_S)),
+        max_paused_runs=_env_int(env, "WORKFLOW_MAX_PAUSED_RUNS", MAX_PAUSED_RUNS),
         db_path=env.get("WORKFLOW_DB") or None,
         api_token=env.get("WORKFLOW_API_TOKEN") or None,
         log_format=_env_log_format(env),
@@ -2588,6 +2872,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         logger.setLevel(logging.DEBUG if is_json else logging.INFO)  # JSON, for a log store, has every step
     if engine.settings.api_token is None:
         logger.warning("authentication is off: set WORKFLOW_API_TOKEN to require a bearer token")
+    await engine.open()
     yield
     await engine.shutdown()
     if handler is not None:
