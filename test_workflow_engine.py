@@ -1812,6 +1812,481 @@ def test_validate_graph_checks_interrupt_before(registry: we.Registry) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Run lifecycle: one owner, the transition table, races, failing stores
+# ---------------------------------------------------------------------------
+class HeldWrites:
+    """A store whose claims and saves can be held at a gate or made to fail, to decide a race (a mixin).
+
+    `hold(run)` and `fail(run)` pick the writes: a held write waits for `opened` (and sets `entered`); a failing one
+    raises what `fail` returns and writes nothing. `writes` lists the status of every write that went through.
+    """
+
+    def _hold_nothing(self) -> None:
+        self.entered, self.opened = asyncio.Event(), asyncio.Event()
+        self.hold: Callable[[we.RunContext], bool] = lambda run: False
+        self.fail: Callable[[we.RunContext], BaseException | None] = lambda run: None
+        self.writes: list[we.RunStatus] = []
+
+    async def _gate(self, run: we.RunContext) -> None:
+        error = self.fail(run)
+        if self.hold(run):
+            self.entered.set()
+            await self.opened.wait()
+        if error is not None:
+            raise error
+        self.writes.append(run.status)
+
+    async def claim_run(self, run: we.RunContext, expected: we.RunStatus | None, owner: str,
+                        saved_logs: int = 0) -> we.Lease:
+        await self._gate(run)
+        return await super().claim_run(run, expected, owner, saved_logs)  # type: ignore[misc]
+
+    async def save_run(self, run: we.RunContext, lease: we.Lease, saved_logs: int = 0) -> None:
+        await self._gate(run)
+        await super().save_run(run, lease, saved_logs)  # type: ignore[misc]
+
+
+class HeldStore(HeldWrites, we.MemoryStore):
+    """A MemoryStore with held and failing writes; with `durable` the engine saves every step here, as with SQLite."""
+
+    def __init__(self, *, durable: bool = False, **limits: Any) -> None:
+        we.MemoryStore.__init__(self, **limits)
+        self.is_durable = durable
+        self._hold_nothing()
+
+
+class HeldSqliteStore(HeldWrites, we.SqliteStore):
+    """A SqliteStore with held and failing writes."""
+
+    def __init__(self, path: Path) -> None:
+        we.SqliteStore.__init__(self, path)
+        self._hold_nothing()
+
+
+@contextlib.asynccontextmanager
+async def held_client(registry: we.Registry, store: we.MemoryStore, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = we.create_app(registry=registry, store=store, settings=we.Settings(**settings))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        yield client
+
+
+def server_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_run_moves_are_exactly_the_table() -> None:
+    """Every move the table allows is applied with its history; every other one is refused naming both statuses."""
+    for current, target in itertools.product(we.RunStatus, we.RunStatus):
+        run = make_run("r", current)
+        if target in we.RUN_MOVES[current]:
+            we.move_run(run, target, "why")
+            assert (run.status, run.error, [c.status for c in run.history]) == (target, "why", [target])
+            assert (run.finished_at is None) == target.is_active
+        else:
+            with pytest.raises(we.RunConflict, match=f"^run 'r' is {current.value} and cannot become {target.value}; "):
+                we.move_run(run, target)
+            assert (run.status, run.history) == (current, [])
+
+
+def test_run_status_is_assigned_only_by_move_run() -> None:
+    """No code in the module but `move_run` assigns a run's status."""
+    tree = ast.parse((HERE / "workflow_engine.py").read_text())
+    assigners = {function.name for function in ast.walk(tree) if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+                 for node in ast.walk(function) if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign)
+                 for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                 for element in (target.elts if isinstance(target, ast.Tuple) else [target])
+                 if isinstance(element, ast.Attribute) and element.attr == "status"}
+    assert assigners == {"move_run"}
+
+
+def test_refused_move_says_what_the_status_allows() -> None:
+    with pytest.raises(we.RunConflict) as caught:
+        we.move_run(make_run("r", we.RunStatus.WAITING), we.RunStatus.COMPLETED)
+    assert caught.value.message == "run 'r' is waiting and cannot become completed; from waiting it can only become cancelled or pending"
+
+
+async def test_resume_right_after_a_pause_waits_for_the_pause_to_be_saved(
+    registry: we.Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10.1: a resume that arrives while the pause is being saved goes on from the saved pause."""
+    store = HeldStore()
+    store.hold = lambda run: run.status is we.RunStatus.WAITING
+    async with held_client(registry, store) as client:
+        await client.post("/graph/create", json=graph(["inc", "double"], chain("inc", "double"), interrupt_before=["double"]))
+        run_id = (await client.post("/graph/run", json={"graph_id": "g", "wait": False})).json()["run_id"]
+        await store.entered.wait()
+        assert (await client.get(f"/graph/state/{run_id}")).json()["status"] == "waiting"
+        resume = asyncio.ensure_future(client.post(f"/graph/resume/{run_id}", json={"updates": {"value": 3}}))
+        await asyncio.sleep(0)
+        assert not resume.done()
+        store.hold = lambda run: False
+        store.opened.set()
+        resumed = (await resume).json()
+        cancel = await client.post(f"/graph/cancel/{run_id}")
+    assert (resumed["status"], resumed["error"], steps(resumed)) == (
+        "completed", None, [("inc", "executed"), ("double", "resumed"), ("double", "executed")])
+    assert resumed["final_state"]["data"]["value"] == 6
+    assert (cancel.status_code, cancel.json()) == (409, error(
+        "run_conflict", f"run '{run_id}' is completed and cannot become cancelled; it has ended"))
+    assert [status.value for status in store.writes] == ["pending", "waiting", "pending", "completed"]
+    assert server_errors(caplog) == []
+
+
+async def test_cancel_during_the_last_save_is_refused_once_the_save_is_done(
+    registry: we.Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10.2: a cancel that lands after the run ended but before its record is saved answers 409, not 500."""
+    store = HeldStore()
+    store.hold = lambda run: run.status is we.RunStatus.COMPLETED
+    async with held_client(registry, store) as client:
+        await client.post("/graph/create", json=graph(["inc"]))
+        run_id = (await client.post("/graph/run", json={"graph_id": "g", "wait": False})).json()["run_id"]
+        await store.entered.wait()
+        cancel = asyncio.ensure_future(client.post(f"/graph/cancel/{run_id}"))
+        await asyncio.sleep(0)
+        assert not cancel.done()  # it waits for the save
+        store.opened.set()
+        answer = await cancel
+        state = (await client.get(f"/graph/state/{run_id}")).json()
+    assert (answer.status_code, answer.json()) == (409, error(
+        "run_conflict", f"run '{run_id}' is completed and cannot become cancelled; it has ended"))
+    assert (state["status"], steps(state)) == ("completed", [("inc", "executed")])
+    assert server_errors(caplog) == []
+
+
+async def test_cancel_and_timeout_at_once_agree_on_status_and_log(registry: we.Registry) -> None:
+    """Issue 10.3: a cancel that arrives together with the run's deadline: one decision gives status and event."""
+
+    @registry.node
+    async def past_deadline(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        time.sleep(0.05)  # block the loop past the run's deadline
+        await asyncio.sleep(0)  # the deadline's timer is now due, after this task's step
+        asyncio.current_task().cancel()  # a cancel arrives in the same loop pass as the deadline
+        await asyncio.sleep(0)
+        return {}
+
+    run = await we.Engine(registry).run(we.GraphDefinition(graph_id="t", start_node="past_deadline",
+                                                           nodes=("past_deadline",)), timeout_s=0.01)
+    assert (run.status, run.error) == (we.RunStatus.TIMED_OUT, "the run took longer than its timeout_s of 0.01 s")
+    assert [(e.node, e.event) for e in run.logs] == [("past_deadline", we.LogEvent.TIMED_OUT)]
+
+
+async def test_resume_of_a_run_of_a_given_definition(registry: we.Registry) -> None:
+    """Issue 10.4: a definition given to Engine.start is stored, so its paused run can be resumed."""
+    engine = we.Engine(registry)
+    definition = we.GraphDefinition(graph_id="given", start_node="inc", nodes=("inc", "double"),
+                                    edges={"inc": we.EdgeDef(default_next="double")}, interrupt_before=("double",))
+    paused = await engine.run(definition, we.WorkflowState(data={"value": 2}))
+    resumed = await engine.resume(paused.run_id, wait=True)
+    assert (paused.status, resumed.status, resumed.state.data["value"]) == (
+        we.RunStatus.WAITING, we.RunStatus.COMPLETED, 4)
+    assert engine.get_graph("given") == definition
+    with pytest.raises(we.GraphConflict):
+        await engine.start(attrs.evolve(definition, max_iterations=3))
+
+
+async def test_resume_of_a_run_whose_graph_is_gone_leaves_it_paused(registry: we.Registry) -> None:
+    engine = we.Engine(registry)
+    paused = await engine.run(we.GraphDefinition(graph_id="gone", start_node="approve", nodes=("approve",)))
+    del engine.store._graphs["gone"]
+    with pytest.raises(we.GraphNotFound, match="graph 'gone' does not exist"):
+        await engine.resume(paused.run_id)
+    assert engine.get_run(paused.run_id).status is we.RunStatus.WAITING
+
+
+async def test_waiting_runs_can_be_cancelled_and_their_number_is_bounded(registry: we.Registry) -> None:
+    """Issue 10.5: cancel a waiting run; past max_paused_runs a run that would pause fails instead."""
+    async with held_client(registry, we.MemoryStore(), max_paused_runs=2) as client:
+        await client.post("/graph/create", json=graph(["approve"]))
+        paused = [(await client.post("/graph/run", json={"graph_id": "g"})).json() for _ in range(3)]
+        cancelled = await client.post(f"/graph/cancel/{paused[0]['run_id']}")
+        again = (await client.post("/graph/run", json={"graph_id": "g"})).json()
+    assert [(run["status"], run["error"]) for run in paused] == [("waiting", None), ("waiting", None), (
+        "failed", "the run cannot pause: 2 runs are already waiting or interrupted, the limit; resume or cancel some")]
+    record = cancelled.json()
+    assert (cancelled.status_code, record["status"], record["error"]) == (
+        200, "cancelled", "the run was cancelled while waiting")
+    assert [change["status"] for change in record["history"]] == ["pending", "running", "waiting", "cancelled"]
+    assert again["status"] == "waiting"  # the cancel made room
+
+
+async def test_a_failing_checkpoint_fails_the_run_with_the_stores_error(
+    registry: we.Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10.6: a step the store cannot save ends the run failed, saying why, logged once with the run id."""
+    store = HeldStore(durable=True)
+    store.fail = lambda run: OSError(28, "No space left on device") if run.iteration == 1 and run.status.is_active else None
+    async with held_client(registry, store) as client:
+        await client.post("/graph/create", json=graph(["inc", "double"], chain("inc", "double")))
+        run = (await client.post("/graph/run", json={"graph_id": "g"})).json()
+        state = (await client.get(f"/graph/state/{run['run_id']}")).json()
+    message = f"the store could not save run '{run['run_id']}': OSError: [Errno 28] No space left on device"
+    assert (run["status"], run["error"], steps(run)) == ("failed", message, [("inc", "executed")])
+    assert (state["status"], state["error"]) == ("failed", message)
+    assert server_errors(caplog) == [f"run {run['run_id']}: {message}"]
+
+
+async def test_a_failing_last_save_answers_503_and_reports_what_the_store_holds(
+    tmp_path: Path, registry: we.Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10.6: the caller is not told `completed` when the store could not save it."""
+    store = HeldSqliteStore(tmp_path / "runs.db")
+    store.fail = lambda run: OSError(28, "No space left on device") if not run.status.is_active else None
+    async with held_client(registry, store) as client:
+        await client.post("/graph/create", json=graph(["inc"]))
+        answer = await client.post("/graph/run", json={"graph_id": "g"})
+        run_id = store.list_runs()[0][0].run_id
+        state = (await client.get(f"/graph/state/{run_id}")).json()
+    message = f"the store could not save run '{run_id}': OSError: [Errno 28] No space left on device"
+    assert (answer.status_code, answer.headers["retry-after"], answer.json()) == (
+        503, "1", error("store_unavailable", message))
+    assert (state["status"], state["error"]) == ("running", None)  # what the store holds
+    assert server_errors(caplog) == [f"run {run_id}: its last state (completed) was not saved: {message}"]
+
+
+async def test_a_failing_first_save_refuses_the_run(registry: we.Registry) -> None:
+    store = HeldStore()
+    store.fail = lambda run: OSError(28, "No space left on device")
+    async with held_client(registry, store) as client:
+        await client.post("/graph/create", json=graph(["inc"]))
+        answer = await client.post("/graph/run", json={"graph_id": "g", "wait": False})
+        health = (await client.get("/")).json()
+    assert (answer.status_code, answer.json()["error"]["code"]) == (503, "store_unavailable")
+    assert answer.json()["error"]["message"].endswith(": OSError: [Errno 28] No space left on device")
+    assert (health["runs"], store.writes) == (0, [])
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB filesystem of its own (tmpfs), if this machine lets the tests mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                                                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root); the failing-store tests cover the same paths")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+async def test_sqlite_on_a_full_disk_never_reports_a_status_it_did_not_save(small_disk: Path, registry: we.Registry) -> None:
+    """Issue 10.6 on a real file: runs that fill the disk end failed or 503, and the file agrees with every answer."""
+    engine = we.Engine(registry, we.SqliteStore(small_disk / "runs.db"))
+    definition = we.GraphDefinition(graph_id="fill", start_node="grow", nodes=("grow",))
+    answers = []
+    for _ in range(40):
+        try:
+            answers.append(await engine.run(definition, we.WorkflowState(data={"size": 100_000})))
+        except (we.StoreUnavailable, we.InvalidRequest) as exc:
+            answers.append(exc)
+    assert any(isinstance(answer, we.StoreUnavailable) for answer in answers)
+    for answer in answers:
+        if isinstance(answer, we.RunContext):
+            assert engine.store.get_run(answer.run_id).status is answer.status
+            assert answer.status in (we.RunStatus.COMPLETED, we.RunStatus.FAILED)
+    await engine.shutdown()
+
+
+async def test_shutdown_racing_a_start_leaves_no_pending_run(registry: we.Registry) -> None:
+    """Issue 10.7: a run whose first save is in progress when shutdown begins is cancelled and saved."""
+    store = HeldStore()
+    store.hold = lambda run: run.status is we.RunStatus.PENDING
+    engine = we.Engine(registry, store)
+    start = asyncio.ensure_future(engine.start(we.GraphDefinition(graph_id="s", start_node="inc", nodes=("inc",))))
+    await store.entered.wait()
+    shutdown = asyncio.ensure_future(engine.shutdown(grace_s=0))
+    await asyncio.sleep(0)
+    store.hold = lambda run: False
+    store.opened.set()
+    run = await start
+    await shutdown
+    assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled before it started")
+    assert store.get_run(run.run_id).status is we.RunStatus.CANCELLED
+    assert store.writes == [we.RunStatus.PENDING, we.RunStatus.CANCELLED]
+
+
+async def test_stream_ids_never_repeat_across_a_resume(client: httpx.AsyncClient) -> None:
+    """Issue 10.8: a client that reconnects after a pause with Last-Event-ID gets every later event."""
+    await client.post("/graph/create", json=graph(["inc", "double"], chain("inc", "double"), interrupt_before=["double"]))
+    run_id = (await client.post("/graph/run", json={"graph_id": "g"})).json()["run_id"]
+    paused = await stream_events(client, run_id)
+    await client.post(f"/graph/resume/{run_id}", json={"updates": {"value": 1}})
+    later = await stream_events(client, run_id, last_event_id=paused[-1]["id"])
+    replay = await stream_events(client, run_id)
+    assert [(e["id"], e["event"], e["data"].get("status") or e["data"].get("event")) for e in paused] == [
+        (1, "status", "pending"), (2, "status", "running"), (3, "log", "executed"), (4, "status", "waiting"),
+        (5, "end", "waiting")]
+    assert [(e["id"], e["event"], e["data"].get("status") or e["data"].get("event")) for e in later] == [
+        (6, "status", "pending"), (7, "log", "resumed"), (8, "status", "running"), (9, "log", "executed"),
+        (10, "status", "completed"), (11, "end", "completed")]
+    assert replay == paused[:-1] + later  # the end of the pause is not replayed: the run went on
+
+
+async def test_pending_bound_holds_under_simultaneous_requests_with_sqlite(tmp_path: Path, registry: we.Registry) -> None:
+    """Issue 10.9: room is reserved before any await, so 40 requests at once get 1 running + 5 pending, 34 refused."""
+    gates["bound"] = Gate()
+    store = we.SqliteStore(tmp_path / "runs.db")
+    async with held_client(registry, store, max_concurrent_runs=1, max_pending_runs=5) as client:
+        await client.post("/graph/create", json=graph(["gate"]))
+        body = {"graph_id": "g", "wait": False, "state": {"metadata": {"gate": "bound"}}}
+        answers = await asyncio.gather(*(client.post("/graph/run", json=body) for _ in range(40)))
+        gates["bound"].opened.set()
+        await engine_of(client._transport.app).shutdown()  # type: ignore[attr-defined]
+    assert sorted(answer.status_code for answer in answers) == [202] * 6 + [503] * 34
+    assert {answer.json()["error"]["message"] for answer in answers if answer.status_code == 503} == {
+        "too many runs are waiting; retry later"}
+
+
+async def test_sqlite_saves_the_move_to_running_before_the_first_step(tmp_path: Path, registry: we.Registry) -> None:
+    """Issue 10.10: another process sees `running` and `started_at` while the first step is still going."""
+    gates["first"] = Gate()
+    engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"))
+    run = await engine.start(we.GraphDefinition(graph_id="f", start_node="gate", nodes=("gate",)),
+                             we.WorkflowState(metadata={"gate": "first"}))
+    await gates["first"].entered.wait()
+    other = we.SqliteStore(tmp_path / "runs.db")
+    seen = other.get_run(run.run_id)
+    gates["first"].opened.set()
+    await engine.shutdown()
+    other.close()
+    assert (seen.status, seen.started_at, seen.logs) == (we.RunStatus.RUNNING, run.started_at, [])
+
+
+STRESS_SEED = 20261201
+
+
+async def test_stress_runs_with_resumes_cancels_and_timeouts_stay_consistent(registry: we.Registry) -> None:
+    """300 runs, each met by a seeded choice of resume, cancel and timeout at a seeded moment: for every run the
+    status, its history, its last log entry, its stream and the stored record agree, and no call answers 5xx."""
+
+    @registry.node
+    async def tick(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return {"ticks": state.data.get("ticks", 0) + 1}
+
+    rng = random.Random(STRESS_SEED)
+    store = we.MemoryStore()
+    definition = graph(["tick", "inc", "approve"], {"tick": {"default_next": "inc"}, "inc": {
+        "branches": [{"condition": "below_three", "target": "tick"}], "default_next": "approve"}})
+    answers: list[int] = []
+
+    async def drive(client: httpx.AsyncClient, plan: random.Random) -> str:
+        body: dict[str, Any] = {"graph_id": "g", "wait": False}
+        if plan.random() < 0.3:
+            body["timeout_s"] = plan.choice([0.001, 0.005, 0.02])
+        answer = await client.post("/graph/run", json=body)
+        answers.append(answer.status_code)
+        run_id = answer.json()["run_id"]
+        for _ in range(plan.randint(0, 3)):
+            for _ in range(plan.randint(0, 12)):
+                await asyncio.sleep(0)
+            action = plan.choice(["cancel", "resume", "state", "none"])
+            if action == "cancel":
+                answers.append((await client.post(f"/graph/cancel/{run_id}")).status_code)
+            elif action == "resume":
+                body = {"updates": {"approved": "ann"}, "wait": plan.random() < 0.5}
+                answers.append((await client.post(f"/graph/resume/{run_id}", json=body)).status_code)
+            elif action == "state":
+                answers.append((await client.get(f"/graph/state/{run_id}")).status_code)
+        return run_id
+
+    async with held_client(registry, store) as client:
+        assert (await client.post("/graph/create", json=definition)).status_code == 201
+        run_ids = await asyncio.gather(*(drive(client, random.Random(rng.random())) for _ in range(300)))
+        engine = engine_of(client._transport.app)  # type: ignore[attr-defined]
+        await asyncio.gather(*(active.task for active in list(engine._active.values())))
+        records = [(await client.get(f"/graph/state/{run_id}")).json() for run_id in run_ids]
+        streams = [await stream_events(client, run_id) for run_id in run_ids]
+    assert engine._active == {}
+    assert sorted(set(answers)) <= [200, 202, 409] and answers.count(409) < len(answers)
+    outcomes = set()
+    for record, events in zip(records, streams, strict=True):
+        status, history = record["status"], [we.RunStatus(change["status"]) for change in record["history"]]
+        outcomes.add(status)
+        assert history[0] is we.RunStatus.PENDING and history[-1].value == status
+        assert all(later in we.RUN_MOVES[earlier] for earlier, later in itertools.pairwise(history))
+        last_event = record["logs"][-1]["event"] if record["logs"] else None
+        if status == "timed_out":
+            assert last_event == "timed_out"
+        elif status == "cancelled":
+            assert last_event == "cancelled" or record["error"] in (
+                "the run was cancelled before it started", "the run was cancelled while waiting")
+        else:
+            assert status in ("waiting", "completed") and last_event in ("interrupt", "executed")
+        ids = [event["id"] for event in events]
+        assert ids == sorted(set(ids)) and events[-1]["event"] == "end" and events[-1]["data"]["status"] == status
+        assert json.loads(store.get_run_json(record["run_id"])) == record
+    assert outcomes == {"waiting", "completed", "cancelled", "timed_out"}
+
+
+async def test_disconnected_websocket_client_is_not_an_error(
+    registry: we.Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10.12: a WebSocket client that goes away mid-run leaves a DEBUG line, no traceback."""
+    app = we.create_app(registry=registry)
+    engine = engine_of(app)
+    gates["ws"] = Gate()
+    run = await engine.start(we.GraphDefinition(graph_id="w", start_node="gate", nodes=("gate", "inc"),
+                                                edges={"gate": we.EdgeDef(default_next="inc")}),
+                             we.WorkflowState(metadata={"gate": "ws"}))
+    await gates["ws"].entered.wait()
+    sent: list[dict] = []
+    caught_up, gone = asyncio.Event(), asyncio.Event()
+
+    async def receive() -> dict:
+        if not sent:
+            return {"type": "websocket.connect"}
+        await asyncio.Event().wait()  # the client says nothing more
+        return {}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if gone.is_set():
+            raise OSError("the client went away")  # what uvicorn raises once the socket is gone
+        if len(sent) == 3:  # accepted, and both status events sent: the stream waits for the gate
+            caught_up.set()
+
+    scope = {"type": "websocket", "path": f"/graph/ws/{run.run_id}", "raw_path": b"", "query_string": b"",
+             "headers": [], "scheme": "ws", "server": ("testserver", 80), "client": ("127.0.0.1", 1), "subprotocols": []}
+    caplog.set_level(logging.DEBUG, logger="workflow_engine")
+    follower = asyncio.ensure_future(app(scope, receive, send))
+    await caught_up.wait()
+    gone.set()
+    gates["ws"].opened.set()
+    await follower
+    await engine.shutdown()
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.send", "websocket.send"]
+    assert server_errors(caplog) == []
+    assert f"websocket client of run {run.run_id} went away" in caplog.messages
+
+
+async def test_client_that_hangs_up_mid_body_is_not_an_error(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10.12: a body cut short by the client leaves a DEBUG line, no traceback."""
+    app = client._transport.app  # type: ignore[attr-defined]
+    messages = iter([{"type": "http.request", "body": b'{"graph_id": ', "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/graph/run", "raw_path": b"/graph/run", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("testserver", 80),
+             "client": ("127.0.0.1", 1), "http_version": "1.1", "root_path": ""}
+    caplog.set_level(logging.DEBUG, logger="workflow_engine")
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert server_errors(caplog) == []
+    assert "client went away during POST /graph/run" in caplog.messages
+
+
+# ---------------------------------------------------------------------------
 # SQLite store
 # ---------------------------------------------------------------------------
 def dead_owner() -> str:
@@ -2978,10 +3453,16 @@ def test_loadtest_reports_a_server_that_does_not_answer(capsys: pytest.CaptureFi
 # End to end: a real uvicorn on 127.0.0.1
 # ---------------------------------------------------------------------------
 E2E_FLOW = """
+import asyncio
 import time
 
 
 def register(registry):
+    @registry.node
+    async def nap(state, ctx):
+        await asyncio.sleep(state.data["seconds"])
+        return {"napped": state.data["seconds"]}
+
     @registry.node
     async def count(state, ctx):
         return {"n": state.data.get("n", 0) + 1}
@@ -3347,3 +3828,41 @@ def test_e2e_sigterm_lets_a_running_run_finish_then_cancels_what_outlasts_the_gr
         cancelled = client.get(f"/graph/state/{stuck}").json()
     assert (finished["status"], finished["iteration"]) == ("completed", 3)
     assert (cancelled["status"], cancelled["error"]) == ("cancelled", "the run was cancelled at node 'block'")
+
+
+def test_e2e_sigterm_ends_open_streams_and_waiting_requests_within_the_grace(db_env: dict[str, str]) -> None:
+    """Issue 10.11: an open stream and a waiting request do not hold SIGTERM up: after the 1 s grace both get the
+    cancelled run, and the server exits (before, it waited for the 60 s runs to end)."""
+    nap_graph = {"graph_id": "nap", "start_node": "nap", "nodes": ["nap"]}
+    results: dict[str, Any] = {}
+    streaming = threading.Event()
+    with running_server({**db_env, "WORKFLOW_SHUTDOWN_GRACE_S": "1"}) as (base, pid), \
+            httpx.Client(base_url=base, timeout=60) as client:
+        client.post("/graph/create", json=nap_graph)
+        body = {"graph_id": "nap", "state": {"data": {"seconds": 60}}}
+        followed = client.post("/graph/run", json={**body, "wait": False}).json()["run_id"]
+
+        def stream() -> None:
+            with httpx.Client(base_url=base, timeout=60) as streamer, \
+                    streamer.stream("GET", f"/graph/stream/{followed}") as response:
+                text = ""
+                for chunk in response.iter_text():
+                    text += chunk
+                    streaming.set()
+                results["stream"] = parse_sse(text)
+
+        def wait() -> None:
+            results["wait"] = httpx.post(base + "/graph/run", json=body, timeout=60).json()
+
+        threads = [threading.Thread(target=stream), threading.Thread(target=wait)]
+        for thread in threads:
+            thread.start()
+        streaming.wait(timeout=20)
+        wait_for(lambda: client.get("/graph/runs", params={"status": "running"}).json()["total"] == 2)
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text())
+        for thread in threads:
+            thread.join(timeout=20)
+    assert [(e["event"], e["data"].get("status")) for e in results["stream"][-2:]] == [
+        ("status", "cancelled"), ("end", "cancelled")]
+    assert (results["wait"]["status"], results["wait"]["error"]) == ("cancelled", "the run was cancelled at node 'nap'")

@@ -39,8 +39,10 @@ import math
 import os
 import re
 import secrets
+import signal
 import socket
 import sqlite3
+import threading
 import time
 import types
 import typing
@@ -66,11 +68,11 @@ from cattrs.cols import (
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 __all__ = [
     "BearerAuth",
@@ -2535,10 +2537,13 @@ async def websocket_graph_ws(websocket: WebSocket) -> None:
         await websocket.send_json(_error_body(error.code, error.message, error.details))
         await websocket.close(code=4000 + error.status_code)
         return
-    async for event in engine.follow(run_id, after):
-        if event is not None:
-            await websocket.send_json(converter.unstructure(event))
-    await websocket.close()
+    try:
+        async for event in engine.follow(run_id, after):
+            if event is not None:
+                await websocket.send_json(converter.unstructure(event))
+        await websocket.close()
+    except WebSocketDisconnect:  # the client went away: not the server's error
+        logger.debug("websocket client of run %s went away", run_id)
 
 
 async def _server_sent(events: AsyncIterator[RunEvent | None]) -> AsyncIterator[str]:
@@ -2680,6 +2685,12 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     code = _HTTP_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
     message = f"{request.method} {request.url.path}: {exc.detail}"
     return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    """A client that hung up mid-request is not an error: note it at DEBUG; nobody is there to read the answer."""
+    logger.debug("client went away during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> Response:
@@ -2873,10 +2884,37 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     if engine.settings.api_token is None:
         logger.warning("authentication is off: set WORKFLOW_API_TOKEN to require a bearer token")
     await engine.open()
-    yield
+    with _draining_on_exit_signals(engine):
+        yield
     await engine.shutdown()
     if handler is not None:
         logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def _draining_on_exit_signals(engine: Engine) -> Iterator[None]:
+    """While serving, SIGTERM and SIGINT also start the engine's drain, chained to the server's own handlers.
+
+    uvicorn waits for open connections before it runs the lifespan's shutdown, so an open stream or a request
+    that waits for a run would hold it up until the run ends; draining at once ends them within the grace period.
+    Only a signal the server handles in Python (as uvicorn does) is chained; the others are left alone.
+    """
+    loop = asyncio.get_running_loop()
+    is_main = threading.current_thread() is threading.main_thread()
+    chained = {sig: handler for sig in (signal.SIGTERM, signal.SIGINT)
+               if is_main and callable(handler := signal.getsignal(sig))}
+
+    def on_signal(signum: int, frame: types.FrameType | None) -> None:
+        loop.call_soon_threadsafe(lambda: loop.create_task(engine.drain(), name="drain on signal"))
+        chained[signum](signum, frame)  # type: ignore[operator]
+
+    for sig in chained:
+        signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in chained.items():
+            signal.signal(sig, handler)
 
 
 def create_app(
@@ -2900,7 +2938,8 @@ def create_app(
         else Route(op.path, op.endpoint, methods=[op.method])
         for op in OPERATIONS
     ]
-    handlers = {EngineError: on_engine_error, HTTPException: on_http_error, Exception: on_unexpected_error}
+    handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
+                Exception: on_unexpected_error}
     middleware = [] if settings.api_token is None else [Middleware(BearerAuth, token=settings.api_token)]
     starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware, lifespan=_lifespan)
     starlette_app.router.redirect_slashes = False  # its 307 has no body; an unknown path is a JSON 404 instead
