@@ -2639,22 +2639,53 @@ def test_settings_from_env_reads_every_variable() -> None:
     env = {"WORKFLOW_MAX_ITERATIONS": "7", "WORKFLOW_MAX_ITERATIONS_CAP": "70", "WORKFLOW_MAX_RUNS": "5",
            "WORKFLOW_MAX_GRAPHS": "4", "WORKFLOW_MAX_BODY_BYTES": "1000", "WORKFLOW_MODULES": " a, b ,,",
            "WORKFLOW_MAX_CONCURRENT_RUNS": "3", "WORKFLOW_MAX_PENDING_RUNS": "2", "WORKFLOW_MAX_NODES": "9",
-           "WORKFLOW_MAX_BRANCHES": "8", "WORKFLOW_MAX_STATE_BYTES": "999", "WORKFLOW_SHUTDOWN_GRACE_S": "4",
-           "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json"}
+           "WORKFLOW_MAX_BRANCHES": "8", "WORKFLOW_MAX_STATE_BYTES": "999", "WORKFLOW_SHUTDOWN_GRACE_S": "2.5",
+           "WORKFLOW_MAX_PAUSED_RUNS": "6", "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json"}
     assert we.settings_from_env(env) == we.Settings(
         max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"),
         max_concurrent_runs=3, max_pending_runs=2, max_nodes=9, max_branches=8, max_state_bytes=999,
-        shutdown_grace_s=4, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON)
+        shutdown_grace_s=2.5, max_paused_runs=6, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON)
     assert we.settings_from_env({}) == we.Settings()
+    assert we.settings_from_env({"WORKFLOW_MODULES": "", "WORKFLOW_DB": " "}) == we.Settings(workflow_modules=())
 
 
-def test_settings_from_env_rejects_bad_numbers() -> None:
-    with pytest.raises(ValueError, match="WORKFLOW_MAX_RUNS must be an integer, got 'lots'"):
-        we.settings_from_env({"WORKFLOW_MAX_RUNS": "lots"})
-    with pytest.raises(we.InvalidValue, match="max_runs must be at least 1, got 0"):
-        we.settings_from_env({"WORKFLOW_MAX_RUNS": "0"})
-    with pytest.raises(ValueError, match="WORKFLOW_LOG_FORMAT must be text or json, got 'xml'"):
-        we.settings_from_env({"WORKFLOW_LOG_FORMAT": "xml"})
+@pytest.mark.parametrize(("env", "message"), [
+    ({"WORKFLOW_MAX_RUNS": "lots"}, "WORKFLOW_MAX_RUNS='lots': must be an integer"),
+    ({"WORKFLOW_MAX_RUNS": "0"}, "WORKFLOW_MAX_RUNS='0': must be at least 1, got 0"),
+    ({"WORKFLOW_MAX_ITERATIONS": "0"}, "WORKFLOW_MAX_ITERATIONS='0': must be at least 1, got 0"),
+    ({"WORKFLOW_MAX_ITERATIONS": "200", "WORKFLOW_MAX_ITERATIONS_CAP": "100"},
+     "WORKFLOW_MAX_ITERATIONS (200) must be at most WORKFLOW_MAX_ITERATIONS_CAP (100)"),
+    ({"WORKFLOW_SHUTDOWN_GRACE_S": "soon"}, "WORKFLOW_SHUTDOWN_GRACE_S='soon': must be a number"),
+    ({"WORKFLOW_SHUTDOWN_GRACE_S": "-1"}, "WORKFLOW_SHUTDOWN_GRACE_S='-1': must be >= 0.0: -1.0"),
+    ({"WORKFLOW_LOG_FORMAT": "xml"}, "WORKFLOW_LOG_FORMAT='xml': must be text or json"),
+], ids=["not-a-number", "zero-runs", "zero-iterations", "over-the-cap", "grace-word", "grace-negative", "log-format"])
+def test_settings_from_env_names_the_variable_of_a_bad_value(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        we.settings_from_env(env)
+    assert str(caught.value) == message
+
+
+def test_settings_refuse_a_default_over_the_cap() -> None:
+    with pytest.raises(we.InvalidValue, match=r"^max_iterations \(200\) must be at most max_iterations_cap \(100\)$"):
+        we.Settings(max_iterations=200, max_iterations_cap=100)
+
+
+def test_import_reads_no_setting_loads_no_module_and_opens_no_database(tmp_path: Path) -> None:
+    """Importing the module is cheap and side-effect free, whatever the environment says."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "WORKFLOW_MAX_RUNS": "abc", "WORKFLOW_MODULES": "nope",
+           "WORKFLOW_DB": str(tmp_path / "x.db")}
+    script = "import sys, workflow_engine; from workflow_engine import Registry; print('code_review' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "False\n", "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_e2e_bad_setting_stops_startup_naming_the_variable(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(HERE), "WORKFLOW_MAX_ITERATIONS": "0"}
+    result = subprocess.run(uvicorn_command(port), cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "ValueError: WORKFLOW_MAX_ITERATIONS='0': must be at least 1, got 0" in result.stderr
 
 
 async def test_settings_max_iterations_is_the_run_default(registry: we.Registry) -> None:
@@ -2693,11 +2724,16 @@ def test_module_exports_exist_and_are_sorted() -> None:
     assert {"Interrupt", "SqliteStore", "create_app", "app"} <= set(we.__all__)
 
 
-def test_default_app_loads_the_code_review_workflow() -> None:
-    """The one test of the module-level `app`: the default wiring registers the example and its graph."""
-    engine = we.app.state.engine
-    assert engine.registry.has_node("extract_functions")
-    assert engine.get_graph("code_review").start_node == "extract_functions"
+async def test_default_app_loads_the_code_review_workflow_when_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one test of the module-level `app`: it builds its engine at startup, registering the example."""
+    monkeypatch.setenv("WORKFLOW_MAX_ITERATIONS", "7")
+    assert we.app.state.engine is None
+    async with we.app.router.lifespan_context(we.app):
+        engine = we.app.state.engine
+        assert engine.registry.has_node("extract_functions")
+        assert engine.get_graph("code_review").start_node == "extract_functions"
+        assert engine.settings.max_iterations == 7
+    assert we.app.state.engine is None
 
 
 def readme_block(opening: str) -> str:

@@ -31,6 +31,7 @@ import enum
 import functools
 import hmac
 import importlib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -799,6 +800,11 @@ class Settings:
     log_format: LogFormat = LogFormat.TEXT
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
     workflow_modules: tuple[str, ...] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_iterations > self.max_iterations_cap:
+            raise InvalidValue(f"max_iterations ({self.max_iterations}) must be at most max_iterations_cap "
+                               f"({self.max_iterations_cap})")
 
 
 DEFAULT_SETTINGS = Settings()
@@ -2441,7 +2447,10 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
 
 
 def _engine(request: Request) -> Engine:
-    return request.app.state.engine
+    engine = request.app.state.engine
+    if engine is None:
+        raise RuntimeError("the app has not started: serve it (its lifespan builds the engine from the environment)")
+    return engine
 
 
 def _run_response(run: RunContext) -> RunResponse:
@@ -2617,15 +2626,21 @@ async def get_graph_definition(request: Request) -> Response:
 
 
 class BearerAuth:
-    """Pure ASGI middleware: every request but `GET /` must carry `Authorization: Bearer <token>`."""
+    """Pure ASGI middleware: every request but `GET /` must carry `Authorization: Bearer <token>`.
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    Without a `token` it uses the app's setting (`api_token`), read when a request comes, since the default app
+    reads its settings only when it starts; with neither, every request passes.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None = None) -> None:
         self.app = app
-        self._token = token.encode()
+        self._token = None if token is None else token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass an open or authorized request on; answer any other with 401 (a WebSocket: close code 4401)."""
-        if scope["type"] not in ("http", "websocket") or self._is_open(scope) or self._is_authorized(scope):
+        token = self._token or _token_setting(scope)
+        if token is None or scope["type"] not in ("http", "websocket") or self._is_open(scope) or \
+                self._is_authorized(scope, token):
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 4401})
@@ -2638,12 +2653,20 @@ class BearerAuth:
     def _is_open(scope: Scope) -> bool:
         return scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD")
 
-    def _is_authorized(self, scope: Scope) -> bool:
+    @staticmethod
+    def _is_authorized(scope: Scope, expected: bytes) -> bool:
         for name, value in scope["headers"]:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
         return False
+
+
+def _token_setting(scope: Scope) -> bytes | None:
+    app = scope.get("app")
+    engine = None if app is None else getattr(app.state, "engine", None)
+    token = None if engine is None else engine.settings.api_token
+    return None if token is None else token.encode()
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -2811,46 +2834,74 @@ def _parameters(operation: Operation) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------
 # Wiring
 # ---------------------------------------------------------------------------
-def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-
-
-def _env_log_format(environ: Mapping[str, str]) -> LogFormat:
-    raw = environ.get("WORKFLOW_LOG_FORMAT", "").strip() or LogFormat.TEXT.value
+def _env_log_format(raw: str) -> LogFormat:
     try:
         return LogFormat(raw)
     except ValueError:
-        raise ValueError(f"WORKFLOW_LOG_FORMAT must be text or json, got {raw!r}") from None
+        raise ValueError("must be text or json") from None
+
+
+def _env_number(kind: type) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}") from None
+    return parse
+
+
+def _env_modules(raw: str) -> tuple[str, ...]:
+    return tuple(module.strip() for module in raw.split(",") if module.strip())
+
+
+_ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable, Settings field, parser
+    ("WORKFLOW_MAX_ITERATIONS", "max_iterations", _env_number(int)),
+    ("WORKFLOW_MAX_ITERATIONS_CAP", "max_iterations_cap", _env_number(int)),
+    ("WORKFLOW_MAX_RUNS", "max_runs", _env_number(int)),
+    ("WORKFLOW_MAX_GRAPHS", "max_graphs", _env_number(int)),
+    ("WORKFLOW_MAX_BODY_BYTES", "max_body_bytes", _env_number(int)),
+    ("WORKFLOW_MAX_CONCURRENT_RUNS", "max_concurrent_runs", _env_number(int)),
+    ("WORKFLOW_MAX_PENDING_RUNS", "max_pending_runs", _env_number(int)),
+    ("WORKFLOW_MAX_PAUSED_RUNS", "max_paused_runs", _env_number(int)),
+    ("WORKFLOW_MAX_NODES", "max_nodes", _env_number(int)),
+    ("WORKFLOW_MAX_BRANCHES", "max_branches", _env_number(int)),
+    ("WORKFLOW_MAX_STATE_BYTES", "max_state_bytes", _env_number(int)),
+    ("WORKFLOW_SHUTDOWN_GRACE_S", "shutdown_grace_s", _env_number(float)),
+    ("WORKFLOW_DB", "db_path", str),
+    ("WORKFLOW_API_TOKEN", "api_token", str),
+    ("WORKFLOW_LOG_FORMAT", "log_format", _env_log_format),
+    ("WORKFLOW_MODULES", "workflow_modules", _env_modules),
+)
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read Settings from WORKFLOW_* variables (see the README's settings table); unset ones keep defaults."""
+    """Read Settings from WORKFLOW_* variables (see the README's settings table); unset or empty ones keep defaults.
+
+    A bad value raises ValueError naming the variable, what it holds and what it must be.
+    """
     env = os.environ if environ is None else environ
-    modules = env.get("WORKFLOW_MODULES")
-    return Settings(
-        max_iterations=_env_int(env, "WORKFLOW_MAX_ITERATIONS", MAX_ITERATIONS),
-        max_iterations_cap=_env_int(env, "WORKFLOW_MAX_ITERATIONS_CAP", MAX_ITERATIONS_CAP),
-        max_runs=_env_int(env, "WORKFLOW_MAX_RUNS", MAX_STORED_RUNS),
-        max_graphs=_env_int(env, "WORKFLOW_MAX_GRAPHS", MAX_STORED_GRAPHS),
-        max_body_bytes=_env_int(env, "WORKFLOW_MAX_BODY_BYTES", MAX_BODY_BYTES),
-        max_concurrent_runs=_env_int(env, "WORKFLOW_MAX_CONCURRENT_RUNS", MAX_CONCURRENT_RUNS),
-        max_pending_runs=_env_int(env, "WORKFLOW_MAX_PENDING_RUNS", MAX_PENDING_RUNS),
-        max_nodes=_env_int(env, "WORKFLOW_MAX_NODES", MAX_NODES),
-        max_branches=_env_int(env, "WORKFLOW_MAX_BRANCHES", MAX_BRANCHES),
-        max_state_bytes=_env_int(env, "WORKFLOW_MAX_STATE_BYTES", MAX_STATE_BYTES),
-        shutdown_grace_s=_env_int(env, "WORKFLOW_SHUTDOWN_GRACE_S", int(SHUTDOWN_GRACE_S)),
-        max_paused_runs=_env_int(env, "WORKFLOW_MAX_PAUSED_RUNS", MAX_PAUSED_RUNS),
-        db_path=env.get("WORKFLOW_DB") or None,
-        api_token=env.get("WORKFLOW_API_TOKEN") or None,
-        log_format=_env_log_format(env),
-        workflow_modules=None if modules is None else tuple(m.strip() for m in modules.split(",") if m.strip()),
-    )
+    fields, values = attrs.fields_dict(Settings), {}
+    for variable, name, parse in _ENV_SETTINGS:
+        raw = env.get(variable)
+        if raw is None or not raw.strip() and name != "workflow_modules":  # an empty module list loads none
+            continue
+        raw = raw.strip()
+        try:
+            value = parse(raw)
+            if fields[name].validator is not None:
+                fields[name].validator(None, fields[name], value)
+        except ValueError as exc:
+            raise ValueError(f"{variable}={raw[:40]!r}: {_setting_problem(exc, name)}") from None
+        values[name] = value
+    iterations, cap = values.get("max_iterations", MAX_ITERATIONS), values.get("max_iterations_cap", MAX_ITERATIONS_CAP)
+    if iterations > cap:  # else every run would be refused for a max_iterations its client never sent
+        raise ValueError(f"WORKFLOW_MAX_ITERATIONS ({iterations}) must be at most WORKFLOW_MAX_ITERATIONS_CAP ({cap})")
+    return Settings(**values)
+
+
+def _setting_problem(exc: ValueError, name: str) -> str:
+    # A validator names the Settings field; the operator knows the variable, which the caller puts first.
+    return str(exc).removeprefix(f"{name} ").removeprefix(f"'{name}' ")
 
 
 def load_workflows(registry: Registry, modules: tuple[str, ...] | None) -> None:
@@ -2872,7 +2923,11 @@ def load_workflows(registry: Registry, modules: tuple[str, ...] | None) -> None:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
-    """While serving: a log handler if the host set none; at shutdown, let runs finish for the grace period."""
+    """While serving: the engine (the default app builds it now, from the environment), a log handler if the host
+    set none, and recovery; at shutdown, let runs finish for the grace period and close the store."""
+    is_from_env = app.state.engine is None
+    if is_from_env:
+        _serve(app, build_engine(settings=settings_from_env()))
     engine: Engine = app.state.engine
     handler = None
     if not logger.handlers and not logging.getLogger().handlers:
@@ -2883,12 +2938,18 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         logger.setLevel(logging.DEBUG if is_json else logging.INFO)  # JSON, for a log store, has every step
     if engine.settings.api_token is None:
         logger.warning("authentication is off: set WORKFLOW_API_TOKEN to require a bearer token")
+    if importlib.util.find_spec("websockets") is None and importlib.util.find_spec("wsproto") is None:
+        logger.warning("WebSockets are off: /graph/ws/{run_id} needs the websockets package (pip install websockets)")
     await engine.open()
-    with _draining_on_exit_signals(engine):
-        yield
-    await engine.shutdown()
-    if handler is not None:
-        logger.removeHandler(handler)
+    try:
+        with _draining_on_exit_signals(engine):
+            yield
+        await engine.shutdown()
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+        if is_from_env:
+            app.state.engine = None  # a later start reads the environment again
 
 
 @contextlib.contextmanager
@@ -2917,22 +2978,30 @@ def _draining_on_exit_signals(engine: Engine) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def create_app(
+def build_engine(
     *, registry: Registry | None = None, store: Store | None = None, settings: Settings | None = None
-) -> Starlette:
-    """Build the HTTP app with its own engine.
-
-    Without a `registry`, one is made and filled from `settings.workflow_modules`; graphs registered on the
-    registry are validated at once, so a bad built-in graph stops startup. Without a `store`, `settings.db_path`
-    picks a SqliteStore, else a MemoryStore.
-    """
+) -> Engine:
+    """Build an engine: without a `registry`, one filled from `settings.workflow_modules`; without a `store`,
+    `settings.db_path` picks a SqliteStore, else a MemoryStore."""
     settings = settings or Settings()
     if registry is None:
         registry = Registry()
         load_workflows(registry, settings.workflow_modules)
     if store is None and settings.db_path:
         store = SqliteStore(settings.db_path, max_runs=settings.max_runs, max_graphs=settings.max_graphs)
-    engine = Engine(registry, store, settings)
+    return Engine(registry, store, settings)
+
+
+def create_app(
+    *, registry: Registry | None = None, store: Store | None = None, settings: Settings | None = None
+) -> Starlette:
+    """Build the HTTP app with its own engine.
+
+    Given any of `registry`, `store` and `settings`, the engine is built now (`build_engine`): graphs registered on
+    the registry are validated at once, so a bad built-in graph stops it. Given none, the app builds its engine
+    when it starts (its lifespan), from the WORKFLOW_* environment variables: importing this module reads no
+    setting, imports no workflow module and opens no database, and a bad setting stops startup naming its variable.
+    """
     routes = [
         WebSocketRoute(op.path, op.endpoint) if op.endpoint is websocket_graph_ws
         else Route(op.path, op.endpoint, methods=[op.method])
@@ -2940,14 +3009,20 @@ def create_app(
     ]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
-    middleware = [] if settings.api_token is None else [Middleware(BearerAuth, token=settings.api_token)]
-    starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware, lifespan=_lifespan)
+    starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(BearerAuth)],
+                              lifespan=_lifespan)
     starlette_app.router.redirect_slashes = False  # its 307 has no body; an unknown path is a JSON 404 instead
-    starlette_app.state.engine = engine
-    starlette_app.state.openapi = openapi_document(OPERATIONS)
-    starlette_app.state.openapi["x-node-declarations"] = {  # what each registered node function reads and writes
-        name: converter.unstructure(io) for name in registry.node_names if (io := registry.node_io(name))}
+    starlette_app.state.engine = None
+    if registry is not None or store is not None or settings is not None:
+        _serve(starlette_app, build_engine(registry=registry, store=store, settings=settings))
     return starlette_app
 
 
-app = create_app(settings=settings_from_env())
+def _serve(app: Starlette, engine: Engine) -> None:
+    app.state.engine = engine
+    app.state.openapi = openapi_document(OPERATIONS)
+    app.state.openapi["x-node-declarations"] = {  # what each registered node function reads and writes
+        name: converter.unstructure(io) for name in engine.registry.node_names if (io := engine.registry.node_io(name))}
+
+
+app = create_app()
