@@ -272,9 +272,26 @@ def run_keys() -> set[str]:
             {"start_node": "a", "nodes": ["a"], "edges": {"a b": {"branches": {}}}},
             [("$.edges['a b'].branches", "expected an array, got an object")],
         ),
+        (
+            {"start_node": "a", "nodes": ["a"], "edges": {"a": "b", "c": {"branches": ["d", 1, None]}}},
+            [
+                ("$.edges.a", "expected an object, got a string"),
+                ("$.edges.c.branches[0]", "expected an object, got a string"),
+                ("$.edges.c.branches[1]", "expected an object, got a number"),
+                ("$.edges.c.branches[2]", "expected an object, got null"),
+            ],
+        ),
+        (
+            {"start_node": "a", "nodes": [{"name": "a", "retry": "x"}, {"name": "b", "retry": [], "config": "y"}]},
+            [
+                ("$.nodes[0].retry", "expected an object, got a string"),
+                ("$.nodes[1].retry", "expected an object, got an array"),
+                ("$.nodes[1].config", "expected an object, got a string"),
+            ],
+        ),
     ],
     ids=["not-object", "int-for-str", "str-for-list", "bool-for-int", "float-for-int", "validator", "list-for-dict",
-         "extra-key", "several", "nested-paths", "quoted-key"],
+         "extra-key", "several", "nested-paths", "quoted-key", "scalar-for-edge-and-branch", "scalar-for-retry"],
 )
 def test_structure_body_reports_every_problem_with_its_path(payload: object, problems: list[tuple[str, str]]) -> None:
     with pytest.raises(we.InvalidRequest) as caught:
@@ -885,6 +902,13 @@ BAD_REQUESTS = [
      error("invalid_request", "the request has 4 problems", ("$.graph_id", "expected a string, got a number"),
            ("$.state.data", "expected an object, got an array"), ("$.state", "extra fields found (extra)"),
            ("$.max_iterations", "expected an integer, got a string"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "state": [1]}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.state", "expected an object, got an array"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "state": 5}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.state", "expected an object, got a number"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "state": {"data": "x", "metadata": [1]}}', 422,
+     error("invalid_request", "the request has 2 problems", ("$.state.data", "expected an object, got a string"),
+           ("$.state.metadata", "expected an object, got an array"))),
     ("POST", "/graph/run", b'{"graph_id": "g", "max_iterations": 10001}', 422,
      error("invalid_request", "the request has 1 problem", ("$.max_iterations", "must be at most 10000"))),
     ("POST", "/graph/run", b'{"graph_id": "ghost"}', 404, error("graph_not_found", "graph 'ghost' does not exist")),
@@ -900,6 +924,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "expected"), BAD_REQUESTS,
     ids=["bad-json", "empty-body", "not-utf8", "nan", "deep-json", "deep-state", "array-body", "wrong-types",
+         "array-state", "number-state", "scalar-state-fields",
          "over-cap", "unknown-graph", "too-large", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
 )
 async def test_http_bad_requests_get_the_error_shape(

@@ -779,6 +779,11 @@ def _make_converter() -> cattrs.Converter:
         _shape_guard(list, "an array", homogenous_tuple_structure_factory),
     )
     converter.register_structure_hook_factory(is_mapping, _shape_guard(dict, "an object", mapping_structure_factory))
+    # Without this guard a model given a list or a scalar fails inside cattrs' generated code ("'list' object has no
+    # attribute 'keys'", "expected WorkflowState"), which the client cannot act on.
+    converter.register_structure_hook_factory(
+        attrs.has, _shape_guard(dict, "an object", lambda type_, conv: conv.gen_structure_attrs_fromdict(type_))
+    )
 
     def structure_node(value: object, _: type) -> str | NodeDef:
         if isinstance(value, str):
