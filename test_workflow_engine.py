@@ -256,7 +256,7 @@ def run_keys() -> set[str]:
         ({"start_node": "a", "nodes": "abc"}, [("$.nodes", "expected an array, got a string")]),
         ({"start_node": "a", "nodes": ["a"], "max_iterations": True}, [("$.max_iterations", "expected an integer, got a boolean")]),
         ({"start_node": "a", "nodes": ["a"], "max_iterations": 2.0}, [("$.max_iterations", "expected an integer, got a number")]),
-        ({"start_node": "a", "nodes": ["a"], "max_iterations": 0}, [("$", "max_iterations must be at least 1, got 0")]),
+        ({"start_node": "a", "nodes": ["a"], "max_iterations": 0}, [("$.max_iterations", "max_iterations must be at least 1, got 0")]),
         ({"start_node": "a", "nodes": ["a"], "edges": []}, [("$.edges", "expected an object, got an array")]),
         ({"start_node": "a", "nodes": ["a"], "colour": "red"}, [("$", "extra fields found (colour)")]),
         ({"nodes": [1, "b"]}, [("$.start_node", "required field missing"), ("$.nodes[0]", "expected a node name or a node object, got a number")]),
@@ -712,14 +712,17 @@ def test_validate_graph_checks_on_error_targets(registry: we.Registry) -> None:
 @pytest.mark.parametrize(
     ("settings", "problems"),
     [
-        ({"timeout_s": 0}, [("$.nodes[0]", "timeout_s must be more than 0 and at most 86400.0, got 0.0")]),
+        ({"timeout_s": 0}, [("$.nodes[0].timeout_s", "timeout_s must be more than 0 and at most 86400.0, got 0.0")]),
         ({"timeout_s": "5"}, [("$.nodes[0].timeout_s", "expected a number, got a string")]),
-        ({"retry": {"max_attempts": 0}}, [("$.nodes[0].retry", "max_attempts must be at least 1, got 0")]),
-        ({"retry": {"backoff_factor": 0.5}}, [("$.nodes[0].retry", "backoff_factor must be between 1 and 10, got 0.5")]),
+        ({"retry": {"max_attempts": 0}}, [("$.nodes[0].retry.max_attempts", "max_attempts must be between 1 and 100, got 0")]),
+        ({"retry": {"max_attempts": 101}}, [("$.nodes[0].retry.max_attempts", "max_attempts must be between 1 and 100, got 101")]),
+        ({"retry": {"backoff_s": -1}}, [("$.nodes[0].retry.backoff_s", "backoff_s must be between 0.0 and 86400.0, got -1.0")]),
+        ({"retry": {"backoff_factor": 0.5}}, [("$.nodes[0].retry.backoff_factor", "backoff_factor must be between 1 and 10, got 0.5")]),
         ({"retry": {"tries": 2}}, [("$.nodes[0].retry", "extra fields found (tries)")]),
         ({"config": []}, [("$.nodes[0].config", "expected an object, got an array")]),
     ],
-    ids=["zero-timeout", "string-timeout", "zero-attempts", "small-factor", "extra-key", "list-config"],
+    ids=["zero-timeout", "string-timeout", "zero-attempts", "too-many-attempts", "negative-backoff", "small-factor",
+         "extra-key", "list-config"],
 )
 def test_structure_body_checks_node_settings(settings: dict, problems: list) -> None:
     with pytest.raises(we.InvalidRequest) as caught:
@@ -909,6 +912,12 @@ BAD_REQUESTS = [
     ("POST", "/graph/run", b'{"graph_id": "g", "state": {"data": "x", "metadata": [1]}}', 422,
      error("invalid_request", "the request has 2 problems", ("$.state.data", "expected an object, got a string"),
            ("$.state.metadata", "expected an object, got an array"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "max_iterations": 0}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.max_iterations", "max_iterations must be at least 1, got 0"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "timeout_s": -1}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.timeout_s", "timeout_s must be more than 0 and at most 86400.0, got -1.0"))),
+    ("POST", "/graph/resume/nope", b'{"timeout_s": 86401}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.timeout_s", "timeout_s must be more than 0 and at most 86400.0, got 86401.0"))),
     ("POST", "/graph/run", b'{"graph_id": "g", "max_iterations": 10001}', 422,
      error("invalid_request", "the request has 1 problem", ("$.max_iterations", "must be at most 10000"))),
     ("POST", "/graph/run", b'{"graph_id": "ghost"}', 404, error("graph_not_found", "graph 'ghost' does not exist")),
@@ -925,6 +934,7 @@ BAD_REQUESTS = [
     ("method", "path", "body", "status", "expected"), BAD_REQUESTS,
     ids=["bad-json", "empty-body", "not-utf8", "nan", "deep-json", "deep-state", "array-body", "wrong-types",
          "array-state", "number-state", "scalar-state-fields",
+         "zero-max-iterations", "negative-timeout", "resume-out-of-range",
          "over-cap", "unknown-graph", "too-large", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
 )
 async def test_http_bad_requests_get_the_error_shape(

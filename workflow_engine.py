@@ -63,6 +63,7 @@ from cattrs.cols import (
     list_structure_factory,
     mapping_structure_factory,
 )
+from cattrs.errors import AttributeValidationNote
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -383,14 +384,30 @@ class LogEvent(enum.Enum):
     RESUMED = "resumed"
 
 
+# Validators run once every field is structured, so cattrs would report their errors at the object's path; the note
+# cattrs itself attaches to a failing field's error makes it report them at the field's path instead.
+def _field_error(attribute: attrs.Attribute, message: str) -> InvalidValue:
+    error = InvalidValue(message)
+    error.add_note(AttributeValidationNote(f"validating field {attribute.name}", attribute.name, attribute.type))
+    return error
+
+
 def _positive(instance: object, attribute: attrs.Attribute, value: int | None) -> None:
     if value is not None and value < 1:
-        raise InvalidValue(f"{attribute.name} must be at least 1, got {value}")
+        raise _field_error(attribute, f"{attribute.name} must be at least 1, got {value}")
 
 
 def _seconds(instance: object, attribute: attrs.Attribute, value: float | None) -> None:
     if value is not None and not 0 < value <= MAX_TIMEOUT_S:
-        raise InvalidValue(f"{attribute.name} must be more than 0 and at most {MAX_TIMEOUT_S}, got {value}")
+        raise _field_error(attribute, f"{attribute.name} must be more than 0 and at most {MAX_TIMEOUT_S}, got {value}")
+
+
+def _between(low: float, high: float) -> Callable[[object, attrs.Attribute, float], None]:
+    def check(instance: object, attribute: attrs.Attribute, value: float) -> None:
+        if not low <= value <= high:
+            raise _field_error(attribute, f"{attribute.name} must be between {low} and {high}, got {value}")
+
+    return check
 
 
 @attrs.define(kw_only=True)
@@ -421,19 +438,13 @@ class EdgeDef:
     on_error: str | None = None
 
 
-def _backoff_factor(instance: object, attribute: attrs.Attribute, value: float) -> None:
-    if not 1 <= value <= 10:
-        raise InvalidValue(f"backoff_factor must be between 1 and 10, got {value}")
-
-
 @attrs.frozen(kw_only=True)
 class RetryPolicy:
     """Try a failing node up to `max_attempts` times, waiting `backoff_s`, then that times `backoff_factor`, ..."""
 
-    max_attempts: int = attrs.field(default=1, validator=[_positive, attrs.validators.le(MAX_ATTEMPTS)])
-    backoff_s: float = attrs.field(default=0.0, validator=attrs.validators.and_(
-        attrs.validators.ge(0.0), attrs.validators.le(MAX_TIMEOUT_S)))
-    backoff_factor: float = attrs.field(default=2.0, validator=_backoff_factor)
+    max_attempts: int = attrs.field(default=1, validator=_between(1, MAX_ATTEMPTS))
+    backoff_s: float = attrs.field(default=0.0, validator=_between(0.0, MAX_TIMEOUT_S))
+    backoff_factor: float = attrs.field(default=2.0, validator=_between(1, 10))
 
     def delay_s(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1 for the first)."""
