@@ -941,12 +941,56 @@ async def test_http_bad_requests_get_the_error_shape(
     client: httpx.AsyncClient, method: str, path: str, body: bytes, status: int, expected: dict
 ) -> None:
     await client.post("/graph/create", json=graph(["inc"]))
-    response = await client.request(method, path, content=body)
+    response = await client.request(method, path, content=body, headers={"content-type": "application/json"})
     assert (response.status_code, response.json()) == (status, expected)
     assert response.headers["content-type"] == "application/json"
     runs = await client.get("/")
     assert runs.json() == {"status": "ok", "graphs": 1, "runs": 0}
     assert (await client.get("/graph/definition/g")).json()["nodes"] == ["inc"]
+
+
+def media_error(got: str) -> dict:
+    return error("unsupported_media_type", "the request body must be JSON, sent with Content-Type: application/json",
+                 ("$.headers.Content-Type", f"expected application/json or a type ending in +json, got {got}"))
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "expected"),
+    [
+        ({"content-type": "text/plain"}, 415, media_error("'text/plain'")),
+        ({"content-type": "application/x-www-form-urlencoded"}, 415, media_error("'application/x-www-form-urlencoded'")),
+        ({"content-type": "multipart/form-data; boundary=x"}, 415, media_error("'multipart/form-data; boundary=x'")),
+        ({"content-type": "application/jsonp"}, 415, media_error("'application/jsonp'")),
+        ({"content-type": "application/json" + "x" * 5000}, 415, media_error(repr("application/json" + "x" * 24))),
+        ({"content-type": ""}, 415, media_error("''")),
+        ({}, 415, media_error("none")),
+        ({"content-type": "application/json"}, 200, None),
+        ({"content-type": "Application/JSON ; charset=UTF-8"}, 200, None),
+        ({"content-type": "application/merge-patch+json"}, 200, None),
+        ({"content-type": "application/vnd.example.run+json; version=1"}, 200, None),
+    ],
+    ids=["text", "form", "multipart", "jsonp", "long", "empty", "missing", "json", "json-charset", "plus-json",
+         "vendor-plus-json"],
+)
+async def test_http_post_body_must_be_declared_json(
+    client: httpx.AsyncClient, headers: dict, status: int, expected: dict | None
+) -> None:
+    await client.post("/graph/create", json=graph(["inc"]))
+    response = await client.post("/graph/run", content=b'{"graph_id": "g"}', headers=headers)
+    assert response.status_code == status
+    if expected is None:
+        assert response.json()["final_state"] == {"data": {"count": 1}, "metadata": {}}
+    else:
+        assert response.json() == expected
+        assert (await client.get("/")).json() == {"status": "ok", "graphs": 1, "runs": 0}
+
+
+async def test_http_post_without_a_body_needs_no_content_type(client: httpx.AsyncClient) -> None:
+    """A request that sends nothing declares nothing: resume and cancel work without a Content-Type."""
+    await client.post("/graph/create", json=graph(["inc"], interrupt_before=["inc"]))
+    run = (await client.post("/graph/run", json={"graph_id": "g"})).json()
+    resumed = await client.post(f"/graph/resume/{run['run_id']}", headers={"content-type": "text/plain"})
+    assert (resumed.status_code, resumed.json()["status"]) == (200, "completed")
 
 
 async def test_http_method_not_allowed_keeps_the_allow_header(client: httpx.AsyncClient) -> None:
@@ -1331,9 +1375,11 @@ def dumps(value: Any, ascii_only: bool = True) -> bytes:
     return json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
 
 
+JSON_TYPE = ((b"content-type", b"application/json"),)  # what a fuzz case sends unless its content type is the attack
+
+
 def json_post(rng: random.Random, kind: str, path: str, body: Any) -> FuzzCase:
-    return FuzzCase(kind=kind, method="POST", path=path, content=dumps(body, rng.random() < 0.5),
-                    headers=((b"content-type", b"application/json"),))
+    return FuzzCase(kind=kind, method="POST", path=path, content=dumps(body, rng.random() < 0.5), headers=JSON_TYPE)
 
 
 def _containers(value: Any, path: tuple = ()) -> list[tuple]:
@@ -1441,7 +1487,7 @@ def case_create_unicode(rng: random.Random, context: FuzzContext) -> FuzzCase:
     if rng.random() < 0.3:
         body["edges"][weird] = {"default_next": weird, "branches": [{"condition": weird, "target": weird}]}
     text = json.dumps(body, ensure_ascii=rng.random() < 0.5)
-    return FuzzCase(kind="create_unicode", method="POST", path="/graph/create", content=text.encode())
+    return FuzzCase(kind="create_unicode", method="POST", path="/graph/create", content=text.encode(), headers=JSON_TYPE)
 
 
 RAW_BODIES = [
@@ -1498,7 +1544,7 @@ def case_deep(rng: random.Random, context: FuzzContext) -> FuzzCase:
     else:
         content = b'{"graph_id": "fuzz_loop", "state": {"' + where.encode() + b'": {"x": ' + inner + b"}}}"
         path = "/graph/run"
-    return FuzzCase(kind="deep", method="POST", path=path, content=content)
+    return FuzzCase(kind="deep", method="POST", path=path, content=content, headers=JSON_TYPE)
 
 
 def case_huge(rng: random.Random, context: FuzzContext) -> FuzzCase:
@@ -1509,15 +1555,16 @@ def case_huge(rng: random.Random, context: FuzzContext) -> FuzzCase:
     style = rng.choice(["declared", "chunked", "lying", "just_under"])
     if style == "chunked":
         chunk = 64 * 1024
-        return FuzzCase(kind="huge", method=method, path=path,
+        return FuzzCase(kind="huge", method=method, path=path, headers=JSON_TYPE,
                         content=tuple(filler[i:i + chunk] for i in range(0, len(filler), chunk)))
     if style == "lying":
         length = rng.choice([b"10", b"0", b"-1", b"abc", b"9" * 30, b"9" * 5000, b"\xb2", b"1\xb9"])
-        return FuzzCase(kind="huge", method=method, path=path, content=filler, headers=((b"content-length", length),))
+        return FuzzCase(kind="huge", method=method, path=path, content=filler,
+                        headers=(*JSON_TYPE, (b"content-length", length)))
     if style == "just_under":
         blob = b"b" * (we.MAX_BODY_BYTES - 80)
         filler = b'{"graph_id": "fuzz_loop", "state": {"data": {"blob": "' + blob + b'"}}, "wait": false}'
-    return FuzzCase(kind="huge", method=method, path=path, content=filler)
+    return FuzzCase(kind="huge", method=method, path=path, content=filler, headers=JSON_TYPE)
 
 
 def case_odd_id(rng: random.Random, context: FuzzContext) -> FuzzCase:
@@ -1568,13 +1615,13 @@ def _stream_case(last_event_id: bytes) -> FuzzCase:
 
 FOUND_BY_FUZZING: dict[str, tuple[FuzzCase, str]] = {
     "lone_surrogate_in_error_message": (
-        FuzzCase(kind="raw_body", method="POST", path="/graph/create", content=b'{"\\ud800": 1}'),
+        FuzzCase(kind="raw_body", method="POST", path="/graph/create", content=b'{"\\ud800": 1}', headers=JSON_TYPE),
         "a lone surrogate (escaped in valid JSON) echoed in an error message: JSONResponse cannot encode it as "
         "UTF-8, so the error handler itself raises UnicodeEncodeError and the answer is a 500 (a plain-text one "
         "under uvicorn)"),
     "lone_surrogate_in_run_data": (
         FuzzCase(kind="raw_body", method="POST", path="/graph/run",
-                 content=b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}}'),
+                 content=b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}}', headers=JSON_TYPE),
         "a lone surrogate in state.data (or metadata) passes json_problem, the run completes, then rendering the "
         "answer and storing the record (dump_json) raise UnicodeEncodeError: 500"),
     "unicode_digit_last_event_id": (
@@ -1714,7 +1761,7 @@ async def test_fuzz_every_route_answers_hostile_requests_in_the_error_shape(fuzz
     for graph_id in context.graph_ids:
         definition = await client.get(f"/graph/definition/{graph_id}")
         assert definition.status_code == 200
-        assert (await client.post("/graph/create", content=definition.content)).status_code == 200
+        assert (await client.post("/graph/create", content=definition.content, headers=dict(JSON_TYPE))).status_code == 200
     health = await client.get("/")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     await good_run(client)
@@ -1753,7 +1800,7 @@ async def test_fuzz_lone_surrogate_in_a_background_run_is_refused_before_it_star
 ) -> None:
     assert (await fuzz_client.post("/graph/create", json=GOOD_GRAPH)).status_code == 201
     body = b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}, "wait": false}'
-    refused = await fuzz_client.post("/graph/run", content=body)
+    refused = await fuzz_client.post("/graph/run", content=body, headers=dict(JSON_TYPE))
     assert (refused.status_code, refused.json()) == (400, {"error": {
         "code": "invalid_json", "message": "the request body is not valid JSON",
         "details": [{"path": "$", "message": "text with a lone surrogate is not valid Unicode"}]}})

@@ -115,6 +115,7 @@ __all__ = [
     "StoreFull",
     "StreamEvent",
     "UnknownName",
+    "UnsupportedMediaType",
     "WorkflowState",
     "app",
     "create_app",
@@ -183,6 +184,7 @@ class ErrorCode(enum.Enum):
     BUSY = "busy"
     STORE_FULL = "store_full"
     BODY_TOO_LARGE = "body_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
@@ -315,6 +317,18 @@ class BodyTooLarge(EngineError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"the request body is over the limit of {limit} bytes")
+
+
+class UnsupportedMediaType(EngineError):
+    """The request has a body whose Content-Type is not JSON (`application/json` or a `+json` type), or none."""
+
+    status_code = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+    def __init__(self, content_type: str | None) -> None:
+        got = "none" if content_type is None else repr(content_type[:40])
+        super().__init__("the request body must be JSON, sent with Content-Type: application/json", [
+            Problem("$.headers.Content-Type", f"expected application/json or a type ending in +json, got {got}")])
 
 
 class Interrupt(Exception):
@@ -2147,10 +2161,21 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# A media type's parameters (`; charset=utf-8`) do not matter: JSON is UTF-8 whatever they say.
+_JSON_MEDIA_TYPE = re.compile(r"application/json|[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\+json")
+
+
+def _is_json(content_type: str | None) -> bool:
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    return _JSON_MEDIA_TYPE.fullmatch(media_type) is not None
+
+
 async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSING) -> object:
     """Read the body (at most `max_bytes`) and decode it as strict JSON, or raise BodyTooLarge / InvalidJson.
 
-    An empty body is `empty` when one is given (a request whose fields are all optional), else invalid JSON.
+    A body must come as `application/json` or a `+json` type, else UnsupportedMediaType; a request without a body
+    needs no Content-Type. An empty body is `empty` when one is given (a request whose fields are all optional),
+    else invalid JSON.
     """
     declared = _count_or_none(request.headers.get("content-length", ""))
     if declared is not None and declared > max_bytes:
@@ -2160,6 +2185,9 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
         body += chunk
         if len(body) > max_bytes:
             raise BodyTooLarge(max_bytes)
+    content_type = request.headers.get("content-type")
+    if body and not _is_json(content_type):
+        raise UnsupportedMediaType(content_type)
     if not body.strip() and empty is not _MISSING:
         return empty
     try:
