@@ -894,7 +894,18 @@ BAD_REQUESTS = [
     ("POST", "/graph/create", b"{nope", 400,
      error("invalid_json", "the request body is not valid JSON", ("$", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"))),
     ("POST", "/graph/run", b"", 400, error("invalid_json", "the request body is not valid JSON", ("$", "Expecting value: line 1 column 1 (char 0)"))),
-    ("POST", "/graph/run", b"\xff\xfe", 400, error("invalid_json", "the request body is not valid JSON", ("$", "Expecting value: line 1 column 1 (char 0)"))),
+    ("POST", "/graph/run", b"\xff\xfe", 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body is not UTF-8 (byte 0xff at offset 0); JSON must be sent as UTF-8 (RFC 8259 \u00a78.1)"))),
+    ("POST", "/graph/run", b"\xff\xfe" + '{"graph_id": "g"}'.encode("utf-16-le"), 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body is not UTF-8 (byte 0xff at offset 0); JSON must be sent as UTF-8 (RFC 8259 \u00a78.1)"))),
+    ("POST", "/graph/run", '{"graph_id": "g"}'.encode("utf-16-le"), 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body holds a NUL byte (at offset 1), as UTF-16 and UTF-32 text does; JSON must be sent as UTF-8 "
+        "(RFC 8259 \u00a78.1)"))),
+    ("POST", "/graph/run", '{"graph_id": "g"}'.encode("utf-32-be"), 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body holds a NUL byte (at offset 0), as UTF-16 and UTF-32 text does; JSON must be sent as UTF-8 "
+        "(RFC 8259 \u00a78.1)"))),
+    ("POST", "/graph/run", b'\xef\xbb\xbf{"graph_id": "\xed\xa0\x80"}', 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body is not UTF-8 (byte 0xed at offset 17); JSON must be sent as UTF-8 (RFC 8259 \u00a78.1)"))),
     ("POST", "/graph/run", b'{"graph_id": "g", "state": {"data": {"x": NaN}}}', 400,
      error("invalid_json", "the request body is not valid JSON", ("$", "NaN is not valid JSON"))),
     ("POST", "/graph/run", b"[" * 100_000, 400, error("invalid_json", "the request body is not valid JSON", ("$", "nesting is too deep"))),
@@ -932,7 +943,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "expected"), BAD_REQUESTS,
-    ids=["bad-json", "empty-body", "not-utf8", "nan", "deep-json", "deep-state", "array-body", "wrong-types",
+    ids=["bad-json", "empty-body", "not-utf8", "utf16-bom", "utf16-no-bom", "utf32-no-bom", "bom-then-bad-utf8", "nan", "deep-json", "deep-state", "array-body", "wrong-types",
          "array-state", "number-state", "scalar-state-fields",
          "zero-max-iterations", "negative-timeout", "resume-out-of-range",
          "over-cap", "unknown-graph", "too-large", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
@@ -991,6 +1002,14 @@ async def test_http_post_without_a_body_needs_no_content_type(client: httpx.Asyn
     run = (await client.post("/graph/run", json={"graph_id": "g"})).json()
     resumed = await client.post(f"/graph/resume/{run['run_id']}", headers={"content-type": "text/plain"})
     assert (resumed.status_code, resumed.json()["status"]) == (200, "completed")
+
+
+async def test_http_body_may_start_with_a_utf8_byte_order_mark(client: httpx.AsyncClient) -> None:
+    """RFC 8259 \u00a78.1 lets a parser ignore one; Windows tools write it."""
+    await client.post("/graph/create", json=graph(["inc"]))
+    response = await client.post("/graph/run", content=b'\xef\xbb\xbf{"graph_id": "g"}',
+                                 headers={"content-type": "application/json"})
+    assert (response.status_code, response.json()["final_state"]) == (200, {"data": {"count": 1}, "metadata": {}})
 
 
 async def test_http_method_not_allowed_keeps_the_allow_header(client: httpx.AsyncClient) -> None:

@@ -2170,6 +2170,23 @@ def _is_json(content_type: str | None) -> bool:
     return _JSON_MEDIA_TYPE.fullmatch(media_type) is not None
 
 
+def _utf8_text(body: bytes | bytearray) -> str:
+    """Decode a body as UTF-8, dropping a leading byte order mark (RFC 8259 §8.1 lets a parser ignore it).
+
+    `json.loads` would take UTF-16 and UTF-32 bytes too; JSON between systems is UTF-8, so this refuses them.
+    """
+    rule = "JSON must be sent as UTF-8 (RFC 8259 §8.1)"
+    skipped = 3 if body.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        text = body[skipped:].decode()
+    except UnicodeDecodeError as exc:
+        offset = skipped + exc.start
+        raise ValueError(f"the body is not UTF-8 (byte {body[offset]:#04x} at offset {offset}); {rule}") from None
+    if "\x00" in text:  # never in JSON text, and in UTF-16 or UTF-32 text of any ASCII character
+        raise ValueError(f"the body holds a NUL byte (at offset {body.find(0)}), as UTF-16 and UTF-32 text does; {rule}")
+    return text
+
+
 async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSING) -> object:
     """Read the body (at most `max_bytes`) and decode it as strict JSON, or raise BodyTooLarge / InvalidJson.
 
@@ -2191,7 +2208,7 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
     if not body.strip() and empty is not _MISSING:
         return empty
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
+        payload = json.loads(_utf8_text(body), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         detail = "nesting is too deep" if isinstance(exc, RecursionError) else str(exc)
         raise InvalidJson("the request body is not valid JSON", [Problem("$", detail)]) from None
