@@ -890,6 +890,7 @@ def error(code: str, message: str, *details: tuple[str, str]) -> dict:
     return {"error": {"code": code, "message": message, "details": [{"path": p, "message": m} for p, m in details]}}
 
 
+ID_RULE = "must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', '-'"
 BAD_REQUESTS = [
     ("POST", "/graph/create", b"{nope", 400,
      error("invalid_json", "the request body is not valid JSON", ("$", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"))),
@@ -934,6 +935,27 @@ BAD_REQUESTS = [
     ("POST", "/graph/run", b'{"graph_id": "ghost"}', 404, error("graph_not_found", "graph 'ghost' does not exist")),
     ("POST", "/graph/create", json.dumps({"start_node": "inc", "nodes": ["inc"], "pad": "x" * (1 << 20)}).encode(), 413,
      error("body_too_large", "the request body is over the limit of 1048576 bytes")),
+    ("POST", "/graph/run", json.dumps({"graph_id": "x" * 500_000}).encode(), 422,
+     error("invalid_request", "the request has 1 problem", ("$.graph_id", ID_RULE))),
+    ("POST", "/graph/run", b'{"graph_id": "a b"}', 422, error("invalid_request", "the request has 1 problem", ("$.graph_id", ID_RULE))),
+    ("GET", "/graph/state/" + "x" * 10_000, b"", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))),
+    ("GET", "/graph/definition/a%20b", b"", 422,
+     error("invalid_request", "the request has 1 problem", ("$.path.graph_id", ID_RULE))),
+    ("POST", "/graph/cancel/" + "x" * 129, b"", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))),
+    ("POST", "/graph/resume/a%20b", b"", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))),
+    ("GET", "/graph/stream/%E2%82%AC", b"", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))),
+    ("GET", "/graph/runs?graph_id=" + "x" * 129, b"", 422,
+     error("invalid_request", "the request has 1 problem", ("$.query.graph_id", ID_RULE))),
+    ("POST", "/graph/create", json.dumps({"graph_id": "h", "start_node": "y" * 500_000, "nodes": ["inc"],
+                                          "edges": {"z" * 200: {}}}).encode(), 422,
+     error("invalid_graph", "the graph has 2 problems",
+           ("$.start_node", f"unknown node {'y' * 128!r}... (500000 characters)"),
+           (f"$.edges[{'z' * 128!r}... (200 characters)]", f"unknown node {'z' * 128!r}... (200 characters)"))),
+    ("POST", "/graph/create", json.dumps({"start_node": "inc", "nodes": ["inc"], "edges": {"e" * 100_000: 5},
+                                          **{f"k{n}": 1 for n in range(30)}, "w" * 100_000: 1}).encode(), 422,
+     error("invalid_request", "the request has 2 problems",
+           ("$.edges['" + "e" * 128 + "'... (100000 characters)]", "expected an object, got a number"),
+           ("$", "extra fields found (k0, k1, k10, k11, k12, k13, k14, k15, k16, k17, ... and 21 more)"))),
     ("GET", "/graph/state/nope", b"", 404, error("run_not_found", "run 'nope' does not exist")),
     ("GET", "/graph/definition/nope", b"", 404, error("graph_not_found", "graph 'nope' does not exist")),
     ("GET", "/graph/nothing", b"", 404, error("not_found", "GET /graph/nothing: Not Found")),
@@ -946,7 +968,9 @@ BAD_REQUESTS = [
     ids=["bad-json", "empty-body", "not-utf8", "utf16-bom", "utf16-no-bom", "utf32-no-bom", "bom-then-bad-utf8", "nan", "deep-json", "deep-state", "array-body", "wrong-types",
          "array-state", "number-state", "scalar-state-fields",
          "zero-max-iterations", "negative-timeout", "resume-out-of-range",
-         "over-cap", "unknown-graph", "too-large", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
+         "over-cap", "unknown-graph", "too-large", "huge-graph-id", "bad-graph-id", "huge-run-id-in-path",
+         "bad-graph-id-in-path", "long-id-to-cancel", "space-in-id-to-resume", "non-ascii-id-to-stream",
+         "long-graph-id-in-query", "huge-node-names", "huge-keys", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
 )
 async def test_http_bad_requests_get_the_error_shape(
     client: httpx.AsyncClient, method: str, path: str, body: bytes, status: int, expected: dict
@@ -972,7 +996,7 @@ def media_error(got: str) -> dict:
         ({"content-type": "application/x-www-form-urlencoded"}, 415, media_error("'application/x-www-form-urlencoded'")),
         ({"content-type": "multipart/form-data; boundary=x"}, 415, media_error("'multipart/form-data; boundary=x'")),
         ({"content-type": "application/jsonp"}, 415, media_error("'application/jsonp'")),
-        ({"content-type": "application/json" + "x" * 5000}, 415, media_error(repr("application/json" + "x" * 24))),
+        ({"content-type": "application/json" + "x" * 5000}, 415, media_error(repr("application/json" + "x" * 112) + "... (5016 characters)")),
         ({"content-type": ""}, 415, media_error("''")),
         ({}, 415, media_error("none")),
         ({"content-type": "application/json"}, 200, None),
@@ -3213,9 +3237,14 @@ def test_e2e_websocket_sends_the_same_events_as_the_stream(server: str) -> None:
         refusal = json.loads(websocket.recv())
         with pytest.raises(Exception, match="4404"):
             websocket.recv()
+    with connect(f"{url}/graph/ws/{'x' * 200}") as websocket:
+        malformed = json.loads(websocket.recv())
+        with pytest.raises(Exception, match="4422"):
+            websocket.recv()
     assert messages == streamed and len(messages) == 5
     assert resumed == streamed[4:]
     assert refusal == error("run_not_found", "run 'nope' does not exist")
+    assert malformed == error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))
 
 
 VOLATILE = re.compile(r'"(run_id|started_at|created_at|finished_at|duration_ms|engine_overhead_ms)": ?("[^"]*"|[0-9.e-]+)')
