@@ -956,6 +956,10 @@ BAD_REQUESTS = [
      error("invalid_request", "the request has 2 problems",
            ("$.edges['" + "e" * 128 + "'... (100000 characters)]", "expected an object, got a number"),
            ("$", "extra fields found (k0, k1, k10, k11, k12, k13, k14, k15, k16, k17, ... and 21 more)"))),
+    ("GET", "/graph/definition/g?declarations=yes", b"", 422, error("invalid_request", "the request has 1 problem", (
+        "$.query.declarations", "expected true, false, 1 or 0, got 'yes'"))),
+    ("GET", "/graph/definition/g?declarations=" + "T" * 1000, b"", 422, error("invalid_request", "the request has 1 problem", (
+        "$.query.declarations", f"expected true, false, 1 or 0, got {'T' * 128!r}... (1000 characters)"))),
     ("GET", "/graph/state/nope", b"", 404, error("run_not_found", "run 'nope' does not exist")),
     ("GET", "/graph/definition/nope", b"", 404, error("graph_not_found", "graph 'nope' does not exist")),
     ("GET", "/graph/nothing", b"", 404, error("not_found", "GET /graph/nothing: Not Found")),
@@ -970,7 +974,7 @@ BAD_REQUESTS = [
          "zero-max-iterations", "negative-timeout", "resume-out-of-range",
          "over-cap", "unknown-graph", "too-large", "huge-graph-id", "bad-graph-id", "huge-run-id-in-path",
          "bad-graph-id-in-path", "long-id-to-cancel", "space-in-id-to-resume", "non-ascii-id-to-stream",
-         "long-graph-id-in-query", "huge-node-names", "huge-keys", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
+         "long-graph-id-in-query", "huge-node-names", "huge-keys", "yes-for-declarations", "long-declarations", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
 )
 async def test_http_bad_requests_get_the_error_shape(
     client: httpx.AsyncClient, method: str, path: str, body: bytes, status: int, expected: dict
@@ -2241,6 +2245,18 @@ async def test_http_create_warns_and_definition_and_openapi_show_declarations() 
         "count_words": {"reads": {"text": "string"}, "writes": {"words": "integer"}},
         "judge": {"reads": {"words": "integer"}, "writes": {"verdict": "string"}}}
     assert document["x-node-declarations"]["write_text"] == {"reads": {}, "writes": {"text": "string"}}
+
+
+@pytest.mark.parametrize(("value", "shown"), [("true", True), ("1", True), ("false", False), ("0", False)])
+async def test_get_graph_definition_declarations_takes_true_false_1_or_0(value: str, shown: bool) -> None:
+    app = we.create_app(registry=declared_registry())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        await client.post("/graph/create", json={"graph_id": "d", "start_node": "write_text", "nodes": ["write_text"]})
+        response = await client.get("/graph/definition/d", params={"declarations": value})
+    declarations = {"declarations": {"write_text": {"reads": {}, "writes": {"text": "string"}}}} if shown else {}
+    assert (response.status_code, response.json()) == (200, {
+        "graph_id": "d", "start_node": "write_text", "nodes": ["write_text"], "edges": {}, "max_iterations": None,
+        "interrupt_before": [], "inputs": [], **declarations})
 
 
 # ---------------------------------------------------------------------------

@@ -2382,6 +2382,16 @@ def _query_int(query: dict[str, str], name: str, default: int, maximum: int) -> 
     return value
 
 
+_QUERY_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _query_bool(query: dict[str, str], name: str) -> bool:
+    raw = query.get(name, "false")
+    if raw not in _QUERY_BOOLS:
+        raise InvalidRequest([Problem(f"$.query.{name}", f"expected true, false, 1 or 0, got {_shown(raw)}")])
+    return _QUERY_BOOLS[raw]
+
+
 def _query_id(query: dict[str, str], name: str) -> str | None:
     raw = query.get(name)
     if raw is not None and not GRAPH_ID_PATTERN.fullmatch(raw):
@@ -2430,7 +2440,7 @@ async def get_graph_definition(request: Request) -> Response:
     query = _query(request, {"declarations"})
     graph = engine.get_graph(_path_id(request, "graph_id"))
     body = converter.unstructure(graph)
-    if query.get("declarations") == "true":
+    if _query_bool(query, "declarations"):
         declared = {name: engine.registry.node_io(node.function) for name, node in graph.node_defs.items()}
         body["declarations"] = {name: converter.unstructure(io) for name, io in declared.items() if io is not None}
     return JSONResponse(body)
@@ -2542,7 +2552,7 @@ OPERATIONS = (
               answers={200: RunContext}),
     Operation(method="GET", path="/graph/definition/{graph_id}", endpoint=get_graph_definition,
               summary="A stored graph, as /graph/create takes it (`?declarations=true` adds what its nodes read and write)",
-              answers={200: GraphDefinition}, query={"declarations": "string"}),
+              answers={200: GraphDefinition}, query={"declarations": "boolean"}),
     Operation(method="POST", path="/graph/cancel/{run_id}", endpoint=post_graph_cancel,
               summary="Cancel a pending or running run", answers={200: RunContext}),
     Operation(method="POST", path="/graph/resume/{run_id}", endpoint=post_graph_resume,
