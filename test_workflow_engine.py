@@ -960,6 +960,12 @@ BAD_REQUESTS = [
         "$.query.declarations", "expected true, false, 1 or 0, got 'yes'"))),
     ("GET", "/graph/definition/g?declarations=" + "T" * 1000, b"", 422, error("invalid_request", "the request has 1 problem", (
         "$.query.declarations", f"expected true, false, 1 or 0, got {'T' * 128!r}... (1000 characters)"))),
+    ("POST", "/graph/create", json.dumps({"start_node": "inc", "nodes": [1] * 150}).encode(), 422,
+     error("invalid_request", "the request has 150 problems; the first 100 are listed",
+           *[(f"$.nodes[{index}]", "expected a node name or a node object, got a number") for index in range(100)])),
+    ("POST", "/graph/create", json.dumps({"start_node": "inc", "nodes": ["inc"] * 120}).encode(), 422,
+     error("invalid_graph", "the graph has 119 problems; the first 100 are listed",
+           *[(f"$.nodes[{index}]", "duplicate node 'inc'") for index in range(1, 101)])),
     ("GET", "/graph/state/nope", b"", 404, error("run_not_found", "run 'nope' does not exist")),
     ("GET", "/graph/definition/nope", b"", 404, error("graph_not_found", "graph 'nope' does not exist")),
     ("GET", "/graph/nothing", b"", 404, error("not_found", "GET /graph/nothing: Not Found")),
@@ -974,7 +980,8 @@ BAD_REQUESTS = [
          "zero-max-iterations", "negative-timeout", "resume-out-of-range",
          "over-cap", "unknown-graph", "too-large", "huge-graph-id", "bad-graph-id", "huge-run-id-in-path",
          "bad-graph-id-in-path", "long-id-to-cancel", "space-in-id-to-resume", "non-ascii-id-to-stream",
-         "long-graph-id-in-query", "huge-node-names", "huge-keys", "yes-for-declarations", "long-declarations", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
+         "long-graph-id-in-query", "huge-node-names", "huge-keys", "yes-for-declarations", "long-declarations",
+         "many-request-problems", "many-graph-problems", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
 )
 async def test_http_bad_requests_get_the_error_shape(
     client: httpx.AsyncClient, method: str, path: str, body: bytes, status: int, expected: dict

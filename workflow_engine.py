@@ -162,6 +162,7 @@ GRAPH_ID_PATTERN = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")  # every i
 ID_RULE = f"must be 1-{MAX_ID_CHARS} characters of A-Z, a-z, 0-9, '_', '.', '-'"  # what GRAPH_ID_PATTERN says
 MAX_SHOWN_CHARS = MAX_ID_CHARS  # most characters of a client's value an error repeats: a valid id is shown whole
 MAX_SHOWN_ITEMS = 10  # most client-named items (extra fields) that an error lists
+MAX_PROBLEMS = 100  # most details an error lists; the message says how many there were
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -244,7 +245,7 @@ class InvalidRequest(EngineError):
     code = ErrorCode.INVALID_REQUEST
 
     def __init__(self, details: list[Problem]) -> None:
-        super().__init__(f"the request has {_count(details, 'problem')}", details)
+        super().__init__(f"the request has {_count(details, 'problem')}{_first_listed(details)}", details[:MAX_PROBLEMS])
 
 
 class InvalidGraph(EngineError):
@@ -254,7 +255,7 @@ class InvalidGraph(EngineError):
     code = ErrorCode.INVALID_GRAPH
 
     def __init__(self, details: list[Problem]) -> None:
-        super().__init__(f"the graph has {_count(details, 'problem')}", details)
+        super().__init__(f"the graph has {_count(details, 'problem')}{_first_listed(details)}", details[:MAX_PROBLEMS])
 
 
 class UnknownName(EngineError):
@@ -354,6 +355,11 @@ class Interrupt(Exception):
 
 def _count(items: list[Any], noun: str) -> str:
     return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
+
+
+def _first_listed(details: list[Problem]) -> str:
+    # A 1 MB body can hold 200,000 problems: listing them all would answer with tens of megabytes.
+    return f"; the first {MAX_PROBLEMS} are listed" if len(details) > MAX_PROBLEMS else ""
 
 
 # ---------------------------------------------------------------------------
