@@ -256,7 +256,7 @@ def run_keys() -> set[str]:
         ({"start_node": "a", "nodes": "abc"}, [("$.nodes", "expected an array, got a string")]),
         ({"start_node": "a", "nodes": ["a"], "max_iterations": True}, [("$.max_iterations", "expected an integer, got a boolean")]),
         ({"start_node": "a", "nodes": ["a"], "max_iterations": 2.0}, [("$.max_iterations", "expected an integer, got a number")]),
-        ({"start_node": "a", "nodes": ["a"], "max_iterations": 0}, [("$", "max_iterations must be at least 1, got 0")]),
+        ({"start_node": "a", "nodes": ["a"], "max_iterations": 0}, [("$.max_iterations", "max_iterations must be at least 1, got 0")]),
         ({"start_node": "a", "nodes": ["a"], "edges": []}, [("$.edges", "expected an object, got an array")]),
         ({"start_node": "a", "nodes": ["a"], "colour": "red"}, [("$", "extra fields found (colour)")]),
         ({"nodes": [1, "b"]}, [("$.start_node", "required field missing"), ("$.nodes[0]", "expected a node name or a node object, got a number")]),
@@ -272,9 +272,26 @@ def run_keys() -> set[str]:
             {"start_node": "a", "nodes": ["a"], "edges": {"a b": {"branches": {}}}},
             [("$.edges['a b'].branches", "expected an array, got an object")],
         ),
+        (
+            {"start_node": "a", "nodes": ["a"], "edges": {"a": "b", "c": {"branches": ["d", 1, None]}}},
+            [
+                ("$.edges.a", "expected an object, got a string"),
+                ("$.edges.c.branches[0]", "expected an object, got a string"),
+                ("$.edges.c.branches[1]", "expected an object, got a number"),
+                ("$.edges.c.branches[2]", "expected an object, got null"),
+            ],
+        ),
+        (
+            {"start_node": "a", "nodes": [{"name": "a", "retry": "x"}, {"name": "b", "retry": [], "config": "y"}]},
+            [
+                ("$.nodes[0].retry", "expected an object, got a string"),
+                ("$.nodes[1].retry", "expected an object, got an array"),
+                ("$.nodes[1].config", "expected an object, got a string"),
+            ],
+        ),
     ],
     ids=["not-object", "int-for-str", "str-for-list", "bool-for-int", "float-for-int", "validator", "list-for-dict",
-         "extra-key", "several", "nested-paths", "quoted-key"],
+         "extra-key", "several", "nested-paths", "quoted-key", "scalar-for-edge-and-branch", "scalar-for-retry"],
 )
 def test_structure_body_reports_every_problem_with_its_path(payload: object, problems: list[tuple[str, str]]) -> None:
     with pytest.raises(we.InvalidRequest) as caught:
@@ -695,14 +712,17 @@ def test_validate_graph_checks_on_error_targets(registry: we.Registry) -> None:
 @pytest.mark.parametrize(
     ("settings", "problems"),
     [
-        ({"timeout_s": 0}, [("$.nodes[0]", "timeout_s must be more than 0 and at most 86400.0, got 0.0")]),
+        ({"timeout_s": 0}, [("$.nodes[0].timeout_s", "timeout_s must be more than 0 and at most 86400.0, got 0.0")]),
         ({"timeout_s": "5"}, [("$.nodes[0].timeout_s", "expected a number, got a string")]),
-        ({"retry": {"max_attempts": 0}}, [("$.nodes[0].retry", "max_attempts must be at least 1, got 0")]),
-        ({"retry": {"backoff_factor": 0.5}}, [("$.nodes[0].retry", "backoff_factor must be between 1 and 10, got 0.5")]),
+        ({"retry": {"max_attempts": 0}}, [("$.nodes[0].retry.max_attempts", "max_attempts must be between 1 and 100, got 0")]),
+        ({"retry": {"max_attempts": 101}}, [("$.nodes[0].retry.max_attempts", "max_attempts must be between 1 and 100, got 101")]),
+        ({"retry": {"backoff_s": -1}}, [("$.nodes[0].retry.backoff_s", "backoff_s must be between 0.0 and 86400.0, got -1.0")]),
+        ({"retry": {"backoff_factor": 0.5}}, [("$.nodes[0].retry.backoff_factor", "backoff_factor must be between 1 and 10, got 0.5")]),
         ({"retry": {"tries": 2}}, [("$.nodes[0].retry", "extra fields found (tries)")]),
         ({"config": []}, [("$.nodes[0].config", "expected an object, got an array")]),
     ],
-    ids=["zero-timeout", "string-timeout", "zero-attempts", "small-factor", "extra-key", "list-config"],
+    ids=["zero-timeout", "string-timeout", "zero-attempts", "too-many-attempts", "negative-backoff", "small-factor",
+         "extra-key", "list-config"],
 )
 def test_structure_body_checks_node_settings(settings: dict, problems: list) -> None:
     with pytest.raises(we.InvalidRequest) as caught:
@@ -908,11 +928,23 @@ def error(code: str, message: str, *details: tuple[str, str]) -> dict:
     return {"error": {"code": code, "message": message, "details": [{"path": p, "message": m} for p, m in details]}}
 
 
+ID_RULE = "must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', '-'"
 BAD_REQUESTS = [
     ("POST", "/graph/create", b"{nope", 400,
      error("invalid_json", "the request body is not valid JSON", ("$", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"))),
     ("POST", "/graph/run", b"", 400, error("invalid_json", "the request body is not valid JSON", ("$", "Expecting value: line 1 column 1 (char 0)"))),
-    ("POST", "/graph/run", b"\xff\xfe", 400, error("invalid_json", "the request body is not valid JSON", ("$", "Expecting value: line 1 column 1 (char 0)"))),
+    ("POST", "/graph/run", b"\xff\xfe", 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body is not UTF-8 (byte 0xff at offset 0); JSON must be sent as UTF-8 (RFC 8259 \u00a78.1)"))),
+    ("POST", "/graph/run", b"\xff\xfe" + '{"graph_id": "g"}'.encode("utf-16-le"), 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body is not UTF-8 (byte 0xff at offset 0); JSON must be sent as UTF-8 (RFC 8259 \u00a78.1)"))),
+    ("POST", "/graph/run", '{"graph_id": "g"}'.encode("utf-16-le"), 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body holds a NUL byte (at offset 1), as UTF-16 and UTF-32 text does; JSON must be sent as UTF-8 "
+        "(RFC 8259 \u00a78.1)"))),
+    ("POST", "/graph/run", '{"graph_id": "g"}'.encode("utf-32-be"), 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body holds a NUL byte (at offset 0), as UTF-16 and UTF-32 text does; JSON must be sent as UTF-8 "
+        "(RFC 8259 \u00a78.1)"))),
+    ("POST", "/graph/run", b'\xef\xbb\xbf{"graph_id": "\xed\xa0\x80"}', 400, error("invalid_json", "the request body is not valid JSON", (
+        "$", "the body is not UTF-8 (byte 0xed at offset 17); JSON must be sent as UTF-8 (RFC 8259 \u00a78.1)"))),
     ("POST", "/graph/run", b'{"graph_id": "g", "state": {"data": {"x": NaN}}}', 400,
      error("invalid_json", "the request body is not valid JSON", ("$", "NaN is not valid JSON"))),
     ("POST", "/graph/run", b"[" * 100_000, 400, error("invalid_json", "the request body is not valid JSON", ("$", "nesting is too deep"))),
@@ -923,11 +955,55 @@ BAD_REQUESTS = [
      error("invalid_request", "the request has 4 problems", ("$.graph_id", "expected a string, got a number"),
            ("$.state.data", "expected an object, got an array"), ("$.state", "extra fields found (extra)"),
            ("$.max_iterations", "expected an integer, got a string"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "state": [1]}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.state", "expected an object, got an array"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "state": 5}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.state", "expected an object, got a number"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "state": {"data": "x", "metadata": [1]}}', 422,
+     error("invalid_request", "the request has 2 problems", ("$.state.data", "expected an object, got a string"),
+           ("$.state.metadata", "expected an object, got an array"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "max_iterations": 0}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.max_iterations", "max_iterations must be at least 1, got 0"))),
+    ("POST", "/graph/run", b'{"graph_id": "g", "timeout_s": -1}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.timeout_s", "timeout_s must be more than 0 and at most 86400.0, got -1.0"))),
+    ("POST", "/graph/resume/nope", b'{"timeout_s": 86401}', 422,
+     error("invalid_request", "the request has 1 problem", ("$.timeout_s", "timeout_s must be more than 0 and at most 86400.0, got 86401.0"))),
     ("POST", "/graph/run", b'{"graph_id": "g", "max_iterations": 10001}', 422,
      error("invalid_request", "the request has 1 problem", ("$.max_iterations", "must be at most 10000"))),
     ("POST", "/graph/run", b'{"graph_id": "ghost"}', 404, error("graph_not_found", "graph 'ghost' does not exist")),
     ("POST", "/graph/create", json.dumps({"start_node": "inc", "nodes": ["inc"], "pad": "x" * (1 << 20)}).encode(), 413,
      error("body_too_large", "the request body is over the limit of 1048576 bytes")),
+    ("POST", "/graph/run", json.dumps({"graph_id": "x" * 500_000}).encode(), 422,
+     error("invalid_request", "the request has 1 problem", ("$.graph_id", ID_RULE))),
+    ("POST", "/graph/run", b'{"graph_id": "a b"}', 422, error("invalid_request", "the request has 1 problem", ("$.graph_id", ID_RULE))),
+    ("GET", "/graph/state/" + "x" * 10_000, b"", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))),
+    ("GET", "/graph/definition/a%20b", b"", 422,
+     error("invalid_request", "the request has 1 problem", ("$.path.graph_id", ID_RULE))),
+    ("POST", "/graph/cancel/" + "x" * 129, b"", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))),
+    ("POST", "/graph/resume/a%20b", b"", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))),
+    ("GET", "/graph/stream/%E2%82%AC", b"", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))),
+    ("GET", "/graph/runs?graph_id=" + "x" * 129, b"", 422,
+     error("invalid_request", "the request has 1 problem", ("$.query.graph_id", ID_RULE))),
+    ("POST", "/graph/create", json.dumps({"graph_id": "h", "start_node": "y" * 500_000, "nodes": ["inc"],
+                                          "edges": {"z" * 200: {}}}).encode(), 422,
+     error("invalid_graph", "the graph has 2 problems",
+           ("$.start_node", f"unknown node {'y' * 128!r}... (500000 characters)"),
+           (f"$.edges[{'z' * 128!r}... (200 characters)]", f"unknown node {'z' * 128!r}... (200 characters)"))),
+    ("POST", "/graph/create", json.dumps({"start_node": "inc", "nodes": ["inc"], "edges": {"e" * 100_000: 5},
+                                          **{f"k{n}": 1 for n in range(30)}, "w" * 100_000: 1}).encode(), 422,
+     error("invalid_request", "the request has 2 problems",
+           ("$.edges['" + "e" * 128 + "'... (100000 characters)]", "expected an object, got a number"),
+           ("$", "extra fields found (k0, k1, k10, k11, k12, k13, k14, k15, k16, k17, ... and 21 more)"))),
+    ("GET", "/graph/definition/g?declarations=yes", b"", 422, error("invalid_request", "the request has 1 problem", (
+        "$.query.declarations", "expected true, false, 1 or 0, got 'yes'"))),
+    ("GET", "/graph/definition/g?declarations=" + "T" * 1000, b"", 422, error("invalid_request", "the request has 1 problem", (
+        "$.query.declarations", f"expected true, false, 1 or 0, got {'T' * 128!r}... (1000 characters)"))),
+    ("POST", "/graph/create", json.dumps({"start_node": "inc", "nodes": [1] * 150}).encode(), 422,
+     error("invalid_request", "the request has 150 problems; the first 100 are listed",
+           *[(f"$.nodes[{index}]", "expected a node name or a node object, got a number") for index in range(100)])),
+    ("POST", "/graph/create", json.dumps({"start_node": "inc", "nodes": ["inc"] * 120}).encode(), 422,
+     error("invalid_graph", "the graph has 119 problems; the first 100 are listed",
+           *[(f"$.nodes[{index}]", "duplicate node 'inc'") for index in range(1, 101)])),
     ("GET", "/graph/state/nope", b"", 404, error("run_not_found", "run 'nope' does not exist")),
     ("GET", "/graph/definition/nope", b"", 404, error("graph_not_found", "graph 'nope' does not exist")),
     ("GET", "/graph/nothing", b"", 404, error("not_found", "GET /graph/nothing: Not Found")),
@@ -937,19 +1013,76 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "expected"), BAD_REQUESTS,
-    ids=["bad-json", "empty-body", "not-utf8", "nan", "deep-json", "deep-state", "array-body", "wrong-types",
-         "over-cap", "unknown-graph", "too-large", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
+    ids=["bad-json", "empty-body", "not-utf8", "utf16-bom", "utf16-no-bom", "utf32-no-bom", "bom-then-bad-utf8", "nan", "deep-json", "deep-state", "array-body", "wrong-types",
+         "array-state", "number-state", "scalar-state-fields",
+         "zero-max-iterations", "negative-timeout", "resume-out-of-range",
+         "over-cap", "unknown-graph", "too-large", "huge-graph-id", "bad-graph-id", "huge-run-id-in-path",
+         "bad-graph-id-in-path", "long-id-to-cancel", "space-in-id-to-resume", "non-ascii-id-to-stream",
+         "long-graph-id-in-query", "huge-node-names", "huge-keys", "yes-for-declarations", "long-declarations",
+         "many-request-problems", "many-graph-problems", "unknown-run", "unknown-definition", "unknown-route", "wrong-method"],
 )
 async def test_http_bad_requests_get_the_error_shape(
     client: httpx.AsyncClient, method: str, path: str, body: bytes, status: int, expected: dict
 ) -> None:
     await client.post("/graph/create", json=graph(["inc"]))
-    response = await client.request(method, path, content=body)
+    response = await client.request(method, path, content=body, headers={"content-type": "application/json"})
     assert (response.status_code, response.json()) == (status, expected)
     assert response.headers["content-type"] == "application/json"
     runs = await client.get("/")
     assert runs.json() == {"status": "ok", "graphs": 1, "runs": 0}
     assert (await client.get("/graph/definition/g")).json()["nodes"] == ["inc"]
+
+
+def media_error(got: str) -> dict:
+    return error("unsupported_media_type", "the request body must be JSON, sent with Content-Type: application/json",
+                 ("$.headers.Content-Type", f"expected application/json or a type ending in +json, got {got}"))
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "expected"),
+    [
+        ({"content-type": "text/plain"}, 415, media_error("'text/plain'")),
+        ({"content-type": "application/x-www-form-urlencoded"}, 415, media_error("'application/x-www-form-urlencoded'")),
+        ({"content-type": "multipart/form-data; boundary=x"}, 415, media_error("'multipart/form-data; boundary=x'")),
+        ({"content-type": "application/jsonp"}, 415, media_error("'application/jsonp'")),
+        ({"content-type": "application/json" + "x" * 5000}, 415, media_error(repr("application/json" + "x" * 112) + "... (5016 characters)")),
+        ({"content-type": ""}, 415, media_error("''")),
+        ({}, 415, media_error("none")),
+        ({"content-type": "application/json"}, 200, None),
+        ({"content-type": "Application/JSON ; charset=UTF-8"}, 200, None),
+        ({"content-type": "application/merge-patch+json"}, 200, None),
+        ({"content-type": "application/vnd.example.run+json; version=1"}, 200, None),
+    ],
+    ids=["text", "form", "multipart", "jsonp", "long", "empty", "missing", "json", "json-charset", "plus-json",
+         "vendor-plus-json"],
+)
+async def test_http_post_body_must_be_declared_json(
+    client: httpx.AsyncClient, headers: dict, status: int, expected: dict | None
+) -> None:
+    await client.post("/graph/create", json=graph(["inc"]))
+    response = await client.post("/graph/run", content=b'{"graph_id": "g"}', headers=headers)
+    assert response.status_code == status
+    if expected is None:
+        assert response.json()["final_state"] == {"data": {"count": 1}, "metadata": {}}
+    else:
+        assert response.json() == expected
+        assert (await client.get("/")).json() == {"status": "ok", "graphs": 1, "runs": 0}
+
+
+async def test_http_post_without_a_body_needs_no_content_type(client: httpx.AsyncClient) -> None:
+    """A request that sends nothing declares nothing: resume and cancel work without a Content-Type."""
+    await client.post("/graph/create", json=graph(["inc"], interrupt_before=["inc"]))
+    run = (await client.post("/graph/run", json={"graph_id": "g"})).json()
+    resumed = await client.post(f"/graph/resume/{run['run_id']}", headers={"content-type": "text/plain"})
+    assert (resumed.status_code, resumed.json()["status"]) == (200, "completed")
+
+
+async def test_http_body_may_start_with_a_utf8_byte_order_mark(client: httpx.AsyncClient) -> None:
+    """RFC 8259 \u00a78.1 lets a parser ignore one; Windows tools write it."""
+    await client.post("/graph/create", json=graph(["inc"]))
+    response = await client.post("/graph/run", content=b'\xef\xbb\xbf{"graph_id": "g"}',
+                                 headers={"content-type": "application/json"})
+    assert (response.status_code, response.json()["final_state"]) == (200, {"data": {"count": 1}, "metadata": {}})
 
 
 async def test_http_method_not_allowed_keeps_the_allow_header(client: httpx.AsyncClient) -> None:
@@ -1334,9 +1467,11 @@ def dumps(value: Any, ascii_only: bool = True) -> bytes:
     return json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
 
 
+JSON_TYPE = ((b"content-type", b"application/json"),)  # what a fuzz case sends unless its content type is the attack
+
+
 def json_post(rng: random.Random, kind: str, path: str, body: Any) -> FuzzCase:
-    return FuzzCase(kind=kind, method="POST", path=path, content=dumps(body, rng.random() < 0.5),
-                    headers=((b"content-type", b"application/json"),))
+    return FuzzCase(kind=kind, method="POST", path=path, content=dumps(body, rng.random() < 0.5), headers=JSON_TYPE)
 
 
 def _containers(value: Any, path: tuple = ()) -> list[tuple]:
@@ -1444,7 +1579,7 @@ def case_create_unicode(rng: random.Random, context: FuzzContext) -> FuzzCase:
     if rng.random() < 0.3:
         body["edges"][weird] = {"default_next": weird, "branches": [{"condition": weird, "target": weird}]}
     text = json.dumps(body, ensure_ascii=rng.random() < 0.5)
-    return FuzzCase(kind="create_unicode", method="POST", path="/graph/create", content=text.encode())
+    return FuzzCase(kind="create_unicode", method="POST", path="/graph/create", content=text.encode(), headers=JSON_TYPE)
 
 
 RAW_BODIES = [
@@ -1501,7 +1636,7 @@ def case_deep(rng: random.Random, context: FuzzContext) -> FuzzCase:
     else:
         content = b'{"graph_id": "fuzz_loop", "state": {"' + where.encode() + b'": {"x": ' + inner + b"}}}"
         path = "/graph/run"
-    return FuzzCase(kind="deep", method="POST", path=path, content=content)
+    return FuzzCase(kind="deep", method="POST", path=path, content=content, headers=JSON_TYPE)
 
 
 def case_huge(rng: random.Random, context: FuzzContext) -> FuzzCase:
@@ -1512,15 +1647,16 @@ def case_huge(rng: random.Random, context: FuzzContext) -> FuzzCase:
     style = rng.choice(["declared", "chunked", "lying", "just_under"])
     if style == "chunked":
         chunk = 64 * 1024
-        return FuzzCase(kind="huge", method=method, path=path,
+        return FuzzCase(kind="huge", method=method, path=path, headers=JSON_TYPE,
                         content=tuple(filler[i:i + chunk] for i in range(0, len(filler), chunk)))
     if style == "lying":
         length = rng.choice([b"10", b"0", b"-1", b"abc", b"9" * 30, b"9" * 5000, b"\xb2", b"1\xb9"])
-        return FuzzCase(kind="huge", method=method, path=path, content=filler, headers=((b"content-length", length),))
+        return FuzzCase(kind="huge", method=method, path=path, content=filler,
+                        headers=(*JSON_TYPE, (b"content-length", length)))
     if style == "just_under":
         blob = b"b" * (we.MAX_BODY_BYTES - 80)
         filler = b'{"graph_id": "fuzz_loop", "state": {"data": {"blob": "' + blob + b'"}}, "wait": false}'
-    return FuzzCase(kind="huge", method=method, path=path, content=filler)
+    return FuzzCase(kind="huge", method=method, path=path, content=filler, headers=JSON_TYPE)
 
 
 def case_odd_id(rng: random.Random, context: FuzzContext) -> FuzzCase:
@@ -1571,13 +1707,13 @@ def _stream_case(last_event_id: bytes) -> FuzzCase:
 
 FOUND_BY_FUZZING: dict[str, tuple[FuzzCase, str]] = {
     "lone_surrogate_in_error_message": (
-        FuzzCase(kind="raw_body", method="POST", path="/graph/create", content=b'{"\\ud800": 1}'),
+        FuzzCase(kind="raw_body", method="POST", path="/graph/create", content=b'{"\\ud800": 1}', headers=JSON_TYPE),
         "a lone surrogate (escaped in valid JSON) echoed in an error message: JSONResponse cannot encode it as "
         "UTF-8, so the error handler itself raises UnicodeEncodeError and the answer is a 500 (a plain-text one "
         "under uvicorn)"),
     "lone_surrogate_in_run_data": (
         FuzzCase(kind="raw_body", method="POST", path="/graph/run",
-                 content=b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}}'),
+                 content=b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}}', headers=JSON_TYPE),
         "a lone surrogate in state.data (or metadata) passes json_problem, the run completes, then rendering the "
         "answer and storing the record (dump_json) raise UnicodeEncodeError: 500"),
     "unicode_digit_last_event_id": (
@@ -1717,7 +1853,7 @@ async def test_fuzz_every_route_answers_hostile_requests_in_the_error_shape(fuzz
     for graph_id in context.graph_ids:
         definition = await client.get(f"/graph/definition/{graph_id}")
         assert definition.status_code == 200
-        assert (await client.post("/graph/create", content=definition.content)).status_code == 200
+        assert (await client.post("/graph/create", content=definition.content, headers=dict(JSON_TYPE))).status_code == 200
     health = await client.get("/")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     await good_run(client)
@@ -1756,7 +1892,7 @@ async def test_fuzz_lone_surrogate_in_a_background_run_is_refused_before_it_star
 ) -> None:
     assert (await fuzz_client.post("/graph/create", json=GOOD_GRAPH)).status_code == 201
     body = b'{"graph_id": "fuzz_loop", "state": {"data": {"s": "\\ud800"}}, "wait": false}'
-    refused = await fuzz_client.post("/graph/run", content=body)
+    refused = await fuzz_client.post("/graph/run", content=body, headers=dict(JSON_TYPE))
     assert (refused.status_code, refused.json()) == (400, {"error": {
         "code": "invalid_json", "message": "the request body is not valid JSON",
         "details": [{"path": "$", "message": "text with a lone surrogate is not valid Unicode"}]}})
@@ -2630,6 +2766,18 @@ async def test_http_create_warns_and_definition_and_openapi_show_declarations() 
         "count_words": {"reads": {"text": "string"}, "writes": {"words": "integer"}},
         "judge": {"reads": {"words": "integer"}, "writes": {"verdict": "string"}}}
     assert document["x-node-declarations"]["write_text"] == {"reads": {}, "writes": {"text": "string"}}
+
+
+@pytest.mark.parametrize(("value", "shown"), [("true", True), ("1", True), ("false", False), ("0", False)])
+async def test_get_graph_definition_declarations_takes_true_false_1_or_0(value: str, shown: bool) -> None:
+    app = we.create_app(registry=declared_registry())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        await client.post("/graph/create", json={"graph_id": "d", "start_node": "write_text", "nodes": ["write_text"]})
+        response = await client.get("/graph/definition/d", params={"declarations": value})
+    declarations = {"declarations": {"write_text": {"reads": {}, "writes": {"text": "string"}}}} if shown else {}
+    assert (response.status_code, response.json()) == (200, {
+        "graph_id": "d", "start_node": "write_text", "nodes": ["write_text"], "edges": {}, "max_iterations": None,
+        "interrupt_before": [], "inputs": [], **declarations})
 
 
 # ---------------------------------------------------------------------------
@@ -3668,9 +3816,14 @@ def test_e2e_websocket_sends_the_same_events_as_the_stream(server: str) -> None:
         refusal = json.loads(websocket.recv())
         with pytest.raises(Exception, match="4404"):
             websocket.recv()
+    with connect(f"{url}/graph/ws/{'x' * 200}") as websocket:
+        malformed = json.loads(websocket.recv())
+        with pytest.raises(Exception, match="4422"):
+            websocket.recv()
     assert messages == streamed and len(messages) == 5
     assert resumed == streamed[4:]
     assert refusal == error("run_not_found", "run 'nope' does not exist")
+    assert malformed == error("invalid_request", "the request has 1 problem", ("$.path.run_id", ID_RULE))
 
 
 VOLATILE = re.compile(r'"(run_id|started_at|created_at|finished_at|duration_ms|engine_overhead_ms)": ?("[^"]*"|[0-9.e-]+)')

@@ -66,6 +66,7 @@ from cattrs.cols import (
     list_structure_factory,
     mapping_structure_factory,
 )
+from cattrs.errors import AttributeValidationNote
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -123,6 +124,7 @@ __all__ = [
     "StoreUnavailable",
     "StreamEvent",
     "UnknownName",
+    "UnsupportedMediaType",
     "WorkflowState",
     "app",
     "create_app",
@@ -162,12 +164,16 @@ MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
 MAX_BRANCHES = 100  # branches on one edge
 MAX_STATE_BYTES = 4 * 1024 * 1024  # a run's data, counted as the JSON text of its values; past it the step fails
-MAX_ID_CHARS = 128  # longest graph id
+MAX_ID_CHARS = 128  # longest graph or run id
 SHUTDOWN_GRACE_S = 10.0  # on shutdown, how long running runs may go on before they are cancelled
 MAX_TIMEOUT_S = 86_400.0  # longest timeout or backoff a graph or run may ask for
 MAX_ATTEMPTS = 100  # most tries a retry policy may ask for
 MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects accepted in bodies and node output
-GRAPH_ID_PATTERN = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
+GRAPH_ID_PATTERN = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")  # every id: graphs and runs, body, path, query
+ID_RULE = f"must be 1-{MAX_ID_CHARS} characters of A-Z, a-z, 0-9, '_', '.', '-'"  # what GRAPH_ID_PATTERN says
+MAX_SHOWN_CHARS = MAX_ID_CHARS  # most characters of a client's value an error repeats: a valid id is shown whole
+MAX_SHOWN_ITEMS = 10  # most client-named items (extra fields) that an error lists
+MAX_PROBLEMS = 100  # most details an error lists; the message says how many there were
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -194,11 +200,22 @@ class ErrorCode(enum.Enum):
     STORE_UNAVAILABLE = "store_unavailable"
     STORE_FULL = "store_full"
     BODY_TOO_LARGE = "body_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
     UNAUTHORIZED = "unauthorized"
     INTERNAL_ERROR = "internal_error"
+
+
+def _shown(value: object) -> str:
+    """Quote a client's value for an error message: a long one only by its start, so the answer stays short."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    if len(text) <= MAX_SHOWN_CHARS + 2:  # room for the quotes
+        return text
+    if isinstance(value, str):
+        return f"{value[:MAX_SHOWN_CHARS]!r}... ({len(value)} characters)"
+    return f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 class InvalidValue(ValueError):
@@ -240,7 +257,7 @@ class InvalidRequest(EngineError):
     code = ErrorCode.INVALID_REQUEST
 
     def __init__(self, details: list[Problem]) -> None:
-        super().__init__(f"the request has {_count(details, 'problem')}", details)
+        super().__init__(f"the request has {_count(details, 'problem')}{_first_listed(details)}", details[:MAX_PROBLEMS])
 
 
 class InvalidGraph(EngineError):
@@ -250,7 +267,7 @@ class InvalidGraph(EngineError):
     code = ErrorCode.INVALID_GRAPH
 
     def __init__(self, details: list[Problem]) -> None:
-        super().__init__(f"the graph has {_count(details, 'problem')}", details)
+        super().__init__(f"the graph has {_count(details, 'problem')}{_first_listed(details)}", details[:MAX_PROBLEMS])
 
 
 class UnknownName(EngineError):
@@ -260,7 +277,7 @@ class UnknownName(EngineError):
     code = ErrorCode.UNKNOWN_NAME
 
     def __init__(self, kind: str, name: str, known: list[str]) -> None:
-        super().__init__(f"unknown {kind} {name!r}; registered: {', '.join(sorted(known)) or 'none'}")
+        super().__init__(f"unknown {kind} {_shown(name)}; registered: {', '.join(sorted(known)) or 'none'}")
 
 
 class GraphNotFound(EngineError):
@@ -270,7 +287,7 @@ class GraphNotFound(EngineError):
     code = ErrorCode.GRAPH_NOT_FOUND
 
     def __init__(self, graph_id: str) -> None:
-        super().__init__(f"graph {graph_id!r} does not exist")
+        super().__init__(f"graph {_shown(graph_id)} does not exist")
 
 
 class RunNotFound(EngineError):
@@ -280,7 +297,7 @@ class RunNotFound(EngineError):
     code = ErrorCode.RUN_NOT_FOUND
 
     def __init__(self, run_id: str) -> None:
-        super().__init__(f"run {run_id!r} does not exist")
+        super().__init__(f"run {_shown(run_id)} does not exist")
 
 
 class GraphConflict(EngineError):
@@ -290,7 +307,7 @@ class GraphConflict(EngineError):
     code = ErrorCode.GRAPH_CONFLICT
 
     def __init__(self, graph_id: str) -> None:
-        super().__init__(f"graph {graph_id!r} already exists with a different definition")
+        super().__init__(f"graph {_shown(graph_id)} already exists with a different definition")
 
 
 class StoreFull(EngineError):
@@ -346,6 +363,18 @@ class BodyTooLarge(EngineError):
         super().__init__(f"the request body is over the limit of {limit} bytes")
 
 
+class UnsupportedMediaType(EngineError):
+    """The request has a body whose Content-Type is not JSON (`application/json` or a `+json` type), or none."""
+
+    status_code = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+    def __init__(self, content_type: str | None) -> None:
+        got = "none" if content_type is None else _shown(content_type)
+        super().__init__("the request body must be JSON, sent with Content-Type: application/json", [
+            Problem("$.headers.Content-Type", f"expected application/json or a type ending in +json, got {got}")])
+
+
 class Interrupt(Exception):
     """Raised by a node to pause its run for a person: the run ends `waiting`, and a resume runs the node again."""
 
@@ -360,6 +389,11 @@ def _count(items: list[Any], noun: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _first_listed(details: list[Problem]) -> str:
+    # A 1 MB body can hold 200,000 problems: listing them all would answer with tens of megabytes.
+    return f"; the first {MAX_PROBLEMS} are listed" if len(details) > MAX_PROBLEMS else ""
 
 
 # ---------------------------------------------------------------------------
@@ -429,14 +463,36 @@ class LogEvent(enum.Enum):
     RESUMED = "resumed"
 
 
+# Validators run once every field is structured, so cattrs would report their errors at the object's path; the note
+# cattrs itself attaches to a failing field's error makes it report them at the field's path instead.
+def _field_error(attribute: attrs.Attribute, message: str) -> InvalidValue:
+    error = InvalidValue(message)
+    error.add_note(AttributeValidationNote(f"validating field {attribute.name}", attribute.name, attribute.type))
+    return error
+
+
 def _positive(instance: object, attribute: attrs.Attribute, value: int | None) -> None:
     if value is not None and value < 1:
-        raise InvalidValue(f"{attribute.name} must be at least 1, got {value}")
+        raise _field_error(attribute, f"{attribute.name} must be at least 1, got {_shown(value)}")
 
 
 def _seconds(instance: object, attribute: attrs.Attribute, value: float | None) -> None:
     if value is not None and not 0 < value <= MAX_TIMEOUT_S:
-        raise InvalidValue(f"{attribute.name} must be more than 0 and at most {MAX_TIMEOUT_S}, got {value}")
+        raise _field_error(attribute, f"{attribute.name} must be more than 0 and at most {MAX_TIMEOUT_S}, "
+                                      f"got {_shown(value)}")
+
+
+def _id(instance: object, attribute: attrs.Attribute, value: str) -> None:
+    if not GRAPH_ID_PATTERN.fullmatch(value):
+        raise _field_error(attribute, ID_RULE)
+
+
+def _between(low: float, high: float) -> Callable[[object, attrs.Attribute, float], None]:
+    def check(instance: object, attribute: attrs.Attribute, value: float) -> None:
+        if not low <= value <= high:
+            raise _field_error(attribute, f"{attribute.name} must be between {low} and {high}, got {_shown(value)}")
+
+    return check
 
 
 @attrs.define(kw_only=True)
@@ -467,19 +523,13 @@ class EdgeDef:
     on_error: str | None = None
 
 
-def _backoff_factor(instance: object, attribute: attrs.Attribute, value: float) -> None:
-    if not 1 <= value <= 10:
-        raise InvalidValue(f"backoff_factor must be between 1 and 10, got {value}")
-
-
 @attrs.frozen(kw_only=True)
 class RetryPolicy:
     """Try a failing node up to `max_attempts` times, waiting `backoff_s`, then that times `backoff_factor`, ..."""
 
-    max_attempts: int = attrs.field(default=1, validator=[_positive, attrs.validators.le(MAX_ATTEMPTS)])
-    backoff_s: float = attrs.field(default=0.0, validator=attrs.validators.and_(
-        attrs.validators.ge(0.0), attrs.validators.le(MAX_TIMEOUT_S)))
-    backoff_factor: float = attrs.field(default=2.0, validator=_backoff_factor)
+    max_attempts: int = attrs.field(default=1, validator=_between(1, MAX_ATTEMPTS))
+    backoff_s: float = attrs.field(default=0.0, validator=_between(0.0, MAX_TIMEOUT_S))
+    backoff_factor: float = attrs.field(default=2.0, validator=_between(1, 10))
 
     def delay_s(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1 for the first)."""
@@ -613,7 +663,7 @@ def move_run(run: RunContext, target: RunStatus, error: str | None = None) -> No
 class RunRequest:
     """The body of `POST /graph/run`."""
 
-    graph_id: str
+    graph_id: str = attrs.field(validator=_id)
     state: WorkflowState = attrs.field(factory=WorkflowState)
     max_iterations: int | None = attrs.field(default=None, validator=_positive)
     timeout_s: float | None = attrs.field(default=None, validator=_seconds)
@@ -864,6 +914,11 @@ def _make_converter() -> cattrs.Converter:
         _shape_guard(list, "an array", homogenous_tuple_structure_factory),
     )
     converter.register_structure_hook_factory(is_mapping, _shape_guard(dict, "an object", mapping_structure_factory))
+    # Without this guard a model given a list or a scalar fails inside cattrs' generated code ("'list' object has no
+    # attribute 'keys'", "expected WorkflowState"), which the client cannot act on.
+    converter.register_structure_hook_factory(
+        attrs.has, _shape_guard(dict, "an object", lambda type_, conv: conv.gen_structure_attrs_fromdict(type_))
+    )
 
     def structure_node(value: object, _: type) -> str | NodeDef:
         if isinstance(value, str):
@@ -884,22 +939,36 @@ converter = _make_converter()
 def _format_problem(exc: BaseException, type_: type | None) -> str:
     if isinstance(exc, InvalidValue):
         return str(exc)
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):  # the default lists every key, whatever its length
+        keys = sorted(exc.extra_fields)
+        shown = [key if len(key) <= MAX_SHOWN_CHARS else f"{key[:MAX_SHOWN_CHARS]}..." for key in keys[:MAX_SHOWN_ITEMS]]
+        more = f", ... and {len(keys) - MAX_SHOWN_ITEMS} more" if len(keys) > MAX_SHOWN_ITEMS else ""
+        return f"extra fields found ({', '.join(shown)}{more})"
     return cattrs.v.format_exception(exc, type_)
 
 
-_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_KEY = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_SHOWN_CHARS - 1}}}")
 _QUOTED_PLAIN_KEY = re.compile(rf"\['({_PLAIN_KEY.pattern})'\]")
+# cattrs writes a key as its repr(): in single quotes, or in double quotes when it holds a single one.
+_QUOTED_KEY = re.compile(r"""\[('(?:[^'\\]++|\\.)*+'|"(?:[^"\\]++|\\.)*+")\]""")
+
+
+def _cut_key(match: re.Match[str]) -> str:
+    quoted = match[1]
+    if len(quoted) <= MAX_SHOWN_CHARS + 2:
+        return match[0]
+    return f"[{quoted[:MAX_SHOWN_CHARS + 1]}{quoted[0]}... ({len(quoted) - 2} characters)]"
 
 
 def _split(problem: str) -> Problem:
-    """Turn cattrs' `"<message> @ <path>"` into a Problem, writing `$.edges['a']` as `$.edges.a`."""
+    """Turn cattrs' `"<message> @ <path>"` into a Problem, writing `$.edges['a']` as `$.edges.a` and cutting long keys."""
     message, _, path = problem.rpartition(" @ ")
-    return Problem(_QUOTED_PLAIN_KEY.sub(r".\1", path), message)
+    return Problem(_QUOTED_PLAIN_KEY.sub(r".\1", _QUOTED_KEY.sub(_cut_key, path)), message)
 
 
 def key_path(path: str, key: str) -> str:
-    """Extend a JSON path by an object key: `.key` for plain names, `['key']` otherwise."""
-    return f"{path}.{key}" if _PLAIN_KEY.fullmatch(key) else f"{path}[{key!r}]"
+    """Extend a JSON path by an object key: `.key` for short plain names, `['key']` otherwise (a long key cut)."""
+    return f"{path}.{key}" if _PLAIN_KEY.fullmatch(key) else f"{path}[{_shown(key)}]"
 
 
 def structure_body(payload: object, cls: type[T]) -> T:
@@ -1103,7 +1172,7 @@ def _lookup(table: dict[str, T], kind: str, name: str) -> T:
 def validate_graph(graph: GraphDefinition, registry: Registry, *, limits: Settings = DEFAULT_SETTINGS) -> None:
     """Raise InvalidGraph listing every problem of `graph` against the names in `registry` and the `limits`."""
     problems = [*_id_problems(graph), *_node_problems(graph, registry), *_edge_problems(graph, registry)]
-    problems += [Problem(f"$.interrupt_before[{index}]", f"unknown node {name!r}")
+    problems += [Problem(f"$.interrupt_before[{index}]", f"unknown node {_shown(name)}")
                  for index, name in enumerate(graph.interrupt_before) if name not in graph.node_defs]
     problems += _limit_problems(graph, limits)
     if problems:
@@ -1136,7 +1205,7 @@ def graph_warnings(graph: GraphDefinition, registry: Registry) -> list[Problem]:
         if io is None or any(ios[other] is None for other in before):
             continue
         available = set(graph.inputs).union(*(ios[other].writes for other in before if ios[other] is not None))
-        warnings += [Problem(f"$.nodes[{index}]", f"node {name!r} reads {key!r}, which no node before it writes "
+        warnings += [Problem(f"$.nodes[{index}]", f"node {_shown(name)} reads {key!r}, which no node before it writes "
                              "and inputs does not list") for key in io.reads if key not in available]
     return warnings
 
@@ -1155,7 +1224,7 @@ def _reaching(graph: GraphDefinition, target: str) -> set[str]:
 def _id_problems(graph: GraphDefinition) -> list[Problem]:
     if graph.graph_id is None or GRAPH_ID_PATTERN.fullmatch(graph.graph_id):
         return []
-    return [Problem("$.graph_id", f"must be 1-{MAX_ID_CHARS} characters of A-Z, a-z, 0-9, '_', '.', '-'")]
+    return [Problem("$.graph_id", ID_RULE)]
 
 
 def _node_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
@@ -1167,12 +1236,12 @@ def _node_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
         node_def = NodeDef(name=node) if isinstance(node, str) else node
         path = f"$.nodes[{index}]" if isinstance(node, str) else f"$.nodes[{index}].{'fn' if node.fn else 'name'}"
         if node_def.name in seen:
-            problems.append(Problem(f"$.nodes[{index}]", f"duplicate node {node_def.name!r}"))
+            problems.append(Problem(f"$.nodes[{index}]", f"duplicate node {_shown(node_def.name)}"))
         elif not registry.has_node(node_def.function):
-            problems.append(Problem(path, f"unknown node function {node_def.function!r}"))
+            problems.append(Problem(path, f"unknown node function {_shown(node_def.function)}"))
         seen.add(node_def.name)
     if graph.start_node not in seen:
-        problems.append(Problem("$.start_node", f"unknown node {graph.start_node!r}"))
+        problems.append(Problem("$.start_node", f"unknown node {_shown(graph.start_node)}"))
     return problems
 
 
@@ -1182,16 +1251,16 @@ def _edge_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
     for source, edge in graph.edges.items():
         path = key_path("$.edges", source)
         if source not in nodes:
-            problems.append(Problem(path, f"unknown node {source!r}"))
+            problems.append(Problem(path, f"unknown node {_shown(source)}"))
         for field, target in (("default_next", edge.default_next), ("on_error", edge.on_error)):
             if target is not None and target not in nodes:
-                problems.append(Problem(f"{path}.{field}", f"unknown node {target!r}"))
+                problems.append(Problem(f"{path}.{field}", f"unknown node {_shown(target)}"))
         for index, branch in enumerate(edge.branches):
             branch_path = f"{path}.branches[{index}]"
             if not registry.has_condition(branch.condition):
-                problems.append(Problem(f"{branch_path}.condition", f"unknown condition {branch.condition!r}"))
+                problems.append(Problem(f"{branch_path}.condition", f"unknown condition {_shown(branch.condition)}"))
             if branch.target not in nodes:
-                problems.append(Problem(f"{branch_path}.target", f"unknown node {branch.target!r}"))
+                problems.append(Problem(f"{branch_path}.target", f"unknown node {_shown(branch.target)}"))
     return problems
 
 
@@ -2420,10 +2489,38 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# A media type's parameters (`; charset=utf-8`) do not matter: JSON is UTF-8 whatever they say.
+_JSON_MEDIA_TYPE = re.compile(r"application/json|[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\+json")
+
+
+def _is_json(content_type: str | None) -> bool:
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    return _JSON_MEDIA_TYPE.fullmatch(media_type) is not None
+
+
+def _utf8_text(body: bytes | bytearray) -> str:
+    """Decode a body as UTF-8, dropping a leading byte order mark (RFC 8259 §8.1 lets a parser ignore it).
+
+    `json.loads` would take UTF-16 and UTF-32 bytes too; JSON between systems is UTF-8, so this refuses them.
+    """
+    rule = "JSON must be sent as UTF-8 (RFC 8259 §8.1)"
+    skipped = 3 if body.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        text = body[skipped:].decode()
+    except UnicodeDecodeError as exc:
+        offset = skipped + exc.start
+        raise ValueError(f"the body is not UTF-8 (byte {body[offset]:#04x} at offset {offset}); {rule}") from None
+    if "\x00" in text:  # never in JSON text, and in UTF-16 or UTF-32 text of any ASCII character
+        raise ValueError(f"the body holds a NUL byte (at offset {body.find(0)}), as UTF-16 and UTF-32 text does; {rule}")
+    return text
+
+
 async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSING) -> object:
     """Read the body (at most `max_bytes`) and decode it as strict JSON, or raise BodyTooLarge / InvalidJson.
 
-    An empty body is `empty` when one is given (a request whose fields are all optional), else invalid JSON.
+    A body must come as `application/json` or a `+json` type, else UnsupportedMediaType; a request without a body
+    needs no Content-Type. An empty body is `empty` when one is given (a request whose fields are all optional),
+    else invalid JSON.
     """
     declared = _count_or_none(request.headers.get("content-length", ""))
     if declared is not None and declared > max_bytes:
@@ -2433,10 +2530,13 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
         body += chunk
         if len(body) > max_bytes:
             raise BodyTooLarge(max_bytes)
+    content_type = request.headers.get("content-type")
+    if body and not _is_json(content_type):
+        raise UnsupportedMediaType(content_type)
     if not body.strip() and empty is not _MISSING:
         return empty
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
+        payload = json.loads(_utf8_text(body), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         detail = "nesting is too deep" if isinstance(exc, RecursionError) else str(exc)
         raise InvalidJson("the request body is not valid JSON", [Problem("$", detail)]) from None
@@ -2489,7 +2589,7 @@ async def post_graph_resume(request: Request) -> Response:
     """Go on with a waiting or interrupted run, after merging `updates` into its data; answers like /graph/run."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes, empty={}), ResumeRequest)
-    run = await engine.resume(request.path_params["run_id"], body.updates, timeout_s=body.timeout_s, wait=body.wait)
+    run = await engine.resume(_path_id(request, "run_id"), body.updates, timeout_s=body.timeout_s, wait=body.wait)
     return _run_answer(run, body.wait)
 
 
@@ -2503,7 +2603,7 @@ def _run_answer(run: RunContext, wait: bool) -> Response:
 
 async def post_graph_cancel(request: Request) -> Response:
     """Cancel a pending or running run and answer with its record; a run that already ended is a 409."""
-    run = await _engine(request).cancel(request.path_params["run_id"])
+    run = await _engine(request).cancel(_path_id(request, "run_id"))
     return JSONResponse(converter.unstructure(run))
 
 
@@ -2511,10 +2611,8 @@ async def get_graph_runs(request: Request) -> Response:
     """List run summaries, newest first, optionally of one graph or in one status."""
     query = _query(request, {"graph_id", "status", "limit", "offset"})
     limit, offset = _page(query)
-    status = _status_filter(query.get("status"))
-    summaries, total = _engine(request).store.list_runs(
-        graph_id=query.get("graph_id"), status=status, limit=limit, offset=offset
-    )
+    status, graph_id = _status_filter(query.get("status")), _query_id(query, "graph_id")
+    summaries, total = _engine(request).store.list_runs(graph_id=graph_id, status=status, limit=limit, offset=offset)
     return JSONResponse(converter.unstructure(RunsPage(runs=summaries, total=total, limit=limit, offset=offset)))
 
 
@@ -2529,7 +2627,7 @@ async def get_graph_list(request: Request) -> Response:
 
 async def get_graph_stream(request: Request) -> Response:
     """Stream a run's events as Server-Sent Events until it ends; `Last-Event-ID` resumes after that event."""
-    events = _engine(request).follow(request.path_params["run_id"], _last_event_id(request))
+    events = _engine(request).follow(_path_id(request, "run_id"), _last_event_id(request))
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(_server_sent(events), media_type="text/event-stream", headers=headers)
 
@@ -2539,10 +2637,11 @@ async def websocket_graph_ws(websocket: WebSocket) -> None:
     await websocket.accept()
     engine: Engine = websocket.app.state.engine
     run_id, after = websocket.path_params["run_id"], _count_or_none(websocket.query_params.get("after", "0"))
-    if after is None or not engine.has_run(run_id):
+    problems = [] if GRAPH_ID_PATTERN.fullmatch(run_id) else [Problem("$.path.run_id", ID_RULE)]
+    problems += [] if after is not None else [Problem("$.query.after", "expected an integer")]
+    if problems or not engine.has_run(run_id):
         # The HTTP error handlers cannot answer a WebSocket: send the same error body, then close with 4000 + status.
-        bad_after = InvalidRequest([Problem("$.query.after", "expected an integer")])
-        error = RunNotFound(run_id) if after is not None else bad_after
+        error = InvalidRequest(problems) if problems else RunNotFound(run_id)
         await websocket.send_json(_error_body(error.code, error.message, error.details))
         await websocket.close(code=4000 + error.status_code)
         return
@@ -2582,8 +2681,33 @@ def _query_int(query: dict[str, str], name: str, default: int, maximum: int) -> 
         return default
     value = _count_or_none(raw)
     if value is None or value > maximum:
-        raise InvalidRequest([Problem(f"$.query.{name}", f"expected an integer from 0 to {maximum}, got {raw[:40]!r}")])
+        raise InvalidRequest([Problem(f"$.query.{name}", f"expected an integer from 0 to {maximum}, got {_shown(raw)}")])
     return value
+
+
+_QUERY_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _query_bool(query: dict[str, str], name: str) -> bool:
+    raw = query.get(name, "false")
+    if raw not in _QUERY_BOOLS:
+        raise InvalidRequest([Problem(f"$.query.{name}", f"expected true, false, 1 or 0, got {_shown(raw)}")])
+    return _QUERY_BOOLS[raw]
+
+
+def _query_id(query: dict[str, str], name: str) -> str | None:
+    raw = query.get(name)
+    if raw is not None and not GRAPH_ID_PATTERN.fullmatch(raw):
+        raise InvalidRequest([Problem(f"$.query.{name}", ID_RULE)])
+    return raw
+
+
+def _path_id(request: Request, name: str) -> str:
+    """The id in the path parameter `name`, checked as every id is (so a huge one never reaches a message)."""
+    raw = request.path_params[name]
+    if not GRAPH_ID_PATTERN.fullmatch(raw):
+        raise InvalidRequest([Problem(f"$.path.{name}", ID_RULE)])
+    return raw
 
 
 def _page(query: dict[str, str]) -> tuple[int, int]:
@@ -2595,20 +2719,20 @@ def _status_filter(raw: str | None) -> RunStatus | None:
         return None if raw is None else RunStatus(raw)
     except ValueError:
         known = ", ".join(status.value for status in RunStatus)
-        raise InvalidRequest([Problem("$.query.status", f"expected one of {known}, got {raw!r}")]) from None
+        raise InvalidRequest([Problem("$.query.status", f"expected one of {known}, got {_shown(raw)}")]) from None
 
 
 def _last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id", "0").strip() or "0"
     event_id = _count_or_none(raw)
     if event_id is None:
-        raise InvalidRequest([Problem("$.headers.Last-Event-ID", f"expected an event id, got {raw[:40]!r}")])
+        raise InvalidRequest([Problem("$.headers.Last-Event-ID", f"expected an event id, got {_shown(raw)}")])
     return event_id
 
 
 async def get_graph_state(request: Request) -> Response:
     """Answer with a run's record, finished or still running."""
-    record = _engine(request).get_run_json(request.path_params["run_id"])
+    record = _engine(request).get_run_json(_path_id(request, "run_id"))
     return Response(record, media_type="application/json")
 
 
@@ -2617,9 +2741,9 @@ async def get_graph_definition(request: Request) -> Response:
     declare they read and write."""
     engine = _engine(request)
     query = _query(request, {"declarations"})
-    graph = engine.get_graph(request.path_params["graph_id"])
+    graph = engine.get_graph(_path_id(request, "graph_id"))
     body = converter.unstructure(graph)
-    if query.get("declarations") == "true":
+    if _query_bool(query, "declarations"):
         declared = {name: engine.registry.node_io(node.function) for name, node in graph.node_defs.items()}
         body["declarations"] = {name: converter.unstructure(io) for name, io in declared.items() if io is not None}
     return JSONResponse(body)
@@ -2751,7 +2875,7 @@ OPERATIONS = (
               answers={200: RunContext}),
     Operation(method="GET", path="/graph/definition/{graph_id}", endpoint=get_graph_definition,
               summary="A stored graph, as /graph/create takes it (`?declarations=true` adds what its nodes read and write)",
-              answers={200: GraphDefinition}, query={"declarations": "string"}),
+              answers={200: GraphDefinition}, query={"declarations": "boolean"}),
     Operation(method="POST", path="/graph/cancel/{run_id}", endpoint=post_graph_cancel,
               summary="Cancel a pending or running run", answers={200: RunContext}),
     Operation(method="POST", path="/graph/resume/{run_id}", endpoint=post_graph_resume,
