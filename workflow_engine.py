@@ -87,6 +87,7 @@ __all__ = [
     "GraphConflict",
     "GraphDefinition",
     "GraphNotFound",
+    "Heartbeat",
     "Interrupt",
     "InvalidGraph",
     "InvalidJson",
@@ -104,6 +105,7 @@ __all__ = [
     "NodeIO",
     "OPERATIONS",
     "Operation",
+    "PostgresStore",
     "Problem",
     "RUN_MOVES",
     "Registry",
@@ -117,6 +119,7 @@ __all__ = [
     "RunResponse",
     "RunStatus",
     "Settings",
+    "SqlStore",
     "SqliteStore",
     "StatusChange",
     "Store",
@@ -127,6 +130,7 @@ __all__ = [
     "UnsupportedMediaType",
     "WorkflowState",
     "app",
+    "build_engine",
     "create_app",
     "execute_run",
     "graph_warnings",
@@ -134,12 +138,14 @@ __all__ = [
     "json_schema",
     "move_run",
     "new_run",
+    "open_store",
     "openapi_document",
     "run_events",
     "run_graph",
     "settings_from_env",
     "structure_body",
     "validate_graph",
+    "worker_name",
 ]
 
 T = TypeVar("T")
@@ -158,7 +164,8 @@ MAX_PENDING_RUNS = 10_000  # runs waiting for a slot; beyond this a new run is r
 MAX_PAUSED_RUNS = 10_000  # runs waiting or interrupted; a run that would pause beyond this fails instead
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait
 STREAM_KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
-STREAM_POLL_S = 0.25  # how often a stream reads the store for a run that another process executes
+STREAM_POLL_S = 0.25  # how often a stream without notifications (SQLite) checks a run another process executes
+CANCEL_POLL_S = 0.05  # how often a cancel of a run on another server checks whether it has stopped
 SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's write to finish
 MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
@@ -166,6 +173,9 @@ MAX_BRANCHES = 100  # branches on one edge
 MAX_STATE_BYTES = 4 * 1024 * 1024  # a run's data, counted as the JSON text of its values; past it the step fails
 MAX_ID_CHARS = 128  # longest graph or run id
 SHUTDOWN_GRACE_S = 10.0  # on shutdown, how long running runs may go on before they are cancelled
+LEASE_S = 10.0  # how long a server's claim on a run lasts unless renewed (every third of it); then others take over
+MAX_RECOVERIES = 3  # takeovers of one run after its server stopped renewing; one more and the run fails
+HEARTBEAT_S = 1.0  # most time between a server's looks at its leases, cancel requests, expired runs and the queue
 MAX_TIMEOUT_S = 86_400.0  # longest timeout or backoff a graph or run may ask for
 MAX_ATTEMPTS = 100  # most tries a retry policy may ask for
 MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects accepted in bodies and node output
@@ -435,7 +445,7 @@ _ENDINGS = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.STOPPED_M
                       RunStatus.TIMED_OUT, RunStatus.WAITING, RunStatus.INTERRUPTED})
 RUN_MOVES: Mapping[RunStatus, frozenset[RunStatus]] = MappingProxyType({
     RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.INTERRUPTED}),
-    RunStatus.RUNNING: _ENDINGS,  # ended by its graph, a failure, a cancel, its timeout, a pause or a dead process
+    RunStatus.RUNNING: _ENDINGS | {RunStatus.PENDING},  # ended, paused, or back in the queue when its server died
     RunStatus.WAITING: frozenset({RunStatus.PENDING, RunStatus.CANCELLED}),  # resumed, or cancelled while paused
     RunStatus.INTERRUPTED: frozenset({RunStatus.PENDING, RunStatus.CANCELLED}),
     **{status: frozenset() for status in RunStatus if status.is_terminal},
@@ -461,6 +471,7 @@ class LogEvent(enum.Enum):
     TIMED_OUT = "timed_out"
     INTERRUPT = "interrupt"
     RESUMED = "resumed"
+    RECOVERED = "recovered"
 
 
 # Validators run once every field is structured, so cattrs would report their errors at the object's path; the note
@@ -845,7 +856,10 @@ class Settings:
     max_state_bytes: int = attrs.field(default=MAX_STATE_BYTES, validator=_positive)
     shutdown_grace_s: float = attrs.field(default=SHUTDOWN_GRACE_S, validator=attrs.validators.ge(0.0))
     max_paused_runs: int = attrs.field(default=MAX_PAUSED_RUNS, validator=_positive)
-    db_path: str | None = None  # a SQLite file to keep graphs and runs in; None keeps them in memory
+    lease_s: float = attrs.field(default=LEASE_S, validator=_seconds)
+    max_recoveries: int = attrs.field(default=MAX_RECOVERIES, validator=attrs.validators.ge(0))
+    worker_id: str | None = None  # this server's name in the store's leases; None: host, pid and a random suffix
+    db_path: str | None = None  # where to keep graphs and runs: a SQLite file or a postgresql:// URL; None: memory
     api_token: str | None = None  # when set, every endpoint but GET / wants `Authorization: Bearer <api_token>`
     log_format: LogFormat = LogFormat.TEXT
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
@@ -1669,6 +1683,19 @@ class Lease:
     attempt: int
 
 
+def worker_name() -> str:
+    """A name for this server that no other shares: its host, its pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@attrs.frozen
+class Heartbeat:
+    """What a store tells a worker when it renews its leases: runs it lost, and runs someone asked to cancel."""
+
+    lost: tuple[str, ...] = ()
+    cancel_requested: tuple[str, ...] = ()
+
+
 @attrs.frozen
 class _StoredRun:
     summary: RunSummary
@@ -1682,6 +1709,7 @@ class MemoryStore:
     """
 
     is_durable = False
+    is_shared = False
 
     def __init__(self, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> None:
         self.max_runs = max_runs
@@ -1716,31 +1744,41 @@ class MemoryStore:
         """Return a page of graphs in the order they were created, and how many there are."""
         return list(itertools.islice(self._graphs.values(), offset, offset + limit)), len(self._graphs)
 
-    async def claim_run(self, run: RunContext, expected: RunStatus | None, owner: str, saved_logs: int = 0) -> Lease:
-        """Store `run` for `owner` if the stored run's status is `expected` (None: there is none yet); return the
-        new lease, or raise RunConflict (RunNotFound) and store nothing."""
+    async def claim_run(self, run: RunContext, expected: RunStatus | None, owner: str | None, saved_logs: int = 0,
+                        lease_s: float = LEASE_S, origin: str | None = None, room: int | None = None) -> Lease:
+        """Store `run` for `owner` if the stored run's status is `expected` and it has no owner (None: there is none
+        yet); return the new lease, or raise RunConflict (RunNotFound) and store nothing. Memory is this process's
+        alone, so nothing is queued here (`owner` None) and leases never expire."""
         stored = self._runs.get(run.run_id)
         status = None if stored is None else _status_of(stored)
-        if status is not expected:
-            raise RunNotFound(run.run_id) if status is None else _refused(run.run_id, status, run.status)
         previous = self._leases.get(run.run_id)
-        lease = Lease(owner=owner, attempt=1 if previous is None else previous.attempt + 1)
+        if status is not expected or previous is not None and previous.owner:
+            raise RunNotFound(run.run_id) if status is None else _refused(run.run_id, status, run.status)
+        lease = Lease(owner=owner or "", attempt=1 if previous is None else previous.attempt + 1)
         self._put(run, lease)
         return lease
 
-    async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0) -> None:
+    async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
         """Store `run`, executed under `lease`, or raise LeaseLost if that is no longer its lease."""
         if self._leases.get(run.run_id) != lease:
             raise LeaseLost(run.run_id)
         self._put(run, lease)
 
+    async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
+        """Nothing is ever queued in memory."""
+        return None
+
+    async def heartbeat(self, owner: str, leases: Mapping[str, int], lease_s: float = LEASE_S) -> Heartbeat:
+        """Leases in memory never expire, and only this process can ask to cancel."""
+        return Heartbeat()
+
+    def expired(self, limit: int = 100) -> list[tuple[RunContext, Lease]]:
+        """None: memory does not outlive the process that holds its leases."""
+        return []
+
     def count_paused(self) -> int:
         """How many runs are waiting or interrupted."""
         return len(self._paused)
-
-    def orphans(self) -> list[RunContext]:
-        """Active runs whose process is gone: none, since memory does not outlive its process."""
-        return []
 
     def has_run(self, run_id: str) -> bool:
         """Whether a run is stored as `run_id`."""
@@ -1803,72 +1841,68 @@ def _status_of(entry: RunContext | _StoredRun) -> RunStatus:
     return entry.status if isinstance(entry, RunContext) else entry.summary.status
 
 
-def process_owner() -> str:
-    """Name this process so that another can later tell whether it still lives: host, pid and start time."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
-
-
-def _start_ticks(pid: int) -> str:
-    # Field 22 of /proc/PID/stat is when the process started, which tells a reused pid from the original.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
-def _owner_is_alive(owner: str | None) -> bool:
-    host, _, rest = (owner or "").partition(":")
-    pid, _, ticks = rest.partition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return host != socket.gethostname() and bool(host)  # another machine's process cannot be checked: trust it
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return ticks in ("?", _start_ticks(int(pid)))
-
-
 _SCHEMA = (  # version 1; a later version appends its statements as a new entry of _MIGRATIONS
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE graphs (seq INTEGER PRIMARY KEY AUTOINCREMENT, graph_id TEXT NOT NULL UNIQUE, definition TEXT NOT NULL)",
-    "CREATE TABLE runs (seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL UNIQUE, graph_id TEXT NOT NULL,"
-    " status TEXT NOT NULL, owner TEXT, head TEXT NOT NULL)",
+    "CREATE TABLE graphs (seq {serial}, graph_id TEXT NOT NULL UNIQUE, definition {json} NOT NULL)",
+    "CREATE TABLE runs (seq {serial}, run_id TEXT NOT NULL UNIQUE, graph_id TEXT NOT NULL,"
+    " status TEXT NOT NULL, owner TEXT, head {json} NOT NULL)",
     "CREATE INDEX runs_by_status ON runs (status, seq)",
     "CREATE INDEX runs_by_graph ON runs (graph_id, seq)",
-    "CREATE TABLE logs (run_id TEXT NOT NULL, position INTEGER NOT NULL, entry TEXT NOT NULL,"
-    " PRIMARY KEY (run_id, position)) WITHOUT ROWID",
+    "CREATE TABLE logs (run_id TEXT NOT NULL, position INTEGER NOT NULL, entry {json} NOT NULL,"
+    " PRIMARY KEY (run_id, position)){without_rowid}",
 )
-_LEASES = (  # version 2: the attempt of each run's lease, with its owner
+_LEASES = (  # version 2: leases (owner, attempt, a deadline on the database's clock), cancel requests, and what a
+    # stream of another process needs to follow a run without reading its whole record (its history, its count)
     "ALTER TABLE runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE runs ADD COLUMN lease_until DOUBLE PRECISION",
+    "ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE runs ADD COLUMN event_count INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE runs ADD COLUMN history {json}",
+    "ALTER TABLE runs ADD COLUMN origin TEXT",  # the server that accepted the run: its pending bound counts them
+    "CREATE INDEX runs_by_origin ON runs (origin, status)",
 )
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES)
 _ACTIVE = tuple(status.value for status in RunStatus if status.is_active)
 _PAUSED = tuple(status.value for status in RunStatus if status.is_resumable)
 _TERMINAL = tuple(status.value for status in RunStatus if status.is_terminal)
 _SUMMARY_FIELDS = tuple(field.name for field in attrs.fields(RunSummary))
+_IN_ACTIVE = f"status IN ({', '.join(repr(status) for status in _ACTIVE)})"  # constants only, never client values
+_IN_PAUSED = f"status IN ({', '.join(repr(status) for status in _PAUSED)})"
+_IN_TERMINAL = f"status IN ({', '.join(repr(status) for status in _TERMINAL)})"
+_CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
-class SqliteStore:
-    """Graphs and runs in a SQLite file (WAL) that several server processes can share.
+class SqlStore:
+    """Graphs and runs in a SQL database that several servers share; SqliteStore and PostgresStore say how to
+    connect and the few pieces of SQL that differ, everything else is here.
 
     Every step of a run is committed in one transaction (its record and its new log entries), so a crash loses at
-    most the step that was executing; every write for an active run is guarded by its lease (owner and attempt).
-    Opening the file creates or migrates the schema; `orphans()` then finds the active runs whose process is gone.
-    At most `max_runs` finished runs are kept, the oldest deleted first.
+    most the step that was executing. Every write for an active run is guarded by its lease (owner and attempt),
+    and a lease lasts until a deadline on the database's clock that its owner keeps renewing; a run whose deadline
+    passed is anyone's to take over. Runs queued without an owner are claimed by whichever server has room. Reads
+    run on the caller's thread (short, indexed queries); writes on one thread of the store's own, so a busy database
+    never stalls the event loop. At most `max_runs` finished runs are kept, the oldest deleted first.
     """
 
     is_durable = True
+    is_shared = True
+    # What differs between databases, set by each subclass:
+    NOW = ""  # the database's clock, in seconds since the epoch
+    SERIAL = ""  # an auto-numbered primary key
+    JSON = ""  # the type of a column of JSON bytes
+    WITHOUT_ROWID = ""
+    NO_LIMIT = ""  # a LIMIT that limits nothing, for LIMIT ... OFFSET
+    SKIP_LOCKED = ""  # how a queue claim skips rows that another transaction holds
+    HAS_META = ""  # a query that returns a row if the meta table exists
 
-    def __init__(self, path: str | os.PathLike[str], *, max_runs: int = MAX_STORED_RUNS,
-                 max_graphs: int = MAX_STORED_GRAPHS) -> None:
-        self.path, self.max_runs, self.max_graphs = str(path), max_runs, max_graphs
+    def __init__(self, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> None:
+        self.max_runs, self.max_graphs = max_runs, max_graphs
         self._reader = self._connect()  # the caller's thread
         self._writer = self._connect()  # only ever used on self._thread
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-sqlite")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
         self._graph_cache: dict[str, GraphDefinition] = {}  # stored graphs never change
-        self._migrate()
+        with self._transaction() as db:
+            self._migrate(db)
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -1882,7 +1916,7 @@ class SqliteStore:
         """Return the graph stored as `graph_id`, or raise GraphNotFound."""
         graph = self._graph_cache.get(graph_id)
         if graph is None:
-            row = self._reader.execute("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+            row = self._read_one("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
             if row is None:
                 raise GraphNotFound(graph_id)
             graph = self._graph_cache[graph_id] = converter.structure(json.loads(row[0]), GraphDefinition)
@@ -1891,36 +1925,61 @@ class SqliteStore:
     def list_graphs(self, *, limit: int = 50, offset: int = 0) -> tuple[list[GraphDefinition], int]:
         """Return a page of graphs in the order they were created, and how many there are."""
         with self._reading() as db:
-            rows = db.execute("SELECT definition FROM graphs ORDER BY seq LIMIT ? OFFSET ?", (limit, offset)).fetchall()
-            total = db.execute("SELECT COUNT(*) FROM graphs").fetchone()[0]
+            rows = self._all(db, "SELECT definition FROM graphs ORDER BY seq LIMIT ? OFFSET ?", (limit, offset))
+            total = self._one(db, "SELECT COUNT(*) FROM graphs")[0]
         return [converter.structure(json.loads(row[0]), GraphDefinition) for row in rows], total
 
-    async def claim_run(self, run: RunContext, expected: RunStatus | None, owner: str, saved_logs: int = 0) -> Lease:
-        """Commit `run` for `owner` if the stored run's status is `expected` (None: there is none yet); return the
-        new lease, or raise RunConflict (RunNotFound) and commit nothing. Other processes see the same rule."""
-        values = self._values(run, owner, saved_logs)
-        attempt = await self._write(self._claim, expected, *values)
-        return Lease(owner=owner, attempt=attempt)
+    async def claim_run(self, run: RunContext, expected: RunStatus | None, owner: str | None, saved_logs: int = 0,
+                        lease_s: float = LEASE_S, origin: str | None = None, room: int | None = None) -> Lease:
+        """Commit `run` for `owner` (None: queued for any server) if the stored run is `expected` and has no owner
+        (None: there is none yet); return the new lease, or raise RunConflict (RunNotFound) and commit nothing.
 
-    async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0) -> None:
+        `origin` names the server that accepted the run; with `room`, an active run is refused (Busy) when that
+        server already has `room` active runs, counted in the same transaction so simultaneous requests cannot pass.
+        """
+        values = self._values(run, saved_logs)
+        attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values)
+        return Lease(owner=owner or "", attempt=attempt)
+
+    async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
         """Commit `run`'s record and its log entries from position `saved_logs` on, in one transaction, if `lease`
-        is still the run's; else raise LeaseLost and commit nothing."""
-        await self._write(self._save, lease, *self._values(run, lease.owner, saved_logs))
+        is still the run's (renewing it); else raise LeaseLost and commit nothing."""
+        await self._write(self._save, lease, lease_s, *self._values(run, saved_logs))
+
+    async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
+        """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
+        None when none is queued."""
+        claimed = await self._write(self._claim_next, owner, lease_s)
+        if claimed is None:
+            return None
+        run_id, attempt, is_cancel_requested = claimed
+        return self.get_run(run_id), Lease(owner=owner, attempt=attempt), is_cancel_requested
+
+    async def heartbeat(self, owner: str, leases: Mapping[str, int], lease_s: float = LEASE_S) -> Heartbeat:
+        """Renew the leases `owner` holds (run id -> attempt); say which it lost and which runs to cancel."""
+        return await self._write(self._heartbeat, owner, dict(leases), lease_s)
+
+    def expired(self, limit: int = 100) -> list[tuple[RunContext, Lease]]:
+        """Active runs whose lease's deadline has passed (their owner stopped renewing), with that lease."""
+        rows = self._read_all(f"SELECT run_id, owner, attempt FROM runs WHERE {_IN_ACTIVE} AND owner IS NOT NULL"
+                              f" AND lease_until < {self.NOW} ORDER BY seq LIMIT ?", (limit,))
+        return [(self.get_run(run_id), Lease(owner=owner, attempt=attempt)) for run_id, owner, attempt in rows]
+
+    async def take_over(self, run: RunContext, lease: Lease, saved_logs: int) -> None:
+        """Commit `run` (back in the queue, or ended) if `lease` is still its expired lease; else raise LeaseLost."""
+        await self._write(self._take_over, lease, *self._values(run, saved_logs))
+
+    async def request_cancel(self, run_id: str) -> bool:
+        """Flag an active run for its owner to cancel; return False if it is no longer active."""
+        return await self._write(self._request_cancel, run_id)
 
     def count_paused(self) -> int:
         """How many runs are waiting or interrupted."""
-        marks = ", ".join("?" * len(_PAUSED))
-        return self._reader.execute(f"SELECT COUNT(*) FROM runs WHERE status IN ({marks})", _PAUSED).fetchone()[0]
-
-    def orphans(self) -> list[RunContext]:
-        """The active runs whose owner, a process on this machine, is gone."""
-        marks = ", ".join("?" * len(_ACTIVE))
-        rows = self._reader.execute(f"SELECT run_id, owner FROM runs WHERE status IN ({marks})", _ACTIVE).fetchall()
-        return [self.get_run(run_id) for run_id, owner in rows if not _owner_is_alive(owner)]
+        return self._read_one(f"SELECT COUNT(*) FROM runs WHERE {_IN_PAUSED}")[0]
 
     def has_run(self, run_id: str) -> bool:
         """Whether a run is stored as `run_id`."""
-        return self._reader.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
+        return self._read_one("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)) is not None
 
     def get_run(self, run_id: str) -> RunContext:
         """Return a copy of the run stored as `run_id`, or raise RunNotFound."""
@@ -1930,25 +1989,41 @@ class SqliteStore:
         """Return the record of the run stored as `run_id` as JSON, or raise RunNotFound."""
         return dump_json(self._record(run_id))
 
+    def progress(self, run_id: str, logs_from: int) -> tuple[int, list[StatusChange], list[LogEntry]] | None:
+        """A run's event count, its history and its log entries from `logs_from` on: what a stream of a run that
+        another server executes needs, without its state. None if the run is gone."""
+        with self._reading() as db:
+            row = self._one(db, "SELECT event_count, history FROM runs WHERE run_id = ?", (run_id,))
+            if row is None or row[1] is None:
+                return None
+            entries = self._all(db, "SELECT entry FROM logs WHERE run_id = ? AND position >= ? ORDER BY position",
+                                (run_id, logs_from))
+        history = converter.structure(json.loads(row[1]), list[StatusChange])
+        return row[0], history, [converter.structure(json.loads(entry), LogEntry) for (entry,) in entries]
+
+    def event_count(self, run_id: str) -> int:
+        """How many events (status changes and log entries) a run has; -1 if it is gone."""
+        row = self._read_one("SELECT event_count FROM runs WHERE run_id = ?", (run_id,))
+        return -1 if row is None else row[0]
+
     def list_runs(
         self, *, graph_id: str | None = None, status: RunStatus | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[RunSummary], int]:
         """Return a page of run summaries, newest first, that match the filters, and how many match in all."""
-        # The SQL below is assembled from constant fragments only; every value is a bound parameter.
-        where = "WHERE (?1 IS NULL OR graph_id = ?1) AND (?2 IS NULL OR status = ?2)"
-        values = (graph_id, None if status is None else status.value)
+        where = "WHERE (? IS NULL OR graph_id = ?) AND (? IS NULL OR status = ?)"
+        status_value = None if status is None else status.value
+        values = (graph_id, graph_id, status_value, status_value)
         with self._reading() as db:
-            rows = db.execute(f"SELECT head FROM runs {where} ORDER BY seq DESC LIMIT ?3 OFFSET ?4",
-                              (*values, limit, offset)).fetchall()
-            total = db.execute(f"SELECT COUNT(*) FROM runs {where}", values).fetchone()[0]
+            rows = self._all(db, f"SELECT head FROM runs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                             (*values, limit, offset))
+            total = self._one(db, f"SELECT COUNT(*) FROM runs {where}", values)[0]
         heads = (json.loads(row[0]) for row in rows)
         return [converter.structure({k: head[k] for k in _SUMMARY_FIELDS}, RunSummary) for head in heads], total
 
     def counts(self) -> tuple[int, int]:
         """Return how many graphs and runs are stored."""
         with self._reading() as db:
-            return (db.execute("SELECT COUNT(*) FROM graphs").fetchone()[0],
-                    db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+            return self._one(db, "SELECT COUNT(*) FROM graphs")[0], self._one(db, "SELECT COUNT(*) FROM runs")[0]
 
     def close(self) -> None:
         """Finish pending writes and close the database."""
@@ -1956,24 +2031,46 @@ class SqliteStore:
         self._reader.close()
         self._writer.close()
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_S)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process crash loses no committed transaction
-        return db
+    # What each database does its own way.
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _sql(self, statement: str) -> str:
+        return statement
+
+    def _begin(self, db: Any, *, write: bool) -> None:
+        db.execute("BEGIN")
+
+    def _notify(self, db: Any, message: str) -> None:
+        """Tell the other servers (a database with notifications; the others poll)."""
+
+    # Shared plumbing.
+    def _one(self, db: Any, statement: str, values: tuple = ()) -> Any:
+        return db.execute(self._sql(statement), values).fetchone()
+
+    def _all(self, db: Any, statement: str, values: tuple = ()) -> list:
+        return db.execute(self._sql(statement), values).fetchall()
+
+    def _read_one(self, statement: str, values: tuple = ()) -> Any:
+        with self._reading() as db:
+            return self._one(db, statement, values)
+
+    def _read_all(self, statement: str, values: tuple = ()) -> list:
+        with self._reading() as db:
+            return self._all(db, statement, values)
 
     @contextlib.contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
+    def _reading(self) -> Iterator[Any]:
         # One read transaction, so that related rows come from the same committed state.
-        self._reader.execute("BEGIN")
+        self._begin(self._reader, write=False)
         try:
             yield self._reader
         finally:
             self._reader.execute("COMMIT")
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._writer.execute("BEGIN IMMEDIATE")
+    def _transaction(self) -> Iterator[Any]:
+        self._begin(self._writer, write=True)
         try:
             yield self._writer
         except BaseException:
@@ -1986,84 +2083,223 @@ class SqliteStore:
 
     def _record(self, run_id: str) -> dict[str, Any]:
         with self._reading() as db:
-            row = db.execute("SELECT head FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            entries = db.execute("SELECT entry FROM logs WHERE run_id = ? ORDER BY position", (run_id,)).fetchall()
+            row = self._one(db, "SELECT head FROM runs WHERE run_id = ?", (run_id,))
+            entries = self._all(db, "SELECT entry FROM logs WHERE run_id = ? ORDER BY position", (run_id,))
         if row is None:
             raise RunNotFound(run_id)
         return {**json.loads(row[0]), "logs": [json.loads(entry) for (entry,) in entries]}
 
-    def _migrate(self) -> None:
-        with self._transaction() as db:
-            has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is not None
-            version = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) if has_meta else 0
-            if version > len(_MIGRATIONS):
-                raise RuntimeError(f"{self.path} has schema version {version}, newer than this code's {len(_MIGRATIONS)}")
-            for statements in _MIGRATIONS[version:]:
-                for statement in statements:
-                    db.execute(statement)
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(len(_MIGRATIONS)),))
+    def _migrate(self, db: Any) -> None:
+        version = int(self._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")[0]) \
+            if self._one(db, self.HAS_META) is not None else 0
+        if version > len(_MIGRATIONS):
+            raise RuntimeError(f"the database has schema version {version}, newer than this code's {len(_MIGRATIONS)}")
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
+                db.execute(statement.format(serial=self.SERIAL, json=self.JSON, without_rowid=self.WITHOUT_ROWID))
+        db.execute(self._sql("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value ="
+                             " excluded.value"), (str(len(_MIGRATIONS)),))
 
     def _insert_graph(self, graph_id: str, definition: bytes) -> bytes | None:
         with self._transaction() as db:
-            row = db.execute("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+            row = self._one(db, "SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
             if row is not None:
                 return row[0]
-            if db.execute("SELECT COUNT(*) FROM graphs").fetchone()[0] >= self.max_graphs:
+            if self._one(db, "SELECT COUNT(*) FROM graphs")[0] >= self.max_graphs:
                 raise StoreFull(self.max_graphs)
-            db.execute("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)", (graph_id, definition))
+            db.execute(self._sql("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)"), (graph_id, definition))
             return None
 
     @staticmethod
-    def _values(run: RunContext, owner: str, saved_logs: int) -> tuple[Any, ...]:
+    def _values(run: RunContext, saved_logs: int) -> tuple[Any, ...]:
         # The writer thread gets values, not the live run, which the event loop may change meanwhile.
         head = converter.unstructure(attrs.evolve(run, logs=[]))
         del head["logs"]
         entries = [(run.run_id, position, dump_json(converter.unstructure(entry)))
                    for position, entry in enumerate(run.logs[saved_logs:], start=saved_logs)]
-        owner_after = owner if run.status.is_active else None  # a stopped run has no owner
-        return run.run_id, run.graph_id, run.status, owner_after, dump_json(head), entries
+        history, events = dump_json(head["history"]), len(run.history) + len(run.logs)
+        return run.run_id, run.graph_id, run.status, dump_json(head), history, events, entries
 
-    def _claim(self, expected: RunStatus | None, run_id: str, graph_id: str, status: RunStatus, owner: str | None,
-               head: bytes, entries: list[tuple[str, int, bytes]]) -> int:
+    def _claim(self, expected: RunStatus | None, owner: str | None, lease_s: float, origin: str | None,
+               room: int | None, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
+               events: int, entries: list[tuple[str, int, bytes]]) -> int:
+        owner = owner if status.is_active else None  # a stopped run has no owner
+        lease = None if owner is None else lease_s
         with self._transaction() as db:
+            if room is not None and status.is_active and self._one(
+                    db, f"SELECT COUNT(*) FROM runs WHERE origin = ? AND {_IN_ACTIVE}", (origin,))[0] >= room:
+                raise Busy("too many runs are waiting; retry later")
             if expected is None:
                 attempt = 1
-                db.execute("INSERT INTO runs (run_id, graph_id, status, owner, attempt, head) VALUES (?, ?, ?, ?, 1, ?)",
-                           (run_id, graph_id, status.value, owner, head))
+                db.execute(self._sql("INSERT INTO runs (run_id, graph_id, status, owner, attempt, lease_until, head,"
+                                     f" history, event_count, origin) VALUES (?, ?, ?, ?, 1, {self.NOW} + ?, ?, ?, ?, ?)"),
+                           (run_id, graph_id, status.value, owner, lease, head, history, events, origin))
             else:
-                row = db.execute("SELECT status, attempt FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                row = self._one(db, "SELECT status, attempt, owner FROM runs WHERE run_id = ?", (run_id,))
                 if row is None:
                     raise RunNotFound(run_id)
-                if row[0] != expected.value:
+                if row[0] != expected.value or row[2] is not None:
                     raise _refused(run_id, RunStatus(row[0]), status)
                 attempt = row[1] + 1
-                db.execute("UPDATE runs SET status = ?, owner = ?, attempt = ?, head = ? WHERE run_id = ?",
-                           (status.value, owner, attempt, head, run_id))
-            self._add_logs(db, status, entries)
+                db.execute(self._sql(f"UPDATE runs SET status = ?, owner = ?, attempt = ?, lease_until = {self.NOW} + ?,"
+                                     " cancel_requested = 0, head = ?, history = ?, event_count = ?,"
+                                     " origin = COALESCE(?, origin) WHERE run_id = ?"),
+                           (status.value, owner, attempt, lease, head, history, events, origin, run_id))
+            self._add_logs(db, run_id, status, entries, queued=owner is None and status.is_active)
             return attempt
 
-    def _save(self, lease: Lease, run_id: str, graph_id: str, status: RunStatus, owner: str | None, head: bytes,
-              entries: list[tuple[str, int, bytes]]) -> None:
+    def _save(self, lease: Lease, lease_s: float, run_id: str, graph_id: str, status: RunStatus, head: bytes,
+              history: bytes, events: int, entries: list[tuple[str, int, bytes]]) -> None:
+        owner = lease.owner if status.is_active else None
         with self._transaction() as db:
-            updated = db.execute("UPDATE runs SET status = ?, owner = ?, head = ? WHERE run_id = ? AND owner = ?"
-                                 " AND attempt = ?", (status.value, owner, head, run_id, lease.owner, lease.attempt))
+            updated = db.execute(self._sql(
+                f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
+                " event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ?"),
+                (status.value, owner, lease_s if owner else None, head, history, events, run_id, lease.owner,
+                 lease.attempt))
             if updated.rowcount == 0:
                 raise LeaseLost(run_id)
-            self._add_logs(db, status, entries)
+            self._add_logs(db, run_id, status, entries)
 
-    def _add_logs(self, db: sqlite3.Connection, status: RunStatus, entries: list[tuple[str, int, bytes]]) -> None:
-        db.executemany("INSERT OR REPLACE INTO logs (run_id, position, entry) VALUES (?, ?, ?)", entries)
+    def _take_over(self, lease: Lease, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
+                   events: int, entries: list[tuple[str, int, bytes]]) -> None:
+        with self._transaction() as db:
+            updated = db.execute(self._sql(
+                "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?, event_count = ?"
+                f" WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}"),
+                (status.value, head, history, events, run_id, lease.owner, lease.attempt))
+            if updated.rowcount == 0:
+                raise LeaseLost(run_id)
+            self._add_logs(db, run_id, status, entries, queued=status.is_active)
+
+    def _claim_next(self, owner: str, lease_s: float) -> tuple[str, int, bool] | None:
+        with self._transaction() as db:
+            row = self._one(db, "SELECT run_id, attempt, cancel_requested FROM runs WHERE status = 'pending'"
+                            f" AND owner IS NULL ORDER BY seq LIMIT 1{self.SKIP_LOCKED}")
+            if row is None:
+                return None
+            db.execute(self._sql(f"UPDATE runs SET owner = ?, attempt = ?, lease_until = {self.NOW} + ?"
+                                 " WHERE run_id = ?"), (owner, row[1] + 1, lease_s, row[0]))
+            return row[0], row[1] + 1, bool(row[2])
+
+    def _heartbeat(self, owner: str, leases: dict[str, int], lease_s: float) -> Heartbeat:
+        with self._transaction() as db:
+            db.execute(self._sql(f"UPDATE runs SET lease_until = {self.NOW} + ? WHERE owner = ? AND {_IN_ACTIVE}"),
+                       (lease_s, owner))
+            held = {run_id: (attempt, flag) for run_id, attempt, flag in self._all(
+                db, f"SELECT run_id, attempt, cancel_requested FROM runs WHERE owner = ? AND {_IN_ACTIVE}", (owner,))}
+        lost = tuple(run_id for run_id, attempt in leases.items() if held.get(run_id, (None,))[0] != attempt)
+        return Heartbeat(lost=lost, cancel_requested=tuple(run_id for run_id, (_, flag) in held.items() if flag))
+
+    def _request_cancel(self, run_id: str) -> bool:
+        with self._transaction() as db:
+            updated = db.execute(self._sql(f"UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND {_IN_ACTIVE}"),
+                                 (run_id,)).rowcount
+            self._notify(db, f"cancel {run_id}")
+            return updated > 0
+
+    def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]], *,
+                  queued: bool = False) -> None:
+        self._executemany(db, "INSERT INTO logs (run_id, position, entry) VALUES (?, ?, ?)"
+                          " ON CONFLICT (run_id, position) DO UPDATE SET entry = excluded.entry", entries)
         if status.is_terminal:
             self._evict(db)
+        self._notify(db, f"run {run_id}")
+        if queued:
+            self._notify(db, "queue")
 
-    def _evict(self, db: sqlite3.Connection) -> None:
-        marks = ", ".join("?" * len(_TERMINAL))
-        old = (f"SELECT run_id FROM runs WHERE status IN ({marks}) ORDER BY seq DESC LIMIT -1 OFFSET ?")
-        db.execute(f"DELETE FROM logs WHERE run_id IN ({old})", (*_TERMINAL, self.max_runs))
-        db.execute(f"DELETE FROM runs WHERE run_id IN ({old})", (*_TERMINAL, self.max_runs))
+    def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
+        if rows:
+            db.executemany(self._sql(statement), rows)
+
+    def _evict(self, db: Any) -> None:
+        old = f"SELECT run_id FROM runs WHERE {_IN_TERMINAL} ORDER BY seq DESC LIMIT {self.NO_LIMIT} OFFSET ?"
+        db.execute(self._sql(f"DELETE FROM logs WHERE run_id IN ({old})"), (self.max_runs,))
+        db.execute(self._sql(f"DELETE FROM runs WHERE run_id IN ({old})"), (self.max_runs,))
 
 
-Store = MemoryStore | SqliteStore
+class SqliteStore(SqlStore):
+    """The SQL store in a SQLite file (WAL), which every process on this machine that names it shares."""
+
+    NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+    SERIAL = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    JSON = "TEXT"
+    WITHOUT_ROWID = " WITHOUT ROWID"
+    NO_LIMIT = "-1"
+    HAS_META = "SELECT 1 FROM sqlite_master WHERE name = 'meta'"
+
+    def __init__(self, path: str | os.PathLike[str], *, max_runs: int = MAX_STORED_RUNS,
+                 max_graphs: int = MAX_STORED_GRAPHS) -> None:
+        self.path = str(path)
+        super().__init__(max_runs=max_runs, max_graphs=max_graphs)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_S)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process crash loses no committed transaction
+        return db
+
+    def _begin(self, db: sqlite3.Connection, *, write: bool) -> None:
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # a writer takes the lock first: no deadlocks
+
+
+class PostgresStore(SqlStore):
+    """The SQL store in a PostgreSQL database, which servers on many machines share (psycopg 3).
+
+    Every committed change sends a notification, so other servers' streams and idle workers wake at once; one
+    listening connection per process (`listen`) serves them all.
+    """
+
+    NOW = "extract(epoch from clock_timestamp())::double precision"
+    SERIAL = "BIGSERIAL PRIMARY KEY"
+    JSON = "BYTEA"
+    NO_LIMIT = "ALL"
+    SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    HAS_META = "SELECT 1 FROM information_schema.tables WHERE table_name = 'meta' AND table_schema = current_schema()"
+
+    def __init__(self, url: str, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> None:
+        self.url = url
+        import psycopg  # only a PostgreSQL store needs it, so the single file runs without it  # noqa: PLC0415
+        self._psycopg = psycopg
+        super().__init__(max_runs=max_runs, max_graphs=max_graphs)
+
+    def listen(self, on_message: Callable[[str], None], stop: threading.Event) -> None:
+        """Call `on_message(payload)` for every notification until `stop` is set (blocking: run it in a thread)."""
+        with self._psycopg.connect(self.url, autocommit=True) as db:
+            db.execute(f"LISTEN {_CHANNEL}")
+            while not stop.is_set():
+                for notification in db.notifies(timeout=0.5):
+                    on_message(notification.payload)
+
+    def _connect(self) -> Any:
+        return self._psycopg.connect(self.url, autocommit=True)
+
+    @functools.cache  # noqa: B019  # a few constant statements
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
+
+    def _begin(self, db: Any, *, write: bool) -> None:
+        db.execute("BEGIN")
+        if write:  # one writer at a time for the rules that count rows (graphs, the queue's order, migrations)
+            db.execute("SELECT pg_advisory_xact_lock(7261)")
+
+    def _notify(self, db: Any, message: str) -> None:
+        db.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, message))
+
+    def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
+        if rows:
+            with db.cursor() as cursor:
+                cursor.executemany(self._sql(statement), rows)
+
+
+def open_store(url: str, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> SqlStore:
+    """The store a WORKFLOW_DB value names: `postgresql://...` (or `postgres://`), `sqlite:///path`, or a path."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url, max_runs=max_runs, max_graphs=max_graphs)
+    return SqliteStore(url.removeprefix("sqlite:///"), max_runs=max_runs, max_graphs=max_graphs)
+
+
+Store = MemoryStore | SqlStore
 
 
 # ---------------------------------------------------------------------------
@@ -2077,6 +2313,7 @@ class _ActiveRun:
     run: RunContext
     graph: GraphDefinition
     store: "Store"
+    lease_s: float
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
     saved_logs: int  # how many of the run's log entries the store holds
     accepted: asyncio.Future[None]  # done once the store holds the claim (or refused it)
@@ -2093,10 +2330,12 @@ class _ActiveRun:
         if self.accepted.done() and self.run.status.is_active and self.task is not None:
             self.task.cancel()
 
-    async def claim(self, owner: str) -> None:
-        """Have the store hold the run for `owner`; raise StoreUnavailable if it cannot."""
+    async def claim(self, owner: str, room: int) -> None:
+        """Have the store hold the run for `owner` (at most `room` active runs of this server); raise
+        StoreUnavailable if it cannot."""
         try:
-            self.lease = await self.store.claim_run(self.run, self.expected, owner, self.saved_logs)
+            self.lease = await self.store.claim_run(self.run, self.expected, owner, self.saved_logs, self.lease_s,
+                                                    owner, room)
         except EngineError:
             raise
         except Exception as exc:
@@ -2107,7 +2346,7 @@ class _ActiveRun:
         """Save the run under its lease (the runner's checkpoint); raise StoreUnavailable, or LeaseLost."""
         assert self.lease is not None
         try:
-            await self.store.save_run(run, self.lease, self.saved_logs)
+            await self.store.save_run(run, self.lease, self.saved_logs, self.lease_s)
         except EngineError:
             raise
         except Exception as exc:
@@ -2160,7 +2399,7 @@ class Engine:
         self.registry = registry
         self.settings = settings or Settings()
         self.store = store or MemoryStore(max_runs=self.settings.max_runs, max_graphs=self.settings.max_graphs)
-        self.worker_id = worker_id or process_owner()
+        self.worker_id = worker_id or self.settings.worker_id or worker_name()
         self._builtin: dict[str, GraphDefinition] = {}
         for graph in registry.graphs:
             validate_graph(graph, registry, limits=self.settings)
@@ -2168,14 +2407,24 @@ class Engine:
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
         self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
         self._draining: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None  # with a shared store: claims queued runs, keeps leases
+        self._wake = asyncio.Event()  # a run was queued, a slot came free, or the store says something changed
+        self._followers: dict[str, set[asyncio.Event]] = {}  # streams of runs that another server executes
+        self._listening = threading.Event()  # set to stop the thread that listens for the store's notifications
 
     async def open(self) -> None:
-        """Mark the runs that a process now gone left active as `interrupted` (create_app's lifespan calls this)."""
-        for run in self.store.orphans():
-            expected = run.status
-            move_run(run, RunStatus.INTERRUPTED, "the server stopped while the run was going; resume it to go on")
-            with contextlib.suppress(RunConflict):  # another process recovered it first
-                await self.store.claim_run(run, expected, self.worker_id, len(run.logs))
+        """With a shared store, start working the queue and keeping leases (create_app's lifespan calls this; a
+        run started here calls it too). Nothing to do with a MemoryStore."""
+        if self._worker is not None or not self.store.is_shared or self._draining is not None:
+            return
+        self._worker = asyncio.create_task(self._work(), name=f"worker {self.worker_id}")
+        listen = getattr(self.store, "listen", None)
+        if listen is not None:
+            loop = asyncio.get_running_loop()
+            thread = threading.Thread(target=listen, name="workflow-listen", daemon=True,
+                                      args=(lambda message: loop.call_soon_threadsafe(self._heard, message),
+                                            self._listening))
+            thread.start()
 
     async def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool, list[Problem]]:
         """Validate and store `graph` (a new id if it has none); return it, whether it was new, and its warnings."""
@@ -2222,10 +2471,14 @@ class Engine:
 
     async def start(
         self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
-        max_iterations: int | None = None, timeout_s: float | None = None, wait: bool = False,
+        max_iterations: int | None = None, timeout_s: float | None = None, wait: bool = False, queue: bool = False,
     ) -> RunContext:
         """Start a run of a stored graph (by id) or of a definition (validated and stored first, so the run can be
-        resumed); return its record once the store holds it, or with `wait` once the run has stopped."""
+        resumed); return its record once the store holds it, or with `wait` once the run has stopped.
+
+        With `queue` (and a shared store) the run goes to the store's queue, for whichever server has room; the
+        record returned is then the queued one, which `get_run` reads anew.
+        """
         self._check_room()
         graph = self.get_graph(graph) if isinstance(graph, str) else (await self.create_graph(graph))[0]
         limit = self._max_iterations(graph, max_iterations)
@@ -2236,11 +2489,12 @@ class Engine:
             raise InvalidRequest(problems)
         run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s,
                       max_state_bytes=self.settings.max_state_bytes)
-        return await self._submit(run, graph, None, wait)
+        return await self._submit(run, graph, None, wait, queue=queue)
 
     async def resume(self, run_id: str, updates: dict[str, Any] | None = None, *,
-                     timeout_s: float | None = None, wait: bool = False) -> RunContext:
-        """Go on with a waiting or interrupted run from its next node, after merging `updates` into its data."""
+                     timeout_s: float | None = None, wait: bool = False, queue: bool = False) -> RunContext:
+        """Go on with a waiting or interrupted run from its next node, after merging `updates` into its data;
+        `wait` and `queue` as for `start`."""
         problem = json_problem(updates or {})
         if problem:
             raise InvalidRequest([Problem("$.updates", problem)])
@@ -2262,7 +2516,7 @@ class Engine:
             run.logs.append(LogEntry(iteration=run.iteration, node=run.next_node or "", event=LogEvent.RESUMED,
                                      started_at=_now(), duration_ms=0.0, keys_changed=tuple(updates),
                                      updates=_copy_json(updates)))
-        return await self._submit(run, graph, expected, wait, saved_logs)
+        return await self._submit(run, graph, expected, wait, saved_logs, queue=queue)
 
     async def run(
         self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
@@ -2292,17 +2546,32 @@ class Engine:
             if not active.run.status.is_resumable or run_id in self._active:
                 raise _refused(run_id, self.get_run(run_id).status, RunStatus.CANCELLED)
         run = self.store.get_run(run_id)
-        if run.status.is_active:
-            raise RunConflict(f"run {run_id!r} is {run.status.value} in another process; cancel it there")
         expected = run.status
         move_run(run, RunStatus.CANCELLED, f"the run was cancelled while {expected.value}")
         try:
             await self.store.claim_run(run, expected, self.worker_id, len(run.logs))
+        except RunConflict:  # another server holds it: ask its owner
+            if not expected.is_active:
+                raise
+            return await self._cancel_elsewhere(run_id)
         except EngineError:
             raise
         except Exception as exc:
             raise StoreUnavailable(run_id, exc) from exc
         return run
+
+    async def _cancel_elsewhere(self, run_id: str) -> RunContext:
+        """Flag a run that another server executes; wait until its owner (or, if it died, the server that takes
+        it over) has stopped it, and answer as a local cancel would."""
+        await self.store.request_cancel(run_id)  # type: ignore[union-attr]
+        deadline = time.monotonic() + 3 * self.settings.lease_s + 5
+        while (run := self.store.get_run(run_id)).status.is_active and time.monotonic() < deadline:
+            await asyncio.sleep(CANCEL_POLL_S)
+        if run.status is RunStatus.CANCELLED:
+            return run
+        if run.status.is_active:
+            raise RunConflict(f"run {run_id!r} is still {run.status.value} on another server; its cancel is requested")
+        raise _refused(run_id, run.status, RunStatus.CANCELLED)
 
     def follow(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent | None]:
         """Return the run's events after id `after`, live until it stops; None marks a quiet keep-alive interval."""
@@ -2321,6 +2590,13 @@ class Engine:
         self.store.close()
 
     async def _drain(self, grace_s: float | None) -> None:
+        self._listening.set()
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.wait([self._worker])
+        for events in self._followers.values():
+            for event in events:
+                event.set()
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         if self._active and grace_s > 0:
             await asyncio.wait([active.task for active in self._active.values()], timeout=grace_s)  # type: ignore
@@ -2333,15 +2609,24 @@ class Engine:
     def _check_room(self) -> None:
         if self._draining is not None:
             raise Busy("the server is shutting down")
-        if len(self._active) >= self.settings.max_concurrent_runs + self.settings.max_pending_runs:
+        if len(self._active) >= self._room():
             raise Busy("too many runs are waiting; retry later")
 
     async def _submit(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None, wait: bool,
-                      saved_logs: int = 0) -> RunContext:
+                      saved_logs: int = 0, *, queue: bool = False) -> RunContext:
         self._check_room()  # again, with no await between it and the reservation below
-        active = _ActiveRun(run=run, graph=graph, store=self.store, expected=expected, saved_logs=saved_logs,
-                            accepted=asyncio.get_running_loop().create_future())
-        self._active[run.run_id] = active
+        if queue and self.store.is_shared and not wait:  # any server with room takes it from the queue
+            await self.open()
+            try:
+                await self.store.claim_run(run, expected, None, saved_logs, self.settings.lease_s, self.worker_id,
+                                           self._room())
+            except EngineError:
+                raise
+            except Exception as exc:
+                raise StoreUnavailable(run.run_id, exc) from exc
+            self._wake.set()
+            return run
+        active = self._new_active(run, graph, expected, saved_logs)
         active.task = asyncio.create_task(self._execute(active), name=f"run {run.run_id}")
         await asyncio.wait([active.accepted])  # unlike awaiting it, a caller that goes away cancels nothing
         if active.accepted.exception() is not None:
@@ -2350,6 +2635,16 @@ class Engine:
             await self._stopped(active)
         return run
 
+    def _new_active(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None,
+                    saved_logs: int) -> _ActiveRun:
+        active = _ActiveRun(run=run, graph=graph, store=self.store, lease_s=self.settings.lease_s, expected=expected,
+                            saved_logs=saved_logs, accepted=asyncio.get_running_loop().create_future())
+        self._active[run.run_id] = active
+        return active
+
+    def _room(self) -> int:
+        return self.settings.max_concurrent_runs + self.settings.max_pending_runs
+
     async def _stopped(self, active: _ActiveRun) -> None:
         await asyncio.wait([active.task])  # type: ignore[list-item]
         if active.failure is not None:
@@ -2357,12 +2652,15 @@ class Engine:
 
     async def _execute(self, active: _ActiveRun) -> None:
         run = active.run
-        try:
-            await active.claim(self.worker_id)
-        except EngineError as exc:
-            del self._active[run.run_id]
-            active.accepted.set_exception(exc)
-            return
+        if active.lease is None:
+            if self.store.is_shared:
+                await self.open()
+            try:
+                await active.claim(self.worker_id, self._room())
+            except EngineError as exc:
+                del self._active[run.run_id]
+                active.accepted.set_exception(exc)
+                return
         active.accepted.set_result(None)
         is_logged = False
         try:
@@ -2391,6 +2689,7 @@ class Engine:
                 await self._save_last(active, is_logged)
             del self._active[run.run_id]
             active.notify(run)
+            self._wake.set()  # a slot came free
             if logger.isEnabledFor(logging.INFO):
                 active.log_end()
 
@@ -2403,6 +2702,88 @@ class Engine:
                 logger.error("run %s: its last state (%s) was not saved: %s", active.run.run_id,
                              active.run.status.value, exc.message)
 
+    async def _work(self) -> None:
+        """With a shared store: claim queued runs while there is room, and on every heartbeat renew leases, cancel
+        what other servers asked to, and take over runs whose server stopped renewing."""
+        loop, next_beat, is_failing = asyncio.get_running_loop(), 0.0, False
+        tick = min(HEARTBEAT_S, self.settings.lease_s / 3)
+        while True:
+            try:
+                if loop.time() >= next_beat:
+                    next_beat = loop.time() + tick
+                    await self._beat()
+                    await self._take_over_expired()
+                await self._claim_queued()
+                is_failing = False
+            except Exception as exc:  # the database is away: keep trying, and say so once
+                if not is_failing:
+                    logger.error("worker %s: the store failed (%s); trying again every %s s", self.worker_id,
+                                 _describe(exc), tick)
+                is_failing = True
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(next_beat - loop.time(), 0.0))
+
+    async def _beat(self) -> None:
+        leases = {run_id: active.lease.attempt for run_id, active in self._active.items()
+                  if active.lease is not None and active.lease.owner}
+        beat = await self.store.heartbeat(self.worker_id, leases, self.settings.lease_s)
+        for run_id in beat.lost:
+            active = self._active.get(run_id)
+            if active is not None and active.failure is None:
+                active.failure = LeaseLost(run_id)
+                logger.warning("run %s: this worker lost its lease; it stops executing the run", run_id)
+                active.cancel()
+        for run_id in beat.cancel_requested:
+            self._cancel_here(run_id)
+
+    def _cancel_here(self, run_id: str) -> None:
+        active = self._active.get(run_id)
+        if active is not None:
+            active.cancel()
+
+    async def _take_over_expired(self) -> None:
+        for run, lease in self.store.expired():
+            saved_logs, recoveries = len(run.logs), sum(entry.event is LogEvent.RECOVERED for entry in run.logs)
+            if recoveries >= self.settings.max_recoveries:
+                move_run(run, RunStatus.FAILED, f"the run's server stopped {recoveries + 1} times; it was recovered "
+                         f"{recoveries} times, the limit (WORKFLOW_MAX_RECOVERIES)")
+            else:
+                run.logs.append(LogEntry(iteration=run.iteration, node=run.next_node or "", event=LogEvent.RECOVERED,
+                                         started_at=_now(), duration_ms=0.0, attempt=lease.attempt,
+                                         error=f"recovered from worker {lease.owner}, whose lease expired"))
+                if run.status is RunStatus.RUNNING:
+                    move_run(run, RunStatus.PENDING)
+            with contextlib.suppress(LeaseLost):  # another server took it over first, or its owner came back
+                await self.store.take_over(run, lease, saved_logs)  # type: ignore[union-attr]
+                logger.warning("run %s: taken over from worker %s, whose lease expired", run.run_id, lease.owner)
+
+    async def _claim_queued(self) -> None:
+        while len(self._active) < self.settings.max_concurrent_runs and self._draining is None:
+            claimed = await self.store.claim_next(self.worker_id, self.settings.lease_s)
+            if claimed is None:
+                return
+            run, lease, is_cancel_requested = claimed
+            active = self._new_active(run, self._graph_or_none(run.graph_id), run.status, len(run.logs))
+            active.lease, active.is_cancel_requested = lease, is_cancel_requested
+            active.task = asyncio.create_task(self._execute(active), name=f"run {run.run_id}")
+
+    def _graph_or_none(self, graph_id: str) -> GraphDefinition:
+        try:
+            return self.get_graph(graph_id)
+        except GraphNotFound:  # deleted meanwhile: the run fails when it starts, saying so
+            return GraphDefinition(graph_id=graph_id, start_node="", nodes=())
+
+    def _heard(self, message: str) -> None:
+        """A notification from the store (PostgreSQL): a change to a run, a queued run, or a cancel request."""
+        kind, _, run_id = message.partition(" ")
+        if kind == "queue":
+            self._wake.set()
+        elif kind == "cancel":
+            self._cancel_here(run_id)
+        for event in self._followers.get(run_id, ()):
+            event.set()
+
     def _may_pause(self, run: RunContext) -> str | None:
         limit = self.settings.max_paused_runs
         if self.store.count_paused() < limit:
@@ -2410,6 +2791,20 @@ class Engine:
         return f"the run cannot pause: {limit} runs are already waiting or interrupted, the limit; resume or cancel some"
 
     async def _follow(self, run: RunContext, after: int) -> AsyncIterator[RunEvent | None]:
+        # A run that another server executes: its changes come as notifications (PostgreSQL) or by polling.
+        notified = asyncio.Event()
+        self._followers.setdefault(run.run_id, set()).add(notified)
+        try:
+            async for event in self._events(run, after, notified):
+                yield event
+        finally:
+            followers = self._followers[run.run_id]
+            followers.discard(notified)
+            if not followers:
+                del self._followers[run.run_id]
+
+    async def _events(self, run: RunContext, after: int, notified: asyncio.Event) -> AsyncIterator[RunEvent | None]:
+        poll_s = HEARTBEAT_S if hasattr(self.store, "listen") else STREAM_POLL_S
         quiet_s = 0.0
         while True:
             active = self._active.get(run.run_id)
@@ -2433,13 +2828,28 @@ class Engine:
                 continue
             if self._draining is not None:  # the server is going away; the client may reconnect elsewhere
                 return
-            # The run executes in another process: follow the store.
-            quiet_s = 0.0 if sent else quiet_s + STREAM_POLL_S
+            quiet_s = 0.0 if sent else quiet_s + poll_s
             if quiet_s >= self.settings.stream_keepalive_s:
                 quiet_s = 0.0
                 yield None
-            await asyncio.sleep(STREAM_POLL_S)
-            run = self.store.get_run(run.run_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(notified.wait(), poll_s)
+            notified.clear()
+            run = self._caught_up(run)
+
+    def _caught_up(self, run: RunContext) -> RunContext:
+        """`run` with what another server has committed since: its new history and log entries only, and the whole
+        record once it stops (its end event carries the state)."""
+        if self._active.get(run.run_id) is not None or \
+                self.store.event_count(run.run_id) == len(run.history) + len(run.logs):  # type: ignore[union-attr]
+            return run
+        progress = self.store.progress(run.run_id, len(run.logs))  # type: ignore[union-attr]
+        if progress is None:  # deleted meanwhile
+            return run
+        _, history, entries = progress
+        if not history[-1].status.is_active:
+            return self.store.get_run(run.run_id)
+        return attrs.evolve(run, status=history[-1].status, history=history, logs=[*run.logs, *entries])
 
     def _max_iterations(self, graph: GraphDefinition, requested: int | None) -> int:
         limit = requested or graph.max_iterations or self.settings.max_iterations
@@ -2581,7 +2991,7 @@ async def post_graph_run(request: Request) -> Response:
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes), RunRequest)
     run = await engine.start(body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s,
-                             wait=body.wait)
+                             wait=body.wait, queue=not body.wait)
     return _run_answer(run, body.wait)
 
 
@@ -2589,7 +2999,8 @@ async def post_graph_resume(request: Request) -> Response:
     """Go on with a waiting or interrupted run, after merging `updates` into its data; answers like /graph/run."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes, empty={}), ResumeRequest)
-    run = await engine.resume(_path_id(request, "run_id"), body.updates, timeout_s=body.timeout_s, wait=body.wait)
+    run = await engine.resume(_path_id(request, "run_id"), body.updates, timeout_s=body.timeout_s, wait=body.wait,
+                              queue=not body.wait)
     return _run_answer(run, body.wait)
 
 
@@ -2987,6 +3398,9 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_MAX_CONCURRENT_RUNS", "max_concurrent_runs", _env_number(int)),
     ("WORKFLOW_MAX_PENDING_RUNS", "max_pending_runs", _env_number(int)),
     ("WORKFLOW_MAX_PAUSED_RUNS", "max_paused_runs", _env_number(int)),
+    ("WORKFLOW_LEASE_S", "lease_s", _env_number(float)),
+    ("WORKFLOW_MAX_RECOVERIES", "max_recoveries", _env_number(int)),
+    ("WORKFLOW_WORKER_ID", "worker_id", str),
     ("WORKFLOW_MAX_NODES", "max_nodes", _env_number(int)),
     ("WORKFLOW_MAX_BRANCHES", "max_branches", _env_number(int)),
     ("WORKFLOW_MAX_STATE_BYTES", "max_state_bytes", _env_number(int)),
@@ -3112,7 +3526,7 @@ def build_engine(
         registry = Registry()
         load_workflows(registry, settings.workflow_modules)
     if store is None and settings.db_path:
-        store = SqliteStore(settings.db_path, max_runs=settings.max_runs, max_graphs=settings.max_graphs)
+        store = open_store(settings.db_path, max_runs=settings.max_runs, max_graphs=settings.max_graphs)
     return Engine(registry, store, settings)
 
 
