@@ -320,8 +320,11 @@ def test_converter_unstructures_enums_and_datetimes_as_json() -> None:
         ({"a": object()}, "object is not a JSON type"),
         (json.loads("[" * 65 + "]" * 65), "nesting deeper than 64 levels"),
         (json.loads("[" * 64 + "1" + "]" * 64), None),
+        ({"a": [-10**4300]}, "an integer of more than 4300 digits is too long to write"),
+        ({"a": [10**4300 - 1, (1, [2.5])]}, None),
     ],
-    ids=["plain", "nan", "inf", "set", "int-key", "surrogate-key", "surrogate-text", "object", "too-deep", "deep-enough"],
+    ids=["plain", "nan", "inf", "set", "int-key", "surrogate-key", "surrogate-text", "object", "too-deep",
+         "deep-enough", "long-int", "longest-int"],
 )
 def test_json_problem_finds_what_json_cannot_carry(value: object, problem: str | None) -> None:
     assert we.json_problem(value) == problem

@@ -41,6 +41,7 @@ import re
 import secrets
 import socket
 import sqlite3
+import sys
 import time
 import types
 import typing
@@ -829,33 +830,80 @@ def structure_body(payload: object, cls: type[T]) -> T:
 
 
 _PLAIN_SCALARS = frozenset({int, bool, type(None)})  # checked by exact type first: this runs on every step
+_SAFE_INT = 10 ** sys.int_info.str_digits_check_threshold  # Python writes any int below this, whatever its digit limit
 
 
-def json_problem(value: object, depth: int = 0) -> str | None:
-    """Say why `value` is not plain JSON, or None if it is.
+def json_problem(value: object) -> str | None:
+    """Say why `value` is not plain JSON (see `_copy_json`), or None if it is."""
+    try:
+        _copy_json(value)
+    except InvalidValue as exc:
+        return str(exc)
+    return None
 
-    Not JSON: NaN and infinities, sets and other objects, keys that are not strings, text with a lone surrogate
-    (JSON can escape one, UTF-8 cannot encode it), and nesting deeper than MAX_JSON_DEPTH.
+
+def _copy_json(value: Any, depth: int = 0) -> Any:
+    """Copy `value` into plain JSON types, sharing nothing mutable with it, or raise InvalidValue saying why it is not.
+
+    Plain JSON is dict with str keys, list, str, int, float, bool and None: tuples become lists, and subclasses (an
+    IntEnum, a numpy float) their base type. Not JSON: NaN and infinities, integers too long to write (Python's
+    int-to-str digit limit), sets and other objects, keys that are not strings, text with a lone surrogate (JSON can
+    escape one, UTF-8 cannot encode it), and nesting deeper than MAX_JSON_DEPTH. Checking and copying in one walk
+    costs little more than checking: this runs on every step's output.
     """
-    if type(value) in _PLAIN_SCALARS or (type(value) is str and value.isascii()):
-        return None
-    if isinstance(value, dict | list | tuple):
+    kind = type(value)
+    if kind is dict or kind is list or isinstance(value, dict | list | tuple):
         if depth >= MAX_JSON_DEPTH:
-            return f"nesting deeper than {MAX_JSON_DEPTH} levels"
-        is_object = isinstance(value, dict)
-        for key, item in value.items() if is_object else enumerate(value):
-            if is_object and not (isinstance(key, str) and (key.isascii() or _is_unicode(key))):
-                return "object keys must be strings of valid Unicode"
-            is_plain = type(item) in _PLAIN_SCALARS or (type(item) is str and item.isascii())
-            problem = None if is_plain else json_problem(item, depth + 1)
-            if problem:
-                return problem
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{value} is not a JSON number"
+            raise InvalidValue(f"nesting deeper than {MAX_JSON_DEPTH} levels")
+        depth += 1
+        # Items that are plain already are taken as they are, checked inline by exact type: no call per item.
+        if isinstance(value, dict):
+            copy: dict[str, Any] = {}
+            for key, item in value.items():
+                if type(key) is not str or not key.isascii():
+                    key = _json_key(key)
+                kind = type(item)
+                is_plain = (kind is str and item.isascii()) or (kind is int and -_SAFE_INT < item < _SAFE_INT) or (
+                    kind is bool or item is None)
+                copy[key] = item if is_plain else _copy_json(item, depth)
+            return copy
+        items = []
+        for item in value:
+            kind = type(item)
+            is_plain = (kind is str and item.isascii()) or (kind is int and -_SAFE_INT < item < _SAFE_INT) or (
+                kind is bool or item is None)
+            items.append(item if is_plain else _copy_json(item, depth))
+        return items
     if isinstance(value, str):
-        return None if _is_unicode(value) else "text with a lone surrogate is not valid Unicode"
-    return None if isinstance(value, int) else f"{type(value).__name__} is not a JSON type"
+        text = str.__str__(value)
+        if text.isascii() or _is_unicode(text):
+            return text
+        raise InvalidValue("text with a lone surrogate is not valid Unicode")
+    if type(value) is bool or value is None:
+        return value
+    if isinstance(value, int):
+        number = int.__int__(value)
+        if not -_SAFE_INT < number < _SAFE_INT:
+            try:
+                int.__repr__(number)
+            except ValueError:  # over the int-to-str digit limit: the encoder would refuse it too
+                limit = sys.get_int_max_str_digits()
+                raise InvalidValue(f"an integer of more than {limit} digits is too long to write") from None
+        return number
+    if isinstance(value, float):
+        number = float.__float__(value)
+        if math.isfinite(number):
+            return number
+        raise InvalidValue(f"{number} is not a JSON number")
+    raise InvalidValue(f"{type(value).__name__} is not a JSON type")
+
+
+def _json_key(key: object) -> str:
+    if isinstance(key, str):
+        text = str.__str__(key)
+        if text.isascii() or _is_unicode(text):
+            return text
+    raise InvalidValue("object keys must be strings of valid Unicode")
 
 
 def _is_unicode(text: str) -> bool:
@@ -1449,15 +1497,6 @@ def _next_node(
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _copy_json(value: Any) -> Any:
-    """Copy nested dicts and lists so a run never shares mutable data with its caller."""
-    if isinstance(value, dict):
-        return {key: _copy_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_copy_json(item) for item in value]
-    return value
 
 
 # ---------------------------------------------------------------------------
