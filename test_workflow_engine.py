@@ -61,6 +61,17 @@ class Gate:
 gates: dict[str, Gate] = {}  # by the name in metadata["gate"]
 
 
+class ThreadGate:
+    """A pair of thread events a `late_writer` node uses: `released` lets it go on, `done` says it has written."""
+
+    def __init__(self) -> None:
+        self.released, self.done = threading.Event(), threading.Event()
+
+
+thread_gates: dict[str, ThreadGate] = {}  # by the name in metadata["late"]
+NOT_JSON = {"nan": float("nan"), "set": {"a"}, "long_int": 10**5000}  # what a `sneak` node writes, by config["what"]
+
+
 def make_registry() -> we.Registry:
     """A registry of tiny nodes and conditions used across the tests."""
     registry = we.Registry()
@@ -171,6 +182,33 @@ def make_registry() -> we.Registry:
     @registry.node
     async def grow(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
         return {"blob": "x" * state.data["size"]}
+
+    @registry.node
+    async def pile(state: we.WorkflowState, ctx: we.NodeContext) -> None:
+        """Append the attempt number to data["items"] and metadata["seen"] in place; fail until data["succeed_on"]."""
+        attempts = flaky_attempts[ctx.run_id] = flaky_attempts.get(ctx.run_id, 0) + 1
+        state.data["items"].append(attempts)
+        state.metadata["seen"].append(attempts)
+        if attempts < state.data["succeed_on"]:
+            raise ConnectionError(f"attempt {attempts} failed")
+
+    @registry.node
+    def late_writer(state: we.WorkflowState, ctx: we.NodeContext) -> None:
+        """In its worker thread, wait until the test releases it, then write into nested data and metadata."""
+        thread_gate = thread_gates[state.metadata["late"]]
+        thread_gate.released.wait()
+        state.data["items"].append("late")
+        state.metadata["seen"].append("late")
+        thread_gate.done.set()
+
+    @registry.node
+    async def sneak(state: we.WorkflowState, ctx: we.NodeContext) -> dict | None:
+        """Write NOT_JSON[config["what"]]: appended in place to data["items"], or returned as data["out"]."""
+        value = NOT_JSON[ctx.config["what"]]
+        if ctx.config.get("returned"):
+            return {"out": value}
+        state.data["items"].append(value)
+        return None
 
     @registry.node
     async def nap(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
@@ -511,6 +549,56 @@ async def test_run_rejects_node_output_that_is_not_json_data(client: httpx.Async
     run = await create_and_run(client, graph([node]), {"keep": 1})
     assert (run["status"], run["error"], steps(run)) == ("failed", error, [(node, "error")])
     assert run["final_state"]["data"] == {"keep": 1}
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [
+        ({"what": "nan"}, "nan is not a JSON number"),
+        ({"what": "set"}, "set is not a JSON type"),
+        ({"what": "long_int"}, "an integer of more than 4300 digits is too long to write"),
+        ({"what": "long_int", "returned": True}, "an integer of more than 4300 digits is too long to write"),
+    ],
+    ids=["nan-in-place", "set-in-place", "long-int-in-place", "long-int-returned"],
+)
+async def test_run_rejects_nested_output_that_is_not_json(client: httpx.AsyncClient, config: dict, error: str) -> None:
+    """What a node writes deep inside a value is checked like what it returns, so the run can always be served."""
+    run = await create_and_run(client, graph([node("sneak", config=config)]), {"items": [1]})
+    assert (run["status"], run["iteration"], steps(run)) == ("failed", 1, [("sneak", "error")])
+    assert run["error"] == f"node 'sneak' wrote data that is not JSON: {error}"
+    assert run["final_state"] == {"data": {"items": [1]}, "metadata": {}}
+    state = await client.get(f"/graph/state/{run['run_id']}")
+    assert (state.status_code, state.json()["state"]) == (200, run["final_state"])
+
+
+async def test_run_retried_node_leaves_no_nested_change_behind(client: httpx.AsyncClient) -> None:
+    """Each attempt starts from the data before the step; metadata is the caller's, and a node's changes to it drop."""
+    await client.post("/graph/create", json=graph([node("pile", retry={"max_attempts": 3})]))
+    body = {"graph_id": "g", "state": {"data": {"items": [0], "succeed_on": 3}, "metadata": {"seen": [0]}}}
+    run = (await client.post("/graph/run", json=body)).json()
+    assert (run["status"], run["iteration"], run["error"]) == ("completed", 1, None)
+    assert steps(run) == [("pile", "retry"), ("pile", "retry"), ("pile", "executed")]
+    assert run["final_state"] == {"data": {"items": [0, 3], "succeed_on": 3}, "metadata": {"seen": [0]}}
+    assert (run["logs"][-1]["keys_changed"], run["logs"][-1]["updates"]) == (["items"], {"items": [0, 3]})
+
+
+async def test_run_timed_out_thread_node_cannot_write_into_the_run(client: httpx.AsyncClient) -> None:
+    """A plain node's worker thread outlives its timeout; what it writes afterwards never reaches the run."""
+    gates["late"], thread_gates["late"] = Gate(), ThreadGate()
+    definition = graph([node("late_writer", timeout_s=0.01), "gate"], {"late_writer": {"on_error": "gate"}})
+    await client.post("/graph/create", json=definition)
+    body = {"graph_id": "g", "state": {"data": {"items": []}, "metadata": {"late": "late", "gate": "late", "seen": []}}}
+    response = asyncio.create_task(client.post("/graph/run", json=body))
+    await gates["late"].entered.wait()  # late_writer has timed out; its thread still waits
+    thread_gates["late"].released.set()
+    assert await asyncio.to_thread(thread_gates["late"].done.wait, 10)
+    gates["late"].opened.set()
+    run = (await response).json()
+    assert (run["status"], run["iteration"]) == ("completed", 2)
+    assert steps(run) == [("late_writer", "error"), ("gate", "executed")]
+    last_error = {"node": "late_writer", "error": "node 'late_writer' timed out after 0.01 s"}
+    assert run["final_state"] == {"data": {"items": [], "last_error": last_error, "passed": "late"},
+                                  "metadata": {"late": "late", "gate": "late", "seen": []}}
 
 
 async def test_run_sync_node_runs_in_a_worker_thread(client: httpx.AsyncClient) -> None:
