@@ -211,6 +211,11 @@ def make_registry() -> we.Registry:
         return None
 
     @registry.node
+    async def replace(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        del state.data["temp"]
+        return {"temp": "new"}
+
+    @registry.node
     async def nap(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
         await asyncio.sleep(0.05)
         return {"napped": state.data["n"]}
@@ -599,6 +604,13 @@ async def test_run_timed_out_thread_node_cannot_write_into_the_run(client: httpx
     last_error = {"node": "late_writer", "error": "node 'late_writer' timed out after 0.01 s"}
     assert run["final_state"] == {"data": {"items": [], "last_error": last_error, "passed": "late"},
                                   "metadata": {"late": "late", "gate": "late", "seen": []}}
+
+
+async def test_run_key_removed_and_returned_is_changed_once(client: httpx.AsyncClient) -> None:
+    run = await create_and_run(client, graph(["replace"]), {"temp": "old"})
+    assert (run["status"], run["iteration"], steps(run)) == ("completed", 1, [("replace", "executed")])
+    assert (run["logs"][0]["keys_changed"], run["logs"][0]["updates"]) == (["temp"], {"temp": "new"})
+    assert run["final_state"]["data"] == {"temp": "new"}
 
 
 async def test_run_sync_node_runs_in_a_worker_thread(client: httpx.AsyncClient) -> None:

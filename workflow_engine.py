@@ -1490,7 +1490,8 @@ def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: ob
             old = before.get(key, _MISSING)
             if old is not value and (type(old) is not type(value) or old != value):
                 changed[key] = value
-        removed = tuple(sorted(before.keys() - data.keys()))
+        # A key removed in place and returned too is replaced, not removed: listed once.
+        removed = tuple(sorted(key for key in before.keys() - data.keys() if not result or key not in result))
     if result:
         changed.update(result)
     try:
