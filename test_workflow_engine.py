@@ -613,6 +613,26 @@ async def test_run_key_removed_and_returned_is_changed_once(client: httpx.AsyncC
     assert run["final_state"]["data"] == {"temp": "new"}
 
 
+async def test_run_log_leaves_out_updates_past_max_log_bytes(registry: we.Registry) -> None:
+    """Past max_log_bytes, entries name the keys whose new values they leave out; the run's data stays whole."""
+    app = we.create_app(registry=registry, store=we.MemoryStore(), settings=we.Settings(max_log_bytes=700))
+    edges = {"inc": {"default_next": "grow"},
+             "grow": {"default_next": "done", "branches": [{"condition": "below_three", "target": "inc"}]}}
+    definition = graph(["inc", "grow", node("done", fn="echo_config")], edges)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        run = await create_and_run(client, definition, {"size": 300})
+        record = (await client.get(f"/graph/state/{run['run_id']}")).json()
+    blob = "x" * 300  # an update counts as its JSON text, as for max_state_bytes: 8 bytes for count, 302 for blob
+    assert (run["status"], run["iteration"], run["error"]) == ("completed", 7, None)
+    assert steps(run) == [("inc", "executed"), ("grow", "executed")] * 3 + [("done", "executed")]
+    assert [(e["keys_changed"], e["updates"], e.get("updates_omitted")) for e in run["logs"]] == [
+        (["count"], {"count": 1}, None), (["blob"], {"blob": blob}, None), (["count"], {"count": 2}, None),
+        (["blob"], {"blob": blob}, None), (["count"], {"count": 3}, None), (["blob"], {}, ["blob"]),
+        (["done"], {"done": {}}, None)]
+    assert run["final_state"]["data"] == {"size": 300, "count": 3, "blob": blob, "done": {}}
+    assert (record["logs"], record["state"], record["max_log_bytes"]) == (run["logs"], run["final_state"], 700)
+
+
 async def test_run_sync_node_runs_in_a_worker_thread(client: httpx.AsyncClient) -> None:
     run = await create_and_run(client, graph(["double"]), {"value": 21})
     assert run["final_state"]["data"]["value"] == 42
@@ -950,7 +970,7 @@ async def test_get_graph_state_returns_the_run_record(client: httpx.AsyncClient)
     record = response.json()
     assert response.status_code == 200
     assert set(record) == {"run_id", "graph_id", "status", "current_node", "next_node", "iteration", "max_iterations",
-                           "max_state_bytes", "timeout_s", "state",
+                           "max_state_bytes", "max_log_bytes", "timeout_s", "state",
                            "logs", "error", "created_at", "started_at", "finished_at", "duration_ms", "engine_overhead_ms"}
     assert {k: record[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")} == {
         k: run[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")}
@@ -2229,11 +2249,12 @@ def test_settings_from_env_reads_every_variable() -> None:
            "WORKFLOW_MAX_GRAPHS": "4", "WORKFLOW_MAX_BODY_BYTES": "1000", "WORKFLOW_MODULES": " a, b ,,",
            "WORKFLOW_MAX_CONCURRENT_RUNS": "3", "WORKFLOW_MAX_PENDING_RUNS": "2", "WORKFLOW_MAX_NODES": "9",
            "WORKFLOW_MAX_BRANCHES": "8", "WORKFLOW_MAX_STATE_BYTES": "999", "WORKFLOW_SHUTDOWN_GRACE_S": "4",
-           "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json"}
+           "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json",
+           "WORKFLOW_MAX_LOG_BYTES": "998"}
     assert we.settings_from_env(env) == we.Settings(
         max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"),
         max_concurrent_runs=3, max_pending_runs=2, max_nodes=9, max_branches=8, max_state_bytes=999,
-        shutdown_grace_s=4, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON)
+        shutdown_grace_s=4, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON, max_log_bytes=998)
     assert we.settings_from_env({}) == we.Settings()
 
 

@@ -65,6 +65,7 @@ from cattrs.cols import (
     list_structure_factory,
     mapping_structure_factory,
 )
+from cattrs.gen import make_dict_unstructure_fn, override
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -153,6 +154,7 @@ MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
 MAX_BRANCHES = 100  # branches on one edge
 MAX_STATE_BYTES = 4 * 1024 * 1024  # a run's data, counted as the JSON text of its values; past it the step fails
+MAX_LOG_BYTES = 4 * 1024 * 1024  # the updates a run's log keeps, counted the same way; past it values are left out
 MAX_ID_CHARS = 128  # longest graph id
 SHUTDOWN_GRACE_S = 10.0  # on shutdown, how long running runs may go on before they are cancelled
 MAX_TIMEOUT_S = 86_400.0  # longest timeout or backoff a graph or run may ask for
@@ -493,7 +495,8 @@ class GraphDefinition:
 class LogEntry:
     """One step of a run: a node executed (or failed), the data keys it changed and where the run went next.
 
-    Replaying `updates` rebuilds the state: a key in `keys_changed` but not in `updates` was removed.
+    Replaying `updates` rebuilds the state: a key in `keys_changed` but not in `updates` was removed, unless it is
+    in `updates_omitted`: the run's log had reached its `max_log_bytes`, so the new value was left out.
     """
 
     iteration: int
@@ -507,6 +510,7 @@ class LogEntry:
     branch: str | None = None
     error: str | None = None
     attempt: int = 1
+    updates_omitted: tuple[str, ...] = ()
 
 
 @attrs.define(kw_only=True)
@@ -521,6 +525,7 @@ class RunContext:
     iteration: int = 0
     max_iterations: int = MAX_ITERATIONS
     max_state_bytes: int = MAX_STATE_BYTES
+    max_log_bytes: int = MAX_LOG_BYTES
     timeout_s: float | None = None
     state: WorkflowState
     logs: list[LogEntry] = attrs.field(factory=list)
@@ -722,6 +727,7 @@ class Settings:
     log_format: LogFormat = LogFormat.TEXT
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
     workflow_modules: tuple[str, ...] | None = None
+    max_log_bytes: int = attrs.field(default=MAX_LOG_BYTES, validator=_positive)
 
 
 DEFAULT_SETTINGS = Settings()
@@ -792,6 +798,9 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(str | NodeDef, structure_node)
     converter.register_unstructure_hook(datetime, datetime.isoformat)
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
+    # A log entry names the keys whose values it left out only when it left some out (past max_log_bytes).
+    converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
+        LogEntry, converter, updates_omitted=override(omit_if_default=True)))
     return converter
 
 
@@ -1210,7 +1219,7 @@ def _new_id() -> str:
 
 def new_run(
     graph: GraphDefinition, state: WorkflowState, *, max_iterations: int = MAX_ITERATIONS,
-    timeout_s: float | None = None, max_state_bytes: int = MAX_STATE_BYTES,
+    timeout_s: float | None = None, max_state_bytes: int = MAX_STATE_BYTES, max_log_bytes: int = MAX_LOG_BYTES,
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`; raise InvalidValue if it is not JSON."""
     return RunContext(
@@ -1218,6 +1227,7 @@ def new_run(
         graph_id=graph.graph_id or "",
         max_iterations=max_iterations,
         max_state_bytes=max_state_bytes,
+        max_log_bytes=max_log_bytes,
         timeout_s=timeout_s,
         state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata)),
         created_at=_now(),
@@ -1276,7 +1286,7 @@ class _Hooks:
 async def _drive(run: RunContext, graph: GraphDefinition, registry: Registry, hooks: _Hooks, is_resumed: bool) -> None:
     """Execute nodes from `run.next_node` until the run ends or pauses; set its status."""
     contexts: dict[str, NodeContext] = {}
-    budget = _DataBudget(run.state.data, run.max_state_bytes)
+    budget = _DataBudget(run)
     while (name := run.next_node) is not None:
         if run.iteration >= run.max_iterations:
             run.status = RunStatus.STOPPED_MAX_ITERATIONS
@@ -1369,7 +1379,7 @@ async def _run_node(
             updates, keys = _changes(node.name, before, working.data, result)
             if io is not None:
                 _check_writes(node.name, io, updates, keys)
-            budget.charge(node.name, updates, keys)
+            omitted = budget.charge(node.name, updates, keys)
         except Interrupt as interrupt:
             return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.INTERRUPT, started_at=started_at,
                             duration_ms=_ms_since(clock), error=interrupt.reason or None, attempt=attempt)
@@ -1387,8 +1397,12 @@ async def _run_node(
             continue
         if keys:
             run.state.data = _applied(before, updates, keys)
-        return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
-                        duration_ms=_ms_since(clock), keys_changed=keys, updates=updates, attempt=attempt)
+        entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
+                         duration_ms=_ms_since(clock), keys_changed=keys, updates=updates, attempt=attempt)
+        if omitted:
+            entry.updates = {key: value for key, value in updates.items() if key not in omitted}
+            entry.updates_omitted = omitted
+        return entry
 
 
 def _private(values: dict[str, Any], nested: list[str]) -> dict[str, Any]:
@@ -1431,24 +1445,44 @@ def _check_writes(name: str, io: NodeIO, updates: dict[str, Any], keys: tuple[st
 
 
 class _DataBudget:
-    """Keep a run's data under `limit` bytes, counting each top-level value as the length of its JSON text."""
+    """Keep a run's data under its `max_state_bytes` and the updates its log keeps under its `max_log_bytes`.
 
-    def __init__(self, data: dict[str, Any], limit: int) -> None:
-        self.limit = limit
-        self.sizes = {key: _json_size(value) for key, value in data.items()}
+    Both count a value as the length of its JSON text. A step that would take the data over its limit fails; once
+    the log is full, an entry keeps the keys a step changed but leaves out each new value that does not fit, so
+    the log stays bounded while the run's data stays whole.
+    """
+
+    def __init__(self, run: RunContext) -> None:
+        self.limit, self.log_limit = run.max_state_bytes, run.max_log_bytes
+        self.sizes = {key: _json_size(value) for key, value in run.state.data.items()}
         self.total = sum(self.sizes.values())
+        self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values())
 
-    def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> None:
-        """Count a step's changes, or raise _StepFailed (counting nothing) if they take the data over the limit."""
-        total, sizes = self.total, []
+    def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
+        """Count a step's changes, or raise _StepFailed (counting nothing) if they take the data over the limit.
+
+        Return the keys whose new values the log leaves out, having counted those it keeps.
+        """
+        total, sizes, logged = self.total, [], 0
         for key in keys:  # a plain loop: this runs on every step
             size = _json_size(updates[key]) if key in updates else 0
             total += size - self.sizes.get(key, 0)
+            logged += size
             sizes.append((key, size))
         if total > self.limit:
             raise _StepFailed(f"node {name!r} took the run's data to about {total} bytes, over its limit of {self.limit}")
         self.total = total
         self.sizes.update(sizes)
+        if self.logged + logged <= self.log_limit:
+            self.logged += logged
+            return ()
+        omitted = []
+        for key, size in sizes:  # a removed key counts 0, so it always fits
+            if self.logged + size <= self.log_limit:
+                self.logged += size
+            else:
+                omitted.append(key)
+        return tuple(omitted)
 
 
 def _json_size(value: object) -> int:
@@ -1987,7 +2021,7 @@ class Engine:
         if problems:
             raise InvalidRequest(problems)
         run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s,
-                      max_state_bytes=self.settings.max_state_bytes)
+                      max_state_bytes=self.settings.max_state_bytes, max_log_bytes=self.settings.max_log_bytes)
         await self.store.save_run(run)
         self._launch(run, graph)
         return run
@@ -2618,6 +2652,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         api_token=env.get("WORKFLOW_API_TOKEN") or None,
         log_format=_env_log_format(env),
         workflow_modules=None if modules is None else tuple(m.strip() for m in modules.split(",") if m.strip()),
+        max_log_bytes=_env_int(env, "WORKFLOW_MAX_LOG_BYTES", MAX_LOG_BYTES),
     )
 
 
