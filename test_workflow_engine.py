@@ -62,6 +62,17 @@ class Gate:
 gates: dict[str, Gate] = {}  # by the name in metadata["gate"]
 
 
+class ThreadGate:
+    """A pair of thread events a `late_writer` node uses: `released` lets it go on, `done` says it has written."""
+
+    def __init__(self) -> None:
+        self.released, self.done = threading.Event(), threading.Event()
+
+
+thread_gates: dict[str, ThreadGate] = {}  # by the name in metadata["late"]
+NOT_JSON = {"nan": float("nan"), "set": {"a"}, "long_int": 10**5000}  # what a `sneak` node writes, by config["what"]
+
+
 def make_registry() -> we.Registry:
     """A registry of tiny nodes and conditions used across the tests."""
     registry = we.Registry()
@@ -172,6 +183,38 @@ def make_registry() -> we.Registry:
     @registry.node
     async def grow(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
         return {"blob": "x" * state.data["size"]}
+
+    @registry.node
+    async def pile(state: we.WorkflowState, ctx: we.NodeContext) -> None:
+        """Append the attempt number to data["items"] and metadata["seen"] in place; fail until data["succeed_on"]."""
+        attempts = flaky_attempts[ctx.run_id] = flaky_attempts.get(ctx.run_id, 0) + 1
+        state.data["items"].append(attempts)
+        state.metadata["seen"].append(attempts)
+        if attempts < state.data["succeed_on"]:
+            raise ConnectionError(f"attempt {attempts} failed")
+
+    @registry.node
+    def late_writer(state: we.WorkflowState, ctx: we.NodeContext) -> None:
+        """In its worker thread, wait until the test releases it, then write into nested data and metadata."""
+        thread_gate = thread_gates[state.metadata["late"]]
+        thread_gate.released.wait()
+        state.data["items"].append("late")
+        state.metadata["seen"].append("late")
+        thread_gate.done.set()
+
+    @registry.node
+    async def sneak(state: we.WorkflowState, ctx: we.NodeContext) -> dict | None:
+        """Write NOT_JSON[config["what"]]: appended in place to data["items"], or returned as data["out"]."""
+        value = NOT_JSON[ctx.config["what"]]
+        if ctx.config.get("returned"):
+            return {"out": value}
+        state.data["items"].append(value)
+        return None
+
+    @registry.node
+    async def replace(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        del state.data["temp"]
+        return {"temp": "new"}
 
     @registry.node
     async def nap(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
@@ -338,8 +381,11 @@ def test_converter_unstructures_enums_and_datetimes_as_json() -> None:
         ({"a": object()}, "object is not a JSON type"),
         (json.loads("[" * 65 + "]" * 65), "nesting deeper than 64 levels"),
         (json.loads("[" * 64 + "1" + "]" * 64), None),
+        ({"a": [-10**4300]}, "an integer of more than 4300 digits is too long to write"),
+        ({"a": [10**4300 - 1, (1, [2.5])]}, None),
     ],
-    ids=["plain", "nan", "inf", "set", "int-key", "surrogate-key", "surrogate-text", "object", "too-deep", "deep-enough"],
+    ids=["plain", "nan", "inf", "set", "int-key", "surrogate-key", "surrogate-text", "object", "too-deep",
+         "deep-enough", "long-int", "longest-int"],
 )
 def test_json_problem_finds_what_json_cannot_carry(value: object, problem: str | None) -> None:
     assert we.json_problem(value) == problem
@@ -526,6 +572,83 @@ async def test_run_rejects_node_output_that_is_not_json_data(client: httpx.Async
     run = await create_and_run(client, graph([node]), {"keep": 1})
     assert (run["status"], run["error"], steps(run)) == ("failed", error, [(node, "error")])
     assert run["final_state"]["data"] == {"keep": 1}
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [
+        ({"what": "nan"}, "nan is not a JSON number"),
+        ({"what": "set"}, "set is not a JSON type"),
+        ({"what": "long_int"}, "an integer of more than 4300 digits is too long to write"),
+        ({"what": "long_int", "returned": True}, "an integer of more than 4300 digits is too long to write"),
+    ],
+    ids=["nan-in-place", "set-in-place", "long-int-in-place", "long-int-returned"],
+)
+async def test_run_rejects_nested_output_that_is_not_json(client: httpx.AsyncClient, config: dict, error: str) -> None:
+    """What a node writes deep inside a value is checked like what it returns, so the run can always be served."""
+    run = await create_and_run(client, graph([node("sneak", config=config)]), {"items": [1]})
+    assert (run["status"], run["iteration"], steps(run)) == ("failed", 1, [("sneak", "error")])
+    assert run["error"] == f"node 'sneak' wrote data that is not JSON: {error}"
+    assert run["final_state"] == {"data": {"items": [1]}, "metadata": {}}
+    state = await client.get(f"/graph/state/{run['run_id']}")
+    assert (state.status_code, state.json()["state"]) == (200, run["final_state"])
+
+
+async def test_run_retried_node_leaves_no_nested_change_behind(client: httpx.AsyncClient) -> None:
+    """Each attempt starts from the data before the step; metadata is the caller's, and a node's changes to it drop."""
+    await client.post("/graph/create", json=graph([node("pile", retry={"max_attempts": 3})]))
+    body = {"graph_id": "g", "state": {"data": {"items": [0], "succeed_on": 3}, "metadata": {"seen": [0]}}}
+    run = (await client.post("/graph/run", json=body)).json()
+    assert (run["status"], run["iteration"], run["error"]) == ("completed", 1, None)
+    assert steps(run) == [("pile", "retry"), ("pile", "retry"), ("pile", "executed")]
+    assert run["final_state"] == {"data": {"items": [0, 3], "succeed_on": 3}, "metadata": {"seen": [0]}}
+    assert (run["logs"][-1]["keys_changed"], run["logs"][-1]["updates"]) == (["items"], {"items": [0, 3]})
+
+
+async def test_run_timed_out_thread_node_cannot_write_into_the_run(client: httpx.AsyncClient) -> None:
+    """A plain node's worker thread outlives its timeout; what it writes afterwards never reaches the run."""
+    gates["late"], thread_gates["late"] = Gate(), ThreadGate()
+    definition = graph([node("late_writer", timeout_s=0.01), "gate"], {"late_writer": {"on_error": "gate"}})
+    await client.post("/graph/create", json=definition)
+    body = {"graph_id": "g", "state": {"data": {"items": []}, "metadata": {"late": "late", "gate": "late", "seen": []}}}
+    response = asyncio.create_task(client.post("/graph/run", json=body))
+    await gates["late"].entered.wait()  # late_writer has timed out; its thread still waits
+    thread_gates["late"].released.set()
+    assert await asyncio.to_thread(thread_gates["late"].done.wait, 10)
+    gates["late"].opened.set()
+    run = (await response).json()
+    assert (run["status"], run["iteration"]) == ("completed", 2)
+    assert steps(run) == [("late_writer", "error"), ("gate", "executed")]
+    last_error = {"node": "late_writer", "error": "node 'late_writer' timed out after 0.01 s"}
+    assert run["final_state"] == {"data": {"items": [], "last_error": last_error, "passed": "late"},
+                                  "metadata": {"late": "late", "gate": "late", "seen": []}}
+
+
+async def test_run_key_removed_and_returned_is_changed_once(client: httpx.AsyncClient) -> None:
+    run = await create_and_run(client, graph(["replace"]), {"temp": "old"})
+    assert (run["status"], run["iteration"], steps(run)) == ("completed", 1, [("replace", "executed")])
+    assert (run["logs"][0]["keys_changed"], run["logs"][0]["updates"]) == (["temp"], {"temp": "new"})
+    assert run["final_state"]["data"] == {"temp": "new"}
+
+
+async def test_run_log_leaves_out_updates_past_max_log_bytes(registry: we.Registry) -> None:
+    """Past max_log_bytes, entries name the keys whose new values they leave out; the run's data stays whole."""
+    app = we.create_app(registry=registry, store=we.MemoryStore(), settings=we.Settings(max_log_bytes=700))
+    edges = {"inc": {"default_next": "grow"},
+             "grow": {"default_next": "done", "branches": [{"condition": "below_three", "target": "inc"}]}}
+    definition = graph(["inc", "grow", node("done", fn="echo_config")], edges)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        run = await create_and_run(client, definition, {"size": 300})
+        record = (await client.get(f"/graph/state/{run['run_id']}")).json()
+    blob = "x" * 300  # an update counts as its JSON text, as for max_state_bytes: 8 bytes for count, 302 for blob
+    assert (run["status"], run["iteration"], run["error"]) == ("completed", 7, None)
+    assert steps(run) == [("inc", "executed"), ("grow", "executed")] * 3 + [("done", "executed")]
+    assert [(e["keys_changed"], e["updates"], e.get("updates_omitted")) for e in run["logs"]] == [
+        (["count"], {"count": 1}, None), (["blob"], {"blob": blob}, None), (["count"], {"count": 2}, None),
+        (["blob"], {"blob": blob}, None), (["count"], {"count": 3}, None), (["blob"], {}, ["blob"]),
+        (["done"], {"done": {}}, None)]
+    assert run["final_state"]["data"] == {"size": 300, "count": 3, "blob": blob, "done": {}}
+    assert (record["logs"], record["state"], record["max_log_bytes"]) == (run["logs"], run["final_state"], 700)
 
 
 async def test_run_sync_node_runs_in_a_worker_thread(client: httpx.AsyncClient) -> None:
@@ -903,7 +1026,7 @@ async def test_get_graph_state_returns_the_run_record(client: httpx.AsyncClient)
     record = response.json()
     assert response.status_code == 200
     assert set(record) == {"run_id", "graph_id", "status", "current_node", "next_node", "iteration", "max_iterations",
-                           "max_state_bytes", "timeout_s", "state",
+                           "max_state_bytes", "max_log_bytes", "timeout_s", "state",
                            "logs", "error", "created_at", "started_at", "finished_at", "duration_ms", "engine_overhead_ms",
                            "history"}
     assert [change["status"] for change in record["history"]] == ["pending", "running", "completed"]
@@ -2847,11 +2970,14 @@ def test_settings_from_env_reads_every_variable() -> None:
            "WORKFLOW_MAX_GRAPHS": "4", "WORKFLOW_MAX_BODY_BYTES": "1000", "WORKFLOW_MODULES": " a, b ,,",
            "WORKFLOW_MAX_CONCURRENT_RUNS": "3", "WORKFLOW_MAX_PENDING_RUNS": "2", "WORKFLOW_MAX_NODES": "9",
            "WORKFLOW_MAX_BRANCHES": "8", "WORKFLOW_MAX_STATE_BYTES": "999", "WORKFLOW_SHUTDOWN_GRACE_S": "2.5",
-           "WORKFLOW_MAX_PAUSED_RUNS": "6", "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json"}
+           "WORKFLOW_MAX_PAUSED_RUNS": "6", "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json",
+           "WORKFLOW_MAX_LOG_BYTES": "998", "WORKFLOW_LEASE_S": "2.5", "WORKFLOW_MAX_RECOVERIES": "0",
+           "WORKFLOW_WORKER_ID": "w1"}
     assert we.settings_from_env(env) == we.Settings(
         max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"),
         max_concurrent_runs=3, max_pending_runs=2, max_nodes=9, max_branches=8, max_state_bytes=999,
-        shutdown_grace_s=2.5, max_paused_runs=6, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON)
+        shutdown_grace_s=2.5, max_paused_runs=6, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON,
+        max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1")
     assert we.settings_from_env({}) == we.Settings()
     assert we.settings_from_env({"WORKFLOW_MODULES": "", "WORKFLOW_DB": " "}) == we.Settings(workflow_modules=())
 

@@ -36,6 +36,7 @@ import inspect
 import itertools
 import json
 import logging
+import marshal
 import math
 import os
 import re
@@ -43,6 +44,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import types
@@ -67,6 +69,7 @@ from cattrs.cols import (
     mapping_structure_factory,
 )
 from cattrs.errors import AttributeValidationNote
+from cattrs.gen import make_dict_unstructure_fn, override
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -171,6 +174,7 @@ MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
 MAX_BRANCHES = 100  # branches on one edge
 MAX_STATE_BYTES = 4 * 1024 * 1024  # a run's data, counted as the JSON text of its values; past it the step fails
+MAX_LOG_BYTES = 4 * 1024 * 1024  # the updates a run's log keeps, counted the same way; past it values are left out
 MAX_ID_CHARS = 128  # longest graph or run id
 SHUTDOWN_GRACE_S = 10.0  # on shutdown, how long running runs may go on before they are cancelled
 LEASE_S = 10.0  # how long a server's claim on a run lasts unless renewed (every third of it); then others take over
@@ -598,7 +602,8 @@ class GraphDefinition:
 class LogEntry:
     """One step of a run: a node executed (or failed), the data keys it changed and where the run went next.
 
-    Replaying `updates` rebuilds the state: a key in `keys_changed` but not in `updates` was removed.
+    Replaying `updates` rebuilds the state: a key in `keys_changed` but not in `updates` was removed, unless it is
+    in `updates_omitted`: the run's log had reached its `max_log_bytes`, so the new value was left out.
     """
 
     iteration: int
@@ -612,6 +617,7 @@ class LogEntry:
     branch: str | None = None
     error: str | None = None
     attempt: int = 1
+    updates_omitted: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -639,6 +645,7 @@ class RunContext:
     iteration: int = 0
     max_iterations: int = MAX_ITERATIONS
     max_state_bytes: int = MAX_STATE_BYTES
+    max_log_bytes: int = MAX_LOG_BYTES
     timeout_s: float | None = None
     state: WorkflowState
     logs: list[LogEntry] = attrs.field(factory=list)
@@ -864,6 +871,7 @@ class Settings:
     log_format: LogFormat = LogFormat.TEXT
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
     workflow_modules: tuple[str, ...] | None = None
+    max_log_bytes: int = attrs.field(default=MAX_LOG_BYTES, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.max_iterations > self.max_iterations_cap:
@@ -944,6 +952,9 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(str | NodeDef, structure_node)
     converter.register_unstructure_hook(datetime, datetime.isoformat)
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
+    # A log entry names the keys whose values it left out only when it left some out (past max_log_bytes).
+    converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
+        LogEntry, converter, updates_omitted=override(omit_if_default=True)))
     return converter
 
 
@@ -997,33 +1008,80 @@ def structure_body(payload: object, cls: type[T]) -> T:
 
 
 _PLAIN_SCALARS = frozenset({int, bool, type(None)})  # checked by exact type first: this runs on every step
+_SAFE_INT = 10 ** sys.int_info.str_digits_check_threshold  # Python writes any int below this, whatever its digit limit
 
 
-def json_problem(value: object, depth: int = 0) -> str | None:
-    """Say why `value` is not plain JSON, or None if it is.
+def json_problem(value: object) -> str | None:
+    """Say why `value` is not plain JSON (see `_copy_json`), or None if it is."""
+    try:
+        _copy_json(value)
+    except InvalidValue as exc:
+        return str(exc)
+    return None
 
-    Not JSON: NaN and infinities, sets and other objects, keys that are not strings, text with a lone surrogate
-    (JSON can escape one, UTF-8 cannot encode it), and nesting deeper than MAX_JSON_DEPTH.
+
+def _copy_json(value: Any, depth: int = 0) -> Any:
+    """Copy `value` into plain JSON types, sharing nothing mutable with it, or raise InvalidValue saying why it is not.
+
+    Plain JSON is dict with str keys, list, str, int, float, bool and None: tuples become lists, and subclasses (an
+    IntEnum, a numpy float) their base type. Not JSON: NaN and infinities, integers too long to write (Python's
+    int-to-str digit limit), sets and other objects, keys that are not strings, text with a lone surrogate (JSON can
+    escape one, UTF-8 cannot encode it), and nesting deeper than MAX_JSON_DEPTH. Checking and copying in one walk
+    costs little more than checking: this runs on every step's output.
     """
-    if type(value) in _PLAIN_SCALARS or (type(value) is str and value.isascii()):
-        return None
-    if isinstance(value, dict | list | tuple):
+    kind = type(value)
+    if kind is dict or kind is list or isinstance(value, dict | list | tuple):
         if depth >= MAX_JSON_DEPTH:
-            return f"nesting deeper than {MAX_JSON_DEPTH} levels"
-        is_object = isinstance(value, dict)
-        for key, item in value.items() if is_object else enumerate(value):
-            if is_object and not (isinstance(key, str) and (key.isascii() or _is_unicode(key))):
-                return "object keys must be strings of valid Unicode"
-            is_plain = type(item) in _PLAIN_SCALARS or (type(item) is str and item.isascii())
-            problem = None if is_plain else json_problem(item, depth + 1)
-            if problem:
-                return problem
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{value} is not a JSON number"
+            raise InvalidValue(f"nesting deeper than {MAX_JSON_DEPTH} levels")
+        depth += 1
+        # Items that are plain already are taken as they are, checked inline by exact type: no call per item.
+        if isinstance(value, dict):
+            copy: dict[str, Any] = {}
+            for key, item in value.items():
+                if type(key) is not str or not key.isascii():
+                    key = _json_key(key)
+                kind = type(item)
+                is_plain = (kind is str and item.isascii()) or (kind is int and -_SAFE_INT < item < _SAFE_INT) or (
+                    kind is bool or item is None)
+                copy[key] = item if is_plain else _copy_json(item, depth)
+            return copy
+        items = []
+        for item in value:
+            kind = type(item)
+            is_plain = (kind is str and item.isascii()) or (kind is int and -_SAFE_INT < item < _SAFE_INT) or (
+                kind is bool or item is None)
+            items.append(item if is_plain else _copy_json(item, depth))
+        return items
     if isinstance(value, str):
-        return None if _is_unicode(value) else "text with a lone surrogate is not valid Unicode"
-    return None if isinstance(value, int) else f"{type(value).__name__} is not a JSON type"
+        text = str.__str__(value)
+        if text.isascii() or _is_unicode(text):
+            return text
+        raise InvalidValue("text with a lone surrogate is not valid Unicode")
+    if type(value) is bool or value is None:
+        return value
+    if isinstance(value, int):
+        number = int.__int__(value)
+        if not -_SAFE_INT < number < _SAFE_INT:
+            try:
+                int.__repr__(number)
+            except ValueError:  # over the int-to-str digit limit: the encoder would refuse it too
+                limit = sys.get_int_max_str_digits()
+                raise InvalidValue(f"an integer of more than {limit} digits is too long to write") from None
+        return number
+    if isinstance(value, float):
+        number = float.__float__(value)
+        if math.isfinite(number):
+            return number
+        raise InvalidValue(f"{number} is not a JSON number")
+    raise InvalidValue(f"{type(value).__name__} is not a JSON type")
+
+
+def _json_key(key: object) -> str:
+    if isinstance(key, str):
+        text = str.__str__(key)
+        if text.isascii() or _is_unicode(text):
+            return text
+    raise InvalidValue("object keys must be strings of valid Unicode")
 
 
 def _is_unicode(text: str) -> bool:
@@ -1330,15 +1388,16 @@ def _new_id() -> str:
 
 def new_run(
     graph: GraphDefinition, state: WorkflowState, *, max_iterations: int = MAX_ITERATIONS,
-    timeout_s: float | None = None, max_state_bytes: int = MAX_STATE_BYTES,
+    timeout_s: float | None = None, max_state_bytes: int = MAX_STATE_BYTES, max_log_bytes: int = MAX_LOG_BYTES,
 ) -> RunContext:
-    """Create a pending run record of `graph` that owns a copy of `state`."""
+    """Create a pending run record of `graph` that owns a copy of `state`; raise InvalidValue if it is not JSON."""
     created_at = _now()
     return RunContext(
         run_id=_new_id(),
         graph_id=graph.graph_id or "",
         max_iterations=max_iterations,
         max_state_bytes=max_state_bytes,
+        max_log_bytes=max_log_bytes,
         timeout_s=timeout_s,
         state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata)),
         created_at=created_at,
@@ -1427,7 +1486,7 @@ async def _drive(
 ) -> tuple[RunStatus, str | None]:
     """Execute nodes from `run.next_node` until the run ends or pauses; return how it stopped, with its error."""
     contexts: dict[str, NodeContext] = {}
-    budget = _DataBudget(run.state.data, run.max_state_bytes)
+    budget = _DataBudget(run)
     while (name := run.next_node) is not None:
         if run.iteration >= run.max_iterations:
             return RunStatus.STOPPED_MAX_ITERATIONS, None
@@ -1489,6 +1548,9 @@ def _route(run: RunContext, edge: EdgeDef | None, entry: LogEntry, registry: Reg
         entry.event, entry.error = LogEvent.ERROR, str(exc)
 
 
+_FLAT_TYPES = frozenset({str, int, float, bool, type(None)})  # values a node cannot change in place
+
+
 async def _run_node(
     run: RunContext, node: NodeDef, registry: Registry, ctx: NodeContext, on_change: OnChange, budget: "_DataBudget"
 ) -> LogEntry:
@@ -1496,20 +1558,18 @@ async def _run_node(
 
     Return the entry of the last attempt: `executed`, with its changes committed to the run, or `error`.
     """
-    before = run.state.data
-    # A node that may outlive its attempt (in a thread, or past its timeout) gets a state object of its own, so it
-    # cannot write into the run later; any other node gets the run's own, with a copy of data in each attempt.
+    before, metadata = run.state.data, run.state.metadata
     function = node.function
-    is_isolated = node.timeout_s is not None or not registry.is_async_node(function)
     io = registry.node_io(function)
+    nested = [key for key, value in before.items() if type(value) not in _FLAT_TYPES]  # what could change in place
+    nested_metadata = [key for key, value in metadata.items() if type(value) not in _FLAT_TYPES] if metadata else []
     attempt = 1
     while True:
-        # Each attempt works on a copy of data, so a failing node cannot leave it half-written.
-        if is_isolated:
-            working = WorkflowState(data=dict(before), metadata=run.state.metadata)
-        else:
-            working = run.state
-            working.data = dict(before)
+        # Each attempt works on copies of data and metadata, nested values too: whatever it changes in place, even
+        # from a worker thread that outlives its timeout, stays out of the run. The run takes only the checked
+        # copy of what changed, and drops every change to metadata (the caller's).
+        working = WorkflowState(data=_private(before, nested) if nested else dict(before),
+                                metadata=_private(metadata, nested_metadata) if metadata else {})
         started_at, clock = datetime.now(UTC), time.perf_counter()
         try:
             if io is not None:
@@ -1519,16 +1579,11 @@ async def _run_node(
             updates, keys = _changes(node.name, before, working.data, result)
             if io is not None:
                 _check_writes(node.name, io, updates, keys)
-            budget.charge(node.name, updates, keys)
-        except asyncio.CancelledError:
-            run.state.data = before  # the run ends here (cancelled or timed out) with the data of its last step
-            raise
+            omitted = budget.charge(node.name, updates, keys)
         except Interrupt as interrupt:
-            run.state.data = before
             return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.INTERRUPT, started_at=started_at,
                             duration_ms=_ms_since(clock), error=interrupt.reason or None, attempt=attempt)
         except Exception as exc:  # a failing node is recorded, never raised
-            run.state.data = before
             message = str(exc) if isinstance(exc, _StepFailed) else f"node {node.name!r} raised {_describe(exc)}"
             entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.ERROR, started_at=started_at,
                              duration_ms=_ms_since(clock), error=message, attempt=attempt)
@@ -1540,9 +1595,35 @@ async def _run_node(
             await asyncio.sleep(node.retry.delay_s(attempt))
             attempt += 1
             continue
-        run.state.data = working.data
-        return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
-                        duration_ms=_ms_since(clock), keys_changed=keys, updates=updates, attempt=attempt)
+        if keys:
+            run.state.data = _applied(before, updates, keys)
+        entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
+                         duration_ms=_ms_since(clock), keys_changed=keys, updates=updates, attempt=attempt)
+        if omitted:
+            entry.updates = {key: value for key, value in updates.items() if key not in omitted}
+            entry.updates_omitted = omitted
+        return entry
+
+
+def _private(values: dict[str, Any], nested: list[str]) -> dict[str, Any]:
+    """Copy `values` for one attempt: the dict, and deeply the values under `nested`.
+
+    The run's values are plain JSON already (checked on their way in), so marshal copies them: in C, several times
+    faster than a walk in Python.
+    """
+    copy = dict(values)
+    if nested:
+        copy.update(marshal.loads(marshal.dumps({key: values[key] for key in nested})))
+    return copy
+
+
+def _applied(before: dict[str, Any], updates: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The run's next data: a copy of `before` with `updates`, less the other `keys` (those the node removed)."""
+    data = {**before, **updates}
+    for key in keys:
+        if key not in updates:
+            del data[key]
+    return data
 
 
 def _check_reads(name: str, io: NodeIO, data: dict[str, Any]) -> None:
@@ -1564,24 +1645,44 @@ def _check_writes(name: str, io: NodeIO, updates: dict[str, Any], keys: tuple[st
 
 
 class _DataBudget:
-    """Keep a run's data under `limit` bytes, counting each top-level value as the length of its JSON text."""
+    """Keep a run's data under its `max_state_bytes` and the updates its log keeps under its `max_log_bytes`.
 
-    def __init__(self, data: dict[str, Any], limit: int) -> None:
-        self.limit = limit
-        self.sizes = {key: _json_size(value) for key, value in data.items()}
+    Both count a value as the length of its JSON text. A step that would take the data over its limit fails; once
+    the log is full, an entry keeps the keys a step changed but leaves out each new value that does not fit, so
+    the log stays bounded while the run's data stays whole.
+    """
+
+    def __init__(self, run: RunContext) -> None:
+        self.limit, self.log_limit = run.max_state_bytes, run.max_log_bytes
+        self.sizes = {key: _json_size(value) for key, value in run.state.data.items()}
         self.total = sum(self.sizes.values())
+        self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values())
 
-    def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> None:
-        """Count a step's changes, or raise _StepFailed (counting nothing) if they take the data over the limit."""
-        total, sizes = self.total, []
+    def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
+        """Count a step's changes, or raise _StepFailed (counting nothing) if they take the data over the limit.
+
+        Return the keys whose new values the log leaves out, having counted those it keeps.
+        """
+        total, sizes, logged = self.total, [], 0
         for key in keys:  # a plain loop: this runs on every step
             size = _json_size(updates[key]) if key in updates else 0
             total += size - self.sizes.get(key, 0)
+            logged += size
             sizes.append((key, size))
         if total > self.limit:
             raise _StepFailed(f"node {name!r} took the run's data to about {total} bytes, over its limit of {self.limit}")
         self.total = total
         self.sizes.update(sizes)
+        if self.logged + logged <= self.log_limit:
+            self.logged += logged
+            return ()
+        omitted = []
+        for key, size in sizes:  # a removed key counts 0, so it always fits
+            if self.logged + size <= self.log_limit:
+                self.logged += size
+            else:
+                omitted.append(key)
+        return tuple(omitted)
 
 
 def _json_size(value: object) -> int:
@@ -1609,23 +1710,28 @@ _MISSING = object()
 
 
 def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: object) -> tuple[dict, tuple[str, ...]]:
-    """Merge a node's result into `data`; return the changed keys' new values and all changed keys.
+    """Return a step's changes: checked copies of the changed keys' new values, and every changed key (removed last).
 
-    A key changed if the node returned it, or bound, rebound or removed it in `data` itself.
+    A key changed if the node returned it, or bound, rebound, removed or changed in place its value in `data`, the
+    node's own copy of `before`; a new value of the same type that compares equal to the old one is no change.
     """
     if result is not None and not isinstance(result, dict):
         raise _StepFailed(f"node {name!r} returned {type(result).__name__}, expected a dict or None")
-    updates: dict[str, Any] = {}
+    changed: dict[str, Any] = {}
     removed: tuple[str, ...] = ()
-    if data != before:  # compared in C, so the per-key scan runs only for nodes that changed data in place
-        updates = {key: value for key, value in data.items() if before.get(key, _MISSING) is not value}
-        removed = tuple(sorted(before.keys() - data.keys()))
+    if data != before:  # compared in C, so the per-key scan runs only for nodes that changed data
+        for key, value in data.items():
+            old = before.get(key, _MISSING)
+            if old is not value and (type(old) is not type(value) or old != value):
+                changed[key] = value
+        # A key removed in place and returned too is replaced, not removed: listed once.
+        removed = tuple(sorted(key for key in before.keys() - data.keys() if not result or key not in result))
     if result:
-        data.update(result)
-        updates.update(result)
-    problem = json_problem(updates)
-    if problem:
-        raise _StepFailed(f"node {name!r} wrote data that is not JSON: {problem}")
+        changed.update(result)
+    try:
+        updates = _copy_json(changed)
+    except InvalidValue as exc:
+        raise _StepFailed(f"node {name!r} wrote data that is not JSON: {exc}") from None
     return updates, (*updates, *removed)
 
 
@@ -1647,13 +1753,8 @@ def _next_node(
     return edge.default_next, None
 
 
-def _copy_json(value: Any) -> Any:
-    """Copy nested dicts and lists so a run never shares mutable data with its caller."""
-    if isinstance(value, dict):
-        return {key: _copy_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_copy_json(item) for item in value]
-    return value
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -2488,7 +2589,7 @@ class Engine:
         if problems:
             raise InvalidRequest(problems)
         run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s,
-                      max_state_bytes=self.settings.max_state_bytes)
+                      max_state_bytes=self.settings.max_state_bytes, max_log_bytes=self.settings.max_log_bytes)
         return await self._submit(run, graph, None, wait, queue=queue)
 
     async def resume(self, run_id: str, updates: dict[str, Any] | None = None, *,
@@ -3404,6 +3505,7 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_MAX_NODES", "max_nodes", _env_number(int)),
     ("WORKFLOW_MAX_BRANCHES", "max_branches", _env_number(int)),
     ("WORKFLOW_MAX_STATE_BYTES", "max_state_bytes", _env_number(int)),
+    ("WORKFLOW_MAX_LOG_BYTES", "max_log_bytes", _env_number(int)),
     ("WORKFLOW_SHUTDOWN_GRACE_S", "shutdown_grace_s", _env_number(float)),
     ("WORKFLOW_DB", "db_path", str),
     ("WORKFLOW_API_TOKEN", "api_token", str),
