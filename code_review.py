@@ -730,63 +730,148 @@ def _enclosing(functions: list[_Function], line: int) -> str | None:
 
 
 Parses = Callable[[str], bool]
+_COMPOUND = (*_BLOCKS, *_SCOPES)
 
 
-def _review(code: str, parses: Parses) -> tuple[list[_Function], list[_Finding]]:
+def _statement_lists(node: ast.Module | ast.stmt) -> list[list[ast.stmt]]:
+    """Return the blocks directly inside `node`, in source order; a simple statement has none."""
+    if isinstance(node, ast.Match):
+        return [case.body for case in node.cases]
+    handlers = [handler.body for handler in getattr(node, "handlers", [])]
+    return [getattr(node, "body", []), *handlers, getattr(node, "orelse", []), getattr(node, "finalbody", [])]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FixCheck:
+    """Tell whether edits keep the code parsing, by parsing only the statement they change.
+
+    Python reads a statement that has its lines to itself the same wherever it stands in a block. So when the code
+    parses and the edited statement parses on its own (under an `if 1:` when it is indented), the edited code parses
+    too, and a check costs what that statement costs, not what the whole file costs.
+    """
+
+    module: ast.Module
+    source: _Source
+    parses: Parses
+
+    def keeps_parsing(self, edits: tuple[_Edit, ...], done: Iterable[_Edit] = ()) -> bool:
+        """Tell whether `edits` keep the code parsing, on top of the edits `done` (which keep it parsing)."""
+        first, after, is_indented = self._unit(min(edit.start for edit in edits), max(edit.end for edit in edits))
+        inside = [edit for edit in (*done, *edits) if first <= edit.start and edit.end <= after]
+        shifted = [dataclasses.replace(edit, start=edit.start - first, end=edit.end - first) for edit in inside]
+        text = _apply(self.source.text[first:after], shifted)
+        return self.parses(f"if 1:\n{text}" if is_indented else text)
+
+    def _lines(self, statement: ast.stmt) -> tuple[int, int]:
+        """Return the offsets where the lines of `statement` (decorators included) start and end."""
+        decorators = getattr(statement, "decorator_list", [])
+        first = decorators[0].lineno if decorators else statement.lineno
+        return self.source.line_start(first), self.source.line_start(statement.end_lineno + 1)
+
+    def _unit(self, start: int, end: int) -> tuple[int, int, bool]:
+        """Return the lines of the innermost statement that holds text[start:end], has its lines to itself and stays
+        after the edit (a removed statement leaves its block to be checked), and whether it is indented."""
+        unit, node = (0, len(self.source.text), False), self.module
+        while True:
+            holder = self._holder(node, start, end)
+            if holder is None:
+                return unit
+            block, index = holder
+            statement, (first, after) = block[index], self._lines(block[index])
+            is_top = node is self.module
+            if isinstance(statement, _COMPOUND):
+                if not self._is_elif(statement):  # an `elif` is no statement of its own: its `if` is
+                    unit = (first, after, not is_top)
+                node = statement
+                continue
+            is_removed = (start, end) == (first, after)
+            has_lines = self.source.starts_line(statement) and (
+                index + 1 == len(block) or block[index + 1].lineno > statement.end_lineno)
+            # A top-level statement may go: a module may be empty, a block may not.
+            return (first, after, not is_top) if has_lines and (is_top or not is_removed) else unit
+
+    def _holder(self, node: ast.Module | ast.stmt, start: int, end: int) -> tuple[list[ast.stmt], int] | None:
+        for block in _statement_lists(node):
+            for index, statement in enumerate(block):
+                first, after = self._lines(statement)
+                if first <= start and end <= after:
+                    return block, index
+        return None
+
+    def _is_elif(self, statement: ast.stmt) -> bool:
+        return isinstance(statement, ast.If) and self.source.text.startswith("elif", self.source.start(statement))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Review:
+    """The functions and findings of the reviewed code, and the check of its fixes (None when it does not parse)."""
+
+    functions: list[_Function]
+    findings: list[_Finding]
+    check: _FixCheck | None
+
+
+def _review(code: str, parses: Parses) -> _Review:
     """Return the functions in `code` and every finding in it, sorted by line and rule; `parses` checks fixes."""
     try:
         tree = _Tree.parse(code)
     except (SyntaxError, ValueError) as exc:  # ValueError: null bytes in the source
-        return [], [_syntax_error(exc)]
+        return _Review([], [_syntax_error(exc)], None)
     source, functions = _Source.of(code), tree.functions
     findings = [finding for function in functions for check in _FUNCTION_CHECKS for finding in check(function, source)]
     for check in _MODULE_CHECKS:
         found = check(tree, source)
         findings += [dataclasses.replace(finding, function=_enclosing(functions, finding.line)) for finding in found]
-    findings = _checked_fixes(code, findings, parses)
+    fix_check = _FixCheck(tree.module, source, parses)
+    findings = _checked_fixes(findings, fix_check)
     rule_order = list(Rule)
-    return functions, sorted(findings, key=lambda finding: (finding.line, rule_order.index(finding.rule), finding.message))
+    findings.sort(key=lambda finding: (finding.line, rule_order.index(finding.rule), finding.message))
+    return _Review(functions, findings, fix_check)
 
 
-def _checked_fixes(code: str, findings: list[_Finding], parses: Parses) -> list[_Finding]:
+def _checked_fixes(findings: list[_Finding], check: _FixCheck) -> list[_Finding]:
     """Drop each fix that breaks the code on its own (say, removing the only statement of a block).
 
-    Each check parses the whole code, so a pass checks at most MAX_FIX_CHECKS fixes; the others are left for the
-    next pass (their findings say `fixable: false` until then).
+    A pass checks at most MAX_FIX_CHECKS fixes; the others are left for the next pass (their findings say
+    `fixable: false` until then).
     """
     kept, checks = [], 0
     for finding in findings:
         if finding.edits:
             checks += 1
-            if checks > MAX_FIX_CHECKS or not parses(_apply(code, finding.edits)):
+            if checks > MAX_FIX_CHECKS or not check.keeps_parsing(finding.edits):
                 finding = dataclasses.replace(finding, edits=())
         kept.append(finding)
     return kept
 
 
-def _select(findings: list[_Finding], keeps_parsing: Callable[[list[_Edit]], bool]) -> tuple[list[_Edit], list[bool]]:
+KeepsParsing = Callable[[tuple[_Edit, ...], list[_Edit]], bool]
+
+
+def _select(findings: list[_Finding], keeps_parsing: KeepsParsing) -> tuple[list[_Edit], list[bool]]:
     """Accept in turn each fix that overlaps no accepted one and `keeps_parsing`; say which were accepted."""
     accepted: list[_Edit] = []
     applied: list[bool] = []
     for finding in findings:
-        candidate = [*accepted, *finding.edits]
         fits = bool(finding.edits) and not any(_overlap(new, old) for new in finding.edits for old in accepted)
-        is_applied = fits and keeps_parsing(candidate)
+        is_applied = fits and keeps_parsing(finding.edits, accepted)
         if is_applied:
-            accepted = candidate
+            accepted += finding.edits
         applied.append(is_applied)
     return accepted, applied
 
 
-def _fix(code: str, findings: list[_Finding], parses: Parses) -> tuple[str, list[bool]]:
+def _fix(code: str, review: _Review) -> tuple[str, list[bool]]:
     """Apply every fix that overlaps no earlier one and keeps the code parsing; say which were applied."""
+    if review.check is None:  # code that does not parse has no fixes
+        return code, [False] * len(review.findings)
     # Every fix parses on its own (_review checked). If all the fixes that fit parse together, each step of applying
     # them in turn parses too: leaving out later fixes only restores code, and no later fix repairs what earlier ones
     # broke (an insertion only goes into a function body, and sorts before every finding inside that body). So the
     # combined result is checked once; only when it does not parse is every step checked to find the culprits.
-    accepted, applied = _select(findings, lambda candidate: True)
-    if accepted and not parses(_apply(code, accepted)):
-        accepted, applied = _select(findings, lambda candidate: parses(_apply(code, candidate)))
+    accepted, applied = _select(review.findings, lambda edits, done: True)
+    if accepted and not review.check.parses(_apply(code, accepted)):
+        accepted, applied = _select(review.findings, review.check.keeps_parsing)
     return _apply(code, accepted), applied
 
 
@@ -870,19 +955,19 @@ def detect_issues(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
     On later passes the reviewed code is the improved one, so `functions` and `complexity` are refreshed too.
     """
     # One node call checks a text at most once (duplicate fixes give the same text); no cache outlives the call.
-    functions, found = _review(_reviewed_code(state.data), functools.cache(_parses))
-    findings = [_finding_record(finding) for finding in found]
+    review = _review(_reviewed_code(state.data), functools.cache(_parses))
+    findings = [_finding_record(finding) for finding in review.findings]
     ctx.logger.info("code review found %d issues", len(findings))
-    return _changed(state.data, {**_analysis(functions), "findings": findings})
+    return _changed(state.data, {**_analysis(review.functions), "findings": findings})
 
 
 def suggest_improvements(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
     """Suggest what to do about each finding, apply the safe fixes, and store the result in `improved_code`."""
     code = _reviewed_code(state.data)
     parses = functools.cache(_parses)  # _fix checks again texts _review checked; no cache outlives the call
-    _, findings = _review(code, parses)
-    improved, applied = _fix(code, findings, parses)
-    suggestions = [_suggestion(finding, was_applied) for finding, was_applied in zip(findings, applied)]
+    review = _review(code, parses)
+    improved, applied = _fix(code, review)
+    suggestions = [_suggestion(finding, was_applied) for finding, was_applied in zip(review.findings, applied)]
     ctx.logger.info("code review applied %d of %d fixes", sum(applied), len(applied))
     update = {"suggestions": suggestions, "fixes_applied": sum(applied), "code_changed": improved != code}
     return update | _changed(state.data, {"improved_code": improved})

@@ -2548,6 +2548,27 @@ def test_detect_issues_reports_code_it_cannot_review_as_a_finding(code: str, mes
     assert findings_of(code) == [finding("syntax-error", "error", 1, None, message, False)]
 
 
+def test_detect_issues_checks_each_fix_in_the_statement_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fix is parsed with the statement it changes (its block when it removes one), never with the whole file."""
+    checked = []
+
+    def parses(text: str) -> bool:
+        checked.append(text)
+        return ast.parse(text) is not None
+
+    monkeypatch.setattr(code_review, "_parses", parses)
+    code = ("import os\n\n\ndef _f(a):\n    x = 1\n    return a == None\n\n\n"
+            "try:\n    import sys\n    y = 2\nexcept ImportError:\n    pass\n" + "z = 3\n" * 1_000)
+    assert findings_of(code) == [
+        finding("unused-import", "warning", 1, None, "`os` is imported but never used", True),
+        finding("none-comparison", "warning", 6, "_f", "comparison to None with `==`", True),
+        finding("unused-import", "warning", 10, None, "`sys` is imported but never used", True),
+        finding("swallowed-exception", "warning", 12, None, "the `except` body is only `pass`, so the error vanishes",
+                False),
+    ]
+    assert checked == ["if 1:\n    return a is None\n", "", "try:\n    y = 2\nexcept ImportError:\n    pass\n"]
+
+
 def test_detect_issues_checks_at_most_max_fix_checks_fixes_a_pass() -> None:
     code = "".join(f"def _f{i}(a):\n    return a == None\n" for i in range(code_review.MAX_FIX_CHECKS + 5))
     fixable = [f["fixable"] for f in findings_of(code)]
