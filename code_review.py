@@ -39,12 +39,15 @@ while the score is under the threshold, the last pass changed the code, and fewe
 
 import ast
 import asyncio
+import bisect
 import builtins
+import collections
 import dataclasses
 import enum
 import functools
 import io
 import itertools
+import re
 import symtable
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
@@ -157,22 +160,28 @@ SUGGESTIONS: Mapping[Rule, str] = MappingProxyType({
 FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _BLOCKS = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.TryStar, ast.Match)
+_BLANKS = re.compile(r"[ \t\f]*")
+_NO_CODE_AFTER = re.compile(r"[ \t\f]*(?:#|\r|\n|$)")  # what may follow a statement that is alone on its line
 
 
 # ---------------------------------------------------------------------------
 # Source positions and edits
 # ---------------------------------------------------------------------------
 # The AST counts columns in UTF-8 bytes; edits work on str offsets, so every position goes through _Source.offset.
+# One line may hold a whole file, so no method costs what its line costs: reviews stay linear in the code's size.
 @dataclasses.dataclass(frozen=True)
 class _Source:
     text: str
     lines: tuple[str, ...]  # with their line endings
     starts: tuple[int, ...]  # offset of each line, then len(text)
+    wide: frozenset[int]  # the lines with non-ASCII text, where UTF-8 columns are not str columns
+    columns: dict[int, list[int]] = dataclasses.field(default_factory=dict, compare=False)  # a wide line: its characters' UTF-8 columns
 
     @classmethod
     def of(cls, text: str) -> "_Source":
         lines = tuple(io.StringIO(text, newline="").readlines())
-        return cls(text, lines, tuple(itertools.accumulate((len(line) for line in lines), initial=0)))
+        wide = frozenset(lineno for lineno, line in enumerate(lines, 1) if not line.isascii())
+        return cls(text, lines, tuple(itertools.accumulate((len(line) for line in lines), initial=0)), wide)
 
     def line(self, lineno: int) -> str:
         return self.lines[lineno - 1] if lineno <= len(self.lines) else ""
@@ -181,7 +190,12 @@ class _Source:
         return self.starts[min(lineno, len(self.lines) + 1) - 1]
 
     def offset(self, lineno: int, col: int) -> int:
-        return self.line_start(lineno) + len(self.line(lineno).encode()[:col].decode())
+        if lineno not in self.wide:
+            return self.line_start(lineno) + col
+        if lineno not in self.columns:
+            sizes = (len(char.encode()) for char in self.line(lineno))
+            self.columns[lineno] = list(itertools.accumulate(sizes, initial=0))
+        return self.line_start(lineno) + bisect.bisect_left(self.columns[lineno], col)
 
     def start(self, node: ast.AST) -> int:
         return self.offset(node.lineno, node.col_offset)
@@ -193,16 +207,16 @@ class _Source:
         return self.text[self.start(node) : self.end(node)]
 
     def indent(self, lineno: int) -> str:
-        line = self.line(lineno)
-        return line[: len(line) - len(line.lstrip(" \t"))]
+        start = self.line_start(lineno)
+        return self.text[start : _BLANKS.match(self.text, start).end()]
 
     def newline(self, lineno: int) -> str:
         line = self.line(lineno)
-        return line[len(line.rstrip("\r\n")) :] or "\n"
+        return next((ending for ending in ("\r\n", "\n", "\r") if line.endswith(ending)), "\n")
 
     def starts_line(self, node: ast.AST) -> bool:
         """Tell whether only indentation stands before `node` on its first line."""
-        return not self.line(node.lineno).encode()[: node.col_offset].strip()
+        return _BLANKS.match(self.text, self.line_start(node.lineno)).end() == self.start(node)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -474,23 +488,25 @@ def _inner_blocks(statement: ast.stmt, depth: int, source: _Source) -> list[tupl
     if isinstance(statement, ast.Try | ast.TryStar):
         blocks += [(handler.body, depth + 1) for handler in statement.handlers] + [(statement.finalbody, depth + 1)]
     orelse = getattr(statement, "orelse", [])
-    is_elif = isinstance(statement, ast.If) and len(orelse) == 1 and source.segment(orelse[0]).startswith("elif")
+    is_elif = isinstance(statement, ast.If) and len(orelse) == 1 and source.text.startswith("elif", source.start(orelse[0]))
     return blocks + [(orelse, depth if is_elif else depth + 1)]
 
 
-def _deepest(statements: list[ast.stmt], depth: int, source: _Source) -> tuple[int, int]:
-    """Return the nesting depth and line of the most deeply nested statement, not looking into definitions."""
-    best = (depth, statements[0].lineno) if statements else (0, 0)
-    for statement in statements:
-        if isinstance(statement, _SCOPES):
-            continue
-        for block, block_depth in _inner_blocks(statement, depth, source):
-            best = max(best, _deepest(block, block_depth, source), key=lambda found: found[0])
+def _deepest(statements: list[ast.stmt], source: _Source) -> tuple[int, int]:
+    """Return the nesting depth and line of the first most deeply nested statement, not looking into definitions."""
+    best, pending = (-1, 0), [(statements, 0)]
+    while pending:  # depth first, in source order; a loop, as an `elif` chain nests as deep as it is long
+        block, depth = pending.pop()
+        if block and depth > best[0]:
+            best = (depth, block[0].lineno)
+        inner = [found for statement in block if not isinstance(statement, _SCOPES)
+                 for found in _inner_blocks(statement, depth, source)]
+        pending += reversed(inner)
     return best
 
 
 def _check_nesting(function: _Function, source: _Source) -> Iterator[_Finding]:
-    depth, line = _deepest(function.node.body, 0, source)
+    depth, line = _deepest(function.node.body, source)
     if depth > MAX_NESTING:
         message = f"{function.qualname} nests blocks {depth} deep (limit {MAX_NESTING})"
         yield _Finding(rule=Rule.DEEP_NESTING, line=line, function=function.qualname, message=message)
@@ -680,18 +696,16 @@ def _used_names(tree: _Tree) -> set[str]:
     return read | set(_annotation_names(tree)) | {name for name in _exported_names(tree) if isinstance(name, str)}
 
 
-def _import_removal(
-    statement: ast.Import | ast.ImportFrom, index: int, unused: list[bool], source: _Source
-) -> _Edit | None:
-    """Remove alias `index` of `statement`, or the whole statement's lines when all of its names are unused."""
+def _statement_removal(statement: ast.Import | ast.ImportFrom, source: _Source) -> _Edit | None:
+    """Remove the lines of `statement`, unless it shares them with other code."""
+    if not _NO_CODE_AFTER.match(source.text, source.end(statement)) or not source.starts_line(statement):
+        return None
+    first, after = source.line_start(statement.lineno), source.line_start(statement.end_lineno + 1)
+    return _Edit(start=first, end=after, text="")
+
+
+def _alias_removal(statement: ast.Import | ast.ImportFrom, index: int, source: _Source) -> _Edit:
     aliases = statement.names
-    if all(unused):
-        last_line_rest = source.line(statement.end_lineno).encode()[statement.end_col_offset :].decode()
-        has_code_after = bool(last_line_rest.strip()) and not last_line_rest.strip().startswith("#")
-        if has_code_after or not source.starts_line(statement):
-            return None
-        first, after = source.line_start(statement.lineno), source.line_start(statement.end_lineno + 1)
-        return _Edit(start=first, end=after, text="")
     if index + 1 < len(aliases):
         return _Edit(start=source.start(aliases[index]), end=source.start(aliases[index + 1]), text="")
     return _Edit(start=source.end(aliases[index - 1]), end=source.end(aliases[index]), text="")
@@ -709,9 +723,11 @@ def _check_imports(tree: _Tree, source: _Source) -> Iterator[_Finding]:
     for statement in _imports(tree):
         bound = [alias.asname or alias.name.partition(".")[0] for alias in statement.names]
         unused = [name != "*" and name not in used for name in bound]
+        is_all_unused = all(unused)  # once per statement: one statement may import 10,000 names
+        whole = _statement_removal(statement, source) if is_all_unused else None
         for index, alias in enumerate(statement.names):
             if unused[index]:
-                removal = _import_removal(statement, index, unused, source)
+                removal = whole if is_all_unused else _alias_removal(statement, index, source)
                 yield _Finding(rule=Rule.UNUSED_IMPORT, line=alias.lineno, detail=alias.name,
                                message=f"`{bound[index]}` is imported but never used",
                                edits=(removal,) if removal else ())
@@ -723,10 +739,21 @@ _MODULE_CHECKS: tuple[ModuleCheck, ...] = (
 )
 
 
-def _enclosing(functions: list[_Function], line: int) -> str | None:
-    """Return the qualified name of the innermost function around `line`."""
-    around = [function for function in functions if function.node.lineno <= line <= function.node.end_lineno]
-    return around[-1].qualname if around else None
+def _innermost_functions(functions: list[_Function], lines: Iterable[int]) -> dict[int, str | None]:
+    """Return the qualified name of the innermost function around each of `lines`, in one sweep down the code."""
+    names: dict[int, str | None] = {}
+    around: list[_Function] = []  # the functions open at the line, each inside the one before
+    ahead = collections.deque(functions)  # in source order
+    for line in sorted(set(lines)):
+        while ahead and ahead[0].node.lineno <= line:
+            entering = ahead.popleft()
+            while around and around[-1].node.end_lineno < entering.node.lineno:
+                around.pop()
+            around.append(entering)
+        while around and around[-1].node.end_lineno < line:
+            around.pop()
+        names[line] = around[-1].qualname if around else None
+    return names
 
 
 Parses = Callable[[str], bool]
@@ -819,9 +846,9 @@ def _review(code: str, parses: Parses) -> _Review:
         return _Review([], [_syntax_error(exc)], None)
     source, functions = _Source.of(code), tree.functions
     findings = [finding for function in functions for check in _FUNCTION_CHECKS for finding in check(function, source)]
-    for check in _MODULE_CHECKS:
-        found = check(tree, source)
-        findings += [dataclasses.replace(finding, function=_enclosing(functions, finding.line)) for finding in found]
+    found = [finding for check in _MODULE_CHECKS for finding in check(tree, source)]
+    names = _innermost_functions(functions, (finding.line for finding in found))
+    findings += [dataclasses.replace(finding, function=names[finding.line]) for finding in found]
     fix_check = _FixCheck(tree.module, source, parses)
     findings = _checked_fixes(findings, fix_check)
     rule_order = list(Rule)

@@ -2441,13 +2441,17 @@ FIX_CASES = [
      "import sys\nfrom json import (\n    dumps,\n)\nprint(sys, dumps)\n"),
     ("def _f(x=[]): return x\n", "def _f(x=[]): return x\n"),
     ("try:\n    import os\nexcept ImportError:\n    os = None\n", "try:\n    import os\nexcept ImportError:\n    os = None\n"),
+    ("if x:\n    pass\nelif x == None:\n    pass\n", "if x:\n    pass\nelif x is None:\n    pass\n"),
+    ("s = {'cl\u00e9': '\u00e9t\u00e9'} == None  # \u00e0\n", "s = {'cl\u00e9': '\u00e9t\u00e9'} is None  # \u00e0\n"),
+    ("import os; x = 1\nimport sys, json; y = json\n", "import os; x = 1\nimport json; y = json\n"),
 ]
 
 
 @pytest.mark.parametrize("before, after", FIX_CASES, ids=[
     "bare-except", "none-comparison", "mutable-defaults-after-docstring", "mutable-default-and-docstring-stub",
     "docstring-stub", "unused-import-line", "unused-import-aliases", "one-line-body-not-fixed",
-    "fix-that-breaks-the-block-dropped",
+    "fix-that-breaks-the-block-dropped", "none-comparison-in-elif", "none-comparison-after-non-ascii",
+    "imports-sharing-a-line",
 ])
 def test_suggest_improvements_fixes_code(before: str, after: str) -> None:
     assert improved(before) == after
@@ -2567,6 +2571,15 @@ def test_detect_issues_checks_each_fix_in_the_statement_it_changes(monkeypatch: 
                 False),
     ]
     assert checked == ["if 1:\n    return a is None\n", "", "try:\n    y = 2\nexcept ImportError:\n    pass\n"]
+
+
+def test_detect_issues_reviews_an_elif_chain_as_long_as_the_parser_takes() -> None:
+    branches = "".join(f"    elif x == {i}:\n        return {i}\n" for i in range(1, 990))
+    code = f"def _f(x):\n    if x == 0:\n        return 0\n{branches}    return -1\n"
+    assert findings_of(code) == [
+        finding("high-complexity", "warning", 1, "_f", "_f has complexity 991 (limit 10)", False),
+        finding("long-function", "warning", 1, "_f", "_f is 1982 lines long (limit 50)", False),
+    ]
 
 
 def test_detect_issues_checks_at_most_max_fix_checks_fixes_a_pass() -> None:
