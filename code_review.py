@@ -8,8 +8,9 @@ result. Register it with `code_review.register(registry)`.
 
 | rule                | severity | detects                                                       | auto-fix            |
 |---------------------|----------|---------------------------------------------------------------|---------------------|
-| syntax-error        | error    | source that does not parse, nests too deeply to parse, or     | no                  |
-|                     |          | is over MAX_CODE_CHARS long (then no other rule runs)         |                     |
+| syntax-error        | error    | source that does not parse (then no other rule runs)          | no                  |
+| too-deep-to-parse   | error    | source nested deeper than Python's parser goes, which CPython | no                  |
+|                     |          | cannot compile either (then no other rule runs)               |                     |
 | bare-except         | error    | `except:` without a type                                      | `except Exception:` |
 | mutable-default     | error    | a list, dict or set display or comprehension, or a `list()`,  | None default, value |
 |                     |          | `dict()` or `set()` call, as a parameter default              | built in the body   |
@@ -29,11 +30,13 @@ result. Register it with `code_review.register(registry)`.
 
 A fix is applied only when the function body starts on its own line, it overlaps no other fix, and the result still
 parses; fixes edit the source text at the AST's positions, so comments and formatting survive. Each fix is checked by
-parsing the whole code, so a pass checks at most MAX_FIX_CHECKS of them and leaves the rest to the next pass.
+parsing the statement it changes (see _FixCheck). A pass checks and applies at most MAX_FIX_CHECKS fixes and leaves the
+rest to the next pass, and a run makes at most MAX_REVIEW_PASSES passes; code of any length is reviewed, in time linear
+in its length apart from those checks.
 
 Score: `quality_score = round(100 * size / (size + penalty))`, where `penalty` adds 10 per error, 5 per warning and
 2 per info finding, and `size` is the number of non-blank, non-comment lines of `data.code` (at least 20), so the same
-findings cost less in a bigger file. No findings scores 100; a syntax error scores 0. `quality_below_threshold` is true
+findings cost less in a bigger file. No findings scores 100; code that does not parse scores 0. `quality_below_threshold` is true
 while the score is under the threshold, the last pass changed the code, and fewer than 5 passes ran.
 """
 
@@ -91,7 +94,6 @@ BUILTIN_NAMES = frozenset(name for name in dir(builtins) if not name.startswith(
 
 GRAPH_ID = "code_review"
 MAX_FIX_CHECKS = 50  # fixes checked (each by parsing the whole code) and applied in one pass
-MAX_CODE_CHARS = 50_000  # longer code is a `syntax-error` finding: fix checks grow with size times findings
 INLINE_CODE_CHARS = 2_000  # code up to this size is reviewed on the event loop: under a millisecond a step
 
 
@@ -109,6 +111,7 @@ class Rule(enum.Enum):
     """The review rules, in the order findings on the same line are listed."""
 
     SYNTAX_ERROR = "syntax-error"
+    TOO_DEEP_TO_PARSE = "too-deep-to-parse"
     BARE_EXCEPT = "bare-except"
     MUTABLE_DEFAULT = "mutable-default"
     HIGH_COMPLEXITY = "high-complexity"
@@ -125,6 +128,7 @@ class Rule(enum.Enum):
 
 RULE_SEVERITY: Mapping[Rule, Severity] = MappingProxyType({
     Rule.SYNTAX_ERROR: Severity.ERROR,
+    Rule.TOO_DEEP_TO_PARSE: Severity.ERROR,
     Rule.BARE_EXCEPT: Severity.ERROR,
     Rule.MUTABLE_DEFAULT: Severity.ERROR,
     Rule.HIGH_COMPLEXITY: Severity.WARNING,
@@ -138,11 +142,14 @@ RULE_SEVERITY: Mapping[Rule, Severity] = MappingProxyType({
     Rule.UNUSED_IMPORT: Severity.WARNING,
     Rule.MISSING_DOCSTRING: Severity.INFO,
 })
+UNPARSED_RULES = frozenset({Rule.SYNTAX_ERROR, Rule.TOO_DEEP_TO_PARSE})  # no other rule runs, and the score is 0
 SEVERITY_WEIGHT: Mapping[Severity, int] = MappingProxyType({Severity.ERROR: 10, Severity.WARNING: 5, Severity.INFO: 2})
 
 # What to do about a finding; `{function}` and `{detail}` come from the finding.
 SUGGESTIONS: Mapping[Rule, str] = MappingProxyType({
     Rule.SYNTAX_ERROR: "Fix the syntax error ({detail}); nothing else is checked until the code parses.",
+    Rule.TOO_DEEP_TO_PARSE: "Split the deeply nested expression or `elif` chain; nothing else is checked until the code "
+                            "parses.",
     Rule.BARE_EXCEPT: "Catch `Exception` or a narrower type, so Ctrl-C and sys.exit() still work.",
     Rule.MUTABLE_DEFAULT: "Default `{detail}` to None and build a fresh value inside {function}.",
     Rule.HIGH_COMPLEXITY: "Split {function} into smaller functions or replace branches with a lookup table.",
@@ -159,6 +166,9 @@ SUGGESTIONS: Mapping[Rule, str] = MappingProxyType({
 
 FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+# What ast.parse raises for code it cannot parse: ValueError for null bytes, RecursionError or MemoryError for code
+# nested deeper than Python's parser goes.
+_UNPARSABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
 _BLOCKS = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.TryStar, ast.Match)
 _BLANKS = re.compile(r"[ \t\f]*")
 _NO_CODE_AFTER = re.compile(r"[ \t\f]*(?:#|\r|\n|$)")  # what may follow a statement that is alone on its line
@@ -251,7 +261,7 @@ def _parses(text: str) -> bool:
     except Exception:  # noqa: BLE001 - any rejection is only a reason to ask ast.parse
         try:
             ast.parse(text)
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
+        except _UNPARSABLE:
             return False
     return True
 
@@ -385,17 +395,8 @@ class _Tree:
 
     @classmethod
     def parse(cls, code: str) -> "_Tree":
-        """Parse `code`; raise SyntaxError, or ValueError (null bytes), when it does not parse.
-
-        Code over MAX_CODE_CHARS, or nested too deeply for the parser, counts as code that does not parse.
-        """
-        if len(code) > MAX_CODE_CHARS:
-            raise SyntaxError(f"the code has {len(code)} characters, more than the {MAX_CODE_CHARS} the reviewer "
-                              "takes", ("<code>", 1, 1, ""))
-        try:
-            module = ast.parse(code)
-        except (RecursionError, MemoryError):
-            raise SyntaxError("the code is nested too deeply to parse", ("<code>", 1, 1, "")) from None
+        """Parse `code`; raise one of _UNPARSABLE when it does not parse."""
+        module = ast.parse(code)
         walked = _walk(module)
         return cls(module, walked, _functions_in(walked))
 
@@ -454,7 +455,10 @@ def _finding_record(finding: _Finding) -> dict[str, Any]:
     }
 
 
-def _syntax_error(exc: SyntaxError | ValueError) -> _Finding:
+def _unparsed(exc: Exception) -> _Finding:
+    """Return the finding for code that does not parse, from what ast.parse raised."""
+    if isinstance(exc, RecursionError | MemoryError):
+        return _Finding(rule=Rule.TOO_DEEP_TO_PARSE, line=1, message="the code nests too deeply for Python's parser")
     if isinstance(exc, SyntaxError):
         line = exc.lineno or 1
         return _Finding(rule=Rule.SYNTAX_ERROR, line=line, message=exc.msg, detail=f"line {line}: {exc.msg}")
@@ -679,7 +683,7 @@ def _annotation_names(tree: _Tree) -> Iterator[str]:
     for text in dict.fromkeys(texts):  # each distinct text once
         try:
             annotation = ast.parse(text)
-        except (SyntaxError, ValueError):
+        except _UNPARSABLE:
             continue
         yield from (node.id for node in ast.walk(annotation) if isinstance(node, ast.Name))
 
@@ -842,8 +846,8 @@ def _review(code: str, parses: Parses) -> _Review:
     """Return the functions in `code` and every finding in it, sorted by line and rule; `parses` checks fixes."""
     try:
         tree = _Tree.parse(code)
-    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes in the source
-        return _Review([], [_syntax_error(exc)], None)
+    except _UNPARSABLE as exc:
+        return _Review([], [_unparsed(exc)], None)
     source, functions = _Source.of(code), tree.functions
     findings = [finding for function in functions for check in _FUNCTION_CHECKS for finding in check(function, source)]
     found = [finding for check in _MODULE_CHECKS for finding in check(tree, source)]
@@ -934,7 +938,7 @@ def _code_lines(code: str) -> int:
 
 
 def _score(findings: list[dict[str, Any]], code: str) -> int:
-    if any(finding["rule"] == Rule.SYNTAX_ERROR.value for finding in findings):
+    if any(finding["rule"] in {rule.value for rule in UNPARSED_RULES} for finding in findings):
         return 0
     penalty = sum(SEVERITY_WEIGHT[Severity(finding["severity"])] for finding in findings)
     size = max(MIN_SCORED_LINES, _code_lines(code))
@@ -944,7 +948,7 @@ def _score(findings: list[dict[str, Any]], code: str) -> int:
 def _parsed_functions(code: str) -> list[_Function]:
     try:
         return _Tree.parse(code).functions
-    except (SyntaxError, ValueError):
+    except _UNPARSABLE:
         return []
 
 
