@@ -933,6 +933,14 @@ def _threshold(data: dict[str, Any]) -> float:
     return threshold
 
 
+def _earlier_fixes(data: dict[str, Any]) -> int:
+    """Return how many fixes the earlier passes applied: none before the first pass is scored."""
+    earlier = data.get("fixes_applied", 0) if data.get("score_history") else 0
+    if isinstance(earlier, bool) or not isinstance(earlier, int):
+        raise ValueError(f"data.fixes_applied must be the number of fixes applied so far, got {earlier!r}")
+    return earlier
+
+
 def _code_lines(code: str) -> int:
     return sum(1 for line in io.StringIO(code, newline="") if line.strip() and not line.lstrip().startswith("#"))
 
@@ -993,14 +1001,18 @@ def detect_issues(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
 
 
 def suggest_improvements(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
-    """Suggest what to do about each finding, apply the safe fixes, and store the result in `improved_code`."""
+    """Suggest what to do about each finding, apply the safe fixes, and store the result in `improved_code`.
+
+    `fixes_applied` counts the fixes of this pass and of every pass before it.
+    """
     code = _reviewed_code(state.data)
     parses = functools.cache(_parses)  # _fix checks again texts _review checked; no cache outlives the call
     review = _review(code, parses)
     improved, applied = _fix(code, review)
     suggestions = [_suggestion(finding, was_applied) for finding, was_applied in zip(review.findings, applied)]
     ctx.logger.info("code review applied %d of %d fixes", sum(applied), len(applied))
-    update = {"suggestions": suggestions, "fixes_applied": sum(applied), "code_changed": improved != code}
+    fixes_applied = _earlier_fixes(state.data) + sum(applied)
+    update = {"suggestions": suggestions, "fixes_applied": fixes_applied, "code_changed": improved != code}
     return update | _changed(state.data, {"improved_code": improved})
 
 

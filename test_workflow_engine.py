@@ -2483,6 +2483,16 @@ def test_suggest_improvements_reviews_the_improved_code() -> None:
                                                              "code_changed": False}
 
 
+@pytest.mark.parametrize("earlier, expected", [
+    ({}, 1),
+    ({"fixes_applied": 3}, 1),
+    ({"fixes_applied": 3, "score_history": [50], "improved_code": "import os\n"}, 4),
+], ids=["first-pass", "first-pass-ignores-a-stale-count", "later-pass-adds-to-the-earlier-ones"])
+def test_suggest_improvements_counts_the_fixes_of_every_pass(earlier: dict, expected: int) -> None:
+    result = call(code_review.suggest_improvements, {"code": "import sys\n", **earlier})
+    assert (result["fixes_applied"], result["improved_code"]) == (expected, "")
+
+
 def test_suggest_improvements_leaves_code_with_a_syntax_error_alone() -> None:
     result = call(code_review.suggest_improvements, {"code": "def f(:\n"})
     assert result == {
@@ -2663,6 +2673,17 @@ async def test_code_review_run_stops_when_fixes_run_out_below_threshold(review_c
     assert (data["score_history"], data["threshold_met"]) == ([67, 80], True)
     assert data["findings"] == [finding("swallowed-exception", "warning", 4, "_f",
                                         "the `except` body is only `pass`, so the error vanishes", False)]
+
+
+async def test_code_review_run_counts_the_fixes_of_every_pass(review_client: httpx.AsyncClient) -> None:
+    """A pass applies at most MAX_FIX_CHECKS fixes; the next pass applies the rest, and fixes_applied counts both."""
+    count = code_review.MAX_FIX_CHECKS + 5
+    code = "".join(f"def _f{i}(a):\n    return a == None\n" for i in range(count))
+    run = await run_review(review_client, {"code": code})
+    data = run["final_state"]["data"]
+    assert (run["status"], run["iteration"]) == ("completed", 8)
+    assert (data["score_history"], data["fixes_applied"]) == ([29, 81], count)
+    assert data["improved_code"] == code.replace("a == None", "a is None")
 
 
 async def test_code_review_run_scores_a_syntax_error_zero(review_client: httpx.AsyncClient) -> None:
