@@ -55,10 +55,14 @@ hang_started: dict[str, asyncio.Event] = {}  # set when a `hang` node starts, by
 
 
 class Gate:
-    """A pair of events a `gate` node uses: `entered` when it starts waiting, `opened` to let it go on."""
+    """A pair of events a `gate` node uses: `entered` when it starts waiting, `opened` to let it go on.
 
-    def __init__(self) -> None:
+    A `crowd` node sets `entered` only once `expected` runs wait at the gate together; `waiting` counts them.
+    """
+
+    def __init__(self, expected: int = 1) -> None:
         self.entered, self.opened = asyncio.Event(), asyncio.Event()
+        self.expected, self.waiting = expected, 0
 
 
 gates: dict[str, Gate] = {}  # by the name in metadata["gate"]
@@ -162,6 +166,16 @@ def make_registry() -> we.Registry:
         gates[name].entered.set()
         await gates[name].opened.wait()
         return {"passed": name}
+
+    @registry.node
+    async def crowd(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        """Wait with the other runs at the gate named in metadata["gate"] until the test opens it."""
+        gate = gates[state.metadata["gate"]]
+        gate.waiting += 1
+        if gate.waiting == gate.expected:
+            gate.entered.set()
+        await gate.opened.wait()
+        return {"passed": state.data["n"]}
 
     @registry.node
     async def approve(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
@@ -1096,14 +1110,19 @@ async def test_engine_refuses_runs_beyond_its_queue_and_cancels_all_at_shutdown(
 
 
 async def test_engine_runs_a_thousand_waiting_runs_at_once(registry: we.Registry) -> None:
-    """1,000 runs whose node sleeps 50 ms finish together, in about the time of one (sequentially: 50 s)."""
+    """1,000 runs wait in their node at the same time, then all finish (run one at a time, the first would wait on)."""
     engine = we.Engine(registry)
-    definition = we.GraphDefinition(graph_id="naps", start_node="nap", nodes=("nap",))
-    clock = time.perf_counter()
-    runs = await asyncio.gather(*(engine.run(definition, we.WorkflowState(data={"n": n})) for n in range(1000)))
-    elapsed = time.perf_counter() - clock
-    assert [(r.status, r.state.data) for r in runs] == [(we.RunStatus.COMPLETED, {"n": n, "napped": n}) for n in range(1000)]
-    assert elapsed < 5
+    gates["crowd"] = gate = Gate(expected=1000)
+    definition = we.GraphDefinition(graph_id="crowd", start_node="crowd", nodes=("crowd",))
+    states = [we.WorkflowState(data={"n": n}, metadata={"gate": "crowd"}) for n in range(1000)]
+    runs = asyncio.gather(*(engine.run(definition, state) for state in states))
+    await gate.entered.wait()
+    waiting = gate.waiting
+    gate.opened.set()
+    finished = await runs
+    assert waiting == 1000
+    assert [(r.status, r.state.data) for r in finished] == [(we.RunStatus.COMPLETED, {"n": n, "passed": n})
+                                                             for n in range(1000)]
 
 
 async def test_app_shutdown_cancels_and_records_running_runs(registry: we.Registry) -> None:
