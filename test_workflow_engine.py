@@ -3051,6 +3051,7 @@ def test_loadtest_reports_a_server_that_does_not_answer(capsys: pytest.CaptureFi
 # End to end: a real uvicorn on 127.0.0.1
 # ---------------------------------------------------------------------------
 E2E_FLOW = """
+import pathlib
 import time
 
 
@@ -3063,6 +3064,17 @@ def register(registry):
     def block(state, ctx):
         time.sleep(state.data["seconds"])  # a plain function that blocks: it must run off the event loop
         return {"slept": state.data["seconds"]}
+
+    @registry.node
+    def hold(state, ctx):
+        # A plain function that blocks, in data["dir"]: it creates `entered`, then waits (30 s at most) for `release`.
+        folder = pathlib.Path(state.data["dir"])
+        (folder / "entered").touch()
+        for _ in range(3000):
+            if (folder / "release").exists():
+                break
+            time.sleep(0.01)
+        return {"released": (folder / "release").exists()}
 
     @registry.condition
     def below_limit(state):
@@ -3184,28 +3196,31 @@ def test_tools_read_a_review_server(review_server: str, capsys: pytest.CaptureFi
     assert capsys.readouterr().out.startswith(f"run {run_id}, graph code_review, status completed, 8 steps\n")
 
 
-def test_e2e_stream_follows_a_run_live_while_a_blocking_node_keeps_the_server_free(server: str) -> None:
-    definition = {"graph_id": "slow", "start_node": "block", "nodes": ["block", "count"],
-                  "edges": {"block": {"default_next": "count"}}}
+def test_e2e_stream_follows_a_run_live_while_a_blocking_node_keeps_the_server_free(server: str,
+                                                                                   tmp_path: Path) -> None:
+    """The server answers while a plain-function node blocks, and the stream then follows the run to its end."""
+    definition = {"graph_id": "held", "start_node": "hold", "nodes": ["hold", "count"],
+                  "edges": {"hold": {"default_next": "count"}}}
     with httpx.Client(base_url=server, timeout=10) as client:
         client.post("/graph/create", json=definition)
-        started = client.post("/graph/run", json={"graph_id": "slow", "wait": False, "state": {"data": {"seconds": 1.0}}})
+        started = client.post("/graph/run", json={"graph_id": "held", "wait": False,
+                                                  "state": {"data": {"dir": str(tmp_path)}}})
         run_id = started.json()["run_id"]
         with client.stream("GET", f"/graph/stream/{run_id}") as stream:
             lines = stream.iter_lines()
-            first = [next(lines) for _ in range(4)]  # the pending event, while the node is still asleep
-            clock = time.perf_counter()
-            health = client.get("/")
-            health_s = time.perf_counter() - clock
+            first = [next(lines) for _ in range(4)]  # the pending event
+            wait_for((tmp_path / "entered").exists)
+            health = client.get("/")  # the node blocks until `release` exists, so this answer came while it did
+            (tmp_path / "release").touch()
             rest = list(lines)
         state = client.get(f"/graph/state/{run_id}").json()
-    assert started.status_code == 202
-    assert (health.status_code, health_s < 0.5) == (200, True)
+    assert (started.status_code, health.status_code) == (202, 200)
     events = parse_sse("\n".join(first + rest))
     assert [(e["id"], e["event"]) for e in events] == [
         (1, "status"), (2, "status"), (3, "log"), (4, "log"), (5, "status"), (6, "end")]
-    assert [e["data"]["node"] for e in events[2:4]] == ["block", "count"]
-    assert events[-1]["data"]["state"] == state["state"] == {"data": {"seconds": 1.0, "slept": 1.0, "n": 1}, "metadata": {}}
+    assert [e["data"]["node"] for e in events[2:4]] == ["hold", "count"]
+    assert events[-1]["data"]["state"] == state["state"] == {
+        "data": {"dir": str(tmp_path), "released": True, "n": 1}, "metadata": {}}
 
 
 def test_e2e_websocket_sends_the_same_events_as_the_stream(server: str) -> None:
