@@ -796,8 +796,10 @@ class _FixCheck:
     def _lines(self, statement: ast.stmt) -> tuple[int, int]:
         """Return the offsets where the lines of `statement` (decorators included) start and end."""
         decorators = getattr(statement, "decorator_list", [])
-        first = decorators[0].lineno if decorators else statement.lineno
-        return self.source.line_start(first), self.source.line_start(statement.end_lineno + 1)
+        first, last = decorators[0].lineno if decorators else statement.lineno, statement.end_lineno
+        while self.source.line(last).endswith(("\\\n", "\\\r\n", "\\\r")):  # the next line continues this one
+            last += 1
+        return self.source.line_start(first), self.source.line_start(last + 1)
 
     def _unit(self, start: int, end: int) -> tuple[int, int, bool]:
         """Return the lines of the innermost statement that holds text[start:end], has its lines to itself and stays

@@ -2466,6 +2466,8 @@ FIX_CASES = [
     ("if x:\n    pass\nelif x == None:\n    pass\n", "if x:\n    pass\nelif x is None:\n    pass\n"),
     ("s = {'cl\u00e9': '\u00e9t\u00e9'} == None  # \u00e0\n", "s = {'cl\u00e9': '\u00e9t\u00e9'} is None  # \u00e0\n"),
     ("import os; x = 1\nimport sys, json; y = json\n", "import os; x = 1\nimport json; y = json\n"),
+    ("def f(x):\n    return x \\\n        # == 1\n",
+     'def f(x):\n    """TODO: document f."""\n    return x \\\n        # == 1\n'),
 ]
 
 
@@ -2473,7 +2475,7 @@ FIX_CASES = [
     "bare-except", "none-comparison", "mutable-defaults-after-docstring", "mutable-default-and-docstring-stub",
     "docstring-stub", "unused-import-line", "unused-import-aliases", "one-line-body-not-fixed",
     "fix-that-breaks-the-block-dropped", "none-comparison-in-elif", "none-comparison-after-non-ascii",
-    "imports-sharing-a-line",
+    "imports-sharing-a-line", "backslash-before-a-comment-line",
 ])
 def test_suggest_improvements_fixes_code(before: str, after: str) -> None:
     assert improved(before) == after
