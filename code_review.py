@@ -36,8 +36,9 @@ in its length apart from those checks.
 
 Score: `quality_score = round(100 * size / (size + penalty))`, where `penalty` adds 10 per error, 5 per warning and
 2 per info finding, and `size` is the number of non-blank, non-comment lines of `data.code` (at least 20), so the same
-findings cost less in a bigger file. No findings scores 100; code that does not parse scores 0. `quality_below_threshold` is true
-while the score is under the threshold, the last pass changed the code, and fewer than 5 passes ran.
+findings cost less in a bigger file. No findings scores 100; code that does not parse scores 0.
+`quality_below_threshold` is true while the score is under the threshold, the last pass changed the code, and fewer
+than 5 passes ran.
 """
 
 import ast
@@ -148,8 +149,8 @@ SEVERITY_WEIGHT: Mapping[Severity, int] = MappingProxyType({Severity.ERROR: 10, 
 # What to do about a finding; `{function}` and `{detail}` come from the finding.
 SUGGESTIONS: Mapping[Rule, str] = MappingProxyType({
     Rule.SYNTAX_ERROR: "Fix the syntax error ({detail}); nothing else is checked until the code parses.",
-    Rule.TOO_DEEP_TO_PARSE: "Split the deeply nested expression or `elif` chain; nothing else is checked until the code "
-                            "parses.",
+    Rule.TOO_DEEP_TO_PARSE: "Split the deeply nested expression or `elif` chain; nothing else is checked until "
+                            "the code parses.",
     Rule.BARE_EXCEPT: "Catch `Exception` or a narrower type, so Ctrl-C and sys.exit() still work.",
     Rule.MUTABLE_DEFAULT: "Default `{detail}` to None and build a fresh value inside {function}.",
     Rule.HIGH_COMPLEXITY: "Split {function} into smaller functions or replace branches with a lookup table.",
@@ -185,7 +186,8 @@ class _Source:
     lines: tuple[str, ...]  # with their line endings
     starts: tuple[int, ...]  # offset of each line, then len(text)
     wide: frozenset[int]  # the lines with non-ASCII text, where UTF-8 columns are not str columns
-    columns: dict[int, list[int]] = dataclasses.field(default_factory=dict, compare=False)  # a wide line: its characters' UTF-8 columns
+    # Of each wide line, once asked: the UTF-8 column where each of its characters starts.
+    columns: dict[int, list[int]] = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, text: str) -> "_Source":
@@ -492,7 +494,8 @@ def _inner_blocks(statement: ast.stmt, depth: int, source: _Source) -> list[tupl
     if isinstance(statement, ast.Try | ast.TryStar):
         blocks += [(handler.body, depth + 1) for handler in statement.handlers] + [(statement.finalbody, depth + 1)]
     orelse = getattr(statement, "orelse", [])
-    is_elif = isinstance(statement, ast.If) and len(orelse) == 1 and source.text.startswith("elif", source.start(orelse[0]))
+    is_elif = isinstance(statement, ast.If) and len(orelse) == 1 and source.text.startswith(
+        "elif", source.start(orelse[0]))
     return blocks + [(orelse, depth if is_elif else depth + 1)]
 
 
