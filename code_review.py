@@ -94,7 +94,7 @@ SITE_BUILTINS = frozenset({"copyright", "credits", "exit", "help", "license", "q
 BUILTIN_NAMES = frozenset(name for name in dir(builtins) if not name.startswith("_")) - SITE_BUILTINS
 
 GRAPH_ID = "code_review"
-MAX_FIX_CHECKS = 50  # fixes checked (each by parsing the whole code) and applied in one pass
+MAX_FIX_CHECKS = 50  # fixes checked (each by parsing the statement it changes) and applied in one pass
 INLINE_CODE_CHARS = 2_000  # code up to this size is reviewed on the event loop: under a millisecond a step
 
 
@@ -805,8 +805,11 @@ class _FixCheck:
         return self.source.line_start(first), self.source.line_start(last + 1)
 
     def _unit(self, start: int, end: int) -> tuple[int, int, bool]:
-        """Return the lines of the innermost statement that holds text[start:end], has its lines to itself and stays
-        after the edit (a removed statement leaves its block to be checked), and whether it is indented."""
+        """Return where the text to check for an edit of text[start:end] starts and ends, and whether it is indented.
+
+        That is the innermost statement that holds the edit and has its lines to itself, unless the edit removes it:
+        then its block is checked (a block may not end up empty; a module may). With no such statement, all the code.
+        """
         unit, node = (0, len(self.source.text), False), self.module
         while True:
             holder = self._holder(node, start, end)
