@@ -8,8 +8,9 @@ result. Register it with `code_review.register(registry)`.
 
 | rule                | severity | detects                                                       | auto-fix            |
 |---------------------|----------|---------------------------------------------------------------|---------------------|
-| syntax-error        | error    | source that does not parse, nests too deeply to parse, or     | no                  |
-|                     |          | is over MAX_CODE_CHARS long (then no other rule runs)         |                     |
+| syntax-error        | error    | source that does not parse (then no other rule runs)          | no                  |
+| too-deep-to-parse   | error    | source nested deeper than Python's parser goes, which CPython | no                  |
+|                     |          | cannot compile either (then no other rule runs)               |                     |
 | bare-except         | error    | `except:` without a type                                      | `except Exception:` |
 | mutable-default     | error    | a list, dict or set display or comprehension, or a `list()`,  | None default, value |
 |                     |          | `dict()` or `set()` call, as a parameter default              | built in the body   |
@@ -29,22 +30,28 @@ result. Register it with `code_review.register(registry)`.
 
 A fix is applied only when the function body starts on its own line, it overlaps no other fix, and the result still
 parses; fixes edit the source text at the AST's positions, so comments and formatting survive. Each fix is checked by
-parsing the whole code, so a pass checks at most MAX_FIX_CHECKS of them and leaves the rest to the next pass.
+parsing the statement it changes (see _FixCheck). A pass checks and applies at most MAX_FIX_CHECKS fixes and leaves the
+rest to the next pass, and a run makes at most MAX_REVIEW_PASSES passes; code of any length is reviewed, in time linear
+in its length apart from those checks.
 
 Score: `quality_score = round(100 * size / (size + penalty))`, where `penalty` adds 10 per error, 5 per warning and
 2 per info finding, and `size` is the number of non-blank, non-comment lines of `data.code` (at least 20), so the same
-findings cost less in a bigger file. No findings scores 100; a syntax error scores 0. `quality_below_threshold` is true
-while the score is under the threshold, the last pass changed the code, and fewer than 5 passes ran.
+findings cost less in a bigger file. No findings scores 100; code that does not parse scores 0.
+`quality_below_threshold` is true while the score is under the threshold, the last pass changed the code, and fewer
+than 5 passes ran.
 """
 
 import ast
 import asyncio
+import bisect
 import builtins
+import collections
 import dataclasses
 import enum
 import functools
 import io
 import itertools
+import re
 import symtable
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
@@ -87,8 +94,7 @@ SITE_BUILTINS = frozenset({"copyright", "credits", "exit", "help", "license", "q
 BUILTIN_NAMES = frozenset(name for name in dir(builtins) if not name.startswith("_")) - SITE_BUILTINS
 
 GRAPH_ID = "code_review"
-MAX_FIX_CHECKS = 50  # fixes checked (each by parsing the whole code) and applied in one pass
-MAX_CODE_CHARS = 50_000  # longer code is a `syntax-error` finding: fix checks grow with size times findings
+MAX_FIX_CHECKS = 50  # fixes checked (each by parsing the statement it changes) and applied in one pass
 INLINE_CODE_CHARS = 2_000  # code up to this size is reviewed on the event loop: under a millisecond a step
 
 
@@ -106,6 +112,7 @@ class Rule(enum.Enum):
     """The review rules, in the order findings on the same line are listed."""
 
     SYNTAX_ERROR = "syntax-error"
+    TOO_DEEP_TO_PARSE = "too-deep-to-parse"
     BARE_EXCEPT = "bare-except"
     MUTABLE_DEFAULT = "mutable-default"
     HIGH_COMPLEXITY = "high-complexity"
@@ -122,6 +129,7 @@ class Rule(enum.Enum):
 
 RULE_SEVERITY: Mapping[Rule, Severity] = MappingProxyType({
     Rule.SYNTAX_ERROR: Severity.ERROR,
+    Rule.TOO_DEEP_TO_PARSE: Severity.ERROR,
     Rule.BARE_EXCEPT: Severity.ERROR,
     Rule.MUTABLE_DEFAULT: Severity.ERROR,
     Rule.HIGH_COMPLEXITY: Severity.WARNING,
@@ -135,11 +143,14 @@ RULE_SEVERITY: Mapping[Rule, Severity] = MappingProxyType({
     Rule.UNUSED_IMPORT: Severity.WARNING,
     Rule.MISSING_DOCSTRING: Severity.INFO,
 })
+UNPARSED_RULES = frozenset({Rule.SYNTAX_ERROR, Rule.TOO_DEEP_TO_PARSE})  # no other rule runs, and the score is 0
 SEVERITY_WEIGHT: Mapping[Severity, int] = MappingProxyType({Severity.ERROR: 10, Severity.WARNING: 5, Severity.INFO: 2})
 
 # What to do about a finding; `{function}` and `{detail}` come from the finding.
 SUGGESTIONS: Mapping[Rule, str] = MappingProxyType({
     Rule.SYNTAX_ERROR: "Fix the syntax error ({detail}); nothing else is checked until the code parses.",
+    Rule.TOO_DEEP_TO_PARSE: "Split the deeply nested expression or `elif` chain; nothing else is checked until "
+                            "the code parses.",
     Rule.BARE_EXCEPT: "Catch `Exception` or a narrower type, so Ctrl-C and sys.exit() still work.",
     Rule.MUTABLE_DEFAULT: "Default `{detail}` to None and build a fresh value inside {function}.",
     Rule.HIGH_COMPLEXITY: "Split {function} into smaller functions or replace branches with a lookup table.",
@@ -156,23 +167,33 @@ SUGGESTIONS: Mapping[Rule, str] = MappingProxyType({
 
 FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+# What ast.parse raises for code it cannot parse: ValueError for null bytes, RecursionError or MemoryError for code
+# nested deeper than Python's parser goes.
+_UNPARSABLE = (SyntaxError, ValueError, RecursionError, MemoryError)
 _BLOCKS = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.TryStar, ast.Match)
+_BLANKS = re.compile(r"[ \t\f]*")
+_NO_CODE_AFTER = re.compile(r"[ \t\f]*(?:#|\r|\n|$)")  # what may follow a statement that is alone on its line
 
 
 # ---------------------------------------------------------------------------
 # Source positions and edits
 # ---------------------------------------------------------------------------
 # The AST counts columns in UTF-8 bytes; edits work on str offsets, so every position goes through _Source.offset.
+# One line may hold a whole file, so no method costs what its line costs: reviews stay linear in the code's size.
 @dataclasses.dataclass(frozen=True)
 class _Source:
     text: str
     lines: tuple[str, ...]  # with their line endings
     starts: tuple[int, ...]  # offset of each line, then len(text)
+    wide: frozenset[int]  # the lines with non-ASCII text, where UTF-8 columns are not str columns
+    # Of each wide line, once asked: the UTF-8 column where each of its characters starts.
+    columns: dict[int, list[int]] = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, text: str) -> "_Source":
         lines = tuple(io.StringIO(text, newline="").readlines())
-        return cls(text, lines, tuple(itertools.accumulate((len(line) for line in lines), initial=0)))
+        wide = frozenset(lineno for lineno, line in enumerate(lines, 1) if not line.isascii())
+        return cls(text, lines, tuple(itertools.accumulate((len(line) for line in lines), initial=0)), wide)
 
     def line(self, lineno: int) -> str:
         return self.lines[lineno - 1] if lineno <= len(self.lines) else ""
@@ -181,7 +202,12 @@ class _Source:
         return self.starts[min(lineno, len(self.lines) + 1) - 1]
 
     def offset(self, lineno: int, col: int) -> int:
-        return self.line_start(lineno) + len(self.line(lineno).encode()[:col].decode())
+        if lineno not in self.wide:
+            return self.line_start(lineno) + col
+        if lineno not in self.columns:
+            sizes = (len(char.encode()) for char in self.line(lineno))
+            self.columns[lineno] = list(itertools.accumulate(sizes, initial=0))
+        return self.line_start(lineno) + bisect.bisect_left(self.columns[lineno], col)
 
     def start(self, node: ast.AST) -> int:
         return self.offset(node.lineno, node.col_offset)
@@ -193,16 +219,16 @@ class _Source:
         return self.text[self.start(node) : self.end(node)]
 
     def indent(self, lineno: int) -> str:
-        line = self.line(lineno)
-        return line[: len(line) - len(line.lstrip(" \t"))]
+        start = self.line_start(lineno)
+        return self.text[start : _BLANKS.match(self.text, start).end()]
 
     def newline(self, lineno: int) -> str:
         line = self.line(lineno)
-        return line[len(line.rstrip("\r\n")) :] or "\n"
+        return next((ending for ending in ("\r\n", "\n", "\r") if line.endswith(ending)), "\n")
 
     def starts_line(self, node: ast.AST) -> bool:
         """Tell whether only indentation stands before `node` on its first line."""
-        return not self.line(node.lineno).encode()[: node.col_offset].strip()
+        return _BLANKS.match(self.text, self.line_start(node.lineno)).end() == self.start(node)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -237,7 +263,7 @@ def _parses(text: str) -> bool:
     except Exception:  # noqa: BLE001 - any rejection is only a reason to ask ast.parse
         try:
             ast.parse(text)
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
+        except _UNPARSABLE:
             return False
     return True
 
@@ -371,17 +397,8 @@ class _Tree:
 
     @classmethod
     def parse(cls, code: str) -> "_Tree":
-        """Parse `code`; raise SyntaxError, or ValueError (null bytes), when it does not parse.
-
-        Code over MAX_CODE_CHARS, or nested too deeply for the parser, counts as code that does not parse.
-        """
-        if len(code) > MAX_CODE_CHARS:
-            raise SyntaxError(f"the code has {len(code)} characters, more than the {MAX_CODE_CHARS} the reviewer "
-                              "takes", ("<code>", 1, 1, ""))
-        try:
-            module = ast.parse(code)
-        except (RecursionError, MemoryError):
-            raise SyntaxError("the code is nested too deeply to parse", ("<code>", 1, 1, "")) from None
+        """Parse `code`; raise one of _UNPARSABLE when it does not parse."""
+        module = ast.parse(code)
         walked = _walk(module)
         return cls(module, walked, _functions_in(walked))
 
@@ -440,7 +457,10 @@ def _finding_record(finding: _Finding) -> dict[str, Any]:
     }
 
 
-def _syntax_error(exc: SyntaxError | ValueError) -> _Finding:
+def _unparsed(exc: Exception) -> _Finding:
+    """Return the finding for code that does not parse, from what ast.parse raised."""
+    if isinstance(exc, RecursionError | MemoryError):
+        return _Finding(rule=Rule.TOO_DEEP_TO_PARSE, line=1, message="the code nests too deeply for Python's parser")
     if isinstance(exc, SyntaxError):
         line = exc.lineno or 1
         return _Finding(rule=Rule.SYNTAX_ERROR, line=line, message=exc.msg, detail=f"line {line}: {exc.msg}")
@@ -474,23 +494,26 @@ def _inner_blocks(statement: ast.stmt, depth: int, source: _Source) -> list[tupl
     if isinstance(statement, ast.Try | ast.TryStar):
         blocks += [(handler.body, depth + 1) for handler in statement.handlers] + [(statement.finalbody, depth + 1)]
     orelse = getattr(statement, "orelse", [])
-    is_elif = isinstance(statement, ast.If) and len(orelse) == 1 and source.segment(orelse[0]).startswith("elif")
+    is_elif = isinstance(statement, ast.If) and len(orelse) == 1 and source.text.startswith(
+        "elif", source.start(orelse[0]))
     return blocks + [(orelse, depth if is_elif else depth + 1)]
 
 
-def _deepest(statements: list[ast.stmt], depth: int, source: _Source) -> tuple[int, int]:
-    """Return the nesting depth and line of the most deeply nested statement, not looking into definitions."""
-    best = (depth, statements[0].lineno) if statements else (0, 0)
-    for statement in statements:
-        if isinstance(statement, _SCOPES):
-            continue
-        for block, block_depth in _inner_blocks(statement, depth, source):
-            best = max(best, _deepest(block, block_depth, source), key=lambda found: found[0])
+def _deepest(statements: list[ast.stmt], source: _Source) -> tuple[int, int]:
+    """Return the nesting depth and line of the first most deeply nested statement, not looking into definitions."""
+    best, pending = (-1, 0), [(statements, 0)]
+    while pending:  # depth first, in source order; a loop, as an `elif` chain nests as deep as it is long
+        block, depth = pending.pop()
+        if block and depth > best[0]:
+            best = (depth, block[0].lineno)
+        inner = [found for statement in block if not isinstance(statement, _SCOPES)
+                 for found in _inner_blocks(statement, depth, source)]
+        pending += reversed(inner)
     return best
 
 
 def _check_nesting(function: _Function, source: _Source) -> Iterator[_Finding]:
-    depth, line = _deepest(function.node.body, 0, source)
+    depth, line = _deepest(function.node.body, source)
     if depth > MAX_NESTING:
         message = f"{function.qualname} nests blocks {depth} deep (limit {MAX_NESTING})"
         yield _Finding(rule=Rule.DEEP_NESTING, line=line, function=function.qualname, message=message)
@@ -663,7 +686,7 @@ def _annotation_names(tree: _Tree) -> Iterator[str]:
     for text in dict.fromkeys(texts):  # each distinct text once
         try:
             annotation = ast.parse(text)
-        except (SyntaxError, ValueError):
+        except _UNPARSABLE:
             continue
         yield from (node.id for node in ast.walk(annotation) if isinstance(node, ast.Name))
 
@@ -680,18 +703,16 @@ def _used_names(tree: _Tree) -> set[str]:
     return read | set(_annotation_names(tree)) | {name for name in _exported_names(tree) if isinstance(name, str)}
 
 
-def _import_removal(
-    statement: ast.Import | ast.ImportFrom, index: int, unused: list[bool], source: _Source
-) -> _Edit | None:
-    """Remove alias `index` of `statement`, or the whole statement's lines when all of its names are unused."""
+def _statement_removal(statement: ast.Import | ast.ImportFrom, source: _Source) -> _Edit | None:
+    """Remove the lines of `statement`, unless it shares them with other code."""
+    if not _NO_CODE_AFTER.match(source.text, source.end(statement)) or not source.starts_line(statement):
+        return None
+    first, after = source.line_start(statement.lineno), source.line_start(statement.end_lineno + 1)
+    return _Edit(start=first, end=after, text="")
+
+
+def _alias_removal(statement: ast.Import | ast.ImportFrom, index: int, source: _Source) -> _Edit:
     aliases = statement.names
-    if all(unused):
-        last_line_rest = source.line(statement.end_lineno).encode()[statement.end_col_offset :].decode()
-        has_code_after = bool(last_line_rest.strip()) and not last_line_rest.strip().startswith("#")
-        if has_code_after or not source.starts_line(statement):
-            return None
-        first, after = source.line_start(statement.lineno), source.line_start(statement.end_lineno + 1)
-        return _Edit(start=first, end=after, text="")
     if index + 1 < len(aliases):
         return _Edit(start=source.start(aliases[index]), end=source.start(aliases[index + 1]), text="")
     return _Edit(start=source.end(aliases[index - 1]), end=source.end(aliases[index]), text="")
@@ -709,9 +730,11 @@ def _check_imports(tree: _Tree, source: _Source) -> Iterator[_Finding]:
     for statement in _imports(tree):
         bound = [alias.asname or alias.name.partition(".")[0] for alias in statement.names]
         unused = [name != "*" and name not in used for name in bound]
+        is_all_unused = all(unused)  # once per statement: one statement may import 10,000 names
+        whole = _statement_removal(statement, source) if is_all_unused else None
         for index, alias in enumerate(statement.names):
             if unused[index]:
-                removal = _import_removal(statement, index, unused, source)
+                removal = whole if is_all_unused else _alias_removal(statement, index, source)
                 yield _Finding(rule=Rule.UNUSED_IMPORT, line=alias.lineno, detail=alias.name,
                                message=f"`{bound[index]}` is imported but never used",
                                edits=(removal,) if removal else ())
@@ -723,70 +746,171 @@ _MODULE_CHECKS: tuple[ModuleCheck, ...] = (
 )
 
 
-def _enclosing(functions: list[_Function], line: int) -> str | None:
-    """Return the qualified name of the innermost function around `line`."""
-    around = [function for function in functions if function.node.lineno <= line <= function.node.end_lineno]
-    return around[-1].qualname if around else None
+def _innermost_functions(functions: list[_Function], lines: Iterable[int]) -> dict[int, str | None]:
+    """Return the qualified name of the innermost function around each of `lines`, in one sweep down the code."""
+    names: dict[int, str | None] = {}
+    around: list[_Function] = []  # the functions open at the line, each inside the one before
+    ahead = collections.deque(functions)  # in source order
+    for line in sorted(set(lines)):
+        while ahead and ahead[0].node.lineno <= line:
+            entering = ahead.popleft()
+            while around and around[-1].node.end_lineno < entering.node.lineno:
+                around.pop()
+            around.append(entering)
+        while around and around[-1].node.end_lineno < line:
+            around.pop()
+        names[line] = around[-1].qualname if around else None
+    return names
 
 
 Parses = Callable[[str], bool]
+_COMPOUND = (*_BLOCKS, *_SCOPES)
 
 
-def _review(code: str, parses: Parses) -> tuple[list[_Function], list[_Finding]]:
+def _statement_lists(node: ast.Module | ast.stmt) -> list[list[ast.stmt]]:
+    """Return the blocks directly inside `node`, in source order; a simple statement has none."""
+    if isinstance(node, ast.Match):
+        return [case.body for case in node.cases]
+    handlers = [handler.body for handler in getattr(node, "handlers", [])]
+    return [getattr(node, "body", []), *handlers, getattr(node, "orelse", []), getattr(node, "finalbody", [])]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FixCheck:
+    """Tell whether edits keep the code parsing, by parsing only the statement they change.
+
+    Python reads a statement that has its lines to itself the same wherever it stands in a block. So when the code
+    parses and the edited statement parses on its own (under an `if 1:` when it is indented), the edited code parses
+    too, and a check costs what that statement costs, not what the whole file costs.
+    """
+
+    module: ast.Module
+    source: _Source
+    parses: Parses
+
+    def keeps_parsing(self, edits: tuple[_Edit, ...], done: Iterable[_Edit] = ()) -> bool:
+        """Tell whether `edits` keep the code parsing, on top of the edits `done` (which keep it parsing)."""
+        first, after, is_indented = self._unit(min(edit.start for edit in edits), max(edit.end for edit in edits))
+        inside = [edit for edit in (*done, *edits) if first <= edit.start and edit.end <= after]
+        shifted = [dataclasses.replace(edit, start=edit.start - first, end=edit.end - first) for edit in inside]
+        text = _apply(self.source.text[first:after], shifted)
+        return self.parses(f"if 1:\n{text}" if is_indented else text)
+
+    def _lines(self, statement: ast.stmt) -> tuple[int, int]:
+        """Return the offsets where the lines of `statement` (decorators included) start and end."""
+        decorators = getattr(statement, "decorator_list", [])
+        first, last = decorators[0].lineno if decorators else statement.lineno, statement.end_lineno
+        while self.source.line(last).endswith(("\\\n", "\\\r\n", "\\\r")):  # the next line continues this one
+            last += 1
+        return self.source.line_start(first), self.source.line_start(last + 1)
+
+    def _unit(self, start: int, end: int) -> tuple[int, int, bool]:
+        """Return where the text to check for an edit of text[start:end] starts and ends, and whether it is indented.
+
+        That is the innermost statement that holds the edit and has its lines to itself, unless the edit removes it:
+        then its block is checked (a block may not end up empty; a module may). With no such statement, all the code.
+        """
+        unit, node = (0, len(self.source.text), False), self.module
+        while True:
+            holder = self._holder(node, start, end)
+            if holder is None:
+                return unit
+            block, index = holder
+            statement, (first, after) = block[index], self._lines(block[index])
+            is_top = node is self.module
+            if isinstance(statement, _COMPOUND):
+                if not self._is_elif(statement):  # an `elif` is no statement of its own: its `if` is
+                    unit = (first, after, not is_top)
+                node = statement
+                continue
+            is_removed = (start, end) == (first, after)
+            has_lines = self.source.starts_line(statement) and (
+                index + 1 == len(block) or block[index + 1].lineno > statement.end_lineno)
+            # A top-level statement may go: a module may be empty, a block may not.
+            return (first, after, not is_top) if has_lines and (is_top or not is_removed) else unit
+
+    def _holder(self, node: ast.Module | ast.stmt, start: int, end: int) -> tuple[list[ast.stmt], int] | None:
+        for block in _statement_lists(node):
+            for index, statement in enumerate(block):
+                first, after = self._lines(statement)
+                if first <= start and end <= after:
+                    return block, index
+        return None
+
+    def _is_elif(self, statement: ast.stmt) -> bool:
+        return isinstance(statement, ast.If) and self.source.text.startswith("elif", self.source.start(statement))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Review:
+    """The functions and findings of the reviewed code, and the check of its fixes (None when it does not parse)."""
+
+    functions: list[_Function]
+    findings: list[_Finding]
+    check: _FixCheck | None
+
+
+def _review(code: str, parses: Parses) -> _Review:
     """Return the functions in `code` and every finding in it, sorted by line and rule; `parses` checks fixes."""
     try:
         tree = _Tree.parse(code)
-    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes in the source
-        return [], [_syntax_error(exc)]
+    except _UNPARSABLE as exc:
+        return _Review([], [_unparsed(exc)], None)
     source, functions = _Source.of(code), tree.functions
     findings = [finding for function in functions for check in _FUNCTION_CHECKS for finding in check(function, source)]
-    for check in _MODULE_CHECKS:
-        found = check(tree, source)
-        findings += [dataclasses.replace(finding, function=_enclosing(functions, finding.line)) for finding in found]
-    findings = _checked_fixes(code, findings, parses)
+    found = [finding for check in _MODULE_CHECKS for finding in check(tree, source)]
+    names = _innermost_functions(functions, (finding.line for finding in found))
+    findings += [dataclasses.replace(finding, function=names[finding.line]) for finding in found]
+    fix_check = _FixCheck(tree.module, source, parses)
+    findings = _checked_fixes(findings, fix_check)
     rule_order = list(Rule)
-    return functions, sorted(findings, key=lambda finding: (finding.line, rule_order.index(finding.rule), finding.message))
+    findings.sort(key=lambda finding: (finding.line, rule_order.index(finding.rule), finding.message))
+    return _Review(functions, findings, fix_check)
 
 
-def _checked_fixes(code: str, findings: list[_Finding], parses: Parses) -> list[_Finding]:
+def _checked_fixes(findings: list[_Finding], check: _FixCheck) -> list[_Finding]:
     """Drop each fix that breaks the code on its own (say, removing the only statement of a block).
 
-    Each check parses the whole code, so a pass checks at most MAX_FIX_CHECKS fixes; the others are left for the
-    next pass (their findings say `fixable: false` until then).
+    A pass checks at most MAX_FIX_CHECKS fixes; the others are left for the next pass (their findings say
+    `fixable: false` until then).
     """
     kept, checks = [], 0
     for finding in findings:
         if finding.edits:
             checks += 1
-            if checks > MAX_FIX_CHECKS or not parses(_apply(code, finding.edits)):
+            if checks > MAX_FIX_CHECKS or not check.keeps_parsing(finding.edits):
                 finding = dataclasses.replace(finding, edits=())
         kept.append(finding)
     return kept
 
 
-def _select(findings: list[_Finding], keeps_parsing: Callable[[list[_Edit]], bool]) -> tuple[list[_Edit], list[bool]]:
+KeepsParsing = Callable[[tuple[_Edit, ...], list[_Edit]], bool]
+
+
+def _select(findings: list[_Finding], keeps_parsing: KeepsParsing) -> tuple[list[_Edit], list[bool]]:
     """Accept in turn each fix that overlaps no accepted one and `keeps_parsing`; say which were accepted."""
     accepted: list[_Edit] = []
     applied: list[bool] = []
     for finding in findings:
-        candidate = [*accepted, *finding.edits]
         fits = bool(finding.edits) and not any(_overlap(new, old) for new in finding.edits for old in accepted)
-        is_applied = fits and keeps_parsing(candidate)
+        is_applied = fits and keeps_parsing(finding.edits, accepted)
         if is_applied:
-            accepted = candidate
+            accepted += finding.edits
         applied.append(is_applied)
     return accepted, applied
 
 
-def _fix(code: str, findings: list[_Finding], parses: Parses) -> tuple[str, list[bool]]:
+def _fix(code: str, review: _Review) -> tuple[str, list[bool]]:
     """Apply every fix that overlaps no earlier one and keeps the code parsing; say which were applied."""
+    if review.check is None:  # code that does not parse has no fixes
+        return code, [False] * len(review.findings)
     # Every fix parses on its own (_review checked). If all the fixes that fit parse together, each step of applying
     # them in turn parses too: leaving out later fixes only restores code, and no later fix repairs what earlier ones
     # broke (an insertion only goes into a function body, and sorts before every finding inside that body). So the
     # combined result is checked once; only when it does not parse is every step checked to find the culprits.
-    accepted, applied = _select(findings, lambda candidate: True)
-    if accepted and not parses(_apply(code, accepted)):
-        accepted, applied = _select(findings, lambda candidate: parses(_apply(code, candidate)))
+    accepted, applied = _select(review.findings, lambda edits, done: True)
+    if accepted and not review.check.parses(_apply(code, accepted)):
+        accepted, applied = _select(review.findings, review.check.keeps_parsing)
     return _apply(code, accepted), applied
 
 
@@ -817,12 +941,20 @@ def _threshold(data: dict[str, Any]) -> float:
     return threshold
 
 
+def _earlier_fixes(data: dict[str, Any]) -> int:
+    """Return how many fixes the earlier passes applied: none before the first pass is scored."""
+    earlier = data.get("fixes_applied", 0) if data.get("score_history") else 0
+    if isinstance(earlier, bool) or not isinstance(earlier, int):
+        raise ValueError(f"data.fixes_applied must be the number of fixes applied so far, got {earlier!r}")
+    return earlier
+
+
 def _code_lines(code: str) -> int:
     return sum(1 for line in io.StringIO(code, newline="") if line.strip() and not line.lstrip().startswith("#"))
 
 
 def _score(findings: list[dict[str, Any]], code: str) -> int:
-    if any(finding["rule"] == Rule.SYNTAX_ERROR.value for finding in findings):
+    if any(finding["rule"] in {rule.value for rule in UNPARSED_RULES} for finding in findings):
         return 0
     penalty = sum(SEVERITY_WEIGHT[Severity(finding["severity"])] for finding in findings)
     size = max(MIN_SCORED_LINES, _code_lines(code))
@@ -832,7 +964,7 @@ def _score(findings: list[dict[str, Any]], code: str) -> int:
 def _parsed_functions(code: str) -> list[_Function]:
     try:
         return _Tree.parse(code).functions
-    except (SyntaxError, ValueError):
+    except _UNPARSABLE:
         return []
 
 
@@ -870,21 +1002,25 @@ def detect_issues(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
     On later passes the reviewed code is the improved one, so `functions` and `complexity` are refreshed too.
     """
     # One node call checks a text at most once (duplicate fixes give the same text); no cache outlives the call.
-    functions, found = _review(_reviewed_code(state.data), functools.cache(_parses))
-    findings = [_finding_record(finding) for finding in found]
+    review = _review(_reviewed_code(state.data), functools.cache(_parses))
+    findings = [_finding_record(finding) for finding in review.findings]
     ctx.logger.info("code review found %d issues", len(findings))
-    return _changed(state.data, {**_analysis(functions), "findings": findings})
+    return _changed(state.data, {**_analysis(review.functions), "findings": findings})
 
 
 def suggest_improvements(state: "WorkflowState", ctx: "NodeContext") -> dict[str, Any]:
-    """Suggest what to do about each finding, apply the safe fixes, and store the result in `improved_code`."""
+    """Suggest what to do about each finding, apply the safe fixes, and store the result in `improved_code`.
+
+    `fixes_applied` counts the fixes of this pass and of every pass before it.
+    """
     code = _reviewed_code(state.data)
     parses = functools.cache(_parses)  # _fix checks again texts _review checked; no cache outlives the call
-    _, findings = _review(code, parses)
-    improved, applied = _fix(code, findings, parses)
-    suggestions = [_suggestion(finding, was_applied) for finding, was_applied in zip(findings, applied)]
+    review = _review(code, parses)
+    improved, applied = _fix(code, review)
+    suggestions = [_suggestion(finding, was_applied) for finding, was_applied in zip(review.findings, applied)]
     ctx.logger.info("code review applied %d of %d fixes", sum(applied), len(applied))
-    update = {"suggestions": suggestions, "fixes_applied": sum(applied), "code_changed": improved != code}
+    fixes_applied = _earlier_fixes(state.data) + sum(applied)
+    update = {"suggestions": suggestions, "fixes_applied": fixes_applied, "code_changed": improved != code}
     return update | _changed(state.data, {"improved_code": improved})
 
 

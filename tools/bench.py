@@ -1,6 +1,7 @@
 """Benchmark the workflow engine against its ceiling: the runner in-process, the HTTP server, and memory.
 
-Usage:  python tools/bench.py [engine] [http] [memory] [--quick] [--json PATH] [--memory-runs N]   (default: all)
+Usage:  python tools/bench.py [engine] [http] [memory] [--quick] [--json PATH] [--memory-runs N] [--http-requests N]
+        (default: all sections)
 
 engine  The runner on a five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step
         logging: microseconds per step of one long run (N = 2000) and per short run (N = 1, five steps, including
@@ -8,7 +9,8 @@ engine  The runner on a five-node loop A -> B -> C -> D -> E, E back to B while 
         same node functions, and that loop plus a minimal attrs log record per step.
 http    `uvicorn workflow_engine:app` and a bare Starlette JSON endpoint (one worker each, 127.0.0.1), driven by the
         same keep-alive HTTP/1.1 client at 16 and 64 connections: requests/s, p50/p99 latency, errors, server RSS,
-        for POST /graph/run (the README's code-review input), GET /graph/state/{run_id} and GET /.
+        for POST /graph/run (the README's code-review input), GET /graph/state/{run_id} and GET /. Each case runs
+        for a fixed time, or sends a fixed number of requests with --http-requests (whatever the machine's speed).
 memory  Bytes held per stored finished run of the code-review input (tracemalloc over Engine.run, and the server's
         RSS), and the server's RSS over 50,000 runs with the default WORKFLOW_MAX_RUNS: it must level off.
 
@@ -103,6 +105,7 @@ class Profile:
     memory_runs: int  # memory: runs sent to the server
     memory_checkpoints: int  # memory: RSS readings over those runs
     memory_max_runs: int | None  # memory: WORKFLOW_MAX_RUNS for the server; None keeps the default
+    http_requests: int | None = None  # http: requests per case instead of http_seconds of them; None: the seconds
 
 
 FULL = Profile(
@@ -477,13 +480,25 @@ async def load_for(port: int, request: bytes, connections: int, warmup: float, s
         _connection(port, request, tally, measure_from, lambda: time.perf_counter() < until)
         for _ in range(connections)
     ))
-    cpu = time.process_time() - cpu
+    return _load_figures(tally, connections, seconds, (time.process_time() - cpu) / (warmup + seconds))
+
+
+async def load_counted(port: int, request: bytes, connections: int, total: int) -> dict[str, Any]:
+    """Send `request` `total` times over `connections` keep-alive connections, after one warm-up request each."""
+    await load_count(port, request, connections, connections)
+    started, cpu = time.perf_counter(), time.process_time()
+    tally = await load_count(port, request, connections, total)
+    seconds = time.perf_counter() - started
+    return _load_figures(tally, connections, seconds, (time.process_time() - cpu) / seconds)
+
+
+def _load_figures(tally: Tally, connections: int, seconds: float, client_cpu: float) -> dict[str, Any]:
     latencies = sorted(tally.latencies)
     quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [0.0] * 99
     return {
         "connections": connections, "seconds": seconds, "requests": len(latencies), "errors": tally.errors,
         "rps": len(latencies) / seconds, "p50_ms": quantiles[49] * 1000, "p99_ms": quantiles[98] * 1000,
-        "client_cpu": cpu / (warmup + seconds),
+        "client_cpu": client_cpu,
     }
 
 
@@ -603,11 +618,17 @@ async def _http_cases(engine: Server, bare: Server, profile: Profile) -> dict[st
                 run_id = (await probe_review_run(engine.port))["run_id"]
                 request = http_request("GET", f"/graph/state/{run_id}", engine.port)
             before = server.rss()
-            figures = await load_for(server.port, request, connections, profile.http_warmup, profile.http_seconds)
+            figures = await _load_case(server.port, request, connections, profile)
             results.append({"case": name, **figures, "rss_before_kib": before, "rss_after_kib": server.rss()})
     _add_ratios(results)
     return {"review_run_status": record["status"], "review_run_steps": record["iteration"],
             "cases": results, "targets": _http_targets(results)}
+
+
+async def _load_case(port: int, request: bytes, connections: int, profile: Profile) -> dict[str, Any]:
+    if profile.http_requests is None:
+        return await load_for(port, request, connections, profile.http_warmup, profile.http_seconds)
+    return await load_counted(port, request, connections, profile.http_requests)
 
 
 def _add_ratios(results: list[dict[str, Any]]) -> None:
@@ -640,9 +661,10 @@ def _mib(kib: int | None) -> str:
 
 def print_http(result: dict[str, Any], profile: Profile) -> None:
     """Print the http section of the table."""
-    print(f"== http: one uvicorn worker per server, keep-alive HTTP/1.1 client, {profile.http_seconds:g} s per case "
-          f"after {profile.http_warmup:g} s warm-up; code-review run: {result['review_run_status']}, "
-          f"{result['review_run_steps']} steps")
+    load = (f"{profile.http_seconds:g} s per case after {profile.http_warmup:g} s warm-up"
+            if profile.http_requests is None else f"{profile.http_requests} requests per case after one per connection")
+    print(f"== http: one uvicorn worker per server, keep-alive HTTP/1.1 client, {load}; "
+          f"code-review run: {result['review_run_status']}, {result['review_run_steps']} steps")
     timing = result["review_in_process"]
     print(f"  code-review run in-process, median of {timing['runs']}: Engine.run {timing['engine_ms']:.2f} ms, its "
           f"{len(timing['steps'])} node calls made directly {timing['direct_ms']:.2f} ms: the nodes alone cap one "
@@ -787,6 +809,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-runs", metavar="N", type=int,
                         help=f"runs sent to the server in the memory section (default {FULL.memory_runs:,}; "
                              f"--quick {QUICK.memory_runs:,})")
+    parser.add_argument("--http-requests", metavar="N", type=int,
+                        help="send N requests per http case instead of loading it for a fixed time")
     return parser
 
 
@@ -827,6 +851,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.py: --memory-runs must be at least {profile.memory_checkpoints}", file=sys.stderr)
             return 2
         profile = attrs.evolve(profile, memory_runs=args.memory_runs)
+    if args.http_requests is not None:
+        if args.http_requests < 1:
+            print("bench.py: --http-requests must be at least 1", file=sys.stderr)
+            return 2
+        profile = attrs.evolve(profile, http_requests=args.http_requests)
     results: dict[str, Any] = {"machine": _machine(), "quick": args.quick}
     print(f"bench.py {results['machine']['date']}  {results['machine']['cpu']}, {results['machine']['cpus']} cpus, "
           f"Python {results['machine']['python']}{'  (quick)' if args.quick else ''}\n")
