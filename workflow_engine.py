@@ -783,6 +783,13 @@ class RunEvent:
 
 
 @attrs.frozen(kw_only=True)
+class StatusUpdate:
+    """The data of a stream's `status` event: the status the run took."""
+
+    status: RunStatus
+
+
+@attrs.frozen(kw_only=True)
 class RunEnd:
     """The data of a stream's last event."""
 
@@ -3359,6 +3366,13 @@ async def on_unexpected_error(request: Request, exc: Exception) -> Response:
 
 
 @attrs.frozen(kw_only=True)
+class EventStream:
+    """An answer of Server-Sent Events; each kind of event carries, in its `data` line, the JSON text of a model."""
+
+    data: Mapping[StreamEvent, type]
+
+
+@attrs.frozen(kw_only=True)
 class Operation:
     """One endpoint: its route, and what the OpenAPI document says of it (derived from the models it speaks)."""
 
@@ -3367,9 +3381,8 @@ class Operation:
     endpoint: Callable[..., Awaitable[Any]]
     summary: str
     body: type | None = None
-    answers: Mapping[int, Any] = attrs.field(factory=dict)  # status -> model of the body (None: no body)
+    answers: Mapping[int, Any] = attrs.field(factory=dict)  # status -> model of the body, EventStream, or None
     query: Mapping[str, str] = attrs.field(factory=dict)  # parameter -> JSON type
-    media_type: str = "application/json"
 
 
 async def get_openapi(request: Request) -> Response:
@@ -3399,11 +3412,12 @@ OPERATIONS = (
     Operation(method="GET", path="/graph/list", endpoint=get_graph_list, summary="Graphs, oldest first",
               answers={200: GraphsPage}, query={"limit": "integer", "offset": "integer"}),
     Operation(method="GET", path="/graph/stream/{run_id}", endpoint=get_graph_stream,
-              summary="A run's events as Server-Sent Events (each event's data as in RunEvent)",
-              answers={200: RunEvent}, media_type="text/event-stream"),
+              summary="A run's events as Server-Sent Events; each event's `data` line is JSON text",
+              answers={200: EventStream(data={StreamEvent.STATUS: StatusUpdate, StreamEvent.LOG: LogEntry,
+                                              StreamEvent.END: RunEnd})}),
     Operation(method="GET", path="/graph/ws/{run_id}", endpoint=websocket_graph_ws,
-              summary="WebSocket: the same events as JSON messages (a RunEvent each)", answers={101: None},
-              query={"after": "integer"}),
+              summary="WebSocket: the stream's events as JSON messages `{id, event, data}`, `data` an object",
+              answers={101: None}, query={"after": "integer"}),
     Operation(method="GET", path="/openapi.json", endpoint=get_openapi, summary="This document", answers={200: Any}),
 )
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
@@ -3452,12 +3466,29 @@ def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
             spec["requestBody"] = {"content": {"application/json": {"schema": json_schema(operation.body, components)}}}
         for status, model in operation.answers.items():
             answer: dict[str, Any] = {"description": HTTPStatus(status).phrase}
-            if model is not None:
-                answer["content"] = {operation.media_type: {"schema": json_schema(model, components)}}
+            if isinstance(model, EventStream):
+                answer["content"] = {"text/event-stream": {"schema": _event_stream_schema(model, components)}}
+            elif model is not None:
+                answer["content"] = {"application/json": {"schema": json_schema(model, components)}}
             spec["responses"][str(status)] = answer
         paths.setdefault(operation.path, {})[operation.method.lower()] = spec
     info = {"title": "workflow_engine", "version": "1", "description": (__doc__ or "").split("\n")[0]}
     return {"openapi": "3.1.0", "info": info, "paths": paths, "components": {"schemas": components}}
+
+
+def _event_stream_schema(stream: EventStream, components: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a whole stream, as an array of its events (OpenAPI 3.1 has no schema per item).
+
+    Each event is modelled as the HTML standard parses it: an object of string fields, comments left out. Its
+    `data` is JSON text, so JSON Schema's `contentMediaType` and `contentSchema` say what it holds.
+    """
+    events = [{
+        "type": "object", "required": ["id", "event", "data"], "additionalProperties": False, "properties": {
+            "id": {"type": "string", "pattern": "^[1-9][0-9]*$"}, "event": {"const": kind.value},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": json_schema(model, components)}},
+    } for kind, model in stream.data.items()]
+    return {"type": "array", "items": {"oneOf": events}}
 
 
 def _parameters(operation: Operation) -> list[dict[str, Any]]:
