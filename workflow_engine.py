@@ -2118,7 +2118,7 @@ class SqlStore:
         self, *, graph_id: str | None = None, status: RunStatus | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[RunSummary], int]:
         """Return a page of run summaries, newest first, that match the filters, and how many match in all."""
-        where = "WHERE (? IS NULL OR graph_id = ?) AND (? IS NULL OR status = ?)"
+        where = "WHERE (CAST(? AS TEXT) IS NULL OR graph_id = ?) AND (CAST(? AS TEXT) IS NULL OR status = ?)"
         status_value = None if status is None else status.value
         values = (graph_id, graph_id, status_value, status_value)
         with self._reading() as db:
@@ -2519,6 +2519,7 @@ class Engine:
         self._wake = asyncio.Event()  # a run was queued, a slot came free, or the store says something changed
         self._followers: dict[str, set[asyncio.Event]] = {}  # streams of runs that another server executes
         self._listening = threading.Event()  # set to stop the thread that listens for the store's notifications
+        self._listener: threading.Thread | None = None
 
     async def open(self) -> None:
         """With a shared store, start working the queue and keeping leases (create_app's lifespan calls this; a
@@ -2529,10 +2530,10 @@ class Engine:
         listen = getattr(self.store, "listen", None)
         if listen is not None:
             loop = asyncio.get_running_loop()
-            thread = threading.Thread(target=listen, name="workflow-listen", daemon=True,
-                                      args=(lambda message: loop.call_soon_threadsafe(self._heard, message),
-                                            self._listening))
-            thread.start()
+            self._listener = threading.Thread(target=listen, name="workflow-listen", daemon=True,
+                                              args=(lambda message: loop.call_soon_threadsafe(self._heard, message),
+                                                    self._listening))
+            self._listener.start()
 
     async def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool, list[Problem]]:
         """Validate and store `graph` (a new id if it has none); return it, whether it was new, and its warnings."""
@@ -2702,6 +2703,8 @@ class Engine:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.wait([self._worker])
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join)
         for events in self._followers.values():
             for event in events:
                 event.set()
