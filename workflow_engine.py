@@ -445,11 +445,12 @@ class RunStatus(enum.Enum):
 
 
 # Every move a run's status may make; `move_run` applies one and refuses the rest. Nothing else sets a status.
-_ENDINGS = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.STOPPED_MAX_ITERATIONS, RunStatus.CANCELLED,
-                      RunStatus.TIMED_OUT, RunStatus.WAITING, RunStatus.INTERRUPTED})
+# `interrupted` is what runs of a dead process became before leases; such runs can still be resumed or cancelled.
 RUN_MOVES: Mapping[RunStatus, frozenset[RunStatus]] = MappingProxyType({
-    RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.INTERRUPTED}),
-    RunStatus.RUNNING: _ENDINGS | {RunStatus.PENDING},  # ended, paused, or back in the queue when its server died
+    RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.FAILED}),
+    RunStatus.RUNNING: frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.STOPPED_MAX_ITERATIONS,
+                                  RunStatus.CANCELLED, RunStatus.TIMED_OUT, RunStatus.WAITING,
+                                  RunStatus.PENDING}),  # back in the queue: its server stopped renewing its lease
     RunStatus.WAITING: frozenset({RunStatus.PENDING, RunStatus.CANCELLED}),  # resumed, or cancelled while paused
     RunStatus.INTERRUPTED: frozenset({RunStatus.PENDING, RunStatus.CANCELLED}),
     **{status: frozenset() for status in RunStatus if status.is_terminal},
