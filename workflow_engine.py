@@ -54,7 +54,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -2500,7 +2499,7 @@ class Engine:
     Graphs registered in code (`registry.add_graph`) are always available and never stored. Every run executes in a
     task the engine keeps until it ends; at most `settings.max_concurrent_runs` execute at once, the rest wait as
     `pending`, and with `settings.max_pending_runs` waiting a new run is refused (Busy). `worker_id` names this
-    engine in the store's leases (default: host, pid and process start time).
+    engine in the store's leases (default: `settings.worker_id`, else host, pid and a random suffix).
     """
 
     def __init__(self, registry: Registry, store: Store | None = None, settings: Settings | None = None, *,
@@ -2519,7 +2518,7 @@ class Engine:
         self._worker: asyncio.Task[None] | None = None  # with a shared store: claims queued runs, keeps leases
         self._wake = asyncio.Event()  # a run was queued, a slot came free, or the store says something changed
         self._followers: dict[str, set[asyncio.Event]] = {}  # streams of runs that another server executes
-        self._listening = threading.Event()  # set to stop the thread that listens for the store's notifications
+        self._stopping = threading.Event()  # set to stop the worker and the thread that listens to the store
         self._listener: threading.Thread | None = None
 
     async def open(self) -> None:
@@ -2533,7 +2532,7 @@ class Engine:
             loop = asyncio.get_running_loop()
             self._listener = threading.Thread(target=listen, name="workflow-listen", daemon=True,
                                               args=(lambda message: loop.call_soon_threadsafe(self._heard, message),
-                                                    self._listening))
+                                                    self._stopping))
             self._listener.start()
 
     async def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool, list[Problem]]:
@@ -2700,13 +2699,7 @@ class Engine:
         self.store.close()
 
     async def _drain(self, grace_s: float | None) -> None:
-        self._listening.set()
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.wait([self._worker])
-        if self._listener is not None:
-            await asyncio.to_thread(self._listener.join)
-        for events in self._followers.values():
+        for events in self._followers.values():  # streams of other servers' runs end: the client may go elsewhere
             for event in events:
                 event.set()
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
@@ -2717,6 +2710,13 @@ class Engine:
             for active in actives:
                 active.cancel()
             await asyncio.wait([active.task for active in actives])  # type: ignore[misc]
+        # Only now: until its runs are saved, the worker renews their leases (it claims nothing new meanwhile).
+        self._stopping.set()
+        self._wake.set()
+        if self._worker is not None:  # stopped by the flag: Python 3.11's wait_for can swallow a cancel
+            await asyncio.wait([self._worker])
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join)
 
     def _check_room(self) -> None:
         if self._draining is not None:
@@ -2819,7 +2819,7 @@ class Engine:
         what other servers asked to, and take over runs whose server stopped renewing."""
         loop, next_beat, is_failing = asyncio.get_running_loop(), 0.0, False
         tick = min(HEARTBEAT_S, self.settings.lease_s / 3)
-        while True:
+        while not self._stopping.is_set():
             try:
                 if loop.time() >= next_beat:
                     next_beat = loop.time() + tick
