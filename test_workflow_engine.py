@@ -4009,9 +4009,12 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
         assert case["share_of_bare"] == pytest.approx(case["rps"] / ceiling["rps"])
 
 
-def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The stores section runs trivial runs through each store in process, then over HTTP against a live server per
-    store, with the bare endpoint at the same connection counts; fixed counts, so no figure checked is a speed."""
+    store, with the bare endpoint at the same connection counts; fixed counts, so no figure checked is a speed.
+    Without a PostgreSQL server named, its row says it was skipped and why."""
+    monkeypatch.delenv("WORKFLOW_TEST_POSTGRES_URL", raising=False)
     path = tmp_path / "s.json"
 
     assert bench.main(["stores", "--quick", "--http-requests", "20", "--json", str(path)]) == 0
@@ -4023,14 +4026,23 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
     for case in stores["bare"]:
         assert case.keys() == BENCH_CASE_KEYS
         assert (case["requests"], case["errors"]) == (20, 0)
-    assert [row["store"] for row in stores["stores"]] == ["memory", "sqlite"]
-    for row in stores["stores"]:
+    *measured, postgres = stores["stores"]
+    assert [row["store"] for row in measured] == ["memory", "sqlite"]
+    for row in measured:
         check_bench_store_row(row, stores["bare"], 20)
+    skipped = "no PostgreSQL server named: give --postgres-url URL or set WORKFLOW_TEST_POSTGRES_URL"
+    assert postgres == {"store": "postgres", "skipped": skipped, "error": None, "in_process": None, "http": None}
     out, err = capsys.readouterr()
     assert err == ""
     assert "20 requests per case" in out
     rows = [line.split()[0] for line in out.splitlines() if " |" in line and not line.lstrip().startswith("|")]
     assert rows == ["store", "bare", "memory", "sqlite"]  # one table: a row per store, continued per connection count
+    assert f"  postgres          skipped: {skipped}" in out.splitlines()
+
+
+def test_bench_rejects_a_postgres_url_of_another_scheme(capsys: pytest.CaptureFixture) -> None:
+    assert bench.main(["stores", "--postgres-url", "mysql://root@127.0.0.1/db"]) == 2
+    assert "--postgres-url must start with postgresql:// or postgres://" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------
@@ -4635,6 +4647,32 @@ def three_servers(env: dict[str, str]) -> Iterator[list[tuple[str, int]]]:
     with running_server({**env, "WORKFLOW_WORKER_ID": "a"}) as a, running_server({**env, "WORKFLOW_WORKER_ID": "b"}) as b, \
             running_server({**env, "WORKFLOW_WORKER_ID": "c"}) as c:
         yield [a, b, c]
+
+
+@needs_postgres
+def test_bench_stores_quick_through_postgres(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """With a PostgreSQL server named, the stores section measures it too, in databases it creates and drops."""
+    psycopg = pytest.importorskip("psycopg")
+    path = tmp_path / "s.json"
+
+    def bench_databases() -> set[str]:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            rows = admin.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench_stores_%'").fetchall()
+        return {name for (name,) in rows}
+
+    before = bench_databases()
+    assert bench.main(["stores", "--quick", "--http-requests", "20", "--postgres-url", POSTGRES_URL,
+                       "--json", str(path)]) == 0
+
+    stores = json.loads(path.read_text())["stores"]
+    assert [row["store"] for row in stores["stores"]] == ["memory", "sqlite", "postgres"]
+    for row in stores["stores"]:
+        check_bench_store_row(row, stores["bare"], 20)
+    assert bench_databases() - before == set()
+    out, err = capsys.readouterr()
+    assert err == ""
+    rows = [line.split()[0] for line in out.splitlines() if " |" in line and not line.lstrip().startswith("|")]
+    assert rows == ["store", "bare", "memory", "sqlite", "postgres"]
 
 
 @needs_postgres

@@ -1,7 +1,7 @@
 """Benchmark the workflow engine against its ceiling: the runner in-process, the HTTP server, memory, the stores.
 
 Usage:  python tools/bench.py [engine] [http] [memory] [stores] [--quick] [--json PATH] [--memory-runs N]
-                               [--http-requests N]   (default: all sections)
+                               [--http-requests N] [--postgres-url URL]   (default: all sections)
 
 engine  The runner on a five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step
         logging: microseconds per step of one long run (N = 2000) and per short run (N = 1, five steps, including
@@ -13,10 +13,12 @@ http    `uvicorn workflow_engine:app` and a bare Starlette JSON endpoint (one wo
         for a fixed time, or sends a fixed number of requests with --http-requests (whatever the machine's speed).
 memory  Bytes held per stored finished run of the code-review input (tracemalloc over Engine.run, and the server's
         RSS), and the server's RSS over 50,000 runs with the default WORKFLOW_MAX_RUNS: it must level off.
-stores  Trivial runs (the engine loop with N = 1: five steps) through the memory store and SQLite, each starting
-        empty: in process, runs/s of Engine.run one after another (median of a few rounds); over HTTP, one
-        `uvicorn workflow_engine:app` per store (WORKFLOW_DB set) at 1 and 16 connections, POST /graph/run with
-        "wait": true, requests/s and p50/p99 next to the bare endpoint given the same body.
+stores  Trivial runs (the engine loop with N = 1: five steps) through the memory store, SQLite and PostgreSQL,
+        each starting empty: in process, runs/s of Engine.run one after another (median of a few rounds); over
+        HTTP, one `uvicorn workflow_engine:app` per store (WORKFLOW_DB set) at 1 and 16 connections, POST
+        /graph/run with "wait": true, requests/s and p50/p99 next to the bare endpoint given the same body.
+        PostgreSQL only with --postgres-url (default $WORKFLOW_TEST_POSTGRES_URL): a server on which the bench
+        creates databases of its own and drops them afterwards; without one its row says it was skipped.
 
 Absolute times drift on a shared machine; the ratios to baselines measured in the same invocation drift far less.
 Targets come from issue 7; a missed target is reported, not an error. The exit status is 1 when a section could not
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 import socket
 import statistics
 import subprocess
@@ -40,6 +43,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -800,8 +804,11 @@ def print_memory(result: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 # The engine section's loop with N = 1 (five trivial steps) through each store: in process, runs one after another
 # through Engine.run; over HTTP, POST /graph/run with "wait": true against one server per store, next to the bare
-# endpoint with the same body. Each store starts empty (a new SQLite file for each of the two parts).
+# endpoint with the same body. Each store starts empty: a new SQLite file, a new PostgreSQL database, for each part.
+STORES = ("memory", "sqlite", "postgres")
 STORE_CONNECTIONS = (1, 16)
+POSTGRES_URL_VARIABLE = "WORKFLOW_TEST_POSTGRES_URL"  # the tests' server, the default of --postgres-url
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _IN_PROCESS_WIDTH = 45  # the table's columns before the HTTP ones: the store's name and its in-process figures
 BENCH_GRAPH = {  # bench_graph() as POST /graph/create takes it
     "graph_id": "bench", "start_node": "A", "nodes": list(NODE_FUNCTIONS),
@@ -822,14 +829,43 @@ def bench_flow_source() -> str:
     return "\n\n".join([head, *(inspect.getsource(fn) for fn in (*NODE_FUNCTIONS.values(), more)), register])
 
 
+def _postgres_admin(psycopg: ModuleType, url: str, statement: str) -> None:
+    try:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(statement)
+    except psycopg.Error as exc:
+        raise BenchError(f"PostgreSQL refused {statement.split(' WITH')[0]!r}: {exc}") from None
+
+
 @contextlib.contextmanager
-def store_location(kind: str, scratch: Path, use: str) -> Iterator[str | None]:
+def fresh_postgres(url: str) -> Iterator[str]:
+    """Create a database of the bench's own on the PostgreSQL server `url` names, yield its URL, and drop it."""
+    try:
+        import psycopg  # only PostgreSQL needs it  # noqa: PLC0415
+    except ModuleNotFoundError:
+        raise BenchError("psycopg is not installed (requirements.txt names it)") from None
+    name = f"bench_stores_{secrets.token_hex(4)}"
+    _postgres_admin(psycopg, url, f"CREATE DATABASE {name}")
+    try:
+        yield urllib.parse.urlsplit(url)._replace(path=f"/{name}").geturl()
+    except psycopg.Error as exc:
+        raise BenchError(f"PostgreSQL: {exc}") from None
+    finally:
+        _postgres_admin(psycopg, url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@contextlib.contextmanager
+def store_location(kind: str, scratch: Path, use: str, postgres_url: str | None) -> Iterator[str | None]:
     """Yield a new, empty place for a store of `kind`, as WORKFLOW_DB names it (None: memory); `use` tells apart
     the places one store needs."""
     if kind == "memory":
         yield None
-    else:
+    elif kind == "sqlite":
         yield str(scratch / f"{use}.db")
+    else:
+        assert postgres_url is not None
+        with fresh_postgres(postgres_url) as url:
+            yield url
 
 
 async def _in_process(we: ModuleType, location: str | None, profile: Profile) -> dict[str, Any]:
@@ -898,12 +934,15 @@ async def _store_http(server: Server, bare: list[dict[str, Any]], profile: Profi
 
 
 def _store_row(we: ModuleType, kind: str, scratch: Path, env: dict[str, str], bare: list[dict[str, Any]],
-               profile: Profile) -> dict[str, Any]:
+               profile: Profile, postgres_url: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"store": kind, "skipped": None, "error": None, "in_process": None, "http": None}
+    if kind == "postgres" and postgres_url is None:
+        row["skipped"] = f"no PostgreSQL server named: give --postgres-url URL or set {POSTGRES_URL_VARIABLE}"
+        return row
     try:
-        with store_location(kind, scratch, "in_process") as location:
+        with store_location(kind, scratch, "in_process", postgres_url) as location:
             row["in_process"] = asyncio.run(_in_process(we, location, profile))
-        with store_location(kind, scratch, "http") as location:
+        with store_location(kind, scratch, "http", postgres_url) as location:
             server_env = env if location is None else {**env, "WORKFLOW_DB": location}
             with uvicorn_server(f"{kind} engine", "workflow_engine:app", scratch, server_env) as server:
                 row["http"] = asyncio.run(_store_http(server, bare, profile))
@@ -912,8 +951,9 @@ def _store_row(we: ModuleType, kind: str, scratch: Path, env: dict[str, str], ba
     return row
 
 
-def run_stores(profile: Profile) -> dict[str, Any]:
-    """Measure trivial runs through each store in process and over HTTP, with the bare endpoint as the ceiling."""
+def run_stores(profile: Profile, postgres_url: str | None) -> dict[str, Any]:
+    """Measure trivial runs through each store in process and over HTTP, with the bare endpoint as the ceiling;
+    PostgreSQL in databases created on the server `postgres_url` names, or skipped without one."""
     we = _import_engine()
     with tempfile.TemporaryDirectory() as scratch:
         Path(scratch, "bench_bare_app.py").write_text(BARE_APP, encoding="utf-8")
@@ -925,7 +965,7 @@ def run_stores(profile: Profile) -> dict[str, Any]:
         with uvicorn_server("bare", "bench_bare_app:app", Path(scratch), env) as bare:
             echo = http_request("POST", "/echo", bare.port, _json_bytes(TRIVIAL_RUN))
             ceiling = asyncio.run(_load_cases(bare.port, echo, profile))
-        rows = [_store_row(we, kind, Path(scratch), env, ceiling, profile) for kind in ("memory", "sqlite")]
+        rows = [_store_row(we, kind, Path(scratch), env, ceiling, profile, postgres_url) for kind in STORES]
     return {"connections": list(STORE_CONNECTIONS), "bare": ceiling, "stores": rows}
 
 
@@ -988,10 +1028,14 @@ def _parser() -> argparse.ArgumentParser:
                              f"--quick {QUICK.memory_runs:,})")
     parser.add_argument("--http-requests", metavar="N", type=int,
                         help="send N requests per http and stores case instead of loading it for a fixed time")
+    parser.add_argument("--postgres-url", metavar="URL",
+                        help=f"a PostgreSQL server (postgresql://user@host:port/db) on which the stores section "
+                             f"creates and then drops databases of its own (default ${POSTGRES_URL_VARIABLE}; "
+                             f"without one, PostgreSQL is skipped)")
     return parser
 
 
-def _run_section(name: str, profile: Profile, results: dict[str, Any]) -> bool:
+def _run_section(name: str, profile: Profile, results: dict[str, Any], postgres_url: str | None) -> bool:
     try:
         if name == "engine":
             results["engine"] = run_engine(profile)
@@ -1004,7 +1048,7 @@ def _run_section(name: str, profile: Profile, results: dict[str, Any]) -> bool:
             results["memory"] = run_memory(profile)
             print_memory(results["memory"])
         else:
-            results["stores"] = run_stores(profile)
+            results["stores"] = run_stores(profile, postgres_url)
             print_stores(results["stores"], profile)
             _raise_store_errors(results["stores"])
     except (BenchError, OSError) as exc:  # OSError: a server that stopped answering
@@ -1043,10 +1087,14 @@ def main(argv: list[str] | None = None) -> int:
             print("bench.py: --http-requests must be at least 1", file=sys.stderr)
             return 2
         profile = attrs.evolve(profile, http_requests=args.http_requests)
+    postgres_url = args.postgres_url or os.environ.get(POSTGRES_URL_VARIABLE) or None
+    if postgres_url is not None and not postgres_url.startswith(POSTGRES_SCHEMES):
+        print(f"bench.py: --postgres-url must start with {' or '.join(POSTGRES_SCHEMES)}", file=sys.stderr)
+        return 2
     results: dict[str, Any] = {"machine": _machine(), "quick": args.quick}
     print(f"bench.py {results['machine']['date']}  {results['machine']['cpu']}, {results['machine']['cpus']} cpus, "
           f"Python {results['machine']['python']}{'  (quick)' if args.quick else ''}\n")
-    ok = all([_run_section(name, profile, results) for name in (args.sections or SECTIONS)])
+    ok = all([_run_section(name, profile, results, postgres_url) for name in (args.sections or SECTIONS)])
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0 if ok else 1
