@@ -4009,6 +4009,17 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
         assert case["share_of_bare"] == pytest.approx(case["rps"] / ceiling["rps"])
 
 
+def expected_bench_store_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14's targets, one per measured store and connection count, then `no errors` (all zero here)."""
+    shares, targets = {"memory": 0.6, "sqlite": 0.35, "postgres": 0.25}, []
+    for row in rows:
+        share = shares[row["store"]]
+        for case, connections in zip(row["http"]["cases"], ("1 connection", "16 connections"), strict=True):
+            name = f"{row['store']} trivial 5-node run >= {share:.0%} of bare req/s at {connections}"
+            targets.append({"target": name, "value": case["share_of_bare"], "met": case["share_of_bare"] >= share})
+    return [*targets, {"target": "no errors", "value": 0, "met": True}]
+
+
 def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The stores section runs trivial runs through each store in process, then over HTTP against a live server per
@@ -4020,7 +4031,7 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
     assert bench.main(["stores", "--quick", "--http-requests", "20", "--json", str(path)]) == 0
 
     stores = json.loads(path.read_text())["stores"]
-    assert stores.keys() == {"connections", "bare", "stores"}
+    assert stores.keys() == {"connections", "bare", "stores", "targets"}
     assert stores["connections"] == [1, 16]
     assert [case["connections"] for case in stores["bare"]] == [1, 16]
     for case in stores["bare"]:
@@ -4032,12 +4043,16 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
         check_bench_store_row(row, stores["bare"], 20)
     skipped = "no PostgreSQL server named: give --postgres-url URL or set WORKFLOW_TEST_POSTGRES_URL"
     assert postgres == {"store": "postgres", "skipped": skipped, "error": None, "in_process": None, "http": None}
+    assert stores["targets"] == expected_bench_store_targets(measured)
     out, err = capsys.readouterr()
     assert err == ""
     assert "20 requests per case" in out
     rows = [line.split()[0] for line in out.splitlines() if " |" in line and not line.lstrip().startswith("|")]
     assert rows == ["store", "bare", "memory", "sqlite"]  # one table: a row per store, continued per connection count
     assert f"  postgres          skipped: {skipped}" in out.splitlines()
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("  target")] == [
+        f"  target {target['target']}" for target in stores["targets"]]
+    assert "  target no errors: 0 met" in out.splitlines()
 
 
 def test_bench_rejects_a_postgres_url_of_another_scheme(capsys: pytest.CaptureFixture) -> None:
@@ -4668,6 +4683,7 @@ def test_bench_stores_quick_through_postgres(tmp_path: Path, capsys: pytest.Capt
     assert [row["store"] for row in stores["stores"]] == ["memory", "sqlite", "postgres"]
     for row in stores["stores"]:
         check_bench_store_row(row, stores["bare"], 20)
+    assert stores["targets"] == expected_bench_store_targets(stores["stores"])
     assert bench_databases() - before == set()
     out, err = capsys.readouterr()
     assert err == ""
