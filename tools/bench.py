@@ -804,8 +804,9 @@ def print_memory(result: dict[str, Any]) -> None:
 # Stores
 # ---------------------------------------------------------------------------
 # The engine section's loop with N = 1 (five trivial steps) through each store: in process, runs one after another
-# through Engine.run; over HTTP, POST /graph/run with "wait": true against one server per store, next to the bare
-# endpoint with the same body. Each store starts empty: a new SQLite file, a new PostgreSQL database, for each part.
+# through Engine.run; over HTTP, POST /graph/run with "wait": true against one server per store (all of them up at
+# once), next to the bare endpoint with the same body. Each store starts empty: a new SQLite file, a new PostgreSQL
+# database, for each part.
 STORES = ("memory", "sqlite", "postgres")
 STORE_CONNECTIONS = (1, 16)
 POSTGRES_URL_VARIABLE = "WORKFLOW_TEST_POSTGRES_URL"  # the tests' server, the default of --postgres-url
@@ -917,58 +918,88 @@ async def probe_trivial_run(port: int) -> None:
         raise BenchError(f"POST /graph/run of a trivial run answered {status}: {str(run)[:300]}")
 
 
-async def _load_cases(port: int, request: bytes, profile: Profile) -> list[dict[str, Any]]:
-    return [await _load_case(port, request, connections, profile) for connections in STORE_CONNECTIONS]
-
-
-async def _store_http(server: Server, bare: list[dict[str, Any]], profile: Profile) -> dict[str, Any]:
-    await probe_trivial_run(server.port)
-    request = http_request("POST", "/graph/run", server.port, _json_bytes(TRIVIAL_RUN))
-    cases = await _load_cases(server.port, request, profile)
-    for case, ceiling in zip(cases, bare, strict=True):
-        case["share_of_bare"] = case["rps"] / ceiling["rps"] if ceiling["rps"] else 0.0
+async def _run_counts(server: Server) -> dict[str, int]:
     counts = []
     for query in ("graph_id=bench", "graph_id=bench&status=completed"):
         status, page = await _get_json(server.port, f"/graph/runs?{query}&limit=1")
         if status != 200:
             raise BenchError(f"GET /graph/runs?{query} answered {status}: {page}")
         counts.append(page["total"])
-    return {"cases": cases, "runs_stored": counts[0], "runs_not_completed": counts[0] - counts[1]}
+    return {"runs_stored": counts[0], "runs_not_completed": counts[0] - counts[1]}
 
 
-def _store_row(we: ModuleType, kind: str, scratch: Path, env: dict[str, str], bare: list[dict[str, Any]],
-               profile: Profile, postgres_url: str | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"store": kind, "skipped": None, "error": None, "in_process": None, "http": None}
-    if kind == "postgres" and postgres_url is None:
-        row["skipped"] = f"no PostgreSQL server named: give --postgres-url URL or set {POSTGRES_URL_VARIABLE}"
-        return row
+async def _store_loads(
+    bare: Server, servers: dict[str, Server], profile: Profile
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Load the bare endpoint, then each store's server, at each connection count in turn: the figures compared
+    are measured within seconds of each other, so drift on a shared machine hits them alike."""
+    ceiling: list[dict[str, Any]] = []
+    cases: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
+    for connections in STORE_CONNECTIONS:
+        echo = http_request("POST", "/echo", bare.port, _json_bytes(TRIVIAL_RUN))
+        ceiling.append(await _load_case(bare.port, echo, connections, profile))
+        for kind, server in servers.items():
+            request = http_request("POST", "/graph/run", server.port, _json_bytes(TRIVIAL_RUN))
+            figures = await _load_case(server.port, request, connections, profile)
+            figures["share_of_bare"] = figures["rps"] / ceiling[-1]["rps"] if ceiling[-1]["rps"] else 0.0
+            cases[kind].append(figures)
+    return ceiling, {kind: {"cases": cases[kind], **await _run_counts(server)} for kind, server in servers.items()}
+
+
+@contextlib.contextmanager
+def _recorded(row: dict[str, Any]) -> Iterator[None]:
+    """Keep what stops one store's measurement as its row's error, so that the other rows still get measured."""
     try:
-        with store_location(kind, scratch, "in_process", postgres_url) as location:
-            row["in_process"] = asyncio.run(_in_process(we, location, profile))
-        with store_location(kind, scratch, "http", postgres_url) as location:
-            server_env = env if location is None else {**env, "WORKFLOW_DB": location}
-            with uvicorn_server(f"{kind} engine", "workflow_engine:app", scratch, server_env) as server:
-                row["http"] = asyncio.run(_store_http(server, bare, profile))
-    except (BenchError, OSError) as exc:  # one store that cannot run leaves the others' rows
+        yield
+    except (BenchError, OSError) as exc:  # OSError: a server that stopped answering
         row["error"] = str(exc)
-    return row
+
+
+@contextlib.contextmanager
+def store_server(kind: str, scratch: Path, env: dict[str, str], postgres_url: str | None) -> Iterator[Server]:
+    """Serve `workflow_engine:app` on a new, empty store of `kind`, with the bench graph created and run once."""
+    with store_location(kind, scratch, "http", postgres_url) as location:
+        server_env = env if location is None else {**env, "WORKFLOW_DB": location}
+        with uvicorn_server(f"{kind} engine", "workflow_engine:app", scratch, server_env) as server:
+            asyncio.run(probe_trivial_run(server.port))
+            yield server
+
+
+def _stores_env(scratch: Path) -> dict[str, str]:
+    Path(scratch, "bench_bare_app.py").write_text(BARE_APP, encoding="utf-8")
+    Path(scratch, "bench_flow.py").write_text(bench_flow_source(), encoding="utf-8")
+    env = _server_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(scratch), env["PYTHONPATH"]])
+    env["WORKFLOW_MODULES"] = "bench_flow"
+    env.pop("WORKFLOW_DB", None)  # each server is told its own store
+    return env
 
 
 def run_stores(profile: Profile, postgres_url: str | None) -> dict[str, Any]:
-    """Measure trivial runs through each store in process and over HTTP, with the bare endpoint as the ceiling;
+    """Measure trivial runs through each store in process, then over HTTP with the bare endpoint as the ceiling;
     PostgreSQL in databases created on the server `postgres_url` names, or skipped without one."""
     we = _import_engine()
-    with tempfile.TemporaryDirectory() as scratch:
-        Path(scratch, "bench_bare_app.py").write_text(BARE_APP, encoding="utf-8")
-        Path(scratch, "bench_flow.py").write_text(bench_flow_source(), encoding="utf-8")
-        env = _server_env()
-        env["PYTHONPATH"] = os.pathsep.join([scratch, env["PYTHONPATH"]])
-        env["WORKFLOW_MODULES"] = "bench_flow"
-        env.pop("WORKFLOW_DB", None)  # each row says its own store
-        with uvicorn_server("bare", "bench_bare_app:app", Path(scratch), env) as bare:
-            echo = http_request("POST", "/echo", bare.port, _json_bytes(TRIVIAL_RUN))
-            ceiling = asyncio.run(_load_cases(bare.port, echo, profile))
-        rows = [_store_row(we, kind, Path(scratch), env, ceiling, profile, postgres_url) for kind in STORES]
+    rows = [{"store": kind, "skipped": None, "error": None, "in_process": None, "http": None} for kind in STORES]
+    if postgres_url is None:
+        rows[STORES.index("postgres")]["skipped"] = (f"no PostgreSQL server named: give --postgres-url URL or set "
+                                                    f"{POSTGRES_URL_VARIABLE}")
+    with tempfile.TemporaryDirectory() as scratch_dir, contextlib.ExitStack() as running:
+        scratch = Path(scratch_dir)
+        env = _stores_env(scratch)
+        for row in rows:
+            if row["skipped"] is None:
+                with _recorded(row), store_location(row["store"], scratch, "in_process", postgres_url) as location:
+                    row["in_process"] = asyncio.run(_in_process(we, location, profile))
+        bare = running.enter_context(uvicorn_server("bare", "bench_bare_app:app", scratch, env))
+        servers = {}
+        for row in rows:
+            if row["skipped"] is None and row["error"] is None:
+                with _recorded(row):
+                    servers[row["store"]] = running.enter_context(store_server(row["store"], scratch, env,
+                                                                               postgres_url))
+        ceiling, http = asyncio.run(_store_loads(bare, servers, profile))
+    for row in rows:
+        row["http"] = http.get(row["store"])
     return {"connections": list(STORE_CONNECTIONS), "bare": ceiling, "stores": rows, "targets": _store_targets(rows)}
 
 
