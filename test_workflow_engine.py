@@ -4055,6 +4055,27 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
     assert "  target no errors: 0 met" in out.splitlines()
 
 
+def test_bench_stores_reports_a_postgres_server_that_cannot_be_reached(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """A PostgreSQL URL that does not work is that row's error and exit status 1; the other stores are measured."""
+    pytest.importorskip("psycopg")
+    path, port = tmp_path / "s.json", free_port()  # nothing listens there
+
+    assert bench.main(["stores", "--quick", "--http-requests", "20", "--postgres-url",
+                       f"postgresql://postgres@127.0.0.1:{port}/postgres", "--json", str(path)]) == 1
+
+    results = json.loads(path.read_text())
+    *measured, postgres = results["stores"]["stores"]
+    for row in measured:
+        check_bench_store_row(row, results["stores"]["bare"], 20)
+    assert postgres["error"].startswith("PostgreSQL refused 'CREATE DATABASE bench_stores_")
+    assert (postgres["skipped"], postgres["in_process"], postgres["http"]) == (None, None, None)
+    assert results["errors"] == {"stores": f"postgres: {postgres['error']}"}
+    out, err = capsys.readouterr()
+    assert f"  postgres          error: {postgres['error']}" in out
+    assert err.startswith("bench.py: stores: postgres: PostgreSQL refused 'CREATE DATABASE bench_stores_")
+
+
 def test_bench_rejects_a_postgres_url_of_another_scheme(capsys: pytest.CaptureFixture) -> None:
     assert bench.main(["stores", "--postgres-url", "mysql://root@127.0.0.1/db"]) == 2
     assert "--postgres-url must start with postgresql:// or postgres://" in capsys.readouterr().err
