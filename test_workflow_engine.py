@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -3946,7 +3947,7 @@ def test_bench_rejects_an_unknown_section(capsys: pytest.CaptureFixture) -> None
 
 def test_bench_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
     assert bench.main(["--help"]) == 0
-    assert "engine, http or memory" in capsys.readouterr().out
+    assert "engine, http, memory or stores" in capsys.readouterr().out
 
 
 def test_bench_rejects_a_request_count_below_one(capsys: pytest.CaptureFixture) -> None:
@@ -3977,6 +3978,107 @@ def test_bench_http_quick_against_live_servers(tmp_path: Path, capsys: pytest.Ca
     assert http["targets"][-1] == {"target": "no errors", "value": 0, "met": True}
     out = capsys.readouterr().out
     assert "100 requests per case" in out and "target POST /graph/run p99 <= 3x p50 at 64" in out
+
+
+def test_bench_graph_is_the_graph_the_stores_section_posts() -> None:
+    assert we.structure_body(bench.BENCH_GRAPH, we.GraphDefinition) == bench.bench_graph(we)
+
+
+BENCH_CASE_KEYS = {"connections", "seconds", "requests", "errors", "rps", "p50_ms", "p99_ms", "client_cpu"}
+
+
+def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], requests: int) -> None:
+    """A measured row of the stores section: its runs all completed, its counts are the ones the bench sent."""
+    assert row.keys() == {"store", "skipped", "error", "in_process", "http"}
+    assert (row["skipped"], row["error"]) == (None, None)
+    in_process = row["in_process"]
+    assert in_process.keys() == {"rounds", "runs_per_round", "runs_per_s", "us_per_run", "rounds_runs_per_s",
+                                 "not_completed"}
+    assert (in_process["rounds"], in_process["runs_per_round"]) == (bench.QUICK.store_rounds, bench.QUICK.store_runs)
+    assert (len(in_process["rounds_runs_per_s"]), in_process["not_completed"]) == (bench.QUICK.store_rounds, 0)
+    assert in_process["runs_per_s"] == statistics.median(in_process["rounds_runs_per_s"]) > 0
+    http = row["http"]
+    assert http.keys() == {"cases", "runs_stored", "runs_not_completed"}
+    # The probe, then at each connection count one warm-up request per connection and the counted ones.
+    assert (http["runs_stored"], http["runs_not_completed"]) == (1 + sum(c + requests for c in (1, 16)), 0)
+    assert [case["connections"] for case in http["cases"]] == [1, 16]
+    for case, ceiling in zip(http["cases"], bare, strict=True):
+        assert case.keys() == BENCH_CASE_KEYS | {"share_of_bare"}
+        assert (case["requests"], case["errors"]) == (requests, 0)
+        assert case["rps"] > 0 and 0 < case["p50_ms"] <= case["p99_ms"]
+        assert case["share_of_bare"] == pytest.approx(case["rps"] / ceiling["rps"])
+
+
+def expected_bench_store_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14's targets, one per measured store and connection count, then `no errors` (all zero here)."""
+    shares, targets = {"memory": 0.6, "sqlite": 0.35, "postgres": 0.25}, []
+    for row in rows:
+        share = shares[row["store"]]
+        for case, connections in zip(row["http"]["cases"], ("1 connection", "16 connections"), strict=True):
+            name = f"{row['store']} trivial 5-node run >= {share:.0%} of bare req/s at {connections}"
+            targets.append({"target": name, "value": case["share_of_bare"], "met": case["share_of_bare"] >= share})
+    return [*targets, {"target": "no errors", "value": 0, "met": True}]
+
+
+def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stores section runs trivial runs through each store in process, then over HTTP against a live server per
+    store, with the bare endpoint at the same connection counts; fixed counts, so no figure checked is a speed.
+    Without a PostgreSQL server named, its row says it was skipped and why."""
+    monkeypatch.delenv("WORKFLOW_TEST_POSTGRES_URL", raising=False)
+    path = tmp_path / "s.json"
+
+    assert bench.main(["stores", "--quick", "--http-requests", "20", "--json", str(path)]) == 0
+
+    stores = json.loads(path.read_text())["stores"]
+    assert stores.keys() == {"connections", "bare", "stores", "targets"}
+    assert stores["connections"] == [1, 16]
+    assert [case["connections"] for case in stores["bare"]] == [1, 16]
+    for case in stores["bare"]:
+        assert case.keys() == BENCH_CASE_KEYS
+        assert (case["requests"], case["errors"]) == (20, 0)
+    *measured, postgres = stores["stores"]
+    assert [row["store"] for row in measured] == ["memory", "sqlite"]
+    for row in measured:
+        check_bench_store_row(row, stores["bare"], 20)
+    skipped = "no PostgreSQL server named: give --postgres-url URL or set WORKFLOW_TEST_POSTGRES_URL"
+    assert postgres == {"store": "postgres", "skipped": skipped, "error": None, "in_process": None, "http": None}
+    assert stores["targets"] == expected_bench_store_targets(measured)
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "20 requests per case" in out
+    rows = [line.split()[0] for line in out.splitlines() if " |" in line and not line.lstrip().startswith("|")]
+    assert rows == ["store", "bare", "memory", "sqlite"]  # one table: a row per store, continued per connection count
+    assert f"  postgres          skipped: {skipped}" in out.splitlines()
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("  target")] == [
+        f"  target {target['target']}" for target in stores["targets"]]
+    assert "  target no errors: 0 met" in out.splitlines()
+
+
+def test_bench_stores_reports_a_postgres_server_that_cannot_be_reached(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """A PostgreSQL URL that does not work is that row's error and exit status 1; the other stores are measured."""
+    pytest.importorskip("psycopg")
+    path, port = tmp_path / "s.json", free_port()  # nothing listens there
+
+    assert bench.main(["stores", "--quick", "--http-requests", "20", "--postgres-url",
+                       f"postgresql://postgres@127.0.0.1:{port}/postgres", "--json", str(path)]) == 1
+
+    results = json.loads(path.read_text())
+    *measured, postgres = results["stores"]["stores"]
+    for row in measured:
+        check_bench_store_row(row, results["stores"]["bare"], 20)
+    assert postgres["error"].startswith("PostgreSQL refused 'CREATE DATABASE bench_stores_")
+    assert (postgres["skipped"], postgres["in_process"], postgres["http"]) == (None, None, None)
+    assert results["errors"] == {"stores": f"postgres: {postgres['error']}"}
+    out, err = capsys.readouterr()
+    assert f"  postgres          error: {postgres['error']}" in out
+    assert err.startswith("bench.py: stores: postgres: PostgreSQL refused 'CREATE DATABASE bench_stores_")
+
+
+def test_bench_rejects_a_postgres_url_of_another_scheme(capsys: pytest.CaptureFixture) -> None:
+    assert bench.main(["stores", "--postgres-url", "mysql://root@127.0.0.1/db"]) == 2
+    assert "--postgres-url must start with postgresql:// or postgres://" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------
@@ -4581,6 +4683,33 @@ def three_servers(env: dict[str, str]) -> Iterator[list[tuple[str, int]]]:
     with running_server({**env, "WORKFLOW_WORKER_ID": "a"}) as a, running_server({**env, "WORKFLOW_WORKER_ID": "b"}) as b, \
             running_server({**env, "WORKFLOW_WORKER_ID": "c"}) as c:
         yield [a, b, c]
+
+
+@needs_postgres
+def test_bench_stores_quick_through_postgres(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """With a PostgreSQL server named, the stores section measures it too, in databases it creates and drops."""
+    psycopg = pytest.importorskip("psycopg")
+    path = tmp_path / "s.json"
+
+    def bench_databases() -> set[str]:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            rows = admin.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench_stores_%'").fetchall()
+        return {name for (name,) in rows}
+
+    before = bench_databases()
+    assert bench.main(["stores", "--quick", "--http-requests", "20", "--postgres-url", POSTGRES_URL,
+                       "--json", str(path)]) == 0
+
+    stores = json.loads(path.read_text())["stores"]
+    assert [row["store"] for row in stores["stores"]] == ["memory", "sqlite", "postgres"]
+    for row in stores["stores"]:
+        check_bench_store_row(row, stores["bare"], 20)
+    assert stores["targets"] == expected_bench_store_targets(stores["stores"])
+    assert bench_databases() - before == set()
+    out, err = capsys.readouterr()
+    assert err == ""
+    rows = [line.split()[0] for line in out.splitlines() if " |" in line and not line.lstrip().startswith("|")]
+    assert rows == ["store", "bare", "memory", "sqlite", "postgres"]
 
 
 @needs_postgres

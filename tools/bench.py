@@ -1,7 +1,7 @@
-"""Benchmark the workflow engine against its ceiling: the runner in-process, the HTTP server, and memory.
+"""Benchmark the workflow engine against its ceiling: the runner in-process, the HTTP server, memory, the stores.
 
-Usage:  python tools/bench.py [engine] [http] [memory] [--quick] [--json PATH] [--memory-runs N] [--http-requests N]
-        (default: all sections)
+Usage:  python tools/bench.py [engine] [http] [memory] [stores] [--quick] [--json PATH] [--memory-runs N]
+                               [--http-requests N] [--postgres-url URL]   (default: all sections)
 
 engine  The runner on a five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step
         logging: microseconds per step of one long run (N = 2000) and per short run (N = 1, five steps, including
@@ -13,10 +13,17 @@ http    `uvicorn workflow_engine:app` and a bare Starlette JSON endpoint (one wo
         for a fixed time, or sends a fixed number of requests with --http-requests (whatever the machine's speed).
 memory  Bytes held per stored finished run of the code-review input (tracemalloc over Engine.run, and the server's
         RSS), and the server's RSS over 50,000 runs with the default WORKFLOW_MAX_RUNS: it must level off.
+stores  Trivial runs (the engine loop with N = 1: five steps) through the memory store, SQLite and PostgreSQL,
+        each starting empty: in process, runs/s of Engine.run one after another (median of a few rounds); over
+        HTTP, one `uvicorn workflow_engine:app` per store (WORKFLOW_DB set) at 1 and 16 connections, POST
+        /graph/run with "wait": true, requests/s and p50/p99 next to the bare endpoint given the same body.
+        PostgreSQL only with --postgres-url (default $WORKFLOW_TEST_POSTGRES_URL): a server on which the bench
+        creates databases of its own and drops them afterwards; without one its row says it was skipped.
 
 Absolute times drift on a shared machine; the ratios to baselines measured in the same invocation drift far less.
-Targets come from issue 7; a missed target is reported, not an error. The exit status is 1 when a section could not
-run (e.g. the code_review workflow is missing). Standard library plus the project's dependencies; RSS needs Linux.
+Targets come from issue 7 (the stores section's from issue 14); a missed target is reported, not an error. The exit
+status is 1 when a section could not run (e.g. the code_review workflow is missing). Standard library plus the
+project's dependencies; RSS needs Linux.
 """
 
 import argparse
@@ -29,6 +36,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 import socket
 import statistics
 import subprocess
@@ -36,6 +44,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +55,7 @@ import attrs
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-SECTIONS = ("engine", "http", "memory")
+SECTIONS = ("engine", "http", "memory", "stores")
 
 REVIEW_CODE = '''import os
 import sys
@@ -105,16 +114,20 @@ class Profile:
     memory_runs: int  # memory: runs sent to the server
     memory_checkpoints: int  # memory: RSS readings over those runs
     memory_max_runs: int | None  # memory: WORKFLOW_MAX_RUNS for the server; None keeps the default
-    http_requests: int | None = None  # http: requests per case instead of http_seconds of them; None: the seconds
+    store_rounds: int  # stores: timed rounds of in-process runs per store, after a warm-up run
+    store_runs: int  # stores: runs per round
+    http_requests: int | None = None  # http, stores: requests per case instead of http_seconds of them
 
 
 FULL = Profile(
     repeats=7, sample_seconds=0.2, long_n=2000, http_seconds=2.0, http_warmup=0.5,
     review_runs=200, traced_runs=500, memory_runs=50_000, memory_checkpoints=10, memory_max_runs=None,
+    store_rounds=5, store_runs=200,
 )
 QUICK = Profile(
     repeats=3, sample_seconds=0.02, long_n=200, http_seconds=0.8, http_warmup=0.2,
     review_runs=20, traced_runs=200, memory_runs=3000, memory_checkpoints=6, memory_max_runs=500,
+    store_rounds=3, store_runs=20,
 )
 
 
@@ -788,6 +801,264 @@ def print_memory(result: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Stores
+# ---------------------------------------------------------------------------
+# The engine section's loop with N = 1 (five trivial steps) through each store: in process, runs one after another
+# through Engine.run; over HTTP, POST /graph/run with "wait": true against one server per store (all of them up at
+# once), next to the bare endpoint with the same body. Each store starts empty: a new SQLite file, a new PostgreSQL
+# database, for each part.
+STORES = ("memory", "sqlite", "postgres")
+STORE_CONNECTIONS = (1, 16)
+POSTGRES_URL_VARIABLE = "WORKFLOW_TEST_POSTGRES_URL"  # the tests' server, the default of --postgres-url
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# Targets of issue 14, printed for information: a trivial 5-node run over HTTP, as a share of the bare endpoint.
+TARGET_STORE_SHARE = {"memory": 0.6, "sqlite": 0.35, "postgres": 0.25}
+_IN_PROCESS_WIDTH = 45  # the table's columns before the HTTP ones: the store's name and its in-process figures
+BENCH_GRAPH = {  # bench_graph() as POST /graph/create takes it
+    "graph_id": "bench", "start_node": "A", "nodes": list(NODE_FUNCTIONS),
+    "edges": {**{name: {"default_next": NEXT_NODE[name]} for name in "ABCD"},
+              "E": {"branches": [{"condition": "more", "target": "B"}]}},
+}
+TRIVIAL_RUN = {"graph_id": "bench", "state": {"data": {"i": 0, "n": 1}}, "wait": True}
+
+
+def bench_flow_source() -> str:
+    """Return a workflow module that registers the bench's own node functions and condition, for a server."""
+    nodes = ", ".join(f"{name!r}: {fn.__name__}" for name, fn in NODE_FUNCTIONS.items())
+    register = (f"def register(registry: Any) -> None:\n"
+                f"    for name, fn in {{{nodes}}}.items():\n"
+                f"        registry.node(fn, name=name)\n"
+                f"    registry.condition(more)\n")
+    head = '"""The nodes of tools/bench.py for a server: WORKFLOW_MODULES=bench_flow."""\nfrom typing import Any\n'
+    return "\n\n".join([head, *(inspect.getsource(fn) for fn in (*NODE_FUNCTIONS.values(), more)), register])
+
+
+def _postgres_admin(psycopg: ModuleType, url: str, statement: str) -> None:
+    try:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(statement)
+    except psycopg.Error as exc:
+        raise BenchError(f"PostgreSQL refused {statement.split(' WITH')[0]!r}: {exc}") from None
+
+
+@contextlib.contextmanager
+def fresh_postgres(url: str) -> Iterator[str]:
+    """Create a database of the bench's own on the PostgreSQL server `url` names, yield its URL, and drop it."""
+    try:
+        import psycopg  # only PostgreSQL needs it  # noqa: PLC0415
+    except ModuleNotFoundError:
+        raise BenchError("psycopg is not installed (requirements.txt names it)") from None
+    name = f"bench_stores_{secrets.token_hex(4)}"
+    _postgres_admin(psycopg, url, f"CREATE DATABASE {name}")
+    try:
+        yield urllib.parse.urlsplit(url)._replace(path=f"/{name}").geturl()
+    except psycopg.Error as exc:
+        raise BenchError(f"PostgreSQL: {exc}") from None
+    finally:
+        _postgres_admin(psycopg, url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@contextlib.contextmanager
+def store_location(kind: str, scratch: Path, use: str, postgres_url: str | None) -> Iterator[str | None]:
+    """Yield a new, empty place for a store of `kind`, as WORKFLOW_DB names it (None: memory); `use` tells apart
+    the places one store needs."""
+    if kind == "memory":
+        yield None
+    elif kind == "sqlite":
+        yield str(scratch / f"{use}.db")
+    else:
+        assert postgres_url is not None
+        with fresh_postgres(postgres_url) as url:
+            yield url
+
+
+async def _in_process(we: ModuleType, location: str | None, profile: Profile) -> dict[str, Any]:
+    engine = we.Engine(bench_registry(we), we.open_store(location) if location else None)
+    try:
+        await engine.create_graph(bench_graph(we))
+        first = await engine.run("bench", we.WorkflowState(data={"i": 0, "n": 1}))  # and a warm-up
+        if first.status is not we.RunStatus.COMPLETED or first.iteration != steps_for(1):
+            raise BenchError(f"a trivial run ended {first.status.value} after {first.iteration} steps: {first.error}")
+        rates, not_completed = [], 0
+        for _ in range(profile.store_rounds):
+            gc.collect()
+            started = time.perf_counter()
+            for _ in range(profile.store_runs):
+                run = await engine.run("bench", we.WorkflowState(data={"i": 0, "n": 1}))
+                not_completed += run.status is not we.RunStatus.COMPLETED
+            rates.append(profile.store_runs / (time.perf_counter() - started))
+    finally:
+        await engine.shutdown()
+    median = statistics.median(rates)
+    return {"rounds": profile.store_rounds, "runs_per_round": profile.store_runs, "runs_per_s": median,
+            "us_per_run": 1e6 / median, "rounds_runs_per_s": rates, "not_completed": not_completed}
+
+
+def _json_bytes(payload: object) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+async def _post_json(port: int, path: str, payload: object) -> tuple[int, Any]:
+    status, answer = await request_once(port, http_request("POST", path, port, _json_bytes(payload)))
+    return status, json.loads(answer)
+
+
+async def _get_json(port: int, path: str) -> tuple[int, Any]:
+    status, answer = await request_once(port, http_request("GET", path, port))
+    return status, json.loads(answer)
+
+
+async def probe_trivial_run(port: int) -> None:
+    """Create the bench graph on the server and run it once; raise BenchError unless both work."""
+    status, answer = await _post_json(port, "/graph/create", BENCH_GRAPH)
+    if status not in (200, 201):
+        raise BenchError(f"POST /graph/create of the bench graph answered {status}: {answer}")
+    status, run = await _post_json(port, "/graph/run", TRIVIAL_RUN)
+    if status != 200 or run["status"] != "completed" or run["iteration"] != steps_for(1):
+        raise BenchError(f"POST /graph/run of a trivial run answered {status}: {str(run)[:300]}")
+
+
+async def _run_counts(server: Server) -> dict[str, int]:
+    counts = []
+    for query in ("graph_id=bench", "graph_id=bench&status=completed"):
+        status, page = await _get_json(server.port, f"/graph/runs?{query}&limit=1")
+        if status != 200:
+            raise BenchError(f"GET /graph/runs?{query} answered {status}: {page}")
+        counts.append(page["total"])
+    return {"runs_stored": counts[0], "runs_not_completed": counts[0] - counts[1]}
+
+
+async def _store_loads(
+    bare: Server, servers: dict[str, Server], profile: Profile
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Load the bare endpoint, then each store's server, at each connection count in turn: the figures compared
+    are measured within seconds of each other, so drift on a shared machine hits them alike."""
+    ceiling: list[dict[str, Any]] = []
+    cases: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
+    for connections in STORE_CONNECTIONS:
+        echo = http_request("POST", "/echo", bare.port, _json_bytes(TRIVIAL_RUN))
+        ceiling.append(await _load_case(bare.port, echo, connections, profile))
+        for kind, server in servers.items():
+            request = http_request("POST", "/graph/run", server.port, _json_bytes(TRIVIAL_RUN))
+            figures = await _load_case(server.port, request, connections, profile)
+            figures["share_of_bare"] = figures["rps"] / ceiling[-1]["rps"] if ceiling[-1]["rps"] else 0.0
+            cases[kind].append(figures)
+    return ceiling, {kind: {"cases": cases[kind], **await _run_counts(server)} for kind, server in servers.items()}
+
+
+@contextlib.contextmanager
+def _recorded(row: dict[str, Any]) -> Iterator[None]:
+    """Keep what stops one store's measurement as its row's error, so that the other rows still get measured."""
+    try:
+        yield
+    except (BenchError, OSError) as exc:  # OSError: a server that stopped answering
+        row["error"] = str(exc)
+
+
+@contextlib.contextmanager
+def store_server(kind: str, scratch: Path, env: dict[str, str], postgres_url: str | None) -> Iterator[Server]:
+    """Serve `workflow_engine:app` on a new, empty store of `kind`, with the bench graph created and run once."""
+    with store_location(kind, scratch, "http", postgres_url) as location:
+        server_env = env if location is None else {**env, "WORKFLOW_DB": location}
+        with uvicorn_server(f"{kind} engine", "workflow_engine:app", scratch, server_env) as server:
+            asyncio.run(probe_trivial_run(server.port))
+            yield server
+
+
+def _stores_env(scratch: Path) -> dict[str, str]:
+    Path(scratch, "bench_bare_app.py").write_text(BARE_APP, encoding="utf-8")
+    Path(scratch, "bench_flow.py").write_text(bench_flow_source(), encoding="utf-8")
+    env = _server_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(scratch), env["PYTHONPATH"]])
+    env["WORKFLOW_MODULES"] = "bench_flow"
+    env.pop("WORKFLOW_DB", None)  # each server is told its own store
+    return env
+
+
+def run_stores(profile: Profile, postgres_url: str | None) -> dict[str, Any]:
+    """Measure trivial runs through each store in process, then over HTTP with the bare endpoint as the ceiling;
+    PostgreSQL in databases created on the server `postgres_url` names, or skipped without one."""
+    we = _import_engine()
+    rows = [{"store": kind, "skipped": None, "error": None, "in_process": None, "http": None} for kind in STORES]
+    if postgres_url is None:
+        rows[STORES.index("postgres")]["skipped"] = (f"no PostgreSQL server named: give --postgres-url URL or set "
+                                                    f"{POSTGRES_URL_VARIABLE}")
+    with tempfile.TemporaryDirectory() as scratch_dir, contextlib.ExitStack() as running:
+        scratch = Path(scratch_dir)
+        env = _stores_env(scratch)
+        for row in rows:
+            if row["skipped"] is None:
+                with _recorded(row), store_location(row["store"], scratch, "in_process", postgres_url) as location:
+                    row["in_process"] = asyncio.run(_in_process(we, location, profile))
+        bare = running.enter_context(uvicorn_server("bare", "bench_bare_app:app", scratch, env))
+        servers = {}
+        for row in rows:
+            if row["skipped"] is None and row["error"] is None:
+                with _recorded(row):
+                    servers[row["store"]] = running.enter_context(store_server(row["store"], scratch, env,
+                                                                               postgres_url))
+        ceiling, http = asyncio.run(_store_loads(bare, servers, profile))
+    for row in rows:
+        row["http"] = http.get(row["store"])
+    return {"connections": list(STORE_CONNECTIONS), "bare": ceiling, "stores": rows, "targets": _store_targets(rows)}
+
+
+def _connections(count: int) -> str:
+    return f"{count} connection{'' if count == 1 else 's'}"
+
+
+def _store_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    measured = [row for row in rows if row["http"] is not None]
+    targets = [{"target": f"{row['store']} trivial 5-node run >= {TARGET_STORE_SHARE[row['store']]:.0%} of bare "
+                          f"req/s at {_connections(case['connections'])}",
+                "value": case["share_of_bare"], "met": case["share_of_bare"] >= TARGET_STORE_SHARE[row["store"]]}
+               for row in measured for case in row["http"]["cases"]]
+    errors = sum(row["in_process"]["not_completed"] + row["http"]["runs_not_completed"]
+                 + sum(case["errors"] for case in row["http"]["cases"]) for row in measured)
+    targets.append({"target": "no errors", "value": errors, "met": errors == 0})
+    return targets
+
+
+def print_stores(result: dict[str, Any], profile: Profile) -> None:
+    """Print the stores section as one table: a row per store, a line per connection count."""
+    load = (f"{profile.http_seconds:g} s per case after {profile.http_warmup:g} s warm-up"
+            if profile.http_requests is None else f"{profile.http_requests} requests per case after one per connection")
+    print(f"== stores: trivial 5-node runs (A -> B -> C -> D -> E, N = 1); in process: Engine.run one after another, "
+          f"median of {profile.store_rounds} rounds of {profile.store_runs}; over HTTP: POST /graph/run "
+          f'"wait": true, one uvicorn worker per store, {load}')
+    print(f"  {'store':<18}{'runs/s':>8}{'us/run':>9}{'vs memory':>10}  |{'conns':>6}{'req/s':>8}{'p50 ms':>8}"
+          f"{'p99 ms':>8}{'errors':>7}{'vs bare':>8}")
+    for index, case in enumerate(result["bare"]):
+        print(f"  {'bare POST /echo' if index == 0 else '':<{_IN_PROCESS_WIDTH}}  |{_store_case(case, 1.0)}")
+    memory = next((row["in_process"] for row in result["stores"] if row["store"] == "memory"), None)
+    for row in result["stores"]:
+        for line in _store_lines(row, memory):
+            print(line)
+    for target in result["targets"]:
+        value = target["value"]
+        shown = f"{value:.0%}" if isinstance(value, float) else value
+        print(f"  target {target['target']}: {shown} {_status(target['met'])}"
+              f"{'  (issue 14, for information)' if isinstance(value, float) else ''}")
+
+
+def _store_case(case: dict[str, Any], share: float) -> str:
+    return (f"{case['connections']:>6}{case['rps']:>8.0f}{case['p50_ms']:>8.2f}{case['p99_ms']:>8.2f}"
+            f"{case['errors']:>7}{share:>8.0%}")
+
+
+def _store_lines(row: dict[str, Any], memory: dict[str, Any] | None) -> list[str]:
+    figures = row["in_process"]
+    if figures is None:
+        return [f"  {row['store']:<18}{'skipped: ' + row['skipped'] if row['skipped'] else 'error: ' + row['error']}"]
+    versus = f"{figures['runs_per_s'] / memory['runs_per_s']:.0%}" if memory else "-"
+    lead = f"{row['store']:<18}{figures['runs_per_s']:>8.0f}{figures['us_per_run']:>9.0f}{versus:>10}"
+    if row["http"] is None:
+        return [f"  {lead}  | error: {row['error']}"]
+    return [f"  {lead if index == 0 else '':<{_IN_PROCESS_WIDTH}}  |{_store_case(case, case['share_of_bare'])}"
+            for index, case in enumerate(row["http"]["cases"])]
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 def _machine() -> dict[str, Any]:
@@ -801,20 +1072,26 @@ def _machine() -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench.py", description=__doc__.split("\n\n")[0],
-        epilog="Sections: engine, http, memory (default: all). Targets are those of issue 7.",
+        epilog="Sections: engine, http, memory, stores (default: all). Targets are those of issue 7; the stores "
+               "section prints those of issue 14 for information.",
     )
-    parser.add_argument("sections", nargs="*", metavar="SECTION", help="engine, http or memory (default: all)")
+    parser.add_argument("sections", nargs="*", metavar="SECTION",
+                        help="engine, http, memory or stores (default: all)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: few repeats, short loads, few runs")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON to PATH")
     parser.add_argument("--memory-runs", metavar="N", type=int,
                         help=f"runs sent to the server in the memory section (default {FULL.memory_runs:,}; "
                              f"--quick {QUICK.memory_runs:,})")
     parser.add_argument("--http-requests", metavar="N", type=int,
-                        help="send N requests per http case instead of loading it for a fixed time")
+                        help="send N requests per http and stores case instead of loading it for a fixed time")
+    parser.add_argument("--postgres-url", metavar="URL",
+                        help=f"a PostgreSQL server (postgresql://user@host:port/db) on which the stores section "
+                             f"creates and then drops databases of its own (default ${POSTGRES_URL_VARIABLE}; "
+                             f"without one, PostgreSQL is skipped)")
     return parser
 
 
-def _run_section(name: str, profile: Profile, results: dict[str, Any]) -> bool:
+def _run_section(name: str, profile: Profile, results: dict[str, Any], postgres_url: str | None) -> bool:
     try:
         if name == "engine":
             results["engine"] = run_engine(profile)
@@ -822,16 +1099,26 @@ def _run_section(name: str, profile: Profile, results: dict[str, Any]) -> bool:
         elif name == "http":
             results["http"] = run_http(profile)
             print_http(results["http"], profile)
-        else:
+        elif name == "memory":
             print_memory_head(profile, profile.memory_max_runs or _import_engine().MAX_STORED_RUNS)
             results["memory"] = run_memory(profile)
             print_memory(results["memory"])
+        else:
+            results["stores"] = run_stores(profile, postgres_url)
+            print_stores(results["stores"], profile)
+            _raise_store_errors(results["stores"])
     except (BenchError, OSError) as exc:  # OSError: a server that stopped answering
         print(f"bench.py: {name}: {exc}", file=sys.stderr)
         results.setdefault("errors", {})[name] = str(exc)
         return False
     print(flush=True)
     return True
+
+
+def _raise_store_errors(result: dict[str, Any]) -> None:
+    failed = [f"{row['store']}: {row['error']}" for row in result["stores"] if row["error"]]
+    if failed:
+        raise BenchError("; ".join(failed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -856,10 +1143,14 @@ def main(argv: list[str] | None = None) -> int:
             print("bench.py: --http-requests must be at least 1", file=sys.stderr)
             return 2
         profile = attrs.evolve(profile, http_requests=args.http_requests)
+    postgres_url = args.postgres_url or os.environ.get(POSTGRES_URL_VARIABLE) or None
+    if postgres_url is not None and not postgres_url.startswith(POSTGRES_SCHEMES):
+        print(f"bench.py: --postgres-url must start with {' or '.join(POSTGRES_SCHEMES)}", file=sys.stderr)
+        return 2
     results: dict[str, Any] = {"machine": _machine(), "quick": args.quick}
     print(f"bench.py {results['machine']['date']}  {results['machine']['cpu']}, {results['machine']['cpus']} cpus, "
           f"Python {results['machine']['python']}{'  (quick)' if args.quick else ''}\n")
-    ok = all([_run_section(name, profile, results) for name in (args.sections or SECTIONS)])
+    ok = all([_run_section(name, profile, results, postgres_url) for name in (args.sections or SECTIONS)])
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0 if ok else 1
