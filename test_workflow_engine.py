@@ -34,6 +34,7 @@ from typing import Any
 import attrs
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import code_review
 import workflow_engine as we
@@ -2799,6 +2800,51 @@ async def test_engine_logs_start_steps_and_end_with_fields(registry: we.Registry
 
 
 # ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+def scraped(page: str) -> dict[str, tuple[str, dict[tuple, float]]]:
+    """Each family of a metrics page as prometheus_client's parser reads it: its type, and its samples by name and
+    labels."""
+    return {family.name: (family.type, {(sample.name, *sorted(sample.labels.items())): sample.value
+                                        for sample in family.samples})
+            for family in text_string_to_metric_families(page)}
+
+
+def test_metrics_page_is_text_a_prometheus_parser_reads() -> None:
+    """Escaped label values, cumulative buckets up to +Inf with sum and count, and families without samples."""
+    metrics = we.Metrics()
+    metrics.count_request('odd "route" \\ with\na newline', 200)
+    metrics.run_seconds.observe(("g",), 0.3)
+    metrics.run_seconds.observe(("g",), 0.5)
+    metrics.run_seconds.observe(("g",), 7200.0)
+    families = scraped(metrics.page(active=2, pending=1, paused=None))
+    bounds = ["0.001", "0.005", "0.025", "0.1", "0.5", "1.0", "2.5", "10.0", "60.0", "300.0", "3600.0", "+Inf"]
+    cumulative = [0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 3]
+    assert families["workflow_run_duration_seconds"] == ("histogram", {
+        **{("workflow_run_duration_seconds_bucket", ("graph_id", "g"), ("le", le)): count
+           for le, count in zip(bounds, cumulative, strict=True)},
+        ("workflow_run_duration_seconds_sum", ("graph_id", "g")): 7200.8,
+        ("workflow_run_duration_seconds_count", ("graph_id", "g")): 3})
+    assert families["workflow_http_requests"] == ("counter", {
+        ("workflow_http_requests_total", ("route", 'odd "route" \\ with\na newline'), ("status", "200")): 1})
+    assert {name: family for name, family in families.items() if name not in (
+        "workflow_run_duration_seconds", "workflow_http_requests")} == {
+        "workflow_runs_started": ("counter", {}), "workflow_runs_finished": ("counter", {}),
+        "workflow_steps": ("counter", {}), "workflow_recoveries": ("counter", {("workflow_recoveries_total",): 0}),
+        "workflow_store_errors": ("counter", {("workflow_store_errors_total",): 0}),
+        "workflow_webhook_deliveries": ("counter", {}),
+        "workflow_runs_active": ("gauge", {("workflow_runs_active",): 2}),
+        "workflow_runs_pending": ("gauge", {("workflow_runs_pending",): 1}),
+        "workflow_runs_paused": ("gauge", {}), "workflow_run_queue_seconds": ("histogram", {}),
+        "workflow_step_duration_seconds": ("histogram", {})}
+
+
+def test_metrics_graph_labels_past_the_bound_are_other() -> None:
+    metrics = we.Metrics(max_graphs=2)
+    assert [metrics.graph_label(graph_id) for graph_id in ("a", "b", "c", "a", "d")] == ["a", "b", "_other", "a", "_other"]
+
+
+# ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------
 JSON_TYPE_CHECKS: dict[str, Callable[[object], bool]] = {
@@ -3070,12 +3116,12 @@ def test_settings_from_env_reads_every_variable() -> None:
            "WORKFLOW_MAX_BRANCHES": "8", "WORKFLOW_MAX_STATE_BYTES": "999", "WORKFLOW_SHUTDOWN_GRACE_S": "2.5",
            "WORKFLOW_MAX_PAUSED_RUNS": "6", "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json",
            "WORKFLOW_MAX_LOG_BYTES": "998", "WORKFLOW_LEASE_S": "2.5", "WORKFLOW_MAX_RECOVERIES": "0",
-           "WORKFLOW_WORKER_ID": "w1"}
+           "WORKFLOW_WORKER_ID": "w1", "WORKFLOW_MAX_METRIC_GRAPHS": "12"}
     assert we.settings_from_env(env) == we.Settings(
         max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"),
         max_concurrent_runs=3, max_pending_runs=2, max_nodes=9, max_branches=8, max_state_bytes=999,
         shutdown_grace_s=2.5, max_paused_runs=6, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON,
-        max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1")
+        max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1", max_metric_graphs=12)
     assert we.settings_from_env({}) == we.Settings()
     assert we.settings_from_env({"WORKFLOW_MODULES": "", "WORKFLOW_DB": " "}) == we.Settings(workflow_modules=())
 

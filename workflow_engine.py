@@ -26,6 +26,7 @@ Every non-2xx answer has one shape:
 """
 
 import asyncio
+import bisect
 import contextlib
 import enum
 import functools
@@ -188,6 +189,11 @@ ID_RULE = f"must be 1-{MAX_ID_CHARS} characters of A-Z, a-z, 0-9, '_', '.', '-'"
 MAX_SHOWN_CHARS = MAX_ID_CHARS  # most characters of a client's value an error repeats: a valid id is shown whole
 MAX_SHOWN_ITEMS = 10  # most client-named items (extra fields) that an error lists
 MAX_PROBLEMS = 100  # most details an error lists; the message says how many there were
+MAX_METRIC_GRAPHS = 100  # graph ids with a label of their own in /metrics; further graphs share OTHER_LABEL
+OTHER_LABEL = "_other"  # the metric label value of every graph past the bound (and of those graphs' nodes)
+UNMATCHED_ROUTE = "_unmatched"  # the route label of a request to a path no route matches
+METRIC_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 3600.0)  # histogram bounds, seconds
+PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -880,6 +886,7 @@ class Settings:
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
     workflow_modules: tuple[str, ...] | None = None
     max_log_bytes: int = attrs.field(default=MAX_LOG_BYTES, validator=_positive)
+    max_metric_graphs: int = attrs.field(default=MAX_METRIC_GRAPHS, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.max_iterations > self.max_iterations_cap:
@@ -2412,6 +2419,195 @@ Store = MemoryStore | SqlStore
 
 
 # ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+# Counting costs the runner's step loop nothing: the engine counts a run when it starts and when it stops here, and
+# the run's steps once, at its stop, from its log. Label values are bounded: graphs past `max_graphs` (and their
+# nodes) share OTHER_LABEL. The page is the Prometheus text format, written here with the standard library.
+@enum.unique
+class MetricKind(enum.Enum):
+    """What a metric family is, as its `# TYPE` line says."""
+
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+Labels = tuple[Any, ...]  # one series' label values: strings, numbers, or enums (written as their value)
+_BUCKETS = len(METRIC_BUCKETS_S)
+
+
+def _new_series() -> list[float]:
+    """A histogram series: a count per bucket (not cumulative; the last is +Inf), then the sum."""
+    return [0] * (_BUCKETS + 1) + [0.0]
+
+
+@attrs.define
+class _Family:
+    """One metric family: a number per series of label values, or for a histogram a list from `_new_series`."""
+
+    name: str
+    kind: MetricKind
+    help: str
+    labels: tuple[str, ...] = ()
+    samples: dict[Labels, Any] = attrs.field(factory=dict)
+
+    def add(self, values: Labels = (), amount: float = 1) -> None:
+        self.samples[values] = self.samples.get(values, 0) + amount
+
+    def observe(self, values: Labels, seconds: float) -> None:
+        series = self.samples.get(values) or self.samples.setdefault(values, _new_series())
+        series[bisect.bisect_left(METRIC_BUCKETS_S, seconds)] += 1
+        series[-1] += seconds
+
+    def lines(self) -> Iterator[str]:
+        """The family's `# HELP` and `# TYPE` lines, then its samples, series sorted by their labels."""
+        yield f"# HELP {self.name} {_escaped(self.help)}"
+        yield f"# TYPE {self.name} {self.kind.value}"
+        series = sorted(((_label_pairs(self.labels, values), value) for values, value in self.samples.items()),
+                        key=lambda pair: pair[0])
+        for labels, value in series:
+            if self.kind is not MetricKind.HISTOGRAM:
+                yield f"{self.name}{_label_text(labels)} {_number(value)}"
+                continue
+            for bound, count in zip((*METRIC_BUCKETS_S, math.inf), itertools.accumulate(value[:-1]), strict=True):
+                yield f"{self.name}_bucket{_label_text((*labels, ('le', _number(float(bound)))))} {count}"
+            yield f"{self.name}_sum{_label_text(labels)} {_number(value[-1])}"
+            yield f"{self.name}_count{_label_text(labels)} {sum(value[:-1])}"
+
+
+def _label_pairs(names: tuple[str, ...], values: Labels) -> tuple[tuple[str, str], ...]:
+    return tuple((name, value.value if isinstance(value, enum.Enum) else str(value))
+                 for name, value in zip(names, values, strict=True))
+
+
+def _escaped(text: str, quote: str = "") -> str:
+    """`text` as the text format writes it: backslash and newline escaped (and `quote`, in a label value)."""
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace(quote, "\\" + quote) if quote else text
+
+
+def _label_text(pairs: tuple[tuple[str, str], ...]) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(name + '="' + _escaped(value, '"') + '"' for name, value in pairs) + "}"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return ("+Inf" if value > 0 else "-Inf") if math.isinf(value) else repr(value)
+
+
+class Metrics:
+    """This process's counters and histograms: the engine counts into them, `page()` writes them for Prometheus.
+
+    Graph ids get a label value of their own in the order this process first counts them, up to `max_graphs`;
+    later graphs, and their nodes, share OTHER_LABEL, so the page stays small whatever the number of graphs.
+    """
+
+    def __init__(self, max_graphs: int = MAX_METRIC_GRAPHS) -> None:
+        self.max_graphs = max_graphs
+        self._graphs: set[str] = set()
+        counter, histogram = MetricKind.COUNTER, MetricKind.HISTOGRAM
+        self.runs_started = _Family("workflow_runs_started_total", counter, "Runs that started executing in this "
+                                    "process: new, resumed, claimed from the queue or taken over", ("graph_id",))
+        self.runs_finished = _Family("workflow_runs_finished_total", counter, "Runs that stopped in this process, "
+                                     "by the status they stopped in (waiting: paused)", ("graph_id", "status"))
+        self.steps = _Family("workflow_steps_total", counter, "Log entries the runner wrote in this process, by "
+                             "event", ("graph_id", "event"))
+        self.recoveries = _Family("workflow_recoveries_total", counter, "Runs this process took over from a server "
+                                  "that stopped renewing its lease", samples={(): 0})
+        self.store_errors = _Family("workflow_store_errors_total", counter, "Store operations that failed in this "
+                                    "process", samples={(): 0})
+        self.webhook_deliveries = _Family("workflow_webhook_deliveries_total", counter, "Completion webhook "
+                                          "deliveries, by result (no series until webhooks exist)", ("result",))
+        self.http_requests = _Family("workflow_http_requests_total", counter, "HTTP requests and WebSocket "
+                                     "handshakes, by route template and status (499: the client went away first)",
+                                     ("route", "status"))
+        self.run_seconds = _Family("workflow_run_duration_seconds", histogram, "How long runs executed here, from "
+                                   "running until they stopped (ended or paused)", ("graph_id",))
+        self.queue_seconds = _Family("workflow_run_queue_seconds", histogram, "How long runs that started here "
+                                     "were pending before they ran", ("graph_id",))
+        self.step_seconds = _Family("workflow_step_duration_seconds", histogram, "How long each step executed here "
+                                    "took", ("graph_id", "node"))
+
+    def graph_label(self, graph_id: str) -> str:
+        """The label value of `graph_id`: itself while there is room for it, else OTHER_LABEL."""
+        if graph_id in self._graphs:
+            return graph_id
+        if len(self._graphs) < self.max_graphs:
+            self._graphs.add(graph_id)
+            return graph_id
+        return OTHER_LABEL
+
+    def count_start(self, run: RunContext) -> int:
+        """Count a run that has just moved to running, and its time pending (from its history); return how many
+        log entries it had then."""
+        graph = self.graph_label(run.graph_id)
+        self.runs_started.add((graph,))
+        self.queue_seconds.observe((graph,), (run.history[-1].at - run.history[-2].at).total_seconds())
+        return len(run.logs)
+
+    def count_stop(self, run: RunContext, first_log: int, *, is_lost: bool = False) -> None:
+        """Count a run that stopped here: its status, and if it ran (`first_log` is its log's length when it
+        started, else -1) its running time and the steps from `first_log` on. A run whose lease another server
+        took (`is_lost`) has its steps counted only: the new owner counts how it ends."""
+        graph = self.graph_label(run.graph_id)
+        if first_log >= 0:
+            self._count_steps(graph, run.logs[first_log:])
+        if is_lost:
+            return
+        self.runs_finished.add((graph, run.status))
+        if first_log >= 0:
+            started = next(change.at for change in reversed(run.history) if change.status is RunStatus.RUNNING)
+            self.run_seconds.observe((graph,), (run.history[-1].at - started).total_seconds())
+
+    def _count_steps(self, graph: str, entries: list[LogEntry]) -> None:
+        steps, durations, bounds = self.steps.samples, self.step_seconds.samples, METRIC_BUCKETS_S
+        for entry in entries:  # once per step, so it calls nothing: `observe` inlined, bisect as a linear scan
+            key = (graph, entry.event)
+            steps[key] = steps[key] + 1 if key in steps else 1
+            series_key = (graph, OTHER_LABEL if graph == OTHER_LABEL else entry.node)
+            if series_key not in durations:  # once per node: a call here costs no step anything
+                durations[series_key] = _new_series()
+            series, seconds, bucket = durations[series_key], entry.duration_ms / 1000, 0
+            while bucket < _BUCKETS and seconds > bounds[bucket]:
+                bucket += 1
+            series[bucket] += 1
+            series[-1] += seconds
+
+    def count_takeover(self, run: RunContext) -> None:
+        """Count a run taken over from a server whose lease expired; one failed for too many recoveries ends here."""
+        self.recoveries.add()
+        if run.status.is_terminal:
+            self.runs_finished.add((self.graph_label(run.graph_id), run.status))
+
+    def count_store_error(self) -> None:
+        """Count a store operation that failed."""
+        self.store_errors.add()
+
+    def count_request(self, route: str, status: int) -> None:
+        """Count an answered HTTP request or WebSocket handshake."""
+        self.http_requests.add((route, status))
+
+    def page(self, *, active: int, pending: int, paused: int | None) -> str:
+        """The metrics in the Prometheus text format, with the gauges given (None: leave the sample out)."""
+        gauge = MetricKind.GAUGE
+        gauges = (
+            _Family("workflow_runs_active", gauge, "Runs executing in this process", samples={(): active}),
+            _Family("workflow_runs_pending", gauge, "Runs this process holds that wait for an execution slot",
+                    samples={(): pending}),
+            _Family("workflow_runs_paused", gauge, "Runs waiting or interrupted in the store (every server on one "
+                    "store shows the same number)", samples={} if paused is None else {(): paused}),
+        )
+        families = (self.runs_started, self.runs_finished, self.steps, self.recoveries, self.store_errors,
+                    self.webhook_deliveries, self.http_requests, *gauges, self.run_seconds, self.queue_seconds,
+                    self.step_seconds)
+        return "".join(line + "\n" for family in families for line in family.lines())
+
+
+# ---------------------------------------------------------------------------
 # Engine
 # ---------------------------------------------------------------------------
 # A run this engine executes has one record, `_ActiveRun`, from its launch until its task has saved it for the last
@@ -3541,6 +3737,7 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_MAX_BRANCHES", "max_branches", _env_number(int)),
     ("WORKFLOW_MAX_STATE_BYTES", "max_state_bytes", _env_number(int)),
     ("WORKFLOW_MAX_LOG_BYTES", "max_log_bytes", _env_number(int)),
+    ("WORKFLOW_MAX_METRIC_GRAPHS", "max_metric_graphs", _env_number(int)),
     ("WORKFLOW_SHUTDOWN_GRACE_S", "shutdown_grace_s", _env_number(float)),
     ("WORKFLOW_DB", "db_path", str),
     ("WORKFLOW_API_TOKEN", "api_token", str),
