@@ -2844,6 +2844,116 @@ def test_metrics_graph_labels_past_the_bound_are_other() -> None:
     assert [metrics.graph_label(graph_id) for graph_id in ("a", "b", "c", "a", "d")] == ["a", "b", "_other", "a", "_other"]
 
 
+async def scrape(client: httpx.AsyncClient, **headers: str) -> dict[str, tuple[str, dict[tuple, float]]]:
+    response = await client.get("/metrics", headers=headers)
+    assert (response.status_code, response.headers["content-type"]) == (200, "text/plain; version=0.0.4; charset=utf-8")
+    return scraped(response.text)
+
+
+async def run_known_sequence(client: httpx.AsyncClient) -> dict[str, tuple[str, dict[tuple, float]]]:
+    """Over HTTP: one run each completed, failed, retried, cancelled, and paused then resumed; return the page
+    scraped while the paused run waited."""
+    definitions = [graph(["inc", "double"], chain("inc", "double"), graph_id="ok"), graph(["boom"], graph_id="bad"),
+                   graph([node("flaky", retry={"max_attempts": 2})], graph_id="retry"),
+                   graph(["hang"], graph_id="slow"), graph(["approve", "inc"], chain("approve", "inc"), graph_id="ask")]
+    for definition in definitions:
+        assert (await client.post("/graph/create", json=definition)).status_code == 201
+    runs = [await client.post("/graph/run", json={"graph_id": graph_id, "state": {"data": data}})
+            for graph_id, data in (("ok", {}), ("bad", {}), ("retry", {"succeed_on": 2}), ("ask", {}))]
+    assert [(run.status_code, run.json()["status"]) for run in runs] == [
+        (200, "completed"), (200, "failed"), (200, "completed"), (200, "waiting")]
+    hang_started["metrics"] = asyncio.Event()
+    slow = await client.post("/graph/run", json={"graph_id": "slow", "wait": False,
+                                                 "state": {"metadata": {"started": "metrics"}}})
+    await hang_started["metrics"].wait()
+    cancelled = await client.post(f"/graph/cancel/{slow.json()['run_id']}")
+    paused = await scrape(client)
+    resumed = await client.post(f"/graph/resume/{runs[3].json()['run_id']}", json={"updates": {"approved": "ann"}})
+    assert [(cancelled.status_code, cancelled.json()["status"]), (resumed.status_code, resumed.json()["status"])] == [
+        (200, "cancelled"), (200, "completed")]
+    return paused
+
+
+def counts(family: tuple[str, dict[tuple, float]], suffix: str = "") -> dict[tuple, float]:
+    """A family's samples whose name ends in `suffix`, by their labels (a histogram's `_count`: how many it saw)."""
+    return {tuple(labels): value for (name, *labels), value in family[1].items() if name.endswith(suffix)}
+
+
+KNOWN_SEQUENCE_COUNTS = {
+    "workflow_runs_started": {(("graph_id", g),): n for g, n in (("ok", 1), ("bad", 1), ("retry", 1), ("ask", 2),
+                                                                 ("slow", 1))},
+    "workflow_runs_finished": {(("graph_id", g), ("status", s)): 1 for g, s in (
+        ("ok", "completed"), ("bad", "failed"), ("retry", "completed"), ("ask", "waiting"), ("ask", "completed"),
+        ("slow", "cancelled"))},
+    "workflow_steps": {(("event", e), ("graph_id", g)): n for g, e, n in (
+        ("ok", "executed", 2), ("bad", "error", 1), ("retry", "retry", 1), ("retry", "executed", 1),
+        ("ask", "interrupt", 1), ("ask", "executed", 2), ("slow", "cancelled", 1))},
+    "workflow_step_duration_seconds": {(("graph_id", g), ("node", n)): c for g, n, c in (
+        ("ok", "inc", 1), ("ok", "double", 1), ("bad", "boom", 1), ("retry", "flaky", 2), ("ask", "approve", 2),
+        ("ask", "inc", 1), ("slow", "hang", 1))},
+    "workflow_run_duration_seconds": {(("graph_id", g),): n for g, n in (("ok", 1), ("bad", 1), ("retry", 1),
+                                                                         ("ask", 2), ("slow", 1))},
+    "workflow_run_queue_seconds": {(("graph_id", g),): n for g, n in (("ok", 1), ("bad", 1), ("retry", 1),
+                                                                      ("ask", 2), ("slow", 1))},
+}
+
+
+def assert_known_sequence_counted(final: dict, paused: dict) -> None:
+    """The numbers `run_known_sequence` leaves: every counter and histogram count, and the gauges."""
+    for name in ("workflow_runs_started", "workflow_runs_finished", "workflow_steps"):
+        assert counts(final[name]) == KNOWN_SEQUENCE_COUNTS[name], name
+    for name in ("workflow_step_duration_seconds", "workflow_run_duration_seconds", "workflow_run_queue_seconds"):
+        assert counts(final[name], "_count") == KNOWN_SEQUENCE_COUNTS[name], name
+        assert {tuple(label for label in labels if label[0] != "le"): value
+                for labels, value in counts(final[name], "_bucket").items()
+                if ("le", "+Inf") in labels} == KNOWN_SEQUENCE_COUNTS[name], name
+    gauges = {name: counts(final[name]) for name in ("workflow_runs_active", "workflow_runs_pending",
+                                                     "workflow_runs_paused")}
+    assert gauges == {"workflow_runs_active": {(): 0}, "workflow_runs_pending": {(): 0}, "workflow_runs_paused": {(): 0}}
+    assert counts(paused["workflow_runs_paused"]) == {(): 1}
+    assert [counts(final[name]) for name in ("workflow_recoveries", "workflow_store_errors",
+                                             "workflow_webhook_deliveries")] == [{(): 0}, {(): 0}, {}]
+
+
+async def test_metrics_count_a_known_sequence_of_runs(client: httpx.AsyncClient) -> None:
+    paused = await run_known_sequence(client)
+    assert_known_sequence_counted(await scrape(client), paused)
+
+
+async def test_metrics_count_a_known_sequence_of_runs_with_sqlite(registry: we.Registry, tmp_path: Path) -> None:
+    """With SQLite the run sent with `"wait": false` goes through the store's queue, and paused runs are counted
+    there."""
+    app = we.create_app(registry=registry, store=we.SqliteStore(tmp_path / "runs.db"))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+            paused = await run_known_sequence(client)
+            assert_known_sequence_counted(await scrape(client), paused)
+    finally:
+        await app.state.engine.shutdown()
+
+
+async def test_metrics_graphs_past_the_bound_share_other(registry: we.Registry) -> None:
+    """Runs of a third graph, with a bound of two, count under `_other`, their steps' nodes too."""
+    app = we.create_app(registry=registry, settings=we.Settings(max_metric_graphs=2))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        for graph_id in ("a", "b", "c", "d"):
+            await create_and_run(client, graph(["inc", "double"], chain("inc", "double"), graph_id=graph_id))
+        page = await scrape(client)
+    assert counts(page["workflow_runs_started"]) == {(("graph_id", "a"),): 1, (("graph_id", "b"),): 1,
+                                                     (("graph_id", "_other"),): 2}
+    assert counts(page["workflow_step_duration_seconds"], "_count") == {
+        (("graph_id", "a"), ("node", "double")): 1, (("graph_id", "a"), ("node", "inc")): 1,
+        (("graph_id", "b"), ("node", "double")): 1, (("graph_id", "b"), ("node", "inc")): 1,
+        (("graph_id", "_other"), ("node", "_other")): 4}
+
+
+async def test_metrics_are_behind_the_token(guarded_client: httpx.AsyncClient) -> None:
+    refused = await guarded_client.get("/metrics")
+    page = await scrape(guarded_client, Authorization="Bearer s3cret")
+    assert (refused.status_code, refused.json()) == (401, error("unauthorized", "a valid bearer token is required"))
+    assert counts(page["workflow_runs_active"]) == {(): 0}
+
+
 # ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ Endpoints:
     GET  /graph/stream/{run_id}        the run's events as Server-Sent Events (WS /graph/ws/{run_id}: as JSON)
     GET  /graph/runs, /graph/list      run summaries (newest first) and graphs, paginated
     POST /graph/resume/{run_id}        go on with a waiting or interrupted run
-    GET  /openapi.json                 the OpenAPI 3.1 document, derived from the models
+    GET  /openapi.json, /metrics       the OpenAPI 3.1 document; this process's metrics for Prometheus
 
 Every non-2xx answer has one shape:
     {"error": {"code": "graph_not_found", "message": "graph 'x' does not exist", "details": [{"path", "message"}]}}
@@ -2435,6 +2435,7 @@ class MetricKind(enum.Enum):
 
 Labels = tuple[Any, ...]  # one series' label values: strings, numbers, or enums (written as their value)
 _BUCKETS = len(METRIC_BUCKETS_S)
+_LOG_EVENTS = tuple(LogEvent)
 
 
 def _new_series() -> list[float]:
@@ -2560,16 +2561,24 @@ class Metrics:
             return
         self.runs_finished.add((graph, run.status))
         if first_log >= 0:
-            started = next(change.at for change in reversed(run.history) if change.status is RunStatus.RUNNING)
+            started = run.history[-1].at
+            for change in reversed(run.history):  # to the last move to running: when this execution began
+                if change.status is RunStatus.RUNNING:
+                    started = change.at
+                    break
             self.run_seconds.observe((graph,), (run.history[-1].at - started).total_seconds())
 
     def _count_steps(self, graph: str, entries: list[LogEntry]) -> None:
-        steps, durations, bounds = self.steps.samples, self.step_seconds.samples, METRIC_BUCKETS_S
-        for entry in entries:  # once per step, so it calls nothing: `observe` inlined, bisect as a linear scan
-            key = (graph, entry.event)
-            steps[key] = steps[key] + 1 if key in steps else 1
+        # Nothing here calls a function once per step. An enum's hash is a Python call, so events are counted with
+        # list.count (which compares by identity); `observe` is inlined, its bisect a linear scan.
+        events = [entry.event for entry in entries]
+        for event in _LOG_EVENTS:
+            if count := events.count(event):
+                self.steps.add((graph, event), count)
+        durations, bounds = self.step_seconds.samples, METRIC_BUCKETS_S
+        for entry in entries:
             series_key = (graph, OTHER_LABEL if graph == OTHER_LABEL else entry.node)
-            if series_key not in durations:  # once per node: a call here costs no step anything
+            if series_key not in durations:  # once per node, not per step
                 durations[series_key] = _new_series()
             series, seconds, bucket = durations[series_key], entry.duration_ms / 1000, 0
             while bucket < _BUCKETS and seconds > bounds[bucket]:
@@ -2622,11 +2631,13 @@ class _ActiveRun:
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
     saved_logs: int  # how many of the run's log entries the store holds
     accepted: asyncio.Future[None]  # done once the store holds the claim (or refused it)
+    metrics: Metrics
     task: asyncio.Task[None] | None = None
     lease: Lease | None = None
     failure: EngineError | None = None  # set when the store does not hold the run's last state
     changed: asyncio.Event | None = None  # set (and dropped) at the run's next change; streams wait on it
     logged: int = -1  # log entries written to the server log; -1 until the run's start is logged
+    counted_logs: int = -1  # the run's log entries when it started here, which metrics do not count; -1 until then
     is_cancel_requested: bool = False
 
     def cancel(self) -> None:
@@ -2644,6 +2655,7 @@ class _ActiveRun:
         except EngineError:
             raise
         except Exception as exc:
+            self.metrics.count_store_error()
             raise StoreUnavailable(self.run.run_id, exc) from exc
         self.saved_logs = len(self.run.logs)
 
@@ -2655,6 +2667,7 @@ class _ActiveRun:
         except EngineError:
             raise
         except Exception as exc:
+            self.metrics.count_store_error()
             raise StoreUnavailable(run.run_id, exc) from exc
         self.saved_logs = len(run.logs)
 
@@ -2663,6 +2676,8 @@ class _ActiveRun:
         if self.changed is not None:
             self.changed.set()
             self.changed = None
+        if self.counted_logs < 0 and run.status is RunStatus.RUNNING:  # its first change here: it has just started
+            self.counted_logs = self.metrics.count_start(run)
         if logger.isEnabledFor(logging.INFO):
             self.log_progress()
 
@@ -2717,6 +2732,7 @@ class Engine:
         self._followers: dict[str, set[asyncio.Event]] = {}  # streams of runs that another server executes
         self._listening = threading.Event()  # set to stop the thread that listens for the store's notifications
         self._listener: threading.Thread | None = None
+        self.metrics = Metrics(self.settings.max_metric_graphs)
 
     async def open(self) -> None:
         """With a shared store, start working the queue and keeping leases (create_app's lifespan calls this; a
@@ -2863,7 +2879,9 @@ class Engine:
         except EngineError:
             raise
         except Exception as exc:
+            self.metrics.count_store_error()
             raise StoreUnavailable(run_id, exc) from exc
+        self.metrics.count_stop(run, -1)
         return run
 
     async def _cancel_elsewhere(self, run_id: str) -> RunContext:
@@ -2931,6 +2949,7 @@ class Engine:
             except EngineError:
                 raise
             except Exception as exc:
+                self.metrics.count_store_error()
                 raise StoreUnavailable(run.run_id, exc) from exc
             self._wake.set()
             return run
@@ -2946,7 +2965,8 @@ class Engine:
     def _new_active(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None,
                     saved_logs: int) -> _ActiveRun:
         active = _ActiveRun(run=run, graph=graph, store=self.store, lease_s=self.settings.lease_s, expected=expected,
-                            saved_logs=saved_logs, accepted=asyncio.get_running_loop().create_future())
+                            saved_logs=saved_logs, accepted=asyncio.get_running_loop().create_future(),
+                            metrics=self.metrics)
         self._active[run.run_id] = active
         return active
 
@@ -2995,6 +3015,7 @@ class Engine:
                 move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
             if active.failure is None:  # a lost lease leaves the run to its new owner
                 await self._save_last(active, is_logged)
+            self.metrics.count_stop(run, active.counted_logs, is_lost=isinstance(active.failure, LeaseLost))
             del self._active[run.run_id]
             active.notify(run)
             self._wake.set()  # a slot came free
@@ -3024,6 +3045,7 @@ class Engine:
                 await self._claim_queued()
                 is_failing = False
             except Exception as exc:  # the database is away: keep trying, and say so once
+                self.metrics.count_store_error()
                 if not is_failing:
                     logger.error("worker %s: the store failed (%s); trying again every %s s", self.worker_id,
                                  _describe(exc), tick)
@@ -3064,6 +3086,7 @@ class Engine:
                     move_run(run, RunStatus.PENDING)
             with contextlib.suppress(LeaseLost):  # another server took it over first, or its owner came back
                 await self.store.take_over(run, lease, saved_logs)  # type: ignore[union-attr]
+                self.metrics.count_takeover(run)
                 logger.warning("run %s: taken over from worker %s, whose lease expired", run.run_id, lease.owner)
 
     async def _claim_queued(self) -> None:
@@ -3158,6 +3181,19 @@ class Engine:
         if not history[-1].status.is_active:
             return self.store.get_run(run.run_id)
         return attrs.evolve(run, status=history[-1].status, history=history, logs=[*run.logs, *entries])
+
+    def metrics_page(self) -> str:
+        """This process's metrics in the Prometheus text format. Active and pending runs are this process's own;
+        paused runs are the store's count, left out (and counted as a store error) when the store does not answer."""
+        statuses = [active.run.status for active in self._active.values()]
+        try:
+            paused: int | None = self.store.count_paused()
+        except Exception as exc:  # the page matters most while the store is away
+            logger.warning("metrics: the store did not count paused runs: %s", _describe(exc))
+            self.metrics.count_store_error()
+            paused = None
+        return self.metrics.page(active=statuses.count(RunStatus.RUNNING), pending=statuses.count(RunStatus.PENDING),
+                                 paused=paused)
 
     def _max_iterations(self, graph: GraphDefinition, requested: int | None) -> int:
         limit = requested or graph.max_iterations or self.settings.max_iterations
@@ -3468,6 +3504,11 @@ async def get_graph_definition(request: Request) -> Response:
     return JSONResponse(body)
 
 
+async def get_metrics(request: Request) -> Response:
+    """Answer with this process's metrics in the Prometheus text format."""
+    return Response(_engine(request).metrics_page(), media_type=PROMETHEUS_MEDIA_TYPE)
+
+
 class BearerAuth:
     """Pure ASGI middleware: every request but `GET /` must carry `Authorization: Bearer <token>`.
 
@@ -3573,6 +3614,13 @@ class EventStream:
 
 
 @attrs.frozen(kw_only=True)
+class PlainText:
+    """An answer of text in the format its media type names, such as the Prometheus text format."""
+
+    media_type: str
+
+
+@attrs.frozen(kw_only=True)
 class Operation:
     """One endpoint: its route, and what the OpenAPI document says of it (derived from the models it speaks)."""
 
@@ -3581,7 +3629,7 @@ class Operation:
     endpoint: Callable[..., Awaitable[Any]]
     summary: str
     body: type | None = None
-    answers: Mapping[int, Any] = attrs.field(factory=dict)  # status -> model of the body, EventStream, or None
+    answers: Mapping[int, Any] = attrs.field(factory=dict)  # status -> model of the body, EventStream, PlainText, None
     query: Mapping[str, str] = attrs.field(factory=dict)  # parameter -> JSON type
 
 
@@ -3618,6 +3666,9 @@ OPERATIONS = (
     Operation(method="GET", path="/graph/ws/{run_id}", endpoint=websocket_graph_ws,
               summary="WebSocket: the stream's events as JSON messages `{id, event, data}`, `data` an object",
               answers={101: None}, query={"after": "integer"}),
+    Operation(method="GET", path="/metrics", endpoint=get_metrics,
+              summary="This process's counters, gauges and histograms in the Prometheus text format",
+              answers={200: PlainText(media_type=PROMETHEUS_MEDIA_TYPE)}),
     Operation(method="GET", path="/openapi.json", endpoint=get_openapi, summary="This document", answers={200: Any}),
 )
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
@@ -3668,6 +3719,8 @@ def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
             answer: dict[str, Any] = {"description": HTTPStatus(status).phrase}
             if isinstance(model, EventStream):
                 answer["content"] = {"text/event-stream": {"schema": _event_stream_schema(model, components)}}
+            elif isinstance(model, PlainText):
+                answer["content"] = {model.media_type: {"schema": {"type": "string"}}}
             elif model is not None:
                 answer["content"] = {"application/json": {"schema": json_schema(model, components)}}
             spec["responses"][str(status)] = answer
