@@ -2954,6 +2954,68 @@ async def test_metrics_are_behind_the_token(guarded_client: httpx.AsyncClient) -
     assert counts(page["workflow_runs_active"]) == {(): 0}
 
 
+async def test_metrics_count_requests_by_route_template(client: httpx.AsyncClient) -> None:
+    """A 404 for an unknown run counts under its route's template, an unknown path under one label."""
+    run = await create_and_run(client, graph(["inc"]))
+    for path in ("/graph/state/nope", "/graph/state/other", f"/graph/state/{run['run_id']}", "/nowhere", "/x/y"):
+        await client.get(path)
+    await client.post("/")
+    page = await scrape(client)
+    assert counts(page["workflow_http_requests"]) == {
+        (("route", "/graph/create"), ("status", "201")): 1, (("route", "/graph/run"), ("status", "200")): 1,
+        (("route", "/graph/state/{run_id}"), ("status", "404")): 2,
+        (("route", "/graph/state/{run_id}"), ("status", "200")): 1, (("route", "_unmatched"), ("status", "404")): 2,
+        (("route", "/"), ("status", "405")): 1}
+
+
+async def test_metrics_count_refused_requests_under_their_route(guarded_client: httpx.AsyncClient) -> None:
+    await guarded_client.get("/graph/list")
+    await guarded_client.get("/metrics")
+    await guarded_client.get("/nowhere")
+    page = await scrape(guarded_client, Authorization="Bearer s3cret")
+    assert counts(page["workflow_http_requests"]) == {
+        (("route", "/graph/list"), ("status", "401")): 1, (("route", "/metrics"), ("status", "401")): 1,
+        (("route", "_unmatched"), ("status", "401")): 1}
+
+
+async def asgi_call(app: Any, scope: dict, incoming: list[dict]) -> list[dict]:
+    """Call `app` with `scope` as a server would, the client sending `incoming` then waiting; return what it sent."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.Event().wait()
+        return {}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    base = {"raw_path": b"", "query_string": b"", "headers": [], "server": ("testserver", 80),
+            "client": ("127.0.0.1", 1), "root_path": ""}
+    await app({**base, **scope}, receive, send)
+    return sent
+
+
+async def test_metrics_count_websocket_handshakes_and_client_disconnects(registry: we.Registry) -> None:
+    """An accepted WebSocket counts as 101, one refused for its token as 403, a client gone before its answer as 499."""
+    app = we.create_app(registry=registry, settings=we.Settings(api_token="s3cret"))
+    token = [(b"authorization", b"Bearer s3cret")]
+    ws = {"type": "websocket", "path": "/graph/ws/nope", "scheme": "ws", "subprotocols": []}
+    accepted = await asgi_call(app, {**ws, "headers": token}, [{"type": "websocket.connect"}])
+    refused = await asgi_call(app, ws, [{"type": "websocket.connect"}])
+    gone = await asgi_call(app, {"type": "http", "http_version": "1.1", "method": "POST", "path": "/graph/create",
+                                 "scheme": "http", "headers": token}, [{"type": "http.disconnect"}])
+    assert [[message["type"] for message in sent] for sent in (accepted, refused)] == [
+        ["websocket.accept", "websocket.send", "websocket.close"], ["websocket.close"]]
+    assert gone[0]["type"] == "http.response.start"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        page = await scrape(client, Authorization="Bearer s3cret")
+    assert counts(page["workflow_http_requests"]) == {
+        (("route", "/graph/ws/{run_id}"), ("status", "101")): 1, (("route", "/graph/ws/{run_id}"), ("status", "403")): 1,
+        (("route", "/graph/create"), ("status", "499")): 1}
+
+
 # ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------

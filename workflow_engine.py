@@ -76,8 +76,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import Match, Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 __all__ = [
@@ -104,15 +104,19 @@ __all__ = [
     "LogEvent",
     "LogFormat",
     "MemoryStore",
+    "MetricKind",
+    "Metrics",
     "NodeContext",
     "NodeDef",
     "NodeIO",
     "OPERATIONS",
     "Operation",
+    "PlainText",
     "PostgresStore",
     "Problem",
     "RUN_MOVES",
     "Registry",
+    "RequestMetrics",
     "ResumeRequest",
     "RetryPolicy",
     "RunConflict",
@@ -3553,6 +3557,58 @@ def _token_setting(scope: Scope) -> bytes | None:
     return None if token is None else token.encode()
 
 
+class RequestMetrics:
+    """Pure ASGI middleware: count each HTTP request and WebSocket handshake in the engine's metrics, by the
+    template of the route that matched (UNMATCHED_ROUTE if none did) and the status of its answer.
+
+    A WebSocket accepted counts as 101, one closed before that as 403 (what the server answers). A client that went
+    away before its answer began counts as 499, not as the error the app answers to nobody.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, watching its messages; count it once it is over."""
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        status, is_answered, is_gone = 500, False, False  # an exception leaving the app becomes a 500 further out
+
+        async def watched_receive() -> Message:
+            nonlocal is_gone
+            message = await receive()
+            is_gone = is_gone or (not is_answered and message["type"].endswith(".disconnect"))
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal status, is_answered
+            if not is_answered and message["type"] in _ANSWER_STATUS:
+                status, is_answered = message.get("status", _ANSWER_STATUS[message["type"]]), True
+            await send(message)
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        finally:
+            engine = getattr(scope["app"].state, "engine", None) if "app" in scope else None
+            if engine is not None:
+                engine.metrics.count_request(_route_template(scope), 499 if is_gone else status)
+
+
+# The first message of an answer, and its status when the message has none.
+_ANSWER_STATUS = {"http.response.start": 500, "websocket.accept": 101, "websocket.close": 403,
+                  "websocket.http.response.start": 403}
+
+
+def _route_template(scope: Scope) -> str:
+    """The path template of the route the router matched, or, for a request refused before routing (401), of the
+    route it would have matched."""
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        route = next((route for route in scope["app"].routes if route.matches(scope)[0] is not Match.NONE), None)
+    return UNMATCHED_ROUTE if route is None else route.path
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per log record: time, level, message, and the record's `fields` (run id, node, ...)."""
 
@@ -3934,7 +3990,7 @@ def create_app(
     ]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
-    starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(BearerAuth)],
+    starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(RequestMetrics), Middleware(BearerAuth)],
                               lifespan=_lifespan)
     starlette_app.router.redirect_slashes = False  # its 307 has no body; an unknown path is a JSON 404 instead
     starlette_app.state.engine = None
