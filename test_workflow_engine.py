@@ -3016,6 +3016,29 @@ async def test_metrics_count_websocket_handshakes_and_client_disconnects(registr
         (("route", "/graph/create"), ("status", "499")): 1}
 
 
+async def test_metrics_count_a_takeover_and_a_store_error(tmp_path: Path, registry: we.Registry) -> None:
+    """A run taken over from a server that died counts as a recovery, then starts and finishes here; a claim the
+    store refuses counts as a store error and starts nothing."""
+    run = await stored_running_run(tmp_path / "runs.db", "gone:1:abc")
+    engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"), worker_id="here")
+    await engine._take_over_expired()
+    await engine._claim_queued()
+    await engine.wait(engine.get_run(run.run_id))
+    taken_over = scraped(engine.metrics_page())
+    await engine.shutdown()
+    store = HeldStore()
+    store.fail = lambda run: OSError(28, "No space left on device")
+    failing = we.Engine(registry, store)
+    with pytest.raises(we.StoreUnavailable):
+        await failing.run(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)))
+    refused = scraped(failing.metrics_page())
+    assert [counts(taken_over[name]) for name in ("workflow_recoveries", "workflow_runs_started",
+                                                  "workflow_runs_finished", "workflow_steps")] == [
+        {(): 1}, {(("graph_id", "r"),): 1}, {(("graph_id", "r"), ("status", "completed")): 1},
+        {(("event", "executed"), ("graph_id", "r")): 1}]
+    assert [counts(refused[name]) for name in ("workflow_store_errors", "workflow_runs_started")] == [{(): 1}, {}]
+
+
 # ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------
