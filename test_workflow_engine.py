@@ -2841,7 +2841,8 @@ def test_metrics_page_is_text_a_prometheus_parser_reads() -> None:
 
 def test_metrics_graph_labels_past_the_bound_are_other() -> None:
     metrics = we.Metrics(max_graphs=2)
-    assert [metrics.graph_label(graph_id) for graph_id in ("a", "b", "c", "a", "d")] == ["a", "b", "_other", "a", "_other"]
+    labels = [metrics.graph_label(graph_id) for graph_id in ("a", "b", "c", "a", "d")]
+    assert labels == ["a", "b", "_other", "a", "_other"]
 
 
 async def scrape(client: httpx.AsyncClient, **headers: str) -> dict[str, tuple[str, dict[tuple, float]]]:
@@ -2909,7 +2910,8 @@ def assert_known_sequence_counted(final: dict, paused: dict) -> None:
                 if ("le", "+Inf") in labels} == KNOWN_SEQUENCE_COUNTS[name], name
     gauges = {name: counts(final[name]) for name in ("workflow_runs_active", "workflow_runs_pending",
                                                      "workflow_runs_paused")}
-    assert gauges == {"workflow_runs_active": {(): 0}, "workflow_runs_pending": {(): 0}, "workflow_runs_paused": {(): 0}}
+    assert gauges == {"workflow_runs_active": {(): 0}, "workflow_runs_pending": {(): 0},
+                      "workflow_runs_paused": {(): 0}}
     assert counts(paused["workflow_runs_paused"]) == {(): 1}
     assert [counts(final[name]) for name in ("workflow_recoveries", "workflow_store_errors",
                                              "workflow_webhook_deliveries")] == [{(): 0}, {(): 0}, {}]
@@ -3012,7 +3014,8 @@ async def test_metrics_count_websocket_handshakes_and_client_disconnects(registr
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
         page = await scrape(client, Authorization="Bearer s3cret")
     assert counts(page["workflow_http_requests"]) == {
-        (("route", "/graph/ws/{run_id}"), ("status", "101")): 1, (("route", "/graph/ws/{run_id}"), ("status", "403")): 1,
+        (("route", "/graph/ws/{run_id}"), ("status", "101")): 1,
+        (("route", "/graph/ws/{run_id}"), ("status", "403")): 1,
         (("route", "/graph/create"), ("status", "499")): 1}
 
 

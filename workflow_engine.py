@@ -3990,8 +3990,8 @@ def create_app(
     ]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
-    starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(RequestMetrics), Middleware(BearerAuth)],
-                              lifespan=_lifespan)
+    middleware = [Middleware(RequestMetrics), Middleware(BearerAuth)]  # outermost first: refused requests count too
+    starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware, lifespan=_lifespan)
     starlette_app.router.redirect_slashes = False  # its 307 has no body; an unknown path is a JSON 404 instead
     starlette_app.state.engine = None
     if registry is not None or store is not None or settings is not None:
