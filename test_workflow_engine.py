@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import code_review
 import workflow_engine as we
@@ -2800,6 +2801,249 @@ async def test_engine_logs_start_steps_and_end_with_fields(registry: we.Registry
 
 
 # ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+def scraped(page: str) -> dict[str, tuple[str, dict[tuple, float]]]:
+    """Each family of a metrics page as prometheus_client's parser reads it: its type, and its samples by name and
+    labels."""
+    return {family.name: (family.type, {(sample.name, *sorted(sample.labels.items())): sample.value
+                                        for sample in family.samples})
+            for family in text_string_to_metric_families(page)}
+
+
+def test_metrics_page_is_text_a_prometheus_parser_reads() -> None:
+    """Escaped label values, cumulative buckets up to +Inf with sum and count, and families without samples."""
+    metrics = we.Metrics()
+    metrics.count_request('odd "route" \\ with\na newline', 200)
+    metrics.run_seconds.observe(("g",), 0.3)
+    metrics.run_seconds.observe(("g",), 0.5)
+    metrics.run_seconds.observe(("g",), 7200.0)
+    families = scraped(metrics.page(active=2, pending=1, paused=None))
+    bounds = ["0.001", "0.005", "0.025", "0.1", "0.5", "1.0", "2.5", "10.0", "60.0", "300.0", "3600.0", "+Inf"]
+    cumulative = [0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 3]
+    assert families["workflow_run_duration_seconds"] == ("histogram", {
+        **{("workflow_run_duration_seconds_bucket", ("graph_id", "g"), ("le", le)): count
+           for le, count in zip(bounds, cumulative, strict=True)},
+        ("workflow_run_duration_seconds_sum", ("graph_id", "g")): 7200.8,
+        ("workflow_run_duration_seconds_count", ("graph_id", "g")): 3})
+    assert families["workflow_http_requests"] == ("counter", {
+        ("workflow_http_requests_total", ("route", 'odd "route" \\ with\na newline'), ("status", "200")): 1})
+    assert {name: family for name, family in families.items() if name not in (
+        "workflow_run_duration_seconds", "workflow_http_requests")} == {
+        "workflow_runs_started": ("counter", {}), "workflow_runs_finished": ("counter", {}),
+        "workflow_steps": ("counter", {}), "workflow_recoveries": ("counter", {("workflow_recoveries_total",): 0}),
+        "workflow_store_errors": ("counter", {("workflow_store_errors_total",): 0}),
+        "workflow_webhook_deliveries": ("counter", {}),
+        "workflow_runs_active": ("gauge", {("workflow_runs_active",): 2}),
+        "workflow_runs_pending": ("gauge", {("workflow_runs_pending",): 1}),
+        "workflow_runs_paused": ("gauge", {}), "workflow_run_queue_seconds": ("histogram", {}),
+        "workflow_step_duration_seconds": ("histogram", {})}
+
+
+def test_metrics_graph_labels_past_the_bound_are_other() -> None:
+    metrics = we.Metrics(max_graphs=2)
+    labels = [metrics.graph_label(graph_id) for graph_id in ("a", "b", "c", "a", "d")]
+    assert labels == ["a", "b", "_other", "a", "_other"]
+
+
+async def scrape(client: httpx.AsyncClient, **headers: str) -> dict[str, tuple[str, dict[tuple, float]]]:
+    response = await client.get("/metrics", headers=headers)
+    assert (response.status_code, response.headers["content-type"]) == (200, "text/plain; version=0.0.4; charset=utf-8")
+    return scraped(response.text)
+
+
+async def run_known_sequence(client: httpx.AsyncClient) -> dict[str, tuple[str, dict[tuple, float]]]:
+    """Over HTTP: one run each completed, failed, retried, cancelled, and paused then resumed; return the page
+    scraped while the paused run waited."""
+    definitions = [graph(["inc", "double"], chain("inc", "double"), graph_id="ok"), graph(["boom"], graph_id="bad"),
+                   graph([node("flaky", retry={"max_attempts": 2})], graph_id="retry"),
+                   graph(["hang"], graph_id="slow"), graph(["approve", "inc"], chain("approve", "inc"), graph_id="ask")]
+    for definition in definitions:
+        assert (await client.post("/graph/create", json=definition)).status_code == 201
+    runs = [await client.post("/graph/run", json={"graph_id": graph_id, "state": {"data": data}})
+            for graph_id, data in (("ok", {}), ("bad", {}), ("retry", {"succeed_on": 2}), ("ask", {}))]
+    assert [(run.status_code, run.json()["status"]) for run in runs] == [
+        (200, "completed"), (200, "failed"), (200, "completed"), (200, "waiting")]
+    hang_started["metrics"] = asyncio.Event()
+    slow = await client.post("/graph/run", json={"graph_id": "slow", "wait": False,
+                                                 "state": {"metadata": {"started": "metrics"}}})
+    await hang_started["metrics"].wait()
+    cancelled = await client.post(f"/graph/cancel/{slow.json()['run_id']}")
+    paused = await scrape(client)
+    resumed = await client.post(f"/graph/resume/{runs[3].json()['run_id']}", json={"updates": {"approved": "ann"}})
+    assert [(cancelled.status_code, cancelled.json()["status"]), (resumed.status_code, resumed.json()["status"])] == [
+        (200, "cancelled"), (200, "completed")]
+    return paused
+
+
+def counts(family: tuple[str, dict[tuple, float]], suffix: str = "") -> dict[tuple, float]:
+    """A family's samples whose name ends in `suffix`, by their labels (a histogram's `_count`: how many it saw)."""
+    return {tuple(labels): value for (name, *labels), value in family[1].items() if name.endswith(suffix)}
+
+
+KNOWN_SEQUENCE_COUNTS = {
+    "workflow_runs_started": {(("graph_id", g),): n for g, n in (("ok", 1), ("bad", 1), ("retry", 1), ("ask", 2),
+                                                                 ("slow", 1))},
+    "workflow_runs_finished": {(("graph_id", g), ("status", s)): 1 for g, s in (
+        ("ok", "completed"), ("bad", "failed"), ("retry", "completed"), ("ask", "waiting"), ("ask", "completed"),
+        ("slow", "cancelled"))},
+    "workflow_steps": {(("event", e), ("graph_id", g)): n for g, e, n in (
+        ("ok", "executed", 2), ("bad", "error", 1), ("retry", "retry", 1), ("retry", "executed", 1),
+        ("ask", "interrupt", 1), ("ask", "executed", 2), ("slow", "cancelled", 1))},
+    "workflow_step_duration_seconds": {(("graph_id", g), ("node", n)): c for g, n, c in (
+        ("ok", "inc", 1), ("ok", "double", 1), ("bad", "boom", 1), ("retry", "flaky", 2), ("ask", "approve", 2),
+        ("ask", "inc", 1), ("slow", "hang", 1))},
+    "workflow_run_duration_seconds": {(("graph_id", g),): n for g, n in (("ok", 1), ("bad", 1), ("retry", 1),
+                                                                         ("ask", 2), ("slow", 1))},
+    "workflow_run_queue_seconds": {(("graph_id", g),): n for g, n in (("ok", 1), ("bad", 1), ("retry", 1),
+                                                                      ("ask", 2), ("slow", 1))},
+}
+
+
+def assert_known_sequence_counted(final: dict, paused: dict) -> None:
+    """The numbers `run_known_sequence` leaves: every counter and histogram count, and the gauges."""
+    for name in ("workflow_runs_started", "workflow_runs_finished", "workflow_steps"):
+        assert counts(final[name]) == KNOWN_SEQUENCE_COUNTS[name], name
+    for name in ("workflow_step_duration_seconds", "workflow_run_duration_seconds", "workflow_run_queue_seconds"):
+        assert counts(final[name], "_count") == KNOWN_SEQUENCE_COUNTS[name], name
+        assert {tuple(label for label in labels if label[0] != "le"): value
+                for labels, value in counts(final[name], "_bucket").items()
+                if ("le", "+Inf") in labels} == KNOWN_SEQUENCE_COUNTS[name], name
+    gauges = {name: counts(final[name]) for name in ("workflow_runs_active", "workflow_runs_pending",
+                                                     "workflow_runs_paused")}
+    assert gauges == {"workflow_runs_active": {(): 0}, "workflow_runs_pending": {(): 0},
+                      "workflow_runs_paused": {(): 0}}
+    assert counts(paused["workflow_runs_paused"]) == {(): 1}
+    assert [counts(final[name]) for name in ("workflow_recoveries", "workflow_store_errors",
+                                             "workflow_webhook_deliveries")] == [{(): 0}, {(): 0}, {}]
+
+
+async def test_metrics_count_a_known_sequence_of_runs(client: httpx.AsyncClient) -> None:
+    paused = await run_known_sequence(client)
+    assert_known_sequence_counted(await scrape(client), paused)
+
+
+async def test_metrics_count_a_known_sequence_of_runs_with_sqlite(registry: we.Registry, tmp_path: Path) -> None:
+    """With SQLite the run sent with `"wait": false` goes through the store's queue, and paused runs are counted
+    there."""
+    app = we.create_app(registry=registry, store=we.SqliteStore(tmp_path / "runs.db"))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+            paused = await run_known_sequence(client)
+            assert_known_sequence_counted(await scrape(client), paused)
+    finally:
+        await app.state.engine.shutdown()
+
+
+async def test_metrics_graphs_past_the_bound_share_other(registry: we.Registry) -> None:
+    """Runs of a third graph, with a bound of two, count under `_other`, their steps' nodes too."""
+    app = we.create_app(registry=registry, settings=we.Settings(max_metric_graphs=2))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        for graph_id in ("a", "b", "c", "d"):
+            await create_and_run(client, graph(["inc", "double"], chain("inc", "double"), graph_id=graph_id))
+        page = await scrape(client)
+    assert counts(page["workflow_runs_started"]) == {(("graph_id", "a"),): 1, (("graph_id", "b"),): 1,
+                                                     (("graph_id", "_other"),): 2}
+    assert counts(page["workflow_step_duration_seconds"], "_count") == {
+        (("graph_id", "a"), ("node", "double")): 1, (("graph_id", "a"), ("node", "inc")): 1,
+        (("graph_id", "b"), ("node", "double")): 1, (("graph_id", "b"), ("node", "inc")): 1,
+        (("graph_id", "_other"), ("node", "_other")): 4}
+
+
+async def test_metrics_are_behind_the_token(guarded_client: httpx.AsyncClient) -> None:
+    refused = await guarded_client.get("/metrics")
+    page = await scrape(guarded_client, Authorization="Bearer s3cret")
+    assert (refused.status_code, refused.json()) == (401, error("unauthorized", "a valid bearer token is required"))
+    assert counts(page["workflow_runs_active"]) == {(): 0}
+
+
+async def test_metrics_count_requests_by_route_template(client: httpx.AsyncClient) -> None:
+    """A 404 for an unknown run counts under its route's template, an unknown path under one label."""
+    run = await create_and_run(client, graph(["inc"]))
+    for path in ("/graph/state/nope", "/graph/state/other", f"/graph/state/{run['run_id']}", "/nowhere", "/x/y"):
+        await client.get(path)
+    await client.post("/")
+    page = await scrape(client)
+    assert counts(page["workflow_http_requests"]) == {
+        (("route", "/graph/create"), ("status", "201")): 1, (("route", "/graph/run"), ("status", "200")): 1,
+        (("route", "/graph/state/{run_id}"), ("status", "404")): 2,
+        (("route", "/graph/state/{run_id}"), ("status", "200")): 1, (("route", "_unmatched"), ("status", "404")): 2,
+        (("route", "/"), ("status", "405")): 1}
+
+
+async def test_metrics_count_refused_requests_under_their_route(guarded_client: httpx.AsyncClient) -> None:
+    await guarded_client.get("/graph/list")
+    await guarded_client.get("/metrics")
+    await guarded_client.get("/nowhere")
+    page = await scrape(guarded_client, Authorization="Bearer s3cret")
+    assert counts(page["workflow_http_requests"]) == {
+        (("route", "/graph/list"), ("status", "401")): 1, (("route", "/metrics"), ("status", "401")): 1,
+        (("route", "_unmatched"), ("status", "401")): 1}
+
+
+async def asgi_call(app: Any, scope: dict, incoming: list[dict]) -> list[dict]:
+    """Call `app` with `scope` as a server would, the client sending `incoming` then waiting; return what it sent."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.Event().wait()
+        return {}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    base = {"raw_path": b"", "query_string": b"", "headers": [], "server": ("testserver", 80),
+            "client": ("127.0.0.1", 1), "root_path": ""}
+    await app({**base, **scope}, receive, send)
+    return sent
+
+
+async def test_metrics_count_websocket_handshakes_and_client_disconnects(registry: we.Registry) -> None:
+    """An accepted WebSocket counts as 101, one refused for its token as 403, a client gone before its answer as 499."""
+    app = we.create_app(registry=registry, settings=we.Settings(api_token="s3cret"))
+    token = [(b"authorization", b"Bearer s3cret")]
+    ws = {"type": "websocket", "path": "/graph/ws/nope", "scheme": "ws", "subprotocols": []}
+    accepted = await asgi_call(app, {**ws, "headers": token}, [{"type": "websocket.connect"}])
+    refused = await asgi_call(app, ws, [{"type": "websocket.connect"}])
+    gone = await asgi_call(app, {"type": "http", "http_version": "1.1", "method": "POST", "path": "/graph/create",
+                                 "scheme": "http", "headers": token}, [{"type": "http.disconnect"}])
+    assert [[message["type"] for message in sent] for sent in (accepted, refused)] == [
+        ["websocket.accept", "websocket.send", "websocket.close"], ["websocket.close"]]
+    assert gone[0]["type"] == "http.response.start"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        page = await scrape(client, Authorization="Bearer s3cret")
+    assert counts(page["workflow_http_requests"]) == {
+        (("route", "/graph/ws/{run_id}"), ("status", "101")): 1,
+        (("route", "/graph/ws/{run_id}"), ("status", "403")): 1,
+        (("route", "/graph/create"), ("status", "499")): 1}
+
+
+async def test_metrics_count_a_takeover_and_a_store_error(tmp_path: Path, registry: we.Registry) -> None:
+    """A run taken over from a server that died counts as a recovery, then starts and finishes here; a claim the
+    store refuses counts as a store error and starts nothing."""
+    run = await stored_running_run(tmp_path / "runs.db", "gone:1:abc")
+    engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"), worker_id="here")
+    await engine._take_over_expired()
+    await engine._claim_queued()
+    await engine.wait(engine.get_run(run.run_id))
+    taken_over = scraped(engine.metrics_page())
+    await engine.shutdown()
+    store = HeldStore()
+    store.fail = lambda run: OSError(28, "No space left on device")
+    failing = we.Engine(registry, store)
+    with pytest.raises(we.StoreUnavailable):
+        await failing.run(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)))
+    refused = scraped(failing.metrics_page())
+    assert [counts(taken_over[name]) for name in ("workflow_recoveries", "workflow_runs_started",
+                                                  "workflow_runs_finished", "workflow_steps")] == [
+        {(): 1}, {(("graph_id", "r"),): 1}, {(("graph_id", "r"), ("status", "completed")): 1},
+        {(("event", "executed"), ("graph_id", "r")): 1}]
+    assert [counts(refused[name]) for name in ("workflow_store_errors", "workflow_runs_started")] == [{(): 1}, {}]
+
+
+# ---------------------------------------------------------------------------
 # OpenAPI document
 # ---------------------------------------------------------------------------
 JSON_TYPE_CHECKS: dict[str, Callable[[object], bool]] = {
@@ -3071,12 +3315,12 @@ def test_settings_from_env_reads_every_variable() -> None:
            "WORKFLOW_MAX_BRANCHES": "8", "WORKFLOW_MAX_STATE_BYTES": "999", "WORKFLOW_SHUTDOWN_GRACE_S": "2.5",
            "WORKFLOW_MAX_PAUSED_RUNS": "6", "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json",
            "WORKFLOW_MAX_LOG_BYTES": "998", "WORKFLOW_LEASE_S": "2.5", "WORKFLOW_MAX_RECOVERIES": "0",
-           "WORKFLOW_WORKER_ID": "w1"}
+           "WORKFLOW_WORKER_ID": "w1", "WORKFLOW_MAX_METRIC_GRAPHS": "12"}
     assert we.settings_from_env(env) == we.Settings(
         max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"),
         max_concurrent_runs=3, max_pending_runs=2, max_nodes=9, max_branches=8, max_state_bytes=999,
         shutdown_grace_s=2.5, max_paused_runs=6, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON,
-        max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1")
+        max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1", max_metric_graphs=12)
     assert we.settings_from_env({}) == we.Settings()
     assert we.settings_from_env({"WORKFLOW_MODULES": "", "WORKFLOW_DB": " "}) == we.Settings(workflow_modules=())
 

@@ -19,13 +19,14 @@ Endpoints:
     GET  /graph/stream/{run_id}        the run's events as Server-Sent Events (WS /graph/ws/{run_id}: as JSON)
     GET  /graph/runs, /graph/list      run summaries (newest first) and graphs, paginated
     POST /graph/resume/{run_id}        go on with a waiting or interrupted run
-    GET  /openapi.json                 the OpenAPI 3.1 document, derived from the models
+    GET  /openapi.json, /metrics       the OpenAPI 3.1 document; this process's metrics for Prometheus
 
 Every non-2xx answer has one shape:
     {"error": {"code": "graph_not_found", "message": "graph 'x' does not exist", "details": [{"path", "message"}]}}
 """
 
 import asyncio
+import bisect
 import contextlib
 import enum
 import functools
@@ -74,8 +75,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import Match, Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 __all__ = [
@@ -102,15 +103,19 @@ __all__ = [
     "LogEvent",
     "LogFormat",
     "MemoryStore",
+    "MetricKind",
+    "Metrics",
     "NodeContext",
     "NodeDef",
     "NodeIO",
     "OPERATIONS",
     "Operation",
+    "PlainText",
     "PostgresStore",
     "Problem",
     "RUN_MOVES",
     "Registry",
+    "RequestMetrics",
     "ResumeRequest",
     "RetryPolicy",
     "RunConflict",
@@ -187,6 +192,11 @@ ID_RULE = f"must be 1-{MAX_ID_CHARS} characters of A-Z, a-z, 0-9, '_', '.', '-'"
 MAX_SHOWN_CHARS = MAX_ID_CHARS  # most characters of a client's value an error repeats: a valid id is shown whole
 MAX_SHOWN_ITEMS = 10  # most client-named items (extra fields) that an error lists
 MAX_PROBLEMS = 100  # most details an error lists; the message says how many there were
+MAX_METRIC_GRAPHS = 100  # graph ids with a label of their own in /metrics; further graphs share OTHER_LABEL
+OTHER_LABEL = "_other"  # the metric label value of every graph past the bound (and of those graphs' nodes)
+UNMATCHED_ROUTE = "_unmatched"  # the route label of a request to a path no route matches
+METRIC_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 3600.0)  # histogram bounds, seconds
+PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -879,6 +889,7 @@ class Settings:
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
     workflow_modules: tuple[str, ...] | None = None
     max_log_bytes: int = attrs.field(default=MAX_LOG_BYTES, validator=_positive)
+    max_metric_graphs: int = attrs.field(default=MAX_METRIC_GRAPHS, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.max_iterations > self.max_iterations_cap:
@@ -2411,6 +2422,204 @@ Store = MemoryStore | SqlStore
 
 
 # ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+# Counting costs the runner's step loop nothing: the engine counts a run when it starts and when it stops here, and
+# the run's steps once, at its stop, from its log. Label values are bounded: graphs past `max_graphs` (and their
+# nodes) share OTHER_LABEL. The page is the Prometheus text format, written here with the standard library.
+@enum.unique
+class MetricKind(enum.Enum):
+    """What a metric family is, as its `# TYPE` line says."""
+
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+Labels = tuple[Any, ...]  # one series' label values: strings, numbers, or enums (written as their value)
+_BUCKETS = len(METRIC_BUCKETS_S)
+_LOG_EVENTS = tuple(LogEvent)
+
+
+def _new_series() -> list[float]:
+    """A histogram series: a count per bucket (not cumulative; the last is +Inf), then the sum."""
+    return [0] * (_BUCKETS + 1) + [0.0]
+
+
+@attrs.define
+class _Family:
+    """One metric family: a number per series of label values, or for a histogram a list from `_new_series`."""
+
+    name: str
+    kind: MetricKind
+    help: str
+    labels: tuple[str, ...] = ()
+    samples: dict[Labels, Any] = attrs.field(factory=dict)
+
+    def add(self, values: Labels = (), amount: float = 1) -> None:
+        self.samples[values] = self.samples.get(values, 0) + amount
+
+    def observe(self, values: Labels, seconds: float) -> None:
+        series = self.samples.get(values) or self.samples.setdefault(values, _new_series())
+        series[bisect.bisect_left(METRIC_BUCKETS_S, seconds)] += 1
+        series[-1] += seconds
+
+    def lines(self) -> Iterator[str]:
+        """The family's `# HELP` and `# TYPE` lines, then its samples, series sorted by their labels."""
+        yield f"# HELP {self.name} {_escaped(self.help)}"
+        yield f"# TYPE {self.name} {self.kind.value}"
+        series = sorted(((_label_pairs(self.labels, values), value) for values, value in self.samples.items()),
+                        key=lambda pair: pair[0])
+        for labels, value in series:
+            if self.kind is not MetricKind.HISTOGRAM:
+                yield f"{self.name}{_label_text(labels)} {_number(value)}"
+                continue
+            for bound, count in zip((*METRIC_BUCKETS_S, math.inf), itertools.accumulate(value[:-1]), strict=True):
+                yield f"{self.name}_bucket{_label_text((*labels, ('le', _number(float(bound)))))} {count}"
+            yield f"{self.name}_sum{_label_text(labels)} {_number(value[-1])}"
+            yield f"{self.name}_count{_label_text(labels)} {sum(value[:-1])}"
+
+
+def _label_pairs(names: tuple[str, ...], values: Labels) -> tuple[tuple[str, str], ...]:
+    return tuple((name, value.value if isinstance(value, enum.Enum) else str(value))
+                 for name, value in zip(names, values, strict=True))
+
+
+def _escaped(text: str, quote: str = "") -> str:
+    """`text` as the text format writes it: backslash and newline escaped (and `quote`, in a label value)."""
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace(quote, "\\" + quote) if quote else text
+
+
+def _label_text(pairs: tuple[tuple[str, str], ...]) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(name + '="' + _escaped(value, '"') + '"' for name, value in pairs) + "}"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return ("+Inf" if value > 0 else "-Inf") if math.isinf(value) else repr(value)
+
+
+class Metrics:
+    """This process's counters and histograms: the engine counts into them, `page()` writes them for Prometheus.
+
+    Graph ids get a label value of their own in the order this process first counts them, up to `max_graphs`;
+    later graphs, and their nodes, share OTHER_LABEL, so the page stays small whatever the number of graphs.
+    """
+
+    def __init__(self, max_graphs: int = MAX_METRIC_GRAPHS) -> None:
+        self.max_graphs = max_graphs
+        self._graphs: set[str] = set()
+        counter, histogram = MetricKind.COUNTER, MetricKind.HISTOGRAM
+        self.runs_started = _Family("workflow_runs_started_total", counter, "Runs that started executing in this "
+                                    "process: new, resumed, claimed from the queue or taken over", ("graph_id",))
+        self.runs_finished = _Family("workflow_runs_finished_total", counter, "Runs that stopped in this process, "
+                                     "by the status they stopped in (waiting: paused)", ("graph_id", "status"))
+        self.steps = _Family("workflow_steps_total", counter, "Log entries the runner wrote in this process, by "
+                             "event", ("graph_id", "event"))
+        self.recoveries = _Family("workflow_recoveries_total", counter, "Runs this process took over from a server "
+                                  "that stopped renewing its lease", samples={(): 0})
+        self.store_errors = _Family("workflow_store_errors_total", counter, "Store operations that failed in this "
+                                    "process", samples={(): 0})
+        self.webhook_deliveries = _Family("workflow_webhook_deliveries_total", counter, "Completion webhook "
+                                          "deliveries, by result (no series until webhooks exist)", ("result",))
+        self.http_requests = _Family("workflow_http_requests_total", counter, "HTTP requests and WebSocket "
+                                     "handshakes, by route template and status (499: the client went away first)",
+                                     ("route", "status"))
+        self.run_seconds = _Family("workflow_run_duration_seconds", histogram, "How long runs executed here, from "
+                                   "running until they stopped (ended or paused)", ("graph_id",))
+        self.queue_seconds = _Family("workflow_run_queue_seconds", histogram, "How long runs that started here "
+                                     "were pending before they ran", ("graph_id",))
+        self.step_seconds = _Family("workflow_step_duration_seconds", histogram, "How long each step executed here "
+                                    "took", ("graph_id", "node"))
+
+    def graph_label(self, graph_id: str) -> str:
+        """The label value of `graph_id`: itself while there is room for it, else OTHER_LABEL."""
+        if graph_id in self._graphs:
+            return graph_id
+        if len(self._graphs) < self.max_graphs:
+            self._graphs.add(graph_id)
+            return graph_id
+        return OTHER_LABEL
+
+    def count_start(self, run: RunContext) -> int:
+        """Count a run that has just moved to running, and its time pending (from its history); return how many
+        log entries it had then."""
+        graph = self.graph_label(run.graph_id)
+        self.runs_started.add((graph,))
+        self.queue_seconds.observe((graph,), (run.history[-1].at - run.history[-2].at).total_seconds())
+        return len(run.logs)
+
+    def count_stop(self, run: RunContext, first_log: int, *, is_lost: bool = False) -> None:
+        """Count a run that stopped here: its status, and if it ran (`first_log` is its log's length when it
+        started, else -1) its running time and the steps from `first_log` on. A run whose lease another server
+        took (`is_lost`) has its steps counted only: the new owner counts how it ends."""
+        graph = self.graph_label(run.graph_id)
+        if first_log >= 0:
+            self._count_steps(graph, run.logs[first_log:])
+        if is_lost:
+            return
+        self.runs_finished.add((graph, run.status))
+        if first_log >= 0:
+            started = run.history[-1].at
+            for change in reversed(run.history):  # to the last move to running: when this execution began
+                if change.status is RunStatus.RUNNING:
+                    started = change.at
+                    break
+            self.run_seconds.observe((graph,), (run.history[-1].at - started).total_seconds())
+
+    def _count_steps(self, graph: str, entries: list[LogEntry]) -> None:
+        # Nothing here calls a function once per step. An enum's hash is a Python call, so events are counted with
+        # list.count (which compares by identity); `observe` is inlined, its bisect a linear scan.
+        events = [entry.event for entry in entries]
+        for event in _LOG_EVENTS:
+            if count := events.count(event):
+                self.steps.add((graph, event), count)
+        durations, bounds = self.step_seconds.samples, METRIC_BUCKETS_S
+        for entry in entries:
+            series_key = (graph, OTHER_LABEL if graph == OTHER_LABEL else entry.node)
+            if series_key not in durations:  # once per node, not per step
+                durations[series_key] = _new_series()
+            series, seconds, bucket = durations[series_key], entry.duration_ms / 1000, 0
+            while bucket < _BUCKETS and seconds > bounds[bucket]:
+                bucket += 1
+            series[bucket] += 1
+            series[-1] += seconds
+
+    def count_takeover(self, run: RunContext) -> None:
+        """Count a run taken over from a server whose lease expired; one failed for too many recoveries ends here."""
+        self.recoveries.add()
+        if run.status.is_terminal:
+            self.runs_finished.add((self.graph_label(run.graph_id), run.status))
+
+    def count_store_error(self) -> None:
+        """Count a store operation that failed."""
+        self.store_errors.add()
+
+    def count_request(self, route: str, status: int) -> None:
+        """Count an answered HTTP request or WebSocket handshake."""
+        self.http_requests.add((route, status))
+
+    def page(self, *, active: int, pending: int, paused: int | None) -> str:
+        """The metrics in the Prometheus text format, with the gauges given (None: leave the sample out)."""
+        gauge = MetricKind.GAUGE
+        gauges = (
+            _Family("workflow_runs_active", gauge, "Runs executing in this process", samples={(): active}),
+            _Family("workflow_runs_pending", gauge, "Runs this process holds that wait for an execution slot",
+                    samples={(): pending}),
+            _Family("workflow_runs_paused", gauge, "Runs waiting or interrupted in the store (every server on one "
+                    "store shows the same number)", samples={} if paused is None else {(): paused}),
+        )
+        families = (self.runs_started, self.runs_finished, self.steps, self.recoveries, self.store_errors,
+                    self.webhook_deliveries, self.http_requests, *gauges, self.run_seconds, self.queue_seconds,
+                    self.step_seconds)
+        return "".join(line + "\n" for family in families for line in family.lines())
+
+
+# ---------------------------------------------------------------------------
 # Engine
 # ---------------------------------------------------------------------------
 # A run this engine executes has one record, `_ActiveRun`, from its launch until its task has saved it for the last
@@ -2425,11 +2634,13 @@ class _ActiveRun:
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
     saved_logs: int  # how many of the run's log entries the store holds
     accepted: asyncio.Future[None]  # done once the store holds the claim (or refused it)
+    metrics: Metrics
     task: asyncio.Task[None] | None = None
     lease: Lease | None = None
     failure: EngineError | None = None  # set when the store does not hold the run's last state
     changed: asyncio.Event | None = None  # set (and dropped) at the run's next change; streams wait on it
     logged: int = -1  # log entries written to the server log; -1 until the run's start is logged
+    counted_logs: int = -1  # the run's log entries when it started here, which metrics do not count; -1 until then
     is_cancel_requested: bool = False
 
     def cancel(self) -> None:
@@ -2447,6 +2658,7 @@ class _ActiveRun:
         except EngineError:
             raise
         except Exception as exc:
+            self.metrics.count_store_error()
             raise StoreUnavailable(self.run.run_id, exc) from exc
         self.saved_logs = len(self.run.logs)
 
@@ -2458,6 +2670,7 @@ class _ActiveRun:
         except EngineError:
             raise
         except Exception as exc:
+            self.metrics.count_store_error()
             raise StoreUnavailable(run.run_id, exc) from exc
         self.saved_logs = len(run.logs)
 
@@ -2466,6 +2679,8 @@ class _ActiveRun:
         if self.changed is not None:
             self.changed.set()
             self.changed = None
+        if self.counted_logs < 0 and run.status is RunStatus.RUNNING:  # its first change here: it has just started
+            self.counted_logs = self.metrics.count_start(run)
         if logger.isEnabledFor(logging.INFO):
             self.log_progress()
 
@@ -2520,6 +2735,7 @@ class Engine:
         self._followers: dict[str, set[asyncio.Event]] = {}  # streams of runs that another server executes
         self._stopping = threading.Event()  # set to stop the worker and the thread that listens to the store
         self._listener: threading.Thread | None = None
+        self.metrics = Metrics(self.settings.max_metric_graphs)
 
     async def open(self) -> None:
         """With a shared store, start working the queue and keeping leases (create_app's lifespan calls this; a
@@ -2666,7 +2882,9 @@ class Engine:
         except EngineError:
             raise
         except Exception as exc:
+            self.metrics.count_store_error()
             raise StoreUnavailable(run_id, exc) from exc
+        self.metrics.count_stop(run, -1)
         return run
 
     async def _cancel_elsewhere(self, run_id: str) -> RunContext:
@@ -2735,6 +2953,7 @@ class Engine:
             except EngineError:
                 raise
             except Exception as exc:
+                self.metrics.count_store_error()
                 raise StoreUnavailable(run.run_id, exc) from exc
             self._wake.set()
             return run
@@ -2750,7 +2969,8 @@ class Engine:
     def _new_active(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None,
                     saved_logs: int) -> _ActiveRun:
         active = _ActiveRun(run=run, graph=graph, store=self.store, lease_s=self.settings.lease_s, expected=expected,
-                            saved_logs=saved_logs, accepted=asyncio.get_running_loop().create_future())
+                            saved_logs=saved_logs, accepted=asyncio.get_running_loop().create_future(),
+                            metrics=self.metrics)
         self._active[run.run_id] = active
         return active
 
@@ -2799,6 +3019,7 @@ class Engine:
                 move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
             if active.failure is None:  # a lost lease leaves the run to its new owner
                 await self._save_last(active, is_logged)
+            self.metrics.count_stop(run, active.counted_logs, is_lost=isinstance(active.failure, LeaseLost))
             del self._active[run.run_id]
             active.notify(run)
             self._wake.set()  # a slot came free
@@ -2828,6 +3049,7 @@ class Engine:
                 await self._claim_queued()
                 is_failing = False
             except Exception as exc:  # the database is away: keep trying, and say so once
+                self.metrics.count_store_error()
                 if not is_failing:
                     logger.error("worker %s: the store failed (%s); trying again every %s s", self.worker_id,
                                  _describe(exc), tick)
@@ -2868,6 +3090,7 @@ class Engine:
                     move_run(run, RunStatus.PENDING)
             with contextlib.suppress(LeaseLost):  # another server took it over first, or its owner came back
                 await self.store.take_over(run, lease, saved_logs)  # type: ignore[union-attr]
+                self.metrics.count_takeover(run)
                 logger.warning("run %s: taken over from worker %s, whose lease expired", run.run_id, lease.owner)
 
     async def _claim_queued(self) -> None:
@@ -2962,6 +3185,19 @@ class Engine:
         if not history[-1].status.is_active:
             return self.store.get_run(run.run_id)
         return attrs.evolve(run, status=history[-1].status, history=history, logs=[*run.logs, *entries])
+
+    def metrics_page(self) -> str:
+        """This process's metrics in the Prometheus text format. Active and pending runs are this process's own;
+        paused runs are the store's count, left out (and counted as a store error) when the store does not answer."""
+        statuses = [active.run.status for active in self._active.values()]
+        try:
+            paused: int | None = self.store.count_paused()
+        except Exception as exc:  # the page matters most while the store is away
+            logger.warning("metrics: the store did not count paused runs: %s", _describe(exc))
+            self.metrics.count_store_error()
+            paused = None
+        return self.metrics.page(active=statuses.count(RunStatus.RUNNING), pending=statuses.count(RunStatus.PENDING),
+                                 paused=paused)
 
     def _max_iterations(self, graph: GraphDefinition, requested: int | None) -> int:
         limit = requested or graph.max_iterations or self.settings.max_iterations
@@ -3272,6 +3508,11 @@ async def get_graph_definition(request: Request) -> Response:
     return JSONResponse(body)
 
 
+async def get_metrics(request: Request) -> Response:
+    """Answer with this process's metrics in the Prometheus text format."""
+    return Response(_engine(request).metrics_page(), media_type=PROMETHEUS_MEDIA_TYPE)
+
+
 class BearerAuth:
     """Pure ASGI middleware: every request but `GET /` must carry `Authorization: Bearer <token>`.
 
@@ -3314,6 +3555,58 @@ def _token_setting(scope: Scope) -> bytes | None:
     engine = None if app is None else getattr(app.state, "engine", None)
     token = None if engine is None else engine.settings.api_token
     return None if token is None else token.encode()
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: count each HTTP request and WebSocket handshake in the engine's metrics, by the
+    template of the route that matched (UNMATCHED_ROUTE if none did) and the status of its answer.
+
+    A WebSocket accepted counts as 101, one closed before that as 403 (what the server answers). A client that went
+    away before its answer began counts as 499, not as the error the app answers to nobody.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, watching its messages; count it once it is over."""
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        status, is_answered, is_gone = 500, False, False  # an exception leaving the app becomes a 500 further out
+
+        async def watched_receive() -> Message:
+            nonlocal is_gone
+            message = await receive()
+            is_gone = is_gone or (not is_answered and message["type"].endswith(".disconnect"))
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal status, is_answered
+            if not is_answered and message["type"] in _ANSWER_STATUS:
+                status, is_answered = message.get("status", _ANSWER_STATUS[message["type"]]), True
+            await send(message)
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        finally:
+            engine = getattr(scope["app"].state, "engine", None) if "app" in scope else None
+            if engine is not None:
+                engine.metrics.count_request(_route_template(scope), 499 if is_gone else status)
+
+
+# The first message of an answer, and its status when the message has none.
+_ANSWER_STATUS = {"http.response.start": 500, "websocket.accept": 101, "websocket.close": 403,
+                  "websocket.http.response.start": 403}
+
+
+def _route_template(scope: Scope) -> str:
+    """The path template of the route the router matched, or, for a request refused before routing (401), of the
+    route it would have matched."""
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        route = next((route for route in scope["app"].routes if route.matches(scope)[0] is not Match.NONE), None)
+    return UNMATCHED_ROUTE if route is None else route.path
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -3377,6 +3670,13 @@ class EventStream:
 
 
 @attrs.frozen(kw_only=True)
+class PlainText:
+    """An answer of text in the format its media type names, such as the Prometheus text format."""
+
+    media_type: str
+
+
+@attrs.frozen(kw_only=True)
 class Operation:
     """One endpoint: its route, and what the OpenAPI document says of it (derived from the models it speaks)."""
 
@@ -3385,7 +3685,7 @@ class Operation:
     endpoint: Callable[..., Awaitable[Any]]
     summary: str
     body: type | None = None
-    answers: Mapping[int, Any] = attrs.field(factory=dict)  # status -> model of the body, EventStream, or None
+    answers: Mapping[int, Any] = attrs.field(factory=dict)  # status -> model of the body, EventStream, PlainText, None
     query: Mapping[str, str] = attrs.field(factory=dict)  # parameter -> JSON type
 
 
@@ -3422,6 +3722,9 @@ OPERATIONS = (
     Operation(method="GET", path="/graph/ws/{run_id}", endpoint=websocket_graph_ws,
               summary="WebSocket: the stream's events as JSON messages `{id, event, data}`, `data` an object",
               answers={101: None}, query={"after": "integer"}),
+    Operation(method="GET", path="/metrics", endpoint=get_metrics,
+              summary="This process's counters, gauges and histograms in the Prometheus text format",
+              answers={200: PlainText(media_type=PROMETHEUS_MEDIA_TYPE)}),
     Operation(method="GET", path="/openapi.json", endpoint=get_openapi, summary="This document", answers={200: Any}),
 )
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
@@ -3472,6 +3775,8 @@ def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
             answer: dict[str, Any] = {"description": HTTPStatus(status).phrase}
             if isinstance(model, EventStream):
                 answer["content"] = {"text/event-stream": {"schema": _event_stream_schema(model, components)}}
+            elif isinstance(model, PlainText):
+                answer["content"] = {model.media_type: {"schema": {"type": "string"}}}
             elif model is not None:
                 answer["content"] = {"application/json": {"schema": json_schema(model, components)}}
             spec["responses"][str(status)] = answer
@@ -3541,6 +3846,7 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_MAX_BRANCHES", "max_branches", _env_number(int)),
     ("WORKFLOW_MAX_STATE_BYTES", "max_state_bytes", _env_number(int)),
     ("WORKFLOW_MAX_LOG_BYTES", "max_log_bytes", _env_number(int)),
+    ("WORKFLOW_MAX_METRIC_GRAPHS", "max_metric_graphs", _env_number(int)),
     ("WORKFLOW_SHUTDOWN_GRACE_S", "shutdown_grace_s", _env_number(float)),
     ("WORKFLOW_DB", "db_path", str),
     ("WORKFLOW_API_TOKEN", "api_token", str),
@@ -3684,8 +3990,8 @@ def create_app(
     ]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
-    starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(BearerAuth)],
-                              lifespan=_lifespan)
+    middleware = [Middleware(RequestMetrics), Middleware(BearerAuth)]  # outermost first: refused requests count too
+    starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware, lifespan=_lifespan)
     starlette_app.router.redirect_slashes = False  # its 307 has no body; an unknown path is a JSON 404 instead
     starlette_app.state.engine = None
     if registry is not None or store is not None or settings is not None:
