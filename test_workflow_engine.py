@@ -1898,6 +1898,9 @@ def check_answer(case: FuzzCase, response: httpx.Response) -> str | None:
     status, content_type = response.status_code, response.headers.get("content-type", "")
     if status >= 500:
         return f"status {status}"
+    if status == 204:  # a delete: no body
+        is_delete = case.method == "DELETE" and not response.content
+        return None if is_delete else f"204 to {case.method}, body {response.content!r:.100}"
     if 200 <= status < 300 and content_type.startswith("text/event-stream"):
         return None if case.path.startswith("/graph/stream/") else f"unexpected event stream, status {status}"
     if case.method == "HEAD":  # no body to check
@@ -1989,6 +1992,11 @@ async def test_fuzz_every_route_answers_hostile_requests_in_the_error_shape(fuzz
             background += response.status_code == 202
         elif response.status_code == 201 and case.path == "/graph/create":
             context.graph_ids.append(response.json()["graph_id"])
+        elif response.status_code == 204:  # a DELETE of a graph or run the fuzzer stored: it is gone
+            gone = case.path.rsplit("/", 1)[1]
+            for ids in (context.graph_ids, context.run_ids):
+                if gone in ids:
+                    ids.remove(gone)
 
     assert not failures, f"{len(failures)} bad answers, first ones:\n" + "\n".join(failures[:20])
     assert {200, 201, 202, 400, 404, 405, 409, 413, 422} <= set(statuses), statuses
@@ -4762,3 +4770,158 @@ def test_e2e_postgres_mixed_load_on_three_servers_loses_nothing(pg_env: dict[str
                                  for r in results["runs"]), 60)
     assert results["runs"] and all(code < 500 for code in results["codes"])
     assert set(results["codes"]) <= {200, 202}
+
+
+# ---------------------------------------------------------------------------
+# Deleting and expiring runs
+# ---------------------------------------------------------------------------
+STORE_KINDS = ["memory", "sqlite", pytest.param("postgres", marks=needs_postgres)]
+
+
+@pytest.fixture(params=STORE_KINDS)
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[we.Store]:
+    """A fresh store of each kind: memory, SQLite, and PostgreSQL when the tests have a server."""
+    kinds = {"memory": we.MemoryStore, "sqlite": lambda: we.SqliteStore(tmp_path / "runs.db"),
+             "postgres": lambda: we.PostgresStore(request.getfixturevalue("pg_url"))}
+    store = kinds[request.param]()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+async def any_client(registry: we.Registry, any_store: we.Store) -> AsyncIterator[httpx.AsyncClient]:
+    app = we.create_app(registry=registry, store=any_store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        yield client
+    await engine_of(app).drain()
+
+
+def logged_positions(store: we.Store, run_id: str) -> int:
+    """How many log rows a SQL store holds for `run_id` (a memory store keeps a run's log in its record)."""
+    if isinstance(store, we.MemoryStore):
+        return 0
+    return store._read_one("SELECT COUNT(*) FROM logs WHERE run_id = ?", (run_id,))[0]
+
+
+async def test_delete_run_answers_204_and_takes_its_record_and_log(any_client: httpx.AsyncClient, any_store: we.Store) -> None:
+    run = await create_and_run(any_client, graph(["inc", "double"], chain("inc", "double")))
+    kept = (await any_client.post("/graph/run", json={"graph_id": "g"})).json()
+    logged = logged_positions(any_store, run["run_id"])
+    deleted = await any_client.delete(f"/graph/runs/{run['run_id']}")
+    state = await any_client.get(f"/graph/state/{run['run_id']}")
+    again = await any_client.delete(f"/graph/runs/{run['run_id']}")
+    listed = (await any_client.get("/graph/runs")).json()
+    gone = error("run_not_found", f"run '{run['run_id']}' does not exist")
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert (state.status_code, state.json(), again.status_code, again.json()) == (404, gone, 404, gone)
+    assert ([summary["run_id"] for summary in listed["runs"]], listed["total"]) == ([kept["run_id"]], 1)
+    assert (logged, logged_positions(any_store, run["run_id"])) == ((0, 0) if isinstance(any_store, we.MemoryStore)
+                                                                    else (2, 0))
+
+
+async def test_delete_run_refuses_a_running_run(any_client: httpx.AsyncClient) -> None:
+    gates["delete"] = Gate()
+    await any_client.post("/graph/create", json=graph(["gate"]))
+    started = await any_client.post("/graph/run", json={"graph_id": "g", "wait": False,
+                                                        "state": {"metadata": {"gate": "delete"}}})
+    run_id = started.json()["run_id"]
+    await gates["delete"].entered.wait()
+    refused = await any_client.delete(f"/graph/runs/{run_id}")
+    gates["delete"].opened.set()
+    ended = await any_client.get(f"/graph/stream/{run_id}")  # answers once the run has ended
+    state = await any_client.get(f"/graph/state/{run_id}")
+    assert (refused.status_code, refused.json()) == (409, error(
+        "run_conflict", f"run '{run_id}' is running and cannot be deleted; cancel it first, then delete it"))
+    assert ("event: end" in ended.text, state.json()["status"]) == (True, "completed")
+
+
+async def test_delete_run_takes_a_waiting_run_which_then_cannot_be_resumed(any_client: httpx.AsyncClient) -> None:
+    paused = await create_and_run(any_client, graph(["approve"]))
+    deleted = await any_client.delete(f"/graph/runs/{paused['run_id']}")
+    resumed = await any_client.post(f"/graph/resume/{paused['run_id']}", json={"updates": {"approved": "ann"}})
+    assert (paused["status"], deleted.status_code) == ("waiting", 204)
+    assert (resumed.status_code, resumed.json()) == (404, error("run_not_found", f"run '{paused['run_id']}' does not exist"))
+
+
+@pytest.mark.parametrize(("path", "status", "expected"), [
+    ("/graph/runs/nope", 404, error("run_not_found", "run 'nope' does not exist")),
+    ("/graph/definition/nope", 404, error("graph_not_found", "graph 'nope' does not exist")),
+    ("/graph/runs/no%20pe", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", we.ID_RULE))),
+    ("/graph/runs", 405, error("method_not_allowed", "DELETE /graph/runs: Method Not Allowed")),
+], ids=["unknown-run", "unknown-graph", "bad-run-id", "runs-list"])
+async def test_delete_of_what_does_not_exist_gets_the_error_shape(
+    client: httpx.AsyncClient, path: str, status: int, expected: dict
+) -> None:
+    response = await client.delete(path)
+    assert (response.status_code, response.json()) == (status, expected)
+
+
+async def test_delete_graph_refuses_while_a_run_is_active_then_keeps_its_stopped_runs(any_client: httpx.AsyncClient) -> None:
+    gates["graph"] = Gate()
+    await any_client.post("/graph/create", json=graph(["gate", "approve"], chain("gate", "approve")))
+    run_id = (await any_client.post("/graph/run", json={"graph_id": "g", "wait": False,
+                                                        "state": {"metadata": {"gate": "graph"}}})).json()["run_id"]
+    await gates["graph"].entered.wait()
+    refused = await any_client.delete("/graph/definition/g")
+    gates["graph"].opened.set()
+    await any_client.get(f"/graph/stream/{run_id}")  # the run pauses at `approve`
+    deleted = await any_client.delete("/graph/definition/g")
+    definition = await any_client.get("/graph/definition/g")
+    state = await any_client.get(f"/graph/state/{run_id}")
+    resumed = await any_client.post(f"/graph/resume/{run_id}", json={"updates": {"approved": "ann"}})
+    still = await any_client.get(f"/graph/state/{run_id}")
+    assert (refused.status_code, refused.json()) == (409, error("graph_conflict", "graph 'g' cannot be deleted: 1 run of "
+                                                                "it is pending or running; cancel it or wait for it to end"))
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert (definition.status_code, definition.json()) == (404, error("graph_not_found", "graph 'g' does not exist"))
+    assert (state.status_code, state.json()["status"], state.json()["graph_id"]) == (200, "waiting", "g")
+    assert (resumed.status_code, resumed.json()) == (404, error("graph_not_found", "graph 'g' does not exist"))
+    assert still.json() == state.json()
+
+
+async def test_delete_graph_refuses_a_graph_registered_in_code(registry: we.Registry) -> None:
+    registry.add_graph(we.GraphDefinition(graph_id="builtin", start_node="inc", nodes=("inc",)))
+    async with held_client(registry, we.MemoryStore()) as client:
+        refused = await client.delete("/graph/definition/builtin")
+        definition = await client.get("/graph/definition/builtin")
+    assert (refused.status_code, refused.json()) == (409, error(
+        "graph_conflict", "graph 'builtin' cannot be deleted: it is registered in code"))
+    assert definition.status_code == 200
+
+
+async def test_delete_graph_then_create_it_anew_is_seen_by_another_server(tmp_path: Path, registry: we.Registry) -> None:
+    """A server that read the graph before keeps no stale copy: a graph deleted and created again is the new one."""
+    first, second = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db")), we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"))
+    old = we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",))
+    await first.create_graph(old)
+    seen = second.get_graph("g")
+    await first.delete_graph("g")
+    with pytest.raises(we.GraphNotFound, match="graph 'g' does not exist"):
+        second.get_graph("g")
+    new, _, _ = await first.create_graph(attrs.evolve(old, max_iterations=5))
+    again = second.get_graph("g")
+    await first.shutdown()
+    await second.shutdown()
+    assert (seen, again) == (old, new)
+
+
+async def test_store_delete_and_resume_of_one_run_at_once_one_wins(any_store: we.Store) -> None:
+    """Delete is a compare-and-set: it goes only while the stored run is stopped and has no owner, in one step."""
+    async def paused_run(run_id: str) -> we.RunContext:
+        run = make_run(run_id, we.RunStatus.PENDING)
+        lease = await any_store.claim_run(run, None, "one")
+        we.move_run(run, we.RunStatus.RUNNING)
+        we.move_run(run, we.RunStatus.WAITING)
+        await any_store.save_run(run, lease)
+        return any_store.get_run(run_id)
+
+    resumed_first, deleted_first = await paused_run("r1"), await paused_run("r2")
+    we.move_run(resumed_first, we.RunStatus.PENDING)
+    await any_store.claim_run(resumed_first, we.RunStatus.WAITING, "two")
+    with pytest.raises(we.RunConflict, match="^run 'r1' is pending and cannot be deleted; cancel it first, then delete it$"):
+        await any_store.delete_run("r1")
+    await any_store.delete_run("r2")
+    we.move_run(deleted_first, we.RunStatus.PENDING)
+    with pytest.raises(we.RunNotFound, match="^run 'r2' does not exist$"):
+        await any_store.claim_run(deleted_first, we.RunStatus.WAITING, "two")
+    assert (any_store.get_run("r1").status, any_store.has_run("r2")) == (we.RunStatus.PENDING, False)

@@ -13,8 +13,8 @@ Endpoints:
     GET  /                             health check
     POST /graph/create                 store a graph definition      -> 201 {"graph_id", "warnings"}
     POST /graph/run                    run a stored graph            -> 200 run record; "wait": false -> 202
-    GET  /graph/state/{run_id}         a run's record
-    GET  /graph/definition/{graph_id}  a stored graph, as /graph/create accepts it
+    GET  /graph/state/{run_id}         a run's record; DELETE /graph/runs/{run_id} deletes one that is not active
+    GET  /graph/definition/{graph_id}  a stored graph, as /graph/create accepts it; DELETE: delete it
     POST /graph/cancel/{run_id}        cancel a pending or running run
     GET  /graph/stream/{run_id}        the run's events as Server-Sent Events (WS /graph/ws/{run_id}: as JSON)
     GET  /graph/runs, /graph/list      run summaries (newest first) and graphs, paginated
@@ -89,6 +89,7 @@ __all__ = [
     "ErrorCode",
     "GraphConflict",
     "GraphDefinition",
+    "GraphInUse",
     "GraphNotFound",
     "Heartbeat",
     "Interrupt",
@@ -322,6 +323,16 @@ class GraphConflict(EngineError):
 
     def __init__(self, graph_id: str) -> None:
         super().__init__(f"graph {_shown(graph_id)} already exists with a different definition")
+
+
+class GraphInUse(EngineError):
+    """A graph that cannot be deleted: it is registered in code, or runs of it are active."""
+
+    status_code = 409
+    code = ErrorCode.GRAPH_CONFLICT
+
+    def __init__(self, graph_id: str, reason: str) -> None:
+        super().__init__(f"graph {_shown(graph_id)} cannot be deleted: {reason}")
 
 
 class StoreFull(EngineError):
@@ -664,6 +675,11 @@ def _refused(run_id: str, current: RunStatus, target: RunStatus) -> RunConflict:
     allowed = sorted(status.value for status in RUN_MOVES[current])
     then = f"from {current.value} it can only become {' or '.join(allowed)}" if allowed else "it has ended"
     return RunConflict(f"run {run_id!r} is {current.value} and cannot become {target.value}; {then}")
+
+
+def _delete_refused(run_id: str, status: RunStatus) -> RunConflict:
+    """The error for deleting a run that is pending or running."""
+    return RunConflict(f"run {run_id!r} is {status.value} and cannot be deleted; cancel it first, then delete it")
 
 
 def move_run(run: RunContext, target: RunStatus, error: str | None = None) -> None:
@@ -1784,6 +1800,13 @@ def dump_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
+def _active_runs(count: int) -> str:
+    """Why a graph with active runs cannot be deleted."""
+    if count == 1:
+        return "1 run of it is pending or running; cancel it or wait for it to end"
+    return f"{count} runs of it are pending or running; cancel them or wait for them to end"
+
+
 @attrs.frozen
 class Lease:
     """Who executes a run, and in which attempt; a save that names any other lease is refused (LeaseLost)."""
@@ -1885,6 +1908,23 @@ class MemoryStore:
         """None: memory does not outlive the process that holds its leases."""
         return []
 
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a run that is not pending or running; raise RunNotFound, or RunConflict naming its status."""
+        status, lease = _status_of(self._entry(run_id)), self._leases.get(run_id)
+        if status.is_active or lease is not None and lease.owner:
+            raise _delete_refused(run_id, status)
+        self._drop(run_id)
+
+    async def delete_graph(self, graph_id: str) -> None:
+        """Delete a stored graph unless runs of it are pending or running (GraphInUse); raise GraphNotFound."""
+        if graph_id not in self._graphs:
+            raise GraphNotFound(graph_id)
+        active = sum(isinstance(entry, RunContext) and entry.graph_id == graph_id and entry.status.is_active
+                     for entry in self._runs.values())
+        if active:
+            raise GraphInUse(graph_id, _active_runs(active))
+        del self._graphs[graph_id]
+
     def count_paused(self) -> int:
         """How many runs are waiting or interrupted."""
         return len(self._paused)
@@ -1945,6 +1985,12 @@ class MemoryStore:
         except KeyError:
             raise RunNotFound(run_id) from None
 
+    def _drop(self, run_id: str) -> None:
+        del self._runs[run_id]
+        self._leases.pop(run_id, None)
+        self._finished.pop(run_id, None)
+        self._paused.discard(run_id)
+
 
 def _status_of(entry: RunContext | _StoredRun) -> RunStatus:
     return entry.status if isinstance(entry, RunContext) else entry.summary.status
@@ -1970,7 +2016,6 @@ _LEASES = (  # version 2: leases (owner, attempt, a deadline on the database's c
     "ALTER TABLE runs ADD COLUMN origin TEXT",  # the server that accepted the run: its pending bound counts them
     "CREATE INDEX runs_by_origin ON runs (origin, status)",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES)
 _ACTIVE = tuple(status.value for status in RunStatus if status.is_active)
 _PAUSED = tuple(status.value for status in RunStatus if status.is_resumable)
 _TERMINAL = tuple(status.value for status in RunStatus if status.is_terminal)
@@ -1978,6 +2023,7 @@ _SUMMARY_FIELDS = tuple(field.name for field in attrs.fields(RunSummary))
 _IN_ACTIVE = f"status IN ({', '.join(repr(status) for status in _ACTIVE)})"  # constants only, never client values
 _IN_PAUSED = f"status IN ({', '.join(repr(status) for status in _PAUSED)})"
 _IN_TERMINAL = f"status IN ({', '.join(repr(status) for status in _TERMINAL)})"
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES)
 _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
@@ -2009,7 +2055,8 @@ class SqlStore:
         self._reader = self._connect()  # the caller's thread
         self._writer = self._connect()  # only ever used on self._thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
-        self._graph_cache: dict[str, GraphDefinition] = {}  # stored graphs never change
+        self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
+        # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
             self._migrate(db)
 
@@ -2023,13 +2070,16 @@ class SqlStore:
 
     def get_graph(self, graph_id: str) -> GraphDefinition:
         """Return the graph stored as `graph_id`, or raise GraphNotFound."""
-        graph = self._graph_cache.get(graph_id)
-        if graph is None:
-            row = self._read_one("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
-            if row is None:
-                raise GraphNotFound(graph_id)
-            graph = self._graph_cache[graph_id] = converter.structure(json.loads(row[0]), GraphDefinition)
-        return graph
+        cached = self._graph_cache.get(graph_id)
+        with self._reading() as db:
+            row = self._one(db, "SELECT seq FROM graphs WHERE graph_id = ?", (graph_id,))
+            if row is not None and (cached is None or cached[0] != row[0]):
+                row = self._one(db, "SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
+                cached = None if row is None else (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
+        if row is None or cached is None:
+            raise GraphNotFound(graph_id)
+        self._graph_cache[graph_id] = cached
+        return cached[1]
 
     def list_graphs(self, *, limit: int = 50, offset: int = 0) -> tuple[list[GraphDefinition], int]:
         """Return a page of graphs in the order they were created, and how many there are."""
@@ -2081,6 +2131,17 @@ class SqlStore:
     async def request_cancel(self, run_id: str) -> bool:
         """Flag an active run for its owner to cancel; return False if it is no longer active."""
         return await self._write(self._request_cancel, run_id)
+
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a run and its log in one transaction if it is still neither pending nor running and has no owner
+        (a resume or a claim committed first wins); else raise RunNotFound, or RunConflict naming its status."""
+        await self._write(self._delete_run, run_id)
+
+    async def delete_graph(self, graph_id: str) -> None:
+        """Delete a stored graph unless runs of it are pending or running (GraphInUse), counted in the same
+        transaction; raise GraphNotFound."""
+        await self._write(self._delete_graph, graph_id)
+        self._graph_cache.pop(graph_id, None)
 
     def count_paused(self) -> int:
         """How many runs are waiting or interrupted."""
@@ -2306,6 +2367,25 @@ class SqlStore:
                                  (run_id,)).rowcount
             self._notify(db, f"cancel {run_id}")
             return updated > 0
+
+    def _delete_run(self, run_id: str) -> None:
+        with self._transaction() as db:
+            deleted = db.execute(self._sql(f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL"),
+                                 (run_id,)).rowcount
+            if deleted == 0:
+                row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
+                raise RunNotFound(run_id) if row is None else _delete_refused(run_id, RunStatus(row[0]))
+            db.execute(self._sql("DELETE FROM logs WHERE run_id = ?"), (run_id,))
+            self._notify(db, f"run {run_id}")
+
+    def _delete_graph(self, graph_id: str) -> None:
+        with self._transaction() as db:
+            if self._one(db, "SELECT 1 FROM graphs WHERE graph_id = ?", (graph_id,)) is None:
+                raise GraphNotFound(graph_id)
+            active = self._one(db, f"SELECT COUNT(*) FROM runs WHERE graph_id = ? AND {_IN_ACTIVE}", (graph_id,))[0]
+            if active:
+                raise GraphInUse(graph_id, _active_runs(active))
+            db.execute(self._sql("DELETE FROM graphs WHERE graph_id = ?"), (graph_id,))
 
     def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]], *,
                   queued: bool = False) -> None:
@@ -2682,6 +2762,27 @@ class Engine:
         if run.status.is_active:
             raise RunConflict(f"run {run_id!r} is still {run.status.value} on another server; its cancel is requested")
         raise _refused(run_id, run.status, RunStatus.CANCELLED)
+
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a run that is neither pending nor running (a paused one may go), with its log; raise RunNotFound,
+        or RunConflict naming its status. A resume or claim that takes the run at the same moment wins."""
+        active = self._active.get(run_id)
+        if active is not None:
+            if active.run.status.is_active:
+                raise _delete_refused(run_id, active.run.status)
+            await asyncio.wait([active.task])  # type: ignore[list-item]  # its last save; then the store decides
+        await self.store.delete_run(run_id)
+
+    async def delete_graph(self, graph_id: str) -> None:
+        """Delete a stored graph that no pending or running run uses; raise GraphNotFound, or GraphInUse.
+
+        Its stopped runs are kept, since a run's record holds all it shows; a paused one can still be cancelled or
+        deleted, and a resume of it is a GraphNotFound that leaves it paused.
+        """
+        if graph_id in self._builtin:
+            raise GraphInUse(graph_id, "it is registered in code")
+        # Subgraphs do not exist yet: once a graph can name another, refuse here too (GraphInUse naming the referrer).
+        await self.store.delete_graph(graph_id)
 
     def follow(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent | None]:
         """Return the run's events after id `after`, live until it stops; None marks a quiet keep-alive interval."""
@@ -3130,6 +3231,12 @@ async def post_graph_cancel(request: Request) -> Response:
     return JSONResponse(converter.unstructure(run))
 
 
+async def delete_graph_run(request: Request) -> Response:
+    """Delete a run that is neither pending nor running, with its log: 204; an active run is a 409."""
+    await _engine(request).delete_run(_path_id(request, "run_id"))
+    return Response(status_code=204)
+
+
 async def get_graph_runs(request: Request) -> Response:
     """List run summaries, newest first, optionally of one graph or in one status."""
     query = _query(request, {"graph_id", "status", "limit", "offset"})
@@ -3272,6 +3379,12 @@ async def get_graph_definition(request: Request) -> Response:
     return JSONResponse(body)
 
 
+async def delete_graph_definition(request: Request) -> Response:
+    """Delete a stored graph: 204; a graph registered in code, or with pending or running runs, is a 409."""
+    await _engine(request).delete_graph(_path_id(request, "graph_id"))
+    return Response(status_code=204)
+
+
 class BearerAuth:
     """Pure ASGI middleware: every request but `GET /` must carry `Authorization: Bearer <token>`.
 
@@ -3405,6 +3518,9 @@ OPERATIONS = (
     Operation(method="GET", path="/graph/definition/{graph_id}", endpoint=get_graph_definition,
               summary="A stored graph, as /graph/create takes it (`?declarations=true` adds what its nodes read and write)",
               answers={200: GraphDefinition}, query={"declarations": "boolean"}),
+    Operation(method="DELETE", path="/graph/definition/{graph_id}", endpoint=delete_graph_definition,
+              summary="Delete a stored graph that no pending or running run uses; its stopped runs stay",
+              answers={204: None}),
     Operation(method="POST", path="/graph/cancel/{run_id}", endpoint=post_graph_cancel,
               summary="Cancel a pending or running run", answers={200: RunContext}),
     Operation(method="POST", path="/graph/resume/{run_id}", endpoint=post_graph_resume,
@@ -3413,6 +3529,8 @@ OPERATIONS = (
     Operation(method="GET", path="/graph/runs", endpoint=get_graph_runs, summary="Run summaries, newest first",
               answers={200: RunsPage},
               query={"graph_id": "string", "status": "string", "limit": "integer", "offset": "integer"}),
+    Operation(method="DELETE", path="/graph/runs/{run_id}", endpoint=delete_graph_run,
+              summary="Delete a run that is neither pending nor running, with its log", answers={204: None}),
     Operation(method="GET", path="/graph/list", endpoint=get_graph_list, summary="Graphs, oldest first",
               answers={200: GraphsPage}, query={"limit": "integer", "offset": "integer"}),
     Operation(method="GET", path="/graph/stream/{run_id}", endpoint=get_graph_stream,
@@ -3677,11 +3795,9 @@ def create_app(
     when it starts (its lifespan), from the WORKFLOW_* environment variables: importing this module reads no
     setting, imports no workflow module and opens no database, and a bad setting stops startup naming its variable.
     """
-    routes = [
-        WebSocketRoute(op.path, op.endpoint) if op.endpoint is websocket_graph_ws
-        else Route(op.path, op.endpoint, methods=[op.method])
-        for op in OPERATIONS
-    ]
+    routes = [WebSocketRoute(path, endpoints["GET"]) if endpoints.get("GET") is websocket_graph_ws
+              else Route(path, _by_method(endpoints), methods=list(endpoints))
+              for path, endpoints in _endpoints_by_path(OPERATIONS).items()]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
     starlette_app = Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(BearerAuth)],
@@ -3691,6 +3807,24 @@ def create_app(
     if registry is not None or store is not None or settings is not None:
         _serve(starlette_app, build_engine(registry=registry, store=store, settings=settings))
     return starlette_app
+
+
+def _endpoints_by_path(operations: tuple[Operation, ...]) -> dict[str, dict[str, Callable[..., Awaitable[Any]]]]:
+    by_path: dict[str, dict[str, Callable[..., Awaitable[Any]]]] = {}
+    for operation in operations:
+        by_path.setdefault(operation.path, {})[operation.method] = operation.endpoint
+    return by_path
+
+
+def _by_method(endpoints: dict[str, Callable[..., Awaitable[Any]]]) -> Callable[..., Awaitable[Any]]:
+    """One endpoint for a path that several methods share, so that a wrong method's 405 lists them all in Allow."""
+    if len(endpoints) == 1:
+        return next(iter(endpoints.values()))
+
+    async def by_method(request: Request) -> Response:
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return by_method
 
 
 def _serve(app: Starlette, engine: Engine) -> None:
