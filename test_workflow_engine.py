@@ -28,6 +28,7 @@ import types
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -2603,7 +2604,7 @@ async def test_sqlite_store_keeps_graphs_and_runs_across_reopening(tmp_path: Pat
         assert json.loads(reopened.get_run_json(run.run_id)) == we.converter.unstructure(run)
         assert [s.run_id for s in reopened.list_runs(graph_id="g", status=we.RunStatus.COMPLETED)[0]] == [run.run_id]
         assert reopened.counts() == (1, 1)
-        assert reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+        assert reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
         with pytest.raises(we.GraphConflict):
             await reopened.add_graph(attrs.evolve(definition, max_iterations=3))
         with pytest.raises(we.RunNotFound, match="run 'nope' does not exist"):
@@ -3078,12 +3079,12 @@ def test_settings_from_env_reads_every_variable() -> None:
            "WORKFLOW_MAX_BRANCHES": "8", "WORKFLOW_MAX_STATE_BYTES": "999", "WORKFLOW_SHUTDOWN_GRACE_S": "2.5",
            "WORKFLOW_MAX_PAUSED_RUNS": "6", "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json",
            "WORKFLOW_MAX_LOG_BYTES": "998", "WORKFLOW_LEASE_S": "2.5", "WORKFLOW_MAX_RECOVERIES": "0",
-           "WORKFLOW_WORKER_ID": "w1"}
+           "WORKFLOW_WORKER_ID": "w1", "WORKFLOW_RUN_TTL_S": "86400", "WORKFLOW_PAUSED_TTL_S": "0.5"}
     assert we.settings_from_env(env) == we.Settings(
         max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"),
         max_concurrent_runs=3, max_pending_runs=2, max_nodes=9, max_branches=8, max_state_bytes=999,
         shutdown_grace_s=2.5, max_paused_runs=6, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON,
-        max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1")
+        max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1", run_ttl_s=86400.0, paused_ttl_s=0.5)
     assert we.settings_from_env({}) == we.Settings()
     assert we.settings_from_env({"WORKFLOW_MODULES": "", "WORKFLOW_DB": " "}) == we.Settings(workflow_modules=())
 
@@ -3097,7 +3098,10 @@ def test_settings_from_env_reads_every_variable() -> None:
     ({"WORKFLOW_SHUTDOWN_GRACE_S": "soon"}, "WORKFLOW_SHUTDOWN_GRACE_S='soon': must be a number"),
     ({"WORKFLOW_SHUTDOWN_GRACE_S": "-1"}, "WORKFLOW_SHUTDOWN_GRACE_S='-1': must be >= 0.0: -1.0"),
     ({"WORKFLOW_LOG_FORMAT": "xml"}, "WORKFLOW_LOG_FORMAT='xml': must be text or json"),
-], ids=["not-a-number", "zero-runs", "zero-iterations", "over-the-cap", "grace-word", "grace-negative", "log-format"])
+    ({"WORKFLOW_RUN_TTL_S": "0"}, "WORKFLOW_RUN_TTL_S='0': must be > 0.0: 0.0"),
+    ({"WORKFLOW_PAUSED_TTL_S": "a week"}, "WORKFLOW_PAUSED_TTL_S='a week': must be a number"),
+], ids=["not-a-number", "zero-runs", "zero-iterations", "over-the-cap", "grace-word", "grace-negative", "log-format",
+        "ttl-zero", "paused-ttl-word"])
 def test_settings_from_env_names_the_variable_of_a_bad_value(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError) as caught:
         we.settings_from_env(env)
@@ -4925,3 +4929,108 @@ async def test_store_delete_and_resume_of_one_run_at_once_one_wins(any_store: we
     with pytest.raises(we.RunNotFound, match="^run 'r2' does not exist$"):
         await any_store.claim_run(deleted_first, we.RunStatus.WAITING, "two")
     assert (any_store.get_run("r1").status, any_store.has_run("r2")) == (we.RunStatus.PENDING, False)
+
+
+async def stopped_runs(store: we.Store, registry: we.Registry) -> tuple[list[str], str, str, float]:
+    """Five old finished runs, one old paused run and one young finished run, made by a server without a time to
+    live; and the moment between old and young (seconds since the epoch) on the store's clock."""
+    engine = we.Engine(registry, store)
+    definition = we.GraphDefinition(graph_id="t", start_node="inc", nodes=("inc",))
+    paused = await engine.run(we.GraphDefinition(graph_id="p", start_node="approve", nodes=("approve",)))
+    old = [await engine.run(definition) for _ in range(5)]
+    young = await engine.run(definition)
+    await engine.drain()
+    old_ids = [run.run_id for run in old]
+    if isinstance(store, we.MemoryStore):  # finished_at: microseconds apart
+        middle = (old[-1].finished_at.timestamp() + young.finished_at.timestamp()) / 2  # type: ignore[union-attr]
+    else:  # the database's clock, which every server shares; set, so that old and young cannot tie
+        with store._transaction() as db:
+            db.execute(store._sql("UPDATE runs SET stopped_at = CASE WHEN run_id = ? THEN 2000000 ELSE 1000000 END"),
+                       (young.run_id,))
+        middle = 1_500_000.0
+    return old_ids, paused.run_id, young.run_id, middle
+
+
+def at(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+class CountedDeletes:
+    """Wraps a store's delete_expired to record what each batch deleted."""
+
+    def __init__(self, store: we.Store) -> None:
+        self.batches: list[int] = []
+        self.delete_expired = store.delete_expired
+        store.delete_expired = self.counted  # type: ignore[method-assign]
+
+    async def counted(self, *args: Any) -> int:
+        deleted = await self.delete_expired(*args)
+        self.batches.append(deleted)
+        return deleted
+
+
+async def test_sweep_deletes_old_finished_runs_in_batches_and_keeps_young_and_paused_ones(
+    any_store: we.Store, registry: we.Registry
+) -> None:
+    old, paused, young, middle = await stopped_runs(any_store, registry)
+    sweeper = we.Engine(registry, any_store, we.Settings(run_ttl_s=3600))
+    counted = CountedDeletes(any_store)
+    deleted = await sweeper.sweep(at(middle + 3600), batch=2)
+    kept = {summary.run_id for summary in any_store.list_runs()[0]}
+    assert (deleted, counted.batches, kept) == (5, [2, 2, 1], {paused, young})
+    assert [logged_positions(any_store, run_id) for run_id in old] == [0] * 5
+
+
+async def test_sweep_deletes_old_paused_runs_only_with_the_paused_ttl(any_store: we.Store, registry: we.Registry) -> None:
+    old, paused, young, middle = await stopped_runs(any_store, registry)
+    sweeper = we.Engine(registry, any_store, we.Settings(paused_ttl_s=60))
+    deleted = await sweeper.sweep(at(middle + 60))
+    kept = {summary.run_id for summary in any_store.list_runs()[0]}
+    assert (deleted, kept) == (1, {*old, young})
+
+
+async def test_sweep_without_a_ttl_deletes_nothing(any_store: we.Store, registry: we.Registry) -> None:
+    old, paused, young, middle = await stopped_runs(any_store, registry)
+    deleted = await we.Engine(registry, any_store).sweep(at(middle + 10**9))
+    assert (deleted, any_store.list_runs()[1]) == (0, 7)
+
+
+async def test_sweep_is_done_once_a_round_by_one_of_the_servers_on_a_database(tmp_path: Path, registry: we.Registry) -> None:
+    path = tmp_path / "runs.db"
+    old, paused, young, middle = await stopped_runs(we.SqliteStore(path), registry)
+    settings = we.Settings(run_ttl_s=3600)
+    first, second = (we.Engine(registry, we.SqliteStore(path), settings) for _ in range(2))
+    now = at(middle + 3600)
+    swept = await first.sweep(now)
+    late = (await we.Engine(registry, first.store).run(we.GraphDefinition(graph_id="t", start_node="inc", nodes=("inc",))))
+    with first.store._transaction() as db:  # as old as the others
+        db.execute("UPDATE runs SET stopped_at = 1000000 WHERE run_id = ?", (late.run_id,))
+    skipped = await second.sweep(now)
+    kept = second.store.has_run(late.run_id)
+    next_round = await second.sweep(now + timedelta(seconds=we.SWEEP_INTERVAL_S))
+    await first.shutdown()
+    await second.shutdown()
+    assert (swept, skipped, kept, next_round) == (5, 0, True, 1)
+
+
+async def test_sweeper_starts_on_open_and_stops_on_drain(registry: we.Registry) -> None:
+    engine = we.Engine(registry, settings=we.Settings(run_ttl_s=1))
+    await engine.open()
+    sweeper = engine._sweeper
+    await engine.drain()
+    assert (sweeper is not None, sweeper.done() if sweeper else None) == (True, True)
+
+
+async def test_sqlite_upgrade_to_version_3_counts_stopped_runs_from_the_upgrade(tmp_path: Path, registry: we.Registry) -> None:
+    path = tmp_path / "runs.db"
+    engine = we.Engine(registry, we.SqliteStore(path))
+    run = await engine.run(we.GraphDefinition(graph_id="u", start_node="inc", nodes=("inc",)))
+    await engine.shutdown()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # back to version 2
+        db.executescript("DROP INDEX runs_by_stop; ALTER TABLE runs DROP COLUMN stopped_at;"
+                         " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
+    store = we.SqliteStore(path)
+    stopped = store._read_one("SELECT stopped_at FROM runs WHERE run_id = ?", (run.run_id,))[0]
+    version = store._read_one("SELECT value FROM meta WHERE key = 'schema_version'")[0]
+    store.close()
+    assert (version, stopped is not None and stopped >= run.finished_at.timestamp() - 1) == ("3", True)  # type: ignore[union-attr]

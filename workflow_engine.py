@@ -189,6 +189,8 @@ ID_RULE = f"must be 1-{MAX_ID_CHARS} characters of A-Z, a-z, 0-9, '_', '.', '-'"
 MAX_SHOWN_CHARS = MAX_ID_CHARS  # most characters of a client's value an error repeats: a valid id is shown whole
 MAX_SHOWN_ITEMS = 10  # most client-named items (extra fields) that an error lists
 MAX_PROBLEMS = 100  # most details an error lists; the message says how many there were
+SWEEP_INTERVAL_S = 60.0  # how often expired runs are deleted; with a shared store, by one server per interval
+SWEEP_BATCH = 500  # runs one sweep transaction (or one slice of the memory store) deletes
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -896,6 +898,10 @@ class Settings:
     # None means DEFAULT_WORKFLOWS, each skipped quietly when absent; named modules must exist.
     workflow_modules: tuple[str, ...] | None = None
     max_log_bytes: int = attrs.field(default=MAX_LOG_BYTES, validator=_positive)
+    # How long a stopped run is kept, counted from its finished_at; None keeps it (finished ones until max_runs).
+    run_ttl_s: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
+    paused_ttl_s: float | None = attrs.field(default=None,  # waiting and interrupted runs
+                                             validator=attrs.validators.optional(attrs.validators.gt(0.0)))
 
     def __attrs_post_init__(self) -> None:
         if self.max_iterations > self.max_iterations_cap:
@@ -1800,6 +1806,10 @@ def dump_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
+def _epoch(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
 def _active_runs(count: int) -> str:
     """Why a graph with active runs cannot be deleted."""
     if count == 1:
@@ -1925,6 +1935,28 @@ class MemoryStore:
             raise GraphInUse(graph_id, _active_runs(active))
         del self._graphs[graph_id]
 
+    async def claim_sweep(self, now: datetime | None, every_s: float) -> bool:
+        """True: memory is this process's alone, so no other server shares its sweeps."""
+        return True
+
+    async def delete_expired(self, is_paused: bool, ttl_s: float, now: datetime | None, limit: int) -> int:
+        """Delete at most `limit` finished runs (`is_paused`: waiting and interrupted ones) whose finished_at is
+        over `ttl_s` before `now` (None: the time); return how many. One call is one bounded slice of work."""
+        cutoff = (now or _now()) - timedelta(seconds=ttl_s)
+
+        def is_old(run_id: str) -> bool:
+            entry = self._runs[run_id]
+            finished_at = entry.finished_at if isinstance(entry, RunContext) else entry.summary.finished_at
+            return finished_at is not None and finished_at < cutoff
+
+        # Finished runs are kept in the order they finished, so the scan stops at the first young one; paused runs
+        # are at most max_paused_runs.
+        scan = filter(is_old, self._paused) if is_paused else itertools.takewhile(is_old, self._finished)
+        expired = list(itertools.islice(scan, limit))
+        for run_id in expired:
+            self._drop(run_id)
+        return len(expired)
+
     def count_paused(self) -> int:
         """How many runs are waiting or interrupted."""
         return len(self._paused)
@@ -2023,7 +2055,13 @@ _SUMMARY_FIELDS = tuple(field.name for field in attrs.fields(RunSummary))
 _IN_ACTIVE = f"status IN ({', '.join(repr(status) for status in _ACTIVE)})"  # constants only, never client values
 _IN_PAUSED = f"status IN ({', '.join(repr(status) for status in _PAUSED)})"
 _IN_TERMINAL = f"status IN ({', '.join(repr(status) for status in _TERMINAL)})"
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES)
+_STOPS = (  # version 3: when a run last stopped (ended or paused) on the database's clock, which every server shares,
+    # for the sweeper; runs stopped before the upgrade count from it
+    "ALTER TABLE runs ADD COLUMN stopped_at DOUBLE PRECISION",
+    f"UPDATE runs SET stopped_at = {{now}} WHERE NOT {_IN_ACTIVE}",
+    "CREATE INDEX runs_by_stop ON runs (status, stopped_at)",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS)
 _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
@@ -2142,6 +2180,16 @@ class SqlStore:
         transaction; raise GraphNotFound."""
         await self._write(self._delete_graph, graph_id)
         self._graph_cache.pop(graph_id, None)
+
+    async def claim_sweep(self, now: datetime | None, every_s: float) -> bool:
+        """Take the sweep of this round for this server; False if another server took one less than `every_s`
+        ago. The meta row `sweep_until` says when the next round may start, on the database's clock (or `now`)."""
+        return await self._write(self._claim_sweep, _epoch(now), every_s)
+
+    async def delete_expired(self, is_paused: bool, ttl_s: float, now: datetime | None, limit: int) -> int:
+        """Delete, in one transaction, at most `limit` finished runs (`is_paused`: waiting and interrupted ones)
+        that stopped over `ttl_s` before `now` (None: the database's clock), with their logs; return how many."""
+        return await self._write(self._delete_expired, is_paused, ttl_s, _epoch(now), limit)
 
     def count_paused(self) -> int:
         """How many runs are waiting or interrupted."""
@@ -2266,7 +2314,8 @@ class SqlStore:
             raise RuntimeError(f"the database has schema version {version}, newer than this code's {len(_MIGRATIONS)}")
         for statements in _MIGRATIONS[version:]:
             for statement in statements:
-                db.execute(statement.format(serial=self.SERIAL, json=self.JSON, without_rowid=self.WITHOUT_ROWID))
+                db.execute(statement.format(serial=self.SERIAL, json=self.JSON, without_rowid=self.WITHOUT_ROWID,
+                                            now=self.NOW))
         db.execute(self._sql("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value ="
                              " excluded.value"), (str(len(_MIGRATIONS)),))
 
@@ -2387,10 +2436,33 @@ class SqlStore:
                 raise GraphInUse(graph_id, _active_runs(active))
             db.execute(self._sql("DELETE FROM graphs WHERE graph_id = ?"), (graph_id,))
 
+    def _claim_sweep(self, now: float | None, every_s: float) -> bool:
+        # Writes are serialized (SQLite's write lock, PostgreSQL's advisory lock), so one server wins each round.
+        with self._transaction() as db:
+            clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
+            row = self._one(db, "SELECT value FROM meta WHERE key = 'sweep_until'")
+            if row is not None and float(row[0]) > clock:
+                return False
+            db.execute(self._sql("INSERT INTO meta VALUES ('sweep_until', ?) ON CONFLICT (key) DO UPDATE SET value ="
+                                 " excluded.value"), (repr(clock + every_s),))
+            return True
+
+    def _delete_expired(self, is_paused: bool, ttl_s: float, now: float | None, limit: int) -> int:
+        with self._transaction() as db:
+            clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
+            expired = self._all(db, f"SELECT run_id FROM runs WHERE {_IN_PAUSED if is_paused else _IN_TERMINAL}"
+                                " AND owner IS NULL AND stopped_at < ? ORDER BY stopped_at LIMIT ?", (clock - ttl_s, limit))
+            ids = [(run_id,) for (run_id,) in expired]
+            self._executemany(db, "DELETE FROM logs WHERE run_id = ?", ids)
+            self._executemany(db, "DELETE FROM runs WHERE run_id = ?", ids)
+            return len(ids)
+
     def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]], *,
                   queued: bool = False) -> None:
         self._executemany(db, "INSERT INTO logs (run_id, position, entry) VALUES (?, ?, ?)"
                           " ON CONFLICT (run_id, position) DO UPDATE SET entry = excluded.entry", entries)
+        if not status.is_active:  # what the sweeper counts a time to live from
+            db.execute(self._sql(f"UPDATE runs SET stopped_at = {self.NOW} WHERE run_id = ?"), (run_id,))
         if status.is_terminal:
             self._evict(db)
         self._notify(db, f"run {run_id}")
@@ -2597,15 +2669,20 @@ class Engine:
         self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
         self._draining: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None  # with a shared store: claims queued runs, keeps leases
+        self._sweeper: asyncio.Task[None] | None = None  # with a time to live: deletes expired runs
         self._wake = asyncio.Event()  # a run was queued, a slot came free, or the store says something changed
         self._followers: dict[str, set[asyncio.Event]] = {}  # streams of runs that another server executes
         self._listening = threading.Event()  # set to stop the thread that listens for the store's notifications
         self._listener: threading.Thread | None = None
 
     async def open(self) -> None:
-        """With a shared store, start working the queue and keeping leases (create_app's lifespan calls this; a
-        run started here calls it too). Nothing to do with a MemoryStore."""
-        if self._worker is not None or not self.store.is_shared or self._draining is not None:
+        """Start the sweeper if a time to live is set and, with a shared store, start working the queue and keeping
+        leases (create_app's lifespan calls this; a run started here calls it too)."""
+        if self._draining is not None:
+            return
+        if self._sweeper is None and (self.settings.run_ttl_s is not None or self.settings.paused_ttl_s is not None):
+            self._sweeper = asyncio.create_task(self._sweep_often(), name=f"sweeper {self.worker_id}")
+        if self._worker is not None or not self.store.is_shared:
             return
         self._worker = asyncio.create_task(self._work(), name=f"worker {self.worker_id}")
         listen = getattr(self.store, "listen", None)
@@ -2784,6 +2861,24 @@ class Engine:
         # Subgraphs do not exist yet: once a graph can name another, refuse here too (GraphInUse naming the referrer).
         await self.store.delete_graph(graph_id)
 
+    async def sweep(self, now: datetime | None = None, *, batch: int = SWEEP_BATCH) -> int:
+        """Delete the runs past their time to live as of `now` (None: the store's clock), `batch` per transaction;
+        return how many. Finished runs expire `settings.run_ttl_s` after finished_at, waiting and interrupted ones
+        `settings.paused_ttl_s` after; with a shared store one server sweeps per SWEEP_INTERVAL_S, the others get 0.
+        """
+        ttls = [(is_paused, ttl_s) for is_paused, ttl_s in ((False, self.settings.run_ttl_s),
+                                                            (True, self.settings.paused_ttl_s)) if ttl_s is not None]
+        if not ttls or not await self.store.claim_sweep(now, SWEEP_INTERVAL_S):
+            return 0
+        deleted = 0
+        for is_paused, ttl_s in ttls:
+            count = batch
+            while count == batch:
+                count = await self.store.delete_expired(is_paused, ttl_s, now, batch)
+                deleted += count
+                await asyncio.sleep(0)  # between a memory store's slices, the event loop serves everything else
+        return deleted
+
     def follow(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent | None]:
         """Return the run's events after id `after`, live until it stops; None marks a quiet keep-alive interval."""
         return self._follow(self.get_run(run_id), after)
@@ -2802,9 +2897,10 @@ class Engine:
 
     async def _drain(self, grace_s: float | None) -> None:
         self._listening.set()
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.wait([self._worker])
+        for task in (self._worker, self._sweeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         if self._listener is not None:
             await asyncio.to_thread(self._listener.join)
         for events in self._followers.values():
@@ -2936,6 +3032,22 @@ class Engine:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(next_beat - loop.time(), 0.0))
+
+    async def _sweep_often(self) -> None:
+        """Sweep every SWEEP_INTERVAL_S until the engine drains; a failing store is said once, then tried again."""
+        is_failing = False
+        while True:
+            try:
+                deleted = await self.sweep()
+                if deleted:
+                    logger.info("deleted %d runs past their time to live", deleted)
+                is_failing = False
+            except Exception as exc:
+                if not is_failing:
+                    logger.error("sweeper %s: the store failed (%s); trying again every %s s", self.worker_id,
+                                 _describe(exc), SWEEP_INTERVAL_S)
+                is_failing = True
+            await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def _beat(self) -> None:
         leases = {run_id: active.lease.attempt for run_id, active in self._active.items()
@@ -3660,6 +3772,8 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_MAX_STATE_BYTES", "max_state_bytes", _env_number(int)),
     ("WORKFLOW_MAX_LOG_BYTES", "max_log_bytes", _env_number(int)),
     ("WORKFLOW_SHUTDOWN_GRACE_S", "shutdown_grace_s", _env_number(float)),
+    ("WORKFLOW_RUN_TTL_S", "run_ttl_s", _env_number(float)),
+    ("WORKFLOW_PAUSED_TTL_S", "paused_ttl_s", _env_number(float)),
     ("WORKFLOW_DB", "db_path", str),
     ("WORKFLOW_API_TOKEN", "api_token", str),
     ("WORKFLOW_LOG_FORMAT", "log_format", _env_log_format),
