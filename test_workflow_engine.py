@@ -29,6 +29,7 @@ import types
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1900,6 +1901,9 @@ def check_answer(case: FuzzCase, response: httpx.Response) -> str | None:
     status, content_type = response.status_code, response.headers.get("content-type", "")
     if status >= 500:
         return f"status {status}"
+    if status == 204:  # a delete: no body
+        is_delete = case.method == "DELETE" and not response.content
+        return None if is_delete else f"204 to {case.method}, body {response.content!r:.100}"
     if 200 <= status < 300 and content_type.startswith("text/event-stream"):
         return None if case.path.startswith("/graph/stream/") else f"unexpected event stream, status {status}"
     if case.method == "HEAD":  # no body to check
@@ -1991,6 +1995,11 @@ async def test_fuzz_every_route_answers_hostile_requests_in_the_error_shape(fuzz
             background += response.status_code == 202
         elif response.status_code == 201 and case.path == "/graph/create":
             context.graph_ids.append(response.json()["graph_id"])
+        elif response.status_code == 204:  # a DELETE of a graph or run the fuzzer stored: it is gone
+            gone = case.path.rsplit("/", 1)[1]
+            for ids in (context.graph_ids, context.run_ids):
+                if gone in ids:
+                    ids.remove(gone)
 
     assert not failures, f"{len(failures)} bad answers, first ones:\n" + "\n".join(failures[:20])
     assert {200, 201, 202, 400, 404, 405, 409, 413, 422} <= set(statuses), statuses
@@ -2597,7 +2606,7 @@ async def test_sqlite_store_keeps_graphs_and_runs_across_reopening(tmp_path: Pat
         assert json.loads(reopened.get_run_json(run.run_id)) == we.converter.unstructure(run)
         assert [s.run_id for s in reopened.list_runs(graph_id="g", status=we.RunStatus.COMPLETED)[0]] == [run.run_id]
         assert reopened.counts() == (1, 1)
-        assert reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+        assert reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
         with pytest.raises(we.GraphConflict):
             await reopened.add_graph(attrs.evolve(definition, max_iterations=3))
         with pytest.raises(we.RunNotFound, match="run 'nope' does not exist"):
@@ -3315,12 +3324,14 @@ def test_settings_from_env_reads_every_variable() -> None:
            "WORKFLOW_MAX_BRANCHES": "8", "WORKFLOW_MAX_STATE_BYTES": "999", "WORKFLOW_SHUTDOWN_GRACE_S": "2.5",
            "WORKFLOW_MAX_PAUSED_RUNS": "6", "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json",
            "WORKFLOW_MAX_LOG_BYTES": "998", "WORKFLOW_LEASE_S": "2.5", "WORKFLOW_MAX_RECOVERIES": "0",
-           "WORKFLOW_WORKER_ID": "w1", "WORKFLOW_MAX_METRIC_GRAPHS": "12"}
+           "WORKFLOW_WORKER_ID": "w1", "WORKFLOW_MAX_METRIC_GRAPHS": "12", "WORKFLOW_RUN_TTL_S": "86400",
+           "WORKFLOW_PAUSED_TTL_S": "0.5"}
     assert we.settings_from_env(env) == we.Settings(
         max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"),
         max_concurrent_runs=3, max_pending_runs=2, max_nodes=9, max_branches=8, max_state_bytes=999,
         shutdown_grace_s=2.5, max_paused_runs=6, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON,
-        max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1", max_metric_graphs=12)
+        max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1", max_metric_graphs=12, run_ttl_s=86400.0,
+        paused_ttl_s=0.5)
     assert we.settings_from_env({}) == we.Settings()
     assert we.settings_from_env({"WORKFLOW_MODULES": "", "WORKFLOW_DB": " "}) == we.Settings(workflow_modules=())
 
@@ -3334,7 +3345,10 @@ def test_settings_from_env_reads_every_variable() -> None:
     ({"WORKFLOW_SHUTDOWN_GRACE_S": "soon"}, "WORKFLOW_SHUTDOWN_GRACE_S='soon': must be a number"),
     ({"WORKFLOW_SHUTDOWN_GRACE_S": "-1"}, "WORKFLOW_SHUTDOWN_GRACE_S='-1': must be >= 0.0: -1.0"),
     ({"WORKFLOW_LOG_FORMAT": "xml"}, "WORKFLOW_LOG_FORMAT='xml': must be text or json"),
-], ids=["not-a-number", "zero-runs", "zero-iterations", "over-the-cap", "grace-word", "grace-negative", "log-format"])
+    ({"WORKFLOW_RUN_TTL_S": "0"}, "WORKFLOW_RUN_TTL_S='0': must be > 0.0: 0.0"),
+    ({"WORKFLOW_PAUSED_TTL_S": "a week"}, "WORKFLOW_PAUSED_TTL_S='a week': must be a number"),
+], ids=["not-a-number", "zero-runs", "zero-iterations", "over-the-cap", "grace-word", "grace-negative", "log-format",
+        "ttl-zero", "paused-ttl-word"])
 def test_settings_from_env_names_the_variable_of_a_bad_value(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError) as caught:
         we.settings_from_env(env)
@@ -5153,3 +5167,263 @@ def test_e2e_postgres_mixed_load_on_three_servers_loses_nothing(pg_env: dict[str
                                  for r in results["runs"]), 60)
     assert results["runs"] and all(code < 500 for code in results["codes"])
     assert set(results["codes"]) <= {200, 202}
+
+
+# ---------------------------------------------------------------------------
+# Deleting and expiring runs
+# ---------------------------------------------------------------------------
+STORE_KINDS = ["memory", "sqlite", pytest.param("postgres", marks=needs_postgres)]
+
+
+@pytest.fixture(params=STORE_KINDS)
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[we.Store]:
+    """A fresh store of each kind: memory, SQLite, and PostgreSQL when the tests have a server."""
+    kinds = {"memory": we.MemoryStore, "sqlite": lambda: we.SqliteStore(tmp_path / "runs.db"),
+             "postgres": lambda: we.PostgresStore(request.getfixturevalue("pg_url"))}
+    store = kinds[request.param]()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+async def any_client(registry: we.Registry, any_store: we.Store) -> AsyncIterator[httpx.AsyncClient]:
+    app = we.create_app(registry=registry, store=any_store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        yield client
+    await engine_of(app).drain()
+
+
+def logged_positions(store: we.Store, run_id: str) -> int:
+    """How many log rows a SQL store holds for `run_id` (a memory store keeps a run's log in its record)."""
+    if isinstance(store, we.MemoryStore):
+        return 0
+    return store._read_one("SELECT COUNT(*) FROM logs WHERE run_id = ?", (run_id,))[0]
+
+
+async def test_delete_run_answers_204_and_takes_its_record_and_log(any_client: httpx.AsyncClient, any_store: we.Store) -> None:
+    run = await create_and_run(any_client, graph(["inc", "double"], chain("inc", "double")))
+    kept = (await any_client.post("/graph/run", json={"graph_id": "g"})).json()
+    logged = logged_positions(any_store, run["run_id"])
+    deleted = await any_client.delete(f"/graph/runs/{run['run_id']}")
+    state = await any_client.get(f"/graph/state/{run['run_id']}")
+    again = await any_client.delete(f"/graph/runs/{run['run_id']}")
+    listed = (await any_client.get("/graph/runs")).json()
+    gone = error("run_not_found", f"run '{run['run_id']}' does not exist")
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert (state.status_code, state.json(), again.status_code, again.json()) == (404, gone, 404, gone)
+    assert ([summary["run_id"] for summary in listed["runs"]], listed["total"]) == ([kept["run_id"]], 1)
+    assert (logged, logged_positions(any_store, run["run_id"])) == ((0, 0) if isinstance(any_store, we.MemoryStore)
+                                                                    else (2, 0))
+
+
+async def test_delete_run_refuses_a_running_run(any_client: httpx.AsyncClient) -> None:
+    gates["delete"] = Gate()
+    await any_client.post("/graph/create", json=graph(["gate"]))
+    started = await any_client.post("/graph/run", json={"graph_id": "g", "wait": False,
+                                                        "state": {"metadata": {"gate": "delete"}}})
+    run_id = started.json()["run_id"]
+    await gates["delete"].entered.wait()
+    refused = await any_client.delete(f"/graph/runs/{run_id}")
+    gates["delete"].opened.set()
+    ended = await any_client.get(f"/graph/stream/{run_id}")  # answers once the run has ended
+    state = await any_client.get(f"/graph/state/{run_id}")
+    assert (refused.status_code, refused.json()) == (409, error(
+        "run_conflict", f"run '{run_id}' is running and cannot be deleted; cancel it first, then delete it"))
+    assert ("event: end" in ended.text, state.json()["status"]) == (True, "completed")
+
+
+async def test_delete_run_takes_a_waiting_run_which_then_cannot_be_resumed(any_client: httpx.AsyncClient) -> None:
+    paused = await create_and_run(any_client, graph(["approve"]))
+    deleted = await any_client.delete(f"/graph/runs/{paused['run_id']}")
+    resumed = await any_client.post(f"/graph/resume/{paused['run_id']}", json={"updates": {"approved": "ann"}})
+    assert (paused["status"], deleted.status_code) == ("waiting", 204)
+    assert (resumed.status_code, resumed.json()) == (404, error("run_not_found", f"run '{paused['run_id']}' does not exist"))
+
+
+@pytest.mark.parametrize(("path", "status", "expected"), [
+    ("/graph/runs/nope", 404, error("run_not_found", "run 'nope' does not exist")),
+    ("/graph/definition/nope", 404, error("graph_not_found", "graph 'nope' does not exist")),
+    ("/graph/runs/no%20pe", 422, error("invalid_request", "the request has 1 problem", ("$.path.run_id", we.ID_RULE))),
+    ("/graph/runs", 405, error("method_not_allowed", "DELETE /graph/runs: Method Not Allowed")),
+], ids=["unknown-run", "unknown-graph", "bad-run-id", "runs-list"])
+async def test_delete_of_what_does_not_exist_gets_the_error_shape(
+    client: httpx.AsyncClient, path: str, status: int, expected: dict
+) -> None:
+    response = await client.delete(path)
+    assert (response.status_code, response.json()) == (status, expected)
+
+
+async def test_delete_graph_refuses_while_a_run_is_active_then_keeps_its_stopped_runs(any_client: httpx.AsyncClient) -> None:
+    gates["graph"] = Gate()
+    await any_client.post("/graph/create", json=graph(["gate", "approve"], chain("gate", "approve")))
+    run_id = (await any_client.post("/graph/run", json={"graph_id": "g", "wait": False,
+                                                        "state": {"metadata": {"gate": "graph"}}})).json()["run_id"]
+    await gates["graph"].entered.wait()
+    refused = await any_client.delete("/graph/definition/g")
+    gates["graph"].opened.set()
+    await any_client.get(f"/graph/stream/{run_id}")  # the run pauses at `approve`
+    deleted = await any_client.delete("/graph/definition/g")
+    definition = await any_client.get("/graph/definition/g")
+    state = await any_client.get(f"/graph/state/{run_id}")
+    resumed = await any_client.post(f"/graph/resume/{run_id}", json={"updates": {"approved": "ann"}})
+    still = await any_client.get(f"/graph/state/{run_id}")
+    assert (refused.status_code, refused.json()) == (409, error("graph_conflict", "graph 'g' cannot be deleted: 1 run of "
+                                                                "it is pending or running; cancel it or wait for it to end"))
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert (definition.status_code, definition.json()) == (404, error("graph_not_found", "graph 'g' does not exist"))
+    assert (state.status_code, state.json()["status"], state.json()["graph_id"]) == (200, "waiting", "g")
+    assert (resumed.status_code, resumed.json()) == (404, error("graph_not_found", "graph 'g' does not exist"))
+    assert still.json() == state.json()
+
+
+async def test_delete_graph_refuses_a_graph_registered_in_code(registry: we.Registry) -> None:
+    registry.add_graph(we.GraphDefinition(graph_id="builtin", start_node="inc", nodes=("inc",)))
+    async with held_client(registry, we.MemoryStore()) as client:
+        refused = await client.delete("/graph/definition/builtin")
+        definition = await client.get("/graph/definition/builtin")
+    assert (refused.status_code, refused.json()) == (409, error(
+        "graph_conflict", "graph 'builtin' cannot be deleted: it is registered in code"))
+    assert definition.status_code == 200
+
+
+async def test_delete_graph_then_create_it_anew_is_seen_by_another_server(tmp_path: Path, registry: we.Registry) -> None:
+    """A server that read the graph before keeps no stale copy: a graph deleted and created again is the new one."""
+    first, second = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db")), we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"))
+    old = we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",))
+    await first.create_graph(old)
+    seen = second.get_graph("g")
+    await first.delete_graph("g")
+    with pytest.raises(we.GraphNotFound, match="graph 'g' does not exist"):
+        second.get_graph("g")
+    new, _, _ = await first.create_graph(attrs.evolve(old, max_iterations=5))
+    again = second.get_graph("g")
+    await first.shutdown()
+    await second.shutdown()
+    assert (seen, again) == (old, new)
+
+
+async def test_store_delete_and_resume_of_one_run_at_once_one_wins(any_store: we.Store) -> None:
+    """Delete is a compare-and-set: it goes only while the stored run is stopped and has no owner, in one step."""
+    async def paused_run(run_id: str) -> we.RunContext:
+        run = make_run(run_id, we.RunStatus.PENDING)
+        lease = await any_store.claim_run(run, None, "one")
+        we.move_run(run, we.RunStatus.RUNNING)
+        we.move_run(run, we.RunStatus.WAITING)
+        await any_store.save_run(run, lease)
+        return any_store.get_run(run_id)
+
+    resumed_first, deleted_first = await paused_run("r1"), await paused_run("r2")
+    we.move_run(resumed_first, we.RunStatus.PENDING)
+    await any_store.claim_run(resumed_first, we.RunStatus.WAITING, "two")
+    with pytest.raises(we.RunConflict, match="^run 'r1' is pending and cannot be deleted; cancel it first, then delete it$"):
+        await any_store.delete_run("r1")
+    await any_store.delete_run("r2")
+    we.move_run(deleted_first, we.RunStatus.PENDING)
+    with pytest.raises(we.RunNotFound, match="^run 'r2' does not exist$"):
+        await any_store.claim_run(deleted_first, we.RunStatus.WAITING, "two")
+    assert (any_store.get_run("r1").status, any_store.has_run("r2")) == (we.RunStatus.PENDING, False)
+
+
+async def stopped_runs(store: we.Store, registry: we.Registry) -> tuple[list[str], str, str, float]:
+    """Five old finished runs, one old paused run and one young finished run, made by a server without a time to
+    live; and the moment between old and young (seconds since the epoch) on the store's clock."""
+    engine = we.Engine(registry, store)
+    definition = we.GraphDefinition(graph_id="t", start_node="inc", nodes=("inc",))
+    paused = await engine.run(we.GraphDefinition(graph_id="p", start_node="approve", nodes=("approve",)))
+    old = [await engine.run(definition) for _ in range(5)]
+    young = await engine.run(definition)
+    await engine.drain()
+    old_ids = [run.run_id for run in old]
+    if isinstance(store, we.MemoryStore):  # finished_at: microseconds apart
+        middle = (old[-1].finished_at.timestamp() + young.finished_at.timestamp()) / 2  # type: ignore[union-attr]
+    else:  # the database's clock, which every server shares; set, so that old and young cannot tie
+        with store._transaction() as db:
+            db.execute(store._sql("UPDATE runs SET stopped_at = CASE WHEN run_id = ? THEN 2000000 ELSE 1000000 END"),
+                       (young.run_id,))
+        middle = 1_500_000.0
+    return old_ids, paused.run_id, young.run_id, middle
+
+
+def at(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+class CountedDeletes:
+    """Wraps a store's delete_expired to record what each batch deleted."""
+
+    def __init__(self, store: we.Store) -> None:
+        self.batches: list[int] = []
+        self.delete_expired = store.delete_expired
+        store.delete_expired = self.counted  # type: ignore[method-assign]
+
+    async def counted(self, *args: Any) -> int:
+        deleted = await self.delete_expired(*args)
+        self.batches.append(deleted)
+        return deleted
+
+
+async def test_sweep_deletes_old_finished_runs_in_batches_and_keeps_young_and_paused_ones(
+    any_store: we.Store, registry: we.Registry
+) -> None:
+    old, paused, young, middle = await stopped_runs(any_store, registry)
+    sweeper = we.Engine(registry, any_store, we.Settings(run_ttl_s=3600))
+    counted = CountedDeletes(any_store)
+    deleted = await sweeper.sweep(at(middle + 3600), batch=2)
+    kept = {summary.run_id for summary in any_store.list_runs()[0]}
+    assert (deleted, counted.batches, kept) == (5, [2, 2, 1], {paused, young})
+    assert [logged_positions(any_store, run_id) for run_id in old] == [0] * 5
+
+
+async def test_sweep_deletes_old_paused_runs_only_with_the_paused_ttl(any_store: we.Store, registry: we.Registry) -> None:
+    old, paused, young, middle = await stopped_runs(any_store, registry)
+    sweeper = we.Engine(registry, any_store, we.Settings(paused_ttl_s=60))
+    deleted = await sweeper.sweep(at(middle + 60))
+    kept = {summary.run_id for summary in any_store.list_runs()[0]}
+    assert (deleted, kept) == (1, {*old, young})
+
+
+async def test_sweep_without_a_ttl_deletes_nothing(any_store: we.Store, registry: we.Registry) -> None:
+    old, paused, young, middle = await stopped_runs(any_store, registry)
+    deleted = await we.Engine(registry, any_store).sweep(at(middle + 10**9))
+    assert (deleted, any_store.list_runs()[1]) == (0, 7)
+
+
+async def test_sweep_is_done_once_a_round_by_one_of_the_servers_on_a_database(tmp_path: Path, registry: we.Registry) -> None:
+    path = tmp_path / "runs.db"
+    old, paused, young, middle = await stopped_runs(we.SqliteStore(path), registry)
+    settings = we.Settings(run_ttl_s=3600)
+    first, second = (we.Engine(registry, we.SqliteStore(path), settings) for _ in range(2))
+    now = at(middle + 3600)
+    swept = await first.sweep(now)
+    late = (await we.Engine(registry, first.store).run(we.GraphDefinition(graph_id="t", start_node="inc", nodes=("inc",))))
+    with first.store._transaction() as db:  # as old as the others
+        db.execute("UPDATE runs SET stopped_at = 1000000 WHERE run_id = ?", (late.run_id,))
+    skipped = await second.sweep(now)
+    kept = second.store.has_run(late.run_id)
+    next_round = await second.sweep(now + timedelta(seconds=we.SWEEP_INTERVAL_S))
+    await first.shutdown()
+    await second.shutdown()
+    assert (swept, skipped, kept, next_round) == (5, 0, True, 1)
+
+
+async def test_sweeper_starts_on_open_and_stops_on_drain(registry: we.Registry) -> None:
+    engine = we.Engine(registry, settings=we.Settings(run_ttl_s=1))
+    await engine.open()
+    sweeper = engine._sweeper
+    await engine.drain()
+    assert (sweeper is not None, sweeper.done() if sweeper else None) == (True, True)
+
+
+async def test_sqlite_upgrade_to_version_3_counts_stopped_runs_from_the_upgrade(tmp_path: Path, registry: we.Registry) -> None:
+    path = tmp_path / "runs.db"
+    engine = we.Engine(registry, we.SqliteStore(path))
+    run = await engine.run(we.GraphDefinition(graph_id="u", start_node="inc", nodes=("inc",)))
+    await engine.shutdown()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # back to version 2
+        db.executescript("DROP INDEX runs_by_stop; ALTER TABLE runs DROP COLUMN stopped_at;"
+                         " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
+    store = we.SqliteStore(path)
+    stopped = store._read_one("SELECT stopped_at FROM runs WHERE run_id = ?", (run.run_id,))[0]
+    version = store._read_one("SELECT value FROM meta WHERE key = 'schema_version'")[0]
+    store.close()
+    assert (version, stopped is not None and stopped >= run.finished_at.timestamp() - 1) == ("3", True)  # type: ignore[union-attr]

@@ -13,8 +13,8 @@ Endpoints:
     GET  /                             health check
     POST /graph/create                 store a graph definition      -> 201 {"graph_id", "warnings"}
     POST /graph/run                    run a stored graph            -> 200 run record; "wait": false -> 202
-    GET  /graph/state/{run_id}         a run's record
-    GET  /graph/definition/{graph_id}  a stored graph, as /graph/create accepts it
+    GET  /graph/state/{run_id}         a run's record; DELETE /graph/runs/{run_id} deletes one that is not active
+    GET  /graph/definition/{graph_id}  a stored graph, as /graph/create accepts it; DELETE: delete it
     POST /graph/cancel/{run_id}        cancel a pending or running run
     GET  /graph/stream/{run_id}        the run's events as Server-Sent Events (WS /graph/ws/{run_id}: as JSON)
     GET  /graph/runs, /graph/list      run summaries (newest first) and graphs, paginated
@@ -89,6 +89,7 @@ __all__ = [
     "ErrorCode",
     "GraphConflict",
     "GraphDefinition",
+    "GraphInUse",
     "GraphNotFound",
     "Heartbeat",
     "Interrupt",
@@ -197,6 +198,8 @@ OTHER_LABEL = "_other"  # the metric label value of every graph past the bound (
 UNMATCHED_ROUTE = "_unmatched"  # the route label of a request to a path no route matches
 METRIC_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 3600.0)  # histogram bounds, seconds
 PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
+SWEEP_INTERVAL_S = 60.0  # how often expired runs are deleted; with a shared store, by one server per interval
+SWEEP_BATCH = 500  # runs one sweep transaction (or one slice of the memory store) deletes
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -331,6 +334,16 @@ class GraphConflict(EngineError):
 
     def __init__(self, graph_id: str) -> None:
         super().__init__(f"graph {_shown(graph_id)} already exists with a different definition")
+
+
+class GraphInUse(EngineError):
+    """A graph that cannot be deleted: it is registered in code, or runs of it are active."""
+
+    status_code = 409
+    code = ErrorCode.GRAPH_CONFLICT
+
+    def __init__(self, graph_id: str, reason: str) -> None:
+        super().__init__(f"graph {_shown(graph_id)} cannot be deleted: {reason}")
 
 
 class StoreFull(EngineError):
@@ -675,6 +688,11 @@ def _refused(run_id: str, current: RunStatus, target: RunStatus) -> RunConflict:
     return RunConflict(f"run {run_id!r} is {current.value} and cannot become {target.value}; {then}")
 
 
+def _delete_refused(run_id: str, status: RunStatus) -> RunConflict:
+    """The error for deleting a run that is pending or running."""
+    return RunConflict(f"run {run_id!r} is {status.value} and cannot be deleted; cancel it first, then delete it")
+
+
 def move_run(run: RunContext, target: RunStatus, error: str | None = None) -> None:
     """Move `run` to `target` if RUN_MOVES allows it, stamping its times and history; else raise RunConflict."""
     if target not in RUN_MOVES[run.status]:
@@ -890,6 +908,10 @@ class Settings:
     workflow_modules: tuple[str, ...] | None = None
     max_log_bytes: int = attrs.field(default=MAX_LOG_BYTES, validator=_positive)
     max_metric_graphs: int = attrs.field(default=MAX_METRIC_GRAPHS, validator=_positive)
+    # How long a stopped run is kept, counted from its finished_at; None keeps it (finished ones until max_runs).
+    run_ttl_s: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
+    paused_ttl_s: float | None = attrs.field(default=None,  # waiting and interrupted runs
+                                             validator=attrs.validators.optional(attrs.validators.gt(0.0)))
 
     def __attrs_post_init__(self) -> None:
         if self.max_iterations > self.max_iterations_cap:
@@ -1794,6 +1816,17 @@ def dump_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
+def _epoch(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+def _active_runs(count: int) -> str:
+    """Why a graph with active runs cannot be deleted."""
+    if count == 1:
+        return "1 run of it is pending or running; cancel it or wait for it to end"
+    return f"{count} runs of it are pending or running; cancel them or wait for them to end"
+
+
 @attrs.frozen
 class Lease:
     """Who executes a run, and in which attempt; a save that names any other lease is refused (LeaseLost)."""
@@ -1895,6 +1928,45 @@ class MemoryStore:
         """None: memory does not outlive the process that holds its leases."""
         return []
 
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a run that is not pending or running; raise RunNotFound, or RunConflict naming its status."""
+        status, lease = _status_of(self._entry(run_id)), self._leases.get(run_id)
+        if status.is_active or lease is not None and lease.owner:
+            raise _delete_refused(run_id, status)
+        self._drop(run_id)
+
+    async def delete_graph(self, graph_id: str) -> None:
+        """Delete a stored graph unless runs of it are pending or running (GraphInUse); raise GraphNotFound."""
+        if graph_id not in self._graphs:
+            raise GraphNotFound(graph_id)
+        active = sum(isinstance(entry, RunContext) and entry.graph_id == graph_id and entry.status.is_active
+                     for entry in self._runs.values())
+        if active:
+            raise GraphInUse(graph_id, _active_runs(active))
+        del self._graphs[graph_id]
+
+    async def claim_sweep(self, now: datetime | None, every_s: float) -> bool:
+        """True: memory is this process's alone, so no other server shares its sweeps."""
+        return True
+
+    async def delete_expired(self, is_paused: bool, ttl_s: float, now: datetime | None, limit: int) -> int:
+        """Delete at most `limit` finished runs (`is_paused`: waiting and interrupted ones) whose finished_at is
+        over `ttl_s` before `now` (None: the time); return how many. One call is one bounded slice of work."""
+        cutoff = (now or _now()) - timedelta(seconds=ttl_s)
+
+        def is_old(run_id: str) -> bool:
+            entry = self._runs[run_id]
+            finished_at = entry.finished_at if isinstance(entry, RunContext) else entry.summary.finished_at
+            return finished_at is not None and finished_at < cutoff
+
+        # Finished runs are kept in the order they finished, so the scan stops at the first young one; paused runs
+        # are at most max_paused_runs.
+        scan = filter(is_old, self._paused) if is_paused else itertools.takewhile(is_old, self._finished)
+        expired = list(itertools.islice(scan, limit))
+        for run_id in expired:
+            self._drop(run_id)
+        return len(expired)
+
     def count_paused(self) -> int:
         """How many runs are waiting or interrupted."""
         return len(self._paused)
@@ -1955,6 +2027,12 @@ class MemoryStore:
         except KeyError:
             raise RunNotFound(run_id) from None
 
+    def _drop(self, run_id: str) -> None:
+        del self._runs[run_id]
+        self._leases.pop(run_id, None)
+        self._finished.pop(run_id, None)
+        self._paused.discard(run_id)
+
 
 def _status_of(entry: RunContext | _StoredRun) -> RunStatus:
     return entry.status if isinstance(entry, RunContext) else entry.summary.status
@@ -1980,7 +2058,6 @@ _LEASES = (  # version 2: leases (owner, attempt, a deadline on the database's c
     "ALTER TABLE runs ADD COLUMN origin TEXT",  # the server that accepted the run: its pending bound counts them
     "CREATE INDEX runs_by_origin ON runs (origin, status)",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES)
 _ACTIVE = tuple(status.value for status in RunStatus if status.is_active)
 _PAUSED = tuple(status.value for status in RunStatus if status.is_resumable)
 _TERMINAL = tuple(status.value for status in RunStatus if status.is_terminal)
@@ -1988,6 +2065,13 @@ _SUMMARY_FIELDS = tuple(field.name for field in attrs.fields(RunSummary))
 _IN_ACTIVE = f"status IN ({', '.join(repr(status) for status in _ACTIVE)})"  # constants only, never client values
 _IN_PAUSED = f"status IN ({', '.join(repr(status) for status in _PAUSED)})"
 _IN_TERMINAL = f"status IN ({', '.join(repr(status) for status in _TERMINAL)})"
+_STOPS = (  # version 3: when a run last stopped (ended or paused) on the database's clock, which every server shares,
+    # for the sweeper; runs stopped before the upgrade count from it
+    "ALTER TABLE runs ADD COLUMN stopped_at DOUBLE PRECISION",
+    f"UPDATE runs SET stopped_at = {{now}} WHERE NOT {_IN_ACTIVE}",
+    "CREATE INDEX runs_by_stop ON runs (status, stopped_at)",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS)
 _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
@@ -2019,7 +2103,8 @@ class SqlStore:
         self._reader = self._connect()  # the caller's thread
         self._writer = self._connect()  # only ever used on self._thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
-        self._graph_cache: dict[str, GraphDefinition] = {}  # stored graphs never change
+        self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
+        # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
             self._migrate(db)
 
@@ -2033,13 +2118,16 @@ class SqlStore:
 
     def get_graph(self, graph_id: str) -> GraphDefinition:
         """Return the graph stored as `graph_id`, or raise GraphNotFound."""
-        graph = self._graph_cache.get(graph_id)
-        if graph is None:
-            row = self._read_one("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
-            if row is None:
-                raise GraphNotFound(graph_id)
-            graph = self._graph_cache[graph_id] = converter.structure(json.loads(row[0]), GraphDefinition)
-        return graph
+        cached = self._graph_cache.get(graph_id)
+        with self._reading() as db:
+            row = self._one(db, "SELECT seq FROM graphs WHERE graph_id = ?", (graph_id,))
+            if row is not None and (cached is None or cached[0] != row[0]):
+                row = self._one(db, "SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
+                cached = None if row is None else (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
+        if row is None or cached is None:
+            raise GraphNotFound(graph_id)
+        self._graph_cache[graph_id] = cached
+        return cached[1]
 
     def list_graphs(self, *, limit: int = 50, offset: int = 0) -> tuple[list[GraphDefinition], int]:
         """Return a page of graphs in the order they were created, and how many there are."""
@@ -2091,6 +2179,27 @@ class SqlStore:
     async def request_cancel(self, run_id: str) -> bool:
         """Flag an active run for its owner to cancel; return False if it is no longer active."""
         return await self._write(self._request_cancel, run_id)
+
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a run and its log in one transaction if it is still neither pending nor running and has no owner
+        (a resume or a claim committed first wins); else raise RunNotFound, or RunConflict naming its status."""
+        await self._write(self._delete_run, run_id)
+
+    async def delete_graph(self, graph_id: str) -> None:
+        """Delete a stored graph unless runs of it are pending or running (GraphInUse), counted in the same
+        transaction; raise GraphNotFound."""
+        await self._write(self._delete_graph, graph_id)
+        self._graph_cache.pop(graph_id, None)
+
+    async def claim_sweep(self, now: datetime | None, every_s: float) -> bool:
+        """Take the sweep of this round for this server; False if another server took one less than `every_s`
+        ago. The meta row `sweep_until` says when the next round may start, on the database's clock (or `now`)."""
+        return await self._write(self._claim_sweep, _epoch(now), every_s)
+
+    async def delete_expired(self, is_paused: bool, ttl_s: float, now: datetime | None, limit: int) -> int:
+        """Delete, in one transaction, at most `limit` finished runs (`is_paused`: waiting and interrupted ones)
+        that stopped over `ttl_s` before `now` (None: the database's clock), with their logs; return how many."""
+        return await self._write(self._delete_expired, is_paused, ttl_s, _epoch(now), limit)
 
     def count_paused(self) -> int:
         """How many runs are waiting or interrupted."""
@@ -2215,7 +2324,8 @@ class SqlStore:
             raise RuntimeError(f"the database has schema version {version}, newer than this code's {len(_MIGRATIONS)}")
         for statements in _MIGRATIONS[version:]:
             for statement in statements:
-                db.execute(statement.format(serial=self.SERIAL, json=self.JSON, without_rowid=self.WITHOUT_ROWID))
+                db.execute(statement.format(serial=self.SERIAL, json=self.JSON, without_rowid=self.WITHOUT_ROWID,
+                                            now=self.NOW))
         db.execute(self._sql("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value ="
                              " excluded.value"), (str(len(_MIGRATIONS)),))
 
@@ -2317,10 +2427,52 @@ class SqlStore:
             self._notify(db, f"cancel {run_id}")
             return updated > 0
 
+    def _delete_run(self, run_id: str) -> None:
+        with self._transaction() as db:
+            deleted = db.execute(self._sql(f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL"),
+                                 (run_id,)).rowcount
+            if deleted == 0:
+                row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
+                raise RunNotFound(run_id) if row is None else _delete_refused(run_id, RunStatus(row[0]))
+            db.execute(self._sql("DELETE FROM logs WHERE run_id = ?"), (run_id,))
+            self._notify(db, f"run {run_id}")
+
+    def _delete_graph(self, graph_id: str) -> None:
+        with self._transaction() as db:
+            if self._one(db, "SELECT 1 FROM graphs WHERE graph_id = ?", (graph_id,)) is None:
+                raise GraphNotFound(graph_id)
+            active = self._one(db, f"SELECT COUNT(*) FROM runs WHERE graph_id = ? AND {_IN_ACTIVE}", (graph_id,))[0]
+            if active:
+                raise GraphInUse(graph_id, _active_runs(active))
+            db.execute(self._sql("DELETE FROM graphs WHERE graph_id = ?"), (graph_id,))
+
+    def _claim_sweep(self, now: float | None, every_s: float) -> bool:
+        # Writes are serialized (SQLite's write lock, PostgreSQL's advisory lock), so one server wins each round.
+        with self._transaction() as db:
+            clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
+            row = self._one(db, "SELECT value FROM meta WHERE key = 'sweep_until'")
+            if row is not None and float(row[0]) > clock:
+                return False
+            db.execute(self._sql("INSERT INTO meta VALUES ('sweep_until', ?) ON CONFLICT (key) DO UPDATE SET value ="
+                                 " excluded.value"), (repr(clock + every_s),))
+            return True
+
+    def _delete_expired(self, is_paused: bool, ttl_s: float, now: float | None, limit: int) -> int:
+        with self._transaction() as db:
+            clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
+            expired = self._all(db, f"SELECT run_id FROM runs WHERE {_IN_PAUSED if is_paused else _IN_TERMINAL}"
+                                " AND owner IS NULL AND stopped_at < ? ORDER BY stopped_at LIMIT ?", (clock - ttl_s, limit))
+            ids = [(run_id,) for (run_id,) in expired]
+            self._executemany(db, "DELETE FROM logs WHERE run_id = ?", ids)
+            self._executemany(db, "DELETE FROM runs WHERE run_id = ?", ids)
+            return len(ids)
+
     def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]], *,
                   queued: bool = False) -> None:
         self._executemany(db, "INSERT INTO logs (run_id, position, entry) VALUES (?, ?, ?)"
                           " ON CONFLICT (run_id, position) DO UPDATE SET entry = excluded.entry", entries)
+        if not status.is_active:  # what the sweeper counts a time to live from
+            db.execute(self._sql(f"UPDATE runs SET stopped_at = {self.NOW} WHERE run_id = ?"), (run_id,))
         if status.is_terminal:
             self._evict(db)
         self._notify(db, f"run {run_id}")
@@ -2731,6 +2883,7 @@ class Engine:
         self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
         self._draining: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None  # with a shared store: claims queued runs, keeps leases
+        self._sweeper: asyncio.Task[None] | None = None  # with a time to live: deletes expired runs
         self._wake = asyncio.Event()  # a run was queued, a slot came free, or the store says something changed
         self._followers: dict[str, set[asyncio.Event]] = {}  # streams of runs that another server executes
         self._stopping = threading.Event()  # set to stop the worker and the thread that listens to the store
@@ -2738,9 +2891,13 @@ class Engine:
         self.metrics = Metrics(self.settings.max_metric_graphs)
 
     async def open(self) -> None:
-        """With a shared store, start working the queue and keeping leases (create_app's lifespan calls this; a
-        run started here calls it too). Nothing to do with a MemoryStore."""
-        if self._worker is not None or not self.store.is_shared or self._draining is not None:
+        """Start the sweeper if a time to live is set and, with a shared store, start working the queue and keeping
+        leases (create_app's lifespan calls this; a run started here calls it too)."""
+        if self._draining is not None:
+            return
+        if self._sweeper is None and (self.settings.run_ttl_s is not None or self.settings.paused_ttl_s is not None):
+            self._sweeper = asyncio.create_task(self._sweep_often(), name=f"sweeper {self.worker_id}")
+        if self._worker is not None or not self.store.is_shared:
             return
         self._worker = asyncio.create_task(self._work(), name=f"worker {self.worker_id}")
         listen = getattr(self.store, "listen", None)
@@ -2900,6 +3057,45 @@ class Engine:
             raise RunConflict(f"run {run_id!r} is still {run.status.value} on another server; its cancel is requested")
         raise _refused(run_id, run.status, RunStatus.CANCELLED)
 
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a run that is neither pending nor running (a paused one may go), with its log; raise RunNotFound,
+        or RunConflict naming its status. A resume or claim that takes the run at the same moment wins."""
+        active = self._active.get(run_id)
+        if active is not None:
+            if active.run.status.is_active:
+                raise _delete_refused(run_id, active.run.status)
+            await asyncio.wait([active.task])  # type: ignore[list-item]  # its last save; then the store decides
+        await self.store.delete_run(run_id)
+
+    async def delete_graph(self, graph_id: str) -> None:
+        """Delete a stored graph that no pending or running run uses; raise GraphNotFound, or GraphInUse.
+
+        Its stopped runs are kept, since a run's record holds all it shows; a paused one can still be cancelled or
+        deleted, and a resume of it is a GraphNotFound that leaves it paused.
+        """
+        if graph_id in self._builtin:
+            raise GraphInUse(graph_id, "it is registered in code")
+        # Subgraphs do not exist yet: once a graph can name another, refuse here too (GraphInUse naming the referrer).
+        await self.store.delete_graph(graph_id)
+
+    async def sweep(self, now: datetime | None = None, *, batch: int = SWEEP_BATCH) -> int:
+        """Delete the runs past their time to live as of `now` (None: the store's clock), `batch` per transaction;
+        return how many. Finished runs expire `settings.run_ttl_s` after finished_at, waiting and interrupted ones
+        `settings.paused_ttl_s` after; with a shared store one server sweeps per SWEEP_INTERVAL_S, the others get 0.
+        """
+        ttls = [(is_paused, ttl_s) for is_paused, ttl_s in ((False, self.settings.run_ttl_s),
+                                                            (True, self.settings.paused_ttl_s)) if ttl_s is not None]
+        if not ttls or not await self.store.claim_sweep(now, SWEEP_INTERVAL_S):
+            return 0
+        deleted = 0
+        for is_paused, ttl_s in ttls:
+            count = batch
+            while count == batch:
+                count = await self.store.delete_expired(is_paused, ttl_s, now, batch)
+                deleted += count
+                await asyncio.sleep(0)  # between a memory store's slices, the event loop serves everything else
+        return deleted
+
     def follow(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent | None]:
         """Return the run's events after id `after`, live until it stops; None marks a quiet keep-alive interval."""
         return self._follow(self.get_run(run_id), after)
@@ -2917,6 +3113,9 @@ class Engine:
         self.store.close()
 
     async def _drain(self, grace_s: float | None) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper])
         for events in self._followers.values():  # streams of other servers' runs end: the client may go elsewhere
             for event in events:
                 event.set()
@@ -3057,6 +3256,22 @@ class Engine:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(next_beat - loop.time(), 0.0))
+
+    async def _sweep_often(self) -> None:
+        """Sweep every SWEEP_INTERVAL_S until the engine drains; a failing store is said once, then tried again."""
+        is_failing = False
+        while True:
+            try:
+                deleted = await self.sweep()
+                if deleted:
+                    logger.info("deleted %d runs past their time to live", deleted)
+                is_failing = False
+            except Exception as exc:
+                if not is_failing:
+                    logger.error("sweeper %s: the store failed (%s); trying again every %s s", self.worker_id,
+                                 _describe(exc), SWEEP_INTERVAL_S)
+                is_failing = True
+            await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def _beat(self) -> None:
         leases = {run_id: active.lease.attempt for run_id, active in self._active.items()
@@ -3366,6 +3581,12 @@ async def post_graph_cancel(request: Request) -> Response:
     return JSONResponse(converter.unstructure(run))
 
 
+async def delete_graph_run(request: Request) -> Response:
+    """Delete a run that is neither pending nor running, with its log: 204; an active run is a 409."""
+    await _engine(request).delete_run(_path_id(request, "run_id"))
+    return Response(status_code=204)
+
+
 async def get_graph_runs(request: Request) -> Response:
     """List run summaries, newest first, optionally of one graph or in one status."""
     query = _query(request, {"graph_id", "status", "limit", "offset"})
@@ -3511,6 +3732,12 @@ async def get_graph_definition(request: Request) -> Response:
 async def get_metrics(request: Request) -> Response:
     """Answer with this process's metrics in the Prometheus text format."""
     return Response(_engine(request).metrics_page(), media_type=PROMETHEUS_MEDIA_TYPE)
+
+
+async def delete_graph_definition(request: Request) -> Response:
+    """Delete a stored graph: 204; a graph registered in code, or with pending or running runs, is a 409."""
+    await _engine(request).delete_graph(_path_id(request, "graph_id"))
+    return Response(status_code=204)
 
 
 class BearerAuth:
@@ -3705,6 +3932,9 @@ OPERATIONS = (
     Operation(method="GET", path="/graph/definition/{graph_id}", endpoint=get_graph_definition,
               summary="A stored graph, as /graph/create takes it (`?declarations=true` adds what its nodes read and write)",
               answers={200: GraphDefinition}, query={"declarations": "boolean"}),
+    Operation(method="DELETE", path="/graph/definition/{graph_id}", endpoint=delete_graph_definition,
+              summary="Delete a stored graph that no pending or running run uses; its stopped runs stay",
+              answers={204: None}),
     Operation(method="POST", path="/graph/cancel/{run_id}", endpoint=post_graph_cancel,
               summary="Cancel a pending or running run", answers={200: RunContext}),
     Operation(method="POST", path="/graph/resume/{run_id}", endpoint=post_graph_resume,
@@ -3713,6 +3943,8 @@ OPERATIONS = (
     Operation(method="GET", path="/graph/runs", endpoint=get_graph_runs, summary="Run summaries, newest first",
               answers={200: RunsPage},
               query={"graph_id": "string", "status": "string", "limit": "integer", "offset": "integer"}),
+    Operation(method="DELETE", path="/graph/runs/{run_id}", endpoint=delete_graph_run,
+              summary="Delete a run that is neither pending nor running, with its log", answers={204: None}),
     Operation(method="GET", path="/graph/list", endpoint=get_graph_list, summary="Graphs, oldest first",
               answers={200: GraphsPage}, query={"limit": "integer", "offset": "integer"}),
     Operation(method="GET", path="/graph/stream/{run_id}", endpoint=get_graph_stream,
@@ -3848,6 +4080,8 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_MAX_LOG_BYTES", "max_log_bytes", _env_number(int)),
     ("WORKFLOW_MAX_METRIC_GRAPHS", "max_metric_graphs", _env_number(int)),
     ("WORKFLOW_SHUTDOWN_GRACE_S", "shutdown_grace_s", _env_number(float)),
+    ("WORKFLOW_RUN_TTL_S", "run_ttl_s", _env_number(float)),
+    ("WORKFLOW_PAUSED_TTL_S", "paused_ttl_s", _env_number(float)),
     ("WORKFLOW_DB", "db_path", str),
     ("WORKFLOW_API_TOKEN", "api_token", str),
     ("WORKFLOW_LOG_FORMAT", "log_format", _env_log_format),
@@ -3983,11 +4217,9 @@ def create_app(
     when it starts (its lifespan), from the WORKFLOW_* environment variables: importing this module reads no
     setting, imports no workflow module and opens no database, and a bad setting stops startup naming its variable.
     """
-    routes = [
-        WebSocketRoute(op.path, op.endpoint) if op.endpoint is websocket_graph_ws
-        else Route(op.path, op.endpoint, methods=[op.method])
-        for op in OPERATIONS
-    ]
+    routes = [WebSocketRoute(path, endpoints["GET"]) if endpoints.get("GET") is websocket_graph_ws
+              else Route(path, _by_method(endpoints), methods=list(endpoints))
+              for path, endpoints in _endpoints_by_path(OPERATIONS).items()]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
     middleware = [Middleware(RequestMetrics), Middleware(BearerAuth)]  # outermost first: refused requests count too
@@ -3997,6 +4229,24 @@ def create_app(
     if registry is not None or store is not None or settings is not None:
         _serve(starlette_app, build_engine(registry=registry, store=store, settings=settings))
     return starlette_app
+
+
+def _endpoints_by_path(operations: tuple[Operation, ...]) -> dict[str, dict[str, Callable[..., Awaitable[Any]]]]:
+    by_path: dict[str, dict[str, Callable[..., Awaitable[Any]]]] = {}
+    for operation in operations:
+        by_path.setdefault(operation.path, {})[operation.method] = operation.endpoint
+    return by_path
+
+
+def _by_method(endpoints: dict[str, Callable[..., Awaitable[Any]]]) -> Callable[..., Awaitable[Any]]:
+    """One endpoint for a path that several methods share, so that a wrong method's 405 lists them all in Allow."""
+    if len(endpoints) == 1:
+        return next(iter(endpoints.values()))
+
+    async def by_method(request: Request) -> Response:
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return by_method
 
 
 def _serve(app: Starlette, engine: Engine) -> None:
