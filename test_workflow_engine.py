@@ -954,6 +954,52 @@ async def check_claims_and_leases(store: we.Store) -> None:
         store.close()
 
 
+def encode_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Spy on the store's JSON encoder: the list fills with the thread of each call."""
+    threads: list[int] = []
+    dump_json = we.dump_json
+
+    def spy(value: Any) -> bytes:
+        threads.append(threading.get_ident())
+        return dump_json(value)
+
+    monkeypatch.setattr(we, "dump_json", spy)
+    return threads
+
+
+def stopped_run(data: dict[str, Any]) -> we.RunContext:
+    run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState(data=data))
+    we.move_run(run, we.RunStatus.RUNNING)
+    run.logs.append(we.LogEntry(iteration=1, node="a", event=we.LogEvent.EXECUTED, started_at=run.created_at,
+                                duration_ms=1.0, keys_changed=tuple(data), updates=data))
+    we.move_run(run, we.RunStatus.COMPLETED)
+    return run
+
+
+RECORD_SIZES = [  # data, whether its record is encoded off the event loop
+    pytest.param({"text": "x" * 5_000}, False, id="small"),  # with its log entry, about 10 KB
+    pytest.param({"text": "x" * 10_000}, True, id="big"),  # about 20 KB
+    pytest.param({"numbers": list(range(300))}, True, id="many-values"),
+]
+
+
+@pytest.mark.parametrize(("data", "is_off_loop"), RECORD_SIZES)
+async def test_memory_store_encodes_big_records_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch, data: dict[str, Any], is_off_loop: bool
+) -> None:
+    """A big stopped run is encoded and compressed on a thread, a small one on the loop; the record is the same."""
+    store, run = we.MemoryStore(), stopped_run(data)
+    expected = we.zlib.compress(we.dump_json(we.converter.unstructure(run)), we.RUN_COMPRESSION_LEVEL)
+    threads = encode_threads(monkeypatch)
+    try:
+        await store.claim_run(run, None, "me")
+    finally:
+        store.close()
+    assert [thread != threading.get_ident() for thread in threads] == [is_off_loop]
+    assert store._runs[run.run_id].record == expected
+    assert store.get_run(run.run_id) == run
+
+
 async def test_store_add_graph_is_idempotent_and_refuses_conflicts() -> None:
     store = we.MemoryStore(max_graphs=1)
     first = we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",))
