@@ -2072,6 +2072,7 @@ class SqlStore:
         self._reader = self._connect()  # the caller's thread
         self._writer = self._connect()  # only ever used on self._thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         self._graph_cache: dict[str, GraphDefinition] = {}  # stored graphs never change
         with self._transaction() as db:
             self._migrate(db)
@@ -2109,14 +2110,14 @@ class SqlStore:
         `origin` names the server that accepted the run; with `room`, an active run is refused (Busy) when that
         server already has `room` active runs, counted in the same transaction so simultaneous requests cannot pass.
         """
-        values = self._values(run, saved_logs)
+        values = await self._encoded(run, saved_logs)
         attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values)
         return Lease(owner=owner or "", attempt=attempt)
 
     async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
         """Commit `run`'s record and its log entries from position `saved_logs` on, in one transaction, if `lease`
         is still the run's (renewing it); else raise LeaseLost and commit nothing."""
-        await self._write(self._save, lease, lease_s, *self._values(run, saved_logs))
+        await self._write(self._save, lease, lease_s, *await self._encoded(run, saved_logs))
 
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
@@ -2139,7 +2140,7 @@ class SqlStore:
 
     async def take_over(self, run: RunContext, lease: Lease, saved_logs: int) -> None:
         """Commit `run` (back in the queue, or ended) if `lease` is still its expired lease; else raise LeaseLost."""
-        await self._write(self._take_over, lease, *self._values(run, saved_logs))
+        await self._write(self._take_over, lease, *await self._encoded(run, saved_logs))
 
     async def request_cancel(self, run_id: str) -> bool:
         """Flag an active run for its owner to cancel; return False if it is no longer active."""
@@ -2199,6 +2200,7 @@ class SqlStore:
 
     def close(self) -> None:
         """Finish pending writes and close the database."""
+        self._encoder.shutdown(wait=True)
         self._thread.shutdown(wait=True)
         self._reader.close()
         self._writer.close()
@@ -2281,6 +2283,13 @@ class SqlStore:
                 raise StoreFull(self.max_graphs)
             db.execute(self._sql("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)"), (graph_id, definition))
             return None
+
+    async def _encoded(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
+        # A big record is encoded on a thread of its own, so the event loop goes on serving; _off_loop holds a
+        # cancelled checkpoint until then, so the runner cannot change the run while the thread reads it.
+        if _is_big(run, saved_logs):
+            return await _off_loop(self._encoder, self._values, run, saved_logs)
+        return self._values(run, saved_logs)
 
     @staticmethod
     def _values(run: RunContext, saved_logs: int) -> tuple[Any, ...]:
