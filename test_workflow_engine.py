@@ -957,6 +957,103 @@ async def check_claims_and_leases(store: we.Store) -> None:
         store.close()
 
 
+def encode_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Spy on the store's JSON encoder: the list fills with the thread of each call."""
+    threads: list[int] = []
+    dump_json = we.dump_json
+
+    def spy(value: Any) -> bytes:
+        threads.append(threading.get_ident())
+        return dump_json(value)
+
+    monkeypatch.setattr(we, "dump_json", spy)
+    return threads
+
+
+def stopped_run(data: dict[str, Any]) -> we.RunContext:
+    run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState(data=data))
+    we.move_run(run, we.RunStatus.RUNNING)
+    run.logs.append(we.LogEntry(iteration=1, node="a", event=we.LogEvent.EXECUTED, started_at=run.created_at,
+                                duration_ms=1.0, keys_changed=tuple(data), updates=data))
+    we.move_run(run, we.RunStatus.COMPLETED)
+    return run
+
+
+RECORD_SIZES = [  # data, whether its record is encoded off the event loop
+    pytest.param({"text": "x" * 5_000}, False, id="small"),  # with its log entry, about 10 KB
+    pytest.param({"text": "x" * 10_000}, True, id="big"),  # about 20 KB
+    pytest.param({"numbers": list(range(300))}, True, id="many-values"),
+]
+
+
+@pytest.mark.parametrize(("data", "is_off_loop"), RECORD_SIZES)
+async def test_memory_store_encodes_big_records_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch, data: dict[str, Any], is_off_loop: bool
+) -> None:
+    """A big stopped run is encoded and compressed on a thread, a small one on the loop; the record is the same."""
+    store, run = we.MemoryStore(), stopped_run(data)
+    expected = we.zlib.compress(we.dump_json(we.converter.unstructure(run)), we.RUN_COMPRESSION_LEVEL)
+    threads = encode_threads(monkeypatch)
+    try:
+        await store.claim_run(run, None, "me")
+    finally:
+        store.close()
+    assert [thread != threading.get_ident() for thread in threads] == [is_off_loop]
+    assert store._runs[run.run_id].record == expected
+    assert store.get_run(run.run_id) == run
+
+
+@pytest.mark.parametrize(("data", "is_off_loop"), RECORD_SIZES)
+async def test_sqlite_store_encodes_big_records_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: dict[str, Any], is_off_loop: bool
+) -> None:
+    """The same for the head and log entries a SQL store writes."""
+    store, run = we.SqliteStore(tmp_path / "runs.db"), stopped_run(data)
+    expected = we.SqlStore._values(run, 0)
+    threads = encode_threads(monkeypatch)
+    try:
+        await store.claim_run(run, None, "me")
+        head, history = store._read_one("SELECT head, history FROM runs WHERE run_id = ?", (run.run_id,))
+        entries = store._read_all("SELECT run_id, position, entry FROM logs WHERE run_id = ?", (run.run_id,))
+    finally:
+        store.close()
+    assert [thread != threading.get_ident() for thread in threads] == [is_off_loop] * 3  # head, history, entry
+    assert (bytes(head), bytes(history), [tuple(row) for row in entries]) == (expected[3], expected[4], expected[6])
+
+
+async def test_sqlite_store_cancelled_checkpoint_waits_for_its_encoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint cancelled while a thread encodes the run returns only once the thread is done with the run."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)),
+                     we.WorkflowState(data={"text": "x" * 20_000}))
+    started, release = threading.Event(), threading.Event()
+    values = we.SqlStore._values
+
+    def held_values(held: we.RunContext, saved_logs: int) -> tuple[Any, ...]:
+        started.set()
+        release.wait()
+        return values(held, saved_logs)
+
+    try:
+        lease = await store.claim_run(run, None, "me")
+        we.move_run(run, we.RunStatus.RUNNING)
+        monkeypatch.setattr(we.SqlStore, "_values", staticmethod(held_values))
+        checkpoint = asyncio.create_task(store.save_run(run, lease))
+        await asyncio.to_thread(started.wait)
+        checkpoint.cancel()
+        for _ in range(10):  # give the cancel every chance to get through: it must not, while the thread reads
+            await asyncio.sleep(0)
+        assert not checkpoint.done()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await checkpoint
+    finally:
+        release.set()
+        store.close()
+
+
 async def test_store_add_graph_is_idempotent_and_refuses_conflicts() -> None:
     store = we.MemoryStore(max_graphs=1)
     first = we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",))

@@ -166,6 +166,7 @@ MAX_ITERATIONS_CAP = 10_000  # server-wide ceiling on any max_iterations a graph
 MAX_STORED_RUNS = 10_000  # finished runs kept in memory; the oldest finished is evicted first
 MAX_STORED_GRAPHS = 10_000  # graph definitions kept in memory
 RUN_COMPRESSION_LEVEL = 6  # zlib level of stored finished runs: a code-review record shrinks about fourfold
+OFF_LOOP_BYTES = 16 * 1024  # a record estimated over this much JSON is encoded on a store's thread, not the loop
 MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
 MAX_CONCURRENT_RUNS = 1_000  # runs executing at once; more wait as `pending`
 MAX_PENDING_RUNS = 10_000  # runs waiting for a slot; beyond this a new run is refused with 503
@@ -1804,7 +1805,8 @@ def _describe(exc: BaseException) -> str:
 # task can see it between a read and a write. SqliteStore reads on the caller's thread (WAL readers never wait for
 # writers) and writes on one thread of its own, so a busy database never stalls the event loop. A finished run is
 # kept as compact JSON: a fifth of the memory of its objects, nothing for the garbage collector to scan again and
-# again, and ready to send as it is.
+# again, and ready to send as it is. A big record (see _is_big) is encoded on a thread of the store's own, so that
+# the event loop does no work that grows with a run's size when the run is saved.
 def summarize(run: RunContext) -> RunSummary:
     """The few fields of a run that lists show and filter on."""
     return RunSummary(run_id=run.run_id, graph_id=run.graph_id, status=run.status, current_node=run.current_node,
@@ -1825,6 +1827,57 @@ def _active_runs(count: int) -> str:
     if count == 1:
         return "1 run of it is pending or running; cancel it or wait for it to end"
     return f"{count} runs of it are pending or running; cancel them or wait for them to end"
+
+
+_SIZE_PROBES = 256  # most values _is_big looks at; a record with more is big
+_ENTRY_BYTES = 300  # about what a log entry's JSON takes besides its updates
+
+
+def _is_big(run: RunContext, first_log: int = 0) -> bool:
+    """Whether the record of `run` (its log from entry `first_log` on) may take more than OFF_LOOP_BYTES of JSON.
+
+    A cheap look, whatever the run's size: it counts strings by their length and other values (and keys) as a few
+    bytes, looks at no more than _SIZE_PROBES values (data, metadata, the log's updates), and calls big what it
+    cannot finish. A plain loop with few calls: it runs on every save of a stopped run, and on every checkpoint.
+    """
+    entries = run.logs[first_log:]
+    probes, size = _SIZE_PROBES - len(entries), len(entries) * _ENTRY_BYTES
+    containers: list[Any] = [entry.updates for entry in entries]
+    containers += (run.state.data, run.state.metadata)
+    for container in containers:  # grows as it goes: nested containers are appended, and looked at in turn
+        count = len(container)
+        probes -= count
+        if probes < 0:
+            return True
+        size += 8 * count
+        for value in container.values() if type(container) is dict else container:
+            kind = type(value)
+            if kind is str:
+                size += len(value)
+            elif kind is dict or kind is list:
+                containers.append(value)
+        if size > OFF_LOOP_BYTES:
+            return True
+    return False
+
+
+async def _off_loop(thread: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+    """Return `fn(*args)`, called on `thread`. A cancel waits for the call to end, then propagates: `fn` reads a run
+    that its task changes as soon as the cancel reaches it (a run cancelled or timed out during a checkpoint)."""
+    future = asyncio.get_running_loop().run_in_executor(thread, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError as exc:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved, so asyncio does not report it: the caller was cancelled
+        raise exc
+
+
+def _compressed(run: RunContext) -> bytes:
+    return zlib.compress(dump_json(converter.unstructure(run)), RUN_COMPRESSION_LEVEL)
 
 
 @attrs.frozen
@@ -1871,6 +1924,7 @@ class MemoryStore:
         self._leases: dict[str, Lease] = {}  # the last lease of each run; its owner is "" once the run stops
         self._finished: dict[str, None] = {}  # finished run ids, oldest first
         self._paused: set[str] = set()
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -1901,20 +1955,22 @@ class MemoryStore:
         """Store `run` for `owner` if the stored run's status is `expected` and it has no owner (None: there is none
         yet); return the new lease, or raise RunConflict (RunNotFound) and store nothing. Memory is this process's
         alone, so nothing is queued here (`owner` None) and leases never expire."""
+        record = await self._record(run)  # first: nothing awaits between reading and writing the dicts
         stored = self._runs.get(run.run_id)
         status = None if stored is None else _status_of(stored)
         previous = self._leases.get(run.run_id)
         if status is not expected or previous is not None and previous.owner:
             raise RunNotFound(run.run_id) if status is None else _refused(run.run_id, status, run.status)
         lease = Lease(owner=owner or "", attempt=1 if previous is None else previous.attempt + 1)
-        self._put(run, lease)
+        self._put(run, lease, record)
         return lease
 
     async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
         """Store `run`, executed under `lease`, or raise LeaseLost if that is no longer its lease."""
+        record = await self._record(run)
         if self._leases.get(run.run_id) != lease:
             raise LeaseLost(run.run_id)
-        self._put(run, lease)
+        self._put(run, lease, record)
 
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Nothing is ever queued in memory."""
@@ -2002,16 +2058,24 @@ class MemoryStore:
         return len(self._graphs), len(self._runs)
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Stop the thread that encodes big records."""
+        self._encoder.shutdown(wait=True)
 
-    def _put(self, run: RunContext, lease: Lease) -> None:
-        # An active run is kept as the live object; a stopped one as compressed JSON, a copy nothing else changes.
+    async def _record(self, run: RunContext) -> bytes | None:
+        # What _put keeps of a stopped run: its compressed JSON, made on a thread when it is big. Nothing changes a
+        # stopped run meanwhile (the engine saves it once its runner has returned).
+        if run.status.is_active:
+            return None
+        return await _off_loop(self._encoder, _compressed, run) if _is_big(run) else _compressed(run)
+
+    def _put(self, run: RunContext, lease: Lease, record: bytes | None) -> None:
+        # An active run is kept as the live object; a stopped one as its `record`, a copy nothing else changes.
         run_id, status = run.run_id, run.status
         (self._paused.add if status.is_resumable else self._paused.discard)(run_id)
         if status.is_active:
             self._runs[run_id], self._leases[run_id] = run, lease
             return
-        record = zlib.compress(dump_json(converter.unstructure(run)), RUN_COMPRESSION_LEVEL)
+        assert record is not None
         self._runs[run_id] = _StoredRun(summary=summarize(run), record=record)
         self._leases[run_id] = Lease(owner="", attempt=lease.attempt)
         if not status.is_terminal:
@@ -2103,6 +2167,7 @@ class SqlStore:
         self._reader = self._connect()  # the caller's thread
         self._writer = self._connect()  # only ever used on self._thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
@@ -2144,14 +2209,14 @@ class SqlStore:
         `origin` names the server that accepted the run; with `room`, an active run is refused (Busy) when that
         server already has `room` active runs, counted in the same transaction so simultaneous requests cannot pass.
         """
-        values = self._values(run, saved_logs)
+        values = await self._encoded(run, saved_logs)
         attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values)
         return Lease(owner=owner or "", attempt=attempt)
 
     async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
         """Commit `run`'s record and its log entries from position `saved_logs` on, in one transaction, if `lease`
         is still the run's (renewing it); else raise LeaseLost and commit nothing."""
-        await self._write(self._save, lease, lease_s, *self._values(run, saved_logs))
+        await self._write(self._save, lease, lease_s, *await self._encoded(run, saved_logs))
 
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
@@ -2174,7 +2239,7 @@ class SqlStore:
 
     async def take_over(self, run: RunContext, lease: Lease, saved_logs: int) -> None:
         """Commit `run` (back in the queue, or ended) if `lease` is still its expired lease; else raise LeaseLost."""
-        await self._write(self._take_over, lease, *self._values(run, saved_logs))
+        await self._write(self._take_over, lease, *await self._encoded(run, saved_logs))
 
     async def request_cancel(self, run_id: str) -> bool:
         """Flag an active run for its owner to cancel; return False if it is no longer active."""
@@ -2255,6 +2320,7 @@ class SqlStore:
 
     def close(self) -> None:
         """Finish pending writes and close the database."""
+        self._encoder.shutdown(wait=True)
         self._thread.shutdown(wait=True)
         self._reader.close()
         self._writer.close()
@@ -2338,6 +2404,13 @@ class SqlStore:
                 raise StoreFull(self.max_graphs)
             db.execute(self._sql("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)"), (graph_id, definition))
             return None
+
+    async def _encoded(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
+        # A big record is encoded on a thread of its own, so the event loop goes on serving; _off_loop holds a
+        # cancelled checkpoint until then, so the runner cannot change the run while the thread reads it.
+        if _is_big(run, saved_logs):
+            return await _off_loop(self._encoder, self._values, run, saved_logs)
+        return self._values(run, saved_logs)
 
     @staticmethod
     def _values(run: RunContext, saved_logs: int) -> tuple[Any, ...]:
