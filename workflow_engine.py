@@ -5,7 +5,7 @@ Nodes are registered Python functions (async, or plain ones run in a worker thre
 default next node plus ordered branches on registered conditions; loops are allowed and bounded by
 `max_iterations`. Every step is logged with the keys it changed and their new values.
 
-Run it:    uvicorn workflow_engine:app            (loads the modules in WORKFLOW_MODULES, default `code_review`)
+Run it:    uvicorn workflow_engine:app            (settings from WORKFLOW_* at startup; WORKFLOW_DB: SQLite or PostgreSQL)
 Embed it:  app = create_app(registry=my_registry)  (a Starlette app with its own registry and store)
 Call it:   run = await Engine(registry).run(graph, WorkflowState(data={...}))
 
@@ -15,7 +15,7 @@ Endpoints:
     POST /graph/run                    run a stored graph            -> 200 run record; "wait": false -> 202
     GET  /graph/state/{run_id}         a run's record; DELETE /graph/runs/{run_id} deletes one that is not active
     GET  /graph/definition/{graph_id}  a stored graph, as /graph/create accepts it; DELETE: delete it
-    POST /graph/cancel/{run_id}        cancel a pending or running run
+    POST /graph/cancel/{run_id}        cancel a pending, running or paused run, on whichever server runs it
     GET  /graph/stream/{run_id}        the run's events as Server-Sent Events (WS /graph/ws/{run_id}: as JSON)
     GET  /graph/runs, /graph/list      run summaries (newest first) and graphs, paginated
     POST /graph/resume/{run_id}        go on with a waiting or interrupted run
