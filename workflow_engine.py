@@ -5,7 +5,7 @@ Nodes are registered Python functions (async, or plain ones run in a worker thre
 default next node plus ordered branches on registered conditions; loops are allowed and bounded by
 `max_iterations`. Every step is logged with the keys it changed and their new values.
 
-Run it:    uvicorn workflow_engine:app            (settings from WORKFLOW_* at startup; WORKFLOW_DB: SQLite or PostgreSQL)
+Run it:    uvicorn workflow_engine:app            (WORKFLOW_* settings, read at startup; WORKFLOW_DB: SQLite/PostgreSQL)
 Embed it:  app = create_app(registry=my_registry)  (a Starlette app with its own registry and store)
 Call it:   run = await Engine(registry).run(graph, WorkflowState(data={...}))
 
