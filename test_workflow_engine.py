@@ -2765,6 +2765,23 @@ async def test_sqlite_run_whose_lease_expired_is_taken_over_and_goes_on(tmp_path
     assert [c.status.value for c in done.history] == ["pending", "running", "pending", "running", "completed"]
 
 
+async def test_sqlite_queued_run_whose_graph_was_deleted_fails_saying_so(tmp_path: Path, registry: we.Registry) -> None:
+    engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"), worker_id="here")
+    definition = we.GraphDefinition(graph_id="gone", start_node="inc", nodes=("inc",))
+    await engine.store.add_graph(definition)
+    run = we.new_run(definition, we.WorkflowState())
+    await engine.store.claim_run(run, None, None)  # queued
+    with contextlib.closing(sqlite3.connect(tmp_path / "runs.db")) as other:
+        other.execute("DELETE FROM graphs")
+        other.commit()
+    engine.store._graph_cache.clear()
+    await engine._claim_queued()
+    failed = await engine.wait(engine.get_run(run.run_id))
+    await engine.shutdown()
+    assert (failed.status, failed.error, failed.logs) == (
+        we.RunStatus.FAILED, "graph 'gone' was deleted before the run started", [])
+
+
 async def test_sqlite_run_recovered_too_often_fails_saying_so(tmp_path: Path, registry: we.Registry) -> None:
     run = await stored_running_run(tmp_path / "runs.db", "gone:1:abc", recoveries=3)
     engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"), worker_id="here")

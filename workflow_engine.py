@@ -3268,7 +3268,9 @@ class Engine:
         active.accepted.set_result(None)
         is_logged = False
         try:
-            if not active.is_cancel_requested:
+            if not active.graph.nodes:  # see _graph_or_none
+                move_run(run, RunStatus.FAILED, f"graph {run.graph_id!r} was deleted before the run started")
+            elif not active.is_cancel_requested:
                 async with self._slots:
                     checkpoint = active.save if self.store.is_durable else None
                     await execute_run(run, active.graph, self.registry, on_change=active.notify,
