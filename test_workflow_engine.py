@@ -2703,7 +2703,8 @@ async def test_sqlite_store_keeps_graphs_and_runs_across_reopening(tmp_path: Pat
         assert json.loads(reopened.get_run_json(run.run_id)) == we.converter.unstructure(run)
         assert [s.run_id for s in reopened.list_runs(graph_id="g", status=we.RunStatus.COMPLETED)[0]] == [run.run_id]
         assert reopened.counts() == (1, 1)
-        assert reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+        version = reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        assert version == (str(len(we._MIGRATIONS)),)
         with pytest.raises(we.GraphConflict):
             await reopened.add_graph(attrs.evolve(definition, max_iterations=3))
         with pytest.raises(we.RunNotFound, match="run 'nope' does not exist"):
@@ -5517,10 +5518,40 @@ async def test_sqlite_upgrade_to_version_3_counts_stopped_runs_from_the_upgrade(
     run = await engine.run(we.GraphDefinition(graph_id="u", start_node="inc", nodes=("inc",)))
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db:  # back to version 2
-        db.executescript("DROP INDEX runs_by_stop; ALTER TABLE runs DROP COLUMN stopped_at;"
+        db.executescript("DROP TABLE idempotency_keys; DROP INDEX runs_by_stop; ALTER TABLE runs DROP COLUMN stopped_at;"
                          " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
     store = we.SqliteStore(path)
     stopped = store._read_one("SELECT stopped_at FROM runs WHERE run_id = ?", (run.run_id,))[0]
     version = store._read_one("SELECT value FROM meta WHERE key = 'schema_version'")[0]
     store.close()
-    assert (version, stopped is not None and stopped >= run.finished_at.timestamp() - 1) == ("3", True)  # type: ignore[union-attr]
+    is_counted = stopped is not None and stopped >= run.finished_at.timestamp() - 1  # type: ignore[union-attr]
+    assert (version, is_counted) == (str(len(we._MIGRATIONS)), True)
+
+
+# ---------------------------------------------------------------------------
+# Idempotency keys in the stores
+# ---------------------------------------------------------------------------
+async def test_idempotency_keys_expire_after_their_time_to_live(registry: we.Registry, tmp_path: Path) -> None:
+    """A key is held until it expires, and an expired key is deleted when a key is next reserved."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    held = await store.reserve_key(we.IdempotencyKey(key="k", fingerprint="f"), "r1", "t1", ttl_s=60.0)
+    again = await store.reserve_key(we.IdempotencyKey(key="k", fingerprint="f"), "r2", "t2", ttl_s=60.0)
+    await store.accept_key("k", "t1")
+    accepted = await store.reserve_key(we.IdempotencyKey(key="k", fingerprint="f"), "r2", "t2", ttl_s=60.0)
+    await store._write(store._update_key, "UPDATE idempotency_keys SET expires_at = 0", "k", "t1")
+    expired = await store.reserve_key(we.IdempotencyKey(key="k", fingerprint="g"), "r3", "t3", ttl_s=60.0)
+    store.close()
+    assert (held, again, accepted, expired) == (
+        None, we.HeldKey(fingerprint="f", run_id="r1", is_accepted=False),
+        we.HeldKey(fingerprint="f", run_id="r1", is_accepted=True), None)
+
+
+async def test_idempotency_stale_reservation_is_free_again() -> None:
+    """A first request that died before starting its run does not hold its key beyond reserve_s."""
+    store = we.MemoryStore()
+    key = we.IdempotencyKey(key="k", fingerprint="f")
+    first = await store.reserve_key(key, "r1", "t1", ttl_s=60.0)
+    taken = await store.reserve_key(key, "r2", "t2", ttl_s=60.0, reserve_s=0.0)
+    await store.accept_key("k", "t1")  # too late: the key is t2's now
+    held = await store.reserve_key(key, "r3", "t3", ttl_s=60.0)
+    assert (first, taken, held) == (None, None, we.HeldKey(fingerprint="f", run_id="r2", is_accepted=False))

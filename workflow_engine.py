@@ -201,6 +201,12 @@ METRIC_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 
 PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
 SWEEP_INTERVAL_S = 60.0  # how often expired runs are deleted; with a shared store, by one server per interval
 SWEEP_BATCH = 500  # runs one sweep transaction (or one slice of the memory store) deletes
+IDEMPOTENCY_TTL_S = 86_400.0  # how long a store keeps an Idempotency-Key, counted from its first request
+IDEMPOTENCY_RESERVE_S = 60.0  # a key whose first request has not started its run after this long is free again
+IDEMPOTENCY_POLL_S = 0.05  # how often a request waits on the first request with its key to start the run
+MAX_IDEMPOTENCY_KEYS = 100_000  # keys a memory store keeps; past it the oldest is forgotten before its time
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}")  # the Idempotency-Key header: printable ASCII
+IDEMPOTENCY_KEY_RULE = "must be 1-255 printable ASCII characters"  # what IDEMPOTENCY_KEY_PATTERN says
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -1901,6 +1907,32 @@ class Heartbeat:
     cancel_requested: tuple[str, ...] = ()
 
 
+@attrs.frozen(kw_only=True)
+class IdempotencyKey:
+    """A request's Idempotency-Key and the fingerprint of the request it came with."""
+
+    key: str
+    fingerprint: str
+
+
+@attrs.frozen(kw_only=True)
+class HeldKey:
+    """What a store holds for a key that an earlier request reserved: that request's fingerprint, its run, and
+    whether the run has started (`is_accepted`) or the request is still starting it."""
+
+    fingerprint: str
+    run_id: str
+    is_accepted: bool
+
+
+@attrs.frozen(kw_only=True)
+class _StoredKey:
+    held: HeldKey
+    token: str  # the reserving request's, so that only it accepts or releases the key
+    reserved_at: float  # time.monotonic()
+    expires_at: float
+
+
 @attrs.frozen
 class _StoredRun:
     summary: RunSummary
@@ -1924,7 +1956,37 @@ class MemoryStore:
         self._leases: dict[str, Lease] = {}  # the last lease of each run; its owner is "" once the run stops
         self._finished: dict[str, None] = {}  # finished run ids, oldest first
         self._paused: set[str] = set()
+        self._keys: dict[str, _StoredKey] = {}  # idempotency keys, oldest first (all live equally long)
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
+
+    async def reserve_key(self, key: IdempotencyKey, run_id: str, token: str, ttl_s: float,
+                          reserve_s: float = IDEMPOTENCY_RESERVE_S) -> HeldKey | None:
+        """Reserve `key` for the request `token` that will start (or resume) `run_id` and return None; or return
+        what an earlier request holds. A key expires `ttl_s` after it was reserved, and a reservation whose run has
+        not started `reserve_s` after it was made (its request died) is free again."""
+        now = time.monotonic()
+        while self._keys and (next(iter(self._keys.values())).expires_at <= now
+                              or len(self._keys) >= MAX_IDEMPOTENCY_KEYS):
+            del self._keys[next(iter(self._keys))]
+        stored = self._keys.get(key.key)
+        if stored is not None and (stored.held.is_accepted or stored.reserved_at + reserve_s > now):
+            return stored.held
+        self._keys.pop(key.key, None)  # a stale reservation goes to the end, with the young keys
+        self._keys[key.key] = _StoredKey(held=HeldKey(fingerprint=key.fingerprint, run_id=run_id, is_accepted=False),
+                                         token=token, reserved_at=now, expires_at=now + ttl_s)
+        return None
+
+    async def accept_key(self, key: str, token: str) -> None:
+        """Mark `key`, reserved by `token`, as naming a run that has started."""
+        stored = self._keys.get(key)
+        if stored is not None and stored.token == token:
+            self._keys[key] = attrs.evolve(stored, held=attrs.evolve(stored.held, is_accepted=True))
+
+    async def release_key(self, key: str, token: str) -> None:
+        """Forget `key`, reserved by `token`, whose request started nothing."""
+        stored = self._keys.get(key)
+        if stored is not None and stored.token == token:
+            del self._keys[key]
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -2135,7 +2197,13 @@ _STOPS = (  # version 3: when a run last stopped (ended or paused) on the databa
     f"UPDATE runs SET stopped_at = {{now}} WHERE NOT {_IN_ACTIVE}",
     "CREATE INDEX runs_by_stop ON runs (status, stopped_at)",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS)
+_KEYS = (  # version 4: Idempotency-Key headers, on the database's clock; the primary key lets one request have each
+    "CREATE TABLE idempotency_keys (idempotency_key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, run_id TEXT NOT NULL,"
+    " token TEXT NOT NULL, accepted INTEGER NOT NULL DEFAULT 0, reserved_at DOUBLE PRECISION NOT NULL,"
+    " expires_at DOUBLE PRECISION NOT NULL)",
+    "CREATE INDEX idempotency_keys_by_expiry ON idempotency_keys (expires_at)",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS, _KEYS)
 _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
@@ -2172,6 +2240,20 @@ class SqlStore:
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
             self._migrate(db)
+
+    async def reserve_key(self, key: IdempotencyKey, run_id: str, token: str, ttl_s: float,
+                          reserve_s: float = IDEMPOTENCY_RESERVE_S) -> HeldKey | None:
+        """Reserve `key` as MemoryStore does, in one transaction that also deletes expired keys; writes are
+        serialized, so of two servers reserving one key at once, one wins and the other sees its reservation."""
+        return await self._write(self._reserve_key, key.key, key.fingerprint, run_id, token, ttl_s, reserve_s)
+
+    async def accept_key(self, key: str, token: str) -> None:
+        """Mark `key`, reserved by `token`, as naming a run that has started."""
+        await self._write(self._update_key, "UPDATE idempotency_keys SET accepted = 1", key, token)
+
+    async def release_key(self, key: str, token: str) -> None:
+        """Forget `key`, reserved by `token`, whose request started nothing."""
+        await self._write(self._update_key, "DELETE FROM idempotency_keys", key, token)
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -2394,6 +2476,24 @@ class SqlStore:
                                             now=self.NOW))
         db.execute(self._sql("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value ="
                              " excluded.value"), (str(len(_MIGRATIONS)),))
+
+    def _reserve_key(self, key: str, fingerprint: str, run_id: str, token: str, ttl_s: float,
+                     reserve_s: float) -> HeldKey | None:
+        with self._transaction() as db:
+            db.execute(self._sql(f"DELETE FROM idempotency_keys WHERE expires_at <= {self.NOW} OR (idempotency_key = ?"
+                                 f" AND accepted = 0 AND reserved_at + ? <= {self.NOW})"), (key, reserve_s))
+            row = self._one(db, "SELECT fingerprint, run_id, accepted FROM idempotency_keys WHERE idempotency_key = ?",
+                            (key,))
+            if row is not None:
+                return HeldKey(fingerprint=row[0], run_id=row[1], is_accepted=bool(row[2]))
+            db.execute(self._sql("INSERT INTO idempotency_keys (idempotency_key, fingerprint, run_id, token,"
+                                 f" reserved_at, expires_at) VALUES (?, ?, ?, ?, {self.NOW}, {self.NOW} + ?)"),
+                       (key, fingerprint, run_id, token, ttl_s))
+            return None
+
+    def _update_key(self, statement: str, key: str, token: str) -> None:
+        with self._transaction() as db:
+            db.execute(self._sql(f"{statement} WHERE idempotency_key = ? AND token = ?"), (key, token))
 
     def _insert_graph(self, graph_id: str, definition: bytes) -> bytes | None:
         with self._transaction() as db:
