@@ -30,6 +30,7 @@ import bisect
 import contextlib
 import enum
 import functools
+import hashlib
 import hmac
 import importlib
 import importlib.util
@@ -238,6 +239,7 @@ class ErrorCode(enum.Enum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
     UNAUTHORIZED = "unauthorized"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -394,6 +396,17 @@ class LeaseLost(RunConflict):
 
     def __init__(self, run_id: str) -> None:
         super().__init__(f"run {run_id!r} is now owned by another worker; this one stopped executing it")
+
+
+class IdempotencyKeyReused(EngineError):
+    """An Idempotency-Key that an earlier, different request used: the key names that request alone."""
+
+    status_code = 422
+    code = ErrorCode.IDEMPOTENCY_KEY_REUSED
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Idempotency-Key {_shown(key)} was used with a different request",
+                         [Problem("$.headers.Idempotency-Key", "was used with a different request")])
 
 
 class BodyTooLarge(EngineError):
@@ -919,6 +932,7 @@ class Settings:
     run_ttl_s: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
     paused_ttl_s: float | None = attrs.field(default=None,  # waiting and interrupted runs
                                              validator=attrs.validators.optional(attrs.validators.gt(0.0)))
+    idempotency_ttl_s: float = attrs.field(default=IDEMPOTENCY_TTL_S, validator=attrs.validators.gt(0.0))
 
     def __attrs_post_init__(self) -> None:
         if self.max_iterations > self.max_iterations_cap:
@@ -1436,11 +1450,12 @@ def _new_id() -> str:
 def new_run(
     graph: GraphDefinition, state: WorkflowState, *, max_iterations: int = MAX_ITERATIONS,
     timeout_s: float | None = None, max_state_bytes: int = MAX_STATE_BYTES, max_log_bytes: int = MAX_LOG_BYTES,
+    run_id: str | None = None,
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`; raise InvalidValue if it is not JSON."""
     created_at = _now()
     return RunContext(
-        run_id=_new_id(),
+        run_id=run_id or _new_id(),
         graph_id=graph.graph_id or "",
         max_iterations=max_iterations,
         max_state_bytes=max_state_bytes,
@@ -3127,9 +3142,11 @@ class Engine:
     async def start(
         self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
         max_iterations: int | None = None, timeout_s: float | None = None, wait: bool = False, queue: bool = False,
+        run_id: str | None = None,
     ) -> RunContext:
         """Start a run of a stored graph (by id) or of a definition (validated and stored first, so the run can be
-        resumed); return its record once the store holds it, or with `wait` once the run has stopped.
+        resumed); return its record once the store holds it, or with `wait` once the run has stopped. `run_id`
+        names the new run (None: a new id).
 
         With `queue` (and a shared store) the run goes to the store's queue, for whichever server has room; the
         record returned is then the queued one, which `get_run` reads anew.
@@ -3143,7 +3160,8 @@ class Engine:
         if problems:
             raise InvalidRequest(problems)
         run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s,
-                      max_state_bytes=self.settings.max_state_bytes, max_log_bytes=self.settings.max_log_bytes)
+                      max_state_bytes=self.settings.max_state_bytes, max_log_bytes=self.settings.max_log_bytes,
+                      run_id=run_id)
         return await self._submit(run, graph, None, wait, queue=queue)
 
     async def resume(self, run_id: str, updates: dict[str, Any] | None = None, *,
@@ -3186,6 +3204,30 @@ class Engine:
         if active is not None and active.run is run:
             await self._stopped(active)
         return run
+
+    async def once(self, key: IdempotencyKey | None, run_id: str, wait: bool,
+                   begin: Callable[[], Awaitable[RunContext]]) -> tuple[RunContext, bool]:
+        """Start (or resume) run `run_id` with `begin`, which returns once the store holds it, unless an earlier
+        request with `key` did: then answer for that request's run. Return the run (with `wait`, once it has
+        stopped) and whether it is an earlier request's; raise IdempotencyKeyReused if that request was different.
+
+        The key is reserved before `begin` and marked accepted after it, so of two requests with one key, here or
+        on another server, only the first starts a run and the other waits until it has; a `begin` that fails
+        releases the key, and a later request with it starts the run.
+        """
+        if key is None:
+            run = await begin()
+        else:
+            token, ttl_s = _new_id(), self.settings.idempotency_ttl_s
+            while (held := await self.store.reserve_key(key, run_id, token, ttl_s)) is not None:
+                if held.fingerprint != key.fingerprint:
+                    raise IdempotencyKeyReused(key.key)
+                if held.is_accepted:
+                    return await self._replayed(held.run_id, wait), True
+                await asyncio.sleep(IDEMPOTENCY_POLL_S)  # the first request is starting its run
+            # Shielded: a client that goes away meanwhile still leaves the key accepted or released.
+            run = await asyncio.shield(self._begin_once(key.key, token, begin))
+        return (await self.wait(run) if wait else run), False
 
     async def cancel(self, run_id: str) -> RunContext:
         """Cancel a pending, running, waiting or interrupted run; return its record once the store holds it.
@@ -3307,6 +3349,28 @@ class Engine:
             await asyncio.wait([self._worker])
         if self._listener is not None:
             await asyncio.to_thread(self._listener.join)
+
+    async def _begin_once(self, key: str, token: str, begin: Callable[[], Awaitable[RunContext]]) -> RunContext:
+        try:
+            run = await begin()
+        except Exception:
+            await self.store.release_key(key, token)  # nothing started, so a retry with this key may start it
+            raise
+        await self.store.accept_key(key, token)
+        return run
+
+    async def _replayed(self, run_id: str, wait: bool) -> RunContext:
+        # A run this engine executes is awaited; one that another server executes (or that waits in the queue) is
+        # read from the store until it stops.
+        while True:
+            active = self._active.get(run_id)
+            if active is not None and wait:
+                await asyncio.wait([active.task])  # type: ignore[list-item]
+                continue
+            run = self.get_run(run_id)
+            if not wait or not run.status.is_active:
+                return run
+            await asyncio.sleep(STREAM_POLL_S)
 
     def _check_room(self) -> None:
         if self._draining is not None:
@@ -3723,29 +3787,50 @@ async def post_graph_create(request: Request) -> Response:
 
 
 async def post_graph_run(request: Request) -> Response:
-    """Run a stored graph: to its end (200, a failed run included), or in the background with `"wait": false` (202)."""
+    """Run a stored graph: to its end (200, a failed run included), or in the background with `"wait": false` (202).
+
+    With an Idempotency-Key, a request like an earlier one with that key answers for the earlier one's run."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes), RunRequest)
-    run = await engine.start(body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s,
-                             wait=body.wait, queue=not body.wait)
-    return _run_answer(run, body.wait)
+    run_id = _new_id()
+    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda: engine.start(
+        body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s,
+        queue=not body.wait, run_id=run_id))
+    return _run_answer(run, body.wait, is_replayed)
 
 
 async def post_graph_resume(request: Request) -> Response:
     """Go on with a waiting or interrupted run, after merging `updates` into its data; answers like /graph/run."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes, empty={}), ResumeRequest)
-    run = await engine.resume(_path_id(request, "run_id"), body.updates, timeout_s=body.timeout_s, wait=body.wait,
-                              queue=not body.wait)
-    return _run_answer(run, body.wait)
+    run_id = _path_id(request, "run_id")
+    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda: engine.resume(
+        run_id, body.updates, timeout_s=body.timeout_s, queue=not body.wait))
+    return _run_answer(run, body.wait, is_replayed)
 
 
-def _run_answer(run: RunContext, wait: bool) -> Response:
+def _idempotency_key(request: Request, body: RunRequest | ResumeRequest) -> IdempotencyKey | None:
+    """The request's Idempotency-Key, fingerprinted by method, path and body (parsed, defaults filled in, as
+    canonical JSON: spacing, key order and spelled-out defaults do not make requests differ); None without one."""
+    keys = request.headers.getlist("idempotency-key")
+    if not keys:
+        return None
+    if len(keys) > 1 or not IDEMPOTENCY_KEY_PATTERN.fullmatch(keys[0]):
+        rule = "must be given once" if len(keys) > 1 else IDEMPOTENCY_KEY_RULE
+        raise InvalidRequest([Problem("$.headers.Idempotency-Key", rule)])
+    canonical = json.dumps(converter.unstructure(body), ensure_ascii=False, allow_nan=False, sort_keys=True,
+                           separators=(",", ":"))
+    digest = hashlib.sha256(f"{request.method} {request.url.path}\n{canonical}".encode()).hexdigest()
+    return IdempotencyKey(key=keys[0], fingerprint=digest)
+
+
+def _run_answer(run: RunContext, wait: bool, is_replayed: bool = False) -> Response:
+    headers = {"Idempotent-Replayed": "true"} if is_replayed else {}
     if wait:
-        return JSONResponse(converter.unstructure(_run_response(run)))
+        return JSONResponse(converter.unstructure(_run_response(run)), headers=headers)
     # The store took the run as pending; it may have moved on already, which /graph/state tells.
     accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=RunStatus.PENDING))
-    return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}"})
+    return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}", **headers})
 
 
 async def post_graph_cancel(request: Request) -> Response:
@@ -4255,6 +4340,7 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_SHUTDOWN_GRACE_S", "shutdown_grace_s", _env_number(float)),
     ("WORKFLOW_RUN_TTL_S", "run_ttl_s", _env_number(float)),
     ("WORKFLOW_PAUSED_TTL_S", "paused_ttl_s", _env_number(float)),
+    ("WORKFLOW_IDEMPOTENCY_TTL_S", "idempotency_ttl_s", _env_number(float)),
     ("WORKFLOW_DB", "db_path", str),
     ("WORKFLOW_API_TOKEN", "api_token", str),
     ("WORKFLOW_LOG_FORMAT", "log_format", _env_log_format),
