@@ -5677,3 +5677,11 @@ async def test_idempotent_run_two_servers_on_postgres_start_one_run(registry: we
     assert sorted(answer.headers.get("idempotent-replayed", "") for answer in answers) == ["", "true"]
     assert answers[0].json()["run_id"] == answers[1].json()["run_id"] == listed[0]
     assert (len(listed), answers[0].json()["status"], answers[1].json()["status"]) == (1, "completed", "completed")
+
+
+async def test_openapi_lists_the_idempotency_key_header_of_run_and_resume(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path in ("/graph/run", "/graph/resume/{run_id}"):
+        header = [p for p in paths[path]["post"]["parameters"] if p["in"] == "header"]
+        assert [(p["name"], p["required"], p["schema"]["pattern"]) for p in header] == [
+            ("Idempotency-Key", False, "^[\\x20-\\x7e]{1,255}$")]

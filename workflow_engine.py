@@ -4172,6 +4172,7 @@ class Operation:
     body: type | None = None
     answers: Mapping[int, Any] = attrs.field(factory=dict)  # status -> model of the body, EventStream, PlainText, None
     query: Mapping[str, str] = attrs.field(factory=dict)  # parameter -> JSON type
+    headers: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)  # optional request header -> its schema
 
 
 async def get_openapi(request: Request) -> Response:
@@ -4179,12 +4180,15 @@ async def get_openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
 
 
+_IDEMPOTENCY_HEADER = {"Idempotency-Key": {  # what IDEMPOTENCY_KEY_PATTERN says
+    "type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$",
+    "description": "A request like an earlier one with this key answers for that one's run"}}
 OPERATIONS = (
     Operation(method="GET", path="/", endpoint=get_health, summary="Health check", answers={200: HealthResponse}),
     Operation(method="POST", path="/graph/create", endpoint=post_graph_create, summary="Store a graph definition",
               body=GraphDefinition, answers={200: CreateGraphResponse, 201: CreateGraphResponse}),
     Operation(method="POST", path="/graph/run", endpoint=post_graph_run, summary="Run a stored graph", body=RunRequest,
-              answers={200: RunResponse, 202: RunAccepted}),
+              answers={200: RunResponse, 202: RunAccepted}, headers=_IDEMPOTENCY_HEADER),
     Operation(method="GET", path="/graph/state/{run_id}", endpoint=get_graph_state, summary="A run's record",
               answers={200: RunContext}),
     Operation(method="GET", path="/graph/definition/{graph_id}", endpoint=get_graph_definition,
@@ -4197,7 +4201,7 @@ OPERATIONS = (
               summary="Cancel a pending or running run", answers={200: RunContext}),
     Operation(method="POST", path="/graph/resume/{run_id}", endpoint=post_graph_resume,
               summary="Go on with a waiting or interrupted run", body=ResumeRequest,
-              answers={200: RunResponse, 202: RunAccepted}),
+              answers={200: RunResponse, 202: RunAccepted}, headers=_IDEMPOTENCY_HEADER),
     Operation(method="GET", path="/graph/runs", endpoint=get_graph_runs, summary="Run summaries, newest first",
               answers={200: RunsPage},
               query={"graph_id": "string", "status": "string", "limit": "integer", "offset": "integer"}),
@@ -4293,8 +4297,10 @@ def _event_stream_schema(stream: EventStream, components: dict[str, Any]) -> dic
 def _parameters(operation: Operation) -> list[dict[str, Any]]:
     in_path = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                for name in re.findall(r"{(\w+)}", operation.path)]
-    return in_path + [{"name": name, "in": "query", "required": False, "schema": {"type": kind}}
-                      for name, kind in operation.query.items()]
+    in_query = [{"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+                for name, kind in operation.query.items()]
+    return in_path + in_query + [{"name": name, "in": "header", "required": False, "schema": dict(schema)}
+                                 for name, schema in operation.headers.items()]
 
 
 # ---------------------------------------------------------------------------
