@@ -2703,7 +2703,8 @@ async def test_sqlite_store_keeps_graphs_and_runs_across_reopening(tmp_path: Pat
         assert json.loads(reopened.get_run_json(run.run_id)) == we.converter.unstructure(run)
         assert [s.run_id for s in reopened.list_runs(graph_id="g", status=we.RunStatus.COMPLETED)[0]] == [run.run_id]
         assert reopened.counts() == (1, 1)
-        assert reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+        version = reopened._reader.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        assert version == (str(len(we._MIGRATIONS)),)
         with pytest.raises(we.GraphConflict):
             await reopened.add_graph(attrs.evolve(definition, max_iterations=3))
         with pytest.raises(we.RunNotFound, match="run 'nope' does not exist"):
@@ -3439,13 +3440,13 @@ def test_settings_from_env_reads_every_variable() -> None:
            "WORKFLOW_MAX_PAUSED_RUNS": "6", "WORKFLOW_DB": "x.db", "WORKFLOW_API_TOKEN": "t", "WORKFLOW_LOG_FORMAT": "json",
            "WORKFLOW_MAX_LOG_BYTES": "998", "WORKFLOW_LEASE_S": "2.5", "WORKFLOW_MAX_RECOVERIES": "0",
            "WORKFLOW_WORKER_ID": "w1", "WORKFLOW_MAX_METRIC_GRAPHS": "12", "WORKFLOW_RUN_TTL_S": "86400",
-           "WORKFLOW_PAUSED_TTL_S": "0.5"}
+           "WORKFLOW_PAUSED_TTL_S": "0.5", "WORKFLOW_IDEMPOTENCY_TTL_S": "60"}
     assert we.settings_from_env(env) == we.Settings(
         max_iterations=7, max_iterations_cap=70, max_runs=5, max_graphs=4, max_body_bytes=1000, workflow_modules=("a", "b"),
         max_concurrent_runs=3, max_pending_runs=2, max_nodes=9, max_branches=8, max_state_bytes=999,
         shutdown_grace_s=2.5, max_paused_runs=6, db_path="x.db", api_token="t", log_format=we.LogFormat.JSON,
         max_log_bytes=998, lease_s=2.5, max_recoveries=0, worker_id="w1", max_metric_graphs=12, run_ttl_s=86400.0,
-        paused_ttl_s=0.5)
+        paused_ttl_s=0.5, idempotency_ttl_s=60.0)
     assert we.settings_from_env({}) == we.Settings()
     assert we.settings_from_env({"WORKFLOW_MODULES": "", "WORKFLOW_DB": " "}) == we.Settings(workflow_modules=())
 
@@ -5534,10 +5535,170 @@ async def test_sqlite_upgrade_to_version_3_counts_stopped_runs_from_the_upgrade(
     run = await engine.run(we.GraphDefinition(graph_id="u", start_node="inc", nodes=("inc",)))
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db:  # back to version 2
-        db.executescript("DROP INDEX runs_by_stop; ALTER TABLE runs DROP COLUMN stopped_at;"
+        db.executescript("DROP TABLE idempotency_keys; DROP INDEX runs_by_stop; ALTER TABLE runs DROP COLUMN stopped_at;"
                          " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
     store = we.SqliteStore(path)
     stopped = store._read_one("SELECT stopped_at FROM runs WHERE run_id = ?", (run.run_id,))[0]
     version = store._read_one("SELECT value FROM meta WHERE key = 'schema_version'")[0]
     store.close()
-    assert (version, stopped is not None and stopped >= run.finished_at.timestamp() - 1) == ("3", True)  # type: ignore[union-attr]
+    is_counted = stopped is not None and stopped >= run.finished_at.timestamp() - 1  # type: ignore[union-attr]
+    assert (version, is_counted) == (str(len(we._MIGRATIONS)), True)
+
+
+# ---------------------------------------------------------------------------
+# Idempotent run requests
+# ---------------------------------------------------------------------------
+def key_header(key: str) -> dict[str, str]:
+    return {"Idempotency-Key": key}
+
+
+async def run_ids(client: httpx.AsyncClient) -> list[str]:
+    return [summary["run_id"] for summary in (await client.get("/graph/runs")).json()["runs"]]
+
+
+async def test_idempotent_run_replays_a_waited_run(any_client: httpx.AsyncClient) -> None:
+    first = await any_client.post("/graph/create", json=graph(["inc", "double"], chain("inc", "double")))
+    request = {"graph_id": "g", "state": {"data": {"value": 3}}}
+    ran = await any_client.post("/graph/run", json=request, headers=key_header("order-1"))
+    again = await any_client.post("/graph/run", content=b'{"state": {"data": {"value": 3}}, "graph_id": "g", "wait": true}',
+                                  headers={**key_header("order-1"), "content-type": "application/json"})
+    assert first.status_code == 201
+    assert (ran.status_code, ran.headers.get("idempotent-replayed"), ran.json()["status"]) == (200, None, "completed")
+    assert (again.status_code, again.headers.get("idempotent-replayed"), again.json()) == (200, "true", ran.json())
+    assert await run_ids(any_client) == [ran.json()["run_id"]]
+
+
+async def test_idempotent_run_replays_a_background_run(any_client: httpx.AsyncClient) -> None:
+    await any_client.post("/graph/create", json=graph(["inc"]))
+    request = {"graph_id": "g", "wait": False}
+    started = await any_client.post("/graph/run", json=request, headers=key_header("bg"))
+    run_id = started.json()["run_id"]
+    ended = await any_client.get(f"/graph/stream/{run_id}")  # answers once the run has ended
+    again = await any_client.post("/graph/run", json=request, headers=key_header("bg"))
+    assert (started.status_code, started.headers.get("idempotent-replayed"), ended.status_code) == (202, None, 200)
+    assert (again.status_code, again.headers.get("idempotent-replayed"), again.headers["location"], again.json()) == (
+        202, "true", f"/graph/state/{run_id}", {"run_id": run_id, "status": "pending"})
+    assert await run_ids(any_client) == [run_id]
+
+
+async def test_idempotent_run_refuses_the_key_with_another_body(any_client: httpx.AsyncClient) -> None:
+    await any_client.post("/graph/create", json=graph(["inc"]))
+    ran = await any_client.post("/graph/run", json={"graph_id": "g"}, headers=key_header("k"))
+    other = await any_client.post("/graph/run", json={"graph_id": "g", "state": {"data": {"count": 5}}},
+                                  headers=key_header("k"))
+    elsewhere = await any_client.post(f"/graph/resume/{ran.json()['run_id']}", headers=key_header("k"))
+    message = "Idempotency-Key 'k' was used with a different request"
+    for refused in (other, elsewhere):
+        assert (refused.status_code, refused.json()) == (422, error(
+            "idempotency_key_reused", message, ("$.headers.Idempotency-Key", "was used with a different request")))
+    assert await run_ids(any_client) == [ran.json()["run_id"]]
+
+
+@pytest.mark.parametrize("key", [b"", b"x" * 256, "caf\u00e9".encode(), b"tab\there", b"bell\x07"],
+                         ids=["empty", "too-long", "non-ascii", "tab", "control"])
+async def test_idempotent_run_refuses_bad_keys(client: httpx.AsyncClient, key: bytes) -> None:
+    await client.post("/graph/create", json=graph(["inc"]))
+    refused = await client.post("/graph/run", json={"graph_id": "g"}, headers=[(b"idempotency-key", key)])
+    assert (refused.status_code, refused.json()) == (422, error(
+        "invalid_request", "the request has 1 problem",
+        ("$.headers.Idempotency-Key", "must be 1-255 printable ASCII characters")))
+    assert await run_ids(client) == []
+
+
+async def test_idempotent_run_accepts_a_key_of_255_characters_and_refuses_two_keys(client: httpx.AsyncClient) -> None:
+    await client.post("/graph/create", json=graph(["inc"]))
+    longest = await client.post("/graph/run", json={"graph_id": "g"}, headers=key_header("~" * 255))
+    twice = await client.post("/graph/run", json={"graph_id": "g"},
+                              headers=[(b"idempotency-key", b"a"), (b"idempotency-key", b"b")])
+    assert (longest.status_code, longest.json()["status"]) == (200, "completed")
+    assert (twice.status_code, twice.json()["error"]["details"]) == (
+        422, [{"path": "$.headers.Idempotency-Key", "message": "must be given once"}])
+
+
+async def test_idempotent_run_simultaneous_first_requests_start_one_run(any_client: httpx.AsyncClient) -> None:
+    gates["idem"] = Gate()
+    await any_client.post("/graph/create", json=graph(["gate", "inc"], chain("gate", "inc")))
+    request = {"graph_id": "g", "state": {"metadata": {"gate": "idem"}}}
+
+    async def open_gate() -> None:
+        await gates["idem"].entered.wait()
+        gates["idem"].opened.set()
+
+    *answers, _ = await asyncio.gather(*(any_client.post("/graph/run", json=request, headers=key_header("same"))
+                                         for _ in range(3)), open_gate())
+    bodies = [answer.json() for answer in answers]
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert sorted(answer.headers.get("idempotent-replayed", "") for answer in answers) == ["", "true", "true"]
+    assert [body["status"] for body in bodies] == ["completed"] * 3
+    assert bodies[1:] == [bodies[0], bodies[0]]
+    assert await run_ids(any_client) == [bodies[0]["run_id"]]
+
+
+async def test_idempotent_resume_replays_without_resuming_again(any_client: httpx.AsyncClient) -> None:
+    run = await create_and_run(any_client, graph(["approve", "inc"], chain("approve", "inc")))
+    request = {"updates": {"approved": "ann"}}
+    resumed = await any_client.post(f"/graph/resume/{run['run_id']}", json=request, headers=key_header("approve-1"))
+    again = await any_client.post(f"/graph/resume/{run['run_id']}", json=request, headers=key_header("approve-1"))
+    assert (resumed.status_code, resumed.json()["status"], resumed.headers.get("idempotent-replayed")) == (
+        200, "completed", None)
+    assert (again.status_code, again.headers.get("idempotent-replayed"), again.json()) == (200, "true", resumed.json())
+
+
+async def test_idempotent_run_failing_first_request_leaves_the_key_free(any_client: httpx.AsyncClient) -> None:
+    missing = await any_client.post("/graph/run", json={"graph_id": "g"}, headers=key_header("early"))
+    await any_client.post("/graph/create", json=graph(["inc"]))
+    ran = await any_client.post("/graph/run", json={"graph_id": "g"}, headers=key_header("early"))
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "graph_not_found")
+    assert (ran.status_code, ran.headers.get("idempotent-replayed"), ran.json()["status"]) == (200, None, "completed")
+
+
+async def test_idempotency_keys_expire_after_their_time_to_live(registry: we.Registry, tmp_path: Path) -> None:
+    """A key is held until it expires, and an expired key is deleted when a key is next reserved."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    held = await store.reserve_key(we.IdempotencyKey(key="k", fingerprint="f"), "r1", "t1", ttl_s=60.0)
+    again = await store.reserve_key(we.IdempotencyKey(key="k", fingerprint="f"), "r2", "t2", ttl_s=60.0)
+    await store.accept_key("k", "t1")
+    accepted = await store.reserve_key(we.IdempotencyKey(key="k", fingerprint="f"), "r2", "t2", ttl_s=60.0)
+    await store._write(store._update_key, "UPDATE idempotency_keys SET expires_at = 0", "k", "t1")
+    expired = await store.reserve_key(we.IdempotencyKey(key="k", fingerprint="g"), "r3", "t3", ttl_s=60.0)
+    store.close()
+    assert (held, again, accepted, expired) == (
+        None, we.HeldKey(fingerprint="f", run_id="r1", is_accepted=False),
+        we.HeldKey(fingerprint="f", run_id="r1", is_accepted=True), None)
+
+
+async def test_idempotency_stale_reservation_is_free_again() -> None:
+    """A first request that died before starting its run does not hold its key beyond reserve_s."""
+    store = we.MemoryStore()
+    key = we.IdempotencyKey(key="k", fingerprint="f")
+    first = await store.reserve_key(key, "r1", "t1", ttl_s=60.0)
+    taken = await store.reserve_key(key, "r2", "t2", ttl_s=60.0, reserve_s=0.0)
+    await store.accept_key("k", "t1")  # too late: the key is t2's now
+    held = await store.reserve_key(key, "r3", "t3", ttl_s=60.0)
+    assert (first, taken, held) == (None, None, we.HeldKey(fingerprint="f", run_id="r2", is_accepted=False))
+
+
+@needs_postgres
+async def test_idempotent_run_two_servers_on_postgres_start_one_run(registry: we.Registry, pg_url: str) -> None:
+    """Two apps on one database, one key sent to both at once: one run, and both answer with its record."""
+    apps = [we.create_app(registry=registry, store=we.PostgresStore(pg_url)) for _ in range(2)]
+    clients = [httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") for app in apps]
+    await clients[0].post("/graph/create", json=graph(["inc", "double"], chain("inc", "double")))
+    answers = await asyncio.gather(*(client.post("/graph/run", json={"graph_id": "g"}, headers=key_header("pg"))
+                                     for client in clients))
+    listed = await run_ids(clients[1])
+    for client, app in zip(clients, apps, strict=True):
+        await client.aclose()
+        await engine_of(app).shutdown()  # closes its store
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert sorted(answer.headers.get("idempotent-replayed", "") for answer in answers) == ["", "true"]
+    assert answers[0].json()["run_id"] == answers[1].json()["run_id"] == listed[0]
+    assert (len(listed), answers[0].json()["status"], answers[1].json()["status"]) == (1, "completed", "completed")
+
+
+async def test_openapi_lists_the_idempotency_key_header_of_run_and_resume(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path in ("/graph/run", "/graph/resume/{run_id}"):
+        header = [p for p in paths[path]["post"]["parameters"] if p["in"] == "header"]
+        assert [(p["name"], p["required"], p["schema"]["pattern"]) for p in header] == [
+            ("Idempotency-Key", False, "^[\\x20-\\x7e]{1,255}$")]

@@ -30,6 +30,7 @@ import bisect
 import contextlib
 import enum
 import functools
+import hashlib
 import hmac
 import importlib
 import importlib.util
@@ -201,6 +202,12 @@ METRIC_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 
 PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text exposition format
 SWEEP_INTERVAL_S = 60.0  # how often expired runs are deleted; with a shared store, by one server per interval
 SWEEP_BATCH = 500  # runs one sweep transaction (or one slice of the memory store) deletes
+IDEMPOTENCY_TTL_S = 86_400.0  # how long a store keeps an Idempotency-Key, counted from its first request
+IDEMPOTENCY_RESERVE_S = 60.0  # a key whose first request has not started its run after this long is free again
+IDEMPOTENCY_POLL_S = 0.05  # how often a request waits on the first request with its key to start the run
+MAX_IDEMPOTENCY_KEYS = 100_000  # keys a memory store keeps; past it the oldest is forgotten before its time
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}")  # the Idempotency-Key header: printable ASCII
+IDEMPOTENCY_KEY_RULE = "must be 1-255 printable ASCII characters"  # what IDEMPOTENCY_KEY_PATTERN says
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -232,6 +239,7 @@ class ErrorCode(enum.Enum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
     UNAUTHORIZED = "unauthorized"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -388,6 +396,17 @@ class LeaseLost(RunConflict):
 
     def __init__(self, run_id: str) -> None:
         super().__init__(f"run {run_id!r} is now owned by another worker; this one stopped executing it")
+
+
+class IdempotencyKeyReused(EngineError):
+    """An Idempotency-Key that an earlier, different request used: the key names that request alone."""
+
+    status_code = 422
+    code = ErrorCode.IDEMPOTENCY_KEY_REUSED
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Idempotency-Key {_shown(key)} was used with a different request",
+                         [Problem("$.headers.Idempotency-Key", "was used with a different request")])
 
 
 class BodyTooLarge(EngineError):
@@ -913,6 +932,7 @@ class Settings:
     run_ttl_s: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
     paused_ttl_s: float | None = attrs.field(default=None,  # waiting and interrupted runs
                                              validator=attrs.validators.optional(attrs.validators.gt(0.0)))
+    idempotency_ttl_s: float = attrs.field(default=IDEMPOTENCY_TTL_S, validator=attrs.validators.gt(0.0))
 
     def __attrs_post_init__(self) -> None:
         if self.max_iterations > self.max_iterations_cap:
@@ -1430,11 +1450,12 @@ def _new_id() -> str:
 def new_run(
     graph: GraphDefinition, state: WorkflowState, *, max_iterations: int = MAX_ITERATIONS,
     timeout_s: float | None = None, max_state_bytes: int = MAX_STATE_BYTES, max_log_bytes: int = MAX_LOG_BYTES,
+    run_id: str | None = None,
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`; raise InvalidValue if it is not JSON."""
     created_at = _now()
     return RunContext(
-        run_id=_new_id(),
+        run_id=run_id or _new_id(),
         graph_id=graph.graph_id or "",
         max_iterations=max_iterations,
         max_state_bytes=max_state_bytes,
@@ -1901,6 +1922,32 @@ class Heartbeat:
     cancel_requested: tuple[str, ...] = ()
 
 
+@attrs.frozen(kw_only=True)
+class IdempotencyKey:
+    """A request's Idempotency-Key and the fingerprint of the request it came with."""
+
+    key: str
+    fingerprint: str
+
+
+@attrs.frozen(kw_only=True)
+class HeldKey:
+    """What a store holds for a key that an earlier request reserved: that request's fingerprint, its run, and
+    whether the run has started (`is_accepted`) or the request is still starting it."""
+
+    fingerprint: str
+    run_id: str
+    is_accepted: bool
+
+
+@attrs.frozen(kw_only=True)
+class _StoredKey:
+    held: HeldKey
+    token: str  # the reserving request's, so that only it accepts or releases the key
+    reserved_at: float  # time.monotonic()
+    expires_at: float
+
+
 @attrs.frozen
 class _StoredRun:
     summary: RunSummary
@@ -1924,7 +1971,37 @@ class MemoryStore:
         self._leases: dict[str, Lease] = {}  # the last lease of each run; its owner is "" once the run stops
         self._finished: dict[str, None] = {}  # finished run ids, oldest first
         self._paused: set[str] = set()
+        self._keys: dict[str, _StoredKey] = {}  # idempotency keys, oldest first (all live equally long)
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
+
+    async def reserve_key(self, key: IdempotencyKey, run_id: str, token: str, ttl_s: float,
+                          reserve_s: float = IDEMPOTENCY_RESERVE_S) -> HeldKey | None:
+        """Reserve `key` for the request `token` that will start (or resume) `run_id` and return None; or return
+        what an earlier request holds. A key expires `ttl_s` after it was reserved, and a reservation whose run has
+        not started `reserve_s` after it was made (its request died) is free again."""
+        now = time.monotonic()
+        while self._keys and (next(iter(self._keys.values())).expires_at <= now
+                              or len(self._keys) >= MAX_IDEMPOTENCY_KEYS):
+            del self._keys[next(iter(self._keys))]
+        stored = self._keys.get(key.key)
+        if stored is not None and (stored.held.is_accepted or stored.reserved_at + reserve_s > now):
+            return stored.held
+        self._keys.pop(key.key, None)  # a stale reservation goes to the end, with the young keys
+        self._keys[key.key] = _StoredKey(held=HeldKey(fingerprint=key.fingerprint, run_id=run_id, is_accepted=False),
+                                         token=token, reserved_at=now, expires_at=now + ttl_s)
+        return None
+
+    async def accept_key(self, key: str, token: str) -> None:
+        """Mark `key`, reserved by `token`, as naming a run that has started."""
+        stored = self._keys.get(key)
+        if stored is not None and stored.token == token:
+            self._keys[key] = attrs.evolve(stored, held=attrs.evolve(stored.held, is_accepted=True))
+
+    async def release_key(self, key: str, token: str) -> None:
+        """Forget `key`, reserved by `token`, whose request started nothing."""
+        stored = self._keys.get(key)
+        if stored is not None and stored.token == token:
+            del self._keys[key]
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -2135,7 +2212,13 @@ _STOPS = (  # version 3: when a run last stopped (ended or paused) on the databa
     f"UPDATE runs SET stopped_at = {{now}} WHERE NOT {_IN_ACTIVE}",
     "CREATE INDEX runs_by_stop ON runs (status, stopped_at)",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS)
+_KEYS = (  # version 4: Idempotency-Key headers, on the database's clock; the primary key lets one request have each
+    "CREATE TABLE idempotency_keys (idempotency_key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, run_id TEXT NOT NULL,"
+    " token TEXT NOT NULL, accepted INTEGER NOT NULL DEFAULT 0, reserved_at DOUBLE PRECISION NOT NULL,"
+    " expires_at DOUBLE PRECISION NOT NULL)",
+    "CREATE INDEX idempotency_keys_by_expiry ON idempotency_keys (expires_at)",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS, _KEYS)
 _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
@@ -2172,6 +2255,20 @@ class SqlStore:
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
             self._migrate(db)
+
+    async def reserve_key(self, key: IdempotencyKey, run_id: str, token: str, ttl_s: float,
+                          reserve_s: float = IDEMPOTENCY_RESERVE_S) -> HeldKey | None:
+        """Reserve `key` as MemoryStore does, in one transaction that also deletes expired keys; writes are
+        serialized, so of two servers reserving one key at once, one wins and the other sees its reservation."""
+        return await self._write(self._reserve_key, key.key, key.fingerprint, run_id, token, ttl_s, reserve_s)
+
+    async def accept_key(self, key: str, token: str) -> None:
+        """Mark `key`, reserved by `token`, as naming a run that has started."""
+        await self._write(self._update_key, "UPDATE idempotency_keys SET accepted = 1", key, token)
+
+    async def release_key(self, key: str, token: str) -> None:
+        """Forget `key`, reserved by `token`, whose request started nothing."""
+        await self._write(self._update_key, "DELETE FROM idempotency_keys", key, token)
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -2394,6 +2491,24 @@ class SqlStore:
                                             now=self.NOW))
         db.execute(self._sql("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value ="
                              " excluded.value"), (str(len(_MIGRATIONS)),))
+
+    def _reserve_key(self, key: str, fingerprint: str, run_id: str, token: str, ttl_s: float,
+                     reserve_s: float) -> HeldKey | None:
+        with self._transaction() as db:
+            db.execute(self._sql(f"DELETE FROM idempotency_keys WHERE expires_at <= {self.NOW} OR (idempotency_key = ?"
+                                 f" AND accepted = 0 AND reserved_at + ? <= {self.NOW})"), (key, reserve_s))
+            row = self._one(db, "SELECT fingerprint, run_id, accepted FROM idempotency_keys WHERE idempotency_key = ?",
+                            (key,))
+            if row is not None:
+                return HeldKey(fingerprint=row[0], run_id=row[1], is_accepted=bool(row[2]))
+            db.execute(self._sql("INSERT INTO idempotency_keys (idempotency_key, fingerprint, run_id, token,"
+                                 f" reserved_at, expires_at) VALUES (?, ?, ?, ?, {self.NOW}, {self.NOW} + ?)"),
+                       (key, fingerprint, run_id, token, ttl_s))
+            return None
+
+    def _update_key(self, statement: str, key: str, token: str) -> None:
+        with self._transaction() as db:
+            db.execute(self._sql(f"{statement} WHERE idempotency_key = ? AND token = ?"), (key, token))
 
     def _insert_graph(self, graph_id: str, definition: bytes) -> bytes | None:
         with self._transaction() as db:
@@ -3027,9 +3142,11 @@ class Engine:
     async def start(
         self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
         max_iterations: int | None = None, timeout_s: float | None = None, wait: bool = False, queue: bool = False,
+        run_id: str | None = None,
     ) -> RunContext:
         """Start a run of a stored graph (by id) or of a definition (validated and stored first, so the run can be
-        resumed); return its record once the store holds it, or with `wait` once the run has stopped.
+        resumed); return its record once the store holds it, or with `wait` once the run has stopped. `run_id`
+        names the new run (None: a new id).
 
         With `queue` (and a shared store) the run goes to the store's queue, for whichever server has room; the
         record returned is then the queued one, which `get_run` reads anew.
@@ -3043,7 +3160,8 @@ class Engine:
         if problems:
             raise InvalidRequest(problems)
         run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s,
-                      max_state_bytes=self.settings.max_state_bytes, max_log_bytes=self.settings.max_log_bytes)
+                      max_state_bytes=self.settings.max_state_bytes, max_log_bytes=self.settings.max_log_bytes,
+                      run_id=run_id)
         return await self._submit(run, graph, None, wait, queue=queue)
 
     async def resume(self, run_id: str, updates: dict[str, Any] | None = None, *,
@@ -3086,6 +3204,30 @@ class Engine:
         if active is not None and active.run is run:
             await self._stopped(active)
         return run
+
+    async def once(self, key: IdempotencyKey | None, run_id: str, wait: bool,
+                   begin: Callable[[], Awaitable[RunContext]]) -> tuple[RunContext, bool]:
+        """Start (or resume) run `run_id` with `begin`, which returns once the store holds it, unless an earlier
+        request with `key` did: then answer for that request's run. Return the run (with `wait`, once it has
+        stopped) and whether it is an earlier request's; raise IdempotencyKeyReused if that request was different.
+
+        The key is reserved before `begin` and marked accepted after it, so of two requests with one key, here or
+        on another server, only the first starts a run and the other waits until it has; a `begin` that fails
+        releases the key, and a later request with it starts the run.
+        """
+        if key is None:
+            run = await begin()
+        else:
+            token, ttl_s = _new_id(), self.settings.idempotency_ttl_s
+            while (held := await self.store.reserve_key(key, run_id, token, ttl_s)) is not None:
+                if held.fingerprint != key.fingerprint:
+                    raise IdempotencyKeyReused(key.key)
+                if held.is_accepted:
+                    return await self._replayed(held.run_id, wait), True
+                await asyncio.sleep(IDEMPOTENCY_POLL_S)  # the first request is starting its run
+            # Shielded: a client that goes away meanwhile still leaves the key accepted or released.
+            run = await asyncio.shield(self._begin_once(key.key, token, begin))
+        return (await self.wait(run) if wait else run), False
 
     async def cancel(self, run_id: str) -> RunContext:
         """Cancel a pending, running, waiting or interrupted run; return its record once the store holds it.
@@ -3207,6 +3349,28 @@ class Engine:
             await asyncio.wait([self._worker])
         if self._listener is not None:
             await asyncio.to_thread(self._listener.join)
+
+    async def _begin_once(self, key: str, token: str, begin: Callable[[], Awaitable[RunContext]]) -> RunContext:
+        try:
+            run = await begin()
+        except Exception:
+            await self.store.release_key(key, token)  # nothing started, so a retry with this key may start it
+            raise
+        await self.store.accept_key(key, token)
+        return run
+
+    async def _replayed(self, run_id: str, wait: bool) -> RunContext:
+        # A run this engine executes is awaited; one that another server executes (or that waits in the queue) is
+        # read from the store until it stops.
+        while True:
+            active = self._active.get(run_id)
+            if active is not None and wait:
+                await asyncio.wait([active.task])  # type: ignore[list-item]
+                continue
+            run = self.get_run(run_id)
+            if not wait or not run.status.is_active:
+                return run
+            await asyncio.sleep(STREAM_POLL_S)
 
     def _check_room(self) -> None:
         if self._draining is not None:
@@ -3625,29 +3789,50 @@ async def post_graph_create(request: Request) -> Response:
 
 
 async def post_graph_run(request: Request) -> Response:
-    """Run a stored graph: to its end (200, a failed run included), or in the background with `"wait": false` (202)."""
+    """Run a stored graph: to its end (200, a failed run included), or in the background with `"wait": false` (202).
+
+    With an Idempotency-Key, a request like an earlier one with that key answers for the earlier one's run."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes), RunRequest)
-    run = await engine.start(body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s,
-                             wait=body.wait, queue=not body.wait)
-    return _run_answer(run, body.wait)
+    run_id = _new_id()
+    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda: engine.start(
+        body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s,
+        queue=not body.wait, run_id=run_id))
+    return _run_answer(run, body.wait, is_replayed)
 
 
 async def post_graph_resume(request: Request) -> Response:
     """Go on with a waiting or interrupted run, after merging `updates` into its data; answers like /graph/run."""
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes, empty={}), ResumeRequest)
-    run = await engine.resume(_path_id(request, "run_id"), body.updates, timeout_s=body.timeout_s, wait=body.wait,
-                              queue=not body.wait)
-    return _run_answer(run, body.wait)
+    run_id = _path_id(request, "run_id")
+    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda: engine.resume(
+        run_id, body.updates, timeout_s=body.timeout_s, queue=not body.wait))
+    return _run_answer(run, body.wait, is_replayed)
 
 
-def _run_answer(run: RunContext, wait: bool) -> Response:
+def _idempotency_key(request: Request, body: RunRequest | ResumeRequest) -> IdempotencyKey | None:
+    """The request's Idempotency-Key, fingerprinted by method, path and body (parsed, defaults filled in, as
+    canonical JSON: spacing, key order and spelled-out defaults do not make requests differ); None without one."""
+    keys = request.headers.getlist("idempotency-key")
+    if not keys:
+        return None
+    if len(keys) > 1 or not IDEMPOTENCY_KEY_PATTERN.fullmatch(keys[0]):
+        rule = "must be given once" if len(keys) > 1 else IDEMPOTENCY_KEY_RULE
+        raise InvalidRequest([Problem("$.headers.Idempotency-Key", rule)])
+    canonical = json.dumps(converter.unstructure(body), ensure_ascii=False, allow_nan=False, sort_keys=True,
+                           separators=(",", ":"))
+    digest = hashlib.sha256(f"{request.method} {request.url.path}\n{canonical}".encode()).hexdigest()
+    return IdempotencyKey(key=keys[0], fingerprint=digest)
+
+
+def _run_answer(run: RunContext, wait: bool, is_replayed: bool = False) -> Response:
+    headers = {"Idempotent-Replayed": "true"} if is_replayed else {}
     if wait:
-        return JSONResponse(converter.unstructure(_run_response(run)))
+        return JSONResponse(converter.unstructure(_run_response(run)), headers=headers)
     # The store took the run as pending; it may have moved on already, which /graph/state tells.
     accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=RunStatus.PENDING))
-    return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}"})
+    return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}", **headers})
 
 
 async def post_graph_cancel(request: Request) -> Response:
@@ -3989,6 +4174,7 @@ class Operation:
     body: type | None = None
     answers: Mapping[int, Any] = attrs.field(factory=dict)  # status -> model of the body, EventStream, PlainText, None
     query: Mapping[str, str] = attrs.field(factory=dict)  # parameter -> JSON type
+    headers: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)  # optional request header -> its schema
 
 
 async def get_openapi(request: Request) -> Response:
@@ -3996,12 +4182,15 @@ async def get_openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
 
 
+_IDEMPOTENCY_HEADER = {"Idempotency-Key": {  # what IDEMPOTENCY_KEY_PATTERN says
+    "type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$",
+    "description": "A request like an earlier one with this key answers for that one's run"}}
 OPERATIONS = (
     Operation(method="GET", path="/", endpoint=get_health, summary="Health check", answers={200: HealthResponse}),
     Operation(method="POST", path="/graph/create", endpoint=post_graph_create, summary="Store a graph definition",
               body=GraphDefinition, answers={200: CreateGraphResponse, 201: CreateGraphResponse}),
     Operation(method="POST", path="/graph/run", endpoint=post_graph_run, summary="Run a stored graph", body=RunRequest,
-              answers={200: RunResponse, 202: RunAccepted}),
+              answers={200: RunResponse, 202: RunAccepted}, headers=_IDEMPOTENCY_HEADER),
     Operation(method="GET", path="/graph/state/{run_id}", endpoint=get_graph_state, summary="A run's record",
               answers={200: RunContext}),
     Operation(method="GET", path="/graph/definition/{graph_id}", endpoint=get_graph_definition,
@@ -4014,7 +4203,7 @@ OPERATIONS = (
               summary="Cancel a pending or running run", answers={200: RunContext}),
     Operation(method="POST", path="/graph/resume/{run_id}", endpoint=post_graph_resume,
               summary="Go on with a waiting or interrupted run", body=ResumeRequest,
-              answers={200: RunResponse, 202: RunAccepted}),
+              answers={200: RunResponse, 202: RunAccepted}, headers=_IDEMPOTENCY_HEADER),
     Operation(method="GET", path="/graph/runs", endpoint=get_graph_runs, summary="Run summaries, newest first",
               answers={200: RunsPage},
               query={"graph_id": "string", "status": "string", "limit": "integer", "offset": "integer"}),
@@ -4110,8 +4299,10 @@ def _event_stream_schema(stream: EventStream, components: dict[str, Any]) -> dic
 def _parameters(operation: Operation) -> list[dict[str, Any]]:
     in_path = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                for name in re.findall(r"{(\w+)}", operation.path)]
-    return in_path + [{"name": name, "in": "query", "required": False, "schema": {"type": kind}}
-                      for name, kind in operation.query.items()]
+    in_query = [{"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+                for name, kind in operation.query.items()]
+    return in_path + in_query + [{"name": name, "in": "header", "required": False, "schema": dict(schema)}
+                                 for name, schema in operation.headers.items()]
 
 
 # ---------------------------------------------------------------------------
@@ -4157,6 +4348,7 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_SHUTDOWN_GRACE_S", "shutdown_grace_s", _env_number(float)),
     ("WORKFLOW_RUN_TTL_S", "run_ttl_s", _env_number(float)),
     ("WORKFLOW_PAUSED_TTL_S", "paused_ttl_s", _env_number(float)),
+    ("WORKFLOW_IDEMPOTENCY_TTL_S", "idempotency_ttl_s", _env_number(float)),
     ("WORKFLOW_DB", "db_path", str),
     ("WORKFLOW_API_TOKEN", "api_token", str),
     ("WORKFLOW_LOG_FORMAT", "log_format", _env_log_format),
