@@ -6019,6 +6019,22 @@ def test_sign_webhook_follows_standard_webhooks() -> None:
     assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
+
+def test_e2e_webhook_from_a_server_configured_by_its_environment() -> None:
+    """A real server, its webhook settings read from the environment, signs and sends a run's webhook."""
+    with Receiver([200]) as receiver:
+        env = {"WORKFLOW_WEBHOOK_HOSTS": f"localhost:1,127.0.0.1:{receiver.port}", "WORKFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET}
+        with running_server(env) as (base, _):
+            ran = httpx.post(base + "/graph/run", json={"graph_id": "code_review", "webhook": receiver.url,
+                                                        "state": {"data": {"code": "x = 1\n"}}}, timeout=30)
+            asyncio.run(receiver.received(1))
+            wait_for(lambda: httpx.get(f"{base}/graph/state/{ran.json()['run_id']}").json()["webhook"]["delivered_at"]
+                     is not None)
+    _, headers, body = receiver.got[0]
+    assert (ran.status_code, json.loads(body)["run_id"], json.loads(body)["status"]) == (
+        200, ran.json()["run_id"], ran.json()["status"])
+    assert is_signed(headers, body)
+
 # ---------------------------------------------------------------------------
 # Idempotency keys go with their run, expire in sweeps, and a request waiting on one only reads
 # ---------------------------------------------------------------------------
