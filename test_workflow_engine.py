@@ -5902,6 +5902,15 @@ async def test_webhook_to_a_target_not_allowed_is_refused(registry: we.Registry,
         422, error("invalid_request", "the request has 1 problem", ("$.webhook", message)), 0)
 
 
+
+async def test_webhook_bad_url_from_code_is_refused_like_a_request(registry: we.Registry) -> None:
+    engine = we.Engine(registry, settings=we.Settings(webhook_hosts=("127.0.0.1:9000",)))
+    with pytest.raises(we.InvalidRequest, match="^the request has 1 problem$") as refused:
+        await engine.start(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)),
+                           webhook="http://127.0.0.1:99999/x")
+    assert (refused.value.details, engine.store.counts()) == (
+        [we.Problem("$.webhook", "must be a URL such as http://host:port/path")], (0, 0))
+
 async def test_webhook_without_hosts_configured_is_refused(client: httpx.AsyncClient) -> None:
     await client.post("/graph/create", json=graph(["inc"]))
     refused = await client.post("/graph/run", json={"graph_id": "g", "webhook": "http://127.0.0.1:9000/hook"})

@@ -600,11 +600,13 @@ def parse_webhook_hosts(entries: Iterable[str]) -> tuple[str, ...]:
     for entry in (entry.strip() for entry in entries):
         try:
             parts = urllib.parse.urlsplit("//" + entry)
-            is_pair = bool(parts.hostname) and parts.port is not None and not (parts.path or parts.query or parts.username)
+            is_pair = bool(parts.hostname) and parts.port is not None and not (
+                parts.path or parts.query or parts.username)
         except ValueError:
             is_pair = False
         if not is_pair or any(char.isspace() for char in entry):
-            raise InvalidValue(f"{_shown(entry)} is not a host:port pair such as 127.0.0.1:9000 or hooks.example.com:443")
+            raise InvalidValue(f"{_shown(entry)} is not a host:port pair such as 127.0.0.1:9000 or "
+                               "hooks.example.com:443")
         hosts.append(webhook_target(f"http://{entry}"))
     return tuple(hosts)
 
@@ -2131,7 +2133,9 @@ class MemoryStore:
 
     def _held(self, key: str, reserve_s: float, now: float) -> HeldKey | None:
         stored = self._keys.get(key)
-        if stored is None or stored.expires_at <= now or not stored.held.is_accepted and stored.reserved_at + reserve_s <= now:
+        if stored is None or stored.expires_at <= now:
+            return None
+        if not stored.held.is_accepted and stored.reserved_at + reserve_s <= now:  # its request died
             return None
         return stored.held
 
@@ -2784,9 +2788,9 @@ class SqlStore:
 
     def _claim_webhooks(self, owner: str, limit: int, claim_s: float) -> list[WebhookEvent]:
         with self._transaction() as db:
-            rows = self._all(db, f"SELECT event_id, run_id, url, body, attempts FROM webhooks WHERE next_at <= {self.NOW}"
-                             f" AND (owner IS NULL OR claimed_until < {self.NOW}) ORDER BY next_at LIMIT ?{self.SKIP_LOCKED}",
-                             (limit,))
+            rows = self._all(db, "SELECT event_id, run_id, url, body, attempts FROM webhooks"
+                             f" WHERE next_at <= {self.NOW} AND (owner IS NULL OR claimed_until < {self.NOW})"
+                             f" ORDER BY next_at LIMIT ?{self.SKIP_LOCKED}", (limit,))
             self._executemany(db, f"UPDATE webhooks SET owner = ?, claimed_until = {self.NOW} + ? WHERE event_id = ?",
                               [(owner, claim_s, row[0]) for row in rows])
         return [WebhookEvent(event_id=event_id, run_id=run_id, url=url, body=bytes(body), attempts=attempts)
@@ -2796,8 +2800,9 @@ class SqlStore:
                         last_error: str | None, retry_s: float | None) -> None:
         next_at = "NULL" if retry_s is None else f"{self.NOW} + ?"
         with self._transaction() as db:
-            db.execute(self._sql(f"UPDATE webhooks SET attempts = ?, delivered_at = ?, last_error = ?, next_at = {next_at},"
-                                 " owner = NULL, claimed_until = NULL WHERE event_id = ? AND owner = ?"),
+            db.execute(self._sql("UPDATE webhooks SET attempts = ?, delivered_at = ?, last_error = ?,"
+                                 f" next_at = {next_at}, owner = NULL, claimed_until = NULL"
+                                 " WHERE event_id = ? AND owner = ?"),
                        (attempts, delivered_at, last_error, *(() if retry_s is None else (retry_s,)), event_id, owner))
             if retry_s is None:  # a run keeps its events still to deliver, and its latest one
                 db.execute(self._sql("DELETE FROM webhooks WHERE run_id = ? AND next_at IS NULL AND seq <"
@@ -2805,8 +2810,9 @@ class SqlStore:
 
     def _add_webhook(self, db: Any, event: WebhookEvent) -> None:
         db.execute(self._sql("DELETE FROM webhooks WHERE run_id = ? AND next_at IS NULL"), (event.run_id,))
-        db.execute(self._sql(f"INSERT INTO webhooks (event_id, run_id, url, body, next_at) VALUES (?, ?, ?, ?, {self.NOW})"
-                             " ON CONFLICT (event_id) DO NOTHING"), (event.event_id, event.run_id, event.url, event.body))
+        db.execute(self._sql("INSERT INTO webhooks (event_id, run_id, url, body, next_at)"
+                             f" VALUES (?, ?, ?, ?, {self.NOW}) ON CONFLICT (event_id) DO NOTHING"),
+                   (event.event_id, event.run_id, event.url, event.body))
 
     def _delete_with_runs(self, db: Any, ids: list[tuple[str]]) -> None:
         # Everything stored with a run goes with it: its log, its webhook events (delivered or not) and the
@@ -3897,13 +3903,13 @@ class Engine:
         """The webhook of a new run, or raise InvalidRequest: its target must be one of the allowed hosts."""
         if url is None:
             return None
-        if not self.settings.webhook_hosts:
+        problem = url_problem(url)  # the request's validator said so already; a caller in code may not have
+        if problem is None and not self.settings.webhook_hosts:
             problem = "webhooks are off on this server; its operator turns them on by listing the host:port targets " \
                       "they may go to in WORKFLOW_WEBHOOK_HOSTS"
-        else:
-            problem = url_problem(url) or (None if webhook_target(url) in self.settings.webhook_hosts else
-                                           f"{_shown(webhook_target(url))} is not an allowed webhook target; the server "
-                                           "sends webhooks only to the host:port targets in WORKFLOW_WEBHOOK_HOSTS")
+        elif problem is None and webhook_target(url) not in self.settings.webhook_hosts:
+            problem = f"{_shown(webhook_target(url))} is not an allowed webhook target; the server sends webhooks " \
+                      "only to the host:port targets in WORKFLOW_WEBHOOK_HOSTS"
         if problem:
             raise InvalidRequest([Problem("$.webhook", problem)])
         return WebhookDelivery(url=url)
