@@ -166,6 +166,7 @@ MAX_ITERATIONS = 100  # node executions per run unless the graph or the run requ
 MAX_ITERATIONS_CAP = 10_000  # server-wide ceiling on any max_iterations a graph or run may ask for
 MAX_STORED_RUNS = 10_000  # finished runs kept in memory; the oldest finished is evicted first
 MAX_STORED_GRAPHS = 10_000  # graph definitions kept in memory
+MAX_PLANS = 1_000  # graphs a registry keeps planned for the runner (see Registry.plan); the oldest is planned anew
 RUN_COMPRESSION_LEVEL = 6  # zlib level of stored finished runs: a code-review record shrinks about fourfold
 OFF_LOOP_BYTES = 16 * 1024  # a record estimated over this much JSON is encoded on a store's thread, not the loop
 MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
@@ -1096,7 +1097,7 @@ def _copy_json(value: Any, depth: int = 0) -> Any:
             raise InvalidValue(f"nesting deeper than {MAX_JSON_DEPTH} levels")
         depth += 1
         # Items that are plain already are taken as they are, checked inline by exact type: no call per item.
-        if isinstance(value, dict):
+        if kind is dict or isinstance(value, dict):
             copy: dict[str, Any] = {}
             for key, item in value.items():
                 if type(key) is not str or not key.isascii():
@@ -1163,6 +1164,20 @@ ToolFn = Callable[..., Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@attrs.frozen(kw_only=True)
+class NodePlan:
+    """What the runner needs of one node of a graph, decided once per graph rather than on every step: the node's
+    definition, the name of its function and what that declares it reads and writes, and its edge, with the
+    function of each branch's condition."""
+
+    node: NodeDef
+    function: str
+    io: NodeIO | None
+    default_next: str | None
+    branches: tuple[tuple[BranchCondition, ConditionFn], ...]
+    on_error: str | None
+
+
 class Registry:
     """Named node functions, conditions and tools, plus graphs to load at startup. There is no global one."""
 
@@ -1173,6 +1188,7 @@ class Registry:
         self._conditions: dict[str, ConditionFn] = {}
         self._tools: dict[str, ToolFn] = {}
         self._graphs: dict[str, GraphDefinition] = {}
+        self._plans: dict[int, tuple[GraphDefinition, dict[str, NodePlan]]] = {}  # by id(graph), oldest first
 
     def node(
         self, fn: F | None = None, /, *, name: str | None = None,
@@ -1230,8 +1246,35 @@ class Registry:
 
     def call_node(self, name: str, state: WorkflowState, ctx: "NodeContext") -> Awaitable[object]:
         """Call node function `name` and return what to await for its result; a plain function runs in a thread."""
-        fn = self._nodes.get(name) or self.get_node(name)
+        fn = self._nodes[name] if name in self._nodes else self.get_node(name)  # get_node raises UnknownName
         return fn(state, ctx) if name in self._async_nodes else _in_thread(fn, state, ctx)
+
+    def plan(self, graph: GraphDefinition) -> Mapping[str, NodePlan]:
+        """Return each node of `graph` as a NodePlan, by name; a graph object is planned once (MAX_PLANS kept).
+
+        A graph that names a node function or condition not registered (yet) is planned anew on every call, so a
+        later registration counts; until then its step fails with UnknownName, as it would have without a plan.
+        """
+        cached = self._plans.get(id(graph))
+        if cached is not None and cached[0] is graph:
+            return cached[1]
+        plan = {name: self._plan_node(node, graph.edges.get(name)) for name, node in graph.node_defs.items()}
+        if all(step.function in self._nodes and all(b.condition in self._conditions for b, _ in step.branches)
+               for step in plan.values()):
+            self._plans[id(graph)] = (graph, plan)
+            if len(self._plans) > MAX_PLANS:
+                del self._plans[next(iter(self._plans))]
+        return plan
+
+    def _plan_node(self, node: NodeDef, edge: EdgeDef | None) -> NodePlan:
+        edge = edge or EdgeDef()
+        branches = tuple((branch, self._conditions.get(branch.condition) or self._late_condition(branch.condition))
+                         for branch in edge.branches)
+        return NodePlan(node=node, function=node.function, io=self._io.get(node.function),
+                        default_next=edge.default_next, branches=branches, on_error=edge.on_error)
+
+    def _late_condition(self, name: str) -> ConditionFn:
+        return lambda state: self.get_condition(name)(state)  # raises UnknownName until `name` is registered
 
     def get_condition(self, name: str) -> ConditionFn:
         """Return the condition registered as `name`, or raise UnknownName."""
@@ -1530,7 +1573,7 @@ def _stop_error(run: RunContext, status: RunStatus) -> str:
 
 def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: OnChange) -> None:
     run.duration_ms += _ms_since(clock)
-    run.engine_overhead_ms = max(run.duration_ms - sum(entry.duration_ms for entry in run.logs), 0.0)
+    run.engine_overhead_ms = max(run.duration_ms - sum([entry.duration_ms for entry in run.logs]), 0.0)
     move_run(run, status, error)
     on_change(run)
 
@@ -1547,6 +1590,7 @@ async def _drive(
     run: RunContext, graph: GraphDefinition, registry: Registry, hooks: _Hooks, is_resumed: bool
 ) -> tuple[RunStatus, str | None]:
     """Execute nodes from `run.next_node` until the run ends or pauses; return how it stopped, with its error."""
+    plan = registry.plan(graph)
     contexts: dict[str, NodeContext] = {}
     budget = _DataBudget(run)
     while (name := run.next_node) is not None:
@@ -1557,15 +1601,16 @@ async def _drive(
         is_resumed = False  # only the first node of a resumed run passes its interrupt_before
         run.iteration += 1
         run.current_node = name
-        ctx = contexts.get(name) or contexts.setdefault(name, _node_context(run, graph.node_defs[name], registry))
+        step = plan[name]
+        ctx = contexts[name] if name in contexts else contexts.setdefault(name, _node_context(run, step.node, registry))
         clock = time.perf_counter()
         try:
-            entry = await _run_node(run, graph.node_defs[name], registry, ctx, hooks.on_change, budget)
+            entry = await _run_node(run, step, registry, ctx, hooks.on_change, budget, clock)
         except asyncio.CancelledError:
             event = LogEvent.TIMED_OUT if _stop_status(hooks.deadline) is RunStatus.TIMED_OUT else LogEvent.CANCELLED
             run.logs.append(_interrupted(run, name, clock, event))
             raise
-        _route(run, graph.edges.get(name), entry, registry)
+        _route(run, step, entry, budget)
         run.logs.append(entry)
         run.next_node = entry.next
         if entry.event is LogEvent.INTERRUPT:
@@ -1595,48 +1640,47 @@ def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> L
                     error=f"{reason} during node {name!r}")
 
 
-def _route(run: RunContext, edge: EdgeDef | None, entry: LogEntry, registry: Registry) -> None:
+def _route(run: RunContext, step: NodePlan, entry: LogEntry, budget: "_DataBudget") -> None:
     """Complete `entry` with the next node: a branch or the default after success, `on_error` after a failure."""
     if entry.event is LogEvent.INTERRUPT:
         entry.next = entry.node  # a resume runs the node again
         return
     if entry.event is LogEvent.ERROR:
-        if edge is not None and edge.on_error is not None:
-            _recover(run, entry, edge.on_error)
+        if step.on_error is not None:
+            _recover(run, entry, step.on_error)
+            budget.nested = _nested(run.state.data)
+        return
+    if not step.branches:
+        entry.next = step.default_next
         return
     try:
-        entry.next, entry.branch = _next_node(edge, run.state, registry, entry.node)
+        entry.next, entry.branch = _next_node(step, run.state, entry.node)
     except _StepFailed as exc:
         entry.event, entry.error = LogEvent.ERROR, str(exc)
 
 
-_FLAT_TYPES = frozenset({str, int, float, bool, type(None)})  # values a node cannot change in place
-
-
 async def _run_node(
-    run: RunContext, node: NodeDef, registry: Registry, ctx: NodeContext, on_change: OnChange, budget: "_DataBudget"
+    run: RunContext, step: NodePlan, registry: Registry, ctx: NodeContext, on_change: OnChange,
+    budget: "_DataBudget", clock: float,
 ) -> LogEntry:
     """Call the node until an attempt succeeds or none are left; log each failed attempt that is retried.
 
-    Return the entry of the last attempt: `executed`, with its changes committed to the run, or `error`.
+    Return the entry of the last attempt: `executed`, with its changes committed to the run, or `error`. `clock`
+    is when the step began (time.perf_counter()).
     """
-    before, metadata = run.state.data, run.state.metadata
-    function = node.function
-    io = registry.node_io(function)
-    nested = [key for key, value in before.items() if type(value) not in _FLAT_TYPES]  # what could change in place
-    nested_metadata = [key for key, value in metadata.items() if type(value) not in _FLAT_TYPES] if metadata else []
+    node, io, before, metadata = step.node, step.io, run.state.data, run.state.metadata
     attempt = 1
     while True:
         # Each attempt works on copies of data and metadata, nested values too: whatever it changes in place, even
         # from a worker thread that outlives its timeout, stays out of the run. The run takes only the checked
         # copy of what changed, and drops every change to metadata (the caller's).
-        working = WorkflowState(data=_private(before, nested) if nested else dict(before),
-                                metadata=_private(metadata, nested_metadata) if metadata else {})
-        started_at, clock = datetime.now(UTC), time.perf_counter()
+        working = WorkflowState(data=_private(before, budget.nested) if budget.nested else dict(before),
+                                metadata=_private(metadata, budget.nested_metadata) if metadata else {})
+        started_at = datetime.now(UTC)
         try:
             if io is not None:
                 _check_reads(node.name, io, before)
-            awaitable = registry.call_node(function, working, ctx)
+            awaitable = registry.call_node(step.function, working, ctx)
             result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
             updates, keys = _changes(node.name, before, working.data, result)
             if io is not None:
@@ -1655,12 +1699,13 @@ async def _run_node(
             run.logs.append(entry)
             on_change(run)
             await asyncio.sleep(node.retry.delay_s(attempt))
-            attempt += 1
+            attempt, clock = attempt + 1, time.perf_counter()
             continue
         if keys:
             run.state.data = _applied(before, updates, keys)
+        duration_ms = (time.perf_counter() - clock) * 1000
         entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
-                         duration_ms=_ms_since(clock), keys_changed=keys, updates=updates, attempt=attempt)
+                         duration_ms=duration_ms, keys_changed=keys, updates=updates, attempt=attempt)
         if omitted:
             entry.updates = {key: value for key, value in updates.items() if key not in omitted}
             entry.updates_omitted = omitted
@@ -1707,11 +1752,13 @@ def _check_writes(name: str, io: NodeIO, updates: dict[str, Any], keys: tuple[st
 
 
 class _DataBudget:
-    """Keep a run's data under its `max_state_bytes` and the updates its log keeps under its `max_log_bytes`.
+    """Keep a run's data under its `max_state_bytes` and the updates its log keeps under its `max_log_bytes`, and
+    know which keys of its data and metadata hold nested values (the ones an attempt must copy deeply).
 
-    Both count a value as the length of its JSON text. A step that would take the data over its limit fails; once
-    the log is full, an entry keeps the keys a step changed but leaves out each new value that does not fit, so
-    the log stays bounded while the run's data stays whole.
+    Both limits count a value as the length of its JSON text. A step that would take the data over its limit fails;
+    once the log is full, an entry keeps the keys a step changed but leaves out each new value that does not fit,
+    so the log stays bounded while the run's data stays whole. All of it is counted once per run, then kept up to
+    date from each step's changes: a step costs what it changes, not what the data holds.
     """
 
     def __init__(self, run: RunContext) -> None:
@@ -1719,27 +1766,37 @@ class _DataBudget:
         self.sizes = {key: _json_size(value) for key, value in run.state.data.items()}
         self.total = sum(self.sizes.values())
         self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values())
+        self.nested = _nested(run.state.data)
+        self.nested_metadata = _nested(run.state.metadata)  # a run's metadata does not change while it runs
 
     def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
         """Count a step's changes, or raise _StepFailed (counting nothing) if they take the data over the limit.
 
         Return the keys whose new values the log leaves out, having counted those it keeps.
         """
-        total, sizes, logged = self.total, [], 0
-        for key in keys:  # a plain loop: this runs on every step
-            size = _json_size(updates[key]) if key in updates else 0
-            total += size - self.sizes.get(key, 0)
+        total, logged, counted, is_nested = self.total, 0, {}, False
+        for key in keys:  # a plain loop with no calls for scalars: this runs on every step
+            value = updates[key] if key in updates else _MISSING
+            kind = type(value)
+            is_container = kind is dict or kind is list
+            size = len(value) + 2 if kind is str else 0 if value is _MISSING else (
+                _json_size(value) if is_container else 8)
+            total += size - (self.sizes[key] if key in self.sizes else 0)
             logged += size
-            sizes.append((key, size))
+            counted[key] = size
+            is_nested = is_nested or is_container
         if total > self.limit:
             raise _StepFailed(f"node {name!r} took the run's data to about {total} bytes, over its limit of {self.limit}")
         self.total = total
-        self.sizes.update(sizes)
+        self.sizes.update(counted)
+        if is_nested or self.nested:  # only data that holds containers pays for tracking them
+            self.nested = [key for key in self.nested if key not in counted] + [
+                key for key, value in updates.items() if type(value) is dict or type(value) is list]
         if self.logged + logged <= self.log_limit:
             self.logged += logged
             return ()
         omitted = []
-        for key, size in sizes:  # a removed key counts 0, so it always fits
+        for key, size in counted.items():  # a removed key counts 0, so it always fits
             if self.logged + size <= self.log_limit:
                 self.logged += size
             else:
@@ -1751,6 +1808,11 @@ def _json_size(value: object) -> int:
     if type(value) is str:
         return len(value) + 2
     return 8 if type(value) in _PLAIN_SCALARS or type(value) is float else len(json.dumps(value, ensure_ascii=False))
+
+
+def _nested(values: dict[str, Any]) -> list[str]:
+    """The keys of plain-JSON `values` that hold a list or a dict: what a node could change in place."""
+    return [key for key, value in values.items() if type(value) is dict or type(value) is list]
 
 
 def _recover(run: RunContext, entry: LogEntry, target: str) -> None:
@@ -1777,19 +1839,22 @@ def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: ob
     A key changed if the node returned it, or bound, rebound, removed or changed in place its value in `data`, the
     node's own copy of `before`; a new value of the same type that compares equal to the old one is no change.
     """
-    if result is not None and not isinstance(result, dict):
+    if result is not None and type(result) is not dict and not isinstance(result, dict):
         raise _StepFailed(f"node {name!r} returned {type(result).__name__}, expected a dict or None")
-    changed: dict[str, Any] = {}
+    changed: dict[str, Any] = result or {}  # copied by _copy_json below, like every changed value
     removed: tuple[str, ...] = ()
     if data != before:  # compared in C, so the per-key scan runs only for nodes that changed data
+        changed = {}
         for key, value in data.items():
             old = before.get(key, _MISSING)
             if old is not value and (type(old) is not type(value) or old != value):
                 changed[key] = value
         # A key removed in place and returned too is replaced, not removed: listed once.
         removed = tuple(sorted(key for key in before.keys() - data.keys() if not result or key not in result))
-    if result:
-        changed.update(result)
+        if result:
+            changed.update(result)
+    elif not changed:
+        return {}, ()
     try:
         updates = _copy_json(changed)
     except InvalidValue as exc:
@@ -1797,22 +1862,18 @@ def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: ob
     return updates, (*updates, *removed)
 
 
-def _next_node(
-    edge: EdgeDef | None, state: WorkflowState, registry: Registry, name: str
-) -> tuple[str | None, str | None]:
+def _next_node(step: NodePlan, state: WorkflowState, name: str) -> tuple[str | None, str | None]:
     """Return the next node and the condition that chose it (None for the default edge)."""
-    if edge is None:
-        return None, None
-    for branch in edge.branches:
+    for branch, condition in step.branches:
         try:
-            taken = registry.get_condition(branch.condition)(state)
+            taken = condition(state)
         except Exception as exc:  # recorded as the step's error by _route
             raise _StepFailed(f"condition {branch.condition!r} of node {name!r} raised {_describe(exc)}") from exc
-        if not isinstance(taken, bool):
+        if type(taken) is not bool:  # bool has no subclasses: this is isinstance
             raise _StepFailed(f"condition {branch.condition!r} returned {type(taken).__name__}, expected bool")
         if taken:
             return branch.target, branch.condition
-    return edge.default_next, None
+    return step.default_next, None
 
 
 def _describe(exc: BaseException) -> str:
@@ -2982,6 +3043,8 @@ class _ActiveRun:
     logged: int = -1  # log entries written to the server log; -1 until the run's start is logged
     counted_logs: int = -1  # the run's log entries when it started here, which metrics do not count; -1 until then
     is_cancel_requested: bool = False
+    # Whether the server log takes the run's progress, asked once per run rather than at every step.
+    is_logging: bool = attrs.field(factory=lambda: logger.isEnabledFor(logging.INFO))
 
     def cancel(self) -> None:
         """Cancel the run's task, unless it is in its first or last save: those are never cut short."""
@@ -3021,7 +3084,7 @@ class _ActiveRun:
             self.changed = None
         if self.counted_logs < 0 and run.status is RunStatus.RUNNING:  # its first change here: it has just started
             self.counted_logs = self.metrics.count_start(run)
-        if logger.isEnabledFor(logging.INFO):
+        if self.is_logging:
             self.log_progress()
 
     def log_progress(self) -> None:
