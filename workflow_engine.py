@@ -40,6 +40,7 @@ import json
 import logging
 import marshal
 import math
+import operator
 import os
 import re
 import secrets
@@ -70,6 +71,7 @@ from cattrs.cols import (
     mapping_structure_factory,
 )
 from cattrs.errors import AttributeValidationNote
+from cattrs.fns import identity
 from cattrs.gen import make_dict_unstructure_fn, override
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -1013,6 +1015,13 @@ def _make_converter() -> cattrs.Converter:
 
     converter.register_structure_hook(str | NodeDef, structure_node)
     converter.register_unstructure_hook(datetime, datetime.isoformat)
+    # Every save of a run unstructures it, so its hooks are ones cattrs inlines (an optional scalar is itself) or
+    # one call each (an enum is its `_value_`), rather than cattrs' generic ones, which call two or three functions.
+    for scalar in (str, int, float, bool):
+        converter.register_unstructure_hook(scalar | None, identity)
+    converter.register_unstructure_hook(datetime | None, lambda value: None if value is None else value.isoformat())
+    converter.register_unstructure_hook_func(lambda type_: isinstance(type_, type) and issubclass(type_, enum.Enum),
+                                             operator.attrgetter("_value_"))
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
     # A log entry names the keys whose values it left out only when it left some out (past max_log_bytes).
     converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
