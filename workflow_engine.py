@@ -3227,13 +3227,14 @@ class Engine:
         graph = self.get_graph(graph) if isinstance(graph, str) else (await self.create_graph(graph))[0]
         limit = self._max_iterations(graph, max_iterations)
         state = state or WorkflowState()
-        problems = [Problem(f"$.state.{name}", problem) for name, problem in
-                    (("data", json_problem(state.data)), ("metadata", json_problem(state.metadata))) if problem]
-        if problems:
-            raise InvalidRequest(problems)
-        run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s,
-                      max_state_bytes=self.settings.max_state_bytes, max_log_bytes=self.settings.max_log_bytes,
-                      run_id=run_id)
+        try:  # new_run copies the state, checking it: a second walk only says what is wrong
+            run = new_run(graph, state, max_iterations=limit, timeout_s=timeout_s,
+                          max_state_bytes=self.settings.max_state_bytes, max_log_bytes=self.settings.max_log_bytes,
+                          run_id=run_id)
+        except InvalidValue:
+            raise InvalidRequest([Problem(f"$.state.{name}", problem) for name, problem in
+                                  (("data", json_problem(state.data)), ("metadata", json_problem(state.metadata)))
+                                  if problem]) from None
         return await self._submit(run, graph, None, wait, queue=queue)
 
     async def resume(self, run_id: str, updates: dict[str, Any] | None = None, *,
@@ -3486,7 +3487,8 @@ class Engine:
         return self.settings.max_concurrent_runs + self.settings.max_pending_runs
 
     async def _stopped(self, active: _ActiveRun) -> None:
-        await asyncio.wait([active.task])  # type: ignore[list-item]
+        if not active.task.done():  # type: ignore[union-attr]  # a run that never paused is done by now
+            await asyncio.wait([active.task])  # type: ignore[list-item]
         if active.failure is not None:
             raise active.failure
 
