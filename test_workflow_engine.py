@@ -4287,8 +4287,10 @@ def test_visualize_graph_reports_the_server_error(monkeypatch: pytest.MonkeyPatc
 # ---------------------------------------------------------------------------
 # Tools: bench.py
 # ---------------------------------------------------------------------------
-def test_bench_engine_quick_prints_ratios_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The engine section measures the engine and both baselines and prints each figure as a ratio to them."""
+def test_bench_engine_quick_prints_ratios_calls_and_targets_and_writes_json(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """The engine section times and counts the calls of Engine.run, the runner and both baselines (PocketFlow only
+    if importable), and prints each target of issue 14 with its figure, baseline, ratio and verdict."""
     path = tmp_path / "r.json"
 
     assert bench.main(["engine", "--quick", "--json", str(path)]) == 0
@@ -4296,20 +4298,30 @@ def test_bench_engine_quick_prints_ratios_and_writes_json(tmp_path: Path, capsys
     results = json.loads(path.read_text())
     assert results["quick"] is True
     assert {"date", "cpu", "cpus", "python"} <= results["machine"].keys()
-    long, short = results["engine"]["long"], results["engine"]["short"]
-    assert (long["n"], long["steps"]) == (bench.QUICK.long_n, 1 + 4 * bench.QUICK.long_n)
-    assert (short["n"], short["steps"]) == (1, 5)
-    for figures, unit in ((long, "us_per_step"), (short, "us_per_run")):
-        for key in (f"bare_{unit}", f"bare_log_{unit}", f"engine_{unit}", "ratio_to_bare", "ratio_to_bare_log"):
-            assert figures[key] > 0, key
-        assert figures["ratio_to_bare"] == pytest.approx(figures[f"engine_{unit}"] / figures[f"bare_{unit}"])
-        assert figures["target_ratio"] == 4.5
-        assert figures["met"] is (figures["ratio_to_bare"] <= 4.5)
-    assert short["engine_store_us_per_run"] > 0
+    engine = results["engine"]
+    names = {"bare", "bare_log", "engine", "runner"} | ({"pocketflow"} if engine["pocketflow"] else set())
+    for kind, n, unit, calls_limit in (("long", bench.QUICK.long_n, "step", 20), ("short", 1, "run", 150)):
+        figures = engine[kind]
+        assert (figures["n"], figures["steps"], figures["unit"]) == (n, 1 + 4 * n, unit)
+        assert figures["rows"].keys() == names
+        for row in figures["rows"].values():
+            assert row[f"us_per_{unit}"] > 0 and row[f"calls_per_{unit}"] > 0
+        bare, eng = figures["rows"]["bare"], figures["rows"]["engine"]
+        assert eng["ratio_to_bare"] == pytest.approx(eng[f"us_per_{unit}"] / bare[f"us_per_{unit}"])
+        time_target, calls_target = figures["targets"]
+        assert time_target == {
+            "target": time_target["target"], "unit": f"us/{unit}", "figure": eng[f"us_per_{unit}"],
+            "baseline": bare[f"us_per_{unit}"], "ratio": eng["ratio_to_bare"], "limit": 5.0,
+            "met": eng["ratio_to_bare"] <= 5.0}
+        assert calls_target == {
+            "target": calls_target["target"], "unit": f"calls/{unit}", "figure": eng[f"calls_per_{unit}"],
+            "baseline": bare[f"calls_per_{unit}"], "ratio": pytest.approx(eng[f"calls_per_{unit}"] / bare[f"calls_per_{unit}"]),
+            "limit": calls_limit, "met": eng[f"calls_per_{unit}"] <= calls_limit}
     out, err = capsys.readouterr()
-    ratio_lines = [line for line in out.splitlines() if "x bare loop" in line and "target <= 4.5x bare loop" in line]
-    assert len(ratio_lines) == 2
-    assert all("x bare+log" in line for line in ratio_lines)
+    verdicts = [line for line in out.splitlines() if line.strip().startswith("Engine.run") and "target <=" in line]
+    assert [line.split("target <= ")[1].split(":")[0] for line in verdicts] == [
+        "5.0x bare", "20 calls/step", "5.0x bare", "150 calls/run"]
+    assert all(line.endswith((": met", ": NOT MET")) for line in verdicts)
     assert err == ""
 
 
