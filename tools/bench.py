@@ -24,9 +24,9 @@ stores  Trivial runs (the engine loop with N = 1: five steps) through the memory
         creates databases of its own and drops them afterwards; without one its row says it was skipped.
 
 Absolute times drift on a shared machine; the ratios to baselines measured in the same invocation drift far less.
-Targets come from issue 7 (the engine and stores sections' from issue 14); a missed target is reported, not an error. The exit
-status is 1 when a section could not run (e.g. the code_review workflow is missing). Standard library plus the
-project's dependencies; RSS needs Linux.
+Targets come from issue 7 (the engine and stores sections' from issue 14); a missed target is reported, not an
+error. The exit status is 1 when a section could not run (e.g. the code_review workflow is missing). Standard
+library plus the project's dependencies; RSS needs Linux.
 """
 
 import argparse
