@@ -1611,7 +1611,10 @@ async def _drive(
         run.iteration += 1
         run.current_node = name
         step = plan[name]
-        ctx = contexts[name] if name in contexts else contexts.setdefault(name, _node_context(run, step.node, registry))
+        if name not in contexts:
+            contexts[name] = NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=name,
+                                         config=step.node.config, registry=registry)
+        ctx = contexts[name]
         clock = time.perf_counter()
         try:
             entry = await _run_node(run, step, registry, ctx, hooks.on_change, budget, clock)
@@ -1635,10 +1638,6 @@ async def _drive(
 def _pause(run: RunContext, hooks: _Hooks) -> tuple[RunStatus, str | None]:
     refusal = hooks.may_pause(run)
     return (RunStatus.WAITING, None) if refusal is None else (RunStatus.FAILED, refusal)
-
-
-def _node_context(run: RunContext, node: NodeDef, registry: Registry) -> NodeContext:
-    return NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=node.name, config=node.config, registry=registry)
 
 
 def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> LogEntry:
