@@ -473,6 +473,10 @@ class RunStatus(enum.Enum):
     WAITING = "waiting"
     INTERRUPTED = "interrupted"
 
+    # Members are singletons compared by identity, so they hash by identity: in C, where Enum's own __hash__ is a
+    # Python call, and every move of a run looks its status up in RUN_MOVES.
+    __hash__ = object.__hash__
+
     @property
     def is_active(self) -> bool:
         """True while the run waits for a slot or executes."""
@@ -522,6 +526,8 @@ class LogEvent(enum.Enum):
     INTERRUPT = "interrupt"
     RESUMED = "resumed"
     RECOVERED = "recovered"
+
+    __hash__ = object.__hash__  # as RunStatus's: the metrics count every run's steps by event
 
 
 # Validators run once every field is structured, so cattrs would report their errors at the object's path; the note
