@@ -2358,10 +2358,46 @@ async def test_cancel_and_timeout_at_once_agree_on_status_and_log(registry: we.R
         await asyncio.sleep(0)
         return {}
 
-    run = await we.Engine(registry).run(we.GraphDefinition(graph_id="t", start_node="past_deadline",
-                                                           nodes=("past_deadline",)), timeout_s=0.01)
+    engine = we.Engine(registry)  # started, not run: the run's own task is the one cancelled
+    run = await engine.wait(await engine.start(we.GraphDefinition(graph_id="t", start_node="past_deadline",
+                                                                  nodes=("past_deadline",)), timeout_s=0.01))
     assert (run.status, run.error) == (we.RunStatus.TIMED_OUT, "the run took longer than its timeout_s of 0.01 s")
     assert [(e.node, e.event) for e in run.logs] == [("past_deadline", we.LogEvent.TIMED_OUT)]
+
+
+async def test_engine_run_in_the_callers_task_is_cancelled_with_its_caller_and_saved(registry: we.Registry) -> None:
+    """Engine.run executes the run in the caller's task: cancelling the caller cancels the run, which is saved as
+    cancelled (the engine lets go of it), and the CancelledError reaches the caller."""
+    hang_started["caller"] = asyncio.Event()
+    engine = we.Engine(registry)
+    definition = we.structure_body(graph(["inc", "hang"], chain("inc", "hang")), we.GraphDefinition)
+    caller = asyncio.create_task(engine.run(definition, we.WorkflowState(metadata={"started": "caller"})))
+    await hang_started["caller"].wait()
+    run_id = engine.store.list_runs()[0][0].run_id
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    run = engine.get_run(run_id)
+    assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled at node 'hang'")
+    assert [(e.node, e.event) for e in run.logs] == [("inc", we.LogEvent.EXECUTED), ("hang", we.LogEvent.CANCELLED)]
+    assert run.state.data == {"count": 1} and not engine.store.get_run(run_id).status.is_active
+
+
+async def test_engine_cancel_of_a_run_in_its_callers_task_returns_it_to_the_caller(registry: we.Registry) -> None:
+    """A cancel through the engine stops a run that executes in its caller's task, and ends there: the caller
+    gets the cancelled run back, as the cancel does, and is not cancelled itself."""
+    hang_started["engine"] = asyncio.Event()
+    engine = we.Engine(registry)
+    definition = we.structure_body(graph(["inc", "hang"], chain("inc", "hang")), we.GraphDefinition)
+    caller = asyncio.create_task(engine.run(definition, we.WorkflowState(metadata={"started": "engine"})))
+    await hang_started["engine"].wait()
+    run_id = engine.store.list_runs()[0][0].run_id
+    cancelled = await engine.cancel(run_id)
+    run = await caller
+    assert run is cancelled and not caller.cancelled()
+    assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled at node 'hang'")
+    assert [(e.node, e.event) for e in run.logs] == [("inc", we.LogEvent.EXECUTED), ("hang", we.LogEvent.CANCELLED)]
+    assert engine.get_run(run_id).status is we.RunStatus.CANCELLED
 
 
 async def test_resume_of_a_run_of_a_given_definition(registry: we.Registry) -> None:

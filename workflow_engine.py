@@ -3049,8 +3049,10 @@ class _ActiveRun:
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
     saved_logs: int  # how many of the run's log entries the store holds
     accepted: asyncio.Future[None]  # done once the store holds the claim (or refused it)
+    stopped: asyncio.Future[None]  # done once the record is released, after the run's last save; waiters await it
     metrics: Metrics
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[Any] | None = None  # the task executing the run: its own, or the caller's for a waited run
+    cancels: int = 0  # times `cancel` cancelled the task: those CancelledErrors end in the task, any other goes on
     lease: Lease | None = None
     failure: EngineError | None = None  # set when the store does not hold the run's last state
     changed: asyncio.Event | None = None  # set (and dropped) at the run's next change; streams wait on it
@@ -3065,6 +3067,7 @@ class _ActiveRun:
         self.is_cancel_requested = True
         if self.accepted.done() and self.run.status.is_active and self.task is not None:
             self.task.cancel()
+            self.cancels += 1
 
     async def claim(self, owner: str, room: int) -> None:
         """Have the store hold the run for `owner` (at most `room` active runs of this server); raise
@@ -3129,7 +3132,8 @@ class Engine:
     """The core the HTTP layer calls: it validates and stores graphs, and starts, tracks, streams and cancels runs.
 
     Graphs registered in code (`registry.add_graph`) are always available and never stored. Every run executes in a
-    task the engine keeps until it ends; at most `settings.max_concurrent_runs` execute at once, the rest wait as
+    task of its own, or in its caller's when the caller waits for it (`wait`), and the engine keeps its record until
+    it ends; at most `settings.max_concurrent_runs` execute at once, the rest wait as
     `pending`, and with `settings.max_pending_runs` waiting a new run is refused (Busy). `worker_id` names this
     engine in the store's leases (default: `settings.worker_id`, else host, pid and a random suffix).
     """
@@ -3222,8 +3226,8 @@ class Engine:
         run_id: str | None = None,
     ) -> RunContext:
         """Start a run of a stored graph (by id) or of a definition (validated and stored first, so the run can be
-        resumed); return its record once the store holds it, or with `wait` once the run has stopped. `run_id`
-        names the new run (None: a new id).
+        resumed); return its record once the store holds it, or with `wait` once the run has stopped (executed in
+        the caller's task, so cancelling the caller cancels the run). `run_id` names the new run (None: a new id).
 
         With `queue` (and a shared store) the run goes to the store's queue, for whichever server has room; the
         record returned is then the queued one, which `get_run` reads anew.
@@ -3254,7 +3258,7 @@ class Engine:
         if previous is not None:
             if previous.run.status.is_active:
                 raise _refused(run_id, previous.run.status, RunStatus.PENDING)
-            await asyncio.wait([previous.task])  # type: ignore[list-item]  # its last save: go on from what it saved
+            await asyncio.wait([previous.stopped])  # its last save: go on from what it saved
             if run_id in self._active:  # another resume was quicker
                 raise _refused(run_id, self._active[run_id].run.status, RunStatus.PENDING)
         run = self.store.get_run(run_id)
@@ -3273,7 +3277,8 @@ class Engine:
         self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
         max_iterations: int | None = None, timeout_s: float | None = None,
     ) -> RunContext:
-        """Run to the end and return the finished record; cancelling the caller does not cancel the run."""
+        """Run to the end in the caller's task and return the finished record. Cancelling the caller cancels the
+        run: it ends `cancelled`, is saved, and the CancelledError goes on."""
         return await self.start(graph, state, max_iterations=max_iterations, timeout_s=timeout_s, wait=True)
 
     async def wait(self, run: RunContext) -> RunContext:
@@ -3357,7 +3362,7 @@ class Engine:
         if active is not None:
             if active.run.status.is_active:
                 raise _delete_refused(run_id, active.run.status)
-            await asyncio.wait([active.task])  # type: ignore[list-item]  # its last save; then the store decides
+            await asyncio.wait([active.stopped])  # its last save; then the store decides
         await self.store.delete_run(run_id)
 
     async def delete_graph(self, graph_id: str) -> None:
@@ -3414,12 +3419,12 @@ class Engine:
                 event.set()
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         if self._active and grace_s > 0:
-            await asyncio.wait([active.task for active in self._active.values()], timeout=grace_s)  # type: ignore
+            await asyncio.wait([active.stopped for active in self._active.values()], timeout=grace_s)
         while self._active:  # cancel even the runs launched while the others were cancelled
             actives = list(self._active.values())
             for active in actives:
                 active.cancel()
-            await asyncio.wait([active.task for active in actives])  # type: ignore[misc]
+            await asyncio.wait([active.stopped for active in actives])
         # Only now: until its runs are saved, the worker renews their leases (it claims nothing new meanwhile).
         self._stopping.set()
         self._wake.set()
@@ -3443,7 +3448,7 @@ class Engine:
         while True:
             active = self._active.get(run_id)
             if active is not None and wait:
-                await asyncio.wait([active.task])  # type: ignore[list-item]
+                await asyncio.wait([active.stopped])
                 continue
             run = self.get_run(run_id)
             if not wait or not run.status.is_active:
@@ -3472,18 +3477,23 @@ class Engine:
             self._wake.set()
             return run
         active = self._new_active(run, graph, expected, saved_logs)
-        active.task = asyncio.create_task(self._execute(active), name=f"run {run.run_id}")
-        await asyncio.wait([active.accepted])  # unlike awaiting it, a caller that goes away cancels nothing
+        if wait:  # the caller waits anyway: its task executes the run, and no task of the run's own is needed
+            active.task = asyncio.current_task()
+            await self._execute(active)
+        else:
+            active.task = asyncio.create_task(self._execute(active), name=f"run {run.run_id}")
+            await asyncio.wait([active.accepted])  # unlike awaiting it, a caller that goes away cancels nothing
         if active.accepted.exception() is not None:
             raise active.accepted.exception()  # type: ignore[misc]
-        if wait:
-            await self._stopped(active)
+        if active.failure is not None:
+            raise active.failure
         return run
 
     def _new_active(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None,
                     saved_logs: int) -> _ActiveRun:
+        loop = asyncio.get_running_loop()
         active = _ActiveRun(run=run, graph=graph, store=self.store, lease_s=self.settings.lease_s, expected=expected,
-                            saved_logs=saved_logs, accepted=asyncio.get_running_loop().create_future(),
+                            saved_logs=saved_logs, accepted=loop.create_future(), stopped=loop.create_future(),
                             metrics=self.metrics)
         self._active[run.run_id] = active
         return active
@@ -3492,24 +3502,21 @@ class Engine:
         return self.settings.max_concurrent_runs + self.settings.max_pending_runs
 
     async def _stopped(self, active: _ActiveRun) -> None:
-        if not active.task.done():  # type: ignore[union-attr]  # a run that never paused is done by now
-            await asyncio.wait([active.task])  # type: ignore[list-item]
+        await asyncio.wait([active.stopped])
         if active.failure is not None:
             raise active.failure
 
     async def _execute(self, active: _ActiveRun) -> None:
+        """Claim the run (unless it is claimed), execute it and save it, then release its record.
+
+        A CancelledError that `active.cancel` caused ends here once the run is saved; any other (the caller's, for
+        a run its task executes) propagates after that.
+        """
         run = active.run
-        if active.lease is None:
-            if self.store.is_shared:
-                await self.open()
-            try:
-                await active.claim(self.worker_id, self._room())
-            except EngineError as exc:
-                del self._active[run.run_id]
-                active.accepted.set_exception(exc)
-                return
+        if active.lease is None and not await self._claim(active):
+            return
         active.accepted.set_result(None)
-        is_logged = False
+        is_logged = is_cancelled = False
         try:
             if not active.graph.nodes:  # see _graph_or_none
                 move_run(run, RunStatus.FAILED, f"graph {run.graph_id!r} was deleted before the run started")
@@ -3519,7 +3526,10 @@ class Engine:
                     await execute_run(run, active.graph, self.registry, on_change=active.notify,
                                       checkpoint=checkpoint, may_pause=self._may_pause)
         except asyncio.CancelledError:  # the runner recorded it, or the finally below does for a run not started
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # the task ends here, after its last save
+            task = asyncio.current_task()
+            for _ in range(active.cancels):  # the engine's own cancels end here, after the last save
+                task.uncancel()  # type: ignore[union-attr]
+            is_cancelled = task.cancelling() > 0  # type: ignore[union-attr]
         except StoreUnavailable as exc:  # a checkpoint failed: fail the run with why, if the store still takes that
             logger.error("run %s: %s", run.run_id, exc.message)
             is_logged = True
@@ -3537,11 +3547,34 @@ class Engine:
             if active.failure is None:  # a lost lease leaves the run to its new owner
                 await self._save_last(active, is_logged)
             self.metrics.count_stop(run, active.counted_logs, is_lost=isinstance(active.failure, LeaseLost))
-            del self._active[run.run_id]
+            self._release(active)
             active.notify(run)
             self._wake.set()  # a slot came free
             if logger.isEnabledFor(logging.INFO):
                 active.log_end()
+        if is_cancelled:
+            raise asyncio.CancelledError
+
+    async def _claim(self, active: _ActiveRun) -> bool:
+        """Have the store hold the run for this engine; if it refuses, release the record, put the error on
+        `active.accepted` and return False."""
+        try:
+            if self.store.is_shared:
+                await self.open()
+            await active.claim(self.worker_id, self._room())
+        except EngineError as exc:
+            self._release(active)
+            active.accepted.set_exception(exc)
+            return False
+        except asyncio.CancelledError:  # the caller's, during the claim: a claim the store took expires unrenewed,
+            self._release(active)  # and the run is taken over like one of a server that died
+            active.accepted.cancel()
+            raise
+        return True
+
+    def _release(self, active: _ActiveRun) -> None:
+        del self._active[active.run.run_id]
+        active.stopped.set_result(None)
 
     async def _save_last(self, active: _ActiveRun, is_logged: bool) -> None:
         try:
