@@ -1028,6 +1028,9 @@ def _make_converter() -> cattrs.Converter:
     converter.register_unstructure_hook(datetime | None, lambda value: None if value is None else value.isoformat())
     converter.register_unstructure_hook_func(lambda type_: isinstance(type_, type) and issubclass(type_, enum.Enum),
                                              operator.attrgetter("_value_"))
+    # A `dict[str, Any]` field holds plain JSON (checked where it comes in): it is copied as it is, rather than
+    # unstructured value by value, which dispatches on each value's type.
+    converter.register_unstructure_hook_func(lambda type_: type_ == dict[str, Any], dict)
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
     # A log entry names the keys whose values it left out only when it left some out (past max_log_bytes).
     converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
