@@ -4651,6 +4651,91 @@ def test_visualize_graph_renders_clusters_with_graphviz(tmp_path: Path, capsys: 
                       "cluster_checks[1]", "cluster_checks[1]/run_tests"]
 
 
+# Log entries of REVIEW_FILES as issue 15 has them: the branches of a step arrive interleaved, before its own entry.
+BRANCH_RUN = {"run_id": "r2", "graph_id": "review_files", "status": "completed", "error": None, "logs": [
+    {"iteration": 1, "node": "list_files", "event": "executed", "duration_ms": 1.0, "keys_changed": ["files"],
+     "path": None},
+    {"iteration": 1, "node": "extract_functions", "event": "executed", "duration_ms": 2.0,
+     "keys_changed": ["functions"], "path": "review_each[1]/extract_functions"},
+    {"iteration": 1, "node": "extract_functions", "event": "executed", "duration_ms": 3.0,
+     "keys_changed": ["functions"], "path": "review_each[0]/extract_functions"},
+    {"iteration": 1, "node": "summarise_text", "event": "executed", "duration_ms": 1.0, "keys_changed": ["report"],
+     "path": "review_each[0]/summarise/summarise_text"},
+    {"iteration": 1, "node": "summarise_text", "event": "executed", "duration_ms": 1.0, "keys_changed": ["report"],
+     "path": "review_each[1]/summarise/summarise_text"},
+    {"iteration": 2, "node": "summarise", "event": "executed", "duration_ms": 1.5, "keys_changed": ["report"],
+     "path": "review_each[1]/summarise"},
+    {"iteration": 2, "node": "summarise", "event": "executed", "duration_ms": 1.5, "keys_changed": ["report"],
+     "path": "review_each[0]/summarise"},
+    {"iteration": 2, "node": "review_each", "event": "executed", "duration_ms": 9.0, "keys_changed": ["reviews"],
+     "path": None},
+    {"iteration": 1, "node": "score", "event": "executed", "duration_ms": 1.0, "keys_changed": ["score"],
+     "path": "checks[1]/score"},
+    {"iteration": 1, "node": "lint", "event": "executed", "duration_ms": 1.0, "keys_changed": ["findings"],
+     "path": "checks[0]/lint"},
+    {"iteration": 3, "node": "checks", "event": "executed", "duration_ms": 4.0, "keys_changed": ["findings", "score"],
+     "path": None},
+    {"iteration": 4, "node": "report", "event": "executed", "duration_ms": 0.5, "keys_changed": [], "path": None},
+]}
+
+
+def test_visualize_logs_groups_branch_steps_by_branch_with_their_paths(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    assert visualize_logs.main([write_json(tmp_path / "run.json", BRANCH_RUN)]) == 0
+    assert capsys.readouterr() == ("""run r2, graph review_files, status completed, 12 steps, 8 in branches
+Iteration | Node                | Path                                    | Event    | Duration | Keys Changed
+----------+---------------------+-----------------------------------------+----------+----------+----------------
+1         | list_files          |                                         | executed | 1.00 ms  | files
+1         |   extract_functions | review_each[0]/extract_functions        | executed | 3.00 ms  | functions
+1         |     summarise_text  | review_each[0]/summarise/summarise_text | executed | 1.00 ms  | report
+2         |   summarise         | review_each[0]/summarise                | executed | 1.50 ms  | report
+1         |   extract_functions | review_each[1]/extract_functions        | executed | 2.00 ms  | functions
+1         |     summarise_text  | review_each[1]/summarise/summarise_text | executed | 1.00 ms  | report
+2         |   summarise         | review_each[1]/summarise                | executed | 1.50 ms  | report
+2         | review_each         |                                         | executed | 9.00 ms  | reviews
+1         |   lint              | checks[0]/lint                          | executed | 1.00 ms  | findings
+1         |   score             | checks[1]/score                         | executed | 1.00 ms  | score
+3         | checks              |                                         | executed | 4.00 ms  | findings, score
+4         | report              |                                         | executed | 0.50 ms  | -
+""", "")
+
+
+def test_visualize_logs_keeps_repeated_forks_and_retries_apart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A step that forks again (a loop, or a retry) has the same paths each time: its own entries keep them apart.
+    Entries without a `path` key, as older servers write them, are the run's own steps; a run still forking ends
+    with its branches' entries."""
+    logs = [
+        {"iteration": 1, "node": "a", "path": "fan[1]/a", "event": "error"},
+        {"iteration": 1, "node": "a", "path": "fan[0]/a", "event": "cancelled"},
+        {"iteration": 1, "node": "fan", "event": "retry"},
+        {"iteration": 1, "node": "a", "path": "fan[1]/a", "event": "executed"},
+        {"iteration": 1, "node": "a", "path": "fan[0]/a", "event": "executed"},
+        {"iteration": 1, "node": "fan", "event": "executed"},
+        {"iteration": 2, "node": "a", "path": "fan[10]/a", "event": "executed"},
+        {"iteration": 2, "node": "a", "path": "fan[2]/a", "event": "executed"},
+    ]
+    assert visualize_logs.main([write_json(tmp_path / "logs.json", logs)]) == 0
+    assert capsys.readouterr() == ("""8 steps, 6 in branches
+Iteration | Node | Path      | Event     | Duration | Keys Changed
+----------+------+-----------+-----------+----------+-------------
+1         |   a  | fan[0]/a  | cancelled | -        | -
+1         |   a  | fan[1]/a  | error     | -        | -
+1         | fan  |           | retry     | -        | -
+1         |   a  | fan[0]/a  | executed  | -        | -
+1         |   a  | fan[1]/a  | executed  | -        | -
+1         | fan  |           | executed  | -        | -
+2         |   a  | fan[2]/a  | executed  | -        | -
+2         |   a  | fan[10]/a | executed  | -        | -
+""", "")
+
+
+@pytest.mark.parametrize("path", [3, ""], ids=["number", "empty"])
+def test_visualize_logs_rejects_a_bad_path(tmp_path: Path, capsys: pytest.CaptureFixture, path: object) -> None:
+    logs = [{"iteration": 1, "node": "a", "path": None}, {"iteration": 1, "node": "b", "path": path}]
+    assert visualize_logs.main([write_json(tmp_path / "logs.json", logs)]) == 2
+    assert capsys.readouterr() == ("", "error: not a run: logs[1].path must be a non-empty string or null\n")
+
+
 # ---------------------------------------------------------------------------
 # Tools: bench.py
 # ---------------------------------------------------------------------------
