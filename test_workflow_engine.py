@@ -4736,6 +4736,19 @@ def test_visualize_logs_rejects_a_bad_path(tmp_path: Path, capsys: pytest.Captur
     assert capsys.readouterr() == ("", "error: not a run: logs[1].path must be a non-empty string or null\n")
 
 
+def test_readme_tools_examples_without_a_server_print_what_the_readme_shows() -> None:
+    """The examples of the README's Tools section that need no server (those that do run in the e2e README test)."""
+    readme = (HERE / "README.md").read_text()
+    section = readme[readme.index("\n## Tools\n"):readme.index("\n## ", readme.index("\n## Tools\n") + 1)]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    examples = [(body, answer) for (kind, body), (following, answer) in itertools.pairwise(blocks)
+                if kind == "sh" and following == "text" and "127.0.0.1:8000" not in body]
+    assert len(examples) == 1
+    for command, shown in examples:
+        result = subprocess.run(["bash", "-c", command], cwd=HERE, capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stdout, result.stderr) == (0, shown, ""), command
+
+
 # ---------------------------------------------------------------------------
 # Tools: bench.py
 # ---------------------------------------------------------------------------
