@@ -4589,6 +4589,17 @@ def test_visualize_graph_refuses_a_picture_too_big_to_draw(tmp_path: Path, capsy
                                        "referenced graph on its own\n")
 
 
+def test_visualize_graph_refuses_graphs_nested_too_deep(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A chain of a thousand graphs, each running the next, stops at the limit instead of exhausting the stack."""
+    graphs = [{"graph_id": f"g{level}", "start_node": "next", "nodes": [{"name": "next", "graph": f"g{level + 1}"}]}
+              for level in range(1000)]
+    graphs.append({"graph_id": "g1000", "start_node": "a", "nodes": ["a"]})
+    write_graphs(tmp_path, graphs)
+    assert visualize_graph.main([str(tmp_path), "--graph-id", "g0"]) == 2
+    assert capsys.readouterr() == ("", "error: graphs are nested more than 50 deep, through node 'next' of graph "
+                                       "'g50'; draw a referenced graph on its own\n")
+
+
 @pytest.mark.parametrize("node, message", [
     ({"name": "a", "graph": "x", "map": {"over": "xs", "as": "x", "graph": "x", "collect": "ys"}},
      "nodes[0] must have at most one of graph, map, parallel (it has graph, map)"),

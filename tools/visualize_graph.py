@@ -46,6 +46,7 @@ START, END, FORK, JOIN = "__start__", "__end__", "__fork__", "__join__"
 ON_ERROR_LABEL = "on error"
 BRANCH_FIELDS = ("condition", "target")
 MAX_DRAWN_GRAPHS = 500  # referenced graphs drawn in one picture, counting each time a graph is drawn again
+MAX_NESTING = 50  # graphs inside graphs inside ...: the drawing recurses once per level
 
 
 @enum.unique
@@ -255,7 +256,7 @@ def resolve(graph: dict[str, Any], definitions: Definitions) -> dict[str, dict[s
     """Return every graph that `graph` runs, directly or through others, by id.
 
     Raises InputError naming the node for a graph that cannot be found, the chain for a graph that contains itself,
-    and the count for a picture that would draw more than MAX_DRAWN_GRAPHS referenced graphs.
+    and the limit for a picture that would nest graphs deeper than MAX_NESTING or draw more than MAX_DRAWN_GRAPHS.
     """
     found: dict[str, dict[str, Any]] = {}
     inside: dict[str, int] = {}  # how many referenced graphs are drawn inside each graph found
@@ -267,6 +268,9 @@ def resolve(graph: dict[str, Any], definitions: Definitions) -> dict[str, dict[s
                 start = chain.index(graph_id)
                 steps = [f"{graph} (node {name})" for graph, name in zip(chain[start:], [*via, node][start:])]
                 raise InputError(f"graph '{graph_id}' contains itself: {' -> '.join([*steps, graph_id])}")
+            if len(chain) > MAX_NESTING:
+                raise InputError(f"graphs are nested more than {MAX_NESTING} deep, through node '{node}' of "
+                                 f"{_graph_title(chain[-1])}; draw a referenced graph on its own")
             if graph_id not in found:
                 reference = f"node '{node}' of {_graph_title(chain[-1])} refers to graph '{graph_id}'"
                 found[graph_id] = _referenced(definitions, reference, graph_id)
