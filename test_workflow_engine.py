@@ -4185,7 +4185,7 @@ def test_visualize_graph_url_needs_graph_id(capsys: pytest.CaptureFixture) -> No
     with pytest.raises(SystemExit) as exit_info:
         visualize_graph.main(["--url", "http://127.0.0.1:1"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.endswith("error: --url and --graph-id go together\n")
+    assert capsys.readouterr().err.endswith("error: --url needs --graph-id, or a definition file to draw\n")
 
 
 RUN = {
@@ -4282,6 +4282,482 @@ def test_visualize_graph_reports_the_server_error(monkeypatch: pytest.MonkeyPatc
         "", "error: http://server/graph/definition/x answered 404: graph 'x' does not exist\n"
     )
 
+
+# ---------------------------------------------------------------------------
+# Tools for subgraphs (issue 15)
+# ---------------------------------------------------------------------------
+# The node forms and log paths agreed for issue 15, as literal JSON: these tests need no engine that accepts them.
+REVIEW_FILES = {
+    "graph_id": "review_files",
+    "start_node": "list_files",
+    "nodes": [
+        "list_files",
+        {"name": "review_each", "map": {"over": "files", "as": "file", "graph": "review_one",
+                                        "collect": "reviews", "output": "report", "max_concurrency": 4}},
+        {"name": "checks", "parallel": {"branches": ["lint_graph", "test_graph"],
+                                        "merge": {"findings": "extend", "score": "max"}, "max_concurrency": 2}},
+        "report",
+    ],
+    "edges": {"list_files": {"default_next": "review_each"}, "review_each": {"default_next": "checks"},
+              "checks": {"default_next": "report"}},
+}
+REFERENCED_GRAPHS = [
+    {"graph_id": "review_one", "start_node": "extract_functions",
+     "nodes": ["extract_functions", {"name": "summarise", "graph": "summary_graph"}],
+     "edges": {"extract_functions": {"default_next": "summarise"}}},
+    {"graph_id": "summary_graph", "start_node": "summarise_text", "nodes": ["summarise_text"]},
+    {"graph_id": "lint_graph", "start_node": "lint", "nodes": ["lint", "score"],
+     "edges": {"lint": {"default_next": "score", "branches": [{"condition": "clean", "target": "score"}]}}},
+    {"graph_id": "test_graph", "start_node": "run_tests", "nodes": [{"name": "run_tests", "graph": "summary_graph"}]},
+]
+
+# summary_graph is drawn twice, once in each place that runs it, its ids prefixed with the path to it.
+REVIEW_FILES_DOT = """digraph "review_files" {
+  rankdir=TB;
+  node [shape=box, style=rounded, fontname="Helvetica"];
+  edge [fontname="Helvetica"];
+  "__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+  "__end__" [label="end", shape=doublecircle];
+  "list_files";
+  subgraph "cluster_review_each" {
+    label="review_each: map review_one over files as file, collect report -> reviews, 4 at once";
+    style=rounded; fontname="Helvetica";
+    "review_each/__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+    "review_each/__end__" [label="end", shape=doublecircle];
+    "review_each/extract_functions" [label="extract_functions"];
+    subgraph "cluster_review_each/summarise" {
+      label="summarise: graph summary_graph";
+      style=rounded; fontname="Helvetica";
+      "review_each/summarise/__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+      "review_each/summarise/__end__" [label="end", shape=doublecircle];
+      "review_each/summarise/summarise_text" [label="summarise_text"];
+    }
+  }
+  subgraph "cluster_checks" {
+    label="checks: parallel, merge findings extend, score max, 2 at once";
+    style=rounded; fontname="Helvetica";
+    "checks/__fork__" [label="fork", shape=invtriangle];
+    "checks/__join__" [label="join", shape=triangle];
+    subgraph "cluster_checks[0]" {
+      label="checks[0]: lint_graph";
+      style=rounded; fontname="Helvetica";
+      "checks[0]/lint" [label="lint"];
+      "checks[0]/score" [label="score"];
+    }
+    subgraph "cluster_checks[1]" {
+      label="checks[1]: test_graph";
+      style=rounded; fontname="Helvetica";
+      subgraph "cluster_checks[1]/run_tests" {
+        label="run_tests: graph summary_graph";
+        style=rounded; fontname="Helvetica";
+        "checks[1]/run_tests/__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+        "checks[1]/run_tests/__end__" [label="end", shape=doublecircle];
+        "checks[1]/run_tests/summarise_text" [label="summarise_text"];
+      }
+    }
+  }
+  "report";
+  "__start__" -> "list_files";
+  "list_files" -> "review_each/__start__";
+  "review_each/__end__" -> "checks/__fork__";
+  "checks/__join__" -> "report";
+  "report" -> "__end__";
+  "review_each/__start__" -> "review_each/extract_functions";
+  "review_each/extract_functions" -> "review_each/summarise/__start__";
+  "review_each/summarise/__end__" -> "review_each/__end__";
+  "review_each/summarise/__start__" -> "review_each/summarise/summarise_text";
+  "review_each/summarise/summarise_text" -> "review_each/summarise/__end__";
+  "checks/__fork__" -> "checks[0]/lint";
+  "checks[0]/lint" -> "checks[0]/score" [label="clean", style=dashed];
+  "checks[0]/lint" -> "checks[0]/score";
+  "checks[0]/score" -> "checks/__join__";
+  "checks/__fork__" -> "checks[1]/run_tests/__start__";
+  "checks[1]/run_tests/__end__" -> "checks/__join__";
+  "checks[1]/run_tests/__start__" -> "checks[1]/run_tests/summarise_text";
+  "checks[1]/run_tests/summarise_text" -> "checks[1]/run_tests/__end__";
+}
+"""
+
+REVIEW_FILES_MERMAID = """flowchart TD
+  start((Start))
+  stop(((End)))
+  n0["list_files"]
+  subgraph s0 ["review_each: map review_one over files as file, collect report -> reviews, 4 at once"]
+    n1((Start))
+    n2(((End)))
+    n3["extract_functions"]
+    subgraph s1 ["summarise: graph summary_graph"]
+      n4((Start))
+      n5(((End)))
+      n6["summarise_text"]
+    end
+  end
+  subgraph s2 ["checks: parallel, merge findings extend, score max, 2 at once"]
+    n7{{"fork"}}
+    n8{{"join"}}
+    subgraph s3 ["checks[0]: lint_graph"]
+      n9["lint"]
+      n10["score"]
+    end
+    subgraph s4 ["checks[1]: test_graph"]
+      subgraph s5 ["run_tests: graph summary_graph"]
+        n11((Start))
+        n12(((End)))
+        n13["summarise_text"]
+      end
+    end
+  end
+  n14["report"]
+  start --> n0
+  n0 --> n1
+  n2 --> n7
+  n8 --> n14
+  n14 --> stop
+  n1 --> n3
+  n3 --> n4
+  n5 --> n2
+  n4 --> n6
+  n6 --> n5
+  n7 --> n9
+  n9 -.->|"clean"| n10
+  n9 --> n10
+  n10 --> n8
+  n7 --> n11
+  n12 --> n8
+  n11 --> n13
+  n13 --> n12
+"""
+
+
+def write_graphs(directory: Path, graphs: list[dict[str, Any]]) -> list[str]:
+    """Write each graph to `directory/GRAPH_ID.json`; return the file names."""
+    directory.mkdir(exist_ok=True)
+    return [write_json(directory / f"{graph['graph_id']}.json", graph) for graph in graphs]
+
+
+def test_visualize_graph_draws_map_parallel_and_graph_nodes_as_dot_clusters(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """The drawn graph's file, then a directory holding it and the graphs it runs (its file is read once)."""
+    main, *_ = write_graphs(tmp_path / "graphs", [REVIEW_FILES, *REFERENCED_GRAPHS])
+    assert visualize_graph.main([main, str(tmp_path / "graphs")]) == 0
+    assert capsys.readouterr() == (REVIEW_FILES_DOT, "")
+
+
+def test_visualize_graph_draws_map_parallel_and_graph_nodes_as_mermaid_subgraphs(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    files = write_graphs(tmp_path, [*REFERENCED_GRAPHS, REVIEW_FILES])
+    assert visualize_graph.main(["--format", "mermaid", files[-1], *files[:-1]]) == 0
+    assert capsys.readouterr() == (REVIEW_FILES_MERMAID, "")
+
+
+def test_visualize_graph_picks_the_graph_of_a_directory_by_id(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_graphs(tmp_path / "graphs", [REVIEW_FILES, *REFERENCED_GRAPHS])
+    assert visualize_graph.main([str(tmp_path / "graphs"), "--graph-id", "review_files"]) == 0
+    assert capsys.readouterr() == (REVIEW_FILES_DOT, "")
+
+
+def test_visualize_graph_directory_needs_graph_id(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_graphs(tmp_path / "graphs", [REVIEW_FILES, *REFERENCED_GRAPHS])
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_graph.main([str(tmp_path / "graphs")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith("error: --graph-id is needed to say which graph of a directory to draw\n")
+
+
+def serve_graphs(monkeypatch: pytest.MonkeyPatch, graphs: list[dict[str, Any]]) -> list[str]:
+    """Answer GET /graph/definition/{graph_id} of http://server for `graphs`; return the list of URLs requested."""
+    served = {f"http://server/graph/definition/{graph['graph_id']}": json.dumps(graph).encode() for graph in graphs}
+    requested: list[str] = []
+    monkeypatch.setattr(visualize_graph.urllib.request, "urlopen",
+                        lambda url, timeout: requested.append(url) or FakeResponse(served[url]))
+    return requested
+
+
+def test_visualize_graph_fetches_referenced_graphs_from_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A graph not read from a file comes from GET /graph/definition/{graph_id}, once, however often it is run."""
+    requested = serve_graphs(monkeypatch, [REVIEW_FILES, *REFERENCED_GRAPHS])
+    assert visualize_graph.main(["--url", "http://server/", "--graph-id", "review_files"]) == 0
+    assert capsys.readouterr() == (REVIEW_FILES_DOT, "")
+    assert requested == [f"http://server/graph/definition/{graph_id}" for graph_id in
+                         ("review_files", "review_one", "summary_graph", "lint_graph", "test_graph")]
+
+
+def test_visualize_graph_reads_files_first_then_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """A definition file not yet posted, drawn with the graphs it runs as the server has them."""
+    requested = serve_graphs(monkeypatch, REFERENCED_GRAPHS)
+    main, lint = write_graphs(tmp_path, [REVIEW_FILES, REFERENCED_GRAPHS[2]])
+    assert visualize_graph.main(["--format", "mermaid", "--url", "http://server", main, lint]) == 0
+    assert capsys.readouterr() == (REVIEW_FILES_MERMAID, "")
+    assert requested == [f"http://server/graph/definition/{graph_id}" for graph_id in
+                         ("review_one", "summary_graph", "test_graph")]
+
+
+def test_visualize_graph_draws_a_map_without_output_and_a_parallel_without_merge(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A server writes absent settings as null; a branch that ends on error goes to the join like any other end."""
+    graph = {"graph_id": "g", "start_node": "each", "nodes": [
+        {"name": "each", "graph": None, "parallel": None,
+         "map": {"over": "xs", "as": "x", "graph": "one", "collect": "ys", "output": None, "max_concurrency": None}},
+        {"name": "both", "graph": None, "map": None,
+         "parallel": {"branches": ["one", "one"], "merge": {}, "max_concurrency": None}},
+    ], "edges": {"each": {"default_next": "both", "on_error": None, "branches": []}}}
+    one = {"graph_id": "one", "start_node": "work", "nodes": ["work"]}
+    assert visualize_graph.main(["--format", "mermaid", *write_graphs(tmp_path, [graph, one])]) == 0
+    assert capsys.readouterr() == ("""flowchart TD
+  start((Start))
+  stop(((End)))
+  subgraph s0 ["each: map one over xs as x, collect data -> ys"]
+    n0((Start))
+    n1(((End)))
+    n2["work"]
+  end
+  subgraph s1 ["both: parallel"]
+    n3{{"fork"}}
+    n4{{"join"}}
+    subgraph s2 ["both[0]: one"]
+      n5["work"]
+    end
+    subgraph s3 ["both[1]: one"]
+      n6["work"]
+    end
+  end
+  start --> n0
+  n1 --> n3
+  n4 --> stop
+  n0 --> n2
+  n2 --> n1
+  n3 --> n5
+  n5 --> n4
+  n3 --> n6
+  n6 --> n4
+""", "")
+
+
+@pytest.mark.parametrize("graphs, message", [
+    ([{"graph_id": "outer", "start_node": "step", "nodes": [{"name": "step", "graph": "inner"}]},
+      {"graph_id": "inner", "start_node": "back", "nodes": [
+          {"name": "back", "map": {"over": "xs", "as": "x", "graph": "outer", "collect": "ys"}}]}],
+     "graph 'outer' contains itself: outer (node step) -> inner (node back) -> outer"),
+    ([{"graph_id": "g", "start_node": "checks", "nodes": [{"name": "checks", "parallel": {"branches": ["h", "g"]}}]},
+      {"graph_id": "h", "start_node": "a", "nodes": ["a"]}],
+     "graph 'g' contains itself: g (node checks) -> g"),
+    ([{"start_node": "a", "nodes": [{"name": "a", "graph": "b"}]},
+      {"graph_id": "b", "start_node": "c", "nodes": [{"name": "c", "graph": "d"}]},
+      {"graph_id": "d", "start_node": "e", "nodes": [{"name": "e", "graph": "b"}]}],
+     "graph 'b' contains itself: b (node c) -> d (node e) -> b"),
+], ids=["through-another", "itself", "below-the-drawn-graph"])
+def test_visualize_graph_reports_a_reference_cycle(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   graphs: list[dict[str, Any]], message: str) -> None:
+    files = [write_json(tmp_path / f"{index}.json", graph) for index, graph in enumerate(graphs)]
+    assert visualize_graph.main(files) == 2
+    assert capsys.readouterr() == ("", f"error: {message}\n")
+
+
+def test_visualize_graph_reports_a_missing_referenced_graph(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main, *_ = write_graphs(tmp_path, [REVIEW_FILES, *REFERENCED_GRAPHS[:2], REFERENCED_GRAPHS[3]])
+    assert visualize_graph.main([main, str(tmp_path)]) == 2
+    assert capsys.readouterr() == ("", "error: node 'checks' of graph 'review_files' refers to graph 'lint_graph', "
+                                       "which is not among the definitions read (name its file or a directory holding "
+                                       "it, or --url a server that has it)\n")
+
+
+def test_visualize_graph_reports_a_referenced_graph_the_server_lacks(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    body = b'{"error": {"code": "graph_not_found", "message": "graph \'summary_graph\' does not exist", "details": []}}'
+
+    def not_found(url: str, timeout: float) -> None:
+        raise urllib.error.HTTPError(url, 404, "Not Found", {}, io.BytesIO(body))
+
+    monkeypatch.setattr(visualize_graph.urllib.request, "urlopen", not_found)
+    main = write_json(tmp_path / "main.json", REFERENCED_GRAPHS[3])
+    assert visualize_graph.main(["--url", "http://server", main]) == 2
+    assert capsys.readouterr() == ("", "error: node 'run_tests' of graph 'test_graph' refers to graph 'summary_graph': "
+                                       "http://server/graph/definition/summary_graph answered 404: graph "
+                                       "'summary_graph' does not exist\n")
+
+
+def test_visualize_graph_refuses_a_picture_too_big_to_draw(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each graph runs the next one twice: ten levels would draw 2 + 4 + ... + 1024 graphs; it stops, and says so."""
+    graphs = [{"graph_id": f"g{level}", "start_node": "both",
+               "nodes": [{"name": "both", "parallel": {"branches": [f"g{level + 1}"] * 2}}]} for level in range(10)]
+    graphs.append({"graph_id": "g10", "start_node": "a", "nodes": ["a"]})
+    assert visualize_graph.main(["--graph-id", "g0", *write_graphs(tmp_path, graphs)]) == 2
+    assert capsys.readouterr() == ("", "error: the picture would draw more than 500 referenced graphs; draw a "
+                                       "referenced graph on its own\n")
+
+
+def test_visualize_graph_refuses_graphs_nested_too_deep(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A chain of a thousand graphs, each running the next, stops at the limit instead of exhausting the stack."""
+    graphs = [{"graph_id": f"g{level}", "start_node": "next", "nodes": [{"name": "next", "graph": f"g{level + 1}"}]}
+              for level in range(1000)]
+    graphs.append({"graph_id": "g1000", "start_node": "a", "nodes": ["a"]})
+    write_graphs(tmp_path, graphs)
+    assert visualize_graph.main([str(tmp_path), "--graph-id", "g0"]) == 2
+    assert capsys.readouterr() == ("", "error: graphs are nested more than 50 deep, through node 'next' of graph "
+                                       "'g50'; draw a referenced graph on its own\n")
+
+
+@pytest.mark.parametrize("node, message", [
+    ({"name": "a", "graph": "x", "map": {"over": "xs", "as": "x", "graph": "x", "collect": "ys"}},
+     "nodes[0] must have at most one of graph, map, parallel (it has graph, map)"),
+    ({"name": "a", "graph": 3}, "nodes[0].graph must be a graph id"),
+    ({"name": "a", "map": ["xs"]}, "nodes[0].map must be an object"),
+    ({"name": "a", "map": {"over": "xs", "as": "x", "graph": "x"}}, "nodes[0].map.collect must be a string"),
+    ({"name": "a", "map": {"over": "xs", "as": "x", "graph": "x", "collect": "ys", "output": 1}},
+     "nodes[0].map.output must be a string or null"),
+    ({"name": "a", "map": {"over": "xs", "as": "x", "graph": "x", "collect": "ys", "max_concurrency": True}},
+     "nodes[0].map.max_concurrency must be an integer or null"),
+    ({"name": "a", "parallel": {"branches": "x"}}, "nodes[0].parallel.branches must be an array of graph ids"),
+    ({"name": "a", "parallel": {"branches": ["x"], "merge": {"k": 1}}},
+     "nodes[0].parallel.merge must be an object of policy names"),
+], ids=["two-forms", "graph-not-id", "map-not-object", "map-without-collect", "map-output-number",
+        "map-concurrency-bool", "branches-not-array", "merge-policy-number"])
+def test_visualize_graph_rejects_bad_node_forms(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                node: dict[str, Any], message: str) -> None:
+    graph = {"graph_id": "g", "start_node": "a", "nodes": [node]}
+    assert visualize_graph.main([write_json(tmp_path / "g.json", graph)]) == 2
+    assert capsys.readouterr() == ("", f"error: not a graph definition: {message}\n")
+
+
+def test_visualize_graph_names_the_file_of_a_bad_definition_among_several(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    main = write_json(tmp_path / "main.json", REFERENCED_GRAPHS[3])
+    bad = write_json(tmp_path / "bad.json", {"graph_id": "summary_graph", "start_node": "a", "nodes": "a"})
+    assert visualize_graph.main([main, bad]) == 2
+    assert capsys.readouterr() == ("", f"error: {bad}: not a graph definition: nodes must be an array\n")
+
+
+@pytest.mark.parametrize("second, message", [
+    ({"graph_id": "test_graph", "start_node": "a", "nodes": ["a"]},
+     "graph 'test_graph' is defined twice: in {dir}/0.json and in {dir}/1.json"),
+    ({"start_node": "a", "nodes": ["a"]}, "{dir}/1.json has no graph_id, so no node can refer to it"),
+], ids=["same-id", "no-id"])
+def test_visualize_graph_refuses_definitions_it_cannot_tell_apart(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  second: dict[str, Any], message: str) -> None:
+    graphs = [REFERENCED_GRAPHS[3], second]
+    files = [write_json(tmp_path / f"{index}.json", graph) for index, graph in enumerate(graphs)]
+    assert visualize_graph.main(files) == 2
+    assert capsys.readouterr() == ("", f"error: {message.format(dir=tmp_path)}\n")
+
+
+def test_visualize_graph_reports_an_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main = write_json(tmp_path / "main.json", REFERENCED_GRAPHS[3])
+    (tmp_path / "empty").mkdir()
+    assert visualize_graph.main([main, str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr() == ("", f"error: {tmp_path / 'empty'} holds no .json files\n")
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz's dot")
+def test_visualize_graph_renders_clusters_with_graphviz(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Graphviz accepts the clusters: the SVG has one group per cluster, titled with its DOT name."""
+    main, *_ = write_graphs(tmp_path, [REVIEW_FILES, *REFERENCED_GRAPHS])
+    picture = tmp_path / "review_files.svg"
+    assert visualize_graph.main(["--render", "svg", "-o", str(picture), main, str(tmp_path)]) == 0
+    assert capsys.readouterr() == (REVIEW_FILES_DOT, "")
+    titles = re.findall(r'<g id="clust\d+" class="cluster">\s*<title>([^<]*)</title>', picture.read_text())
+    assert titles == ["cluster_review_each", "cluster_review_each/summarise", "cluster_checks", "cluster_checks[0]",
+                      "cluster_checks[1]", "cluster_checks[1]/run_tests"]
+
+
+# Log entries of REVIEW_FILES as issue 15 has them: the branches of a step arrive interleaved, before its own entry.
+BRANCH_RUN = {"run_id": "r2", "graph_id": "review_files", "status": "completed", "error": None, "logs": [
+    {"iteration": 1, "node": "list_files", "event": "executed", "duration_ms": 1.0, "keys_changed": ["files"],
+     "path": None},
+    {"iteration": 1, "node": "extract_functions", "event": "executed", "duration_ms": 2.0,
+     "keys_changed": ["functions"], "path": "review_each[1]/extract_functions"},
+    {"iteration": 1, "node": "extract_functions", "event": "executed", "duration_ms": 3.0,
+     "keys_changed": ["functions"], "path": "review_each[0]/extract_functions"},
+    {"iteration": 1, "node": "summarise_text", "event": "executed", "duration_ms": 1.0, "keys_changed": ["report"],
+     "path": "review_each[0]/summarise/summarise_text"},
+    {"iteration": 1, "node": "summarise_text", "event": "executed", "duration_ms": 1.0, "keys_changed": ["report"],
+     "path": "review_each[1]/summarise/summarise_text"},
+    {"iteration": 2, "node": "summarise", "event": "executed", "duration_ms": 1.5, "keys_changed": ["report"],
+     "path": "review_each[1]/summarise"},
+    {"iteration": 2, "node": "summarise", "event": "executed", "duration_ms": 1.5, "keys_changed": ["report"],
+     "path": "review_each[0]/summarise"},
+    {"iteration": 2, "node": "review_each", "event": "executed", "duration_ms": 9.0, "keys_changed": ["reviews"],
+     "path": None},
+    {"iteration": 1, "node": "score", "event": "executed", "duration_ms": 1.0, "keys_changed": ["score"],
+     "path": "checks[1]/score"},
+    {"iteration": 1, "node": "lint", "event": "executed", "duration_ms": 1.0, "keys_changed": ["findings"],
+     "path": "checks[0]/lint"},
+    {"iteration": 3, "node": "checks", "event": "executed", "duration_ms": 4.0, "keys_changed": ["findings", "score"],
+     "path": None},
+    {"iteration": 4, "node": "report", "event": "executed", "duration_ms": 0.5, "keys_changed": [], "path": None},
+]}
+
+
+def test_visualize_logs_groups_branch_steps_by_branch_with_their_paths(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    assert visualize_logs.main([write_json(tmp_path / "run.json", BRANCH_RUN)]) == 0
+    assert capsys.readouterr() == ("""run r2, graph review_files, status completed, 12 steps, 8 in branches
+Iteration | Node                | Path                                    | Event    | Duration | Keys Changed
+----------+---------------------+-----------------------------------------+----------+----------+----------------
+1         | list_files          |                                         | executed | 1.00 ms  | files
+1         |   extract_functions | review_each[0]/extract_functions        | executed | 3.00 ms  | functions
+1         |     summarise_text  | review_each[0]/summarise/summarise_text | executed | 1.00 ms  | report
+2         |   summarise         | review_each[0]/summarise                | executed | 1.50 ms  | report
+1         |   extract_functions | review_each[1]/extract_functions        | executed | 2.00 ms  | functions
+1         |     summarise_text  | review_each[1]/summarise/summarise_text | executed | 1.00 ms  | report
+2         |   summarise         | review_each[1]/summarise                | executed | 1.50 ms  | report
+2         | review_each         |                                         | executed | 9.00 ms  | reviews
+1         |   lint              | checks[0]/lint                          | executed | 1.00 ms  | findings
+1         |   score             | checks[1]/score                         | executed | 1.00 ms  | score
+3         | checks              |                                         | executed | 4.00 ms  | findings, score
+4         | report              |                                         | executed | 0.50 ms  | -
+""", "")
+
+
+def test_visualize_logs_keeps_repeated_forks_and_retries_apart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A step that forks again (a loop, or a retry) has the same paths each time: its own entries keep them apart.
+    Entries without a `path` key, as older servers write them, are the run's own steps; a run still forking ends
+    with its branches' entries."""
+    logs = [
+        {"iteration": 1, "node": "a", "path": "fan[1]/a", "event": "error"},
+        {"iteration": 1, "node": "a", "path": "fan[0]/a", "event": "cancelled"},
+        {"iteration": 1, "node": "fan", "event": "retry"},
+        {"iteration": 1, "node": "a", "path": "fan[1]/a", "event": "executed"},
+        {"iteration": 1, "node": "a", "path": "fan[0]/a", "event": "executed"},
+        {"iteration": 1, "node": "fan", "event": "executed"},
+        {"iteration": 2, "node": "a", "path": "fan[10]/a", "event": "executed"},
+        {"iteration": 2, "node": "a", "path": "fan[2]/a", "event": "executed"},
+    ]
+    assert visualize_logs.main([write_json(tmp_path / "logs.json", logs)]) == 0
+    assert capsys.readouterr() == ("""8 steps, 6 in branches
+Iteration | Node | Path      | Event     | Duration | Keys Changed
+----------+------+-----------+-----------+----------+-------------
+1         |   a  | fan[0]/a  | cancelled | -        | -
+1         |   a  | fan[1]/a  | error     | -        | -
+1         | fan  |           | retry     | -        | -
+1         |   a  | fan[0]/a  | executed  | -        | -
+1         |   a  | fan[1]/a  | executed  | -        | -
+1         | fan  |           | executed  | -        | -
+2         |   a  | fan[2]/a  | executed  | -        | -
+2         |   a  | fan[10]/a | executed  | -        | -
+""", "")
+
+
+@pytest.mark.parametrize("path", [3, ""], ids=["number", "empty"])
+def test_visualize_logs_rejects_a_bad_path(tmp_path: Path, capsys: pytest.CaptureFixture, path: object) -> None:
+    logs = [{"iteration": 1, "node": "a", "path": None}, {"iteration": 1, "node": "b", "path": path}]
+    assert visualize_logs.main([write_json(tmp_path / "logs.json", logs)]) == 2
+    assert capsys.readouterr() == ("", "error: not a run: logs[1].path must be a non-empty string or null\n")
+
+
+def test_readme_tools_examples_without_a_server_print_what_the_readme_shows() -> None:
+    """The examples of the README's Tools section that need no server (those that do run in the e2e README test)."""
+    readme = (HERE / "README.md").read_text()
+    section = readme[readme.index("\n## Tools\n"):readme.index("\n## ", readme.index("\n## Tools\n") + 1)]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    examples = [(body, answer) for (kind, body), (following, answer) in itertools.pairwise(blocks)
+                if kind == "sh" and following == "text" and "127.0.0.1:8000" not in body]
+    assert len(examples) == 1
+    for command, shown in examples:
+        result = subprocess.run(["bash", "-c", command], cwd=HERE, capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stdout, result.stderr) == (0, shown, ""), command
 
 
 # ---------------------------------------------------------------------------
