@@ -386,6 +386,7 @@ def test_converter_unstructures_enums_and_datetimes_as_json() -> None:
     assert we.converter.unstructure(entry) == {
         "iteration": 1, "node": "a", "event": "error", "started_at": "2026-01-02T03:04:05+00:00", "duration_ms": 1.5,
         "keys_changed": [], "updates": {}, "next": None, "branch": None, "error": "x", "attempt": 1,
+        "path": None,
     }
 
 
