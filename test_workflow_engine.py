@@ -6057,3 +6057,110 @@ async def test_delete_of_a_graph_another_runs_is_refused_naming_it(par_client: h
         "runs it; delete that graph first", "details": []}})
     assert (await par_client.delete("/graph/definition/user")).status_code == 204
     assert (await par_client.delete("/graph/definition/finder")).status_code == 204
+
+
+def signalling(store_class: type) -> type:
+    """A subclass of a SQL store that says when it has saved a run holding `expected` finished branches."""
+
+    class Signalling(store_class):  # type: ignore[misc, valid-type]
+        def __init__(self, target: str, expected: int) -> None:
+            super().__init__(target)
+            self.expected, self.saved_branches = expected, asyncio.Event()
+
+        async def save_run(self, run: we.RunContext, lease: we.Lease, saved_logs: int = 0,
+                           lease_s: float = we.LEASE_S) -> None:
+            await super().save_run(run, lease, saved_logs, lease_s)
+            if len(run.branch_results) == self.expected:
+                self.saved_branches.set()
+
+    return Signalling
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=needs_postgres)])
+async def test_sql_store_saves_each_finished_branch_before_the_join(tmp_path: Path, kind: str,
+                                                                    request: pytest.FixtureRequest) -> None:
+    """While one branch of a map is held, the database already holds the other two branches' results and steps;
+    once the step is over the record keeps none."""
+    registry = par_registry()
+
+    @registry.node
+    async def hold_one(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        if state.data["item"] == 1:
+            hang_started["db"].set()
+            await hold_released["db"].wait()
+        return {"seen": state.data["item"] * 10}
+
+    hang_started["db"], hold_released["db"] = asyncio.Event(), asyncio.Event()
+    store_class = we.SqliteStore if kind == "sqlite" else we.PostgresStore
+    target = str(tmp_path / "runs.db") if kind == "sqlite" else request.getfixturevalue("pg_url")
+    store = signalling(store_class)(target, expected=2)
+    app = we.create_app(registry=registry, store=store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        await client.post("/graph/create", json={"graph_id": "one_held", "start_node": "hold_one", "nodes": ["hold_one"]})
+        await client.post("/graph/create", json=one_node("held_map", {"name": "each", "map": {
+            "over": "items", "as": "item", "graph": "one_held", "collect": "out", "output": "seen"}}))
+        run_id = (await client.post("/graph/run", json={"graph_id": "held_map", "wait": False,
+                                                        "state": {"data": {"items": [0, 1, 2]}}})).json()["run_id"]
+        await hang_started["db"].wait()
+        await store.saved_branches.wait()
+        reader = store_class(target)
+        midway = reader.get_run(run_id)
+        hold_released["db"].set()
+        done = await engine_of(app).wait(engine_of(app).get_run(run_id))
+        final = reader.get_run(run_id)
+        reader.close()
+        await engine_of(app).shutdown()
+    assert (midway.status, midway.next_node, midway.iteration) == (we.RunStatus.RUNNING, "each", 1)
+    assert midway.branch_results == {"each[0]": we.BranchResult(updates={"seen": 0}),
+                                     "each[2]": we.BranchResult(updates={"seen": 20})}
+    assert sorted(entry.path for entry in midway.logs) == ["each[0]/hold_one", "each[2]/hold_one"]
+    assert (done.status, final.status, final.branch_results) == (we.RunStatus.COMPLETED,) * 2 + ({},)
+    assert final.state.data == {"items": [0, 1, 2], "out": [0, 10, 20]}
+    assert [(entry.path, entry.event) for entry in final.logs][2:] == [
+        ("each[1]/hold_one", we.LogEvent.EXECUTED), (None, we.LogEvent.EXECUTED)]
+
+
+PAR_FLOW = """
+import asyncio
+import pathlib
+
+
+def register(registry):
+    @registry.node
+    async def tally(state, ctx):
+        # Count this execution in a file, then hold item 2 until the test says so (it may kill the server meanwhile).
+        folder = pathlib.Path(state.data["dir"])
+        with open(folder / "tally", "a") as tally_file:
+            tally_file.write(f"{state.data['item']}\\n")
+        while state.data["item"] == 2 and not (folder / "release").exists():
+            await asyncio.sleep(0.02)
+        return {"seen": state.data["item"] * 10}
+"""
+
+
+def test_e2e_sqlite_kill_mid_map_reruns_only_the_unfinished_branch(db_env: dict[str, str], tmp_path: Path) -> None:
+    """SIGKILL while one branch of four is held: the server that takes the run over runs that branch alone."""
+    (tmp_path / "par_flow.py").write_text(PAR_FLOW)
+    env = {**db_env, "WORKFLOW_LEASE_S": "1", "WORKFLOW_MODULES": "par_flow"}
+    with running_server(env) as (base, pid), httpx.Client(base_url=base, timeout=10) as client:
+        client.post("/graph/create", json={"graph_id": "tally_one", "start_node": "tally", "nodes": ["tally"]})
+        client.post("/graph/create", json=one_node("tallies", {"name": "each", "map": {
+            "over": "items", "as": "item", "graph": "tally_one", "collect": "out", "output": "seen"}}))
+        run_id = client.post("/graph/run", json={"graph_id": "tallies", "wait": False, "state": {
+            "data": {"items": [0, 1, 2, 3], "dir": str(tmp_path)}}}).json()["run_id"]
+        reader = we.SqliteStore(env["WORKFLOW_DB"])
+        wait_for(lambda: len(reader.get_run(run_id).branch_results) == 3)  # saved, not only done
+        kill(pid)
+    saved = reader.get_run(run_id)
+    reader.close()
+    (tmp_path / "release").touch()
+    with running_server(env) as (base, _), httpx.Client(base_url=base, timeout=10) as client:
+        wait_for(lambda: client.get(f"/graph/state/{run_id}").json()["status"] == "completed")
+        done = client.get(f"/graph/state/{run_id}").json()
+    assert sorted(saved.branch_results) == ["each[0]", "each[1]", "each[3]"]
+    assert sorted((tmp_path / "tally").read_text().split()) == ["0", "1", "2", "2", "3"]
+    assert done["state"]["data"] == {"items": [0, 1, 2, 3], "dir": str(tmp_path), "out": [0, 10, 20, 30]}
+    assert "branch_results" not in done
+    assert sorted(paths(done)[:3]) == [(f"each[{i}]/tally", "tally", "executed") for i in (0, 1, 3)]
+    assert paths(done)[3:] == [(None, "each", "recovered"), ("each[2]/tally", "tally", "executed"),
+                               (None, "each", "executed")]
