@@ -6164,3 +6164,27 @@ def test_e2e_sqlite_kill_mid_map_reruns_only_the_unfinished_branch(db_env: dict[
     assert sorted(paths(done)[:3]) == [(f"each[{i}]/tally", "tally", "executed") for i in (0, 1, 3)]
     assert paths(done)[3:] == [(None, "each", "recovered"), ("each[2]/tally", "tally", "executed"),
                                (None, "each", "executed")]
+
+
+async def test_openapi_describes_the_node_forms_and_path_and_real_answers_match(par_client: httpx.AsyncClient) -> None:
+    document = (await par_client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    assert set(schemas["NodeDef"]["properties"]) >= {"fn", "graph", "map", "parallel"}
+    assert (schemas["MapDef"]["required"], list(schemas["MapDef"]["properties"])) == (
+        ["over", "as", "graph", "collect"], ["over", "as", "graph", "collect", "output", "max_concurrency"])
+    assert schemas["ParallelDef"]["properties"]["merge"]["additionalProperties"]["enum"] == [
+        "error", "first", "last", "append", "extend", "merge", "sum", "min", "max"]
+    assert schemas["LogEntry"]["properties"]["path"] == {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    definition = {"graph_id": "forms", "start_node": "each", "nodes": [
+        {"name": "each", "map": {"over": "xs", "as": "x", "graph": "plus", "collect": "all", "max_concurrency": 2}},
+        {"name": "both", "parallel": {"branches": ["one", "two"], "merge": {"score": "max"}}}],
+        "edges": {"each": {"default_next": "both"}}}
+    created = await par_client.post("/graph/create", json=definition)
+    shown = await par_client.get("/graph/definition/forms")
+    run = await par_client.post("/graph/run", json={"graph_id": "forms", "state": {"data": {"xs": [1]}}})
+    assert (created.status_code, shown.status_code, run.json()["status"]) == (201, 200, "completed")
+    assert shown.json()["nodes"][0]["map"] == {"over": "xs", "as": "x", "graph": "plus", "collect": "all",
+                                               "output": None, "max_concurrency": 2}
+    for response, template, method in [(shown, "/graph/definition/{graph_id}", "get"), (run, "/graph/run", "post")]:
+        schema = answer_schema(document, template, method, 200)
+        assert schema_errors(response.json(), schema, document) == []

@@ -619,11 +619,14 @@ class MergePolicy(enum.Enum):
 
 @attrs.frozen(kw_only=True)
 class MapDef:
-    """Run `graph` once per item of `data[over]`, each branch with the item as `data[as]`; `data[collect]` becomes
-    the list of each branch's `data[output]` (its whole data without `output`), in the order of the items."""
+    """Run `graph` once per item of `data[over]` (as `data[as]`); collect each branch's `data[output]`, in order.
+
+    `data[collect]` becomes the list of each branch's `data[output]` (its whole data without `output`), in the
+    order of the items, whatever order the branches finish in.
+    """
 
     over: str
-    as_: str  # `as` on the wire, a Python keyword
+    as_: str = attrs.field(metadata={"wire_name": "as"})  # a Python keyword
     graph: str
     collect: str
     output: str | None = None
@@ -1089,7 +1092,7 @@ def _make_converter() -> cattrs.Converter:
 
     converter.register_structure_hook(str | NodeDef, structure_node)
     converter.register_structure_hook(MergePolicy, _structure_policy)
-    # `as` is a Python keyword, so MapDef's field is `as_`; on the wire it is `as`.
+    # `as` is a Python keyword, so MapDef's field is `as_`; on the wire (and in its JSON schema) it is `as`.
     map_hook = make_dict_structure_fn(MapDef, converter, _cattrs_forbid_extra_keys=True, as_=override(rename="as"))
     converter.register_structure_hook(MapDef, _shape_guard(dict, "an object", lambda *_: _wire_as(map_hook))(
         MapDef, converter))
@@ -4710,8 +4713,8 @@ def json_schema(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
             fields = attrs.fields(type_)
             components[type_.__name__] = {
                 "type": "object", "description": (type_.__doc__ or "").split("\n")[0], "additionalProperties": False,
-                "properties": {field.name: json_schema(field.type, components) for field in fields},
-                "required": [field.name for field in fields if field.default is attrs.NOTHING],
+                "properties": {_wire_name(field): json_schema(field.type, components) for field in fields},
+                "required": [_wire_name(field) for field in fields if field.default is attrs.NOTHING],
             }
         return {"$ref": f"#/components/schemas/{type_.__name__}"}
     if isinstance(type_, type) and issubclass(type_, enum.Enum):
@@ -4727,6 +4730,10 @@ def json_schema(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
     if origin is dict:
         return {"type": "object", "additionalProperties": json_schema(args[1], components)}
     raise TypeError(f"no JSON schema for {type_!r}")
+
+
+def _wire_name(field: attrs.Attribute) -> str:
+    return field.metadata.get("wire_name", field.name)
 
 
 def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
