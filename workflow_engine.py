@@ -83,6 +83,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 __all__ = [
     "BearerAuth",
     "BranchCondition",
+    "BranchResult",
+    "Branches",
     "Busy",
     "EdgeDef",
     "Engine",
@@ -2177,8 +2179,9 @@ class _Fork:
     async def _branch(self, key: str, graph: GraphDefinition, data: dict[str, Any], limit: asyncio.Semaphore,
                       log_share: int) -> None:
         async with limit:
-            # A deep copy, made only once the branch may start: it never sees its siblings' writes.
-            start = marshal.loads(marshal.dumps(data))
+            # A shallow copy is enough: the runner never changes a value of a run's data in place (each attempt of a
+            # node works on deep copies), so a branch never sees its siblings' writes, nor they its.
+            start = dict(data)
             child = RunContext(run_id=self.root.run_id, graph_id=graph.graph_id or "", status=RunStatus.RUNNING,
                                next_node=graph.start_node,
                                max_iterations=graph.max_iterations or self.branches.max_iterations,
