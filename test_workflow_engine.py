@@ -4321,7 +4321,7 @@ def test_bench_rejects_an_unknown_section(capsys: pytest.CaptureFixture) -> None
 
 def test_bench_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
     assert bench.main(["--help"]) == 0
-    assert "engine, http, memory or stores" in capsys.readouterr().out
+    assert "engine, http, memory, stores or fanout" in capsys.readouterr().out
 
 
 def test_bench_rejects_a_request_count_below_one(capsys: pytest.CaptureFixture) -> None:
@@ -6188,3 +6188,17 @@ async def test_openapi_describes_the_node_forms_and_path_and_real_answers_match(
     for response, template, method in [(shown, "/graph/definition/{graph_id}", "get"), (run, "/graph/run", "post")]:
         schema = answer_schema(document, template, method, 200)
         assert schema_errors(response.json(), schema, document) == []
+
+
+def test_bench_fanout_quick_times_a_map_against_sequential_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "r.json"
+
+    assert bench.main(["fanout", "--quick", "--json", str(path)]) == 0
+
+    result = json.loads(path.read_text())["fanout"]
+    assert (result["items"], result["repeats"], result["target_ratio"]) == (bench.QUICK.fanout_items, 3, 3.0)
+    assert min(result["map_ms"], result["sequential_ms"], result["sequential_branch_data_ms"]) > 0
+    assert result["ratio"] == pytest.approx(result["map_ms"] / result["sequential_ms"])
+    assert result["met"] is (result["ratio"] <= 3.0)
+    out, err = capsys.readouterr()
+    assert "one map of 200 branches" in out and "200 sequential runs" in out and err == ""
