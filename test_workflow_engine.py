@@ -5713,7 +5713,7 @@ class Crowd:
 
     def __init__(self, expected: int) -> None:
         self.expected, self.inside, self.most_inside = expected, 0, 0
-        self.all_in = asyncio.Event()
+        self.all_in, self.three_in = asyncio.Event(), asyncio.Event()
 
 
 crowds: dict[str, Crowd] = {}  # by the name in metadata["crowd"]
@@ -5730,6 +5730,8 @@ def par_registry() -> we.Registry:
         crowd = crowds[state.metadata["crowd"]]
         crowd.inside += 1
         crowd.most_inside = max(crowd.most_inside, crowd.inside)
+        if crowd.inside == 3:
+            crowd.three_in.set()
         if crowd.inside == crowd.expected:
             crowd.all_in.set()
         await asyncio.wait_for(crowd.all_in.wait(), 30)  # fails the branch, not the test run, if the bound is wrong
@@ -5832,17 +5834,22 @@ async def test_map_runs_ten_branches_at_once_and_collects_in_input_order(par_cli
 
 
 async def test_map_with_max_concurrency_never_runs_more_at_once(par_client: httpx.AsyncClient) -> None:
-    """With max_concurrency 3 no more than three branches are ever inside; a crowd of four never forms, so the
-    branches fail waiting for it, which proves the bound."""
+    """With max_concurrency 3, three branches wait inside for a crowd of four that never forms: all four tasks are
+    ready at once, so a fourth would have entered by the time the test looks; a cancel then ends the three."""
     crowds["four"] = Crowd(4)
-    node = {"name": "each", "timeout_s": 0.5, "map": {"over": "items", "as": "item", "graph": "double_one",
-                                                      "collect": "doubled", "max_concurrency": 3}}
+    node = {"name": "each", "map": {"over": "items", "as": "item", "graph": "double_one", "collect": "doubled",
+                                    "max_concurrency": 3}}
     await par_client.post("/graph/create", json=one_node("map3", node))
-    run = (await par_client.post("/graph/run", json={"graph_id": "map3", "state": {
-        "data": {"items": [0, 1, 2, 3]}, "metadata": {"crowd": "four"}}})).json()
-    assert (run["status"], run["error"]) == ("failed", "node 'each' timed out after 0.5 s")
-    assert crowds["four"].most_inside == 3
-    assert sorted(paths(run)[:-1]) == [(f"each[{i}]/together", "together", "cancelled") for i in range(3)]
+    run_id = (await par_client.post("/graph/run", json={"graph_id": "map3", "wait": False, "state": {
+        "data": {"items": [0, 1, 2, 3]}, "metadata": {"crowd": "four"}}})).json()["run_id"]
+    await crowds["four"].three_in.wait()
+    for _ in range(10):  # let every ready task run: an unbounded fourth branch would enter now
+        await asyncio.sleep(0)
+    cancelled = (await par_client.post(f"/graph/cancel/{run_id}")).json()
+    assert (cancelled["status"], cancelled["error"], crowds["four"].most_inside) == (
+        "cancelled", "the run was cancelled at node 'each'", 3)
+    assert sorted(paths(cancelled)[:-1]) == [(f"each[{i}]/together", "together", "cancelled") for i in range(3)]
+    assert paths(cancelled)[-1] == (None, "each", "cancelled")
 
 
 async def test_map_without_output_collects_each_branch_data_and_graph_node_commits_its_changes(
@@ -6202,3 +6209,18 @@ def test_bench_fanout_quick_times_a_map_against_sequential_runs(tmp_path: Path, 
     assert result["met"] is (result["ratio"] <= 3.0)
     out, err = capsys.readouterr()
     assert "one map of 200 branches" in out and "200 sequential runs" in out and err == ""
+
+
+async def test_retry_and_timeout_of_a_composite_node_apply_to_the_whole_step(par_client: httpx.AsyncClient) -> None:
+    hang_started["t1"], hold_released["t1"] = asyncio.Event(), asyncio.Event()
+    await par_client.post("/graph/create", json={"graph_id": "booms", "start_node": "boom", "nodes": ["boom"]})
+    retried = await create_and_run(par_client, one_node("retried", {"name": "sub", "graph": "booms",
+                                                                    "retry": {"max_attempts": 2}}))
+    await par_client.post("/graph/create", json=one_node("timed", {"name": "sub", "graph": "slow_branch",
+                                                                  "timeout_s": 0.05}))
+    timed = (await par_client.post("/graph/run", json={"graph_id": "timed", "state": {"metadata": {"hold": "t1"}}})).json()
+    assert (retried["status"], paths(retried)) == ("failed", [
+        ("sub/boom", "boom", "error"), (None, "sub", "retry"), ("sub/boom", "boom", "error"), (None, "sub", "error")])
+    assert retried["error"] == f"branch sub failed: {retried['logs'][0]['error']}"
+    assert (timed["status"], timed["error"], paths(timed)) == ("failed", "node 'sub' timed out after 0.05 s", [
+        ("sub/held", "held", "cancelled"), (None, "sub", "error")])

@@ -1767,7 +1767,9 @@ def _stop_error(run: RunContext, status: RunStatus) -> str:
 
 def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: OnChange) -> None:
     run.duration_ms += _ms_since(clock)
-    run.engine_overhead_ms = max(run.duration_ms - sum(entry.duration_ms for entry in run.logs), 0.0)
+    # A branch's steps ran inside their graph, map or parallel step's own entry, so they are not counted again.
+    run.engine_overhead_ms = max(run.duration_ms - sum(entry.duration_ms for entry in run.logs if entry.path is None),
+                                 0.0)
     move_run(run, status, error)
     on_change(run)
 
