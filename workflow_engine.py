@@ -707,6 +707,11 @@ class GraphDefinition:
             defs.setdefault(node_def.name, node_def)
         return defs
 
+    @functools.cached_property
+    def has_branches(self) -> bool:
+        """Whether a node of the graph runs other graphs (`graph`, `map` or `parallel`)."""
+        return any(node.is_composite for node in self.node_defs.values())
+
 
 # Not frozen: a frozen attrs class costs twice as much to create and the runner makes one per step. The runner
 # completes an entry (next node, branch) before it joins the run's log; nothing changes it after that.
@@ -1460,13 +1465,11 @@ def _reference_problems(graph: GraphDefinition, registry: Registry, limits: Sett
             continue
         for path, graph_id in _referencing_paths(f"$.nodes[{index}]", node):
             referenced = find(graph_id)
-            if graph_id == graph.graph_id:
-                chain: list[str] | None = [graph_id]
-            else:
-                chain = None if referenced is None or graph.graph_id is None else _chain(referenced, graph.graph_id, find)
             if referenced is None:
                 problems.append(Problem(path, f"unknown graph {_shown(graph_id)}"))
-            elif chain is not None:
+                continue
+            chain = [graph_id] if graph_id == graph.graph_id else _chain(referenced, graph.graph_id, find)
+            if chain is not None:
                 problems.append(Problem(path, f"graph {_shown(graph.graph_id)} would run itself: "
                                               f"{' -> '.join([graph.graph_id or '', *chain])}"))
         if node.parallel is not None:
@@ -1478,12 +1481,15 @@ def _referencing_paths(path: str, node: NodeDef) -> list[tuple[str, str]]:
     if node.map is not None:
         return [(f"{path}.map.graph", node.map.graph)]
     if node.parallel is not None:
-        return [(f"{path}.parallel.branches[{index}]", graph_id) for index, graph_id in enumerate(node.parallel.branches)]
+        return [(f"{path}.parallel.branches[{index}]", graph_id)
+                for index, graph_id in enumerate(node.parallel.branches)]
     return [(f"{path}.graph", node.graph or "")]
 
 
-def _chain(start: GraphDefinition, target: str, find: GraphLookup) -> list[str] | None:
+def _chain(start: GraphDefinition, target: str | None, find: GraphLookup) -> list[str] | None:
     """The ids from `start` to a graph that runs `target`, through the graphs their nodes run; None if none does."""
+    if target is None:  # a graph without an id gets a new one: nothing can run it yet
+        return None
     chains, seen = [[start]], {start.graph_id}
     while chains:  # breadth first: the shortest chain is named
         chain = chains.pop(0)
@@ -1507,8 +1513,9 @@ def _parallel_problems(path: str, parallel: ParallelDef, registry: Registry, lim
         referenced = find(graph_id)
         for key in (None if referenced is None else _declared_writes(referenced, registry, find, set())) or ():
             writers.setdefault(key, []).append(index)
+    policies = ", ".join(policy.value for policy in MergePolicy)
     return [Problem(f"{path}.merge", f"branches {' and '.join(_branch_names(parallel, indexes))} declare they write "
-                                     f"data[{key!r}]; give it a merge policy ({', '.join(p.value for p in MergePolicy)})")
+                                     f"data[{key!r}]; give it a merge policy ({policies})")
             for key, indexes in sorted(writers.items()) if len(indexes) > 1 and key not in parallel.merge]
 
 
@@ -1735,8 +1742,11 @@ async def execute_run(
     clock = time.perf_counter()
     # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
     deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
-    branches = branches or Branches(find_graph={graph.graph_id: graph for graph in registry.graphs}.get)
-    hooks = _Hooks(on_change, checkpoint, deadline, may_pause, _Fork(run, branches, registry, on_change, checkpoint))
+    fork = None
+    if graph.has_branches:  # most graphs have none: they pay nothing for branches
+        branches = branches or Branches(find_graph={graph.graph_id: graph for graph in registry.graphs}.get)
+        fork = _Fork(run, branches, registry, on_change, checkpoint)
+    hooks = _Hooks(on_change, checkpoint, deadline, may_pause, fork)
     try:
         if checkpoint is not None:
             await checkpoint(run)
@@ -1780,7 +1790,7 @@ class _Hooks:
     checkpoint: Checkpoint | None
     deadline: asyncio.Timeout | None
     may_pause: PauseCheck
-    fork: "_Fork"
+    fork: "_Fork | None"  # None when the graph has no graph, map or parallel node
 
 
 async def _drive(
@@ -1824,7 +1834,7 @@ def _pause(run: RunContext, hooks: _Hooks) -> tuple[RunStatus, str | None]:
     return (RunStatus.WAITING, None) if refusal is None else (RunStatus.FAILED, refusal)
 
 
-def _node_context(run: RunContext, node: NodeDef, registry: Registry, fork: "_Fork") -> NodeContext:
+def _node_context(run: RunContext, node: NodeDef, registry: Registry, fork: "_Fork | None") -> NodeContext:
     return NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=node.name, config=node.config, registry=registry,
                        fork=fork if node.is_composite else None)
 
@@ -2060,6 +2070,7 @@ def _next_node(
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
+
 # A graph, map or parallel node runs other graphs as branches: tasks on the run's event loop, each on its own copy
 # of the data, at most max_concurrency at once. Their steps join the run's log with a `path` as they happen. Each
 # branch's result is kept in the run (and checkpointed) when it finishes, and the results are joined in branch
@@ -2250,19 +2261,22 @@ def _removing(data: dict[str, Any], results: list[BranchResult], updates: dict[s
     return updates
 
 
-_NUMBER = (int, float)
+# What each joining policy takes: extend lists, merge objects, sum, min and max numbers (append takes anything).
+_MERGE_INPUTS: Mapping[MergePolicy, tuple[type | tuple[type, ...], str]] = MappingProxyType({
+    MergePolicy.EXTEND: (list, "arrays"), MergePolicy.MERGE: (dict, "objects"),
+    **{policy: ((int, float), "numbers") for policy in (MergePolicy.SUM, MergePolicy.MIN, MergePolicy.MAX)},
+})
 
 
 def _merged(policy: MergePolicy, values: list[Any], name: str, key: str) -> Any:
     """Join the branches' values of one key by `policy`, or raise _StepFailed saying which value does not fit."""
-    expected = {MergePolicy.EXTEND: (list, "arrays"), MergePolicy.MERGE: (dict, "objects")}.get(policy, (_NUMBER, "numbers"))
-    if policy is not MergePolicy.APPEND:
-        for value in values:
-            if not isinstance(value, expected[0]) or isinstance(value, bool):
-                raise _StepFailed(f"node {name!r} cannot {policy.value} data[{key!r}]: a branch wrote "
-                                  f"{_json_type(value)}, expected {expected[1]}")
     if policy is MergePolicy.APPEND:
         return list(values)
+    kind, kinds = _MERGE_INPUTS[policy]
+    for value in values:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _StepFailed(f"node {name!r} cannot {policy.value} data[{key!r}]: a branch wrote {_json_type(value)}, "
+                              f"expected {kinds}")
     if policy is MergePolicy.EXTEND:
         return [item for value in values for item in value]
     if policy is MergePolicy.MERGE:
@@ -2275,7 +2289,6 @@ def _merged(policy: MergePolicy, values: list[Any], name: str, key: str) -> Any:
                 joined[inner] = item
         return joined
     return {MergePolicy.SUM: sum, MergePolicy.MIN: min, MergePolicy.MAX: max}[policy](values)
-
 
 
 # ---------------------------------------------------------------------------
@@ -3759,7 +3772,8 @@ class Engine:
             raise GraphInUse(graph_id, "it is registered in code")
         referrer = self._referrer(graph_id)
         if referrer is not None:
-            raise GraphInUse(graph_id, f"node {referrer[1]!r} of graph {referrer[0]!r} runs it; delete that graph first")
+            raise GraphInUse(graph_id, f"node {referrer[1]!r} of graph {referrer[0]!r} runs it; delete that graph "
+                                       "first")
         await self.store.delete_graph(graph_id)
 
     def _referrer(self, graph_id: str) -> tuple[str, str] | None:
