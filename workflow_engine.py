@@ -676,7 +676,9 @@ class NodeDef:
     @property
     def function(self) -> str:
         """The name of the registered function this node calls; "" (never a registered name) for a composite."""
-        return "" if self.is_composite else self.fn or self.name
+        if self.graph is None and self.map is None and self.parallel is None:  # inline: the runner asks every step
+            return self.fn or self.name
+        return ""
 
     @property
     def graph_ids(self) -> tuple[str, ...]:
@@ -1836,7 +1838,7 @@ def _pause(run: RunContext, hooks: _Hooks) -> tuple[RunStatus, str | None]:
 
 def _node_context(run: RunContext, node: NodeDef, registry: Registry, fork: "_Fork | None") -> NodeContext:
     return NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=node.name, config=node.config, registry=registry,
-                       fork=fork if node.is_composite else None)
+                       fork=None if fork is None or not node.is_composite else fork)
 
 
 def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> LogEntry:
