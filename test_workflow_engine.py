@@ -6224,3 +6224,27 @@ async def test_retry_and_timeout_of_a_composite_node_apply_to_the_whole_step(par
     assert retried["error"] == f"branch sub failed: {retried['logs'][0]['error']}"
     assert (timed["status"], timed["error"], paths(timed)) == ("failed", "node 'sub' timed out after 0.05 s", [
         ("sub/held", "held", "cancelled"), (None, "sub", "error")])
+
+
+def test_e2e_stream_carries_a_finished_branch_while_its_sibling_still_runs(server: str, tmp_path: Path) -> None:
+    """Branch 0's file exists, branch 1's appears only once the test has seen branch 0's step on the stream."""
+    release = tmp_path / "release"
+    with httpx.Client(base_url=server, timeout=10) as client:
+        client.post("/graph/create", json={"graph_id": "wait_one", "start_node": "await_file", "nodes": ["await_file"]})
+        client.post("/graph/create", json=one_node("wait_each", {"name": "each", "map": {
+            "over": "files", "as": "file", "graph": "wait_one", "collect": "held", "output": "held"}}))
+        run_id = client.post("/graph/run", json={"graph_id": "wait_each", "wait": False, "state": {
+            "data": {"files": [str(HERE), str(release)]}}}).json()["run_id"]
+        with client.stream("GET", f"/graph/stream/{run_id}") as stream:
+            lines, seen = stream.iter_lines(), []
+            while not any(line.startswith("data: ") and '"each[0]/await_file"' in line for line in seen):
+                seen.append(next(lines))
+            midway = client.get(f"/graph/state/{run_id}").json()
+            release.touch()
+            rest = list(lines)
+    events = parse_sse("\n".join(seen + rest))
+    assert (midway["status"], midway["current_node"], list(midway["branch_results"])) == ("running", "each", ["each[0]"])
+    assert [(e["event"], e["data"].get("path"), e["data"].get("node")) for e in events if e["event"] == "log"] == [
+        ("log", "each[0]/await_file", "await_file"), ("log", "each[1]/await_file", "await_file"),
+        ("log", None, "each")]
+    assert events[-1]["event"] == "end" and events[-1]["data"]["state"]["data"]["held"] == [True, True]
