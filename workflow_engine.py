@@ -2197,8 +2197,8 @@ class _Fork:
             # A shallow copy is enough: the runner never changes a value of a run's data in place (each attempt of a
             # node works on deep copies), so a branch never sees its siblings' writes, nor they its.
             start = dict(data)
-            child = RunContext(run_id=self.root.run_id, graph_id=graph.graph_id or "", status=RunStatus.RUNNING,
-                               next_node=graph.start_node,
+            # The branch's own record for the runner's step loop; not a run: no status moves, never stored.
+            child = RunContext(run_id=self.root.run_id, graph_id=graph.graph_id or "", next_node=graph.start_node,
                                max_iterations=graph.max_iterations or self.branches.max_iterations,
                                max_state_bytes=self.root.max_state_bytes, max_log_bytes=log_share,
                                state=WorkflowState(data=start, metadata=self.root.state.metadata), created_at=_now())
