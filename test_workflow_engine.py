@@ -6248,3 +6248,10 @@ def test_e2e_stream_carries_a_finished_branch_while_its_sibling_still_runs(serve
         ("log", "each[0]/await_file", "await_file"), ("log", "each[1]/await_file", "await_file"),
         ("log", None, "each")]
     assert events[-1]["event"] == "end" and events[-1]["data"]["state"]["data"]["held"] == [True, True]
+
+
+def test_settings_read_workflow_max_fanout_and_refuse_a_bad_one() -> None:
+    assert we.settings_from_env({"WORKFLOW_MAX_FANOUT": "3"}).max_fanout == 3
+    assert we.Settings().max_fanout == we.MAX_FANOUT == 64
+    with pytest.raises(ValueError, match=r"^WORKFLOW_MAX_FANOUT='0': must be at least 1, got 0$"):
+        we.settings_from_env({"WORKFLOW_MAX_FANOUT": "0"})
