@@ -116,6 +116,7 @@ __all__ = [
     "NodeContext",
     "NodeDef",
     "NodeIO",
+    "NodePlan",
     "OPERATIONS",
     "Operation",
     "ParallelDef",
