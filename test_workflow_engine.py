@@ -2359,10 +2359,46 @@ async def test_cancel_and_timeout_at_once_agree_on_status_and_log(registry: we.R
         await asyncio.sleep(0)
         return {}
 
-    run = await we.Engine(registry).run(we.GraphDefinition(graph_id="t", start_node="past_deadline",
-                                                           nodes=("past_deadline",)), timeout_s=0.01)
+    engine = we.Engine(registry)  # started, not run: the run's own task is the one cancelled
+    run = await engine.wait(await engine.start(we.GraphDefinition(graph_id="t", start_node="past_deadline",
+                                                                  nodes=("past_deadline",)), timeout_s=0.01))
     assert (run.status, run.error) == (we.RunStatus.TIMED_OUT, "the run took longer than its timeout_s of 0.01 s")
     assert [(e.node, e.event) for e in run.logs] == [("past_deadline", we.LogEvent.TIMED_OUT)]
+
+
+async def test_engine_run_in_the_callers_task_is_cancelled_with_its_caller_and_saved(registry: we.Registry) -> None:
+    """Engine.run executes the run in the caller's task: cancelling the caller cancels the run, which is saved as
+    cancelled (the engine lets go of it), and the CancelledError reaches the caller."""
+    hang_started["caller"] = asyncio.Event()
+    engine = we.Engine(registry)
+    definition = we.structure_body(graph(["inc", "hang"], chain("inc", "hang")), we.GraphDefinition)
+    caller = asyncio.create_task(engine.run(definition, we.WorkflowState(metadata={"started": "caller"})))
+    await hang_started["caller"].wait()
+    run_id = engine.store.list_runs()[0][0].run_id
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    run = engine.get_run(run_id)
+    assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled at node 'hang'")
+    assert [(e.node, e.event) for e in run.logs] == [("inc", we.LogEvent.EXECUTED), ("hang", we.LogEvent.CANCELLED)]
+    assert run.state.data == {"count": 1} and not engine.store.get_run(run_id).status.is_active
+
+
+async def test_engine_cancel_of_a_run_in_its_callers_task_returns_it_to_the_caller(registry: we.Registry) -> None:
+    """A cancel through the engine stops a run that executes in its caller's task, and ends there: the caller
+    gets the cancelled run back, as the cancel does, and is not cancelled itself."""
+    hang_started["engine"] = asyncio.Event()
+    engine = we.Engine(registry)
+    definition = we.structure_body(graph(["inc", "hang"], chain("inc", "hang")), we.GraphDefinition)
+    caller = asyncio.create_task(engine.run(definition, we.WorkflowState(metadata={"started": "engine"})))
+    await hang_started["engine"].wait()
+    run_id = engine.store.list_runs()[0][0].run_id
+    cancelled = await engine.cancel(run_id)
+    run = await caller
+    assert run is cancelled and not caller.cancelled()
+    assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled at node 'hang'")
+    assert [(e.node, e.event) for e in run.logs] == [("inc", we.LogEvent.EXECUTED), ("hang", we.LogEvent.CANCELLED)]
+    assert engine.get_run(run_id).status is we.RunStatus.CANCELLED
 
 
 async def test_resume_of_a_run_of_a_given_definition(registry: we.Registry) -> None:
@@ -4764,8 +4800,10 @@ def test_readme_tools_examples_without_a_server_print_what_the_readme_shows() ->
 # ---------------------------------------------------------------------------
 # Tools: bench.py
 # ---------------------------------------------------------------------------
-def test_bench_engine_quick_prints_ratios_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The engine section measures the engine and both baselines and prints each figure as a ratio to them."""
+def test_bench_engine_quick_prints_ratios_calls_and_targets_and_writes_json(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """The engine section times and counts the calls of Engine.run, the runner and both baselines (PocketFlow only
+    if importable), and prints each target of issue 14 with its figure, baseline, ratio and verdict."""
     path = tmp_path / "r.json"
 
     assert bench.main(["engine", "--quick", "--json", str(path)]) == 0
@@ -4773,20 +4811,30 @@ def test_bench_engine_quick_prints_ratios_and_writes_json(tmp_path: Path, capsys
     results = json.loads(path.read_text())
     assert results["quick"] is True
     assert {"date", "cpu", "cpus", "python"} <= results["machine"].keys()
-    long, short = results["engine"]["long"], results["engine"]["short"]
-    assert (long["n"], long["steps"]) == (bench.QUICK.long_n, 1 + 4 * bench.QUICK.long_n)
-    assert (short["n"], short["steps"]) == (1, 5)
-    for figures, unit in ((long, "us_per_step"), (short, "us_per_run")):
-        for key in (f"bare_{unit}", f"bare_log_{unit}", f"engine_{unit}", "ratio_to_bare", "ratio_to_bare_log"):
-            assert figures[key] > 0, key
-        assert figures["ratio_to_bare"] == pytest.approx(figures[f"engine_{unit}"] / figures[f"bare_{unit}"])
-        assert figures["target_ratio"] == 4.5
-        assert figures["met"] is (figures["ratio_to_bare"] <= 4.5)
-    assert short["engine_store_us_per_run"] > 0
+    engine = results["engine"]
+    names = {"bare", "bare_log", "engine", "runner"} | ({"pocketflow"} if engine["pocketflow"] else set())
+    for kind, n, unit, calls_limit in (("long", bench.QUICK.long_n, "step", 20), ("short", 1, "run", 150)):
+        figures = engine[kind]
+        assert (figures["n"], figures["steps"], figures["unit"]) == (n, 1 + 4 * n, unit)
+        assert figures["rows"].keys() == names
+        for row in figures["rows"].values():
+            assert row[f"us_per_{unit}"] > 0 and row[f"calls_per_{unit}"] > 0
+        bare, eng = figures["rows"]["bare"], figures["rows"]["engine"]
+        assert eng["ratio_to_bare"] == pytest.approx(eng[f"us_per_{unit}"] / bare[f"us_per_{unit}"])
+        time_target, calls_target = figures["targets"]
+        assert time_target == {
+            "target": time_target["target"], "unit": f"us/{unit}", "figure": eng[f"us_per_{unit}"],
+            "baseline": bare[f"us_per_{unit}"], "ratio": pytest.approx(eng["ratio_to_bare"]), "limit": 5.0,
+            "met": time_target["ratio"] <= 5.0}
+        calls, bare_calls = eng[f"calls_per_{unit}"], bare[f"calls_per_{unit}"]
+        assert calls_target == {
+            "target": calls_target["target"], "unit": f"calls/{unit}", "figure": calls, "baseline": bare_calls,
+            "ratio": pytest.approx(calls / bare_calls), "limit": calls_limit, "met": calls <= calls_limit}
     out, err = capsys.readouterr()
-    ratio_lines = [line for line in out.splitlines() if "x bare loop" in line and "target <= 4.5x bare loop" in line]
-    assert len(ratio_lines) == 2
-    assert all("x bare+log" in line for line in ratio_lines)
+    verdicts = [line for line in out.splitlines() if line.strip().startswith("Engine.run") and "target <=" in line]
+    assert [line.split("target <= ")[1].split(":")[0] for line in verdicts] == [
+        "5.0x bare", "20 calls/step", "5.0x bare", "150 calls/run"]
+    assert all(line.endswith((": met", ": NOT MET")) for line in verdicts)
     assert err == ""
 
 

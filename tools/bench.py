@@ -3,10 +3,13 @@
 Usage:  python tools/bench.py [engine] [http] [memory] [stores] [fanout] [--quick] [--json PATH] [--memory-runs N]
                                [--http-requests N] [--postgres-url URL]   (default: all sections)
 
-engine  The runner on a five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step
-        logging: microseconds per step of one long run (N = 2000) and per short run (N = 1, five steps, including
-        the new run record), next to two baselines measured in the same invocation: a bare asyncio loop awaiting the
-        same node functions, and that loop plus a minimal attrs log record per step.
+engine  The five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step logging,
+        through Engine.run (the run record created, and saved to the memory store at the end): microseconds and
+        function calls (counted with cProfile, which does not depend on the machine's load) per step of a long run
+        (N = 2000) and per short run (N = 1, five steps), next to two baselines measured in the same invocation: a
+        bare asyncio loop awaiting the same node functions, and that loop plus a minimal attrs log record per step.
+        Also shown: the runner alone (run_graph, no store), and PocketFlow running the same nodes when it is
+        importable (`pip install pocketflow` in the benchmark's own environment; never a project dependency).
 http    `uvicorn workflow_engine:app` and a bare Starlette JSON endpoint (one worker each, 127.0.0.1), driven by the
         same keep-alive HTTP/1.1 client at 16 and 64 connections: requests/s, p50/p99 latency, errors, server RSS,
         for POST /graph/run (the README's code-review input), GET /graph/state/{run_id} and GET /. Each case runs
@@ -25,14 +28,15 @@ fanout  A `map` node over 1,000 items (200 with --quick) of a one-node trivial g
         list mapped over, so a third row gives the sequential runs that data too (for information).
 
 Absolute times drift on a shared machine; the ratios to baselines measured in the same invocation drift far less.
-Targets come from issue 7 (the stores section's from issue 14); a missed target is reported, not an error. The exit
-status is 1 when a section could not run (e.g. the code_review workflow is missing). Standard library plus the
-project's dependencies; RSS needs Linux.
+Targets come from issue 7 (the engine and stores sections' from issue 14); a missed target is reported, not an
+error. The exit status is 1 when a section could not run (e.g. the code_review workflow is missing). Standard
+library plus the project's dependencies; RSS needs Linux.
 """
 
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import gc
 import importlib
 import inspect
@@ -40,6 +44,7 @@ import json
 import logging
 import os
 import platform
+import pstats
 import secrets
 import socket
 import statistics
@@ -49,6 +54,7 @@ import tempfile
 import time
 import tracemalloc
 import urllib.parse
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,7 +84,9 @@ def load_config(path, cache={}):
 REVIEW_INPUT = {"graph_id": "code_review", "state": {"data": {"code": REVIEW_CODE, "quality_threshold": 75}}}
 
 # Targets of issue 7.
-TARGET_ENGINE_RATIO = 4.5  # engine time at most this many times the bare loop's, long and short runs
+TARGET_ENGINE_RATIO = 5.0  # Engine.run time at most this many times the bare loop's, per step and per short run
+TARGET_CALLS_PER_STEP = 20  # function calls (cProfile) per step of Engine.run's long run
+TARGET_CALLS_PER_RUN = 150  # function calls of one short run through Engine.run, its record and save included
 TARGET_RUN_SHARE = 0.5  # POST /graph/run requests/s at least this share of the bare endpoint's
 TARGET_STATE_SHARE = 0.7  # GET /graph/state/{run_id} requests/s at least this share of the bare endpoint's
 TARGET_P99_OVER_P50 = 3.0  # POST /graph/run p99 at most this many times its p50 at 64 connections
@@ -274,77 +282,185 @@ async def measure(variants: dict[str, Callable[[], Awaitable[object]]], repeats:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-async def _check_engine(we: ModuleType, graph: Any, registry: Any, n: int) -> None:
+# The rows of the engine section, in print order: the two baselines, the engine through Engine.run (the targets),
+# the runner alone, and PocketFlow when it is importable.
+ENGINE_ROWS = {
+    "bare": "bare asyncio loop",
+    "bare_log": "bare loop + attrs log record per step",
+    "engine": "Engine.run (memory store, run saved)",
+    "runner": "runner alone (run_graph, no store)",
+    "pocketflow": "PocketFlow, same nodes, a dict log record",
+}
+
+
+def pocketflow_run() -> tuple[str, Callable[[int], Awaitable[int]]] | None:
+    """Return PocketFlow's version and a function running the loop as a PocketFlow AsyncFlow; None without it.
+
+    Each node awaits the same node function, merges its result into the shared state and appends a dict log record
+    with the step's duration, as the second baseline does; E's "more" action goes back to B.
+    """
+    try:
+        import pocketflow  # noqa: PLC0415  # optional, and never a project dependency
+    except ImportError:
+        return None
+    from importlib.metadata import version  # noqa: PLC0415
+
+    class Step(pocketflow.AsyncNode):  # type: ignore[misc, name-defined]
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def prep_async(self, shared: dict[str, Any]) -> Any:
+            return shared["state"]
+
+        async def exec_async(self, state: Any) -> tuple[dict[str, Any], float]:
+            started = time.perf_counter()
+            return await NODE_FUNCTIONS[self.name](state, None), started
+
+        async def post_async(self, shared: dict[str, Any], state: Any, outcome: tuple[dict[str, Any], float]) -> str:
+            result, started = outcome
+            state.data.update(result)
+            shared["log"].append({"node": self.name, "duration": time.perf_counter() - started, "updates": result})
+            return "more" if self.name == "E" and more(state) else "default"
+
+    nodes = {name: Step(name) for name in NODE_FUNCTIONS}
+    for name, following in NEXT_NODE.items():
+        if following is not None:
+            nodes[name] >> nodes[following]
+    nodes["E"] - "more" >> nodes["B"]
+    flow = pocketflow.AsyncFlow(start=nodes["A"])
+
+    async def run(n: int) -> int:
+        shared = {"state": _BareState({"i": 0, "n": n}), "log": []}
+        await flow.run_async(shared)
+        return len(shared["log"])
+
+    # E ends the flow with an action it has no successor for, which PocketFlow warns about on every run.
+    warnings.filterwarnings("ignore", message="Flow ends", module="pocketflow")
+    return version("pocketflow"), run
+
+
+async def _check_engine(we: ModuleType, engine: Any, n: int, pocketflow: Callable | None) -> None:
     """Fail loudly if the engine does not run the loop as the baselines do (a failing run would look fast)."""
-    run = await we.run_graph(graph, we.WorkflowState(data={"i": 0, "n": n}), registry, max_iterations=100_000)
-    if run.status is not we.RunStatus.COMPLETED or run.iteration != steps_for(n) or len(run.logs) != run.iteration:
-        raise BenchError(f"the engine's bench run ended {run.status.value} after {run.iteration} steps: {run.error}")
-    if await bare_run(n) != steps_for(n) or await bare_logged_run(n) != steps_for(n):
-        raise BenchError("the bare loop does not take the engine's steps")
+    for name, run in (("Engine.run", await engine.run("bench", _bench_state(we, n), max_iterations=steps_for(n))),
+                      ("run_graph", await we.run_graph(bench_graph(we), _bench_state(we, n), bench_registry(we),
+                                                       max_iterations=steps_for(n)))):
+        if run.status is not we.RunStatus.COMPLETED or run.iteration != steps_for(n) or len(run.logs) != run.iteration:
+            raise BenchError(f"the engine's bench run ({name}) ended {run.status.value} after {run.iteration} steps: "
+                             f"{run.error}")
+    steps = [await bare_run(n), await bare_logged_run(n)] + ([await pocketflow(n)] if pocketflow else [])
+    if steps != [steps_for(n)] * len(steps):
+        raise BenchError(f"a baseline does not take the engine's {steps_for(n)} steps: {steps}")
 
 
-async def _engine_figures(we: ModuleType, profile: Profile) -> dict[str, float]:
-    registry, graph, n = bench_registry(we), bench_graph(we), profile.long_n
-    await _check_engine(we, graph, registry, n)
-    engine = we.Engine(registry)
-    await engine.create_graph(graph)
+def _bench_state(we: ModuleType, n: int) -> Any:
+    return we.WorkflowState(data={"i": 0, "n": n})
 
-    def state(loops: int) -> Any:
-        return we.WorkflowState(data={"i": 0, "n": loops})
 
+def _engine_variants(
+    we: ModuleType, n: int, pocketflow: Callable | None
+) -> tuple[dict[str, Callable[[], Awaitable[object]]], Any]:
+    """Return a function per row that runs its loop once with loop count `n`, and the Engine the engine row uses."""
+    registry, graph = bench_registry(we), bench_graph(we)
+    engine = we.Engine(registry, we.MemoryStore(max_runs=100))  # a store that stays small over many long runs
     variants = {
-        "bare_long": lambda: bare_run(n),
-        "bare_log_long": lambda: bare_logged_run(n),
-        "engine_long": lambda: we.run_graph(graph, state(n), registry, max_iterations=100_000),
-        "bare_short": lambda: bare_run(1),
-        "bare_log_short": lambda: bare_logged_run(1),
-        "engine_short": lambda: we.run_graph(graph, state(1), registry),
-        "engine_store_short": lambda: engine.run("bench", state(1)),
+        "bare": lambda: bare_run(n),
+        "bare_log": lambda: bare_logged_run(n),
+        "engine": lambda: engine.run("bench", _bench_state(we, n), max_iterations=steps_for(n)),
+        "runner": lambda: we.run_graph(graph, _bench_state(we, n), registry, max_iterations=steps_for(n)),
     }
-    return await measure(variants, profile.repeats, profile.sample_seconds)
+    if pocketflow is not None:
+        variants["pocketflow"] = lambda: pocketflow(n)
+    return variants, engine
 
 
-def _engine_result(kind: str, n: int, unit_scale: float, seconds: dict[str, float]) -> dict[str, Any]:
-    bare, bare_log, eng = (seconds[f"{name}_{kind}"] * unit_scale for name in ("bare", "bare_log", "engine"))
-    unit = "us_per_step" if kind == "long" else "us_per_run"
-    result = {
-        "n": n, "steps": steps_for(n), f"bare_{unit}": bare, f"bare_log_{unit}": bare_log, f"engine_{unit}": eng,
-        "ratio_to_bare": eng / bare, "ratio_to_bare_log": eng / bare_log, "target_ratio": TARGET_ENGINE_RATIO,
-    }
-    result["met"] = result["ratio_to_bare"] <= TARGET_ENGINE_RATIO
-    return result
+async def count_calls(fn: Callable[[], Awaitable[object]]) -> int:
+    """Return how many function calls cProfile counts in one call of `fn` (after one unprofiled warm-up call).
+
+    The profiler sees every task of this thread's event loop, not the threads of a store (which encode big
+    records): the count of a long run leaves out the encoding of its record.
+    """
+    await fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        await fn()
+    finally:
+        profiler.disable()
+    return pstats.Stats(profiler).total_calls
+
+
+async def _engine_figures(we: ModuleType, profile: Profile, pocketflow: Callable | None) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for kind, n in (("long", profile.long_n), ("short", 1)):
+        variants, engine = _engine_variants(we, n, pocketflow)
+        await engine.create_graph(bench_graph(we))
+        await _check_engine(we, engine, n, pocketflow)
+        calls = {name: await count_calls(fn) for name, fn in variants.items()}
+        seconds = await measure(variants, profile.repeats, profile.sample_seconds)
+        figures[kind] = {"n": n, "seconds": seconds, "calls": calls}
+    return figures
+
+
+def _engine_result(kind: str, n: int, seconds: dict[str, float], calls: dict[str, int]) -> dict[str, Any]:
+    steps = steps_for(n)
+    per, unit = (steps, "step") if kind == "long" else (1, "run")
+    rows = {name: {f"us_per_{unit}": seconds[name] * 1e6 / per, f"calls_per_{unit}": calls[name] / per,
+                   "ratio_to_bare": seconds[name] / seconds["bare"]} for name in seconds}
+    what = f"per step, N={n}" if kind == "long" else "per short run, N=1"
+    calls_limit = TARGET_CALLS_PER_STEP if kind == "long" else TARGET_CALLS_PER_RUN
+    targets = [_target(f"Engine.run time {what}", f"us/{unit}", rows, f"us_per_{unit}", TARGET_ENGINE_RATIO),
+               _target(f"Engine.run function calls {what}", f"calls/{unit}", rows, f"calls_per_{unit}", calls_limit)]
+    return {"n": n, "steps": steps, "unit": unit, "rows": rows, "targets": targets}
+
+
+def _target(name: str, unit: str, rows: dict[str, Any], key: str, limit: float) -> dict[str, Any]:
+    """A target on the engine row's `key`, with the bare loop's as its baseline: a time target bounds the ratio
+    (the machine's speed drops out), a calls target the figure itself."""
+    figure, baseline = rows["engine"][key], rows["bare"][key]
+    bounded = figure / baseline if unit.startswith("us/") else figure
+    return {"target": name, "unit": unit, "figure": figure, "baseline": baseline, "ratio": figure / baseline,
+            "limit": limit, "met": bounded <= limit}
 
 
 def run_engine(profile: Profile) -> dict[str, Any]:
-    """Measure the runner and both baselines; return the figures in microseconds and the ratios."""
+    """Measure Engine.run, the runner alone, both baselines (and PocketFlow if installed); return the figures in
+    microseconds and function calls, per step of the long run and per short run, with the targets."""
     we = _import_engine()
-    seconds = asyncio.run(_engine_figures(we, profile))
-    long = _engine_result("long", profile.long_n, 1e6 / steps_for(profile.long_n), seconds)
-    short = _engine_result("short", 1, 1e6, seconds)
-    short["engine_store_us_per_run"] = seconds["engine_store_short"] * 1e6
-    short["engine_store_ratio_to_bare"] = short["engine_store_us_per_run"] / short["bare_us_per_run"]
-    return {"repeats": profile.repeats, "long": long, "short": short}
+    found = pocketflow_run()
+    figures = asyncio.run(_engine_figures(we, profile, found[1] if found else None))
+    result = {kind: _engine_result(kind, figure["n"], figure["seconds"], figure["calls"])
+              for kind, figure in figures.items()}
+    return {"repeats": profile.repeats, "pocketflow": found[0] if found else None, **result}
 
 
 def print_engine(result: dict[str, Any]) -> None:
-    """Print the engine section of the table."""
-    long, short = result["long"], result["short"]
+    """Print the engine section: every row with its time, ratio and calls, then each target with its verdict."""
     print(f"== engine: A -> B -> C -> D -> E, E back to B while i < N; full logging; "
-          f"median of {result['repeats']} after warm-up")
-    print(f"  long run, N={long['n']} ({long['steps']} steps){'us/step':>31}")
-    _print_engine_rows(long, "us_per_step", "engine run_graph")
-    print(f"  short run, N=1 ({short['steps']} steps, incl. the new run record){'us/run':>13}")
-    _print_engine_rows(short, "us_per_run", "engine run_graph")
-    print(f"    {'Engine.run (stored graph, run kept)':<46}{short['engine_store_us_per_run']:>10.2f}"
-          f"   {short['engine_store_ratio_to_bare']:5.2f}x bare loop  (for information)")
+          f"median of {result['repeats']} after warm-up; calls counted by cProfile")
+    pocketflow = result["pocketflow"]
+    for kind, head in (("long", f"long run, N={result['long']['n']} ({result['long']['steps']} steps)"),
+                       ("short", "short run, N=1 (5 steps, the new run record and its save)")):
+        figures, unit = result[kind], result[kind]["unit"]
+        print(f"  {head:<56}{'us/' + unit:>10}{'x bare':>9}{'calls/' + unit:>13}")
+        for name, label in ENGINE_ROWS.items():
+            row = figures["rows"].get(name)
+            if name == "pocketflow":
+                label = f"PocketFlow {pocketflow}, same nodes, a dict log record" if pocketflow else label
+            if row is None:
+                print(f"    {label:<54}  not installed (pip install pocketflow, in a venv of its own)")
+                continue
+            print(f"    {label:<54}{row[f'us_per_{unit}']:>10.2f}{row['ratio_to_bare']:>8.2f}x"
+                  f"{row[f'calls_per_{unit}']:>13.1f}")
+    print("  targets (Engine.run, each against the bare loop of this invocation)")
+    for target in result["long"]["targets"] + result["short"]["targets"]:
+        print(f"    {target['target']:<44}{target['figure']:>10.2f} {target['unit']:<11} "
+              f"bare {target['baseline']:>8.2f}  {target['ratio']:6.2f}x  "
+              f"target <= {_limit_text(target)}: {_status(target['met'])}")
 
 
-def _print_engine_rows(figures: dict[str, Any], unit: str, label: str) -> None:
-    print(f"    {'bare asyncio loop':<46}{figures['bare_' + unit]:>10.2f}")
-    print(f"    {'bare loop + attrs log record per step':<46}{figures['bare_log_' + unit]:>10.2f}")
-    print(f"    {label:<46}{figures['engine_' + unit]:>10.2f}   {figures['ratio_to_bare']:5.2f}x bare loop  "
-          f"{figures['ratio_to_bare_log']:5.2f}x bare+log   "
-          f"target <= {TARGET_ENGINE_RATIO}x bare loop: {_status(figures['met'])}")
+def _limit_text(target: dict[str, Any]) -> str:
+    return f"{target['limit']}x bare" if target["unit"].startswith("us/") else f"{target['limit']} {target['unit']}"
 
 
 # ---------------------------------------------------------------------------
