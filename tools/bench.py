@@ -7,10 +7,13 @@ engine  The runner on a five-node loop A -> B -> C -> D -> E, E back to B while 
         logging: microseconds per step of one long run (N = 2000) and per short run (N = 1, five steps, including
         the new run record), next to two baselines measured in the same invocation: a bare asyncio loop awaiting the
         same node functions, and that loop plus a minimal attrs log record per step.
-http    `uvicorn workflow_engine:app` and a bare Starlette JSON endpoint (one worker each, 127.0.0.1), driven by the
-        same keep-alive HTTP/1.1 client at 16 and 64 connections: requests/s, p50/p99 latency, errors, server RSS,
-        for POST /graph/run (the README's code-review input), GET /graph/state/{run_id} and GET /. Each case runs
-        for a fixed time, or sends a fixed number of requests with --http-requests (whatever the machine's speed).
+http    `uvicorn workflow_engine:app` and a bare Starlette endpoint that parses a 300-byte JSON body (one worker
+        each, 127.0.0.1, the same server stack on both), driven by the same keep-alive HTTP/1.1 client at 1, 16 and
+        64 connections: requests/s, p50/p99 latency and errors of POST /graph/run (a trivial 1-node run and a
+        trivial 5-node run, waited for; the 5-node run with "wait": false) and GET /graph/state/{run_id}, each body
+        300 bytes. Measured on uvicorn's h11 + asyncio stack, and on httptools + uvloop when this interpreter has
+        both (the servers run on it). Each case runs for a fixed time, or sends a fixed number of requests with
+        --http-requests (whatever the machine's speed).
 memory  Bytes held per stored finished run of the code-review input (tracemalloc over Engine.run, and the server's
         RSS), and the server's RSS over 50,000 runs with the default WORKFLOW_MAX_RUNS: it must level off.
 stores  Trivial runs (the engine loop with N = 1: five steps) through the memory store, SQLite and PostgreSQL,
@@ -21,8 +24,9 @@ stores  Trivial runs (the engine loop with N = 1: five steps) through the memory
         creates databases of its own and drops them afterwards; without one its row says it was skipped.
 
 Absolute times drift on a shared machine; the ratios to baselines measured in the same invocation drift far less.
-Targets come from issue 7 (the stores section's from issue 14); a missed target is reported, not an error. The exit
-status is 1 when a section could not run (e.g. the code_review workflow is missing). Standard library plus the
+Targets come from issue 7 (the http and stores sections' from issue 14); a missed target is reported, not an error,
+and a full invocation ends with a table of every section's targets (see TARGET_KEYS). The exit status is 1 when a
+section could not run (e.g. the code_review workflow is missing). Standard library plus the
 project's dependencies; RSS needs Linux.
 """
 
@@ -31,6 +35,7 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -73,15 +78,12 @@ def load_config(path, cache={}):
 '''
 REVIEW_INPUT = {"graph_id": "code_review", "state": {"data": {"code": REVIEW_CODE, "quality_threshold": 75}}}
 
-# Targets of issue 7.
+# Targets of issue 7 (the http section's are issue 14's: HttpCase.share, and the p99 spread below).
 TARGET_ENGINE_RATIO = 4.5  # engine time at most this many times the bare loop's, long and short runs
-TARGET_RUN_SHARE = 0.5  # POST /graph/run requests/s at least this share of the bare endpoint's
-TARGET_STATE_SHARE = 0.7  # GET /graph/state/{run_id} requests/s at least this share of the bare endpoint's
-TARGET_P99_OVER_P50 = 3.0  # POST /graph/run p99 at most this many times its p50 at 64 connections
+TARGET_P99_OVER_P50 = 3.0  # each HTTP case's p99 at most this many times its p50 at 64 connections
 TARGET_BYTES_PER_RUN = 4096  # memory held per stored finished run
 FLAT_TOLERANCE = 0.05  # RSS may grow at most this share once the store has been full for max_runs runs
 
-CONNECTIONS = (16, 64)
 MEMORY_CONNECTIONS = 16
 SERVER_START_SECONDS = 30.0
 
@@ -109,7 +111,6 @@ class Profile:
     long_n: int  # engine: N of the long run
     http_seconds: float  # http: measured seconds per case
     http_warmup: float  # http: unmeasured seconds before each case
-    review_runs: int  # http: in-process code-review runs timed
     traced_runs: int  # memory: runs under tracemalloc
     memory_runs: int  # memory: runs sent to the server
     memory_checkpoints: int  # memory: RSS readings over those runs
@@ -121,18 +122,42 @@ class Profile:
 
 FULL = Profile(
     repeats=7, sample_seconds=0.2, long_n=2000, http_seconds=2.0, http_warmup=0.5,
-    review_runs=200, traced_runs=500, memory_runs=50_000, memory_checkpoints=10, memory_max_runs=None,
+    traced_runs=500, memory_runs=50_000, memory_checkpoints=10, memory_max_runs=None,
     store_rounds=5, store_runs=200,
 )
 QUICK = Profile(
     repeats=3, sample_seconds=0.02, long_n=200, http_seconds=0.8, http_warmup=0.2,
-    review_runs=20, traced_runs=200, memory_runs=3000, memory_checkpoints=6, memory_max_runs=500,
+    traced_runs=200, memory_runs=3000, memory_checkpoints=6, memory_max_runs=500,
     store_rounds=3, store_runs=20,
 )
 
 
 class BenchError(Exception):
     """A section cannot run; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Target rows
+# ---------------------------------------------------------------------------
+# Every section returns its targets as a list of rows of one shape, under its result's "targets" key, and a full
+# invocation ends with one table of all of them (print_targets). A row is a dict with exactly these keys:
+#   "target"    str: what is measured, with its unit ("POST /graph/run, 1 trivial node, wait, h11+asyncio, 64
+#               conns: req/s")
+#   "figure"    float | int | None: the measured value (None: not measured, e.g. a skipped server stack)
+#   "baseline"  float | int | None: what the figure is compared with, measured in the same invocation (the bare
+#               endpoint's req/s, the bare loop's µs/step, the case's own p50); None for an absolute goal
+#   "ratio"     float | None: figure / baseline (None without a baseline)
+#   "goal"      str: the target the ratio (or, without a baseline, the figure) must meet (">= 0.75x bare",
+#               "<= 3x p50", "0")
+#   "met"       bool
+# Build rows with target_row(), which computes the ratio.
+TARGET_KEYS = ("target", "figure", "baseline", "ratio", "goal", "met")
+
+
+def target_row(target: str, figure: float | None, baseline: float | None, goal: str, met: bool) -> dict[str, Any]:
+    """Return one target row (see TARGET_KEYS)."""
+    ratio = figure / baseline if figure is not None and baseline else None
+    return {"target": target, "figure": figure, "baseline": baseline, "ratio": ratio, "goal": goal, "met": met}
 
 
 def _import_engine() -> ModuleType:
@@ -376,11 +401,14 @@ class Server:
 
 
 @contextlib.contextmanager
-def uvicorn_server(name: str, app: str, cwd: Path, env: dict[str, str]) -> Iterator[Server]:
-    """Start `uvicorn app` (one worker) on a free port, wait until it accepts connections, and stop it by pid."""
+def uvicorn_server(
+    name: str, app: str, cwd: Path, env: dict[str, str], options: tuple[str, ...] = ()
+) -> Iterator[Server]:
+    """Start `uvicorn app` (one worker, with `options` such as `--http h11`) on a free port, wait until it accepts
+    connections, and stop it by pid."""
     port = _free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port),
-               "--workers", "1", "--log-level", "warning"]
+               "--workers", "1", "--log-level", "warning", *options]
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -530,7 +558,6 @@ async def load_count(port: int, request: bytes, connections: int, total: int) ->
 # ---------------------------------------------------------------------------
 # Code review in-process
 # ---------------------------------------------------------------------------
-# Where a code-review run's time goes: its nodes' work bounds what any engine can serve with one worker.
 def review_engine(max_runs: int) -> tuple[ModuleType, Any]:
     """Return workflow_engine and an Engine holding the code_review workflow, or raise BenchError without it."""
     we = _import_engine()
@@ -547,41 +574,54 @@ async def _review_run(we: ModuleType, engine: Any) -> Any:
     return await engine.run(REVIEW_INPUT["graph_id"], we.WorkflowState(data=dict(REVIEW_INPUT["state"]["data"])))
 
 
-class _BareContext:
-    """What code-review nodes use of their NodeContext when called directly: a logger."""
-
-    logger = logging.getLogger("bench.code_review")
-
-
-async def _direct_review(registry: Any, sequence: list[str], we: ModuleType) -> None:
-    state, ctx = we.WorkflowState(data=dict(REVIEW_INPUT["state"]["data"])), _BareContext()
-    for name in sequence:
-        result = registry.get_node(name)(state, ctx)
-        result = await result if inspect.isawaitable(result) else result
-        state.data.update(result or {})
-
-
-def review_timing(runs: int) -> dict[str, Any]:
-    """Time a code-review run in-process: through Engine.run, and its node functions called directly in turn.
-
-    The direct calls are the nodes' own work, so `1000 / direct_ms` bounds the runs/s of one server worker.
-    """
-    we, engine = review_engine(max_runs=runs + 10)
-
-    async def timed() -> dict[str, Any]:
-        first = await _review_run(we, engine)
-        sequence = [entry.node for entry in first.logs if entry.event is we.LogEvent.EXECUTED]
-        seconds = await measure({"engine": lambda: _review_run(we, engine),
-                                 "direct": lambda: _direct_review(engine.registry, sequence, we)}, runs, 0.0)
-        return {"steps": sequence, "engine_ms": seconds["engine"] * 1000, "direct_ms": seconds["direct"] * 1000}
-
-    timing = asyncio.run(timed())
-    return {"runs": runs, **timing, "node_bound_rps": 1000 / timing["direct_ms"]}
-
-
 # ---------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------
+# Issue 14's requests against the bare endpoint, on one server stack at a time: both servers are started with the
+# same uvicorn `--http` and `--loop`, and at each connection count the bare endpoint is loaded just before the
+# engine's cases, so drift on a shared machine hits them alike. Every request body is HTTP_BODY_BYTES long.
+HTTP_CONNECTIONS = (1, 16, 64)
+HTTP_BODY_BYTES = 300
+ONE_NODE_GRAPH = {"graph_id": "bench_one", "start_node": "A", "nodes": ["A"], "edges": {}}
+# uvicorn's pure-Python stack (what requirements.txt alone gave before issue 14) and its optional C-backed one.
+SERVER_STACKS = {"h11+asyncio": ("h11", "asyncio"), "httptools+uvloop": ("httptools", "uvloop")}
+
+
+@attrs.frozen(kw_only=True)
+class HttpCase:
+    """One request the http section loads, and its target as a share of the bare endpoint's requests/s."""
+
+    name: str
+    method: str
+    payload: dict[str, Any] | None  # a POST body, padded to HTTP_BODY_BYTES; None: GET the state of a fresh run
+    share: float
+
+
+HTTP_CASES = (
+    HttpCase(name="POST /graph/run, 1 trivial node, wait", method="POST", share=0.75,
+             payload={"graph_id": "bench_one", "state": {"data": {"i": 0, "n": 1}}, "wait": True}),
+    HttpCase(name="POST /graph/run, 5 trivial nodes, wait", method="POST", share=0.6,
+             payload={"graph_id": "bench", "state": {"data": {"i": 0, "n": 1}}, "wait": True}),
+    HttpCase(name='POST /graph/run, 5 nodes, "wait": false', method="POST", share=0.75,
+             payload={"graph_id": "bench", "state": {"data": {"i": 0, "n": 1}}, "wait": False}),
+    HttpCase(name="GET /graph/state/{run_id}", method="GET", payload=None, share=0.95),
+)
+BARE_CASE = "bare POST /echo"
+
+
+def padded_body(payload: dict[str, Any], size: int = HTTP_BODY_BYTES) -> bytes:
+    """Return `payload` as compact JSON of exactly `size` bytes: a `pad` string in its state data takes the rest."""
+    data = payload.get("state", {}).get("data")
+    scratch = {**payload, "state": {**payload["state"], "data": {**data, "pad": ""}}} if data is not None else \
+        {**payload, "pad": ""}
+    room = size - len(_json_bytes(scratch))
+    if room < 0:
+        raise BenchError(f"a request body is over {size} bytes: {_json_bytes(scratch)[:80]!r}")
+    holder = scratch["state"]["data"] if data is not None else scratch
+    holder["pad"] = "x" * room
+    return _json_bytes(scratch)
+
+
 def _review_body() -> bytes:
     return json.dumps(REVIEW_INPUT, separators=(",", ":")).encode()
 
@@ -601,41 +641,71 @@ def _server_env() -> dict[str, str]:
     return env
 
 
+def stack_missing(stack: str) -> str | None:
+    """What this interpreter lacks to serve on `stack` (None: nothing); the servers run on sys.executable."""
+    missing = [name for name in SERVER_STACKS[stack] if name != "asyncio" and importlib.util.find_spec(name) is None]
+    return f"not installed here: pip install {' '.join(missing)}" if missing else None
+
+
+def _stack_options(stack: str) -> tuple[str, ...]:
+    http, loop = SERVER_STACKS[stack]
+    return ("--http", http, "--loop", loop)
+
+
 def run_http(profile: Profile) -> dict[str, Any]:
-    """Drive the engine's server and the bare endpoint with the same client; return every case and the targets."""
-    timing = review_timing(profile.review_runs)
-    with tempfile.TemporaryDirectory() as scratch:
-        Path(scratch, "bench_bare_app.py").write_text(BARE_APP, encoding="utf-8")
-        env = _server_env()
-        with uvicorn_server("engine", "workflow_engine:app", ROOT, env) as engine, \
-                uvicorn_server("bare", "bench_bare_app:app", Path(scratch), env) as bare:
-            result = asyncio.run(_http_cases(engine, bare, profile))
-    bare_rps = max(case["rps"] for case in result["cases"] if case["case"].startswith("bare"))
-    timing["node_bound_share_of_bare"] = timing["node_bound_rps"] / bare_rps if bare_rps else 0.0
-    return {"review_in_process": timing, **result}
+    """Load the bare endpoint and the engine's cases on each server stack this interpreter has; return the cases
+    and the target rows of every stack measured."""
+    stacks = []
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        env = _stores_env(scratch)
+        for stack in SERVER_STACKS:
+            row: dict[str, Any] = {"stack": stack, "skipped": stack_missing(stack), "cases": []}
+            if row["skipped"] is None:
+                options = _stack_options(stack)
+                with uvicorn_server("engine", "workflow_engine:app", scratch, env, options) as engine, \
+                        uvicorn_server("bare", "bench_bare_app:app", scratch, env, options) as bare:
+                    row["cases"] = asyncio.run(_http_cases(engine, bare, profile))
+            stacks.append(row)
+    targets = [target for row in stacks for target in _http_targets(row)]
+    return {"connections": list(HTTP_CONNECTIONS), "body_bytes": HTTP_BODY_BYTES, "stacks": stacks,
+            "targets": targets}
 
 
-async def _http_cases(engine: Server, bare: Server, profile: Profile) -> dict[str, Any]:
-    record = await probe_review_run(engine.port)
-    body = _review_body()
-    cases = [
-        ("bare POST /echo", bare, http_request("POST", "/echo", bare.port, body)),
-        ("POST /graph/run", engine, http_request("POST", "/graph/run", engine.port, body)),
-        ("GET /graph/state/{run_id}", engine, None),
-        ("GET /", engine, http_request("GET", "/", engine.port)),
-    ]
+async def _probe_http_graphs(port: int) -> None:
+    """Create both bench graphs on the server and run each once; raise BenchError unless that works."""
+    for graph in (ONE_NODE_GRAPH, BENCH_GRAPH):
+        status, answer = await _post_json(port, "/graph/create", graph)
+        if status not in (200, 201):
+            raise BenchError(f"POST /graph/create of {graph['graph_id']} answered {status}: {answer}")
+    for case, steps in zip(HTTP_CASES[:2], (1, steps_for(1)), strict=True):
+        status, run = await _post_json(port, "/graph/run", case.payload)
+        if status != 200 or run["status"] != "completed" or run["iteration"] != steps:
+            raise BenchError(f"{case.name} answered {status}: {str(run)[:300]}")
+
+
+async def _state_request(port: int) -> bytes:
+    """A GET of a run finished just now, so that a small WORKFLOW_MAX_RUNS cannot have evicted it."""
+    status, run = await _post_json(port, "/graph/run", HTTP_CASES[1].payload)
+    if status != 200:
+        raise BenchError(f"a run for GET /graph/state answered {status}: {str(run)[:300]}")
+    return http_request("GET", f"/graph/state/{run['run_id']}", port)
+
+
+async def _http_cases(engine: Server, bare: Server, profile: Profile) -> list[dict[str, Any]]:
+    await _probe_http_graphs(engine.port)
     results = []
-    for connections in CONNECTIONS:
-        for name, server, request in cases:
-            if request is None:  # a fresh run, so that a small WORKFLOW_MAX_RUNS cannot have evicted it
-                run_id = (await probe_review_run(engine.port))["run_id"]
-                request = http_request("GET", f"/graph/state/{run_id}", engine.port)
-            before = server.rss()
-            figures = await _load_case(server.port, request, connections, profile)
-            results.append({"case": name, **figures, "rss_before_kib": before, "rss_after_kib": server.rss()})
-    _add_ratios(results)
-    return {"review_run_status": record["status"], "review_run_steps": record["iteration"],
-            "cases": results, "targets": _http_targets(results)}
+    for connections in HTTP_CONNECTIONS:
+        echo = http_request("POST", "/echo", bare.port, padded_body(HTTP_CASES[0].payload))
+        ceiling = await _load_case(bare.port, echo, connections, profile)
+        results.append({"case": BARE_CASE, **ceiling, "share_of_bare": 1.0})
+        for case in HTTP_CASES:
+            request = (http_request(case.method, "/graph/run", engine.port, padded_body(case.payload))
+                       if case.payload is not None else await _state_request(engine.port))
+            figures = await _load_case(engine.port, request, connections, profile)
+            results.append({"case": case.name, **figures,
+                            "share_of_bare": figures["rps"] / ceiling["rps"] if ceiling["rps"] else 0.0})
+    return results
 
 
 async def _load_case(port: int, request: bytes, connections: int, profile: Profile) -> dict[str, Any]:
@@ -644,55 +714,40 @@ async def _load_case(port: int, request: bytes, connections: int, profile: Profi
     return await load_counted(port, request, connections, profile.http_requests)
 
 
-def _add_ratios(results: list[dict[str, Any]]) -> None:
-    bare = {case["connections"]: case["rps"] for case in results if case["case"].startswith("bare")}
-    for case in results:
-        case["share_of_bare"] = case["rps"] / bare[case["connections"]] if bare[case["connections"]] else 0.0
-
-
-def _http_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_key = {(case["case"], case["connections"]): case for case in results}
+def _http_targets(row: dict[str, Any]) -> list[dict[str, Any]]:
+    if row["skipped"] is not None:
+        return [target_row(f"http on {row['stack']}: skipped ({row['skipped']})", None, None, "measured", False)]
+    by_key = {(case["case"], case["connections"]): case for case in row["cases"]}
     targets = []
-    for connections in CONNECTIONS:
-        run, state = by_key["POST /graph/run", connections], by_key["GET /graph/state/{run_id}", connections]
-        targets.append({"target": f"POST /graph/run >= {TARGET_RUN_SHARE:.0%} of bare req/s at {connections}",
-                        "value": run["share_of_bare"], "met": run["share_of_bare"] >= TARGET_RUN_SHARE})
-        targets.append({"target": f"GET /graph/state >= {TARGET_STATE_SHARE:.0%} of bare req/s at {connections}",
-                        "value": state["share_of_bare"], "met": state["share_of_bare"] >= TARGET_STATE_SHARE})
-    run = by_key["POST /graph/run", CONNECTIONS[-1]]
-    spread = run["p99_ms"] / run["p50_ms"] if run["p50_ms"] else float("inf")
-    targets.append({"target": f"POST /graph/run p99 <= {TARGET_P99_OVER_P50:.0f}x p50 at {CONNECTIONS[-1]}",
-                    "value": spread, "met": spread <= TARGET_P99_OVER_P50})
-    targets.append({"target": "no errors", "value": sum(case["errors"] for case in results),
-                    "met": not any(case["errors"] for case in results)})
+    for case in HTTP_CASES:
+        for connections in HTTP_CONNECTIONS:
+            figures, bare = by_key[case.name, connections], by_key[BARE_CASE, connections]
+            targets.append(target_row(f"{case.name}, {row['stack']}, {connections} conns: req/s", figures["rps"],
+                                      bare["rps"], f">= {case.share:g}x bare", figures["share_of_bare"] >= case.share))
+        busiest = by_key[case.name, HTTP_CONNECTIONS[-1]]
+        targets.append(target_row(f"{case.name}, {row['stack']}, {HTTP_CONNECTIONS[-1]} conns: p99 ms vs p50",
+                                  busiest["p99_ms"], busiest["p50_ms"], f"<= {TARGET_P99_OVER_P50:g}x p50",
+                                  busiest["p99_ms"] <= TARGET_P99_OVER_P50 * busiest["p50_ms"]))
+    errors = sum(case["errors"] for case in row["cases"])
+    targets.append(target_row(f"http on {row['stack']}: errors", errors, None, "0", errors == 0))
     return targets
 
 
-def _mib(kib: int | None) -> str:
-    return "n/a" if kib is None else f"{kib / 1024:.1f}"
-
-
 def print_http(result: dict[str, Any], profile: Profile) -> None:
-    """Print the http section of the table."""
+    """Print the http section: a table per server stack."""
     load = (f"{profile.http_seconds:g} s per case after {profile.http_warmup:g} s warm-up"
             if profile.http_requests is None else f"{profile.http_requests} requests per case after one per connection")
-    print(f"== http: one uvicorn worker per server, keep-alive HTTP/1.1 client, {load}; "
-          f"code-review run: {result['review_run_status']}, {result['review_run_steps']} steps")
-    timing = result["review_in_process"]
-    print(f"  code-review run in-process, median of {timing['runs']}: Engine.run {timing['engine_ms']:.2f} ms, its "
-          f"{len(timing['steps'])} node calls made directly {timing['direct_ms']:.2f} ms: the nodes alone cap one "
-          f"worker at {timing['node_bound_rps']:.0f} runs/s = {timing['node_bound_share_of_bare']:.1%} of bare")
-    print(f"  {'case':<27}{'conns':>5}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
-          f"{'RSS MiB before->after':>23}  {'vs bare':>7}{'client cpu':>11}")
-    for case in result["cases"]:
-        rss = f"{_mib(case['rss_before_kib'])} -> {_mib(case['rss_after_kib'])}"
-        print(f"  {case['case']:<27}{case['connections']:>5}{case['rps']:>9.0f}{case['p50_ms']:>8.2f}"
-              f"{case['p99_ms']:>8.2f}{case['errors']:>7}{rss:>23}  {case['share_of_bare']:>6.0%}"
-              f"{case['client_cpu']:>10.0%}")
-    for target in result["targets"]:
-        value = target["value"]
-        shown = f"{value:.0%}" if "%" in target["target"] else f"{value:.2f}" if isinstance(value, float) else value
-        print(f"  target {target['target']}: {shown} {_status(target['met'])}")
+    print(f"== http: one uvicorn worker per server, the same stack on both, keep-alive HTTP/1.1 client, {load}; "
+          f"every body {result['body_bytes']} bytes")
+    for row in result["stacks"]:
+        if row["skipped"] is not None:
+            print(f"  {row['stack']}: skipped, {row['skipped']}")
+            continue
+        print(f"  {row['stack']:<40}{'conns':>6}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}{'vs bare':>8}"
+              f"{'client cpu':>11}")
+        for case in row["cases"]:
+            print(f"    {case['case']:<38}{case['connections']:>6}{case['rps']:>9.0f}{case['p50_ms']:>8.2f}"
+                  f"{case['p99_ms']:>8.2f}{case['errors']:>7}{case['share_of_bare']:>8.2f}{case['client_cpu']:>10.0%}")
 
 
 # ---------------------------------------------------------------------------
@@ -1072,8 +1127,8 @@ def _machine() -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench.py", description=__doc__.split("\n\n")[0],
-        epilog="Sections: engine, http, memory, stores (default: all). Targets are those of issue 7; the stores "
-               "section prints those of issue 14 for information.",
+        epilog="Sections: engine, http, memory, stores (default: all). Targets are those of issue 7 (http and "
+               "stores: issue 14); a full invocation ends with a table of all of them.",
     )
     parser.add_argument("sections", nargs="*", metavar="SECTION",
                         help="engine, http, memory or stores (default: all)")
@@ -1115,6 +1170,30 @@ def _run_section(name: str, profile: Profile, results: dict[str, Any], postgres_
     return True
 
 
+def _figure(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def print_targets(results: dict[str, Any]) -> None:
+    """Print every section's target rows as one table (a row missing a key of TARGET_KEYS shows '-' there)."""
+    rows = [(name, row) for name in SECTIONS if isinstance(results.get(name), dict)
+            for row in results[name].get("targets", [])]
+    if not rows:
+        return
+    width = max(len(row.get("target", "")) for _, row in rows)
+    print(f"== targets: {sum(bool(row.get('met')) for _, row in rows)} of {len(rows)} met")
+    print(f"  {'section':<8}{'target':<{width}}{'figure':>10}{'baseline':>10}{'ratio':>7}  {'goal':<16}met")
+    for name, row in rows:
+        figure = row.get("figure", row.get("value"))  # "value": a section not yet moved to TARGET_KEYS
+        ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}"
+        print(f"  {name:<8}{row.get('target', ''):<{width}}{_figure(figure):>10}{_figure(row.get('baseline')):>10}"
+              f"{ratio:>7}  {row.get('goal', '-'):<16}{_status(bool(row.get('met')))}")
+
+
 def _raise_store_errors(result: dict[str, Any]) -> None:
     failed = [f"{row['store']}: {row['error']}" for row in result["stores"] if row["error"]]
     if failed:
@@ -1151,6 +1230,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench.py {results['machine']['date']}  {results['machine']['cpu']}, {results['machine']['cpus']} cpus, "
           f"Python {results['machine']['python']}{'  (quick)' if args.quick else ''}\n")
     ok = all([_run_section(name, profile, results, postgres_url) for name in (args.sections or SECTIONS)])
+    print_targets(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0 if ok else 1
