@@ -5,6 +5,7 @@ import ast
 import asyncio
 import contextlib
 import copy
+import gc
 import importlib
 import importlib.util
 import inspect
@@ -3533,13 +3534,21 @@ def test_module_exports_exist_and_are_sorted() -> None:
 async def test_default_app_loads_the_code_review_workflow_when_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     """The one test of the module-level `app`: it builds its engine at startup, registering the example."""
     monkeypatch.setenv("WORKFLOW_MAX_ITERATIONS", "7")
-    assert we.app.state.engine is None
+    assert (we.app.state.engine, gc.get_freeze_count()) == (None, 0)
     async with we.app.router.lifespan_context(we.app):
         engine = we.app.state.engine
         assert engine.registry.has_node("extract_functions")
         assert engine.get_graph("code_review").start_node == "extract_functions"
         assert engine.settings.max_iterations == 7
-    assert we.app.state.engine is None
+        assert gc.get_freeze_count() > 0  # what the server started with is left out of the collector's passes
+    assert (we.app.state.engine, gc.get_freeze_count()) == (None, 0)
+
+
+async def test_an_app_given_its_engine_leaves_the_garbage_collector_alone(registry: we.Registry) -> None:
+    """Freezing what exists is for the process that serves the default app; a host's process is its own."""
+    app = we.create_app(registry=registry)
+    async with app.router.lifespan_context(app):
+        assert gc.get_freeze_count() == 0
 
 
 def readme_block(opening: str) -> str:
