@@ -4383,13 +4383,14 @@ def test_bench_http_quick_against_live_servers(tmp_path: Path, capsys: pytest.Ca
         cases = {(case["case"], case["connections"]): case for case in row["cases"]}
         assert list(cases) == [(name, conns) for conns in (1, 16, 64) for name in names]
         for case in cases.values():
-            assert (case["requests"], case["errors"]) == (50, 0)
+            assert (case["requests"], case["errors"], case["rounds"]) == (50, 0, 1)
             assert case["rps"] > 0 and 0 < case["p50_ms"] <= case["p99_ms"]
         expected_targets += expected_http_targets(row["stack"], cases)
     assert http["targets"] == expected_targets
     assert all(tuple(target) == bench.TARGET_KEYS for target in http["targets"])
     out = capsys.readouterr().out
-    assert "50 requests per case after one per connection; every body 300 bytes" in out
+    assert ("1 round of each case and the bare endpoint in turn, 50 requests after one per connection each "
+            "(figures: medians of the rounds); every body 300 bytes") in out
     met = sum(target["met"] for target in expected_targets)
     assert f"== targets: {met} of {len(expected_targets)} met" in out
     assert "  http    http on h11+asyncio: errors" in out
@@ -4402,6 +4403,16 @@ def test_bench_padded_body_is_the_payload_at_exactly_300_bytes() -> None:
     assert payload == {"graph_id": "bench", "state": {"data": {"i": 0, "pad": payload["state"]["data"]["pad"]}},
                        "wait": False}
     assert set(payload["state"]["data"]["pad"]) == {"x"}
+
+
+def test_bench_http_figures_over_rounds_add_counts_and_take_medians() -> None:
+    def load(rps: float, p99: float) -> dict[str, Any]:
+        return {"connections": 16, "seconds": 1.0, "requests": int(rps), "errors": 1, "rps": rps, "p50_ms": rps / 1000,
+                "p99_ms": p99, "client_cpu": 0.5}
+
+    assert bench._over_rounds([load(3000.0, 9.0), load(1000.0, 30.0), load(2000.0, 12.0)]) == {
+        "connections": 16, "seconds": 3.0, "requests": 6000, "errors": 3, "rps": 2000.0, "p50_ms": 2.0,
+        "p99_ms": 12.0, "client_cpu": 0.5, "rounds": 3}
 
 
 def test_bench_target_row_computes_the_ratio() -> None:

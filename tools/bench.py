@@ -118,12 +118,13 @@ class Profile:
     store_rounds: int  # stores: timed rounds of in-process runs per store, after a warm-up run
     store_runs: int  # stores: runs per round
     http_requests: int | None = None  # http, stores: requests per case instead of http_seconds of them
+    http_rounds: int = 1  # http: rounds of every case and the bare endpoint in turn, http_seconds shared out
 
 
 FULL = Profile(
     repeats=7, sample_seconds=0.2, long_n=2000, http_seconds=2.0, http_warmup=0.5,
     traced_runs=500, memory_runs=50_000, memory_checkpoints=10, memory_max_runs=None,
-    store_rounds=5, store_runs=200,
+    store_rounds=5, store_runs=200, http_rounds=3,
 )
 QUICK = Profile(
     repeats=3, sample_seconds=0.02, long_n=200, http_seconds=0.8, http_warmup=0.2,
@@ -693,19 +694,40 @@ async def _state_request(port: int) -> bytes:
 
 
 async def _http_cases(engine: Server, bare: Server, profile: Profile) -> list[dict[str, Any]]:
+    """Load the bare endpoint and each case in turn, `profile.http_rounds` times at each connection count: a case's
+    share of bare is the median of its rounds' shares, each against the bare load measured just before it."""
     await _probe_http_graphs(engine.port)
     results = []
     for connections in HTTP_CONNECTIONS:
-        echo = http_request("POST", "/echo", bare.port, padded_body(HTTP_CASES[0].payload))
-        ceiling = await _load_case(bare.port, echo, connections, profile)
-        results.append({"case": BARE_CASE, **ceiling, "share_of_bare": 1.0})
-        for case in HTTP_CASES:
-            request = (http_request(case.method, "/graph/run", engine.port, padded_body(case.payload))
-                       if case.payload is not None else await _state_request(engine.port))
-            figures = await _load_case(engine.port, request, connections, profile)
-            results.append({"case": case.name, **figures,
-                            "share_of_bare": figures["rps"] / ceiling["rps"] if ceiling["rps"] else 0.0})
+        loads = {BARE_CASE: (bare.port, http_request("POST", "/echo", bare.port, padded_body(HTTP_CASES[0].payload)))}
+        loads.update({case.name: (engine.port, http_request(case.method, "/graph/run", engine.port,
+                                                            padded_body(case.payload)))
+                      for case in HTTP_CASES if case.payload is not None})
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in (BARE_CASE, *(case.name for case in HTTP_CASES))}
+        for _ in range(profile.http_rounds):
+            for name in rounds:
+                port, request = loads[name] if name in loads else (engine.port, await _state_request(engine.port))
+                rounds[name].append(await _http_load(port, request, connections, profile))
+        for name, figures in rounds.items():
+            shares = [load["rps"] / bare["rps"] if bare["rps"] else 0.0
+                      for load, bare in zip(figures, rounds[BARE_CASE], strict=True)]
+            results.append({"case": name, **_over_rounds(figures), "share_of_bare": statistics.median(shares)})
     return results
+
+
+async def _http_load(port: int, request: bytes, connections: int, profile: Profile) -> dict[str, Any]:
+    if profile.http_requests is None:
+        seconds = profile.http_seconds / profile.http_rounds
+        return await load_for(port, request, connections, profile.http_warmup, seconds)
+    return await load_counted(port, request, connections, profile.http_requests)
+
+
+def _over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case's figures over its rounds: counts added up, rates and latencies their median."""
+    figures = {key: sum(load[key] for load in rounds) for key in ("seconds", "requests", "errors")}
+    figures.update({key: statistics.median(load[key] for load in rounds)
+                    for key in ("rps", "p50_ms", "p99_ms", "client_cpu")})
+    return {"connections": rounds[0]["connections"], **figures, "rounds": len(rounds)}
 
 
 async def _load_case(port: int, request: bytes, connections: int, profile: Profile) -> dict[str, Any]:
@@ -735,10 +757,12 @@ def _http_targets(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_http(result: dict[str, Any], profile: Profile) -> None:
     """Print the http section: a table per server stack."""
-    load = (f"{profile.http_seconds:g} s per case after {profile.http_warmup:g} s warm-up"
-            if profile.http_requests is None else f"{profile.http_requests} requests per case after one per connection")
-    print(f"== http: one uvicorn worker per server, the same stack on both, keep-alive HTTP/1.1 client, {load}; "
-          f"every body {result['body_bytes']} bytes")
+    rounds = profile.http_rounds
+    load = (f"{profile.http_seconds / rounds:g} s after {profile.http_warmup:g} s warm-up"
+            if profile.http_requests is None else f"{profile.http_requests} requests after one per connection")
+    print(f"== http: one uvicorn worker per server, the same stack on both, keep-alive HTTP/1.1 client; {rounds} "
+          f"round{'s' if rounds > 1 else ''} of each case and the bare endpoint in turn, {load} each (figures: "
+          f"medians of the rounds); every body {result['body_bytes']} bytes")
     for row in result["stacks"]:
         if row["skipped"] is not None:
             print(f"  {row['stack']}: skipped, {row['skipped']}")
