@@ -382,6 +382,16 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def cpu_ns(pid: int) -> int | None:
+    """Return the CPU time process `pid` has run for, in nanoseconds (its threads included: /proc/PID/schedstat),
+    or None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as schedstat:
+            return int(schedstat.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
@@ -399,6 +409,10 @@ class Server:
     def rss(self) -> int | None:
         """Return the server's RSS in KiB."""
         return rss_kib(self.process.pid)
+
+    def cpu_ns(self) -> int | None:
+        """Return the CPU time the server has used, in nanoseconds."""
+        return cpu_ns(self.process.pid)
 
 
 @contextlib.contextmanager
@@ -699,27 +713,40 @@ async def _http_cases(engine: Server, bare: Server, profile: Profile) -> list[di
     await _probe_http_graphs(engine.port)
     results = []
     for connections in HTTP_CONNECTIONS:
-        loads = {BARE_CASE: (bare.port, http_request("POST", "/echo", bare.port, padded_body(HTTP_CASES[0].payload)))}
-        loads.update({case.name: (engine.port, http_request(case.method, "/graph/run", engine.port,
-                                                            padded_body(case.payload)))
+        loads = {BARE_CASE: (bare, http_request("POST", "/echo", bare.port, padded_body(HTTP_CASES[0].payload)))}
+        loads.update({case.name: (engine, http_request(case.method, "/graph/run", engine.port,
+                                                       padded_body(case.payload)))
                       for case in HTTP_CASES if case.payload is not None})
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in (BARE_CASE, *(case.name for case in HTTP_CASES))}
         for _ in range(profile.http_rounds):
             for name in rounds:
-                port, request = loads[name] if name in loads else (engine.port, await _state_request(engine.port))
-                rounds[name].append(await _http_load(port, request, connections, profile))
+                server, request = loads[name] if name in loads else (engine, await _state_request(engine.port))
+                rounds[name].append(await _http_load(server, request, connections, profile))
         for name, figures in rounds.items():
-            shares = [load["rps"] / bare["rps"] if bare["rps"] else 0.0
-                      for load, bare in zip(figures, rounds[BARE_CASE], strict=True)]
-            results.append({"case": name, **_over_rounds(figures), "share_of_bare": statistics.median(shares)})
+            pairs = list(zip(figures, rounds[BARE_CASE], strict=True))
+            shares = [load["rps"] / bare["rps"] if bare["rps"] else 0.0 for load, bare in pairs]
+            cpu_shares = [bare["server_cpu_us"] / load["server_cpu_us"] for load, bare in pairs
+                          if load["server_cpu_us"] and bare["server_cpu_us"]]
+            results.append({"case": name, **_over_rounds(figures), "share_of_bare": statistics.median(shares),
+                            "cpu_share_of_bare": statistics.median(cpu_shares) if cpu_shares else None})
     return results
 
 
-async def _http_load(port: int, request: bytes, connections: int, profile: Profile) -> dict[str, Any]:
+async def _http_load(server: Server, request: bytes, connections: int, profile: Profile) -> dict[str, Any]:
+    """Load `server` with `request`, after a warm-up, and add the server's CPU time per answer (`server_cpu_us`):
+    unlike requests/s, it hardly changes with what else the machine runs."""
     if profile.http_requests is None:
-        seconds = profile.http_seconds / profile.http_rounds
-        return await load_for(port, request, connections, profile.http_warmup, seconds)
-    return await load_counted(port, request, connections, profile.http_requests)
+        await load_for(server.port, request, connections, 0.0, profile.http_warmup)
+        before = server.cpu_ns()
+        figures = await load_for(server.port, request, connections, 0.0, profile.http_seconds / profile.http_rounds)
+        answered = figures["requests"] + figures["errors"]
+    else:
+        before = server.cpu_ns()
+        figures = await load_counted(server.port, request, connections, profile.http_requests)
+        answered = figures["requests"] + figures["errors"] + connections  # and its warm-up, one per connection
+    after = server.cpu_ns()
+    has_cpu = None not in (before, after) and answered > 0
+    return {**figures, "server_cpu_us": (after - before) / 1000 / answered if has_cpu else None}
 
 
 def _over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -727,6 +754,8 @@ def _over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     figures = {key: sum(load[key] for load in rounds) for key in ("seconds", "requests", "errors")}
     figures.update({key: statistics.median(load[key] for load in rounds)
                     for key in ("rps", "p50_ms", "p99_ms", "client_cpu")})
+    cpu = [load["server_cpu_us"] for load in rounds if load["server_cpu_us"] is not None]
+    figures["server_cpu_us"] = statistics.median(cpu) if cpu else None
     return {"connections": rounds[0]["connections"], **figures, "rounds": len(rounds)}
 
 
@@ -768,10 +797,16 @@ def print_http(result: dict[str, Any], profile: Profile) -> None:
             print(f"  {row['stack']}: skipped, {row['skipped']}")
             continue
         print(f"  {row['stack']:<40}{'conns':>6}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}{'vs bare':>8}"
-              f"{'client cpu':>11}")
+              f"{'server cpu us/req':>18}{'vs bare':>8}{'client cpu':>11}")
         for case in row["cases"]:
+            cpu, cpu_share = case["server_cpu_us"], case["cpu_share_of_bare"]
             print(f"    {case['case']:<38}{case['connections']:>6}{case['rps']:>9.0f}{case['p50_ms']:>8.2f}"
-                  f"{case['p99_ms']:>8.2f}{case['errors']:>7}{case['share_of_bare']:>8.2f}{case['client_cpu']:>10.0%}")
+                  f"{case['p99_ms']:>8.2f}{case['errors']:>7}{case['share_of_bare']:>8.2f}"
+                  f"{'-' if cpu is None else f'{cpu:.0f}':>18}{'-' if cpu_share is None else f'{cpu_share:.2f}':>8}"
+                  f"{case['client_cpu']:>10.0%}")
+    print("  (server cpu: the server's CPU time per answer, which drifts far less than req/s when other processes "
+          "share the cores; its 'vs bare' is the share of bare's req/s the server would reach with a core of its "
+          "own)")
 
 
 # ---------------------------------------------------------------------------
