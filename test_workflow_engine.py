@@ -4355,6 +4355,7 @@ def expected_http_targets(stack: str, cases: dict[tuple[str, int], dict[str, Any
     return rows
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the servers' CPU time is read from /proc")
 def test_bench_http_quick_against_live_servers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The http section loads both servers on each server stack this interpreter has, at 1, 16 and 64 connections,
     and reports issue 14's targets in the common row shape; a stack it lacks is reported as skipped.
@@ -4385,6 +4386,8 @@ def test_bench_http_quick_against_live_servers(tmp_path: Path, capsys: pytest.Ca
         for case in cases.values():
             assert (case["requests"], case["errors"], case["rounds"]) == (50, 0, 1)
             assert case["rps"] > 0 and 0 < case["p50_ms"] <= case["p99_ms"]
+            assert case["server_cpu_us"] > 0 and case["cpu_share_of_bare"] > 0
+        assert {cases["bare POST /echo", conns]["cpu_share_of_bare"] for conns in (1, 16, 64)} == {1.0}
         expected_targets += expected_http_targets(row["stack"], cases)
     assert http["targets"] == expected_targets
     assert all(tuple(target) == bench.TARGET_KEYS for target in http["targets"])
@@ -4405,14 +4408,25 @@ def test_bench_padded_body_is_the_payload_at_exactly_300_bytes() -> None:
     assert set(payload["state"]["data"]["pad"]) == {"x"}
 
 
-def test_bench_http_figures_over_rounds_add_counts_and_take_medians() -> None:
-    def load(rps: float, p99: float) -> dict[str, Any]:
-        return {"connections": 16, "seconds": 1.0, "requests": int(rps), "errors": 1, "rps": rps, "p50_ms": rps / 1000,
-                "p99_ms": p99, "client_cpu": 0.5}
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="CPU time is read from /proc")
+def test_bench_cpu_time_of_a_process_grows_as_it_works() -> None:
+    before = bench.cpu_ns(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # work for 50 ms of CPU, however long that takes on a busy machine
+        pass
+    assert before is not None and bench.cpu_ns(os.getpid()) - before >= 40_000_000
+    assert bench.cpu_ns(2**22 + 1) is None  # above Linux's largest pid: no such process
 
-    assert bench._over_rounds([load(3000.0, 9.0), load(1000.0, 30.0), load(2000.0, 12.0)]) == {
+
+def test_bench_http_figures_over_rounds_add_counts_and_take_medians() -> None:
+    def load(rps: float, p99: float, cpu: float | None) -> dict[str, Any]:
+        return {"connections": 16, "seconds": 1.0, "requests": int(rps), "errors": 1, "rps": rps, "p50_ms": rps / 1000,
+                "p99_ms": p99, "client_cpu": 0.5, "server_cpu_us": cpu}
+
+    assert bench._over_rounds([load(3000.0, 9.0, 40.0), load(1000.0, 30.0, None), load(2000.0, 12.0, 60.0)]) == {
         "connections": 16, "seconds": 3.0, "requests": 6000, "errors": 3, "rps": 2000.0, "p50_ms": 2.0,
-        "p99_ms": 12.0, "client_cpu": 0.5, "rounds": 3}
+        "p99_ms": 12.0, "client_cpu": 0.5, "server_cpu_us": 50.0, "rounds": 3}
+    assert bench._over_rounds([load(1000.0, 9.0, None)])["server_cpu_us"] is None
 
 
 def test_bench_target_row_computes_the_ratio() -> None:

@@ -383,11 +383,15 @@ def rss_kib(pid: int) -> int | None:
 
 
 def cpu_ns(pid: int) -> int | None:
-    """Return the CPU time process `pid` has run for, in nanoseconds (its threads included: /proc/PID/schedstat),
-    or None where /proc cannot tell."""
+    """Return the CPU time process `pid` has run for, in nanoseconds, its threads included: /proc/PID/schedstat,
+    or, on a kernel without it, /proc/PID/stat's user and system time (in clock ticks); None where /proc cannot
+    tell."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+        return int(f.read().split()[0])
     try:
-        with open(f"/proc/{pid}/schedstat", encoding="ascii") as schedstat:
-            return int(schedstat.read().split()[0])
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
 
