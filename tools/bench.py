@@ -788,6 +788,10 @@ def _http_targets(row: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+def _mib(kib: int | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:.1f}"
+
+
 def print_http(result: dict[str, Any], profile: Profile) -> None:
     """Print the http section: a table per server stack."""
     rounds = profile.http_rounds
@@ -1243,8 +1247,8 @@ def _figure(value: object) -> str:
 
 def print_targets(results: dict[str, Any]) -> None:
     """Print every section's target rows as one table (a row missing a key of TARGET_KEYS shows '-' there)."""
-    rows = [(name, row) for name in SECTIONS if isinstance(results.get(name), dict)
-            for row in results[name].get("targets", [])]
+    measured = [name for name in SECTIONS if isinstance(results.get(name), dict)]
+    rows = [(name, row) for name in measured for row in results[name].get("targets", [])]
     if not rows:
         return
     width = max(len(row.get("target", "")) for _, row in rows)
@@ -1255,6 +1259,9 @@ def print_targets(results: dict[str, Any]) -> None:
         ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}"
         print(f"  {name:<8}{row.get('target', ''):<{width}}{_figure(figure):>10}{_figure(row.get('baseline')):>10}"
               f"{ratio:>7}  {row.get('goal', '-'):<16}{_status(bool(row.get('met')))}")
+    for name in measured:
+        if "targets" not in results[name]:
+            print(f"  {name:<8}(no target rows: the section prints its targets above)")
 
 
 def _raise_store_errors(result: dict[str, Any]) -> None:
