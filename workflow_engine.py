@@ -4427,7 +4427,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     if is_from_env:
         # This process serves the default app: what exists now (modules, the registry, the routes, the converter's
         # generated code) lives as long as it does, so the collector's full passes, which stop the loop for every
-        # request in flight, need not walk it again (about 35,000 objects: a 25 ms pause at each pass).
+        # request in flight, need not walk it again: about 35,000 objects, most of a 15 ms pass (0.3 to 2 ms without).
         gc.freeze()
     try:
         with _draining_on_exit_signals(engine):
