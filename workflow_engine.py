@@ -30,6 +30,7 @@ import bisect
 import contextlib
 import enum
 import functools
+import gc
 import hashlib
 import hmac
 import importlib
@@ -5042,6 +5043,11 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     if importlib.util.find_spec("websockets") is None and importlib.util.find_spec("wsproto") is None:
         logger.warning("WebSockets are off: /graph/ws/{run_id} needs the websockets package (pip install websockets)")
     await engine.open()
+    if is_from_env:
+        # This process serves the default app: what exists now (modules, the registry, the routes, the converter's
+        # generated code) lives as long as it does, so the collector's full passes, which stop the loop for every
+        # request in flight, need not walk it again: about 35,000 objects, most of a 15 ms pass (0.3 to 2 ms without).
+        gc.freeze()
     try:
         with _draining_on_exit_signals(engine):
             yield
@@ -5050,6 +5056,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         if handler is not None:
             logger.removeHandler(handler)
         if is_from_env:
+            gc.unfreeze()
             app.state.engine = None  # a later start reads the environment again
 
 
