@@ -1953,12 +1953,16 @@ class _Hooks:
 
 
 async def _drive(
-    run: RunContext, graph: GraphDefinition, registry: Registry, hooks: _Hooks, is_resumed: bool
+    run: RunContext, graph: GraphDefinition, registry: Registry, hooks: _Hooks, is_resumed: bool,
+    budget: "_DataBudget | None" = None,
 ) -> tuple[RunStatus, str | None]:
-    """Execute nodes from `run.next_node` until the run ends or pauses; return how it stopped, with its error."""
+    """Execute nodes from `run.next_node` until the run ends or pauses; return how it stopped, with its error.
+
+    `budget` is the run's _DataBudget when the caller has counted its data already (a branch).
+    """
     plan = registry.plan(graph)
     contexts: dict[str, NodeContext] = {}
-    budget = _DataBudget(run)
+    budget = budget or _DataBudget(run)
     while (name := run.next_node) is not None:
         if run.iteration >= run.max_iterations:
             return RunStatus.STOPPED_MAX_ITERATIONS, None
@@ -2127,9 +2131,13 @@ class _DataBudget:
     date from each step's changes: a step costs what it changes, not what the data holds.
     """
 
-    def __init__(self, run: RunContext) -> None:
+    def __init__(self, run: RunContext, known: Mapping[str, tuple[object, int]] | None = None) -> None:
+        """Count `run`'s data; a value that `known` (key: (value, size)) holds as the very same object is not
+        measured again: the branches of a map or parallel step share their values with the step's data."""
         self.limit, self.log_limit = run.max_state_bytes, run.max_log_bytes
-        self.sizes = {key: _json_size(value) for key, value in run.state.data.items()}
+        known = known or {}
+        self.sizes = {key: hit[1] if (hit := known.get(key)) is not None and hit[0] is value else _json_size(value)
+                      for key, value in run.state.data.items()}
         self.total = sum(self.sizes.values())
         self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values())
         self.nested = _nested(run.state.data)
@@ -2355,17 +2363,19 @@ class _Fork:
         """
         limit = asyncio.Semaphore(min(max_concurrency or FANOUT_CONCURRENCY, self.branches.max_fanout))
         log_share = max(self.root.max_log_bytes // max(len(plans), 1), 1)
+        # The branches start from the step's data (a map's plus its item): each of its values is measured once.
+        known = {key: (value, _json_size(value)) for key, value in plans[0][2].items()} if plans else {}
         try:
             async with asyncio.TaskGroup() as group:
                 for key, graph, data in plans:
                     if key not in self.root.branch_results:
-                        group.create_task(self._branch(key, graph, data, limit, log_share))
+                        group.create_task(self._branch(key, graph, data, limit, log_share, known))
         except ExceptionGroup as failed:  # the first failure: a branch's (the usual), or an engine's
             raise next((exc for exc in failed.exceptions if isinstance(exc, _BranchFailed)), failed.exceptions[0])
         return [self.root.branch_results[key] for key, _, _ in plans]
 
     async def _branch(self, key: str, graph: GraphDefinition, data: dict[str, Any], limit: asyncio.Semaphore,
-                      log_share: int) -> None:
+                      log_share: int, known: dict[str, tuple[object, int]]) -> None:
         async with limit:
             # A shallow copy is enough: the runner never changes a value of a run's data in place (each attempt of a
             # node works on deep copies), so a branch never sees its siblings' writes, nor they its.
@@ -2378,8 +2388,8 @@ class _Fork:
             adopt = functools.partial(self._adopt, key=key)
             fork = attrs.evolve(self, prefix=f"{key}/")
             try:
-                status, error = await _drive(child, graph, self.registry,
-                                             _Hooks(adopt, None, None, _branch_pause, fork), False)
+                status, error = await _drive(child, graph, self.registry, _Hooks(adopt, None, None, _branch_pause, fork),
+                                             False, _DataBudget(child, known))
             finally:
                 adopt(child)
             if status is RunStatus.STOPPED_MAX_ITERATIONS:
