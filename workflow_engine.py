@@ -2222,12 +2222,35 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS, _KEYS)
 _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
+@attrs.define(eq=False)
+class _Write:
+    """One write a SqlStore's writer thread applies: `fn(db, *args)`, what it returned or raised, and the future
+    of the caller that awaits it."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    result: Any = None
+    error: Exception | None = None
+
+
+def _settle(writes: list[_Write]) -> None:
+    """Resolve the callers' futures of a committed (or failed) batch, on their event loop."""
+    for write in writes:
+        if write.future.cancelled():
+            continue
+        if write.error is None:
+            write.future.set_result(write.result)
+        else:
+            write.future.set_exception(write.error)
+
+
 class SqlStore:
     """Graphs and runs in a SQL database that several servers share; SqliteStore and PostgresStore say how to
     connect and the few pieces of SQL that differ, everything else is here.
 
-    Every step of a run is committed in one transaction (its record and its new log entries), so a crash loses at
-    most the step that was executing. Every write for an active run is guarded by its lease (owner and attempt),
+    Every step of a run is committed atomically (its record and its new log entries), so a crash loses at most the
+    step that was executing; concurrent writes share transactions (group commit, see _write). Every write for an active run is guarded by its lease (owner and attempt),
     and a lease lasts until a deadline on the database's clock that its owner keeps renewing; a run whose deadline
     passed is anyone's to take over. Runs queued without an owner are claimed by whichever server has room. Reads
     run on the caller's thread (short, indexed queries); writes on one thread of the store's own, so a busy database
@@ -2250,6 +2273,9 @@ class SqlStore:
         self._reader = self._connect()  # the caller's thread
         self._writer = self._connect()  # only ever used on self._thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
+        self._pending: list[_Write] = []  # writes waiting for the writer thread's next transaction
+        self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
+        self._is_draining = False  # whether the writer thread has a _drain queued or running
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
         # deleted (on any server) and created again has a new seq
@@ -2465,12 +2491,60 @@ class SqlStore:
         try:
             yield self._writer
         except BaseException:
-            self._writer.execute("ROLLBACK")
+            with contextlib.suppress(Exception):  # the database may have rolled back already (SQLite on a full disk)
+                self._writer.execute("ROLLBACK")
             raise
         self._writer.execute("COMMIT")
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        """Return `fn(db, *args)`, called on the writer thread in a transaction that commits before this returns.
+
+        Group commit: writes that arrive while the writer is busy wait, then share its next transaction, each in a
+        savepoint of its own, so that one that raises (a lost lease, a conflict) is undone alone and only its
+        caller sees the error. A commit that fails fails every write of its batch.
+        """
+        write = _Write(fn=fn, args=args, future=asyncio.get_running_loop().create_future())
+        with self._pending_lock:
+            self._pending.append(write)
+            is_idle, self._is_draining = not self._is_draining, True
+        if is_idle:
+            self._thread.submit(self._drain)
+        return await write.future
+
+    def _drain(self) -> None:
+        # On the writer thread: commit batches until no write is waiting.
+        while True:
+            with self._pending_lock:
+                batch, self._pending = [write for write in self._pending if not write.future.cancelled()], []
+                if not batch:
+                    self._is_draining = False
+                    return
+            self._commit(batch)
+
+    def _commit(self, batch: list["_Write"]) -> None:
+        try:
+            with self._transaction() as db:
+                for write in batch:
+                    self._apply(db, write)
+        except Exception as exc:  # nothing of the batch was committed
+            for write in batch:
+                write.result, write.error = None, exc
+        for loop, writes in itertools.groupby(batch, key=lambda write: write.future.get_loop()):
+            with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone
+                loop.call_soon_threadsafe(_settle, list(writes))
+
+    @staticmethod
+    def _apply(db: Any, write: "_Write") -> None:
+        db.execute("SAVEPOINT write")
+        try:
+            write.result = write.fn(db, *write.args)
+        except Exception as exc:
+            write.error = exc
+            try:
+                db.execute("ROLLBACK TO SAVEPOINT write")
+            except Exception:  # the database rolled the whole transaction back (SQLite does on a full disk)
+                raise exc from None
+        db.execute("RELEASE SAVEPOINT write")
 
     def _record(self, run_id: str) -> dict[str, Any]:
         with self._reading() as db:
@@ -2492,33 +2566,30 @@ class SqlStore:
         db.execute(self._sql("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value ="
                              " excluded.value"), (str(len(_MIGRATIONS)),))
 
-    def _reserve_key(self, key: str, fingerprint: str, run_id: str, token: str, ttl_s: float,
+    def _reserve_key(self, db: Any, key: str, fingerprint: str, run_id: str, token: str, ttl_s: float,
                      reserve_s: float) -> HeldKey | None:
-        with self._transaction() as db:
-            db.execute(self._sql(f"DELETE FROM idempotency_keys WHERE expires_at <= {self.NOW} OR (idempotency_key = ?"
-                                 f" AND accepted = 0 AND reserved_at + ? <= {self.NOW})"), (key, reserve_s))
-            row = self._one(db, "SELECT fingerprint, run_id, accepted FROM idempotency_keys WHERE idempotency_key = ?",
-                            (key,))
-            if row is not None:
-                return HeldKey(fingerprint=row[0], run_id=row[1], is_accepted=bool(row[2]))
-            db.execute(self._sql("INSERT INTO idempotency_keys (idempotency_key, fingerprint, run_id, token,"
-                                 f" reserved_at, expires_at) VALUES (?, ?, ?, ?, {self.NOW}, {self.NOW} + ?)"),
-                       (key, fingerprint, run_id, token, ttl_s))
-            return None
+        db.execute(self._sql(f"DELETE FROM idempotency_keys WHERE expires_at <= {self.NOW} OR (idempotency_key = ?"
+                             f" AND accepted = 0 AND reserved_at + ? <= {self.NOW})"), (key, reserve_s))
+        row = self._one(db, "SELECT fingerprint, run_id, accepted FROM idempotency_keys WHERE idempotency_key = ?",
+                        (key,))
+        if row is not None:
+            return HeldKey(fingerprint=row[0], run_id=row[1], is_accepted=bool(row[2]))
+        db.execute(self._sql("INSERT INTO idempotency_keys (idempotency_key, fingerprint, run_id, token,"
+                             f" reserved_at, expires_at) VALUES (?, ?, ?, ?, {self.NOW}, {self.NOW} + ?)"),
+                   (key, fingerprint, run_id, token, ttl_s))
+        return None
 
-    def _update_key(self, statement: str, key: str, token: str) -> None:
-        with self._transaction() as db:
-            db.execute(self._sql(f"{statement} WHERE idempotency_key = ? AND token = ?"), (key, token))
+    def _update_key(self, db: Any, statement: str, key: str, token: str) -> None:
+        db.execute(self._sql(f"{statement} WHERE idempotency_key = ? AND token = ?"), (key, token))
 
-    def _insert_graph(self, graph_id: str, definition: bytes) -> bytes | None:
-        with self._transaction() as db:
-            row = self._one(db, "SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
-            if row is not None:
-                return row[0]
-            if self._one(db, "SELECT COUNT(*) FROM graphs")[0] >= self.max_graphs:
-                raise StoreFull(self.max_graphs)
-            db.execute(self._sql("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)"), (graph_id, definition))
-            return None
+    def _insert_graph(self, db: Any, graph_id: str, definition: bytes) -> bytes | None:
+        row = self._one(db, "SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
+        if row is not None:
+            return row[0]
+        if self._one(db, "SELECT COUNT(*) FROM graphs")[0] >= self.max_graphs:
+            raise StoreFull(self.max_graphs)
+        db.execute(self._sql("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)"), (graph_id, definition))
+        return None
 
     async def _encoded(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
         # A big record is encoded on a thread of its own, so the event loop goes on serving; _off_loop holds a
@@ -2537,123 +2608,113 @@ class SqlStore:
         history, events = dump_json(head["history"]), len(run.history) + len(run.logs)
         return run.run_id, run.graph_id, run.status, dump_json(head), history, events, entries
 
-    def _claim(self, expected: RunStatus | None, owner: str | None, lease_s: float, origin: str | None,
+    def _claim(self, db: Any, expected: RunStatus | None, owner: str | None, lease_s: float, origin: str | None,
                room: int | None, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
                events: int, entries: list[tuple[str, int, bytes]]) -> int:
         owner = owner if status.is_active else None  # a stopped run has no owner
         lease = None if owner is None else lease_s
-        with self._transaction() as db:
-            if room is not None and status.is_active and self._one(
-                    db, f"SELECT COUNT(*) FROM runs WHERE origin = ? AND {_IN_ACTIVE}", (origin,))[0] >= room:
-                raise Busy("too many runs are waiting; retry later")
-            if expected is None:
-                attempt = 1
-                db.execute(self._sql("INSERT INTO runs (run_id, graph_id, status, owner, attempt, lease_until, head,"
-                                     f" history, event_count, origin) VALUES (?, ?, ?, ?, 1, {self.NOW} + ?, ?, ?, ?, ?)"),
-                           (run_id, graph_id, status.value, owner, lease, head, history, events, origin))
-            else:
-                row = self._one(db, "SELECT status, attempt, owner FROM runs WHERE run_id = ?", (run_id,))
-                if row is None:
-                    raise RunNotFound(run_id)
-                if row[0] != expected.value or row[2] is not None:
-                    raise _refused(run_id, RunStatus(row[0]), status)
-                attempt = row[1] + 1
-                db.execute(self._sql(f"UPDATE runs SET status = ?, owner = ?, attempt = ?, lease_until = {self.NOW} + ?,"
-                                     " cancel_requested = 0, head = ?, history = ?, event_count = ?,"
-                                     " origin = COALESCE(?, origin) WHERE run_id = ?"),
-                           (status.value, owner, attempt, lease, head, history, events, origin, run_id))
-            self._add_logs(db, run_id, status, entries, queued=owner is None and status.is_active)
-            return attempt
+        if room is not None and status.is_active and self._one(
+                db, f"SELECT COUNT(*) FROM runs WHERE origin = ? AND {_IN_ACTIVE}", (origin,))[0] >= room:
+            raise Busy("too many runs are waiting; retry later")
+        if expected is None:
+            attempt = 1
+            db.execute(self._sql("INSERT INTO runs (run_id, graph_id, status, owner, attempt, lease_until, head,"
+                                 f" history, event_count, origin) VALUES (?, ?, ?, ?, 1, {self.NOW} + ?, ?, ?, ?, ?)"),
+                       (run_id, graph_id, status.value, owner, lease, head, history, events, origin))
+        else:
+            row = self._one(db, "SELECT status, attempt, owner FROM runs WHERE run_id = ?", (run_id,))
+            if row is None:
+                raise RunNotFound(run_id)
+            if row[0] != expected.value or row[2] is not None:
+                raise _refused(run_id, RunStatus(row[0]), status)
+            attempt = row[1] + 1
+            db.execute(self._sql(f"UPDATE runs SET status = ?, owner = ?, attempt = ?, lease_until = {self.NOW} + ?,"
+                                 " cancel_requested = 0, head = ?, history = ?, event_count = ?,"
+                                 " origin = COALESCE(?, origin) WHERE run_id = ?"),
+                       (status.value, owner, attempt, lease, head, history, events, origin, run_id))
+        self._add_logs(db, run_id, status, entries, queued=owner is None and status.is_active)
+        return attempt
 
-    def _save(self, lease: Lease, lease_s: float, run_id: str, graph_id: str, status: RunStatus, head: bytes,
+    def _save(self, db: Any, lease: Lease, lease_s: float, run_id: str, graph_id: str, status: RunStatus, head: bytes,
               history: bytes, events: int, entries: list[tuple[str, int, bytes]]) -> None:
         owner = lease.owner if status.is_active else None
-        with self._transaction() as db:
-            updated = db.execute(self._sql(
-                f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
-                " event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ?"),
-                (status.value, owner, lease_s if owner else None, head, history, events, run_id, lease.owner,
-                 lease.attempt))
-            if updated.rowcount == 0:
-                raise LeaseLost(run_id)
-            self._add_logs(db, run_id, status, entries)
+        updated = db.execute(self._sql(
+            f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
+            " event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ?"),
+            (status.value, owner, lease_s if owner else None, head, history, events, run_id, lease.owner,
+             lease.attempt))
+        if updated.rowcount == 0:
+            raise LeaseLost(run_id)
+        self._add_logs(db, run_id, status, entries)
 
-    def _take_over(self, lease: Lease, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
+    def _take_over(self, db: Any, lease: Lease, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
                    events: int, entries: list[tuple[str, int, bytes]]) -> None:
-        with self._transaction() as db:
-            updated = db.execute(self._sql(
-                "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?, event_count = ?"
-                f" WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}"),
-                (status.value, head, history, events, run_id, lease.owner, lease.attempt))
-            if updated.rowcount == 0:
-                raise LeaseLost(run_id)
-            self._add_logs(db, run_id, status, entries, queued=status.is_active)
+        updated = db.execute(self._sql(
+            "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?, event_count = ?"
+            f" WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}"),
+            (status.value, head, history, events, run_id, lease.owner, lease.attempt))
+        if updated.rowcount == 0:
+            raise LeaseLost(run_id)
+        self._add_logs(db, run_id, status, entries, queued=status.is_active)
 
-    def _claim_next(self, owner: str, lease_s: float) -> tuple[str, int, bool] | None:
-        with self._transaction() as db:
-            row = self._one(db, "SELECT run_id, attempt, cancel_requested FROM runs WHERE status = 'pending'"
-                            f" AND owner IS NULL ORDER BY seq LIMIT 1{self.SKIP_LOCKED}")
-            if row is None:
-                return None
-            db.execute(self._sql(f"UPDATE runs SET owner = ?, attempt = ?, lease_until = {self.NOW} + ?"
-                                 " WHERE run_id = ?"), (owner, row[1] + 1, lease_s, row[0]))
-            return row[0], row[1] + 1, bool(row[2])
+    def _claim_next(self, db: Any, owner: str, lease_s: float) -> tuple[str, int, bool] | None:
+        row = self._one(db, "SELECT run_id, attempt, cancel_requested FROM runs WHERE status = 'pending'"
+                        f" AND owner IS NULL ORDER BY seq LIMIT 1{self.SKIP_LOCKED}")
+        if row is None:
+            return None
+        db.execute(self._sql(f"UPDATE runs SET owner = ?, attempt = ?, lease_until = {self.NOW} + ?"
+                             " WHERE run_id = ?"), (owner, row[1] + 1, lease_s, row[0]))
+        return row[0], row[1] + 1, bool(row[2])
 
-    def _heartbeat(self, owner: str, leases: dict[str, int], lease_s: float) -> Heartbeat:
-        with self._transaction() as db:
-            db.execute(self._sql(f"UPDATE runs SET lease_until = {self.NOW} + ? WHERE owner = ? AND {_IN_ACTIVE}"),
-                       (lease_s, owner))
-            held = {run_id: (attempt, flag) for run_id, attempt, flag in self._all(
-                db, f"SELECT run_id, attempt, cancel_requested FROM runs WHERE owner = ? AND {_IN_ACTIVE}", (owner,))}
+    def _heartbeat(self, db: Any, owner: str, leases: dict[str, int], lease_s: float) -> Heartbeat:
+        db.execute(self._sql(f"UPDATE runs SET lease_until = {self.NOW} + ? WHERE owner = ? AND {_IN_ACTIVE}"),
+                   (lease_s, owner))
+        held = {run_id: (attempt, flag) for run_id, attempt, flag in self._all(
+            db, f"SELECT run_id, attempt, cancel_requested FROM runs WHERE owner = ? AND {_IN_ACTIVE}", (owner,))}
         lost = tuple(run_id for run_id, attempt in leases.items() if held.get(run_id, (None,))[0] != attempt)
         return Heartbeat(lost=lost, cancel_requested=tuple(run_id for run_id, (_, flag) in held.items() if flag))
 
-    def _request_cancel(self, run_id: str) -> bool:
-        with self._transaction() as db:
-            updated = db.execute(self._sql(f"UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND {_IN_ACTIVE}"),
-                                 (run_id,)).rowcount
-            self._notify(db, f"cancel {run_id}")
-            return updated > 0
+    def _request_cancel(self, db: Any, run_id: str) -> bool:
+        updated = db.execute(self._sql(f"UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND {_IN_ACTIVE}"),
+                             (run_id,)).rowcount
+        self._notify(db, f"cancel {run_id}")
+        return updated > 0
 
-    def _delete_run(self, run_id: str) -> None:
-        with self._transaction() as db:
-            deleted = db.execute(self._sql(f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL"),
-                                 (run_id,)).rowcount
-            if deleted == 0:
-                row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
-                raise RunNotFound(run_id) if row is None else _delete_refused(run_id, RunStatus(row[0]))
-            db.execute(self._sql("DELETE FROM logs WHERE run_id = ?"), (run_id,))
-            self._notify(db, f"run {run_id}")
+    def _delete_run(self, db: Any, run_id: str) -> None:
+        deleted = db.execute(self._sql(f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL"),
+                             (run_id,)).rowcount
+        if deleted == 0:
+            row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
+            raise RunNotFound(run_id) if row is None else _delete_refused(run_id, RunStatus(row[0]))
+        db.execute(self._sql("DELETE FROM logs WHERE run_id = ?"), (run_id,))
+        self._notify(db, f"run {run_id}")
 
-    def _delete_graph(self, graph_id: str) -> None:
-        with self._transaction() as db:
-            if self._one(db, "SELECT 1 FROM graphs WHERE graph_id = ?", (graph_id,)) is None:
-                raise GraphNotFound(graph_id)
-            active = self._one(db, f"SELECT COUNT(*) FROM runs WHERE graph_id = ? AND {_IN_ACTIVE}", (graph_id,))[0]
-            if active:
-                raise GraphInUse(graph_id, _active_runs(active))
-            db.execute(self._sql("DELETE FROM graphs WHERE graph_id = ?"), (graph_id,))
+    def _delete_graph(self, db: Any, graph_id: str) -> None:
+        if self._one(db, "SELECT 1 FROM graphs WHERE graph_id = ?", (graph_id,)) is None:
+            raise GraphNotFound(graph_id)
+        active = self._one(db, f"SELECT COUNT(*) FROM runs WHERE graph_id = ? AND {_IN_ACTIVE}", (graph_id,))[0]
+        if active:
+            raise GraphInUse(graph_id, _active_runs(active))
+        db.execute(self._sql("DELETE FROM graphs WHERE graph_id = ?"), (graph_id,))
 
-    def _claim_sweep(self, now: float | None, every_s: float) -> bool:
+    def _claim_sweep(self, db: Any, now: float | None, every_s: float) -> bool:
         # Writes are serialized (SQLite's write lock, PostgreSQL's advisory lock), so one server wins each round.
-        with self._transaction() as db:
-            clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
-            row = self._one(db, "SELECT value FROM meta WHERE key = 'sweep_until'")
-            if row is not None and float(row[0]) > clock:
-                return False
-            db.execute(self._sql("INSERT INTO meta VALUES ('sweep_until', ?) ON CONFLICT (key) DO UPDATE SET value ="
-                                 " excluded.value"), (repr(clock + every_s),))
-            return True
+        clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
+        row = self._one(db, "SELECT value FROM meta WHERE key = 'sweep_until'")
+        if row is not None and float(row[0]) > clock:
+            return False
+        db.execute(self._sql("INSERT INTO meta VALUES ('sweep_until', ?) ON CONFLICT (key) DO UPDATE SET value ="
+                             " excluded.value"), (repr(clock + every_s),))
+        return True
 
-    def _delete_expired(self, is_paused: bool, ttl_s: float, now: float | None, limit: int) -> int:
-        with self._transaction() as db:
-            clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
-            expired = self._all(db, f"SELECT run_id FROM runs WHERE {_IN_PAUSED if is_paused else _IN_TERMINAL}"
-                                " AND owner IS NULL AND stopped_at < ? ORDER BY stopped_at LIMIT ?", (clock - ttl_s, limit))
-            ids = [(run_id,) for (run_id,) in expired]
-            self._executemany(db, "DELETE FROM logs WHERE run_id = ?", ids)
-            self._executemany(db, "DELETE FROM runs WHERE run_id = ?", ids)
-            return len(ids)
+    def _delete_expired(self, db: Any, is_paused: bool, ttl_s: float, now: float | None, limit: int) -> int:
+        clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
+        expired = self._all(db, f"SELECT run_id FROM runs WHERE {_IN_PAUSED if is_paused else _IN_TERMINAL}"
+                            " AND owner IS NULL AND stopped_at < ? ORDER BY stopped_at LIMIT ?", (clock - ttl_s, limit))
+        ids = [(run_id,) for (run_id,) in expired]
+        self._executemany(db, "DELETE FROM logs WHERE run_id = ?", ids)
+        self._executemany(db, "DELETE FROM runs WHERE run_id = ?", ids)
+        return len(ids)
 
     def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]], *,
                   queued: bool = False) -> None:
