@@ -3,6 +3,7 @@
 import argparse
 import ast
 import asyncio
+import collections
 import contextlib
 import copy
 import importlib
@@ -28,7 +29,7 @@ import time
 import types
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -2845,6 +2846,132 @@ async def test_sqlite_store_keeps_at_most_max_runs_finished(tmp_path: Path, regi
     await engine.shutdown()
 
 
+async def held_batch(store: we.SqlStore, writes: list[Awaitable[Any]], kind: str | None = None) -> list[Any]:
+    """Await `writes` as one batch of the store's writer thread: a write of the test's own holds the thread until
+    all of them (or as many writes of the store's method `kind`) wait for it. Return what each returned or raised."""
+    entered, released = threading.Event(), threading.Event()
+
+    def hold(db: Any) -> None:
+        entered.set()
+        released.wait(10)
+
+    holder = asyncio.ensure_future(store._write(hold))
+    assert await asyncio.to_thread(entered.wait, 10)
+    tasks = [asyncio.ensure_future(write) for write in writes]
+    def waiting() -> int:
+        return sum(kind is None or write.fn.__name__ == kind for write in store._pending)
+
+    for _ in range(1000):  # each write is queued at its first await; no sleep, just turns of the loop
+        if waiting() == len(tasks):
+            break
+        await asyncio.sleep(0)
+    assert waiting() == len(tasks)
+    released.set()
+    await holder
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def count_statements(store: we.SqliteStore) -> collections.Counter:
+    """Count the statements the store's writer connection runs, by first word."""
+    counted: collections.Counter = collections.Counter()
+    store._writer.set_trace_callback(lambda statement: counted.update([statement.split()[0]]))
+    return counted
+
+
+async def check_group_commit_fails_only_the_failing_writes(store: we.SqlStore, duplicate_error: type) -> None:
+    """Four writes in one transaction: a stale lease and a duplicate run id fail their callers only."""
+    running = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+    we.move_run(running, we.RunStatus.RUNNING)
+    lease = await store.claim_run(running, None, "worker")
+    first, duplicate, last = stopped_run({"n": 1}), stopped_run({"n": 2}), stopped_run({"n": 3})
+    duplicate.run_id = first.run_id
+    stale = attrs.evolve(running, status=we.RunStatus.COMPLETED)
+    outcomes = await held_batch(store, [store.claim_run(first, None, None),
+                                        store.save_run(stale, we.Lease("worker", lease.attempt + 1)),
+                                        store.claim_run(duplicate, None, None), store.claim_run(last, None, None)])
+    assert outcomes[0] == outcomes[3] == we.Lease(owner="", attempt=1)
+    assert isinstance(outcomes[1], we.LeaseLost)
+    assert outcomes[1].message == f"run '{running.run_id}' is now owned by another worker; this one stopped executing it"
+    assert isinstance(outcomes[2], duplicate_error)
+    assert [store.get_run(run.run_id) for run in (first, last)] == [first, last]
+    assert store.get_run(running.run_id) == running  # the stale save changed nothing
+    assert store.list_runs()[1] == 3
+    store.close()
+
+
+async def test_sqlite_group_commit_fails_only_the_failing_writes_of_a_batch(tmp_path: Path) -> None:
+    store = we.SqliteStore(tmp_path / "runs.db")
+    counted = count_statements(store)
+    await check_group_commit_fails_only_the_failing_writes(store, sqlite3.IntegrityError)
+    assert (counted["BEGIN"], counted["SAVEPOINT"], counted["ROLLBACK"], counted["COMMIT"]) == (3, 6, 2, 3)
+
+
+async def test_sqlite_group_commit_runs_concurrent_runs_in_shared_transactions(tmp_path: Path,
+                                                                              registry: we.Registry) -> None:
+    """Twenty runs claimed while the writer is held share one transaction; every run is on disk when answered."""
+    path = tmp_path / "runs.db"
+    store = we.SqliteStore(path)
+    engine = we.Engine(registry, store)
+    await engine.create_graph(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)))
+    statements: list[str] = []
+    store._writer.set_trace_callback(statements.append)
+    runs = await held_batch(store, [engine.run("g", we.WorkflowState(data={"value": value})) for value in range(20)],
+                            "_claim")
+    other = we.SqliteStore(path)
+    stored = [other.get_run(run.run_id) for run in runs]
+    assert [(run.status, run.state.data) for run in stored] == [
+        (we.RunStatus.COMPLETED, {"value": value, "count": 1}) for value in range(20)]
+    assert stored == runs
+    transactions = " ".join(statements).split("BEGIN IMMEDIATE")
+    assert max(transaction.count("INSERT INTO runs") for transaction in transactions) == 20
+    assert sum(transaction.count("INSERT INTO runs") for transaction in transactions) == 20
+    other.close()
+    await engine.shutdown()
+
+
+def finished_count(store: we.SqlStore) -> int:
+    return int(store._read_one("SELECT value FROM meta WHERE key = 'finished_runs'")[0])
+
+
+async def test_sqlite_store_evicts_the_oldest_finished_runs_by_its_count(tmp_path: Path, registry: we.Registry) -> None:
+    """The count of finished runs follows runs, deletes and evictions; a paused run is never evicted."""
+    engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db", max_runs=3))
+    definition = we.GraphDefinition(graph_id="m", start_node="inc", nodes=("inc",))
+    paused = await engine.run(we.GraphDefinition(graph_id="p", start_node="approve", nodes=("approve",)))
+    runs = [await engine.run(definition) for _ in range(5)]
+    assert (paused.status, finished_count(engine.store)) == (we.RunStatus.WAITING, 3)
+    await engine.delete_run(runs[4].run_id)
+    assert finished_count(engine.store) == 2
+    runs += [await engine.run(definition) for _ in range(2)]  # the first fits; the second evicts runs[2]
+    summaries, total = engine.store.list_runs()
+    kept = [runs[6], runs[5], runs[3], paused]
+    assert ([s.run_id for s in summaries], total) == ([run.run_id for run in kept], 4)
+    assert engine.store._reader.execute("SELECT COUNT(*) FROM logs").fetchone() == (4,)
+    assert finished_count(engine.store) == 3
+    await engine.shutdown()
+
+
+async def test_sqlite_store_over_its_bound_after_a_restart_evicts_when_opened(tmp_path: Path,
+                                                                              registry: we.Registry) -> None:
+    """Reopened with a smaller max_runs, or from schema version 4 (no count kept), the store keeps the newest."""
+    path = tmp_path / "runs.db"
+    engine = we.Engine(registry, we.SqliteStore(path, max_runs=10))
+    paused = await engine.run(we.GraphDefinition(graph_id="p", start_node="approve", nodes=("approve",)))
+    runs = [await engine.run(we.GraphDefinition(graph_id="m", start_node="inc", nodes=("inc",))) for _ in range(5)]
+    await engine.shutdown()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:  # back to version 4
+        db.executescript("DELETE FROM meta WHERE key = 'finished_runs'; DROP INDEX runs_finished;"
+                         " UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    reopened = we.SqliteStore(path, max_runs=2)
+    summaries, total = reopened.list_runs()
+    assert ([s.run_id for s in summaries], total) == ([runs[4].run_id, runs[3].run_id, paused.run_id], 3)
+    assert (finished_count(reopened), reopened._reader.execute("SELECT COUNT(*) FROM logs").fetchone()) == (2, (3,))
+    reopened.close()
+    again = we.SqliteStore(path, max_runs=1)
+    assert ([s.run_id for s in again.list_runs()[0]], finished_count(again)) == ([runs[4].run_id, paused.run_id], 1)
+    again.close()
+
+
 # ---------------------------------------------------------------------------
 # Limits, authentication, structured logs
 # ---------------------------------------------------------------------------
@@ -4496,6 +4623,7 @@ def test_loadtest_reports_a_server_that_does_not_answer(capsys: pytest.CaptureFi
 # ---------------------------------------------------------------------------
 E2E_FLOW = """
 import asyncio
+import collections
 import os
 import pathlib
 import time
@@ -5088,6 +5216,24 @@ def test_bench_stores_quick_through_postgres(tmp_path: Path, capsys: pytest.Capt
 @needs_postgres
 async def test_postgres_store_claims_and_leases_like_the_others(pg_url: str) -> None:
     await check_claims_and_leases(we.PostgresStore(pg_url))
+
+
+@needs_postgres
+async def test_postgres_group_commit_fails_only_the_failing_writes_of_a_batch(pg_url: str) -> None:
+    import psycopg  # noqa: PLC0415
+    await check_group_commit_fails_only_the_failing_writes(we.PostgresStore(pg_url), psycopg.errors.UniqueViolation)
+
+
+@needs_postgres
+async def test_postgres_store_evicts_the_oldest_finished_runs_and_never_a_paused_one(pg_url: str,
+                                                                                  registry: we.Registry) -> None:
+    engine = we.Engine(registry, we.PostgresStore(pg_url, max_runs=2))
+    paused = await engine.run(we.GraphDefinition(graph_id="p", start_node="approve", nodes=("approve",)))
+    runs = [await engine.run(we.GraphDefinition(graph_id="m", start_node="inc", nodes=("inc",))) for _ in range(4)]
+    summaries, total = engine.store.list_runs()
+    assert ([s.run_id for s in summaries], total) == ([runs[3].run_id, runs[2].run_id, paused.run_id], 3)
+    assert finished_count(engine.store) == 2
+    await engine.shutdown()
 
 
 @needs_postgres

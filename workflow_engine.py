@@ -2218,7 +2218,12 @@ _KEYS = (  # version 4: Idempotency-Key headers, on the database's clock; the pr
     " expires_at DOUBLE PRECISION NOT NULL)",
     "CREATE INDEX idempotency_keys_by_expiry ON idempotency_keys (expires_at)",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS, _KEYS)
+_FINISHED = (  # version 5: how many runs have finished, kept in meta, and an index of them in order, so that keeping
+    # at most max_runs costs a finishing run the same whether the store holds ten runs or a hundred thousand
+    f"INSERT INTO meta VALUES ('finished_runs', (SELECT CAST(COUNT(*) AS TEXT) FROM runs WHERE {_IN_TERMINAL}))",
+    f"CREATE INDEX runs_finished ON runs (seq) WHERE {_IN_TERMINAL}",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS, _KEYS, _FINISHED)
 _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
@@ -2264,8 +2269,8 @@ class SqlStore:
     SERIAL = ""  # an auto-numbered primary key
     JSON = ""  # the type of a column of JSON bytes
     WITHOUT_ROWID = ""
-    NO_LIMIT = ""  # a LIMIT that limits nothing, for LIMIT ... OFFSET
     SKIP_LOCKED = ""  # how a queue claim skips rows that another transaction holds
+    FINISHED_RUNS = "runs"  # the runs table, read through the index of finished runs in order (see _evict)
     HAS_META = ""  # a query that returns a row if the meta table exists
 
     def __init__(self, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> None:
@@ -2281,6 +2286,7 @@ class SqlStore:
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
             self._migrate(db)
+            self._evict(db)  # a store opened with a smaller max_runs than it holds
 
     async def reserve_key(self, key: IdempotencyKey, run_id: str, token: str, ttl_s: float,
                           reserve_s: float = IDEMPOTENCY_RESERVE_S) -> HeldKey | None:
@@ -2632,7 +2638,8 @@ class SqlStore:
                                  " cancel_requested = 0, head = ?, history = ?, event_count = ?,"
                                  " origin = COALESCE(?, origin) WHERE run_id = ?"),
                        (status.value, owner, attempt, lease, head, history, events, origin, run_id))
-        self._add_logs(db, run_id, status, entries, queued=owner is None and status.is_active)
+        self._add_logs(db, run_id, status, entries, queued=owner is None and status.is_active,
+                       was_finished=expected is not None and expected.is_terminal)
         return attempt
 
     def _save(self, db: Any, lease: Lease, lease_s: float, run_id: str, graph_id: str, status: RunStatus, head: bytes,
@@ -2681,12 +2688,16 @@ class SqlStore:
         return updated > 0
 
     def _delete_run(self, db: Any, run_id: str) -> None:
+        row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
+        if row is None:
+            raise RunNotFound(run_id)
         deleted = db.execute(self._sql(f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL"),
                              (run_id,)).rowcount
         if deleted == 0:
-            row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
-            raise RunNotFound(run_id) if row is None else _delete_refused(run_id, RunStatus(row[0]))
+            raise _delete_refused(run_id, RunStatus(row[0]))
         db.execute(self._sql("DELETE FROM logs WHERE run_id = ?"), (run_id,))
+        if RunStatus(row[0]).is_terminal:
+            self._count_finished(db, -1)
         self._notify(db, f"run {run_id}")
 
     def _delete_graph(self, db: Any, graph_id: str) -> None:
@@ -2714,15 +2725,18 @@ class SqlStore:
         ids = [(run_id,) for (run_id,) in expired]
         self._executemany(db, "DELETE FROM logs WHERE run_id = ?", ids)
         self._executemany(db, "DELETE FROM runs WHERE run_id = ?", ids)
+        if not is_paused:
+            self._count_finished(db, -len(ids))
         return len(ids)
 
     def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]], *,
-                  queued: bool = False) -> None:
+                  queued: bool = False, was_finished: bool = False) -> None:
         self._executemany(db, "INSERT INTO logs (run_id, position, entry) VALUES (?, ?, ?)"
                           " ON CONFLICT (run_id, position) DO UPDATE SET entry = excluded.entry", entries)
         if not status.is_active:  # what the sweeper counts a time to live from
             db.execute(self._sql(f"UPDATE runs SET stopped_at = {self.NOW} WHERE run_id = ?"), (run_id,))
-        if status.is_terminal:
+        if status.is_terminal and not was_finished:
+            self._count_finished(db, 1)
             self._evict(db)
         self._notify(db, f"run {run_id}")
         if queued:
@@ -2732,10 +2746,20 @@ class SqlStore:
         if rows:
             db.executemany(self._sql(statement), rows)
 
+    def _count_finished(self, db: Any, change: int) -> None:
+        if change:
+            db.execute(self._sql("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
+                                 " WHERE key = 'finished_runs'"), (change,))
+
     def _evict(self, db: Any) -> None:
-        old = f"SELECT run_id FROM runs WHERE {_IN_TERMINAL} ORDER BY seq DESC LIMIT {self.NO_LIMIT} OFFSET ?"
-        db.execute(self._sql(f"DELETE FROM logs WHERE run_id IN ({old})"), (self.max_runs,))
-        db.execute(self._sql(f"DELETE FROM runs WHERE run_id IN ({old})"), (self.max_runs,))
+        """Delete the oldest finished runs beyond max_runs: the count in meta says how many, the index of finished
+        runs finds them without reading the others."""
+        excess = int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0]) - self.max_runs
+        if excess > 0:
+            oldest = f"SELECT run_id FROM {self.FINISHED_RUNS} WHERE {_IN_TERMINAL} ORDER BY seq LIMIT ?"
+            db.execute(self._sql(f"DELETE FROM logs WHERE run_id IN ({oldest})"), (excess,))
+            db.execute(self._sql(f"DELETE FROM runs WHERE run_id IN ({oldest})"), (excess,))
+            self._count_finished(db, -excess)
 
 
 class SqliteStore(SqlStore):
@@ -2745,7 +2769,7 @@ class SqliteStore(SqlStore):
     SERIAL = "INTEGER PRIMARY KEY AUTOINCREMENT"
     JSON = "TEXT"
     WITHOUT_ROWID = " WITHOUT ROWID"
-    NO_LIMIT = "-1"
+    FINISHED_RUNS = "runs INDEXED BY runs_finished"  # else the planner reads runs_by_stop and sorts every finished run
     HAS_META = "SELECT 1 FROM sqlite_master WHERE name = 'meta'"
 
     def __init__(self, path: str | os.PathLike[str], *, max_runs: int = MAX_STORED_RUNS,
@@ -2773,7 +2797,6 @@ class PostgresStore(SqlStore):
     NOW = "extract(epoch from clock_timestamp())::double precision"
     SERIAL = "BIGSERIAL PRIMARY KEY"
     JSON = "BYTEA"
-    NO_LIMIT = "ALL"
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
     HAS_META = "SELECT 1 FROM information_schema.tables WHERE table_name = 'meta' AND table_schema = current_schema()"
 
