@@ -2903,7 +2903,7 @@ async def test_sqlite_group_commit_fails_only_the_failing_writes_of_a_batch(tmp_
     store = we.SqliteStore(tmp_path / "runs.db")
     counted = count_statements(store)
     await check_group_commit_fails_only_the_failing_writes(store, sqlite3.IntegrityError)
-    assert (counted["BEGIN"], counted["SAVEPOINT"], counted["ROLLBACK"], counted["COMMIT"]) == (3, 6, 2, 3)
+    assert (counted["BEGIN"], counted["SAVEPOINT"], counted["ROLLBACK"], counted["COMMIT"]) == (3, 4, 2, 3)
 
 
 async def test_sqlite_group_commit_runs_concurrent_runs_in_shared_transactions(tmp_path: Path,

@@ -2530,8 +2530,11 @@ class SqlStore:
     def _commit(self, batch: list["_Write"]) -> None:
         try:
             with self._transaction() as db:
-                for write in batch:
-                    self._apply(db, write)
+                if len(batch) == 1:  # alone in its transaction, a write that fails needs no savepoint to undo
+                    batch[0].result = batch[0].fn(db, *batch[0].args)
+                else:
+                    for write in batch:
+                        self._apply(db, write)
         except Exception as exc:  # nothing of the batch was committed
             for write in batch:
                 write.result, write.error = None, exc
