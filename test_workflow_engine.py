@@ -4500,8 +4500,8 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
     http = row["http"]
     assert http.keys() == {"cases", "runs_stored", "runs_not_completed"}
     # The probe, then at each connection count one warm-up request per connection and the counted ones.
-    assert (http["runs_stored"], http["runs_not_completed"]) == (1 + sum(c + requests for c in (1, 16)), 0)
-    assert [case["connections"] for case in http["cases"]] == [1, 16]
+    assert (http["runs_stored"], http["runs_not_completed"]) == (1 + sum(c + requests for c in (1, 16, 64)), 0)
+    assert [case["connections"] for case in http["cases"]] == [1, 16, 64]
     for case, ceiling in zip(http["cases"], bare, strict=True):
         assert case.keys() == BENCH_CASE_KEYS | {"share_of_bare"}
         assert (case["requests"], case["errors"]) == (requests, 0)
@@ -4509,14 +4509,43 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
         assert case["share_of_bare"] == pytest.approx(case["rps"] / ceiling["rps"])
 
 
-def expected_bench_store_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 14's targets, one per measured store and connection count, then `no errors` (all zero here)."""
+def check_bench_sqlite_figures(sqlite: dict[str, Any]) -> None:
+    """SQLite filling up (every run completed, the file at its bound) and the synchronous settings' cases."""
+    fill = sqlite["fill"]
+    assert fill.keys() == {"runs", "chunk", "chunks_runs_per_s", "first_runs_per_s", "last_runs_per_s",
+                           "last_share_of_first", "max_runs", "runs_stored", "not_completed"}
+    assert (fill["runs"], fill["chunk"], fill["max_runs"]) == (400, 100, 400) == (
+        bench.QUICK.fill_runs, bench.QUICK.fill_chunk, bench.QUICK.fill_runs)
+    assert (len(fill["chunks_runs_per_s"]), fill["runs_stored"], fill["not_completed"]) == (4, 400, 0)
+    rates = fill["chunks_runs_per_s"]
+    assert (fill["first_runs_per_s"], fill["last_runs_per_s"], fill["last_share_of_first"]) == (
+        rates[0], rates[-1], rates[-1] / rates[0])
+    assert [(case["synchronous"], case["concurrency"], case["not_completed"]) for case in sqlite["synchronous"]] == [
+        ("NORMAL", 1, 0), ("FULL", 1, 0), ("NORMAL", 16, 0), ("FULL", 16, 0)]
+    assert all(case["runs_per_s"] > 0 for case in sqlite["synchronous"])
+
+
+def expected_bench_store_targets(stores: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's targets: for each measured store, its req/s against the bare endpoint's at each connection count
+    and its p99 against its p50 at 64; SQLite's last chunk of its fill against its first; `no errors` (all zero)."""
     shares, targets = {"memory": 0.6, "sqlite": 0.35, "postgres": 0.25}, []
-    for row in rows:
-        share = shares[row["store"]]
-        for case, connections in zip(row["http"]["cases"], ("1 connection", "16 connections"), strict=True):
-            name = f"{row['store']} trivial 5-node run >= {share:.0%} of bare req/s at {connections}"
-            targets.append({"target": name, "value": case["share_of_bare"], "met": case["share_of_bare"] >= share})
+
+    def target(name: str, figure: float, baseline: float, unit: str, is_met: Callable[[float], bool]) -> dict:
+        ratio = figure / baseline
+        return {"target": name, "figure": figure, "baseline": baseline, "unit": unit, "value": ratio,
+                "met": is_met(ratio)}
+
+    for row in (row for row in stores["stores"] if row["http"] is not None):
+        share, cases = shares[row["store"]], row["http"]["cases"]
+        for case, bare, connections in zip(cases, stores["bare"], ("1 connection", "16 connections", "64 connections"),
+                                           strict=True):
+            targets.append(target(f"{row['store']} trivial 5-node run >= {share:.2f}x bare req/s at {connections}",
+                                  case["rps"], bare["rps"], "req/s", lambda ratio, share=share: ratio >= share))
+        targets.append(target(f"{row['store']} p99 <= 3x p50 at 64 connections", cases[-1]["p99_ms"],
+                              cases[-1]["p50_ms"], "ms", lambda ratio: ratio <= 3))
+    fill = stores["sqlite"]["fill"]
+    targets.append(target("sqlite filling up, runs/s of the last 100 of 400 runs >= 0.80x the first 100",
+                          fill["last_runs_per_s"], fill["first_runs_per_s"], "runs/s", lambda ratio: ratio >= 0.8))
     return [*targets, {"target": "no errors", "value": 0, "met": True}]
 
 
@@ -4531,9 +4560,9 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
     assert bench.main(["stores", "--quick", "--http-requests", "20", "--json", str(path)]) == 0
 
     stores = json.loads(path.read_text())["stores"]
-    assert stores.keys() == {"connections", "bare", "stores", "targets"}
-    assert stores["connections"] == [1, 16]
-    assert [case["connections"] for case in stores["bare"]] == [1, 16]
+    assert stores.keys() == {"connections", "bare", "stores", "sqlite", "targets"}
+    assert stores["connections"] == [1, 16, 64]
+    assert [case["connections"] for case in stores["bare"]] == [1, 16, 64]
     for case in stores["bare"]:
         assert case.keys() == BENCH_CASE_KEYS
         assert (case["requests"], case["errors"]) == (20, 0)
@@ -4543,7 +4572,8 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
         check_bench_store_row(row, stores["bare"], 20)
     skipped = "no PostgreSQL server named: give --postgres-url URL or set WORKFLOW_TEST_POSTGRES_URL"
     assert postgres == {"store": "postgres", "skipped": skipped, "error": None, "in_process": None, "http": None}
-    assert stores["targets"] == expected_bench_store_targets(measured)
+    check_bench_sqlite_figures(stores["sqlite"])
+    assert stores["targets"] == expected_bench_store_targets(stores)
     out, err = capsys.readouterr()
     assert err == ""
     assert "20 requests per case" in out
@@ -4553,6 +4583,19 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("  target")] == [
         f"  target {target['target']}" for target in stores["targets"]]
     assert "  target no errors: 0 met" in out.splitlines()
+    rates = " ".join(f"{rate:.0f}" for rate in stores["sqlite"]["fill"]["chunks_runs_per_s"])
+    assert (f"  sqlite filling up, 400 runs one after another into a file with max_runs = 400, runs/s per 100: "
+            f"{rates}") in out.splitlines()
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("  sqlite synchronous")] == [
+        "  sqlite synchronous, 1 run at a time", "  sqlite synchronous, 16 runs at a time"]
+    first = stores["targets"][0]
+    assert (f"  target {first['target']}: {first['figure']:.1f} vs {first['baseline']:.1f} req/s = "
+            f"{first['value']:.2f}x {'met' if first['met'] else 'NOT MET'}") in out.splitlines()
+
+
+def test_bench_rejects_a_fill_below_two_chunks(capsys: pytest.CaptureFixture) -> None:
+    assert bench.main(["stores", "--quick", "--fill", "199"]) == 2
+    assert capsys.readouterr().err == "bench.py: --fill must be at least 200\n"
 
 
 def test_bench_stores_reports_a_postgres_server_that_cannot_be_reached(tmp_path: Path,
@@ -5205,7 +5248,8 @@ def test_bench_stores_quick_through_postgres(tmp_path: Path, capsys: pytest.Capt
     assert [row["store"] for row in stores["stores"]] == ["memory", "sqlite", "postgres"]
     for row in stores["stores"]:
         check_bench_store_row(row, stores["bare"], 20)
-    assert stores["targets"] == expected_bench_store_targets(stores["stores"])
+    check_bench_sqlite_figures(stores["sqlite"])
+    assert stores["targets"] == expected_bench_store_targets(stores)
     assert bench_databases() - before == set()
     out, err = capsys.readouterr()
     assert err == ""

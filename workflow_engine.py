@@ -2773,6 +2773,10 @@ class SqliteStore(SqlStore):
     JSON = "TEXT"
     WITHOUT_ROWID = " WITHOUT ROWID"
     FINISHED_RUNS = "runs INDEXED BY runs_finished"  # else the planner reads runs_by_stop and sorts every finished run
+    # WAL + NORMAL: a commit is in the WAL file before the caller hears of it, so a crashed or killed process loses
+    # nothing committed; a power loss or OS crash may lose the last commits (never the file's consistency). FULL
+    # syncs the WAL at every commit, which power loss cannot undo, at the cost measured by tools/bench.py.
+    SYNCHRONOUS = "NORMAL"
     HAS_META = "SELECT 1 FROM sqlite_master WHERE name = 'meta'"
 
     def __init__(self, path: str | os.PathLike[str], *, max_runs: int = MAX_STORED_RUNS,
@@ -2783,7 +2787,7 @@ class SqliteStore(SqlStore):
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_S)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process crash loses no committed transaction
+        db.execute(f"PRAGMA synchronous={self.SYNCHRONOUS}")
         return db
 
     def _begin(self, db: sqlite3.Connection, *, write: bool) -> None:
