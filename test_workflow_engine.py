@@ -1010,7 +1010,7 @@ async def test_sqlite_store_encodes_big_records_off_the_event_loop(
 ) -> None:
     """The same for the head and log entries a SQL store writes."""
     store, run = we.SqliteStore(tmp_path / "runs.db"), stopped_run(data)
-    expected = we.SqlStore._values(run, 0)
+    expected = store._values(run, 0)
     threads = encode_threads(monkeypatch)
     try:
         await store.claim_run(run, None, "me")
@@ -1030,7 +1030,7 @@ async def test_sqlite_store_cancelled_checkpoint_waits_for_its_encoding(
     run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)),
                      we.WorkflowState(data={"text": "x" * 20_000}))
     started, release = threading.Event(), threading.Event()
-    values = we.SqlStore._values
+    values = store._values
 
     def held_values(held: we.RunContext, saved_logs: int) -> tuple[Any, ...]:
         started.set()
@@ -1040,7 +1040,7 @@ async def test_sqlite_store_cancelled_checkpoint_waits_for_its_encoding(
     try:
         lease = await store.claim_run(run, None, "me")
         we.move_run(run, we.RunStatus.RUNNING)
-        monkeypatch.setattr(we.SqlStore, "_values", staticmethod(held_values))
+        monkeypatch.setattr(store, "_values", held_values)
         checkpoint = asyncio.create_task(store.save_run(run, lease))
         await asyncio.to_thread(started.wait)
         checkpoint.cancel()
@@ -5726,6 +5726,7 @@ async def test_sqlite_upgrade_to_version_3_counts_stopped_runs_from_the_upgrade(
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db:  # back to version 2
         db.executescript("DROP TABLE idempotency_keys; DROP INDEX runs_by_stop; ALTER TABLE runs DROP COLUMN stopped_at;"
+                         " DROP INDEX runs_finished; DELETE FROM meta WHERE key = 'finished_runs';"
                          " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
     store = we.SqliteStore(path)
     stopped = store._read_one("SELECT stopped_at FROM runs WHERE run_id = ?", (run.run_id,))[0]

@@ -2282,6 +2282,8 @@ class SqlStore:
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
         self._is_draining = False  # whether the writer thread has a _drain queued or running
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
+        # A run's record without its log, which the logs table holds: it is encoded at every step of every run.
+        self._unstructure_head = make_dict_unstructure_fn(RunContext, converter, logs=override(omit=True))
         self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
@@ -2607,11 +2609,9 @@ class SqlStore:
             return await _off_loop(self._encoder, self._values, run, saved_logs)
         return self._values(run, saved_logs)
 
-    @staticmethod
-    def _values(run: RunContext, saved_logs: int) -> tuple[Any, ...]:
+    def _values(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
         # The writer thread gets values, not the live run, which the event loop may change meanwhile.
-        head = converter.unstructure(attrs.evolve(run, logs=[]))
-        del head["logs"]
+        head = self._unstructure_head(run)
         entries = [(run.run_id, position, dump_json(converter.unstructure(entry)))
                    for position, entry in enumerate(run.logs[saved_logs:], start=saved_logs)]
         history, events = dump_json(head["history"]), len(run.history) + len(run.logs)
