@@ -2235,6 +2235,7 @@ class _Write:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
+    is_progress: bool  # see SqlStore._write
     result: Any = None
     error: Exception | None = None
 
@@ -2347,7 +2348,8 @@ class SqlStore:
     async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
         """Commit `run`'s record and its log entries from position `saved_logs` on, in one transaction, if `lease`
         is still the run's (renewing it); else raise LeaseLost and commit nothing."""
-        await self._write(self._save, lease, lease_s, *await self._encoded(run, saved_logs))
+        await self._write(self._save, lease, lease_s, *await self._encoded(run, saved_logs),
+                          is_progress=run.status.is_active)
 
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
@@ -2360,7 +2362,7 @@ class SqlStore:
 
     async def heartbeat(self, owner: str, leases: Mapping[str, int], lease_s: float = LEASE_S) -> Heartbeat:
         """Renew the leases `owner` holds (run id -> attempt); say which it lost and which runs to cancel."""
-        return await self._write(self._heartbeat, owner, dict(leases), lease_s)
+        return await self._write(self._heartbeat, owner, dict(leases), lease_s, is_progress=True)
 
     def expired(self, limit: int = 100) -> list[tuple[RunContext, Lease]]:
         """Active runs whose lease's deadline has passed (their owner stopped renewing), with that lease."""
@@ -2466,6 +2468,10 @@ class SqlStore:
     def _begin(self, db: Any, *, write: bool) -> None:
         db.execute("BEGIN")
 
+    def _begin_write(self, db: Any, *, is_progress: bool) -> None:
+        """Begin a write transaction; `is_progress`: of progress writes only (see _write)."""
+        self._begin(db, write=True)
+
     def _notify(self, db: Any, message: str) -> None:
         """Tell the other servers (a database with notifications; the others poll)."""
 
@@ -2494,8 +2500,8 @@ class SqlStore:
             self._reader.execute("COMMIT")
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Any]:
-        self._begin(self._writer, write=True)
+    def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
+        self._begin_write(self._writer, is_progress=is_progress)
         try:
             yield self._writer
         except BaseException:
@@ -2504,14 +2510,18 @@ class SqlStore:
             raise
         self._writer.execute("COMMIT")
 
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False) -> T:
         """Return `fn(db, *args)`, called on the writer thread in a transaction that commits before this returns.
 
         Group commit: writes that arrive while the writer is busy wait, then share its next transaction, each in a
         savepoint of its own, so that one that raises (a lost lease, a conflict) is undone alone and only its
         caller sees the error. A commit that fails fails every write of its batch.
+
+        `is_progress` marks a write that no client's answer waits for and that counts no rows (an active run's
+        checkpoint, a heartbeat): a transaction of such writes only may skip what a database does to serialize
+        writes across servers and to make a commit survive its own crash (see PostgresStore._begin_write).
         """
-        write = _Write(fn=fn, args=args, future=asyncio.get_running_loop().create_future())
+        write = _Write(fn=fn, args=args, future=asyncio.get_running_loop().create_future(), is_progress=is_progress)
         with self._pending_lock:
             self._pending.append(write)
             is_idle, self._is_draining = not self._is_draining, True
@@ -2531,7 +2541,7 @@ class SqlStore:
 
     def _commit(self, batch: list["_Write"]) -> None:
         try:
-            with self._transaction() as db:
+            with self._transaction(is_progress=all(write.is_progress for write in batch)) as db:
                 if len(batch) == 1:  # alone in its transaction, a write that fails needs no savepoint to undo
                     batch[0].result = batch[0].fn(db, *batch[0].args)
                 else:
@@ -2822,16 +2832,21 @@ class PostgresStore(SqlStore):
                     on_message(notification.payload)
 
     def _connect(self) -> Any:
-        return self._psycopg.connect(self.url, autocommit=True)
+        db = self._psycopg.connect(self.url, autocommit=True)
+        db.execute("SET synchronous_commit = off")  # but for progress writes, _begin_write turns it on again
+        return db
 
     @functools.cache  # noqa: B019  # a few constant statements
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
 
-    def _begin(self, db: Any, *, write: bool) -> None:
-        db.execute("BEGIN")
-        if write:  # one writer at a time for the rules that count rows (graphs, the queue's order, migrations)
-            db.execute("SELECT pg_advisory_xact_lock(7261)")
+    def _begin_write(self, db: Any, *, is_progress: bool) -> None:
+        # One writer at a time, on every server, for the rules that count rows (graphs, a server's room, the count
+        # of finished runs, the queue's order, migrations), and a commit on disk before its callers hear of it.
+        # Progress writes need neither: a lease guards each, and a database crash that loses the last of them
+        # sends their runs back to an earlier step, as a crash of their server does.
+        db.execute("BEGIN" if is_progress else "BEGIN; SET LOCAL synchronous_commit = on;"
+                   " SELECT pg_advisory_xact_lock(7261)")  # one round trip
 
     def _notify(self, db: Any, message: str) -> None:
         db.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, message))
