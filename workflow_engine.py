@@ -70,7 +70,7 @@ from cattrs.cols import (
     mapping_structure_factory,
 )
 from cattrs.errors import AttributeValidationNote
-from cattrs.gen import make_dict_unstructure_fn, override
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -83,6 +83,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 __all__ = [
     "BearerAuth",
     "BranchCondition",
+    "BranchResult",
+    "Branches",
     "Busy",
     "EdgeDef",
     "Engine",
@@ -104,7 +106,9 @@ __all__ = [
     "LogEntry",
     "LogEvent",
     "LogFormat",
+    "MapDef",
     "MemoryStore",
+    "MergePolicy",
     "MetricKind",
     "Metrics",
     "NodeContext",
@@ -112,6 +116,7 @@ __all__ = [
     "NodeIO",
     "OPERATIONS",
     "Operation",
+    "ParallelDef",
     "PlainText",
     "PostgresStore",
     "Problem",
@@ -180,6 +185,8 @@ SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's wri
 MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
 MAX_BRANCHES = 100  # branches on one edge
+MAX_FANOUT = 64  # most branches of one map or parallel node, running at once or in all (a map's items)
+FANOUT_CONCURRENCY = 8  # branches of one map or parallel node running at once unless it says otherwise
 MAX_STATE_BYTES = 4 * 1024 * 1024  # a run's data, counted as the JSON text of its values; past it the step fails
 MAX_LOG_BYTES = 4 * 1024 * 1024  # the updates a run's log keeps, counted the same way; past it values are left out
 MAX_ID_CHARS = 128  # longest graph or run id
@@ -597,24 +604,88 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy()
 
 
+@enum.unique
+class MergePolicy(enum.Enum):
+    """How a parallel node joins a data key that its branches wrote: each branch's new value, in branch order."""
+
+    ERROR = "error"  # more than one branch wrote it: the step fails, naming the key and the branches
+    FIRST = "first"
+    LAST = "last"
+    APPEND = "append"  # a list of the values
+    EXTEND = "extend"  # the lists, concatenated
+    MERGE = "merge"  # the objects, joined; a key two branches set differently is an error
+    SUM = "sum"
+    MIN = "min"
+    MAX = "max"
+
+
+@attrs.frozen(kw_only=True)
+class MapDef:
+    """Run `graph` once per item of `data[over]` (as `data[as]`); collect each branch's `data[output]`, in order.
+
+    `data[collect]` becomes the list of each branch's `data[output]` (its whole data without `output`), in the
+    order of the items, whatever order the branches finish in.
+    """
+
+    over: str
+    as_: str = attrs.field(metadata={"wire_name": "as"})  # a Python keyword
+    graph: str
+    collect: str
+    output: str | None = None
+    max_concurrency: int | None = attrs.field(default=None, validator=_positive)
+
+
+def _not_empty(instance: object, attribute: attrs.Attribute, value: tuple) -> None:
+    if not value:
+        raise _field_error(attribute, f"{attribute.name} must not be empty")
+
+
+@attrs.frozen(kw_only=True)
+class ParallelDef:
+    """Run each graph of `branches` from a copy of the data; join what they wrote, by `merge` where more wrote it."""
+
+    branches: tuple[str, ...] = attrs.field(validator=_not_empty)
+    merge: dict[str, MergePolicy] = attrs.field(factory=dict)
+    max_concurrency: int | None = attrs.field(default=None, validator=_positive)
+
+
 @attrs.frozen(kw_only=True)
 class NodeDef:
     """A node with settings; in a graph's `nodes` a plain name stands for `NodeDef(name=...)`.
 
     `fn` names the registered function (default: `name`, so one function can serve several nodes), `config`
-    reaches the node as `ctx.config`, and `timeout_s` bounds each attempt.
+    reaches the node as `ctx.config`, and `timeout_s` bounds each attempt. Instead of a function, a node may run
+    other graphs: `graph` (one, as a step), `map` (one per item of a list) or `parallel` (several side by side);
+    then `timeout_s`, `retry` and `on_error` apply to the whole step.
     """
 
     name: str
     fn: str | None = None
+    graph: str | None = None
+    map: MapDef | None = None
+    parallel: ParallelDef | None = None
     timeout_s: float | None = attrs.field(default=None, validator=_seconds)
     retry: RetryPolicy = NO_RETRY
     config: dict[str, Any] = attrs.field(factory=dict)
 
     @property
+    def is_composite(self) -> bool:
+        """Whether the node runs graphs (`graph`, `map` or `parallel`) rather than a function."""
+        return self.graph is not None or self.map is not None or self.parallel is not None
+
+    @property
     def function(self) -> str:
-        """The name of the registered function this node calls."""
-        return self.fn or self.name
+        """The name of the registered function this node calls; "" (never a registered name) for a composite."""
+        if self.graph is None and self.map is None and self.parallel is None:  # inline: the runner asks every step
+            return self.fn or self.name
+        return ""
+
+    @property
+    def graph_ids(self) -> tuple[str, ...]:
+        """The graphs this node runs, in branch order."""
+        if self.map is not None:
+            return (self.map.graph,)
+        return self.parallel.branches if self.parallel is not None else tuple(filter(None, [self.graph]))
 
 
 @attrs.frozen(kw_only=True)
@@ -637,6 +708,11 @@ class GraphDefinition:
             node_def = NodeDef(name=node) if isinstance(node, str) else node
             defs.setdefault(node_def.name, node_def)
         return defs
+
+    @functools.cached_property
+    def has_branches(self) -> bool:
+        """Whether a node of the graph runs other graphs (`graph`, `map` or `parallel`)."""
+        return any(node.is_composite for node in self.node_defs.values())
 
 
 # Not frozen: a frozen attrs class costs twice as much to create and the runner makes one per step. The runner
@@ -661,6 +737,15 @@ class LogEntry:
     error: str | None = None
     attempt: int = 1
     updates_omitted: tuple[str, ...] = ()
+    path: str | None = None  # where a branch's step ran (`review_each[3]/extract`); None for the run's own steps
+
+
+@attrs.frozen(kw_only=True)
+class BranchResult:
+    """What a finished branch changed in its copy of the data: new values, and the keys it removed."""
+
+    updates: dict[str, Any]
+    removed: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -699,6 +784,9 @@ class RunContext:
     duration_ms: float = 0.0
     engine_overhead_ms: float = 0.0
     history: list[StatusChange] = attrs.field(factory=list)
+    # The finished branches of the composite step at `next_node`, by branch (`review_each[3]`, `a[0]/b[1]`): saved
+    # before the join, so a run resumed or taken over mid-step runs only the others. Empty between steps.
+    branch_results: dict[str, BranchResult] = attrs.field(factory=dict)
 
 
 def _refused(run_id: str, current: RunStatus, target: RunStatus) -> RunConflict:
@@ -915,6 +1003,7 @@ class Settings:
     stream_keepalive_s: float = attrs.field(default=STREAM_KEEPALIVE_S, validator=_seconds)
     max_nodes: int = attrs.field(default=MAX_NODES, validator=_positive)
     max_branches: int = attrs.field(default=MAX_BRANCHES, validator=_positive)
+    max_fanout: int = attrs.field(default=MAX_FANOUT, validator=_positive)
     max_state_bytes: int = attrs.field(default=MAX_STATE_BYTES, validator=_positive)
     shutdown_grace_s: float = attrs.field(default=SHUTDOWN_GRACE_S, validator=attrs.validators.ge(0.0))
     max_paused_runs: int = attrs.field(default=MAX_PAUSED_RUNS, validator=_positive)
@@ -1011,12 +1100,50 @@ def _make_converter() -> cattrs.Converter:
         raise InvalidValue(f"expected a node name or a node object, got {_json_type(value)}")
 
     converter.register_structure_hook(str | NodeDef, structure_node)
+    converter.register_structure_hook(MergePolicy, _structure_policy)
+    # `as` is a Python keyword, so MapDef's field is `as_`; on the wire (and in its JSON schema) it is `as`.
+    map_hook = make_dict_structure_fn(MapDef, converter, _cattrs_forbid_extra_keys=True, as_=override(rename="as"))
+    converter.register_structure_hook(MapDef, _shape_guard(dict, "an object", lambda *_: _wire_as(map_hook))(
+        MapDef, converter))
+    converter.register_unstructure_hook(MapDef, make_dict_unstructure_fn(MapDef, converter, as_=override(rename="as")))
     converter.register_unstructure_hook(datetime, datetime.isoformat)
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
     # A log entry names the keys whose values it left out only when it left some out (past max_log_bytes).
     converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
         LogEntry, converter, updates_omitted=override(omit_if_default=True)))
+    # A node object shows the settings it has, so a function node reads as it did before graphs could be nodes.
+    converter.register_unstructure_hook(NodeDef, make_dict_unstructure_fn(
+        NodeDef, converter, **{name: override(omit_if_default=True) for name in ("graph", "map", "parallel")}))
+    converter.register_unstructure_hook(RunContext, make_dict_unstructure_fn(
+        RunContext, converter, branch_results=override(omit_if_default=True)))
     return converter
+
+
+def _wire_as(hook: Callable[[object, type], MapDef]) -> Callable[[object, type], MapDef]:
+    """Make the errors of MapDef's hook name its `as_` field as the client wrote it: `as`."""
+
+    def structure(value: object, type_: type) -> MapDef:
+        try:
+            return hook(value, type_)
+        except cattrs.ClassValidationError as exc:
+            for error in exc.exceptions:
+                notes = getattr(error, "__notes__", [])
+                notes[:] = [AttributeValidationNote(note.replace("as_", "as"), "as", note.type)
+                            if isinstance(note, AttributeValidationNote) and note.name == "as_" else note
+                            for note in notes]
+            raise
+
+    return structure
+
+
+def _structure_policy(value: object, _: type) -> MergePolicy:
+    if not isinstance(value, str):
+        raise InvalidValue(f"expected a string, got {_json_type(value)}")
+    try:
+        return MergePolicy(value)
+    except ValueError:
+        known = ", ".join(policy.value for policy in MergePolicy)
+        raise InvalidValue(f"unknown merge policy {_shown(value)}; use one of {known}") from None
 
 
 converter = _make_converter()
@@ -1302,14 +1429,124 @@ def _lookup(table: dict[str, T], kind: str, name: str) -> T:
 # Graph validation
 # ---------------------------------------------------------------------------
 # Every rule is checked and every problem collected, so the client can fix them all at once.
-def validate_graph(graph: GraphDefinition, registry: Registry, *, limits: Settings = DEFAULT_SETTINGS) -> None:
-    """Raise InvalidGraph listing every problem of `graph` against the names in `registry` and the `limits`."""
+GraphLookup = Callable[[str], GraphDefinition | None]  # a stored or registered graph by id, None if there is none
+
+
+def _no_graphs(graph_id: str) -> GraphDefinition | None:
+    return None
+
+
+def validate_graph(graph: GraphDefinition, registry: Registry, *, limits: Settings = DEFAULT_SETTINGS,
+                   graphs: GraphLookup = _no_graphs) -> None:
+    """Raise InvalidGraph listing every problem of `graph` against the names in `registry`, the graphs its nodes
+    run (found by `graphs`) and the `limits`."""
     problems = [*_id_problems(graph), *_node_problems(graph, registry), *_edge_problems(graph, registry)]
     problems += [Problem(f"$.interrupt_before[{index}]", f"unknown node {_shown(name)}")
                  for index, name in enumerate(graph.interrupt_before) if name not in graph.node_defs]
     problems += _limit_problems(graph, limits)
+    problems += _reference_problems(graph, registry, limits, graphs)
     if problems:
         raise InvalidGraph(problems)
+
+
+def graph_references(graph: GraphDefinition) -> dict[str, tuple[str, ...]]:
+    """The graphs each graph, map and parallel node of `graph` runs, by node name."""
+    return {name: node.graph_ids for name, node in graph.node_defs.items() if node.is_composite}
+
+
+def _reference_problems(graph: GraphDefinition, registry: Registry, limits: Settings,
+                        graphs: GraphLookup) -> list[Problem]:
+    """Each graph a node runs exists and does not run `graph` again; a parallel node's branches fit the fan-out
+    bound, and a key that two of them declare they write has a merge policy."""
+    def find(graph_id: str) -> GraphDefinition | None:  # the graph itself may be named (a cycle) before it is stored
+        return graph if graph_id == graph.graph_id else graphs(graph_id)
+
+    problems = []
+    for index, node in enumerate(graph.nodes):
+        if isinstance(node, str) or not node.is_composite:
+            continue
+        for path, graph_id in _referencing_paths(f"$.nodes[{index}]", node):
+            referenced = find(graph_id)
+            if referenced is None:
+                problems.append(Problem(path, f"unknown graph {_shown(graph_id)}"))
+                continue
+            chain = [graph_id] if graph_id == graph.graph_id else _chain(referenced, graph.graph_id, find)
+            if chain is not None:
+                problems.append(Problem(path, f"graph {_shown(graph.graph_id)} would run itself: "
+                                              f"{' -> '.join([graph.graph_id or '', *chain])}"))
+        if node.parallel is not None:
+            problems += _parallel_problems(f"$.nodes[{index}].parallel", node.parallel, registry, limits, find)
+    return problems
+
+
+def _referencing_paths(path: str, node: NodeDef) -> list[tuple[str, str]]:
+    if node.map is not None:
+        return [(f"{path}.map.graph", node.map.graph)]
+    if node.parallel is not None:
+        return [(f"{path}.parallel.branches[{index}]", graph_id)
+                for index, graph_id in enumerate(node.parallel.branches)]
+    return [(f"{path}.graph", node.graph or "")]
+
+
+def _chain(start: GraphDefinition, target: str | None, find: GraphLookup) -> list[str] | None:
+    """The ids from `start` to a graph that runs `target`, through the graphs their nodes run; None if none does."""
+    if target is None:  # a graph without an id gets a new one: nothing can run it yet
+        return None
+    chains, seen = [[start]], {start.graph_id}
+    while chains:  # breadth first: the shortest chain is named
+        chain = chains.pop(0)
+        for graph_id in itertools.chain(*graph_references(chain[-1]).values()):
+            if graph_id == target:
+                return [str(graph.graph_id) for graph in chain] + [target]
+            referenced = find(graph_id)
+            if referenced is not None and graph_id not in seen:
+                seen.add(graph_id)
+                chains.append([*chain, referenced])
+    return None
+
+
+def _parallel_problems(path: str, parallel: ParallelDef, registry: Registry, limits: Settings,
+                       find: GraphLookup) -> list[Problem]:
+    if len(parallel.branches) > limits.max_fanout:
+        return [Problem(f"{path}.branches", f"at most {limits.max_fanout} branches (WORKFLOW_MAX_FANOUT), "
+                                            f"got {len(parallel.branches)}")]
+    writers: dict[str, list[int]] = {}
+    for index, graph_id in enumerate(parallel.branches):
+        referenced = find(graph_id)
+        for key in (None if referenced is None else _declared_writes(referenced, registry, find, set())) or ():
+            writers.setdefault(key, []).append(index)
+    policies = ", ".join(policy.value for policy in MergePolicy)
+    return [Problem(f"{path}.merge", f"branches {' and '.join(_branch_names(parallel, indexes))} declare they write "
+                                     f"data[{key!r}]; give it a merge policy ({policies})")
+            for key, indexes in sorted(writers.items()) if len(indexes) > 1 and key not in parallel.merge]
+
+
+def _branch_names(parallel: ParallelDef, indexes: list[int]) -> list[str]:
+    return [f"{index} ({parallel.branches[index]})" for index in indexes]
+
+
+def _declared_writes(graph: GraphDefinition, registry: Registry, find: GraphLookup, seen: set[str]) -> set[str] | None:
+    """The data keys the nodes of `graph` declare they may write; None if one of them does not declare it."""
+    if graph.graph_id in seen:  # a cycle, reported on its own
+        return None
+    seen = seen | {graph.graph_id or ""}
+    keys = {"last_error"} if any(edge.on_error for edge in graph.edges.values()) else set()
+    for node in graph.node_defs.values():
+        if node.map is not None:
+            keys.add(node.map.collect)
+            continue
+        if node.is_composite:
+            found = [find(graph_id) for graph_id in node.graph_ids]
+            inner = [None if other is None else _declared_writes(other, registry, find, seen) for other in found]
+            if any(part is None for part in inner):
+                return None
+            keys.update(*inner)  # type: ignore[arg-type]
+            continue
+        io = registry.node_io(node.function)
+        if io is None:
+            return None
+        keys.update(io.writes)
+    return keys
 
 
 def _limit_problems(graph: GraphDefinition, limits: Settings) -> list[Problem]:
@@ -1368,9 +1605,13 @@ def _node_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
     for index, node in enumerate(graph.nodes):
         node_def = NodeDef(name=node) if isinstance(node, str) else node
         path = f"$.nodes[{index}]" if isinstance(node, str) else f"$.nodes[{index}].{'fn' if node.fn else 'name'}"
+        kinds = [kind for kind in ("fn", "graph", "map", "parallel") if getattr(node_def, kind) is not None]
         if node_def.name in seen:
             problems.append(Problem(f"$.nodes[{index}]", f"duplicate node {_shown(node_def.name)}"))
-        elif not registry.has_node(node_def.function):
+        elif len(kinds) > 1:
+            problems.append(Problem(f"$.nodes[{index}]", f"a node has one of fn, graph, map or parallel; "
+                                                         f"this one has {' and '.join(kinds)}"))
+        elif not node_def.is_composite and not registry.has_node(node_def.function):
             problems.append(Problem(path, f"unknown node function {_shown(node_def.function)}"))
         seen.add(node_def.name)
     if graph.start_node not in seen:
@@ -1410,6 +1651,8 @@ class NodeContext:
     node: str
     config: dict[str, Any]
     registry: Registry
+    # Set for a graph, map or parallel node: runs its branches and returns the join, which the runner commits.
+    fork: Callable[[NodeDef, WorkflowState], Awaitable[dict[str, Any]]] | None = None
 
     @functools.cached_property
     def logger(self) -> logging.LoggerAdapter:
@@ -1483,6 +1726,7 @@ def _may_pause(run: RunContext) -> str | None:
 async def execute_run(
     run: RunContext, graph: GraphDefinition, registry: Registry, *,
     on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _may_pause,
+    branches: "Branches | None" = None,
 ) -> RunContext:
     """Drive a pending `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
 
@@ -1490,7 +1734,8 @@ async def execute_run(
     is running and after every step that does not end it (a durable store commits it there). `may_pause(run)`
     answers None to let the run pause, or the error that fails it instead. A run over its `timeout_s` ends
     `timed_out`; a cancelled one ends `cancelled`, and the CancelledError propagates once that is recorded. Return
-    the run.
+    the run. `branches` says where graph, map and parallel nodes find the graphs they run (default: the graphs
+    registered in `registry`) and bounds them.
     """
     is_resumed = run.next_node is not None
     run.next_node = run.next_node or graph.start_node
@@ -1499,7 +1744,11 @@ async def execute_run(
     clock = time.perf_counter()
     # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
     deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
-    hooks = _Hooks(on_change, checkpoint, deadline, may_pause)
+    fork = None
+    if graph.has_branches:  # most graphs have none: they pay nothing for branches
+        branches = branches or Branches(find_graph={graph.graph_id: graph for graph in registry.graphs}.get)
+        fork = _Fork(run, branches, registry, on_change, checkpoint)
+    hooks = _Hooks(on_change, checkpoint, deadline, may_pause, fork)
     try:
         if checkpoint is not None:
             await checkpoint(run)
@@ -1530,7 +1779,9 @@ def _stop_error(run: RunContext, status: RunStatus) -> str:
 
 def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: OnChange) -> None:
     run.duration_ms += _ms_since(clock)
-    run.engine_overhead_ms = max(run.duration_ms - sum(entry.duration_ms for entry in run.logs), 0.0)
+    # A branch's steps ran inside their graph, map or parallel step's own entry, so they are not counted again.
+    run.engine_overhead_ms = max(run.duration_ms - sum(entry.duration_ms for entry in run.logs if entry.path is None),
+                                 0.0)
     move_run(run, status, error)
     on_change(run)
 
@@ -1541,6 +1792,7 @@ class _Hooks:
     checkpoint: Checkpoint | None
     deadline: asyncio.Timeout | None
     may_pause: PauseCheck
+    fork: "_Fork | None"  # None when the graph has no graph, map or parallel node
 
 
 async def _drive(
@@ -1557,7 +1809,8 @@ async def _drive(
         is_resumed = False  # only the first node of a resumed run passes its interrupt_before
         run.iteration += 1
         run.current_node = name
-        ctx = contexts.get(name) or contexts.setdefault(name, _node_context(run, graph.node_defs[name], registry))
+        ctx = contexts.get(name) or contexts.setdefault(name, _node_context(run, graph.node_defs[name], registry,
+                                                                                     hooks.fork))
         clock = time.perf_counter()
         try:
             entry = await _run_node(run, graph.node_defs[name], registry, ctx, hooks.on_change, budget)
@@ -1583,8 +1836,9 @@ def _pause(run: RunContext, hooks: _Hooks) -> tuple[RunStatus, str | None]:
     return (RunStatus.WAITING, None) if refusal is None else (RunStatus.FAILED, refusal)
 
 
-def _node_context(run: RunContext, node: NodeDef, registry: Registry) -> NodeContext:
-    return NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=node.name, config=node.config, registry=registry)
+def _node_context(run: RunContext, node: NodeDef, registry: Registry, fork: "_Fork | None") -> NodeContext:
+    return NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=node.name, config=node.config, registry=registry,
+                       fork=None if fork is None or not node.is_composite else fork)
 
 
 def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> LogEntry:
@@ -1636,7 +1890,7 @@ async def _run_node(
         try:
             if io is not None:
                 _check_reads(node.name, io, before)
-            awaitable = registry.call_node(function, working, ctx)
+            awaitable = registry.call_node(function, working, ctx) if ctx.fork is None else ctx.fork(node, working)
             result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
             updates, keys = _changes(node.name, before, working.data, result)
             if io is not None:
@@ -1817,6 +2071,226 @@ def _next_node(
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# A graph, map or parallel node runs other graphs as branches: tasks on the run's event loop, each on its own copy
+# of the data, at most max_concurrency at once. Their steps join the run's log with a `path` as they happen. Each
+# branch's result is kept in the run (and checkpointed) when it finishes, and the results are joined in branch
+# order once all have; a run resumed or taken over in the middle of the step runs only the branches not finished.
+@attrs.frozen
+class Branches:
+    """What graph, map and parallel nodes need from their engine: graphs by id, and their bounds."""
+
+    find_graph: GraphLookup
+    max_fanout: int = MAX_FANOUT  # branches of one step running at once, and most items of a map
+    max_iterations: int = MAX_ITERATIONS  # a branch's bound when its graph sets none
+
+
+class _BranchFailed(_StepFailed):
+    """A branch failed, stopped at its max_iterations or paused; the message names it and says why."""
+
+
+@attrs.define(eq=False)
+class _Saves:
+    """Checkpoints of finished branches, one at a time: a save covers every branch finished before it began."""
+
+    lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
+    finished: int = 0
+    saved: int = 0
+
+
+@attrs.define(eq=False)
+class _Fork:
+    """Run the branches of the composite steps of `root`, the run (or, with a `prefix`, a branch inside it)."""
+
+    root: RunContext  # the run whose log and branch_results hold every branch, however deep
+    branches: Branches
+    registry: Registry
+    on_change: OnChange
+    checkpoint: Checkpoint | None
+    prefix: str = ""  # where the forking step runs: "" in the run itself, "outer[2]/" in a branch of node outer
+    saves: _Saves = attrs.field(factory=_Saves)
+
+    async def __call__(self, node: NodeDef, working: WorkflowState) -> dict[str, Any]:
+        """Run the branches of `node` from `working`, the step's copy of the data; return the step's updates."""
+        place = self.prefix + node.name
+        try:
+            if node.map is not None:
+                return await self._map(node, place, node.map, working.data)
+            if node.parallel is not None:
+                return await self._parallel(node, place, node.parallel, working.data)
+            [result] = await self._run_all(node, [(place, self._graph(node, node.graph or ""), working.data)], 1)
+            return _removing(working.data, [result], {**result.updates})
+        finally:  # finished or failed, the step is over: a retry runs every branch again
+            for key in [key for key in self.root.branch_results if _is_within(key, place)]:
+                del self.root.branch_results[key]
+
+    async def _map(self, node: NodeDef, place: str, spec: MapDef, data: dict[str, Any]) -> dict[str, Any]:
+        items = data.get(spec.over, _MISSING)
+        if not isinstance(items, list):
+            got = "missing" if items is _MISSING else _json_type(items)
+            raise _StepFailed(f"node {node.name!r} maps over data[{spec.over!r}], which is {got}; expected an array")
+        if len(items) > self.branches.max_fanout:
+            raise _StepFailed(f"node {node.name!r} maps over {len(items)} items of data[{spec.over!r}], more than "
+                              f"the {self.branches.max_fanout} that WORKFLOW_MAX_FANOUT allows")
+        graph = self._graph(node, spec.graph)
+        starts = [{**data, spec.as_: item} for item in items]
+        results = await self._run_all(node, [(f"{place}[{index}]", graph, start) for index, start in
+                                             enumerate(starts)], spec.max_concurrency)
+        collected = []
+        for index, (start, result) in enumerate(zip(starts, results)):
+            final = {**start, **result.updates}
+            for key in result.removed:
+                del final[key]
+            if spec.output is not None and spec.output not in final:
+                raise _StepFailed(f"branch {place}[{index}] ended without data[{spec.output!r}], the map's output")
+            collected.append(final if spec.output is None else final[spec.output])
+        return {spec.collect: collected}
+
+    async def _parallel(self, node: NodeDef, place: str, spec: ParallelDef, data: dict[str, Any]) -> dict[str, Any]:
+        graphs = [self._graph(node, graph_id) for graph_id in spec.branches]
+        results = await self._run_all(node, [(f"{place}[{index}]", graph, data) for index, graph in enumerate(graphs)],
+                                      spec.max_concurrency)
+        joined: dict[str, Any] = {}
+        for key in dict.fromkeys(key for result in results for key in (*result.updates, *result.removed)):
+            writers = [index for index, result in enumerate(results) if key in result.updates or key in result.removed]
+            policy = spec.merge.get(key, MergePolicy.ERROR)
+            if policy is MergePolicy.ERROR and len(writers) > 1:
+                raise _StepFailed(f"branches {' and '.join(_branch_names(spec, writers))} of node {node.name!r} all "
+                                  f"wrote data[{key!r}]; declare how to join it in the node's parallel.merge")
+            if policy in (MergePolicy.ERROR, MergePolicy.FIRST, MergePolicy.LAST):  # one writer's value, or removal
+                chosen = results[writers[-1] if policy is MergePolicy.LAST else writers[0]]
+                joined[key] = chosen.updates.get(key, _MISSING)
+                continue
+            if any(key in results[index].removed for index in writers):
+                raise _StepFailed(f"a branch of node {node.name!r} removed data[{key!r}], which merge policy "
+                                  f"{policy.value!r} cannot join")
+            joined[key] = _merged(policy, [results[index].updates[key] for index in writers], node.name, key)
+        return _removing(data, [], joined)
+
+    def _graph(self, node: NodeDef, graph_id: str) -> GraphDefinition:
+        graph = self.branches.find_graph(graph_id)
+        if graph is None:  # refused at create, so deleted since by another server
+            raise _StepFailed(f"node {node.name!r} runs graph {graph_id!r}, which does not exist")
+        return graph
+
+    async def _run_all(self, node: NodeDef, plans: list[tuple[str, GraphDefinition, dict[str, Any]]],
+                       max_concurrency: int | None) -> list[BranchResult]:
+        """Run the branches not finished yet, each planned as (key, graph, start data); return all results in order.
+
+        The first to fail cancels the others (they log `cancelled`) and fails the step with its error.
+        """
+        limit = asyncio.Semaphore(min(max_concurrency or FANOUT_CONCURRENCY, self.branches.max_fanout))
+        log_share = max(self.root.max_log_bytes // max(len(plans), 1), 1)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for key, graph, data in plans:
+                    if key not in self.root.branch_results:
+                        group.create_task(self._branch(key, graph, data, limit, log_share))
+        except ExceptionGroup as failed:  # the first failure: a branch's (the usual), or an engine's
+            raise next((exc for exc in failed.exceptions if isinstance(exc, _BranchFailed)), failed.exceptions[0])
+        return [self.root.branch_results[key] for key, _, _ in plans]
+
+    async def _branch(self, key: str, graph: GraphDefinition, data: dict[str, Any], limit: asyncio.Semaphore,
+                      log_share: int) -> None:
+        async with limit:
+            # A shallow copy is enough: the runner never changes a value of a run's data in place (each attempt of a
+            # node works on deep copies), so a branch never sees its siblings' writes, nor they its.
+            start = dict(data)
+            # The branch's own record for the runner's step loop; not a run: no status moves, never stored.
+            child = RunContext(run_id=self.root.run_id, graph_id=graph.graph_id or "", next_node=graph.start_node,
+                               max_iterations=graph.max_iterations or self.branches.max_iterations,
+                               max_state_bytes=self.root.max_state_bytes, max_log_bytes=log_share,
+                               state=WorkflowState(data=start, metadata=self.root.state.metadata), created_at=_now())
+            adopt = functools.partial(self._adopt, key=key)
+            fork = attrs.evolve(self, prefix=f"{key}/")
+            try:
+                status, error = await _drive(child, graph, self.registry,
+                                             _Hooks(adopt, None, None, _branch_pause, fork), False)
+            finally:
+                adopt(child)
+            if status is RunStatus.STOPPED_MAX_ITERATIONS:
+                error = f"it stopped at its graph's max_iterations ({child.max_iterations})"
+            if status is not RunStatus.COMPLETED:
+                raise _BranchFailed(f"branch {key} failed: {error}")
+            updates, keys = _changes(key, start, child.state.data, None)
+            self.root.branch_results[key] = BranchResult(updates=updates, removed=keys[len(updates):])
+            await self._save()
+
+    def _adopt(self, child: RunContext, key: str) -> None:
+        """Move the branch's new log entries to the run's log, each with its path and the step's iteration."""
+        for entry in child.logs:
+            entry.path, entry.iteration = f"{key}/{entry.node}", self.root.iteration
+            if entry.event is LogEvent.CANCELLED:
+                entry.error = f"the branch was cancelled during node {entry.node!r}"
+        self.root.logs += child.logs
+        child.logs.clear()
+        self.on_change(self.root)
+
+    async def _save(self) -> None:
+        saves = self.saves
+        saves.finished += 1
+        if self.checkpoint is None:  # the run lives in memory only: it holds the results already
+            return
+        wanted = saves.finished
+        async with saves.lock:
+            if saves.saved >= wanted:
+                return
+            saves.saved = saves.finished
+            # A snapshot: the other branches go on adding to the log and results while the store writes.
+            snapshot = attrs.evolve(self.root, logs=list(self.root.logs), branch_results=dict(self.root.branch_results))
+            try:
+                await self.checkpoint(snapshot)
+            except EngineError as exc:
+                raise _BranchFailed(f"the results of finished branches could not be saved: {exc.message}") from None
+
+
+def _branch_pause(run: RunContext) -> str | None:
+    return (f"it paused at node {run.next_node!r} (interrupt_before or Interrupt), which a branch cannot do in this "
+            "version")
+
+
+def _is_within(key: str, place: str) -> bool:
+    """Whether branch `key` (`a[1]`, `a[1]/b`) is a branch of the step at `place` (`a`), however deep."""
+    return key == place or key.startswith((f"{place}[", f"{place}/"))
+
+
+def _removing(data: dict[str, Any], results: list[BranchResult], updates: dict[str, Any]) -> dict[str, Any]:
+    """Return the step's `updates`, having removed from `data` (the step's copy) each key a branch removed."""
+    for key in [key for result in results for key in result.removed] + [k for k, v in updates.items() if v is _MISSING]:
+        data.pop(key, None)
+        updates.pop(key, None)
+    return updates
+
+
+# What each joining policy takes: extend lists, merge objects, sum, min and max numbers (append takes anything).
+_MERGE_INPUTS: Mapping[MergePolicy, tuple[type | tuple[type, ...], str]] = MappingProxyType({
+    MergePolicy.EXTEND: (list, "arrays"), MergePolicy.MERGE: (dict, "objects"),
+    **{policy: ((int, float), "numbers") for policy in (MergePolicy.SUM, MergePolicy.MIN, MergePolicy.MAX)},
+})
+
+
+def _merged(policy: MergePolicy, values: list[Any], name: str, key: str) -> Any:
+    """Join the branches' values of one key by `policy`, or raise _StepFailed saying which value does not fit."""
+    if policy is MergePolicy.APPEND:
+        return list(values)
+    kind, kinds = _MERGE_INPUTS[policy]
+    for value in values:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _StepFailed(f"node {name!r} cannot {policy.value} data[{key!r}]: a branch wrote {_json_type(value)}, "
+                              f"expected {kinds}")
+    if policy is MergePolicy.EXTEND:
+        return [item for value in values for item in value]
+    if policy is MergePolicy.MERGE:
+        joined: dict[str, Any] = {}
+        for value in values:
+            for inner, item in value.items():
+                if inner in joined and (type(joined[inner]) is not type(item) or joined[inner] != item):
+                    raise _StepFailed(f"node {name!r} cannot merge data[{key!r}]: branches set its key {inner!r} "
+                                      "to different values")
+                joined[inner] = item
+        return joined
+    return {MergePolicy.SUM: sum, MergePolicy.MIN: min, MergePolicy.MAX: max}[policy](values)
 
 
 # ---------------------------------------------------------------------------
@@ -2283,8 +2757,10 @@ class SqlStore:
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
         self._is_draining = False  # whether the writer thread has a _drain queued or running
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
-        # A run's record without its log, which the logs table holds: it is encoded at every step of every run.
-        self._unstructure_head = make_dict_unstructure_fn(RunContext, converter, logs=override(omit=True))
+        # The converter's hook for a run (see _make_converter) without the log, which the logs table holds: it
+        # encodes a run at every step, and a copy of the run without its log would cost as much again.
+        self._unstructure_head = make_dict_unstructure_fn(RunContext, converter, logs=override(omit=True),
+                                                          branch_results=override(omit_if_default=True))
         self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
@@ -3169,10 +3645,9 @@ class Engine:
         self.settings = settings or Settings()
         self.store = store or MemoryStore(max_runs=self.settings.max_runs, max_graphs=self.settings.max_graphs)
         self.worker_id = worker_id or self.settings.worker_id or worker_name()
-        self._builtin: dict[str, GraphDefinition] = {}
-        for graph in registry.graphs:
-            validate_graph(graph, registry, limits=self.settings)
-            self._builtin[graph.graph_id or ""] = graph
+        self._builtin = {graph.graph_id or "": graph for graph in registry.graphs}
+        for graph in registry.graphs:  # all known first: a registered graph may run one registered after it
+            validate_graph(graph, registry, limits=self.settings, graphs=self.find_graph)
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
         self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
         self._draining: asyncio.Task[None] | None = None
@@ -3183,6 +3658,8 @@ class Engine:
         self._stopping = threading.Event()  # set to stop the worker and the thread that listens to the store
         self._listener: threading.Thread | None = None
         self.metrics = Metrics(self.settings.max_metric_graphs)
+        self._branches = Branches(find_graph=self.find_graph, max_fanout=self.settings.max_fanout,
+                                  max_iterations=self.settings.max_iterations)
 
     async def open(self) -> None:
         """Start the sweeper if a time to live is set and, with a shared store, start working the queue and keeping
@@ -3204,7 +3681,7 @@ class Engine:
 
     async def create_graph(self, graph: GraphDefinition) -> tuple[GraphDefinition, bool, list[Problem]]:
         """Validate and store `graph` (a new id if it has none); return it, whether it was new, and its warnings."""
-        validate_graph(graph, self.registry, limits=self.settings)
+        validate_graph(graph, self.registry, limits=self.settings, graphs=self.find_graph)
         if graph.graph_id is None:
             graph = attrs.evolve(graph, graph_id=_new_id())
         warnings = graph_warnings(graph, self.registry)
@@ -3218,6 +3695,13 @@ class Engine:
     def get_graph(self, graph_id: str) -> GraphDefinition:
         """Return a registered or stored graph, or raise GraphNotFound."""
         return self._builtin.get(graph_id) or self.store.get_graph(graph_id)
+
+    def find_graph(self, graph_id: str) -> GraphDefinition | None:
+        """Return a registered or stored graph, or None."""
+        try:
+            return self.get_graph(graph_id)
+        except GraphNotFound:
+            return None
 
     def list_graphs(self, *, limit: int, offset: int) -> tuple[list[GraphDefinition], int]:
         """Return a page of graphs, registered ones first, and how many there are."""
@@ -3396,8 +3880,23 @@ class Engine:
         """
         if graph_id in self._builtin:
             raise GraphInUse(graph_id, "it is registered in code")
-        # Subgraphs do not exist yet: once a graph can name another, refuse here too (GraphInUse naming the referrer).
+        referrer = self._referrer(graph_id)
+        if referrer is not None:
+            raise GraphInUse(graph_id, f"node {referrer[1]!r} of graph {referrer[0]!r} runs it; delete that graph "
+                                       "first")
         await self.store.delete_graph(graph_id)
+
+    def _referrer(self, graph_id: str) -> tuple[str, str] | None:
+        """The first graph (and its node) that runs graph `graph_id`, registered graphs first."""
+        offset, total = 0, 1
+        while offset < total:
+            page, total = self.list_graphs(limit=MAX_PAGE, offset=offset)
+            offset += len(page) or total
+            for graph in page:
+                for name, graph_ids in graph_references(graph).items():
+                    if graph_id in graph_ids and graph.graph_id != graph_id:
+                        return graph.graph_id or "", name
+        return None
 
     async def sweep(self, now: datetime | None = None, *, batch: int = SWEEP_BATCH) -> int:
         """Delete the runs past their time to live as of `now` (None: the store's clock), `batch` per transaction;
@@ -3544,7 +4043,7 @@ class Engine:
                 async with self._slots:
                     checkpoint = active.save if self.store.is_durable else None
                     await execute_run(run, active.graph, self.registry, on_change=active.notify,
-                                      checkpoint=checkpoint, may_pause=self._may_pause)
+                                      checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
         except asyncio.CancelledError:  # the runner recorded it, or the finally below does for a run not started
             asyncio.current_task().uncancel()  # type: ignore[union-attr]  # the task ends here, after its last save
         except StoreUnavailable as exc:  # a checkpoint failed: fail the run with why, if the store still takes that
@@ -4343,8 +4842,8 @@ def json_schema(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
             fields = attrs.fields(type_)
             components[type_.__name__] = {
                 "type": "object", "description": (type_.__doc__ or "").split("\n")[0], "additionalProperties": False,
-                "properties": {field.name: json_schema(field.type, components) for field in fields},
-                "required": [field.name for field in fields if field.default is attrs.NOTHING],
+                "properties": {_wire_name(field): json_schema(field.type, components) for field in fields},
+                "required": [_wire_name(field) for field in fields if field.default is attrs.NOTHING],
             }
         return {"$ref": f"#/components/schemas/{type_.__name__}"}
     if isinstance(type_, type) and issubclass(type_, enum.Enum):
@@ -4360,6 +4859,10 @@ def json_schema(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
     if origin is dict:
         return {"type": "object", "additionalProperties": json_schema(args[1], components)}
     raise TypeError(f"no JSON schema for {type_!r}")
+
+
+def _wire_name(field: attrs.Attribute) -> str:
+    return field.metadata.get("wire_name", field.name)
 
 
 def openapi_document(operations: tuple[Operation, ...]) -> dict[str, Any]:
@@ -4448,6 +4951,7 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_WORKER_ID", "worker_id", str),
     ("WORKFLOW_MAX_NODES", "max_nodes", _env_number(int)),
     ("WORKFLOW_MAX_BRANCHES", "max_branches", _env_number(int)),
+    ("WORKFLOW_MAX_FANOUT", "max_fanout", _env_number(int)),
     ("WORKFLOW_MAX_STATE_BYTES", "max_state_bytes", _env_number(int)),
     ("WORKFLOW_MAX_LOG_BYTES", "max_log_bytes", _env_number(int)),
     ("WORKFLOW_MAX_METRIC_GRAPHS", "max_metric_graphs", _env_number(int)),

@@ -1,6 +1,6 @@
 """Benchmark the workflow engine against its ceiling: the runner in-process, the HTTP server, memory, the stores.
 
-Usage:  python tools/bench.py [engine] [http] [memory] [stores] [--quick] [--json PATH] [--memory-runs N]
+Usage:  python tools/bench.py [engine] [http] [memory] [stores] [fanout] [--quick] [--json PATH] [--memory-runs N]
                                [--http-requests N] [--postgres-url URL] [--fill N]   (default: all sections)
 
 engine  The runner on a five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step
@@ -22,6 +22,10 @@ stores  Trivial runs (the engine loop with N = 1: five steps) through the memory
         FULL costs against NORMAL (the store's setting), one run at a time and 16 at once.
         PostgreSQL only with --postgres-url (default $WORKFLOW_TEST_POSTGRES_URL): a server on which the bench
         creates databases of its own and drops them afterwards; without one its row says it was skipped.
+fanout  A `map` node over 1,000 items (200 with --quick) of a one-node trivial graph (E: i += 1), with the default
+        max_concurrency, next to as many trivial runs of that graph one after another, in process: the map may cost
+        at most a few times the sequential runs (issue 15). Each branch starts from the run's data, which holds the
+        list mapped over, so a third row gives the sequential runs that data too (for information).
 
 Absolute times drift on a shared machine; the ratios to baselines measured in the same invocation drift far less.
 Targets come from issue 7 (the stores section's from issue 14); a missed target is reported, not an error. The exit
@@ -58,7 +62,7 @@ import attrs
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-SECTIONS = ("engine", "http", "memory", "stores")
+SECTIONS = ("engine", "http", "memory", "stores", "fanout")
 
 REVIEW_CODE = '''import os
 import sys
@@ -81,6 +85,7 @@ TARGET_ENGINE_RATIO = 4.5  # engine time at most this many times the bare loop's
 TARGET_RUN_SHARE = 0.5  # POST /graph/run requests/s at least this share of the bare endpoint's
 TARGET_STATE_SHARE = 0.7  # GET /graph/state/{run_id} requests/s at least this share of the bare endpoint's
 TARGET_P99_OVER_P50 = 3.0  # POST /graph/run p99 at most this many times its p50 at 64 connections
+TARGET_FANOUT_RATIO = 3.0  # a map of N trivial branches at most this many times N sequential trivial runs
 TARGET_BYTES_PER_RUN = 4096  # memory held per stored finished run
 FLAT_TOLERANCE = 0.05  # RSS may grow at most this share once the store has been full for max_runs runs
 
@@ -123,6 +128,7 @@ class Profile:
     fill_chunk: int  # stores: runs per timed chunk of the fill; the first chunk's runs/s is the baseline
     sync_runs: int  # stores: runs per SQLite synchronous setting and concurrency
     http_requests: int | None = None  # http, stores: requests per case instead of http_seconds of them
+    fanout_items: int = 1000  # fanout: items of the map, and sequential runs it is compared with
 
 
 FULL = Profile(
@@ -133,7 +139,7 @@ FULL = Profile(
 QUICK = Profile(
     repeats=3, sample_seconds=0.02, long_n=200, http_seconds=0.8, http_warmup=0.2,
     review_runs=20, traced_runs=200, memory_runs=3000, memory_checkpoints=6, memory_max_runs=500,
-    store_rounds=3, store_runs=20, fill_runs=400, fill_chunk=100, sync_runs=32,
+    store_rounds=3, store_runs=20, fill_runs=400, fill_chunk=100, sync_runs=32, fanout_items=200,
 )
 
 
@@ -1166,14 +1172,62 @@ def _machine() -> dict[str, Any]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+# ---------------------------------------------------------------------------
+# Fan-out: a map node against sequential runs
+# ---------------------------------------------------------------------------
+async def _fanout_figures(we: ModuleType, profile: Profile) -> dict[str, float]:
+    registry, items = bench_registry(we), profile.fanout_items
+    trivial = we.GraphDefinition(graph_id="trivial", start_node="E", nodes=("E",))
+    mapped = we.GraphDefinition(graph_id="mapped", start_node="each", nodes=(we.NodeDef(name="each", map=we.MapDef(
+        over="items", as_="i", graph="trivial", collect="out", output="i")),))
+    branches = we.Branches(find_graph={"trivial": trivial}.get, max_fanout=items)
+
+    async def map_run() -> Any:
+        run = we.new_run(mapped, we.WorkflowState(data={"items": list(range(items))}))
+        return await we.execute_run(run, mapped, registry, branches=branches)
+
+    async def sequential_runs(data: dict[str, Any]) -> None:
+        for _ in range(items):
+            await we.run_graph(trivial, we.WorkflowState(data=data), registry)
+
+    run = await map_run()
+    if run.status is not we.RunStatus.COMPLETED or run.state.data["out"] != list(range(1, items + 1)) or len(run.logs) != items + 1:
+        raise BenchError(f"the bench map ended {run.status.value}: {run.error}")
+    variants = {"map": map_run, "sequential": lambda: sequential_runs({"i": 0}),
+                "sequential_branch_data": lambda: sequential_runs({"items": list(range(items)), "i": 0})}
+    return await measure(variants, profile.repeats, profile.sample_seconds)
+
+
+def run_fanout(profile: Profile) -> dict[str, Any]:
+    """Time one map of `fanout_items` trivial branches and as many sequential trivial runs; return both and the ratio."""
+    seconds = asyncio.run(_fanout_figures(_import_engine(), profile))
+    ratio = seconds["map"] / seconds["sequential"]
+    return {"items": profile.fanout_items, "repeats": profile.repeats, "map_ms": seconds["map"] * 1e3,
+            "sequential_ms": seconds["sequential"] * 1e3, "ratio": ratio, "target_ratio": TARGET_FANOUT_RATIO,
+            "met": ratio <= TARGET_FANOUT_RATIO,
+            "sequential_branch_data_ms": seconds["sequential_branch_data"] * 1e3,
+            "ratio_to_branch_data": seconds["map"] / seconds["sequential_branch_data"]}
+
+
+def print_fanout(result: dict[str, Any]) -> None:
+    """Print the fanout section of the table."""
+    items = f"{result['items']:,}"
+    print(f"== fanout: a one-node graph (E: i += 1); median of {result['repeats']} after warm-up{'ms':>22}")
+    print(f"    {items + ' sequential runs':<46}{result['sequential_ms']:>10.2f}")
+    print(f"    {items + ' sequential runs, each with a branch data':<46}{result['sequential_branch_data_ms']:>10.2f}")
+    print(f"    {'one map of ' + items + ' branches':<46}{result['map_ms']:>10.2f}   {result['ratio']:5.2f}x sequential"
+          f"  target <= {TARGET_FANOUT_RATIO}x: {_status(result['met'])}; "
+          f"{result['ratio_to_branch_data']:.2f}x with a branch's data")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench.py", description=__doc__.split("\n\n")[0],
-        epilog="Sections: engine, http, memory, stores (default: all). Targets are those of issue 7; the stores "
-               "section checks those of issue 14.",
+        epilog="Sections: engine, http, memory, stores, fanout (default: all). Targets are those of issue 7; the "
+               "stores section checks those of issue 14; fanout's target is issue 15's.",
     )
     parser.add_argument("sections", nargs="*", metavar="SECTION",
-                        help="engine, http, memory or stores (default: all)")
+                        help="engine, http, memory, stores or fanout (default: all)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: few repeats, short loads, few runs")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON to PATH")
     parser.add_argument("--memory-runs", metavar="N", type=int,
@@ -1203,6 +1257,9 @@ def _run_section(name: str, profile: Profile, results: dict[str, Any], postgres_
             print_memory_head(profile, profile.memory_max_runs or _import_engine().MAX_STORED_RUNS)
             results["memory"] = run_memory(profile)
             print_memory(results["memory"])
+        elif name == "fanout":
+            results["fanout"] = run_fanout(profile)
+            print_fanout(results["fanout"])
         else:
             results["stores"] = run_stores(profile, postgres_url)
             print_stores(results["stores"], profile)
