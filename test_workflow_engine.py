@@ -2907,6 +2907,37 @@ async def test_sqlite_group_commit_fails_only_the_failing_writes_of_a_batch(tmp_
     assert (counted["BEGIN"], counted["SAVEPOINT"], counted["ROLLBACK"], counted["COMMIT"]) == (3, 4, 2, 3)
 
 
+class FailingCommitStore(we.SqliteStore):
+    """A SqliteStore whose transaction number `failing` (counted from 1 after `count_from_here`) fails as it
+    commits, as a full disk makes it."""
+
+    failing, transactions = 0, 0
+
+    def count_from_here(self, failing: int) -> None:
+        self.failing, self.transactions = failing, 0
+
+    @contextlib.contextmanager
+    def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
+        with super()._transaction(is_progress=is_progress) as db:
+            yield db
+            self.transactions += 1
+            if self.transactions == self.failing:
+                raise sqlite3.OperationalError("database or disk is full")
+
+
+async def test_sqlite_group_commit_that_fails_fails_every_write_of_its_batch(tmp_path: Path) -> None:
+    store = FailingCommitStore(tmp_path / "runs.db")
+    runs = [stopped_run({"n": n}) for n in range(3)]
+    store.count_from_here(failing=2)  # the first is held_batch's own
+    outcomes = await held_batch(store, [store.claim_run(run, None, None) for run in runs])
+    assert [(type(outcome), str(outcome)) for outcome in outcomes] == [
+        (sqlite3.OperationalError, "database or disk is full")] * 3
+    assert store.list_runs() == ([], 0)
+    assert await store.claim_run(runs[0], None, None) == we.Lease(owner="", attempt=1)  # the writer goes on
+    assert store.get_run(runs[0].run_id) == runs[0]
+    store.close()
+
+
 async def test_sqlite_group_commit_runs_concurrent_runs_in_shared_transactions(tmp_path: Path,
                                                                               registry: we.Registry) -> None:
     """Twenty runs claimed while the writer is held share one transaction; every run is on disk when answered."""
