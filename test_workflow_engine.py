@@ -5777,9 +5777,9 @@ async def test_postgres_group_commit_fails_only_the_failing_writes_of_a_batch(pg
 
 
 @needs_postgres
-async def test_postgres_progress_writes_skip_the_write_lock_and_the_wait_for_the_disk(pg_url: str) -> None:
-    """A heartbeat goes through while another server holds the lock that serializes writes; a claim waits for it.
-    Only transactions of progress writes commit without waiting for the disk."""
+async def test_postgres_progress_writes_take_the_write_lock_but_skip_the_wait_for_the_disk(pg_url: str) -> None:
+    """A heartbeat waits for the lock that serializes every server's writes, as a claim does; only transactions of
+    progress writes commit without waiting for the disk."""
     import psycopg  # noqa: PLC0415
     store = we.PostgresStore(pg_url)
 
@@ -5787,19 +5787,20 @@ async def test_postgres_progress_writes_skip_the_write_lock_and_the_wait_for_the
         return db.execute("SHOW synchronous_commit").fetchone()[0]
 
     assert (await store._write(setting), await store._write(setting, is_progress=True)) == ("on", "off")
+    writer = store._writer.info.backend_pid
+    waits = "SELECT COUNT(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND NOT granted"
     with psycopg.connect(pg_url, autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(7261)")
-        assert await asyncio.wait_for(store.heartbeat("w", {}), 30) == we.Heartbeat()  # a hang guard, not a timing
-        claim = asyncio.ensure_future(store.claim_run(stopped_run({"n": 1}), None, None))
-        writer = store._writer.info.backend_pid
-        waits = "SELECT COUNT(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND NOT granted"
-        for _ in range(10_000):
-            if other.execute(waits, (writer,)).fetchone()[0] == 1:
-                break
-            await asyncio.sleep(0.01)
-        assert other.execute(waits, (writer,)).fetchone()[0] == 1 and not claim.done()
-        other.execute("SELECT pg_advisory_unlock(7261)")
-        assert await claim == we.Lease(owner="", attempt=1)
+        for write, expected in ((store.heartbeat("w", {}), we.Heartbeat()),
+                                (store.claim_run(stopped_run({"n": 1}), None, None), we.Lease(owner="", attempt=1))):
+            other.execute("SELECT pg_advisory_lock(7261)")
+            waiting = asyncio.ensure_future(write)
+            for _ in range(10_000):
+                if other.execute(waits, (writer,)).fetchone()[0] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert other.execute(waits, (writer,)).fetchone()[0] == 1 and not waiting.done()
+            other.execute("SELECT pg_advisory_unlock(7261)")
+            assert await waiting == expected
     store.close()
 
 

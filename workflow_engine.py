@@ -2993,9 +2993,8 @@ class SqlStore:
         savepoint of its own, so that one that raises (a lost lease, a conflict) is undone alone and only its
         caller sees the error. A commit that fails fails every write of its batch.
 
-        `is_progress` marks a write that no client's answer waits for and that counts no rows (an active run's
-        checkpoint, a heartbeat): a transaction of such writes only may skip what a database does to serialize
-        writes across servers and to make a commit survive its own crash (see PostgresStore._begin_write).
+        `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
+        transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin_write).
         """
         write = _Write(fn=fn, args=args, future=asyncio.get_running_loop().create_future(), is_progress=is_progress)
         with self._pending_lock:
@@ -3318,11 +3317,12 @@ class PostgresStore(SqlStore):
 
     def _begin_write(self, db: Any, *, is_progress: bool) -> None:
         # One writer at a time, on every server, for the rules that count rows (graphs, a server's room, the count
-        # of finished runs, the queue's order, migrations), and a commit on disk before its callers hear of it.
-        # Progress writes need neither: a lease guards each, and a database crash that loses the last of them
-        # sends their runs back to an earlier step, as a crash of their server does.
-        db.execute("BEGIN" if is_progress else "BEGIN; SET LOCAL synchronous_commit = on;"
-                   " SELECT pg_advisory_xact_lock(7261)")  # one round trip
+        # of finished runs, the queue's order, migrations); taken first, so no two transactions can wait for each
+        # other's rows. A commit is on disk before its callers hear of it, except one of progress writes only: a
+        # database crash that loses the last of those sends their runs back to an earlier step, as a crash of their
+        # server does, and the lock is held for a shorter time.
+        durable = "" if is_progress else " SET LOCAL synchronous_commit = on;"
+        db.execute(f"BEGIN;{durable} SELECT pg_advisory_xact_lock(7261)")  # one round trip
 
     def _notify(self, db: Any, message: str) -> None:
         db.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, message))
