@@ -3,14 +3,20 @@
 Usage:  python tools/bench.py [engine] [http] [memory] [stores] [fanout] [--quick] [--json PATH] [--memory-runs N]
                                [--http-requests N] [--postgres-url URL] [--fill N]   (default: all sections)
 
-engine  The runner on a five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step
-        logging: microseconds per step of one long run (N = 2000) and per short run (N = 1, five steps, including
-        the new run record), next to two baselines measured in the same invocation: a bare asyncio loop awaiting the
-        same node functions, and that loop plus a minimal attrs log record per step.
-http    `uvicorn workflow_engine:app` and a bare Starlette JSON endpoint (one worker each, 127.0.0.1), driven by the
-        same keep-alive HTTP/1.1 client at 16 and 64 connections: requests/s, p50/p99 latency, errors, server RSS,
-        for POST /graph/run (the README's code-review input), GET /graph/state/{run_id} and GET /. Each case runs
-        for a fixed time, or sends a fixed number of requests with --http-requests (whatever the machine's speed).
+engine  The five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step logging,
+        through Engine.run (the run record created, and saved to the memory store at the end): microseconds and
+        function calls (counted with cProfile, which does not depend on the machine's load) per step of a long run
+        (N = 2000) and per short run (N = 1, five steps), next to two baselines measured in the same invocation: a
+        bare asyncio loop awaiting the same node functions, and that loop plus a minimal attrs log record per step.
+        Also shown: the runner alone (run_graph, no store), and PocketFlow running the same nodes when it is
+        importable (`pip install pocketflow` in the benchmark's own environment; never a project dependency).
+http    `uvicorn workflow_engine:app` and a bare Starlette endpoint that parses a 300-byte JSON body (one worker
+        each, 127.0.0.1, the same server stack on both), driven by the same keep-alive HTTP/1.1 client at 1, 16 and
+        64 connections: requests/s, p50/p99 latency and errors of POST /graph/run (a trivial 1-node run and a
+        trivial 5-node run, waited for; the 5-node run with "wait": false) and GET /graph/state/{run_id}, each body
+        300 bytes. Measured on uvicorn's h11 + asyncio stack, and on httptools + uvloop when this interpreter has
+        both (the servers run on it). Each case runs for a fixed time, or sends a fixed number of requests with
+        --http-requests (whatever the machine's speed).
 memory  Bytes held per stored finished run of the code-review input (tracemalloc over Engine.run, and the server's
         RSS), and the server's RSS over 50,000 runs with the default WORKFLOW_MAX_RUNS: it must level off.
 stores  Trivial runs (the engine loop with N = 1: five steps) through the memory store, SQLite and PostgreSQL,
@@ -28,21 +34,25 @@ fanout  A `map` node over 1,000 items (200 with --quick) of a one-node trivial g
         list mapped over, so a third row gives the sequential runs that data too (for information).
 
 Absolute times drift on a shared machine; the ratios to baselines measured in the same invocation drift far less.
-Targets come from issue 7 (the stores section's from issue 14); a missed target is reported, not an error. The exit
-status is 1 when a section could not run (e.g. the code_review workflow is missing). Standard library plus the
-project's dependencies; RSS needs Linux.
+Targets come from issue 7 (the engine, http and stores sections' from issue 14, fanout's from issue 15); a
+missed target is reported, not an error, and a full invocation ends with a table of every section's
+targets (see TARGET_KEYS). The exit status is 1 when a section could not run (e.g. the code_review workflow
+is missing). Standard library plus the project's dependencies; RSS needs Linux.
 """
 
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import gc
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
 import os
 import platform
+import pstats
 import secrets
 import socket
 import statistics
@@ -52,6 +62,7 @@ import tempfile
 import time
 import tracemalloc
 import urllib.parse
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,16 +91,15 @@ def load_config(path, cache={}):
 '''
 REVIEW_INPUT = {"graph_id": "code_review", "state": {"data": {"code": REVIEW_CODE, "quality_threshold": 75}}}
 
-# Targets of issue 7.
-TARGET_ENGINE_RATIO = 4.5  # engine time at most this many times the bare loop's, long and short runs
-TARGET_RUN_SHARE = 0.5  # POST /graph/run requests/s at least this share of the bare endpoint's
-TARGET_STATE_SHARE = 0.7  # GET /graph/state/{run_id} requests/s at least this share of the bare endpoint's
-TARGET_P99_OVER_P50 = 3.0  # POST /graph/run p99 at most this many times its p50 at 64 connections
+# Targets of issue 7 (the engine and http sections' are issue 14's: HttpCase.share, and the p99 spread below).
+TARGET_ENGINE_RATIO = 5.0  # Engine.run time at most this many times the bare loop's, per step and per short run
+TARGET_CALLS_PER_STEP = 20  # function calls (cProfile) per step of Engine.run's long run
+TARGET_CALLS_PER_RUN = 150  # function calls of one short run through Engine.run, its record and save included
+TARGET_P99_OVER_P50 = 3.0  # each HTTP case's p99 at most this many times its p50 at 64 connections
 TARGET_FANOUT_RATIO = 3.0  # a map of N trivial branches at most this many times N sequential trivial runs
 TARGET_BYTES_PER_RUN = 4096  # memory held per stored finished run
 FLAT_TOLERANCE = 0.05  # RSS may grow at most this share once the store has been full for max_runs runs
 
-CONNECTIONS = (16, 64)
 MEMORY_CONNECTIONS = 16
 SERVER_START_SECONDS = 30.0
 
@@ -117,7 +127,6 @@ class Profile:
     long_n: int  # engine: N of the long run
     http_seconds: float  # http: measured seconds per case
     http_warmup: float  # http: unmeasured seconds before each case
-    review_runs: int  # http: in-process code-review runs timed
     traced_runs: int  # memory: runs under tracemalloc
     memory_runs: int  # memory: runs sent to the server
     memory_checkpoints: int  # memory: RSS readings over those runs
@@ -129,22 +138,47 @@ class Profile:
     sync_runs: int  # stores: runs per SQLite synchronous setting and concurrency
     http_requests: int | None = None  # http, stores: requests per case instead of http_seconds of them
     fanout_items: int = 1000  # fanout: items of the map, and sequential runs it is compared with
+    http_rounds: int = 1  # http: rounds of every case and the bare endpoint in turn, http_seconds shared out
 
 
 FULL = Profile(
     repeats=7, sample_seconds=0.2, long_n=2000, http_seconds=2.0, http_warmup=0.5,
-    review_runs=200, traced_runs=500, memory_runs=50_000, memory_checkpoints=10, memory_max_runs=None,
-    store_rounds=5, store_runs=200, fill_runs=10_000, fill_chunk=1000, sync_runs=640,
+    traced_runs=500, memory_runs=50_000, memory_checkpoints=10, memory_max_runs=None,
+    store_rounds=5, store_runs=200, fill_runs=10_000, fill_chunk=1000, sync_runs=640, http_rounds=3,
 )
 QUICK = Profile(
     repeats=3, sample_seconds=0.02, long_n=200, http_seconds=0.8, http_warmup=0.2,
-    review_runs=20, traced_runs=200, memory_runs=3000, memory_checkpoints=6, memory_max_runs=500,
+    traced_runs=200, memory_runs=3000, memory_checkpoints=6, memory_max_runs=500,
     store_rounds=3, store_runs=20, fill_runs=400, fill_chunk=100, sync_runs=32, fanout_items=200,
 )
 
 
 class BenchError(Exception):
     """A section cannot run; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Target rows
+# ---------------------------------------------------------------------------
+# Every section returns its targets as a list of rows of one shape, under its result's "targets" key, and a full
+# invocation ends with one table of all of them (print_targets). A row is a dict with exactly these keys:
+#   "target"    str: what is measured, with its unit ("POST /graph/run, 1 trivial node, wait, h11+asyncio, 64
+#               conns: req/s")
+#   "figure"    float | int | None: the measured value (None: not measured, e.g. a skipped server stack)
+#   "baseline"  float | int | None: what the figure is compared with, measured in the same invocation (the bare
+#               endpoint's req/s, the bare loop's µs/step, the case's own p50); None for an absolute goal
+#   "ratio"     float | None: figure / baseline (None without a baseline)
+#   "goal"      str: the target the ratio (or, without a baseline, the figure) must meet (">= 0.75x bare",
+#               "<= 3x p50", "0")
+#   "met"       bool
+# Build rows with target_row(), which computes the ratio.
+TARGET_KEYS = ("target", "figure", "baseline", "ratio", "goal", "met")
+
+
+def target_row(target: str, figure: float | None, baseline: float | None, goal: str, met: bool) -> dict[str, Any]:
+    """Return one target row (see TARGET_KEYS)."""
+    ratio = figure / baseline if figure is not None and baseline else None
+    return {"target": target, "figure": figure, "baseline": baseline, "ratio": ratio, "goal": goal, "met": met}
 
 
 def _import_engine() -> ModuleType:
@@ -280,77 +314,187 @@ async def measure(variants: dict[str, Callable[[], Awaitable[object]]], repeats:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-async def _check_engine(we: ModuleType, graph: Any, registry: Any, n: int) -> None:
+# The rows of the engine section, in print order: the two baselines, the engine through Engine.run (the targets),
+# the runner alone, and PocketFlow when it is importable.
+ENGINE_ROWS = {
+    "bare": "bare asyncio loop",
+    "bare_log": "bare loop + attrs log record per step",
+    "engine": "Engine.run (memory store, run saved)",
+    "runner": "runner alone (run_graph, no store)",
+    "pocketflow": "PocketFlow, same nodes, a dict log record",
+}
+
+
+def pocketflow_run() -> tuple[str, Callable[[int], Awaitable[int]]] | None:
+    """Return PocketFlow's version and a function running the loop as a PocketFlow AsyncFlow; None without it.
+
+    Each node awaits the same node function, merges its result into the shared state and appends a dict log record
+    with the step's duration, as the second baseline does; E's "more" action goes back to B.
+    """
+    try:
+        import pocketflow  # noqa: PLC0415  # optional, and never a project dependency
+    except ImportError:
+        return None
+    from importlib.metadata import version  # noqa: PLC0415
+
+    class Step(pocketflow.AsyncNode):  # type: ignore[misc, name-defined]
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def prep_async(self, shared: dict[str, Any]) -> Any:
+            return shared["state"]
+
+        async def exec_async(self, state: Any) -> tuple[dict[str, Any], float]:
+            started = time.perf_counter()
+            return await NODE_FUNCTIONS[self.name](state, None), started
+
+        async def post_async(self, shared: dict[str, Any], state: Any, outcome: tuple[dict[str, Any], float]) -> str:
+            result, started = outcome
+            state.data.update(result)
+            shared["log"].append({"node": self.name, "duration": time.perf_counter() - started, "updates": result})
+            return "more" if self.name == "E" and more(state) else "default"
+
+    nodes = {name: Step(name) for name in NODE_FUNCTIONS}
+    for name, following in NEXT_NODE.items():
+        if following is not None:
+            nodes[name] >> nodes[following]
+    nodes["E"] - "more" >> nodes["B"]
+    flow = pocketflow.AsyncFlow(start=nodes["A"])
+
+    async def run(n: int) -> int:
+        shared = {"state": _BareState({"i": 0, "n": n}), "log": []}
+        await flow.run_async(shared)
+        return len(shared["log"])
+
+    # E ends the flow with an action it has no successor for, which PocketFlow warns about on every run.
+    warnings.filterwarnings("ignore", message="Flow ends", module="pocketflow")
+    return version("pocketflow"), run
+
+
+async def _check_engine(we: ModuleType, engine: Any, n: int, pocketflow: Callable | None) -> None:
     """Fail loudly if the engine does not run the loop as the baselines do (a failing run would look fast)."""
-    run = await we.run_graph(graph, we.WorkflowState(data={"i": 0, "n": n}), registry, max_iterations=100_000)
-    if run.status is not we.RunStatus.COMPLETED or run.iteration != steps_for(n) or len(run.logs) != run.iteration:
-        raise BenchError(f"the engine's bench run ended {run.status.value} after {run.iteration} steps: {run.error}")
-    if await bare_run(n) != steps_for(n) or await bare_logged_run(n) != steps_for(n):
-        raise BenchError("the bare loop does not take the engine's steps")
+    for name, run in (("Engine.run", await engine.run("bench", _bench_state(we, n), max_iterations=steps_for(n))),
+                      ("run_graph", await we.run_graph(bench_graph(we), _bench_state(we, n), bench_registry(we),
+                                                       max_iterations=steps_for(n)))):
+        if run.status is not we.RunStatus.COMPLETED or run.iteration != steps_for(n) or len(run.logs) != run.iteration:
+            raise BenchError(f"the engine's bench run ({name}) ended {run.status.value} after {run.iteration} steps: "
+                             f"{run.error}")
+    steps = [await bare_run(n), await bare_logged_run(n)] + ([await pocketflow(n)] if pocketflow else [])
+    if steps != [steps_for(n)] * len(steps):
+        raise BenchError(f"a baseline does not take the engine's {steps_for(n)} steps: {steps}")
 
 
-async def _engine_figures(we: ModuleType, profile: Profile) -> dict[str, float]:
-    registry, graph, n = bench_registry(we), bench_graph(we), profile.long_n
-    await _check_engine(we, graph, registry, n)
-    engine = we.Engine(registry)
-    await engine.create_graph(graph)
+def _bench_state(we: ModuleType, n: int) -> Any:
+    return we.WorkflowState(data={"i": 0, "n": n})
 
-    def state(loops: int) -> Any:
-        return we.WorkflowState(data={"i": 0, "n": loops})
 
+def _engine_variants(
+    we: ModuleType, n: int, pocketflow: Callable | None
+) -> tuple[dict[str, Callable[[], Awaitable[object]]], Any]:
+    """Return a function per row that runs its loop once with loop count `n`, and the Engine the engine row uses."""
+    registry, graph = bench_registry(we), bench_graph(we)
+    engine = we.Engine(registry, we.MemoryStore(max_runs=100))  # a store that stays small over many long runs
     variants = {
-        "bare_long": lambda: bare_run(n),
-        "bare_log_long": lambda: bare_logged_run(n),
-        "engine_long": lambda: we.run_graph(graph, state(n), registry, max_iterations=100_000),
-        "bare_short": lambda: bare_run(1),
-        "bare_log_short": lambda: bare_logged_run(1),
-        "engine_short": lambda: we.run_graph(graph, state(1), registry),
-        "engine_store_short": lambda: engine.run("bench", state(1)),
+        "bare": lambda: bare_run(n),
+        "bare_log": lambda: bare_logged_run(n),
+        "engine": lambda: engine.run("bench", _bench_state(we, n), max_iterations=steps_for(n)),
+        "runner": lambda: we.run_graph(graph, _bench_state(we, n), registry, max_iterations=steps_for(n)),
     }
-    return await measure(variants, profile.repeats, profile.sample_seconds)
+    if pocketflow is not None:
+        variants["pocketflow"] = lambda: pocketflow(n)
+    return variants, engine
 
 
-def _engine_result(kind: str, n: int, unit_scale: float, seconds: dict[str, float]) -> dict[str, Any]:
-    bare, bare_log, eng = (seconds[f"{name}_{kind}"] * unit_scale for name in ("bare", "bare_log", "engine"))
-    unit = "us_per_step" if kind == "long" else "us_per_run"
-    result = {
-        "n": n, "steps": steps_for(n), f"bare_{unit}": bare, f"bare_log_{unit}": bare_log, f"engine_{unit}": eng,
-        "ratio_to_bare": eng / bare, "ratio_to_bare_log": eng / bare_log, "target_ratio": TARGET_ENGINE_RATIO,
-    }
-    result["met"] = result["ratio_to_bare"] <= TARGET_ENGINE_RATIO
-    return result
+async def count_calls(fn: Callable[[], Awaitable[object]]) -> int:
+    """Return how many function calls cProfile counts in one call of `fn` (after one unprofiled warm-up call).
+
+    The profiler sees every task of this thread's event loop, not the threads of a store (which encode big
+    records): the count of a long run leaves out the encoding of its record.
+    """
+    await fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        await fn()
+    finally:
+        profiler.disable()
+    return pstats.Stats(profiler).total_calls
+
+
+async def _engine_figures(we: ModuleType, profile: Profile, pocketflow: Callable | None) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for kind, n in (("long", profile.long_n), ("short", 1)):
+        variants, engine = _engine_variants(we, n, pocketflow)
+        await engine.create_graph(bench_graph(we))
+        await _check_engine(we, engine, n, pocketflow)
+        calls = {name: await count_calls(fn) for name, fn in variants.items()}
+        seconds = await measure(variants, profile.repeats, profile.sample_seconds)
+        figures[kind] = {"n": n, "seconds": seconds, "calls": calls}
+    return figures
+
+
+def _engine_result(kind: str, n: int, seconds: dict[str, float], calls: dict[str, int]) -> dict[str, Any]:
+    steps = steps_for(n)
+    per, unit = (steps, "step") if kind == "long" else (1, "run")
+    rows = {name: {f"us_per_{unit}": seconds[name] * 1e6 / per, f"calls_per_{unit}": calls[name] / per,
+                   "ratio_to_bare": seconds[name] / seconds["bare"]} for name in seconds}
+    what = f"per step, N={n}" if kind == "long" else "per short run, N=1"
+    calls_limit = TARGET_CALLS_PER_STEP if kind == "long" else TARGET_CALLS_PER_RUN
+    targets = [_target(f"Engine.run time {what}", f"us/{unit}", rows, f"us_per_{unit}", TARGET_ENGINE_RATIO),
+               _target(f"Engine.run function calls {what}", f"calls/{unit}", rows, f"calls_per_{unit}", calls_limit)]
+    return {"n": n, "steps": steps, "unit": unit, "rows": rows, "targets": targets}
+
+
+def _target(name: str, unit: str, rows: dict[str, Any], key: str, limit: float) -> dict[str, Any]:
+    """A target on the engine row's `key`, with the bare loop's as its baseline: a time target bounds the ratio
+    (the machine's speed drops out), a calls target the figure itself."""
+    figure, baseline = rows["engine"][key], rows["bare"][key]
+    bounded = figure / baseline if unit.startswith("us/") else figure
+    return {"target": name, "unit": unit, "figure": figure, "baseline": baseline, "ratio": figure / baseline,
+            "limit": limit, "met": bounded <= limit}
 
 
 def run_engine(profile: Profile) -> dict[str, Any]:
-    """Measure the runner and both baselines; return the figures in microseconds and the ratios."""
+    """Measure Engine.run, the runner alone, both baselines (and PocketFlow if installed); return the figures in
+    microseconds and function calls, per step of the long run and per short run, with the targets."""
     we = _import_engine()
-    seconds = asyncio.run(_engine_figures(we, profile))
-    long = _engine_result("long", profile.long_n, 1e6 / steps_for(profile.long_n), seconds)
-    short = _engine_result("short", 1, 1e6, seconds)
-    short["engine_store_us_per_run"] = seconds["engine_store_short"] * 1e6
-    short["engine_store_ratio_to_bare"] = short["engine_store_us_per_run"] / short["bare_us_per_run"]
-    return {"repeats": profile.repeats, "long": long, "short": short}
+    found = pocketflow_run()
+    figures = asyncio.run(_engine_figures(we, profile, found[1] if found else None))
+    result = {kind: _engine_result(kind, figure["n"], figure["seconds"], figure["calls"])
+              for kind, figure in figures.items()}
+    targets = [target_row(row["target"] + f" ({row['unit']})", row["figure"], row["baseline"],
+                          _limit_text(row), row["met"]) for kind in result for row in result[kind]["targets"]]
+    return {"repeats": profile.repeats, "pocketflow": found[0] if found else None, **result, "targets": targets}
 
 
 def print_engine(result: dict[str, Any]) -> None:
-    """Print the engine section of the table."""
-    long, short = result["long"], result["short"]
+    """Print the engine section: every row with its time, ratio and calls, then each target with its verdict."""
     print(f"== engine: A -> B -> C -> D -> E, E back to B while i < N; full logging; "
-          f"median of {result['repeats']} after warm-up")
-    print(f"  long run, N={long['n']} ({long['steps']} steps){'us/step':>31}")
-    _print_engine_rows(long, "us_per_step", "engine run_graph")
-    print(f"  short run, N=1 ({short['steps']} steps, incl. the new run record){'us/run':>13}")
-    _print_engine_rows(short, "us_per_run", "engine run_graph")
-    print(f"    {'Engine.run (stored graph, run kept)':<46}{short['engine_store_us_per_run']:>10.2f}"
-          f"   {short['engine_store_ratio_to_bare']:5.2f}x bare loop  (for information)")
+          f"median of {result['repeats']} after warm-up; calls counted by cProfile")
+    pocketflow = result["pocketflow"]
+    for kind, head in (("long", f"long run, N={result['long']['n']} ({result['long']['steps']} steps)"),
+                       ("short", "short run, N=1 (5 steps, the new run record and its save)")):
+        figures, unit = result[kind], result[kind]["unit"]
+        print(f"  {head:<56}{'us/' + unit:>10}{'x bare':>9}{'calls/' + unit:>13}")
+        for name, label in ENGINE_ROWS.items():
+            row = figures["rows"].get(name)
+            if name == "pocketflow":
+                label = f"PocketFlow {pocketflow}, same nodes, a dict log record" if pocketflow else label
+            if row is None:
+                print(f"    {label:<54}  not installed (pip install pocketflow, in a venv of its own)")
+                continue
+            print(f"    {label:<54}{row[f'us_per_{unit}']:>10.2f}{row['ratio_to_bare']:>8.2f}x"
+                  f"{row[f'calls_per_{unit}']:>13.1f}")
+    print("  targets (Engine.run, each against the bare loop of this invocation)")
+    for target in result["long"]["targets"] + result["short"]["targets"]:
+        print(f"    {target['target']:<44}{target['figure']:>10.2f} {target['unit']:<11} "
+              f"bare {target['baseline']:>8.2f}  {target['ratio']:6.2f}x  "
+              f"target {_limit_text(target)}: {_status(target['met'])}")
 
 
-def _print_engine_rows(figures: dict[str, Any], unit: str, label: str) -> None:
-    print(f"    {'bare asyncio loop':<46}{figures['bare_' + unit]:>10.2f}")
-    print(f"    {'bare loop + attrs log record per step':<46}{figures['bare_log_' + unit]:>10.2f}")
-    print(f"    {label:<46}{figures['engine_' + unit]:>10.2f}   {figures['ratio_to_bare']:5.2f}x bare loop  "
-          f"{figures['ratio_to_bare_log']:5.2f}x bare+log   "
-          f"target <= {TARGET_ENGINE_RATIO}x bare loop: {_status(figures['met'])}")
+def _limit_text(target: dict[str, Any]) -> str:
+    return f"<= {target['limit']}x bare" if target["unit"].startswith("us/") else f"<= {target['limit']} {target['unit']}"
 
 
 # ---------------------------------------------------------------------------
@@ -366,6 +510,20 @@ def rss_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def cpu_ns(pid: int) -> int | None:
+    """Return the CPU time process `pid` has run for, in nanoseconds, its threads included: /proc/PID/schedstat,
+    or, on a kernel without it, /proc/PID/stat's user and system time (in clock ticks); None where /proc cannot
+    tell."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+        return int(f.read().split()[0])
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _free_port() -> int:
@@ -386,13 +544,20 @@ class Server:
         """Return the server's RSS in KiB."""
         return rss_kib(self.process.pid)
 
+    def cpu_ns(self) -> int | None:
+        """Return the CPU time the server has used, in nanoseconds."""
+        return cpu_ns(self.process.pid)
+
 
 @contextlib.contextmanager
-def uvicorn_server(name: str, app: str, cwd: Path, env: dict[str, str]) -> Iterator[Server]:
-    """Start `uvicorn app` (one worker) on a free port, wait until it accepts connections, and stop it by pid."""
+def uvicorn_server(
+    name: str, app: str, cwd: Path, env: dict[str, str], options: tuple[str, ...] = ()
+) -> Iterator[Server]:
+    """Start `uvicorn app` (one worker, with `options` such as `--http h11`) on a free port, wait until it accepts
+    connections, and stop it by pid."""
     port = _free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port),
-               "--workers", "1", "--log-level", "warning"]
+               "--workers", "1", "--log-level", "warning", *options]
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -542,7 +707,6 @@ async def load_count(port: int, request: bytes, connections: int, total: int) ->
 # ---------------------------------------------------------------------------
 # Code review in-process
 # ---------------------------------------------------------------------------
-# Where a code-review run's time goes: its nodes' work bounds what any engine can serve with one worker.
 def review_engine(max_runs: int) -> tuple[ModuleType, Any]:
     """Return workflow_engine and an Engine holding the code_review workflow, or raise BenchError without it."""
     we = _import_engine()
@@ -559,41 +723,54 @@ async def _review_run(we: ModuleType, engine: Any) -> Any:
     return await engine.run(REVIEW_INPUT["graph_id"], we.WorkflowState(data=dict(REVIEW_INPUT["state"]["data"])))
 
 
-class _BareContext:
-    """What code-review nodes use of their NodeContext when called directly: a logger."""
-
-    logger = logging.getLogger("bench.code_review")
-
-
-async def _direct_review(registry: Any, sequence: list[str], we: ModuleType) -> None:
-    state, ctx = we.WorkflowState(data=dict(REVIEW_INPUT["state"]["data"])), _BareContext()
-    for name in sequence:
-        result = registry.get_node(name)(state, ctx)
-        result = await result if inspect.isawaitable(result) else result
-        state.data.update(result or {})
-
-
-def review_timing(runs: int) -> dict[str, Any]:
-    """Time a code-review run in-process: through Engine.run, and its node functions called directly in turn.
-
-    The direct calls are the nodes' own work, so `1000 / direct_ms` bounds the runs/s of one server worker.
-    """
-    we, engine = review_engine(max_runs=runs + 10)
-
-    async def timed() -> dict[str, Any]:
-        first = await _review_run(we, engine)
-        sequence = [entry.node for entry in first.logs if entry.event is we.LogEvent.EXECUTED]
-        seconds = await measure({"engine": lambda: _review_run(we, engine),
-                                 "direct": lambda: _direct_review(engine.registry, sequence, we)}, runs, 0.0)
-        return {"steps": sequence, "engine_ms": seconds["engine"] * 1000, "direct_ms": seconds["direct"] * 1000}
-
-    timing = asyncio.run(timed())
-    return {"runs": runs, **timing, "node_bound_rps": 1000 / timing["direct_ms"]}
-
-
 # ---------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------
+# Issue 14's requests against the bare endpoint, on one server stack at a time: both servers are started with the
+# same uvicorn `--http` and `--loop`, and at each connection count the bare endpoint is loaded just before the
+# engine's cases, so drift on a shared machine hits them alike. Every request body is HTTP_BODY_BYTES long.
+HTTP_CONNECTIONS = (1, 16, 64)
+HTTP_BODY_BYTES = 300
+ONE_NODE_GRAPH = {"graph_id": "bench_one", "start_node": "A", "nodes": ["A"], "edges": {}}
+# uvicorn's pure-Python stack (what requirements.txt alone gave before issue 14) and its optional C-backed one.
+SERVER_STACKS = {"h11+asyncio": ("h11", "asyncio"), "httptools+uvloop": ("httptools", "uvloop")}
+
+
+@attrs.frozen(kw_only=True)
+class HttpCase:
+    """One request the http section loads, and its target as a share of the bare endpoint's requests/s."""
+
+    name: str
+    method: str
+    payload: dict[str, Any] | None  # a POST body, padded to HTTP_BODY_BYTES; None: GET the state of a fresh run
+    share: float
+
+
+HTTP_CASES = (
+    HttpCase(name="POST /graph/run, 1 trivial node, wait", method="POST", share=0.75,
+             payload={"graph_id": "bench_one", "state": {"data": {"i": 0, "n": 1}}, "wait": True}),
+    HttpCase(name="POST /graph/run, 5 trivial nodes, wait", method="POST", share=0.6,
+             payload={"graph_id": "bench", "state": {"data": {"i": 0, "n": 1}}, "wait": True}),
+    HttpCase(name='POST /graph/run, 5 nodes, "wait": false', method="POST", share=0.75,
+             payload={"graph_id": "bench", "state": {"data": {"i": 0, "n": 1}}, "wait": False}),
+    HttpCase(name="GET /graph/state/{run_id}", method="GET", payload=None, share=0.95),
+)
+BARE_CASE = "bare POST /echo"
+
+
+def padded_body(payload: dict[str, Any], size: int = HTTP_BODY_BYTES) -> bytes:
+    """Return `payload` as compact JSON of exactly `size` bytes: a `pad` string in its state data takes the rest."""
+    data = payload.get("state", {}).get("data")
+    scratch = {**payload, "state": {**payload["state"], "data": {**data, "pad": ""}}} if data is not None else \
+        {**payload, "pad": ""}
+    room = size - len(_json_bytes(scratch))
+    if room < 0:
+        raise BenchError(f"a request body is over {size} bytes: {_json_bytes(scratch)[:80]!r}")
+    holder = scratch["state"]["data"] if data is not None else scratch
+    holder["pad"] = "x" * room
+    return _json_bytes(scratch)
+
+
 def _review_body() -> bytes:
     return json.dumps(REVIEW_INPUT, separators=(",", ":")).encode()
 
@@ -613,41 +790,107 @@ def _server_env() -> dict[str, str]:
     return env
 
 
+def stack_missing(stack: str) -> str | None:
+    """What this interpreter lacks to serve on `stack` (None: nothing); the servers run on sys.executable."""
+    missing = [name for name in SERVER_STACKS[stack] if name != "asyncio" and importlib.util.find_spec(name) is None]
+    return f"not installed here: pip install {' '.join(missing)}" if missing else None
+
+
+def _stack_options(stack: str) -> tuple[str, ...]:
+    http, loop = SERVER_STACKS[stack]
+    return ("--http", http, "--loop", loop)
+
+
 def run_http(profile: Profile) -> dict[str, Any]:
-    """Drive the engine's server and the bare endpoint with the same client; return every case and the targets."""
-    timing = review_timing(profile.review_runs)
-    with tempfile.TemporaryDirectory() as scratch:
-        Path(scratch, "bench_bare_app.py").write_text(BARE_APP, encoding="utf-8")
-        env = _server_env()
-        with uvicorn_server("engine", "workflow_engine:app", ROOT, env) as engine, \
-                uvicorn_server("bare", "bench_bare_app:app", Path(scratch), env) as bare:
-            result = asyncio.run(_http_cases(engine, bare, profile))
-    bare_rps = max(case["rps"] for case in result["cases"] if case["case"].startswith("bare"))
-    timing["node_bound_share_of_bare"] = timing["node_bound_rps"] / bare_rps if bare_rps else 0.0
-    return {"review_in_process": timing, **result}
+    """Load the bare endpoint and the engine's cases on each server stack this interpreter has; return the cases
+    and the target rows of every stack measured."""
+    stacks = []
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        env = _stores_env(scratch)
+        for stack in SERVER_STACKS:
+            row: dict[str, Any] = {"stack": stack, "skipped": stack_missing(stack), "cases": []}
+            if row["skipped"] is None:
+                options = _stack_options(stack)
+                with uvicorn_server("engine", "workflow_engine:app", scratch, env, options) as engine, \
+                        uvicorn_server("bare", "bench_bare_app:app", scratch, env, options) as bare:
+                    row["cases"] = asyncio.run(_http_cases(engine, bare, profile))
+            stacks.append(row)
+    targets = [target for row in stacks for target in _http_targets(row)]
+    return {"connections": list(HTTP_CONNECTIONS), "body_bytes": HTTP_BODY_BYTES, "stacks": stacks,
+            "targets": targets}
 
 
-async def _http_cases(engine: Server, bare: Server, profile: Profile) -> dict[str, Any]:
-    record = await probe_review_run(engine.port)
-    body = _review_body()
-    cases = [
-        ("bare POST /echo", bare, http_request("POST", "/echo", bare.port, body)),
-        ("POST /graph/run", engine, http_request("POST", "/graph/run", engine.port, body)),
-        ("GET /graph/state/{run_id}", engine, None),
-        ("GET /", engine, http_request("GET", "/", engine.port)),
-    ]
+async def _probe_http_graphs(port: int) -> None:
+    """Create both bench graphs on the server and run each once; raise BenchError unless that works."""
+    for graph in (ONE_NODE_GRAPH, BENCH_GRAPH):
+        status, answer = await _post_json(port, "/graph/create", graph)
+        if status not in (200, 201):
+            raise BenchError(f"POST /graph/create of {graph['graph_id']} answered {status}: {answer}")
+    for case, steps in zip(HTTP_CASES[:2], (1, steps_for(1)), strict=True):
+        status, run = await _post_json(port, "/graph/run", case.payload)
+        if status != 200 or run["status"] != "completed" or run["iteration"] != steps:
+            raise BenchError(f"{case.name} answered {status}: {str(run)[:300]}")
+
+
+async def _state_request(port: int) -> bytes:
+    """A GET of a run finished just now, so that a small WORKFLOW_MAX_RUNS cannot have evicted it."""
+    status, run = await _post_json(port, "/graph/run", HTTP_CASES[1].payload)
+    if status != 200:
+        raise BenchError(f"a run for GET /graph/state answered {status}: {str(run)[:300]}")
+    return http_request("GET", f"/graph/state/{run['run_id']}", port)
+
+
+async def _http_cases(engine: Server, bare: Server, profile: Profile) -> list[dict[str, Any]]:
+    """Load the bare endpoint and each case in turn, `profile.http_rounds` times at each connection count: a case's
+    share of bare is the median of its rounds' shares, each against the bare load measured just before it."""
+    await _probe_http_graphs(engine.port)
     results = []
-    for connections in CONNECTIONS:
-        for name, server, request in cases:
-            if request is None:  # a fresh run, so that a small WORKFLOW_MAX_RUNS cannot have evicted it
-                run_id = (await probe_review_run(engine.port))["run_id"]
-                request = http_request("GET", f"/graph/state/{run_id}", engine.port)
-            before = server.rss()
-            figures = await _load_case(server.port, request, connections, profile)
-            results.append({"case": name, **figures, "rss_before_kib": before, "rss_after_kib": server.rss()})
-    _add_ratios(results)
-    return {"review_run_status": record["status"], "review_run_steps": record["iteration"],
-            "cases": results, "targets": _http_targets(results)}
+    for connections in HTTP_CONNECTIONS:
+        loads = {BARE_CASE: (bare, http_request("POST", "/echo", bare.port, padded_body(HTTP_CASES[0].payload)))}
+        loads.update({case.name: (engine, http_request(case.method, "/graph/run", engine.port,
+                                                       padded_body(case.payload)))
+                      for case in HTTP_CASES if case.payload is not None})
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in (BARE_CASE, *(case.name for case in HTTP_CASES))}
+        for _ in range(profile.http_rounds):
+            for name in rounds:
+                server, request = loads[name] if name in loads else (engine, await _state_request(engine.port))
+                rounds[name].append(await _http_load(server, request, connections, profile))
+        for name, figures in rounds.items():
+            pairs = list(zip(figures, rounds[BARE_CASE], strict=True))
+            shares = [load["rps"] / bare["rps"] if bare["rps"] else 0.0 for load, bare in pairs]
+            cpu_shares = [bare["server_cpu_us"] / load["server_cpu_us"] for load, bare in pairs
+                          if load["server_cpu_us"] and bare["server_cpu_us"]]
+            results.append({"case": name, **_over_rounds(figures), "share_of_bare": statistics.median(shares),
+                            "cpu_share_of_bare": statistics.median(cpu_shares) if cpu_shares else None})
+    return results
+
+
+async def _http_load(server: Server, request: bytes, connections: int, profile: Profile) -> dict[str, Any]:
+    """Load `server` with `request`, after a warm-up, and add the server's CPU time per answer (`server_cpu_us`):
+    unlike requests/s, it hardly changes with what else the machine runs."""
+    if profile.http_requests is None:
+        await load_for(server.port, request, connections, 0.0, profile.http_warmup)
+        before = server.cpu_ns()
+        figures = await load_for(server.port, request, connections, 0.0, profile.http_seconds / profile.http_rounds)
+        answered = figures["requests"] + figures["errors"]
+    else:
+        before = server.cpu_ns()
+        figures = await load_counted(server.port, request, connections, profile.http_requests)
+        answered = figures["requests"] + figures["errors"] + connections  # and its warm-up, one per connection
+    after = server.cpu_ns()
+    has_cpu = None not in (before, after) and answered > 0
+    return {**figures, "server_cpu_us": (after - before) / 1000 / answered if has_cpu else None}
+
+
+def _over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case's figures over its rounds: counts added up, rates and latencies their median."""
+    figures = {key: sum(load[key] for load in rounds) for key in ("seconds", "requests", "errors")}
+    figures.update({key: statistics.median(load[key] for load in rounds)
+                    for key in ("rps", "p50_ms", "p99_ms", "client_cpu")})
+    cpu = [load["server_cpu_us"] for load in rounds if load["server_cpu_us"] is not None]
+    figures["server_cpu_us"] = statistics.median(cpu) if cpu else None
+    return {"connections": rounds[0]["connections"], **figures, "rounds": len(rounds)}
 
 
 async def _load_case(port: int, request: bytes, connections: int, profile: Profile) -> dict[str, Any]:
@@ -656,27 +899,22 @@ async def _load_case(port: int, request: bytes, connections: int, profile: Profi
     return await load_counted(port, request, connections, profile.http_requests)
 
 
-def _add_ratios(results: list[dict[str, Any]]) -> None:
-    bare = {case["connections"]: case["rps"] for case in results if case["case"].startswith("bare")}
-    for case in results:
-        case["share_of_bare"] = case["rps"] / bare[case["connections"]] if bare[case["connections"]] else 0.0
-
-
-def _http_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_key = {(case["case"], case["connections"]): case for case in results}
+def _http_targets(row: dict[str, Any]) -> list[dict[str, Any]]:
+    if row["skipped"] is not None:
+        return [target_row(f"http on {row['stack']}: skipped ({row['skipped']})", None, None, "measured", False)]
+    by_key = {(case["case"], case["connections"]): case for case in row["cases"]}
     targets = []
-    for connections in CONNECTIONS:
-        run, state = by_key["POST /graph/run", connections], by_key["GET /graph/state/{run_id}", connections]
-        targets.append({"target": f"POST /graph/run >= {TARGET_RUN_SHARE:.0%} of bare req/s at {connections}",
-                        "value": run["share_of_bare"], "met": run["share_of_bare"] >= TARGET_RUN_SHARE})
-        targets.append({"target": f"GET /graph/state >= {TARGET_STATE_SHARE:.0%} of bare req/s at {connections}",
-                        "value": state["share_of_bare"], "met": state["share_of_bare"] >= TARGET_STATE_SHARE})
-    run = by_key["POST /graph/run", CONNECTIONS[-1]]
-    spread = run["p99_ms"] / run["p50_ms"] if run["p50_ms"] else float("inf")
-    targets.append({"target": f"POST /graph/run p99 <= {TARGET_P99_OVER_P50:.0f}x p50 at {CONNECTIONS[-1]}",
-                    "value": spread, "met": spread <= TARGET_P99_OVER_P50})
-    targets.append({"target": "no errors", "value": sum(case["errors"] for case in results),
-                    "met": not any(case["errors"] for case in results)})
+    for case in HTTP_CASES:
+        for connections in HTTP_CONNECTIONS:
+            figures, bare = by_key[case.name, connections], by_key[BARE_CASE, connections]
+            targets.append(target_row(f"{case.name}, {row['stack']}, {connections} conns: req/s", figures["rps"],
+                                      bare["rps"], f">= {case.share:g}x bare", figures["share_of_bare"] >= case.share))
+        busiest = by_key[case.name, HTTP_CONNECTIONS[-1]]
+        targets.append(target_row(f"{case.name}, {row['stack']}, {HTTP_CONNECTIONS[-1]} conns: p99 ms vs p50",
+                                  busiest["p99_ms"], busiest["p50_ms"], f"<= {TARGET_P99_OVER_P50:g}x p50",
+                                  busiest["p99_ms"] <= TARGET_P99_OVER_P50 * busiest["p50_ms"]))
+    errors = sum(case["errors"] for case in row["cases"])
+    targets.append(target_row(f"http on {row['stack']}: errors", errors, None, "0", errors == 0))
     return targets
 
 
@@ -685,26 +923,28 @@ def _mib(kib: int | None) -> str:
 
 
 def print_http(result: dict[str, Any], profile: Profile) -> None:
-    """Print the http section of the table."""
-    load = (f"{profile.http_seconds:g} s per case after {profile.http_warmup:g} s warm-up"
-            if profile.http_requests is None else f"{profile.http_requests} requests per case after one per connection")
-    print(f"== http: one uvicorn worker per server, keep-alive HTTP/1.1 client, {load}; "
-          f"code-review run: {result['review_run_status']}, {result['review_run_steps']} steps")
-    timing = result["review_in_process"]
-    print(f"  code-review run in-process, median of {timing['runs']}: Engine.run {timing['engine_ms']:.2f} ms, its "
-          f"{len(timing['steps'])} node calls made directly {timing['direct_ms']:.2f} ms: the nodes alone cap one "
-          f"worker at {timing['node_bound_rps']:.0f} runs/s = {timing['node_bound_share_of_bare']:.1%} of bare")
-    print(f"  {'case':<27}{'conns':>5}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
-          f"{'RSS MiB before->after':>23}  {'vs bare':>7}{'client cpu':>11}")
-    for case in result["cases"]:
-        rss = f"{_mib(case['rss_before_kib'])} -> {_mib(case['rss_after_kib'])}"
-        print(f"  {case['case']:<27}{case['connections']:>5}{case['rps']:>9.0f}{case['p50_ms']:>8.2f}"
-              f"{case['p99_ms']:>8.2f}{case['errors']:>7}{rss:>23}  {case['share_of_bare']:>6.0%}"
-              f"{case['client_cpu']:>10.0%}")
-    for target in result["targets"]:
-        value = target["value"]
-        shown = f"{value:.0%}" if "%" in target["target"] else f"{value:.2f}" if isinstance(value, float) else value
-        print(f"  target {target['target']}: {shown} {_status(target['met'])}")
+    """Print the http section: a table per server stack."""
+    rounds = profile.http_rounds
+    load = (f"{profile.http_seconds / rounds:g} s after {profile.http_warmup:g} s warm-up"
+            if profile.http_requests is None else f"{profile.http_requests} requests after one per connection")
+    print(f"== http: one uvicorn worker per server, the same stack on both, keep-alive HTTP/1.1 client; {rounds} "
+          f"round{'s' if rounds > 1 else ''} of each case and the bare endpoint in turn, {load} each (figures: "
+          f"medians of the rounds); every body {result['body_bytes']} bytes")
+    for row in result["stacks"]:
+        if row["skipped"] is not None:
+            print(f"  {row['stack']}: skipped, {row['skipped']}")
+            continue
+        print(f"  {row['stack']:<40}{'conns':>6}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}{'vs bare':>8}"
+              f"{'server cpu us/req':>18}{'vs bare':>8}{'client cpu':>11}")
+        for case in row["cases"]:
+            cpu, cpu_share = case["server_cpu_us"], case["cpu_share_of_bare"]
+            print(f"    {case['case']:<38}{case['connections']:>6}{case['rps']:>9.0f}{case['p50_ms']:>8.2f}"
+                  f"{case['p99_ms']:>8.2f}{case['errors']:>7}{case['share_of_bare']:>8.2f}"
+                  f"{'-' if cpu is None else f'{cpu:.0f}':>18}{'-' if cpu_share is None else f'{cpu_share:.2f}':>8}"
+                  f"{case['client_cpu']:>10.0%}")
+    print("  (server cpu: the server's CPU time per answer, which drifts far less than req/s when other processes "
+          "share the cores; its 'vs bare' is the share of bare's req/s the server would reach with a core of its "
+          "own)")
 
 
 # ---------------------------------------------------------------------------
@@ -1072,38 +1312,29 @@ def run_stores(profile: Profile, postgres_url: str | None) -> dict[str, Any]:
             "targets": _store_targets(rows, ceiling, sqlite)}
 
 
-def _connections(count: int) -> str:
-    return f"{count} connection{'' if count == 1 else 's'}"
-
-
-def _target(name: str, figure: float, baseline: float, unit: str, met: Callable[[float], bool]) -> dict[str, Any]:
-    """A target as the stores section reports it: the figure, its baseline from this invocation, and their ratio."""
-    ratio = figure / baseline if baseline else float("inf")
-    return {"target": name, "figure": figure, "baseline": baseline, "unit": unit, "value": ratio, "met": met(ratio)}
-
-
 def _store_targets(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]],
                    sqlite: dict[str, Any]) -> list[dict[str, Any]]:
     measured = [row for row in rows if row["http"] is not None]
     targets = []
     for row in measured:
-        share = TARGET_STORE_SHARE[row["store"]]
-        for case, bare in zip(row["http"]["cases"], ceiling, strict=True):
-            targets.append(_target(f"{row['store']} trivial 5-node run >= {share:.2f}x bare req/s at "
-                                   f"{_connections(case['connections'])}", case["rps"], bare["rps"], "req/s",
-                                   lambda ratio, share=share: ratio >= share))
-        last = row["http"]["cases"][-1]
-        targets.append(_target(f"{row['store']} p99 <= {TARGET_P99_OVER_P50:.0f}x p50 at "
-                               f"{_connections(last['connections'])}", last["p99_ms"], last["p50_ms"], "ms",
-                               lambda ratio: ratio <= TARGET_P99_OVER_P50))
+        share, cases = TARGET_STORE_SHARE[row["store"]], row["http"]["cases"]
+        for case, bare in zip(cases, ceiling, strict=True):
+            targets.append(target_row(f"{row['store']} trivial 5-node run, wait, {case['connections']} conns: req/s",
+                                      case["rps"], bare["rps"], f">= {share:g}x bare",
+                                      case["rps"] >= share * bare["rps"]))
+        busiest = cases[-1]
+        targets.append(target_row(f"{row['store']} trivial 5-node run, {busiest['connections']} conns: p99 ms vs p50",
+                                  busiest["p99_ms"], busiest["p50_ms"], f"<= {TARGET_P99_OVER_P50:g}x p50",
+                                  busiest["p99_ms"] <= TARGET_P99_OVER_P50 * busiest["p50_ms"]))
     fill = sqlite["fill"]
-    targets.append(_target(f"sqlite filling up, runs/s of the last {fill['chunk']:,} of {fill['runs']:,} runs >= "
-                           f"{TARGET_FILL_SHARE:.2f}x the first {fill['chunk']:,}", fill["last_runs_per_s"],
-                           fill["first_runs_per_s"], "runs/s", lambda ratio: ratio >= TARGET_FILL_SHARE))
+    targets.append(target_row(f"sqlite filling up, last {fill['chunk']:,} of {fill['runs']:,} runs: runs/s vs the "
+                              f"first {fill['chunk']:,}", fill["last_runs_per_s"], fill["first_runs_per_s"],
+                              f">= {TARGET_FILL_SHARE:g}x", fill["last_runs_per_s"] >= TARGET_FILL_SHARE * fill[
+                                  "first_runs_per_s"]))
     errors = sum(row["in_process"]["not_completed"] + row["http"]["runs_not_completed"]
                  + sum(case["errors"] for case in row["http"]["cases"]) for row in measured)
     errors += fill["not_completed"] + sum(case["not_completed"] for case in sqlite["synchronous"])
-    targets.append({"target": "no errors", "value": errors, "met": errors == 0})
+    targets.append(target_row("stores: errors", errors, None, "0", errors == 0))
     return targets
 
 
@@ -1123,12 +1354,6 @@ def print_stores(result: dict[str, Any], profile: Profile) -> None:
         for line in _store_lines(row, memory):
             print(line)
     print_sqlite_figures(result["sqlite"])
-    for target in result["targets"]:
-        if "figure" not in target:
-            print(f"  target {target['target']}: {target['value']} {_status(target['met'])}")
-            continue
-        print(f"  target {target['target']}: {target['figure']:.1f} vs {target['baseline']:.1f} {target['unit']} = "
-              f"{target['value']:.2f}x {_status(target['met'])}")
 
 
 def print_sqlite_figures(sqlite: dict[str, Any]) -> None:
@@ -1206,7 +1431,10 @@ def run_fanout(profile: Profile) -> dict[str, Any]:
             "sequential_ms": seconds["sequential"] * 1e3, "ratio": ratio, "target_ratio": TARGET_FANOUT_RATIO,
             "met": ratio <= TARGET_FANOUT_RATIO,
             "sequential_branch_data_ms": seconds["sequential_branch_data"] * 1e3,
-            "ratio_to_branch_data": seconds["map"] / seconds["sequential_branch_data"]}
+            "ratio_to_branch_data": seconds["map"] / seconds["sequential_branch_data"],
+            "targets": [target_row(f"a map of {profile.fanout_items:,} trivial branches (ms)", seconds["map"] * 1e3,
+                                   seconds["sequential"] * 1e3, f"<= {TARGET_FANOUT_RATIO}x sequential runs",
+                                   ratio <= TARGET_FANOUT_RATIO)]}
 
 
 def print_fanout(result: dict[str, Any]) -> None:
@@ -1223,8 +1451,9 @@ def print_fanout(result: dict[str, Any]) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench.py", description=__doc__.split("\n\n")[0],
-        epilog="Sections: engine, http, memory, stores, fanout (default: all). Targets are those of issue 7; the "
-               "stores section checks those of issue 14; fanout's target is issue 15's.",
+        epilog="Sections: engine, http, memory, stores, fanout (default: all). Targets are those of issue 7 "
+               "(engine, http and stores: issue 14; fanout: issue 15); a full invocation ends with a table "
+               "of all of them.",
     )
     parser.add_argument("sections", nargs="*", metavar="SECTION",
                         help="engine, http, memory, stores or fanout (default: all)")
@@ -1272,6 +1501,34 @@ def _run_section(name: str, profile: Profile, results: dict[str, Any], postgres_
     return True
 
 
+def _figure(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def print_targets(results: dict[str, Any]) -> None:
+    """Print every section's target rows as one table (a row missing a key of TARGET_KEYS shows '-' there)."""
+    measured = [name for name in SECTIONS if isinstance(results.get(name), dict)]
+    rows = [(name, row) for name in measured for row in results[name].get("targets", [])]
+    if not rows:
+        return
+    width = max(len(row.get("target", "")) for _, row in rows)
+    goal_width = max(len(row.get("goal", "-")) for _, row in rows) + 2
+    print(f"== targets: {sum(bool(row.get('met')) for _, row in rows)} of {len(rows)} met")
+    print(f"  {'section':<8}{'target':<{width}}{'figure':>10}{'baseline':>10}{'ratio':>7}  {'goal':<{goal_width}}met")
+    for name, row in rows:
+        figure = row.get("figure", row.get("value"))  # "value": a section not yet moved to TARGET_KEYS
+        ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}"
+        print(f"  {name:<8}{row.get('target', ''):<{width}}{_figure(figure):>10}{_figure(row.get('baseline')):>10}"
+              f"{ratio:>7}  {row.get('goal', '-'):<{goal_width}}{_status(bool(row.get('met')))}")
+    for name in measured:
+        if "targets" not in results[name]:
+            print(f"  {name:<8}(no target rows: the section prints its targets above)")
+
+
 def _raise_store_errors(result: dict[str, Any]) -> None:
     failed = [f"{row['store']}: {row['error']}" for row in result["stores"] if row["error"]]
     if failed:
@@ -1313,6 +1570,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench.py {results['machine']['date']}  {results['machine']['cpu']}, {results['machine']['cpus']} cpus, "
           f"Python {results['machine']['python']}{'  (quick)' if args.quick else ''}\n")
     ok = all([_run_section(name, profile, results, postgres_url) for name in (args.sections or SECTIONS)])
+    print_targets(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0 if ok else 1
