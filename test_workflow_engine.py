@@ -3,10 +3,14 @@
 import argparse
 import ast
 import asyncio
+import base64
 import collections
 import contextlib
 import copy
 import gc
+import hashlib
+import hmac
+import http.server
 import importlib
 import importlib.util
 import inspect
@@ -1153,7 +1157,7 @@ async def test_get_graph_state_returns_the_run_record(client: httpx.AsyncClient)
     assert set(record) == {"run_id", "graph_id", "status", "current_node", "next_node", "iteration", "max_iterations",
                            "max_state_bytes", "max_log_bytes", "timeout_s", "state",
                            "logs", "error", "created_at", "started_at", "finished_at", "duration_ms", "engine_overhead_ms",
-                           "history"}
+                           "history", "webhook"}
     assert [change["status"] for change in record["history"]] == ["pending", "running", "completed"]
     assert [change["at"] for change in record["history"]] == [record[k] for k in ("created_at", "started_at", "finished_at")]
     assert {k: record[k] for k in ("run_id", "graph_id", "status", "current_node", "iteration", "logs", "error")} == {
@@ -3030,8 +3034,8 @@ async def test_sqlite_store_over_its_bound_after_a_restart_evicts_when_opened(tm
     runs = [await engine.run(we.GraphDefinition(graph_id="m", start_node="inc", nodes=("inc",))) for _ in range(5)]
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db, db:  # back to version 4
-        db.executescript("DELETE FROM meta WHERE key = 'finished_runs'; DROP INDEX runs_finished;"
-                         " UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+        db.executescript("DELETE FROM meta WHERE key = 'finished_runs'; DROP INDEX runs_finished; DROP TABLE webhooks;"
+                         " DROP INDEX idempotency_keys_by_run; UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     reopened = we.SqliteStore(path, max_runs=2)
     summaries, total = reopened.list_runs()
     assert ([s.run_id for s in summaries], total) == ([runs[4].run_id, runs[3].run_id, paused.run_id], 3)
@@ -6404,8 +6408,9 @@ async def test_sqlite_upgrade_to_version_3_counts_stopped_runs_from_the_upgrade(
     run = await engine.run(we.GraphDefinition(graph_id="u", start_node="inc", nodes=("inc",)))
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db:  # back to version 2
-        db.executescript("DROP TABLE idempotency_keys; DROP INDEX runs_by_stop; ALTER TABLE runs DROP COLUMN stopped_at;"
-                         " DROP INDEX runs_finished; DELETE FROM meta WHERE key = 'finished_runs';"
+        db.executescript("DROP TABLE webhooks; DROP TABLE idempotency_keys; DROP INDEX runs_by_stop;"
+                         " ALTER TABLE runs DROP COLUMN stopped_at; DROP INDEX runs_finished;"
+                         " DELETE FROM meta WHERE key = 'finished_runs';"
                          " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
     store = we.SqliteStore(path)
     stopped = store._read_one("SELECT stopped_at FROM runs WHERE run_id = ?", (run.run_id,))[0]
@@ -7124,3 +7129,421 @@ def test_settings_read_workflow_max_fanout_and_refuse_a_bad_one() -> None:
     assert we.Settings().max_fanout == we.MAX_FANOUT == 64
     with pytest.raises(ValueError, match=r"^WORKFLOW_MAX_FANOUT='0': must be at least 1, got 0$"):
         we.settings_from_env({"WORKFLOW_MAX_FANOUT": "0"})
+
+
+# ---------------------------------------------------------------------------
+# Webhooks (issue 13)
+# ---------------------------------------------------------------------------
+WEBHOOK_KEY = b"0123456789abcdef0123456789abcdef"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(WEBHOOK_KEY).decode()
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1, in a thread: it answers each POST with the next of `answers` (a status, or
+    "drop" to close the connection without answering; the last answer repeats) and records what it got."""
+
+    def __init__(self, answers: list[int | str]) -> None:
+        self.answers, self.got = list(answers), []
+        self.arrived = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802  # the name http.server calls
+                body = self.rfile.read(int(self.headers["content-length"]))
+                answer = receiver.answers.pop(0) if len(receiver.answers) > 1 else receiver.answers[0]
+                if answer == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                else:
+                    self.send_response(int(answer))
+                    if answer == 302:
+                        self.send_header("location", f"http://127.0.0.1:{receiver.port}/elsewhere")
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                with receiver.arrived:
+                    receiver.got.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    receiver.arrived.notify_all()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "Receiver":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    async def received(self, count: int) -> None:
+        """Wait until `count` requests have arrived (and been answered)."""
+        def wait() -> bool:
+            with self.arrived:
+                return self.arrived.wait_for(lambda: len(self.got) >= count, timeout=60)
+        assert await asyncio.to_thread(wait), f"{len(self.got)} of {count} webhook requests arrived"
+
+
+def webhook_settings(receiver: Receiver, **extra: Any) -> we.Settings:
+    return we.Settings(**{"webhook_hosts": (f"127.0.0.1:{receiver.port}",), "webhook_secret": WEBHOOK_SECRET,
+                          "webhook_backoff_s": 0.001, **extra})
+
+
+def is_signed(headers: dict[str, str], body: bytes) -> bool:
+    """Verify a Standard Webhooks signature the way a receiver does, with nothing from workflow_engine."""
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(WEBHOOK_KEY, signed, hashlib.sha256).digest()).decode()
+    return hmac.compare_digest(headers["webhook-signature"], "v1," + expected)
+
+
+def webhook_metrics(page: str) -> dict[str, float]:
+    family = next(f for f in text_string_to_metric_families(page) if f.name == "workflow_webhook_deliveries")
+    return {sample.labels["result"]: sample.value for sample in family.samples}
+
+
+@contextlib.asynccontextmanager
+async def webhook_client(settings: we.Settings, registry: we.Registry,
+                         store: we.Store | None = None) -> AsyncIterator[tuple[httpx.AsyncClient, we.Engine]]:
+    app = we.create_app(registry=registry, store=store or we.MemoryStore(), settings=settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        yield client, engine_of(app)
+    await engine_of(app).drain()
+
+
+async def test_webhook_retries_a_receiver_down_for_three_attempts_and_delivers_on_the_fourth(
+    registry: we.Registry,
+) -> None:
+    with Receiver(["drop", 503, 503, 200]) as receiver:
+        async with webhook_client(webhook_settings(receiver), registry) as (client, engine):
+            await client.post("/graph/create", json=graph(["inc"]))
+            ran = await client.post("/graph/run", json={"graph_id": "g", "webhook": receiver.url})
+            await receiver.received(4)
+            await engine.drain()  # lets the attempt it is making finish and be recorded
+            record = (await client.get(f"/graph/state/{ran.json()['run_id']}")).json()
+            metrics = webhook_metrics((await client.get("/metrics")).text)
+    run_id = ran.json()["run_id"]
+    assert (ran.status_code, ran.json()["status"], "webhook" in ran.json()) == (200, "completed", False)
+    assert record["status"] == "completed"
+    assert record["webhook"] == {"url": receiver.url, "attempts": 4, "delivered_at": record["webhook"]["delivered_at"],
+                                 "last_error": None}
+    assert datetime.fromisoformat(record["webhook"]["delivered_at"]) >= datetime.fromisoformat(record["finished_at"])
+    assert [(path, headers["webhook-id"], headers["content-type"]) for path, headers, _ in receiver.got] == [
+        ("/hook", f"{run_id}.3", "application/json")] * 4
+    assert {body for _, _, body in receiver.got} == {receiver.got[0][2]}
+    assert json.loads(receiver.got[0][2]) == {"run_id": run_id, "graph_id": "g", "status": "completed", "error": None,
+                                              "iteration": 1, "finished_at": record["finished_at"]}
+    assert [is_signed(headers, body) for _, headers, body in receiver.got] == [True] * 4
+    assert metrics == {"delivered": 1.0, "failed": 3.0}
+
+
+async def test_webhook_redirect_is_a_failed_attempt_and_is_not_followed(registry: we.Registry) -> None:
+    with Receiver([302]) as receiver:
+        async with webhook_client(webhook_settings(receiver, webhook_attempts=2), registry) as (client, engine):
+            await client.post("/graph/create", json=graph(["inc"]))
+            ran = await client.post("/graph/run", json={"graph_id": "g", "webhook": receiver.url})
+            await receiver.received(2)
+            await engine.drain()
+            record = (await client.get(f"/graph/state/{ran.json()['run_id']}")).json()
+            metrics = webhook_metrics((await client.get("/metrics")).text)
+    assert [path for path, _, _ in receiver.got] == ["/hook", "/hook"]
+    assert (record["status"], record["error"], record["webhook"]) == ("completed", None, {
+        "url": receiver.url, "attempts": 2, "delivered_at": None,
+        "last_error": "the receiver answered 302 (redirects are not followed)"})
+    assert metrics == {"failed": 1.0, "abandoned": 1.0}
+
+
+async def test_webhook_failing_delivery_never_changes_the_run(registry: we.Registry) -> None:
+    """A run that fails keeps its status and error whatever the receiver does; unsigned without a secret."""
+    with Receiver([500]) as receiver:
+        settings = attrs.evolve(webhook_settings(receiver, webhook_attempts=1), webhook_secret=None)
+        async with webhook_client(settings, registry) as (client, engine):
+            await client.post("/graph/create", json=graph(["boom"]))
+            ran = await client.post("/graph/run", json={"graph_id": "g", "webhook": receiver.url})
+            await receiver.received(1)
+            await engine.drain()
+            record = (await client.get(f"/graph/state/{ran.json()['run_id']}")).json()
+    assert (ran.json()["status"], record["status"], record["error"]) == ("failed", "failed", ran.json()["error"])
+    assert record["webhook"] == {"url": receiver.url, "attempts": 1, "delivered_at": None,
+                                 "last_error": "the receiver answered 500"}
+    headers = receiver.got[0][1]
+    assert ("webhook-signature" in headers, json.loads(receiver.got[0][2])["error"]) == (False, record["error"])
+
+
+def webhook_rows(store: we.Store, run_id: str) -> int:
+    """How many webhook events a store keeps for `run_id`."""
+    if isinstance(store, we.MemoryStore):
+        return len(store._webhooks.get(run_id, {}))
+    return store._read_one("SELECT COUNT(*) FROM webhooks WHERE run_id = ?", (run_id,))[0]
+
+
+async def test_webhook_is_sent_when_a_run_pauses_and_again_when_it_ends(registry: we.Registry,
+                                                                         any_store: we.Store) -> None:
+    """Two events with ids of their own; once both are delivered, the store keeps the latest, which the record shows."""
+    with Receiver([200]) as receiver:
+        async with webhook_client(webhook_settings(receiver), registry, any_store) as (client, engine):
+            await client.post("/graph/create", json=graph(["approve", "inc"], chain("approve", "inc")))
+            paused = await client.post("/graph/run", json={"graph_id": "g", "webhook": receiver.url})
+            run_id = paused.json()["run_id"]
+            await receiver.received(1)
+            resumed = await client.post(f"/graph/resume/{run_id}", json={"updates": {"approved": "ann"}})
+            await receiver.received(2)
+            await engine.drain()
+            record = (await client.get(f"/graph/state/{run_id}")).json()
+    events = [(headers["webhook-id"], json.loads(body)["status"]) for _, headers, body in receiver.got]
+    assert (paused.json()["status"], resumed.json()["status"]) == ("waiting", "completed")
+    assert events == [(f"{run_id}.3", "waiting"), (f"{run_id}.6", "completed")]
+    assert (record["webhook"]["attempts"], record["webhook"]["last_error"]) == (1, None)
+    assert webhook_rows(any_store, run_id) == 1
+
+
+BAD_WEBHOOKS = [
+    ("http://10.0.0.1:8080/x", "'10.0.0.1:8080' is not an allowed webhook target; the server sends webhooks only to "
+     "the host:port targets in WORKFLOW_WEBHOOK_HOSTS"),
+    ("http://127.0.0.1/hook", "'127.0.0.1:80' is not an allowed webhook target; the server sends webhooks only to "
+     "the host:port targets in WORKFLOW_WEBHOOK_HOSTS"),
+    ("ftp://127.0.0.1:9000/x", "must be an http:// or https:// URL with a host, no user name and no #fragment"),
+    ("http://user@127.0.0.1:9000/x", "must be an http:// or https:// URL with a host, no user name and no #fragment"),
+    ("http://127.0.0.1:99999/x", "must be a URL such as http://host:port/path"),
+    (5, "expected a string, got a number"),
+]
+
+
+@pytest.mark.parametrize(("webhook", "message"), BAD_WEBHOOKS,
+                         ids=["host-not-allowed", "default-port", "ftp", "user", "bad-port", "not-a-string"])
+async def test_webhook_to_a_target_not_allowed_is_refused(registry: we.Registry, webhook: object, message: str) -> None:
+    settings = we.Settings(webhook_hosts=("127.0.0.1:9000",))
+    async with webhook_client(settings, registry) as (client, _):
+        await client.post("/graph/create", json=graph(["inc"]))
+        refused = await client.post("/graph/run", json={"graph_id": "g", "webhook": webhook})
+        runs = (await client.get("/graph/runs")).json()["total"]
+    assert (refused.status_code, refused.json(), runs) == (
+        422, error("invalid_request", "the request has 1 problem", ("$.webhook", message)), 0)
+
+
+
+async def test_webhook_bad_url_from_code_is_refused_like_a_request(registry: we.Registry) -> None:
+    engine = we.Engine(registry, settings=we.Settings(webhook_hosts=("127.0.0.1:9000",)))
+    with pytest.raises(we.InvalidRequest, match="^the request has 1 problem$") as refused:
+        await engine.start(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)),
+                           webhook="http://127.0.0.1:99999/x")
+    assert (refused.value.details, engine.store.counts()) == (
+        [we.Problem("$.webhook", "must be a URL such as http://host:port/path")], (0, 0))
+
+async def test_webhook_without_hosts_configured_is_refused(client: httpx.AsyncClient) -> None:
+    await client.post("/graph/create", json=graph(["inc"]))
+    refused = await client.post("/graph/run", json={"graph_id": "g", "webhook": "http://127.0.0.1:9000/hook"})
+    assert (refused.status_code, refused.json()) == (422, error(
+        "invalid_request", "the request has 1 problem", ("$.webhook", "webhooks are off on this server; its operator "
+                                                         "turns them on by listing the host:port targets they may go "
+                                                         "to in WORKFLOW_WEBHOOK_HOSTS")))
+    assert (await client.get("/graph/runs")).json()["total"] == 0
+
+
+SQL_KINDS = ["sqlite", pytest.param("postgres", marks=needs_postgres)]
+
+
+@pytest.fixture(params=SQL_KINDS)
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a SQL store of each kind keeps its database, for several stores (servers) to open."""
+    return str(tmp_path / "runs.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+async def test_webhook_pending_delivery_is_resumed_after_a_restart(registry: we.Registry, sql_url: str) -> None:
+    with Receiver([503, 200]) as receiver:
+        settings = webhook_settings(receiver, webhook_backoff_s=3600.0)  # the retry would be an hour later
+        async with webhook_client(settings, registry, we.open_store(sql_url)) as (client, engine):
+            await client.post("/graph/create", json=graph(["inc"]))
+            run_id = (await client.post("/graph/run", json={"graph_id": "g", "webhook": receiver.url})).json()["run_id"]
+            await receiver.received(1)
+            await engine.shutdown()  # records the attempt it is making, then closes the store
+        store = we.open_store(sql_url)
+        stopped = store.get_run(run_id).webhook
+        with store._transaction() as db:  # the hour has passed
+            db.execute("UPDATE webhooks SET next_at = 0")
+        async with webhook_client(settings, registry, store) as (client, engine):
+            await engine.open()  # what the lifespan does when the server starts
+            await receiver.received(2)
+            await engine.drain()
+            record = (await client.get(f"/graph/state/{run_id}")).json()
+        store.close()
+    assert stopped == we.WebhookDelivery(url=receiver.url, attempts=1, last_error="the receiver answered 503")
+    assert [headers["webhook-id"] for _, headers, _ in receiver.got] == [f"{run_id}.3"] * 2
+    assert (record["status"], record["webhook"]["attempts"], record["webhook"]["last_error"]) == ("completed", 2, None)
+    assert record["webhook"]["delivered_at"] is not None
+
+
+async def test_webhook_pending_event_is_claimed_by_one_server_at_a_time(sql_url: str) -> None:
+    first, second = we.open_store(sql_url), we.open_store(sql_url)
+    run = we.new_run(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)), we.WorkflowState())
+    run.webhook = we.WebhookDelivery(url="http://127.0.0.1:9/hook")
+    we.move_run(run, we.RunStatus.RUNNING)
+    we.move_run(run, we.RunStatus.COMPLETED)
+    await first.claim_run(run, None, "a")
+    taken, left = await first.claim_webhooks("a", 10), await second.claim_webhooks("b", 10)
+    failed = we.WebhookDelivery(url=run.webhook.url, attempts=1, last_error="the receiver answered 503")
+    await second.record_webhook(taken[0], "b", attrs.evolve(failed, last_error="not b's"), 0.0)  # not b's claim
+    await first.record_webhook(taken[0], "a", failed, 0.0)
+    retried = await second.claim_webhooks("b", 10)
+    shown = first.webhook_of(run.run_id)
+    first.close()
+    second.close()
+    assert ([event.event_id for event in taken], left) == ([f"{run.run_id}.3"], [])
+    assert (retried, shown) == ([attrs.evolve(taken[0], attempts=1)], failed)
+
+
+async def test_webhook_events_go_with_their_run(any_client: httpx.AsyncClient, any_store: we.Store) -> None:
+    run = await create_and_run(any_client, graph(["approve"]))
+    stored = any_store.get_run(run["run_id"])
+    stored.webhook = we.WebhookDelivery(url="http://127.0.0.1:9/hook")
+    we.move_run(stored, we.RunStatus.CANCELLED)
+    await any_store.claim_run(stored, we.RunStatus.WAITING, None)  # a stop with a webhook: one event to send
+    pending = any_store.webhook_of(run["run_id"])
+    deleted = await any_client.delete(f"/graph/runs/{run['run_id']}")
+    assert (pending, deleted.status_code) == (we.WebhookDelivery(url="http://127.0.0.1:9/hook"), 204)
+    assert (any_store.webhook_of(run["run_id"]), await any_store.claim_webhooks("w", 10)) == (None, [])
+
+
+async def test_openapi_describes_the_webhook_field_and_its_record(client: httpx.AsyncClient) -> None:
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    assert schemas["RunRequest"]["properties"]["webhook"] == {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    assert schemas["RunContext"]["properties"]["webhook"] == {
+        "anyOf": [{"$ref": "#/components/schemas/WebhookDelivery"}, {"type": "null"}]}
+    assert (schemas["WebhookDelivery"]["properties"], schemas["WebhookDelivery"]["required"]) == ({
+        "url": {"type": "string"}, "attempts": {"type": "integer"},
+        "delivered_at": {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]},
+        "last_error": {"anyOf": [{"type": "string"}, {"type": "null"}]}}, ["url"])
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("127.0.0.1:9000, Hooks.Example.COM:443,,[::1]:8080", ("127.0.0.1:9000", "hooks.example.com:443", "[::1]:8080")),
+    ("", ()),
+], ids=["three", "empty"])
+def test_settings_read_webhook_hosts(raw: str, expected: tuple[str, ...]) -> None:
+    settings = we.settings_from_env({"WORKFLOW_WEBHOOK_HOSTS": raw, "WORKFLOW_WEBHOOK_SECRET": "s",
+                                     "WORKFLOW_WEBHOOK_ATTEMPTS": "3", "WORKFLOW_WEBHOOK_BACKOFF_S": "0.5"})
+    assert (settings.webhook_hosts, settings.webhook_secret, settings.webhook_attempts, settings.webhook_backoff_s) == (
+        expected, "s", 3, 0.5)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"WORKFLOW_WEBHOOK_HOSTS": "127.0.0.1"},
+     "WORKFLOW_WEBHOOK_HOSTS='127.0.0.1': '127.0.0.1' is not a host:port pair such as 127.0.0.1:9000 or "
+     "hooks.example.com:443"),
+    ({"WORKFLOW_WEBHOOK_HOSTS": "http://a:1/x"},
+     "WORKFLOW_WEBHOOK_HOSTS='http://a:1/x': 'http://a:1/x' is not a host:port pair such as 127.0.0.1:9000 or "
+     "hooks.example.com:443"),
+    ({"WORKFLOW_WEBHOOK_ATTEMPTS": "0"}, "WORKFLOW_WEBHOOK_ATTEMPTS='0': must be between 1 and 100, got 0"),
+], ids=["no-port", "url", "no-attempts"])
+def test_settings_refuse_bad_webhook_settings(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        we.settings_from_env(env)
+
+
+def test_sign_webhook_follows_standard_webhooks() -> None:
+    """The example of the Standard Webhooks specification's reference libraries."""
+    signature = we.sign_webhook("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
+                                b'{"test": 2432232314}')
+    assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+
+def test_e2e_webhook_from_a_server_configured_by_its_environment() -> None:
+    """A real server, its webhook settings read from the environment, signs and sends a run's webhook."""
+    with Receiver([200]) as receiver:
+        env = {"WORKFLOW_WEBHOOK_HOSTS": f"localhost:1,127.0.0.1:{receiver.port}", "WORKFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET}
+        with running_server(env) as (base, _):
+            ran = httpx.post(base + "/graph/run", json={"graph_id": "code_review", "webhook": receiver.url,
+                                                        "state": {"data": {"code": "x = 1\n"}}}, timeout=30)
+            asyncio.run(receiver.received(1))
+            wait_for(lambda: httpx.get(f"{base}/graph/state/{ran.json()['run_id']}").json()["webhook"]["delivered_at"]
+                     is not None)
+    _, headers, body = receiver.got[0]
+    assert (ran.status_code, json.loads(body)["run_id"], json.loads(body)["status"]) == (
+        200, ran.json()["run_id"], ran.json()["status"])
+    assert is_signed(headers, body)
+
+# ---------------------------------------------------------------------------
+# Idempotency keys go with their run, expire in sweeps, and a request waiting on one only reads
+# ---------------------------------------------------------------------------
+async def test_idempotency_key_goes_with_its_deleted_run(any_client: httpx.AsyncClient) -> None:
+    """Deleting a run deletes everything stored with it: a retry of its request then starts a new run."""
+    await any_client.post("/graph/create", json=graph(["inc"]))
+    ran = await any_client.post("/graph/run", json={"graph_id": "g"}, headers=key_header("order-7"))
+    deleted = await any_client.delete(f"/graph/runs/{ran.json()['run_id']}")
+    again = await any_client.post("/graph/run", json={"graph_id": "g"}, headers=key_header("order-7"))
+    assert deleted.status_code == 204
+    assert (again.status_code, again.headers.get("idempotent-replayed"), again.json()["status"]) == (200, None, "completed")
+    assert again.json()["run_id"] != ran.json()["run_id"]
+    assert await run_ids(any_client) == [again.json()["run_id"]]
+
+
+def stored_keys(store: we.Store) -> list[str]:
+    if isinstance(store, we.MemoryStore):
+        return sorted(store._keys)
+    return sorted(row[0] for row in store._read_all("SELECT idempotency_key FROM idempotency_keys"))
+
+
+async def test_sweep_deletes_expired_idempotency_keys_in_batches(any_store: we.Store, registry: we.Registry) -> None:
+    for key, ttl_s in (("a", 60.0), ("b", 60.0), ("c", 60.0), ("young", 10**6)):
+        await any_store.reserve_key(we.IdempotencyKey(key=key, fingerprint="f"), f"run-{key}", "t", ttl_s)
+    calls: list[int] = []
+    delete = any_store.delete_expired_keys
+
+    async def counted(now: datetime | None, limit: int) -> int:
+        calls.append(await delete(now, limit))
+        return calls[-1]
+
+    any_store.delete_expired_keys = counted  # type: ignore[method-assign]
+    deleted = await we.Engine(registry, any_store).sweep(datetime.now(UTC) + timedelta(seconds=120), batch=2)
+    assert (deleted, calls, stored_keys(any_store)) == (3, [2, 1], ["young"])
+
+
+async def test_idempotent_request_that_lost_the_race_waits_by_reading(any_client: httpx.AsyncClient,
+                                                                       any_store: we.Store) -> None:
+    """Requests that find the key reserved reserve once each, then only read until the first has started its run."""
+    await any_client.post("/graph/create", json=graph(["inc"]))
+    reserve, accept, read = any_store.reserve_key, any_store.accept_key, any_store.held_key
+    reserved: list[we.HeldKey | None] = []
+    reads, accepting = [0], asyncio.Event()
+
+    async def counted_reserve(*args: Any, **kwargs: Any) -> we.HeldKey | None:
+        reserved.append(await reserve(*args, **kwargs))
+        return reserved[-1]
+
+    async def held_accept(key: str, token: str) -> None:
+        await accepting.wait()  # the first request has started its run, but not yet said so
+        await accept(key, token)
+
+    def counted_read(key: str) -> we.HeldKey | None:
+        reads[0] += 1
+        return read(key)
+
+    any_store.reserve_key, any_store.accept_key, any_store.held_key = (  # type: ignore[method-assign]
+        counted_reserve, held_accept, counted_read)
+    answers = [asyncio.ensure_future(any_client.post("/graph/run", json={"graph_id": "g"}, headers=key_header("one")))
+               for _ in range(3)]
+    while reads[0] < 6:  # each waiting request has read the key several times
+        await asyncio.sleep(0.01)
+    accepting.set()
+    done = [await answer for answer in answers]
+    run_id = next(answer.json()["run_id"] for answer in done if "idempotent-replayed" not in answer.headers)
+    assert sorted(answer.headers.get("idempotent-replayed", "") for answer in done) == ["", "true", "true"]
+    assert [answer.json()["run_id"] for answer in done] == [run_id] * 3
+    assert (len(reserved), reserved.count(None)) == (3, 1)
+    assert {held.run_id for held in reserved if held is not None} == {run_id}
+
+
+def test_readme_webhook_verifier_accepts_a_signed_webhook_and_refuses_a_changed_one() -> None:
+    namespace: dict[str, Any] = {}
+    exec(readme_block("import base64, hashlib, hmac, time"), namespace)  # noqa: S102  # the README's own code
+    event = we.WebhookEvent(event_id="run.3", run_id="run", url="http://127.0.0.1:9/hook", body=b'{"status":"completed"}')
+    timestamp = int(time.time())
+    headers = {"webhook-id": event.event_id, "webhook-timestamp": str(timestamp),
+               "webhook-signature": we.sign_webhook(WEBHOOK_SECRET, event.event_id, timestamp, event.body)}
+    assert namespace["is_genuine"](WEBHOOK_SECRET, headers, event.body) is True
+    assert namespace["is_genuine"](WEBHOOK_SECRET, headers, b'{"status":"failed"}') is False
+    assert namespace["is_genuine"]("another secret", headers, event.body) is False

@@ -26,6 +26,7 @@ Every non-2xx answer has one shape:
 """
 
 import asyncio
+import base64
 import bisect
 import contextlib
 import enum
@@ -33,6 +34,7 @@ import functools
 import gc
 import hashlib
 import hmac
+import http.client
 import importlib
 import importlib.util
 import inspect
@@ -53,8 +55,9 @@ import threading
 import time
 import types
 import typing
+import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -146,6 +149,9 @@ __all__ = [
     "StreamEvent",
     "UnknownName",
     "UnsupportedMediaType",
+    "WebhookDelivery",
+    "WebhookEvent",
+    "WebhookResult",
     "WorkflowState",
     "app",
     "build_engine",
@@ -158,11 +164,17 @@ __all__ = [
     "new_run",
     "open_store",
     "openapi_document",
+    "parse_webhook_hosts",
+    "post_webhook",
     "run_events",
     "run_graph",
     "settings_from_env",
+    "sign_webhook",
     "structure_body",
+    "url_problem",
     "validate_graph",
+    "webhook_event",
+    "webhook_target",
     "worker_name",
 ]
 
@@ -220,6 +232,15 @@ IDEMPOTENCY_POLL_S = 0.05  # how often a request waits on the first request with
 MAX_IDEMPOTENCY_KEYS = 100_000  # keys a memory store keeps; past it the oldest is forgotten before its time
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}")  # the Idempotency-Key header: printable ASCII
 IDEMPOTENCY_KEY_RULE = "must be 1-255 printable ASCII characters"  # what IDEMPOTENCY_KEY_PATTERN says
+WEBHOOK_TIMEOUT_S = 5.0  # how long a webhook attempt waits to connect, and then for each part of the answer
+WEBHOOK_ATTEMPTS = 5  # tries of one webhook delivery unless WORKFLOW_WEBHOOK_ATTEMPTS says otherwise
+WEBHOOK_BACKOFF_S = 1.0  # the wait after a webhook's first failed attempt; it doubles after each further one
+WEBHOOK_MAX_BACKOFF_S = 3_600.0  # the longest wait between two attempts of a webhook
+WEBHOOK_CLAIM_S = 30.0  # how long a server's claim on a webhook lasts; then another server may send it
+WEBHOOK_POLL_S = 1.0  # how often an idle server looks for webhooks due (other servers' runs, retries, restarts)
+WEBHOOK_BATCH = 8  # webhooks one server sends at once
+WEBHOOK_ANSWER_BYTES = 64 * 1024  # most of a receiver's answer read before the connection is closed
+MAX_URL_CHARS = 2_048  # longest webhook URL
 DEFAULT_WORKFLOWS = ("code_review",)
 
 _COUNT = re.compile(r"[0-9]{1,18}")  # a count in a header or query: ASCII digits, small enough for any use here
@@ -563,6 +584,51 @@ def _id(instance: object, attribute: attrs.Attribute, value: str) -> None:
         raise _field_error(attribute, ID_RULE)
 
 
+def _webhook_url(instance: object, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and (problem := url_problem(value)):
+        raise _field_error(attribute, problem)
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with `url` as a webhook target, or None: it must be an absolute http(s) URL with a host."""
+    if len(url) > MAX_URL_CHARS:
+        return f"must be at most {MAX_URL_CHARS} characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        return "must be a URL such as http://host:port/path"
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username is not None or parts.fragment \
+            or not url.isascii() or any(char.isspace() for char in url):
+        return "must be an http:// or https:// URL with a host, no user name and no #fragment"
+    return None
+
+
+def webhook_target(url: str) -> str:
+    """The `host:port` a webhook URL goes to, as WORKFLOW_WEBHOOK_HOSTS names it (lower case, port spelled out)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    return f"{f'[{host}]' if ':' in host else host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def parse_webhook_hosts(entries: Iterable[str]) -> tuple[str, ...]:
+    """The allowed webhook targets `entries` name, each `host:port` (an IPv6 host in brackets), as webhook_target
+    spells them; raise InvalidValue for an entry that is not one."""
+    hosts = []
+    for entry in (entry.strip() for entry in entries):
+        try:
+            parts = urllib.parse.urlsplit("//" + entry)
+            is_pair = bool(parts.hostname) and parts.port is not None and not (
+                parts.path or parts.query or parts.username)
+        except ValueError:
+            is_pair = False
+        if not is_pair or any(char.isspace() for char in entry):
+            raise InvalidValue(f"{_shown(entry)} is not a host:port pair such as 127.0.0.1:9000 or "
+                               "hooks.example.com:443")
+        hosts.append(webhook_target(f"http://{entry}"))
+    return tuple(hosts)
+
+
 def _between(low: float, high: float) -> Callable[[object, attrs.Attribute, float], None]:
     def check(instance: object, attribute: attrs.Attribute, value: float) -> None:
         if not low <= value <= high:
@@ -769,6 +835,25 @@ class StatusChange:
 
 
 @attrs.define(kw_only=True)
+class WebhookDelivery:
+    """Where a run's completion webhook goes and how its latest delivery went (each stop is one delivery)."""
+
+    url: str
+    attempts: int = 0
+    delivered_at: datetime | None = None
+    last_error: str | None = None
+
+
+@enum.unique
+class WebhookResult(enum.Enum):
+    """How one attempt to deliver a webhook went: `failed` is retried, `abandoned` was the last attempt."""
+
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+
+@attrs.define(kw_only=True)
 class RunContext:
     """The record of one run: its status, where it is, its state and its log.
 
@@ -798,6 +883,7 @@ class RunContext:
     # The finished branches of the composite step at `next_node`, by branch (`review_each[3]`, `a[0]/b[1]`): saved
     # before the join, so a run resumed or taken over mid-step runs only the others. Empty between steps.
     branch_results: dict[str, BranchResult] = attrs.field(factory=dict)
+    webhook: WebhookDelivery | None = None
 
 
 def _refused(run_id: str, current: RunStatus, target: RunStatus) -> RunConflict:
@@ -833,6 +919,7 @@ class RunRequest:
     max_iterations: int | None = attrs.field(default=None, validator=_positive)
     timeout_s: float | None = attrs.field(default=None, validator=_seconds)
     wait: bool = True
+    webhook: str | None = attrs.field(default=None, validator=_webhook_url)  # POSTed to whenever the run stops
 
 
 @attrs.frozen(kw_only=True)
@@ -1033,6 +1120,11 @@ class Settings:
     paused_ttl_s: float | None = attrs.field(default=None,  # waiting and interrupted runs
                                              validator=attrs.validators.optional(attrs.validators.gt(0.0)))
     idempotency_ttl_s: float = attrs.field(default=IDEMPOTENCY_TTL_S, validator=attrs.validators.gt(0.0))
+    # The host:port targets webhooks may go to; empty: webhooks are off.
+    webhook_hosts: tuple[str, ...] = attrs.field(default=(), converter=parse_webhook_hosts)
+    webhook_secret: str | None = None  # signs webhooks (Standard Webhooks); `whsec_<base64>` is the key's bytes
+    webhook_attempts: int = attrs.field(default=WEBHOOK_ATTEMPTS, validator=_between(1, MAX_ATTEMPTS))
+    webhook_backoff_s: float = attrs.field(default=WEBHOOK_BACKOFF_S, validator=_between(0.0, WEBHOOK_MAX_BACKOFF_S))
 
     def __attrs_post_init__(self) -> None:
         if self.max_iterations > self.max_iterations_cap:
@@ -2509,6 +2601,45 @@ class _StoredRun:
     record: bytes  # the run record's JSON, compressed
 
 
+@attrs.frozen(kw_only=True)
+class WebhookEvent:
+    """One webhook to deliver: a run's stop (an end or a pause), its payload, and the attempts made so far.
+
+    `event_id` (the `webhook-id` header) is the run's id and the number of its status changes at the stop, the same
+    on every retry of the event and on every server; a run that pauses and later ends sends two events.
+    """
+
+    event_id: str
+    run_id: str
+    url: str
+    body: bytes
+    attempts: int = 0
+
+
+def webhook_event(run: RunContext) -> WebhookEvent | None:
+    """The webhook event of a run that has just stopped (None while it is active, or without a webhook)."""
+    if run.webhook is None or run.status.is_active:
+        return None
+    payload = {"run_id": run.run_id, "graph_id": run.graph_id, "status": run.status.value, "error": run.error,
+               "iteration": run.iteration, "finished_at": converter.unstructure(run.finished_at)}
+    return WebhookEvent(event_id=f"{run.run_id}.{len(run.history)}", run_id=run.run_id, url=run.webhook.url,
+                        body=dump_json(payload))
+
+
+@attrs.define(kw_only=True)
+class _StoredWebhook:
+    event: WebhookEvent
+    delivery: WebhookDelivery
+    next_at: float | None  # time.time() of the next attempt; None once delivered or abandoned
+    owner: str | None = None
+    claimed_until: float = 0.0
+
+
+def _with_webhook(record: dict[str, Any], delivery: WebhookDelivery | None) -> dict[str, Any]:
+    """A run record showing how its latest webhook delivery went (the run's own copy only names the URL)."""
+    return record if delivery is None else {**record, "webhook": converter.unstructure(delivery)}
+
+
 class MemoryStore:
     """Graphs and runs in memory: at most `max_runs` finished runs (oldest evicted first) and `max_graphs` graphs.
 
@@ -2527,6 +2658,9 @@ class MemoryStore:
         self._finished: dict[str, None] = {}  # finished run ids, oldest first
         self._paused: set[str] = set()
         self._keys: dict[str, _StoredKey] = {}  # idempotency keys, oldest first (all live equally long)
+        self._run_keys: dict[str, set[str]] = {}  # the keys naming each run, which go with it
+        self._webhooks: dict[str, dict[str, _StoredWebhook]] = {}  # by run, then event, oldest first
+        self._due: dict[str, str] = {}  # events not yet delivered or abandoned -> their run
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
 
     async def reserve_key(self, key: IdempotencyKey, run_id: str, token: str, ttl_s: float,
@@ -2534,17 +2668,31 @@ class MemoryStore:
         """Reserve `key` for the request `token` that will start (or resume) `run_id` and return None; or return
         what an earlier request holds. A key expires `ttl_s` after it was reserved, and a reservation whose run has
         not started `reserve_s` after it was made (its request died) is free again."""
-        now = time.monotonic()
+        now = time.time()
         while self._keys and (next(iter(self._keys.values())).expires_at <= now
                               or len(self._keys) >= MAX_IDEMPOTENCY_KEYS):
-            del self._keys[next(iter(self._keys))]
-        stored = self._keys.get(key.key)
-        if stored is not None and (stored.held.is_accepted or stored.reserved_at + reserve_s > now):
-            return stored.held
-        self._keys.pop(key.key, None)  # a stale reservation goes to the end, with the young keys
+            self._forget_key(next(iter(self._keys)))
+        held = self._held(key.key, reserve_s, now)
+        if held is not None:
+            return held
+        self._forget_key(key.key)  # a stale reservation goes to the end, with the young keys
         self._keys[key.key] = _StoredKey(held=HeldKey(fingerprint=key.fingerprint, run_id=run_id, is_accepted=False),
                                          token=token, reserved_at=now, expires_at=now + ttl_s)
+        self._run_keys.setdefault(run_id, set()).add(key.key)
         return None
+
+    def held_key(self, key: str, reserve_s: float = IDEMPOTENCY_RESERVE_S) -> HeldKey | None:
+        """What an earlier request holds for `key` (a read: a request that waits on another's reservation polls
+        it); None if nothing, or a reservation older than `reserve_s` whose run has not started."""
+        return self._held(key, reserve_s, time.time())
+
+    def _held(self, key: str, reserve_s: float, now: float) -> HeldKey | None:
+        stored = self._keys.get(key)
+        if stored is None or stored.expires_at <= now:
+            return None
+        if not stored.held.is_accepted and stored.reserved_at + reserve_s <= now:  # its request died
+            return None
+        return stored.held
 
     async def accept_key(self, key: str, token: str) -> None:
         """Mark `key`, reserved by `token`, as naming a run that has started."""
@@ -2556,7 +2704,47 @@ class MemoryStore:
         """Forget `key`, reserved by `token`, whose request started nothing."""
         stored = self._keys.get(key)
         if stored is not None and stored.token == token:
-            del self._keys[key]
+            self._forget_key(key)
+
+    async def delete_expired_keys(self, now: datetime | None, limit: int) -> int:
+        """Forget at most `limit` keys expired at `now` (None: the time), oldest first; return how many."""
+        clock = time.time() if now is None else now.timestamp()
+        expired = list(itertools.islice(itertools.takewhile(lambda key: self._keys[key].expires_at <= clock,
+                                                            self._keys), limit))
+        for key in expired:
+            self._forget_key(key)
+        return len(expired)
+
+    async def claim_webhooks(self, owner: str, limit: int, claim_s: float = WEBHOOK_CLAIM_S) -> list[WebhookEvent]:
+        """Claim for `owner`, for `claim_s`, at most `limit` webhook events that are due and that no other
+        claim holds; return them."""
+        now, claimed = time.time(), []
+        for event_id, run_id in self._due.items():
+            stored = self._webhooks[run_id][event_id]
+            if len(claimed) == limit:
+                break
+            if stored.next_at is not None and stored.next_at <= now and stored.claimed_until <= now:
+                stored.owner, stored.claimed_until = owner, now + claim_s
+                claimed.append(attrs.evolve(stored.event, attempts=stored.delivery.attempts))
+        return claimed
+
+    async def record_webhook(self, event: WebhookEvent, owner: str, delivery: WebhookDelivery,
+                             retry_s: float | None) -> None:
+        """Record an attempt `owner` made at `event` (`delivery` as it stands after it): due again in `retry_s`,
+        or (None) delivered or abandoned. An attempt of a claim that is no longer `owner`'s is not recorded."""
+        stored = self._webhooks.get(event.run_id, {}).get(event.event_id)
+        if stored is None or stored.owner != owner:
+            return
+        stored.delivery, stored.owner, stored.claimed_until = delivery, None, 0.0
+        stored.next_at = None if retry_s is None else time.time() + retry_s
+        if retry_s is None:
+            del self._due[event.event_id]
+            self._forget_done_webhooks(event.run_id)
+
+    def webhook_of(self, run_id: str) -> WebhookDelivery | None:
+        """How the latest webhook event of a run went; None if it has none."""
+        events = self._webhooks.get(run_id)
+        return next(reversed(events.values())).delivery if events else None
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -2668,12 +2856,16 @@ class MemoryStore:
         entry = self._entry(run_id)
         if isinstance(entry, RunContext):
             return entry
-        return converter.structure(json.loads(zlib.decompress(entry.record)), RunContext)
+        return converter.structure(_with_webhook(json.loads(zlib.decompress(entry.record)), self.webhook_of(run_id)),
+                                   RunContext)
 
     def get_run_json(self, run_id: str) -> bytes:
         """Return the record of the run stored as `run_id` as JSON, or raise RunNotFound."""
-        entry = self._entry(run_id)
-        return dump_json(converter.unstructure(entry)) if isinstance(entry, RunContext) else zlib.decompress(entry.record)
+        entry, delivery = self._entry(run_id), self.webhook_of(run_id)
+        if isinstance(entry, RunContext):
+            return dump_json(_with_webhook(converter.unstructure(entry), delivery))
+        record = zlib.decompress(entry.record)
+        return record if delivery is None else dump_json(_with_webhook(json.loads(record), delivery))
 
     def list_runs(
         self, *, graph_id: str | None = None, status: RunStatus | None = None, limit: int = 50, offset: int = 0
@@ -2710,12 +2902,36 @@ class MemoryStore:
         assert record is not None
         self._runs[run_id] = _StoredRun(summary=summarize(run), record=record)
         self._leases[run_id] = Lease(owner="", attempt=lease.attempt)
+        self._add_webhook(webhook_event(run))
         if not status.is_terminal:
             return
         self._finished[run_id] = None
         while len(self._finished) > self.max_runs:
-            oldest = next(iter(self._finished))
-            del self._finished[oldest], self._runs[oldest], self._leases[oldest]
+            self._drop(next(iter(self._finished)))
+
+    def _add_webhook(self, event: WebhookEvent | None) -> None:
+        if event is None:
+            return
+        self._forget_done_webhooks(event.run_id)
+        events = self._webhooks.setdefault(event.run_id, {})
+        if event.event_id not in events:
+            events[event.event_id] = _StoredWebhook(event=event, delivery=WebhookDelivery(url=event.url),
+                                                    next_at=time.time())
+            self._due[event.event_id] = event.run_id
+
+    def _forget_done_webhooks(self, run_id: str) -> None:
+        # A run keeps its events still to deliver, and the latest one whatever its state: what its record shows.
+        events = self._webhooks.get(run_id, {})
+        for event_id in [event_id for event_id in list(events)[:-1] if event_id not in self._due]:
+            del events[event_id]
+
+    def _forget_key(self, key: str) -> None:
+        stored = self._keys.pop(key, None)
+        if stored is not None:
+            keys = self._run_keys.get(stored.held.run_id, set())
+            keys.discard(key)
+            if not keys:
+                self._run_keys.pop(stored.held.run_id, None)
 
     def _entry(self, run_id: str) -> RunContext | _StoredRun:
         try:
@@ -2724,10 +2940,16 @@ class MemoryStore:
             raise RunNotFound(run_id) from None
 
     def _drop(self, run_id: str) -> None:
+        # Everything stored with the run goes: its idempotency keys (a retry of its request starts a new run) and
+        # its webhook events, delivered or not.
         del self._runs[run_id]
         self._leases.pop(run_id, None)
         self._finished.pop(run_id, None)
         self._paused.discard(run_id)
+        for key in list(self._run_keys.get(run_id, ())):
+            self._forget_key(key)
+        for event_id in self._webhooks.pop(run_id, {}):
+            self._due.pop(event_id, None)
 
 
 def _status_of(entry: RunContext | _StoredRun) -> RunStatus:
@@ -2778,7 +3000,16 @@ _FINISHED = (  # version 5: how many runs have finished, kept in meta, and an in
     f"INSERT INTO meta VALUES ('finished_runs', (SELECT CAST(COUNT(*) AS TEXT) FROM runs WHERE {_IN_TERMINAL}))",
     f"CREATE INDEX runs_finished ON runs (seq) WHERE {_IN_TERMINAL}",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS, _KEYS, _FINISHED)
+_WEBHOOKS = (  # version 6: completion webhooks, one row per event (a run's stop), on the database's clock; next_at
+    # is when the next attempt is due, NULL once delivered or abandoned. Idempotency keys go with their run.
+    "CREATE TABLE webhooks (seq {serial}, event_id TEXT NOT NULL UNIQUE, run_id TEXT NOT NULL, url TEXT NOT NULL,"
+    " body {json} NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, delivered_at TEXT, last_error TEXT,"
+    " next_at DOUBLE PRECISION, owner TEXT, claimed_until DOUBLE PRECISION)",
+    "CREATE INDEX webhooks_by_due ON webhooks (next_at)",
+    "CREATE INDEX webhooks_by_run ON webhooks (run_id, seq)",
+    "CREATE INDEX idempotency_keys_by_run ON idempotency_keys (run_id)",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS, _KEYS, _FINISHED, _WEBHOOKS)
 _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
@@ -2811,11 +3042,12 @@ class SqlStore:
     connect and the few pieces of SQL that differ, everything else is here.
 
     Every step of a run is committed atomically (its record and its new log entries), so a crash loses at most the
-    step that was executing; concurrent writes share transactions (group commit, see _write). Every write for an active run is guarded by its lease (owner and attempt),
-    and a lease lasts until a deadline on the database's clock that its owner keeps renewing; a run whose deadline
-    passed is anyone's to take over. Runs queued without an owner are claimed by whichever server has room. Reads
-    run on the caller's thread (short, indexed queries); writes on one thread of the store's own, so a busy database
-    never stalls the event loop. At most `max_runs` finished runs are kept, the oldest deleted first.
+    step that was executing; concurrent writes share transactions (group commit, see _write). Every write for an
+    active run is guarded by its lease (owner and attempt), and a lease lasts until a deadline on the database's
+    clock that its owner keeps renewing; a run whose deadline passed is anyone's to take over. Runs queued without
+    an owner are claimed by whichever server has room. Reads run on the caller's thread (short, indexed queries);
+    writes on one thread of the store's own, so a busy database never stalls the event loop. At most `max_runs`
+    finished runs are kept, the oldest deleted first (see _evict).
     """
 
     is_durable = True
@@ -2854,6 +3086,13 @@ class SqlStore:
         serialized, so of two servers reserving one key at once, one wins and the other sees its reservation."""
         return await self._write(self._reserve_key, key.key, key.fingerprint, run_id, token, ttl_s, reserve_s)
 
+    def held_key(self, key: str, reserve_s: float = IDEMPOTENCY_RESERVE_S) -> HeldKey | None:
+        """What an earlier request holds for `key`, as MemoryStore says; a read, on the caller's thread."""
+        row = self._read_one(f"SELECT fingerprint, run_id, accepted FROM idempotency_keys WHERE idempotency_key = ?"
+                             f" AND expires_at > {self.NOW} AND (accepted = 1 OR reserved_at + ? > {self.NOW})",
+                             (key, reserve_s))
+        return None if row is None else HeldKey(fingerprint=row[0], run_id=row[1], is_accepted=bool(row[2]))
+
     async def accept_key(self, key: str, token: str) -> None:
         """Mark `key`, reserved by `token`, as naming a run that has started."""
         await self._write(self._update_key, "UPDATE idempotency_keys SET accepted = 1", key, token)
@@ -2861,6 +3100,26 @@ class SqlStore:
     async def release_key(self, key: str, token: str) -> None:
         """Forget `key`, reserved by `token`, whose request started nothing."""
         await self._write(self._update_key, "DELETE FROM idempotency_keys", key, token)
+
+    async def delete_expired_keys(self, now: datetime | None, limit: int) -> int:
+        """Delete, in one transaction, at most `limit` keys expired at `now` (None: the database's clock)."""
+        return await self._write(self._delete_expired_keys, _epoch(now), limit)
+
+    async def claim_webhooks(self, owner: str, limit: int, claim_s: float = WEBHOOK_CLAIM_S) -> list[WebhookEvent]:
+        """Claim webhook events as MemoryStore does, in one transaction: of several servers, one sends each."""
+        return await self._write(self._claim_webhooks, owner, limit, claim_s)
+
+    async def record_webhook(self, event: WebhookEvent, owner: str, delivery: WebhookDelivery,
+                             retry_s: float | None) -> None:
+        """Record an attempt at `event` as MemoryStore does, if `owner` still holds its claim."""
+        delivered_at = converter.unstructure(delivery.delivered_at)
+        await self._write(self._record_webhook, event.event_id, event.run_id, owner, delivery.attempts, delivered_at,
+                          delivery.last_error, retry_s)
+
+    def webhook_of(self, run_id: str) -> WebhookDelivery | None:
+        """How the latest webhook event of a run went; None if it has none."""
+        with self._reading() as db:
+            return self._webhook_of(db, run_id)
 
     async def add_graph(self, graph: GraphDefinition) -> bool:
         """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
@@ -3127,9 +3386,18 @@ class SqlStore:
         with self._reading() as db:
             row = self._one(db, "SELECT head FROM runs WHERE run_id = ?", (run_id,))
             entries = self._all(db, "SELECT entry FROM logs WHERE run_id = ? ORDER BY position", (run_id,))
+            delivery = None if row is None else self._webhook_of(db, run_id)
         if row is None:
             raise RunNotFound(run_id)
-        return {**json.loads(row[0]), "logs": [json.loads(entry) for (entry,) in entries]}
+        return _with_webhook({**json.loads(row[0]), "logs": [json.loads(entry) for (entry,) in entries]}, delivery)
+
+    def _webhook_of(self, db: Any, run_id: str) -> WebhookDelivery | None:
+        row = self._one(db, "SELECT url, attempts, delivered_at, last_error FROM webhooks WHERE run_id = ?"
+                        " ORDER BY seq DESC LIMIT 1", (run_id,))
+        if row is None:
+            return None
+        delivered_at = None if row[2] is None else datetime.fromisoformat(row[2])
+        return WebhookDelivery(url=row[0], attempts=row[1], delivered_at=delivered_at, last_error=row[3])
 
     def _migrate(self, db: Any) -> None:
         version = int(self._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")[0]) \
@@ -3145,8 +3413,9 @@ class SqlStore:
 
     def _reserve_key(self, db: Any, key: str, fingerprint: str, run_id: str, token: str, ttl_s: float,
                      reserve_s: float) -> HeldKey | None:
-        db.execute(self._sql(f"DELETE FROM idempotency_keys WHERE expires_at <= {self.NOW} OR (idempotency_key = ?"
-                             f" AND accepted = 0 AND reserved_at + ? <= {self.NOW})"), (key, reserve_s))
+        # The sweeper deletes the other expired keys, a batch at a time.
+        db.execute(self._sql(f"DELETE FROM idempotency_keys WHERE idempotency_key = ? AND (expires_at <= {self.NOW}"
+                             f" OR accepted = 0 AND reserved_at + ? <= {self.NOW})"), (key, reserve_s))
         row = self._one(db, "SELECT fingerprint, run_id, accepted FROM idempotency_keys WHERE idempotency_key = ?",
                         (key,))
         if row is not None:
@@ -3158,6 +3427,45 @@ class SqlStore:
 
     def _update_key(self, db: Any, statement: str, key: str, token: str) -> None:
         db.execute(self._sql(f"{statement} WHERE idempotency_key = ? AND token = ?"), (key, token))
+
+    def _delete_expired_keys(self, db: Any, now: float | None, limit: int) -> int:
+        clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
+        expired = self._all(db, "SELECT idempotency_key FROM idempotency_keys WHERE expires_at <= ?"
+                            " ORDER BY expires_at LIMIT ?", (clock, limit))
+        self._executemany(db, "DELETE FROM idempotency_keys WHERE idempotency_key = ?", expired)
+        return len(expired)
+
+    def _claim_webhooks(self, db: Any, owner: str, limit: int, claim_s: float) -> list[WebhookEvent]:
+        rows = self._all(db, "SELECT event_id, run_id, url, body, attempts FROM webhooks"
+                         f" WHERE next_at <= {self.NOW} AND (owner IS NULL OR claimed_until < {self.NOW})"
+                         f" ORDER BY next_at LIMIT ?{self.SKIP_LOCKED}", (limit,))
+        self._executemany(db, f"UPDATE webhooks SET owner = ?, claimed_until = {self.NOW} + ? WHERE event_id = ?",
+                          [(owner, claim_s, row[0]) for row in rows])
+        return [WebhookEvent(event_id=event_id, run_id=run_id, url=url, body=bytes(body), attempts=attempts)
+                for event_id, run_id, url, body, attempts in rows]
+
+    def _record_webhook(self, db: Any, event_id: str, run_id: str, owner: str, attempts: int, delivered_at: str | None,
+                        last_error: str | None, retry_s: float | None) -> None:
+        next_at = "NULL" if retry_s is None else f"{self.NOW} + ?"
+        db.execute(self._sql("UPDATE webhooks SET attempts = ?, delivered_at = ?, last_error = ?,"
+                             f" next_at = {next_at}, owner = NULL, claimed_until = NULL"
+                             " WHERE event_id = ? AND owner = ?"),
+                   (attempts, delivered_at, last_error, *(() if retry_s is None else (retry_s,)), event_id, owner))
+        if retry_s is None:  # a run keeps its events still to deliver, and its latest one
+            db.execute(self._sql("DELETE FROM webhooks WHERE run_id = ? AND next_at IS NULL AND seq <"
+                                 " (SELECT MAX(seq) FROM webhooks WHERE run_id = ?)"), (run_id, run_id))
+
+    def _add_webhook(self, db: Any, event: WebhookEvent) -> None:
+        db.execute(self._sql("DELETE FROM webhooks WHERE run_id = ? AND next_at IS NULL"), (event.run_id,))
+        db.execute(self._sql("INSERT INTO webhooks (event_id, run_id, url, body, next_at)"
+                             f" VALUES (?, ?, ?, ?, {self.NOW}) ON CONFLICT (event_id) DO NOTHING"),
+                   (event.event_id, event.run_id, event.url, event.body))
+
+    def _delete_with_runs(self, db: Any, ids: list[tuple[str]]) -> None:
+        # Everything stored with a run goes with it: its log, its webhook events (delivered or not) and the
+        # idempotency keys naming it (a retry of its request starts a new run).
+        for table in ("logs", "webhooks", "idempotency_keys", "runs"):
+            self._executemany(db, f"DELETE FROM {table} WHERE run_id = ?", ids)
 
     def _insert_graph(self, db: Any, graph_id: str, definition: bytes) -> bytes | None:
         row = self._one(db, "SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
@@ -3181,11 +3489,11 @@ class SqlStore:
         entries = [(run.run_id, position, dump_json(converter.unstructure(entry)))
                    for position, entry in enumerate(run.logs[saved_logs:], start=saved_logs)]
         history, events = dump_json(head["history"]), len(run.history) + len(run.logs)
-        return run.run_id, run.graph_id, run.status, dump_json(head), history, events, entries
+        return run.run_id, run.graph_id, run.status, dump_json(head), history, events, entries, webhook_event(run)
 
     def _claim(self, db: Any, expected: RunStatus | None, owner: str | None, lease_s: float, origin: str | None,
                room: int | None, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
-               events: int, entries: list[tuple[str, int, bytes]]) -> int:
+               events: int, entries: list[tuple[str, int, bytes]], webhook: WebhookEvent | None) -> int:
         owner = owner if status.is_active else None  # a stopped run has no owner
         lease = None if owner is None else lease_s
         if room is not None and status.is_active and self._one(
@@ -3207,12 +3515,12 @@ class SqlStore:
                                  " cancel_requested = 0, head = ?, history = ?, event_count = ?,"
                                  " origin = COALESCE(?, origin) WHERE run_id = ?"),
                        (status.value, owner, attempt, lease, head, history, events, origin, run_id))
-        self._add_logs(db, run_id, status, entries, queued=owner is None and status.is_active,
+        self._add_logs(db, run_id, status, entries, webhook, queued=owner is None and status.is_active,
                        was_finished=expected is not None and expected.is_terminal)
         return attempt
 
     def _save(self, db: Any, lease: Lease, lease_s: float, run_id: str, graph_id: str, status: RunStatus, head: bytes,
-              history: bytes, events: int, entries: list[tuple[str, int, bytes]]) -> None:
+              history: bytes, events: int, entries: list[tuple[str, int, bytes]], webhook: WebhookEvent | None) -> None:
         owner = lease.owner if status.is_active else None
         updated = db.execute(self._sql(
             f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
@@ -3221,17 +3529,18 @@ class SqlStore:
              lease.attempt))
         if updated.rowcount == 0:
             raise LeaseLost(run_id)
-        self._add_logs(db, run_id, status, entries)
+        self._add_logs(db, run_id, status, entries, webhook)
 
-    def _take_over(self, db: Any, lease: Lease, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
-                   events: int, entries: list[tuple[str, int, bytes]]) -> None:
+    def _take_over(self, db: Any, lease: Lease, run_id: str, graph_id: str, status: RunStatus, head: bytes,
+                   history: bytes, events: int, entries: list[tuple[str, int, bytes]],
+                   webhook: WebhookEvent | None) -> None:
         updated = db.execute(self._sql(
             "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?, event_count = ?"
             f" WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}"),
             (status.value, head, history, events, run_id, lease.owner, lease.attempt))
         if updated.rowcount == 0:
             raise LeaseLost(run_id)
-        self._add_logs(db, run_id, status, entries, queued=status.is_active)
+        self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
     def _claim_next(self, db: Any, owner: str, lease_s: float) -> tuple[str, int, bool] | None:
         row = self._one(db, "SELECT run_id, attempt, cancel_requested FROM runs WHERE status = 'pending'"
@@ -3264,7 +3573,7 @@ class SqlStore:
                              (run_id,)).rowcount
         if deleted == 0:
             raise _delete_refused(run_id, RunStatus(row[0]))
-        db.execute(self._sql("DELETE FROM logs WHERE run_id = ?"), (run_id,))
+        self._delete_with_runs(db, [(run_id,)])
         if RunStatus(row[0]).is_terminal:
             self._count_finished(db, -1)
         self._notify(db, f"run {run_id}")
@@ -3292,18 +3601,19 @@ class SqlStore:
         expired = self._all(db, f"SELECT run_id FROM runs WHERE {_IN_PAUSED if is_paused else _IN_TERMINAL}"
                             " AND owner IS NULL AND stopped_at < ? ORDER BY stopped_at LIMIT ?", (clock - ttl_s, limit))
         ids = [(run_id,) for (run_id,) in expired]
-        self._executemany(db, "DELETE FROM logs WHERE run_id = ?", ids)
-        self._executemany(db, "DELETE FROM runs WHERE run_id = ?", ids)
+        self._delete_with_runs(db, ids)
         if not is_paused:
             self._count_finished(db, -len(ids))
         return len(ids)
 
-    def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]], *,
-                  queued: bool = False, was_finished: bool = False) -> None:
+    def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]],
+                  webhook: WebhookEvent | None = None, *, queued: bool = False, was_finished: bool = False) -> None:
         self._executemany(db, "INSERT INTO logs (run_id, position, entry) VALUES (?, ?, ?)"
                           " ON CONFLICT (run_id, position) DO UPDATE SET entry = excluded.entry", entries)
         if not status.is_active:  # what the sweeper counts a time to live from
             db.execute(self._sql(f"UPDATE runs SET stopped_at = {self.NOW} WHERE run_id = ?"), (run_id,))
+        if webhook is not None:  # in the transaction of the stop itself: a crash cannot lose it
+            self._add_webhook(db, webhook)
         if status.is_terminal and not was_finished:
             self._count_finished(db, 1)
             self._evict(db)
@@ -3326,8 +3636,8 @@ class SqlStore:
         excess = int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0]) - self.max_runs
         if excess > 0:
             oldest = f"SELECT run_id FROM {self.FINISHED_RUNS} WHERE {_IN_TERMINAL} ORDER BY seq LIMIT ?"
-            db.execute(self._sql(f"DELETE FROM logs WHERE run_id IN ({oldest})"), (excess,))
-            db.execute(self._sql(f"DELETE FROM runs WHERE run_id IN ({oldest})"), (excess,))
+            for table in ("logs", "webhooks", "idempotency_keys", "runs"):  # as _delete_with_runs
+                db.execute(self._sql(f"DELETE FROM {table} WHERE run_id IN ({oldest})"), (excess,))
             self._count_finished(db, -excess)
 
 
@@ -3528,7 +3838,8 @@ class Metrics:
         self.store_errors = _Family("workflow_store_errors_total", counter, "Store operations that failed in this "
                                     "process", samples={(): 0})
         self.webhook_deliveries = _Family("workflow_webhook_deliveries_total", counter, "Completion webhook "
-                                          "deliveries, by result (no series until webhooks exist)", ("result",))
+                                          "attempts this process made, by result (failed: to be retried; abandoned: "
+                                          "the last attempt failed)", ("result",))
         self.http_requests = _Family("workflow_http_requests_total", counter, "HTTP requests and WebSocket "
                                      "handshakes, by route template and status (499: the client went away first)",
                                      ("route", "status"))
@@ -3602,6 +3913,10 @@ class Metrics:
         """Count a store operation that failed."""
         self.store_errors.add()
 
+    def count_webhook(self, result: WebhookResult) -> None:
+        """Count an attempt to deliver a webhook."""
+        self.webhook_deliveries.add((result,))
+
     def count_request(self, route: str, status: int) -> None:
         """Count an answered HTTP request or WebSocket handshake."""
         self.http_requests.add((route, status))
@@ -3628,6 +3943,42 @@ class Metrics:
 # A run this engine executes has one record, `_ActiveRun`, from its launch until its task has saved it for the last
 # time. That task is the only code that changes the run; it claims the run from the store first, and releases the
 # record in its own `finally`, after the last save. Everything else (cancel, resume, streams, shutdown) asks it.
+# Webhooks never hold up a run: the store keeps each event with the run's stop, and a task of their own sends them.
+def sign_webhook(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` of Standard Webhooks: `v1,` and the base64 HMAC-SHA256 of `id.timestamp.body`,
+    keyed with `secret` (a `whsec_` secret is the base64 of the key's bytes, any other is its UTF-8)."""
+    key = base64.b64decode(secret.removeprefix("whsec_")) if secret.startswith("whsec_") else secret.encode()
+    digest = hmac.new(key, f"{event_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def post_webhook(event: WebhookEvent, secret: str | None, timeout_s: float = WEBHOOK_TIMEOUT_S) -> str | None:
+    """POST `event` to its URL (blocking: call it on a thread); return None if the receiver answered 2xx, else why
+    the attempt failed. A redirect is a failed attempt: it is never followed."""
+    parts, timestamp = urllib.parse.urlsplit(event.url), int(time.time())
+    headers = {"content-type": "application/json", "user-agent": "workflow_engine", "webhook-id": event.event_id,
+               "webhook-timestamp": str(timestamp)}
+    if secret:
+        headers["webhook-signature"] = sign_webhook(secret, event.event_id, timestamp, event.body)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname or "", parts.port, timeout=timeout_s)
+    try:
+        connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), event.body,
+                           headers)
+        answer = connection.getresponse()
+        answer.read(WEBHOOK_ANSWER_BYTES)
+    except TimeoutError:
+        return f"no answer within {timeout_s:g} s"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"could not deliver: {_describe(exc)}"
+    finally:
+        connection.close()
+    if 200 <= answer.status < 300:
+        return None
+    redirect = " (redirects are not followed)" if 300 <= answer.status < 400 else ""
+    return f"the receiver answered {answer.status}{redirect}"
+
+
 @attrs.define(eq=False)
 class _ActiveRun:
     run: RunContext
@@ -3716,6 +4067,16 @@ class _ActiveRun:
         logger.info("run %s finished: %s", run.run_id, run.status.value, extra={"fields": fields})
 
 
+async def _in_batches(delete: Callable[[int], Awaitable[int]], batch: int) -> int:
+    """Call `delete(batch)` until it deletes fewer than `batch`; return how many it deleted in all."""
+    deleted, count = 0, batch
+    while count == batch:
+        count = await delete(batch)
+        deleted += count
+        await asyncio.sleep(0)  # between a memory store's slices, the event loop serves everything else
+    return deleted
+
+
 class Engine:
     """The core the HTTP layer calls: it validates and stores graphs, and starts, tracks, streams and cancels runs.
 
@@ -3739,7 +4100,9 @@ class Engine:
         self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
         self._draining: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None  # with a shared store: claims queued runs, keeps leases
-        self._sweeper: asyncio.Task[None] | None = None  # with a time to live: deletes expired runs
+        self._sweeper: asyncio.Task[None] | None = None  # deletes expired runs and idempotency keys
+        self._deliverer: asyncio.Task[None] | None = None  # with webhook hosts: sends webhooks as they come due
+        self._webhooks_due = asyncio.Event()  # a run with a webhook stopped here, or the engine stops
         self._wake = asyncio.Event()  # a run was queued, a slot came free, or the store says something changed
         self._followers: dict[str, set[asyncio.Event]] = {}  # streams of runs that another server executes
         self._stopping = threading.Event()  # set to stop the worker and the thread that listens to the store
@@ -3749,12 +4112,14 @@ class Engine:
                                   max_iterations=self.settings.max_iterations)
 
     async def open(self) -> None:
-        """Start the sweeper if a time to live is set and, with a shared store, start working the queue and keeping
-        leases (create_app's lifespan calls this; a run started here calls it too)."""
+        """Start the sweeper, the webhook deliverer if webhook hosts are set (it resumes a durable store's pending
+        deliveries) and, with a shared store, start working the queue and keeping leases (create_app's lifespan calls
+        this; a run started here calls it too)."""
         if self._draining is not None:
             return
-        if self._sweeper is None and (self.settings.run_ttl_s is not None or self.settings.paused_ttl_s is not None):
+        if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_often(), name=f"sweeper {self.worker_id}")
+        self._deliver_soon()
         if self._worker is not None or not self.store.is_shared:
             return
         self._worker = asyncio.create_task(self._work(), name=f"worker {self.worker_id}")
@@ -3810,7 +4175,10 @@ class Engine:
     def get_run_json(self, run_id: str) -> bytes:
         """Return a run's record as JSON."""
         active = self._active.get(run_id)
-        return self.store.get_run_json(run_id) if active is None else dump_json(converter.unstructure(active.run))
+        if active is None:
+            return self.store.get_run_json(run_id)
+        delivery = None if active.run.webhook is None else self.store.webhook_of(run_id)  # of an earlier stop
+        return dump_json(_with_webhook(converter.unstructure(active.run), delivery))
 
     def has_run(self, run_id: str) -> bool:
         """Whether a run exists, here or in the store."""
@@ -3819,16 +4187,18 @@ class Engine:
     async def start(
         self, graph: GraphDefinition | str, state: WorkflowState | None = None, *,
         max_iterations: int | None = None, timeout_s: float | None = None, wait: bool = False, queue: bool = False,
-        run_id: str | None = None,
+        run_id: str | None = None, webhook: str | None = None,
     ) -> RunContext:
         """Start a run of a stored graph (by id) or of a definition (validated and stored first, so the run can be
         resumed); return its record once the store holds it, or with `wait` once the run has stopped (executed in
-        the caller's task, so cancelling the caller cancels the run). `run_id` names the new run (None: a new id).
+        the caller's task, so cancelling the caller cancels the run). `run_id` names the new run (None: a new id);
+        `webhook`, a URL of a host in `settings.webhook_hosts`, is POSTed to whenever the run stops (ends or pauses).
 
         With `queue` (and a shared store) the run goes to the store's queue, for whichever server has room; the
         record returned is then the queued one, which `get_run` reads anew.
         """
         self._check_room()
+        delivery = self._webhook(webhook)
         graph = self.get_graph(graph) if isinstance(graph, str) else (await self.create_graph(graph))[0]
         limit = self._max_iterations(graph, max_iterations)
         state = state or WorkflowState()
@@ -3840,6 +4210,7 @@ class Engine:
             raise InvalidRequest([Problem(f"$.state.{name}", problem) for name, problem in
                                   (("data", json_problem(state.data)), ("metadata", json_problem(state.metadata)))
                                   if problem]) from None
+        run.webhook = delivery
         return await self._submit(run, graph, None, wait, queue=queue)
 
     async def resume(self, run_id: str, updates: dict[str, Any] | None = None, *,
@@ -3899,11 +4270,13 @@ class Engine:
         else:
             token, ttl_s = _new_id(), self.settings.idempotency_ttl_s
             while (held := await self.store.reserve_key(key, run_id, token, ttl_s)) is not None:
+                if held.fingerprint == key.fingerprint and not held.is_accepted:
+                    held = await self._held_until_accepted(key.key)
+                if held is None:  # the first request started nothing, or died: this one may
+                    continue
                 if held.fingerprint != key.fingerprint:
                     raise IdempotencyKeyReused(key.key)
-                if held.is_accepted:
-                    return await self._replayed(held.run_id, wait), True
-                await asyncio.sleep(IDEMPOTENCY_POLL_S)  # the first request is starting its run
+                return await self._replayed(held.run_id, wait), True
             # Shielded: a client that goes away meanwhile still leaves the key accepted or released.
             run = await asyncio.shield(self._begin_once(key.key, token, begin))
         return (await self.wait(run) if wait else run), False
@@ -3936,6 +4309,8 @@ class Engine:
             self.metrics.count_store_error()
             raise StoreUnavailable(run_id, exc) from exc
         self.metrics.count_stop(run, -1)
+        if run.webhook is not None:
+            self._deliver_soon()
         return run
 
     async def _cancel_elsewhere(self, run_id: str) -> RunContext:
@@ -3988,22 +4363,19 @@ class Engine:
         return None
 
     async def sweep(self, now: datetime | None = None, *, batch: int = SWEEP_BATCH) -> int:
-        """Delete the runs past their time to live as of `now` (None: the store's clock), `batch` per transaction;
-        return how many. Finished runs expire `settings.run_ttl_s` after finished_at, waiting and interrupted ones
-        `settings.paused_ttl_s` after; with a shared store one server sweeps per SWEEP_INTERVAL_S, the others get 0.
+        """Delete the runs and idempotency keys past their time to live as of `now` (None: the store's clock),
+        `batch` per transaction; return how many. Finished runs expire `settings.run_ttl_s` after finished_at,
+        waiting and interrupted ones `settings.paused_ttl_s` after, keys `settings.idempotency_ttl_s` after their
+        first request; with a shared store one server sweeps per SWEEP_INTERVAL_S, the others get 0.
         """
         ttls = [(is_paused, ttl_s) for is_paused, ttl_s in ((False, self.settings.run_ttl_s),
                                                             (True, self.settings.paused_ttl_s)) if ttl_s is not None]
-        if not ttls or not await self.store.claim_sweep(now, SWEEP_INTERVAL_S):
+        if not await self.store.claim_sweep(now, SWEEP_INTERVAL_S):
             return 0
         deleted = 0
         for is_paused, ttl_s in ttls:
-            count = batch
-            while count == batch:
-                count = await self.store.delete_expired(is_paused, ttl_s, now, batch)
-                deleted += count
-                await asyncio.sleep(0)  # between a memory store's slices, the event loop serves everything else
-        return deleted
+            deleted += await _in_batches(functools.partial(self.store.delete_expired, is_paused, ttl_s, now), batch)
+        return deleted + await _in_batches(functools.partial(self.store.delete_expired_keys, now), batch)
 
     def follow(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent | None]:
         """Return the run's events after id `after`, live until it stops; None marks a quiet keep-alive interval."""
@@ -4039,10 +4411,20 @@ class Engine:
         # Only now: until its runs are saved, the worker renews their leases (it claims nothing new meanwhile).
         self._stopping.set()
         self._wake.set()
+        self._webhooks_due.set()
+        if self._deliverer is not None:  # it finishes (and records) the attempts it is making
+            await asyncio.wait([self._deliverer])
         if self._worker is not None:  # stopped by the flag: Python 3.11's wait_for can swallow a cancel
             await asyncio.wait([self._worker])
         if self._listener is not None:
             await asyncio.to_thread(self._listener.join)
+
+    async def _held_until_accepted(self, key: str) -> HeldKey | None:
+        """Wait until the request holding `key` has started its run (and return what it holds) or has let the key
+        go (None); it only reads, so waiting requests add no writes to the store."""
+        while (held := self.store.held_key(key)) is not None and not held.is_accepted:
+            await asyncio.sleep(IDEMPOTENCY_POLL_S)
+        return held
 
     async def _begin_once(self, key: str, token: str, begin: Callable[[], Awaitable[RunContext]]) -> RunContext:
         try:
@@ -4158,6 +4540,8 @@ class Engine:
             if active.failure is None:  # a lost lease leaves the run to its new owner
                 await self._save_last(active, is_logged)
             self.metrics.count_stop(run, active.counted_logs, is_lost=isinstance(active.failure, LeaseLost))
+            if run.webhook is not None and active.failure is None:
+                self._deliver_soon()
             self._release(active)
             active.notify(run)
             self._wake.set()  # a slot came free
@@ -4220,20 +4604,95 @@ class Engine:
                 await asyncio.wait_for(self._wake.wait(), max(next_beat - loop.time(), 0.0))
 
     async def _sweep_often(self) -> None:
-        """Sweep every SWEEP_INTERVAL_S until the engine drains; a failing store is said once, then tried again."""
+        """Sweep every SWEEP_INTERVAL_S, from one interval after the start, until the engine drains; a failing
+        store is said once, then tried again. (Not at once: every engine sweeps idempotency keys, and an engine
+        opened for a moment, as in a script, would take a round of the sweep on a shared store for nothing.)"""
         is_failing = False
         while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
                 deleted = await self.sweep()
                 if deleted:
-                    logger.info("deleted %d runs past their time to live", deleted)
+                    logger.info("deleted %d runs and idempotency keys past their time to live", deleted)
                 is_failing = False
             except Exception as exc:
                 if not is_failing:
                     logger.error("sweeper %s: the store failed (%s); trying again every %s s", self.worker_id,
                                  _describe(exc), SWEEP_INTERVAL_S)
                 is_failing = True
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+
+    def _webhook(self, url: str | None) -> WebhookDelivery | None:
+        """The webhook of a new run, or raise InvalidRequest: its target must be one of the allowed hosts."""
+        if url is None:
+            return None
+        problem = url_problem(url)  # the request's validator said so already; a caller in code may not have
+        if problem is None and not self.settings.webhook_hosts:
+            problem = "webhooks are off on this server; its operator turns them on by listing the host:port targets " \
+                      "they may go to in WORKFLOW_WEBHOOK_HOSTS"
+        elif problem is None and webhook_target(url) not in self.settings.webhook_hosts:
+            problem = f"{_shown(webhook_target(url))} is not an allowed webhook target; the server sends webhooks " \
+                      "only to the host:port targets in WORKFLOW_WEBHOOK_HOSTS"
+        if problem:
+            raise InvalidRequest([Problem("$.webhook", problem)])
+        return WebhookDelivery(url=url)
+
+    def _deliver_soon(self) -> None:
+        """Have the deliverer look for webhooks due (started the first time; never once the engine stops)."""
+        if not self.settings.webhook_hosts or self._stopping.is_set():
+            return
+        if self._deliverer is None:
+            self._deliverer = asyncio.create_task(self._deliver_often(), name=f"webhooks {self.worker_id}")
+        self._webhooks_due.set()
+
+    async def _deliver_often(self) -> None:
+        """Send webhooks as they come due until the engine stops; a failing store is said once, then tried again."""
+        threads = ThreadPoolExecutor(max_workers=WEBHOOK_BATCH, thread_name_prefix="workflow-webhook")
+        is_failing = False
+        try:
+            while not self._stopping.is_set():
+                self._webhooks_due.clear()
+                try:
+                    wait_s = await self._deliver_due(threads)
+                    is_failing = False
+                except Exception as exc:
+                    self.metrics.count_store_error()
+                    if not is_failing:
+                        logger.error("webhooks %s: the store failed (%s); trying again every %s s", self.worker_id,
+                                     _describe(exc), WEBHOOK_POLL_S)
+                    is_failing, wait_s = True, WEBHOOK_POLL_S
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._webhooks_due.wait(), wait_s)
+        finally:
+            threads.shutdown(wait=False)
+
+    async def _deliver_due(self, threads: ThreadPoolExecutor) -> float:
+        """Make one attempt at each webhook due (a batch at once); return how long to wait before the next look."""
+        events = await self.store.claim_webhooks(self.worker_id, WEBHOOK_BATCH)
+        retries = await asyncio.gather(*(self._deliver(event, threads) for event in events))
+        if len(events) == WEBHOOK_BATCH:
+            return 0.0
+        return min([WEBHOOK_POLL_S, *(retry_s for retry_s in retries if retry_s is not None)])
+
+    async def _deliver(self, event: WebhookEvent, threads: ThreadPoolExecutor) -> float | None:
+        """Make one attempt at `event` and record it; return when it is due again (None: delivered or abandoned)."""
+        attempts, target = event.attempts + 1, webhook_target(event.url)
+        if target in self.settings.webhook_hosts:  # checked again: the operator may have changed the list since
+            error = await asyncio.get_running_loop().run_in_executor(threads, post_webhook, event,
+                                                                     self.settings.webhook_secret)
+        else:
+            error = f"{target} is no longer in WORKFLOW_WEBHOOK_HOSTS"
+        is_last = error is None or attempts >= self.settings.webhook_attempts
+        retry_s = None if is_last else min(self.settings.webhook_backoff_s * 2 ** (attempts - 1), WEBHOOK_MAX_BACKOFF_S)
+        delivery = WebhookDelivery(url=event.url, attempts=attempts, delivered_at=None if error else _now(),
+                                   last_error=error)
+        await self.store.record_webhook(event, self.worker_id, delivery, retry_s)
+        if error is None:
+            self.metrics.count_webhook(WebhookResult.DELIVERED)
+            return None
+        self.metrics.count_webhook(WebhookResult.ABANDONED if is_last else WebhookResult.FAILED)
+        logger.warning("run %s: webhook %s attempt %d of %d failed: %s", event.run_id, event.event_id, attempts,
+                       self.settings.webhook_attempts, error)
+        return retry_s
 
     async def _beat(self) -> None:
         leases = {run_id: active.lease.attempt for run_id, active in self._active.items()
@@ -4268,6 +4727,8 @@ class Engine:
             with contextlib.suppress(LeaseLost):  # another server took it over first, or its owner came back
                 await self.store.take_over(run, lease, saved_logs)  # type: ignore[union-attr]
                 self.metrics.count_takeover(run)
+                if run.webhook is not None:
+                    self._deliver_soon()
                 logger.warning("run %s: taken over from worker %s, whose lease expired", run.run_id, lease.owner)
 
     async def _claim_queued(self) -> None:
@@ -4520,7 +4981,7 @@ async def post_graph_run(request: Request) -> Response:
     run_id = _new_id()
     run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda: engine.start(
         body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s,
-        queue=not body.wait, run_id=run_id))
+        queue=not body.wait, run_id=run_id, webhook=body.webhook))
     return _run_answer(run, body.wait, is_replayed)
 
 
@@ -5055,6 +5516,10 @@ def _env_modules(raw: str) -> tuple[str, ...]:
     return tuple(module.strip() for module in raw.split(",") if module.strip())
 
 
+def _env_hosts(raw: str) -> tuple[str, ...]:
+    return parse_webhook_hosts(entry for entry in raw.split(",") if entry.strip())
+
+
 _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable, Settings field, parser
     ("WORKFLOW_MAX_ITERATIONS", "max_iterations", _env_number(int)),
     ("WORKFLOW_MAX_ITERATIONS_CAP", "max_iterations_cap", _env_number(int)),
@@ -5077,6 +5542,10 @@ _ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (  # variable
     ("WORKFLOW_RUN_TTL_S", "run_ttl_s", _env_number(float)),
     ("WORKFLOW_PAUSED_TTL_S", "paused_ttl_s", _env_number(float)),
     ("WORKFLOW_IDEMPOTENCY_TTL_S", "idempotency_ttl_s", _env_number(float)),
+    ("WORKFLOW_WEBHOOK_HOSTS", "webhook_hosts", _env_hosts),
+    ("WORKFLOW_WEBHOOK_SECRET", "webhook_secret", str),
+    ("WORKFLOW_WEBHOOK_ATTEMPTS", "webhook_attempts", _env_number(int)),
+    ("WORKFLOW_WEBHOOK_BACKOFF_S", "webhook_backoff_s", _env_number(float)),
     ("WORKFLOW_DB", "db_path", str),
     ("WORKFLOW_API_TOKEN", "api_token", str),
     ("WORKFLOW_LOG_FORMAT", "log_format", _env_log_format),
