@@ -4,6 +4,7 @@ import argparse
 import ast
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
 import gc
@@ -34,7 +35,7 @@ import time
 import types
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1016,7 +1017,7 @@ async def test_sqlite_store_encodes_big_records_off_the_event_loop(
 ) -> None:
     """The same for the head and log entries a SQL store writes."""
     store, run = we.SqliteStore(tmp_path / "runs.db"), stopped_run(data)
-    expected = we.SqlStore._values(run, 0)
+    expected = store._values(run, 0)
     threads = encode_threads(monkeypatch)
     try:
         await store.claim_run(run, None, "me")
@@ -1036,7 +1037,7 @@ async def test_sqlite_store_cancelled_checkpoint_waits_for_its_encoding(
     run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)),
                      we.WorkflowState(data={"text": "x" * 20_000}))
     started, release = threading.Event(), threading.Event()
-    values = we.SqlStore._values
+    values = store._values
 
     def held_values(held: we.RunContext, saved_logs: int) -> tuple[Any, ...]:
         started.set()
@@ -1046,7 +1047,7 @@ async def test_sqlite_store_cancelled_checkpoint_waits_for_its_encoding(
     try:
         lease = await store.claim_run(run, None, "me")
         we.move_run(run, we.RunStatus.RUNNING)
-        monkeypatch.setattr(we.SqlStore, "_values", staticmethod(held_values))
+        monkeypatch.setattr(store, "_values", held_values)
         checkpoint = asyncio.create_task(store.save_run(run, lease))
         await asyncio.to_thread(started.wait)
         checkpoint.cancel()
@@ -2886,6 +2887,163 @@ async def test_sqlite_store_keeps_at_most_max_runs_finished(tmp_path: Path, regi
     assert ([s.run_id for s in summaries], total) == ([r.run_id for r in reversed(runs[2:])], 3)
     assert engine.store._reader.execute("SELECT COUNT(*) FROM logs").fetchone() == (3,)
     await engine.shutdown()
+
+
+async def held_batch(store: we.SqlStore, writes: list[Awaitable[Any]], kind: str | None = None) -> list[Any]:
+    """Await `writes` as one batch of the store's writer thread: a write of the test's own holds the thread until
+    all of them (or as many writes of the store's method `kind`) wait for it. Return what each returned or raised."""
+    entered, released = threading.Event(), threading.Event()
+
+    def hold(db: Any) -> None:
+        entered.set()
+        released.wait(10)
+
+    holder = asyncio.ensure_future(store._write(hold))
+    assert await asyncio.to_thread(entered.wait, 10)
+    tasks = [asyncio.ensure_future(write) for write in writes]
+    def waiting() -> int:
+        return sum(kind is None or write.fn.__name__ == kind for write in store._pending)
+
+    for _ in range(1000):  # each write is queued at its first await; no sleep, just turns of the loop
+        if waiting() == len(tasks):
+            break
+        await asyncio.sleep(0)
+    assert waiting() == len(tasks)
+    released.set()
+    await holder
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def count_statements(store: we.SqliteStore) -> collections.Counter:
+    """Count the statements the store's writer connection runs, by first word."""
+    counted: collections.Counter = collections.Counter()
+    store._writer.set_trace_callback(lambda statement: counted.update([statement.split()[0]]))
+    return counted
+
+
+async def check_group_commit_fails_only_the_failing_writes(store: we.SqlStore, duplicate_error: type) -> None:
+    """Four writes in one transaction: a stale lease and a duplicate run id fail their callers only."""
+    running = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+    we.move_run(running, we.RunStatus.RUNNING)
+    lease = await store.claim_run(running, None, "worker")
+    first, duplicate, last = stopped_run({"n": 1}), stopped_run({"n": 2}), stopped_run({"n": 3})
+    duplicate.run_id = first.run_id
+    stale = attrs.evolve(running, status=we.RunStatus.COMPLETED)
+    outcomes = await held_batch(store, [store.claim_run(first, None, None),
+                                        store.save_run(stale, we.Lease("worker", lease.attempt + 1)),
+                                        store.claim_run(duplicate, None, None), store.claim_run(last, None, None)])
+    assert outcomes[0] == outcomes[3] == we.Lease(owner="", attempt=1)
+    assert isinstance(outcomes[1], we.LeaseLost)
+    assert outcomes[1].message == f"run '{running.run_id}' is now owned by another worker; this one stopped executing it"
+    assert isinstance(outcomes[2], duplicate_error)
+    assert [store.get_run(run.run_id) for run in (first, last)] == [first, last]
+    assert store.get_run(running.run_id) == running  # the stale save changed nothing
+    assert store.list_runs()[1] == 3
+    store.close()
+
+
+async def test_sqlite_group_commit_fails_only_the_failing_writes_of_a_batch(tmp_path: Path) -> None:
+    store = we.SqliteStore(tmp_path / "runs.db")
+    counted = count_statements(store)
+    await check_group_commit_fails_only_the_failing_writes(store, sqlite3.IntegrityError)
+    assert (counted["BEGIN"], counted["SAVEPOINT"], counted["ROLLBACK"], counted["COMMIT"]) == (3, 4, 2, 3)
+
+
+class FailingCommitStore(we.SqliteStore):
+    """A SqliteStore whose transaction number `failing` (counted from 1 after `count_from_here`) fails as it
+    commits, as a full disk makes it."""
+
+    failing, transactions = 0, 0
+
+    def count_from_here(self, failing: int) -> None:
+        self.failing, self.transactions = failing, 0
+
+    @contextlib.contextmanager
+    def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
+        with super()._transaction(is_progress=is_progress) as db:
+            yield db
+            self.transactions += 1
+            if self.transactions == self.failing:
+                raise sqlite3.OperationalError("database or disk is full")
+
+
+async def test_sqlite_group_commit_that_fails_fails_every_write_of_its_batch(tmp_path: Path) -> None:
+    store = FailingCommitStore(tmp_path / "runs.db")
+    runs = [stopped_run({"n": n}) for n in range(3)]
+    store.count_from_here(failing=2)  # the first is held_batch's own
+    outcomes = await held_batch(store, [store.claim_run(run, None, None) for run in runs])
+    assert [(type(outcome), str(outcome)) for outcome in outcomes] == [
+        (sqlite3.OperationalError, "database or disk is full")] * 3
+    assert store.list_runs() == ([], 0)
+    assert await store.claim_run(runs[0], None, None) == we.Lease(owner="", attempt=1)  # the writer goes on
+    assert store.get_run(runs[0].run_id) == runs[0]
+    store.close()
+
+
+async def test_sqlite_group_commit_runs_concurrent_runs_in_shared_transactions(tmp_path: Path,
+                                                                              registry: we.Registry) -> None:
+    """Twenty runs claimed while the writer is held share one transaction; every run is on disk when answered."""
+    path = tmp_path / "runs.db"
+    store = we.SqliteStore(path)
+    engine = we.Engine(registry, store)
+    await engine.create_graph(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)))
+    statements: list[str] = []
+    store._writer.set_trace_callback(statements.append)
+    runs = await held_batch(store, [engine.run("g", we.WorkflowState(data={"value": value})) for value in range(20)],
+                            "_claim")
+    other = we.SqliteStore(path)
+    stored = [other.get_run(run.run_id) for run in runs]
+    assert [(run.status, run.state.data) for run in stored] == [
+        (we.RunStatus.COMPLETED, {"value": value, "count": 1}) for value in range(20)]
+    assert stored == runs
+    transactions = " ".join(statements).split("BEGIN IMMEDIATE")
+    assert max(transaction.count("INSERT INTO runs") for transaction in transactions) == 20
+    assert sum(transaction.count("INSERT INTO runs") for transaction in transactions) == 20
+    other.close()
+    await engine.shutdown()
+
+
+def finished_count(store: we.SqlStore) -> int:
+    return int(store._read_one("SELECT value FROM meta WHERE key = 'finished_runs'")[0])
+
+
+async def test_sqlite_store_evicts_the_oldest_finished_runs_by_its_count(tmp_path: Path, registry: we.Registry) -> None:
+    """The count of finished runs follows runs, deletes and evictions; a paused run is never evicted."""
+    engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db", max_runs=3))
+    definition = we.GraphDefinition(graph_id="m", start_node="inc", nodes=("inc",))
+    paused = await engine.run(we.GraphDefinition(graph_id="p", start_node="approve", nodes=("approve",)))
+    runs = [await engine.run(definition) for _ in range(5)]
+    assert (paused.status, finished_count(engine.store)) == (we.RunStatus.WAITING, 3)
+    await engine.delete_run(runs[4].run_id)
+    assert finished_count(engine.store) == 2
+    runs += [await engine.run(definition) for _ in range(2)]  # the first fits; the second evicts runs[2]
+    summaries, total = engine.store.list_runs()
+    kept = [runs[6], runs[5], runs[3], paused]
+    assert ([s.run_id for s in summaries], total) == ([run.run_id for run in kept], 4)
+    assert engine.store._reader.execute("SELECT COUNT(*) FROM logs").fetchone() == (4,)
+    assert finished_count(engine.store) == 3
+    await engine.shutdown()
+
+
+async def test_sqlite_store_over_its_bound_after_a_restart_evicts_when_opened(tmp_path: Path,
+                                                                              registry: we.Registry) -> None:
+    """Reopened with a smaller max_runs, or from schema version 4 (no count kept), the store keeps the newest."""
+    path = tmp_path / "runs.db"
+    engine = we.Engine(registry, we.SqliteStore(path, max_runs=10))
+    paused = await engine.run(we.GraphDefinition(graph_id="p", start_node="approve", nodes=("approve",)))
+    runs = [await engine.run(we.GraphDefinition(graph_id="m", start_node="inc", nodes=("inc",))) for _ in range(5)]
+    await engine.shutdown()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:  # back to version 4
+        db.executescript("DELETE FROM meta WHERE key = 'finished_runs'; DROP INDEX runs_finished; DROP TABLE webhooks;"
+                         " DROP INDEX idempotency_keys_by_run; UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    reopened = we.SqliteStore(path, max_runs=2)
+    summaries, total = reopened.list_runs()
+    assert ([s.run_id for s in summaries], total) == ([runs[4].run_id, runs[3].run_id, paused.run_id], 3)
+    assert (finished_count(reopened), reopened._reader.execute("SELECT COUNT(*) FROM logs").fetchone()) == (2, (3,))
+    reopened.close()
+    again = we.SqliteStore(path, max_runs=1)
+    assert ([s.run_id for s in again.list_runs()[0]], finished_count(again)) == ([runs[4].run_id, paused.run_id], 1)
+    again.close()
 
 
 # ---------------------------------------------------------------------------
@@ -4998,8 +5156,8 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
     http = row["http"]
     assert http.keys() == {"cases", "runs_stored", "runs_not_completed"}
     # The probe, then at each connection count one warm-up request per connection and the counted ones.
-    assert (http["runs_stored"], http["runs_not_completed"]) == (1 + sum(c + requests for c in (1, 16)), 0)
-    assert [case["connections"] for case in http["cases"]] == [1, 16]
+    assert (http["runs_stored"], http["runs_not_completed"]) == (1 + sum(c + requests for c in (1, 16, 64)), 0)
+    assert [case["connections"] for case in http["cases"]] == [1, 16, 64]
     for case, ceiling in zip(http["cases"], bare, strict=True):
         assert case.keys() == BENCH_CASE_KEYS | {"share_of_bare"}
         assert (case["requests"], case["errors"]) == (requests, 0)
@@ -5007,15 +5165,48 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
         assert case["share_of_bare"] == pytest.approx(case["rps"] / ceiling["rps"])
 
 
-def expected_bench_store_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 14's targets, one per measured store and connection count, then `no errors` (all zero here)."""
+def check_bench_sqlite_figures(sqlite: dict[str, Any]) -> None:
+    """SQLite filling up (every run completed, the file at its bound) and the synchronous settings' cases."""
+    fill = sqlite["fill"]
+    assert fill.keys() == {"runs", "chunk", "chunks_runs_per_s", "first_runs_per_s", "last_runs_per_s",
+                           "last_share_of_first", "max_runs", "runs_stored", "not_completed"}
+    assert (fill["runs"], fill["chunk"], fill["max_runs"]) == (400, 100, 400) == (
+        bench.QUICK.fill_runs, bench.QUICK.fill_chunk, bench.QUICK.fill_runs)
+    assert (len(fill["chunks_runs_per_s"]), fill["runs_stored"], fill["not_completed"]) == (4, 400, 0)
+    rates = fill["chunks_runs_per_s"]
+    assert (fill["first_runs_per_s"], fill["last_runs_per_s"], fill["last_share_of_first"]) == (
+        rates[0], rates[-1], rates[-1] / rates[0])
+    assert [(case["synchronous"], case["concurrency"], case["not_completed"]) for case in sqlite["synchronous"]] == [
+        ("NORMAL", 1, 0), ("FULL", 1, 0), ("NORMAL", 16, 0), ("FULL", 16, 0)]
+    assert all(case["runs_per_s"] > 0 for case in sqlite["synchronous"])
+
+
+def expected_bench_store_targets(stores: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's targets: for each measured store, its req/s against the bare endpoint's at each connection count
+    and its p99 against its p50 at 64; SQLite's last chunk of its fill against its first; errors (all zero)."""
     shares, targets = {"memory": 0.6, "sqlite": 0.35, "postgres": 0.25}, []
-    for row in rows:
-        share = shares[row["store"]]
-        for case, connections in zip(row["http"]["cases"], ("1 connection", "16 connections"), strict=True):
-            name = f"{row['store']} trivial 5-node run >= {share:.0%} of bare req/s at {connections}"
-            targets.append({"target": name, "value": case["share_of_bare"], "met": case["share_of_bare"] >= share})
-    return [*targets, {"target": "no errors", "value": 0, "met": True}]
+    for row in (row for row in stores["stores"] if row["http"] is not None):
+        share, cases = shares[row["store"]], row["http"]["cases"]
+        for case, bare in zip(cases, stores["bare"], strict=True):
+            targets.append(bench.target_row(f"{row['store']} trivial 5-node run, wait, {case['connections']} conns: "
+                                            "req/s", case["rps"], bare["rps"], f">= {share}x bare",
+                                            case["rps"] >= share * bare["rps"]))
+        targets.append(bench.target_row(f"{row['store']} trivial 5-node run, 64 conns: p99 ms vs p50",
+                                        cases[-1]["p99_ms"], cases[-1]["p50_ms"], "<= 3x p50",
+                                        cases[-1]["p99_ms"] <= 3 * cases[-1]["p50_ms"]))
+    fill = stores["sqlite"]["fill"]
+    targets.append(bench.target_row("sqlite filling up, last 100 of 400 runs: runs/s vs the first 100",
+                                    fill["last_runs_per_s"], fill["first_runs_per_s"], ">= 0.8x",
+                                    fill["last_runs_per_s"] >= 0.8 * fill["first_runs_per_s"]))
+    return [*targets, bench.target_row("stores: errors", 0, None, "0", True)]
+
+
+def check_closing_store_targets(out: str, targets: list[dict[str, Any]]) -> None:
+    """The closing table has a line for each of the stores section's targets, in order, with its verdict."""
+    lines = [line for line in out.splitlines() if line.startswith(f"  {'stores':<8}")]
+    assert [line[10:].startswith(target["target"]) for line, target in zip(lines, targets, strict=True)] == [
+        True] * len(targets)
+    assert [line.endswith(" met") for line in lines] == [target["met"] for target in targets]
 
 
 def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -5029,9 +5220,9 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
     assert bench.main(["stores", "--quick", "--http-requests", "20", "--json", str(path)]) == 0
 
     stores = json.loads(path.read_text())["stores"]
-    assert stores.keys() == {"connections", "bare", "stores", "targets"}
-    assert stores["connections"] == [1, 16]
-    assert [case["connections"] for case in stores["bare"]] == [1, 16]
+    assert stores.keys() == {"connections", "bare", "stores", "sqlite", "targets"}
+    assert stores["connections"] == [1, 16, 64]
+    assert [case["connections"] for case in stores["bare"]] == [1, 16, 64]
     for case in stores["bare"]:
         assert case.keys() == BENCH_CASE_KEYS
         assert (case["requests"], case["errors"]) == (20, 0)
@@ -5041,16 +5232,25 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
         check_bench_store_row(row, stores["bare"], 20)
     skipped = "no PostgreSQL server named: give --postgres-url URL or set WORKFLOW_TEST_POSTGRES_URL"
     assert postgres == {"store": "postgres", "skipped": skipped, "error": None, "in_process": None, "http": None}
-    assert stores["targets"] == expected_bench_store_targets(measured)
+    check_bench_sqlite_figures(stores["sqlite"])
+    assert stores["targets"] == expected_bench_store_targets(stores)
     out, err = capsys.readouterr()
     assert err == ""
     assert "20 requests per case" in out
     rows = [line.split()[0] for line in out.splitlines() if " |" in line and not line.lstrip().startswith("|")]
     assert rows == ["store", "bare", "memory", "sqlite"]  # one table: a row per store, continued per connection count
     assert f"  postgres          skipped: {skipped}" in out.splitlines()
-    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("  target")] == [
-        f"  target {target['target']}" for target in stores["targets"]]
-    assert "  target no errors: 0 met" in out.splitlines()
+    check_closing_store_targets(out, stores["targets"])
+    rates = " ".join(f"{rate:.0f}" for rate in stores["sqlite"]["fill"]["chunks_runs_per_s"])
+    assert (f"  sqlite filling up, 400 runs one after another into a file with max_runs = 400, runs/s per 100: "
+            f"{rates}") in out.splitlines()
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("  sqlite synchronous")] == [
+        "  sqlite synchronous, 1 run at a time", "  sqlite synchronous, 16 runs at a time"]
+
+
+def test_bench_rejects_a_fill_below_two_chunks(capsys: pytest.CaptureFixture) -> None:
+    assert bench.main(["stores", "--quick", "--fill", "199"]) == 2
+    assert capsys.readouterr().err == "bench.py: --fill must be at least 200\n"
 
 
 def test_bench_stores_reports_a_postgres_server_that_cannot_be_reached(tmp_path: Path,
@@ -5121,6 +5321,7 @@ def test_loadtest_reports_a_server_that_does_not_answer(capsys: pytest.CaptureFi
 # ---------------------------------------------------------------------------
 E2E_FLOW = """
 import asyncio
+import collections
 import os
 import pathlib
 import time
@@ -5702,7 +5903,8 @@ def test_bench_stores_quick_through_postgres(tmp_path: Path, capsys: pytest.Capt
     assert [row["store"] for row in stores["stores"]] == ["memory", "sqlite", "postgres"]
     for row in stores["stores"]:
         check_bench_store_row(row, stores["bare"], 20)
-    assert stores["targets"] == expected_bench_store_targets(stores["stores"])
+    check_bench_sqlite_figures(stores["sqlite"])
+    assert stores["targets"] == expected_bench_store_targets(stores)
     assert bench_databases() - before == set()
     out, err = capsys.readouterr()
     assert err == ""
@@ -5713,6 +5915,52 @@ def test_bench_stores_quick_through_postgres(tmp_path: Path, capsys: pytest.Capt
 @needs_postgres
 async def test_postgres_store_claims_and_leases_like_the_others(pg_url: str) -> None:
     await check_claims_and_leases(we.PostgresStore(pg_url))
+
+
+@needs_postgres
+async def test_postgres_group_commit_fails_only_the_failing_writes_of_a_batch(pg_url: str) -> None:
+    import psycopg  # noqa: PLC0415
+    await check_group_commit_fails_only_the_failing_writes(we.PostgresStore(pg_url), psycopg.errors.UniqueViolation)
+
+
+@needs_postgres
+async def test_postgres_progress_writes_take_the_write_lock_but_skip_the_wait_for_the_disk(pg_url: str) -> None:
+    """A heartbeat waits for the lock that serializes every server's writes, as a claim does; only transactions of
+    progress writes commit without waiting for the disk."""
+    import psycopg  # noqa: PLC0415
+    store = we.PostgresStore(pg_url)
+
+    def setting(db: Any) -> str:
+        return db.execute("SHOW synchronous_commit").fetchone()[0]
+
+    assert (await store._write(setting), await store._write(setting, is_progress=True)) == ("on", "off")
+    writer = store._writer.info.backend_pid
+    waits = "SELECT COUNT(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND NOT granted"
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        for write, expected in ((store.heartbeat("w", {}), we.Heartbeat()),
+                                (store.claim_run(stopped_run({"n": 1}), None, None), we.Lease(owner="", attempt=1))):
+            other.execute("SELECT pg_advisory_lock(7261)")
+            waiting = asyncio.ensure_future(write)
+            for _ in range(10_000):
+                if other.execute(waits, (writer,)).fetchone()[0] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert other.execute(waits, (writer,)).fetchone()[0] == 1 and not waiting.done()
+            other.execute("SELECT pg_advisory_unlock(7261)")
+            assert await waiting == expected
+    store.close()
+
+
+@needs_postgres
+async def test_postgres_store_evicts_the_oldest_finished_runs_and_never_a_paused_one(pg_url: str,
+                                                                                  registry: we.Registry) -> None:
+    engine = we.Engine(registry, we.PostgresStore(pg_url, max_runs=2))
+    paused = await engine.run(we.GraphDefinition(graph_id="p", start_node="approve", nodes=("approve",)))
+    runs = [await engine.run(we.GraphDefinition(graph_id="m", start_node="inc", nodes=("inc",))) for _ in range(4)]
+    summaries, total = engine.store.list_runs()
+    assert ([s.run_id for s in summaries], total) == ([runs[3].run_id, runs[2].run_id, paused.run_id], 3)
+    assert finished_count(engine.store) == 2
+    await engine.shutdown()
 
 
 @needs_postgres
@@ -6161,7 +6409,8 @@ async def test_sqlite_upgrade_to_version_3_counts_stopped_runs_from_the_upgrade(
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db:  # back to version 2
         db.executescript("DROP TABLE webhooks; DROP TABLE idempotency_keys; DROP INDEX runs_by_stop;"
-                         " ALTER TABLE runs DROP COLUMN stopped_at;"
+                         " ALTER TABLE runs DROP COLUMN stopped_at; DROP INDEX runs_finished;"
+                         " DELETE FROM meta WHERE key = 'finished_runs';"
                          " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
     store = we.SqliteStore(path)
     stopped = store._read_one("SELECT stopped_at FROM runs WHERE run_id = ?", (run.run_id,))[0]

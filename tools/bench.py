@@ -1,7 +1,7 @@
 """Benchmark the workflow engine against its ceiling: the runner in-process, the HTTP server, memory, the stores.
 
 Usage:  python tools/bench.py [engine] [http] [memory] [stores] [fanout] [--quick] [--json PATH] [--memory-runs N]
-                               [--http-requests N] [--postgres-url URL]   (default: all sections)
+                               [--http-requests N] [--postgres-url URL] [--fill N]   (default: all sections)
 
 engine  The five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step logging,
         through Engine.run (the run record created, and saved to the memory store at the end): microseconds and
@@ -21,8 +21,11 @@ memory  Bytes held per stored finished run of the code-review input (tracemalloc
         RSS), and the server's RSS over 50,000 runs with the default WORKFLOW_MAX_RUNS: it must level off.
 stores  Trivial runs (the engine loop with N = 1: five steps) through the memory store, SQLite and PostgreSQL,
         each starting empty: in process, runs/s of Engine.run one after another (median of a few rounds); over
-        HTTP, one `uvicorn workflow_engine:app` per store (WORKFLOW_DB set) at 1 and 16 connections, POST
+        HTTP, one `uvicorn workflow_engine:app` per store (WORKFLOW_DB set) at 1, 16 and 64 connections, POST
         /graph/run with "wait": true, requests/s and p50/p99 next to the bare endpoint given the same body.
+        Then SQLite filling up: --fill N runs one after another into a file with max_runs = N, runs/s of the
+        last chunk against the first (default 10,000; issue 14 asks for 100,000), and what PRAGMA synchronous
+        FULL costs against NORMAL (the store's setting), one run at a time and 16 at once.
         PostgreSQL only with --postgres-url (default $WORKFLOW_TEST_POSTGRES_URL): a server on which the bench
         creates databases of its own and drops them afterwards; without one its row says it was skipped.
 fanout  A `map` node over 1,000 items (200 with --quick) of a one-node trivial graph (E: i += 1), with the default
@@ -130,6 +133,9 @@ class Profile:
     memory_max_runs: int | None  # memory: WORKFLOW_MAX_RUNS for the server; None keeps the default
     store_rounds: int  # stores: timed rounds of in-process runs per store, after a warm-up run
     store_runs: int  # stores: runs per round
+    fill_runs: int  # stores: runs into one SQLite file whose bound (max_runs) is that many
+    fill_chunk: int  # stores: runs per timed chunk of the fill; the first chunk's runs/s is the baseline
+    sync_runs: int  # stores: runs per SQLite synchronous setting and concurrency
     http_requests: int | None = None  # http, stores: requests per case instead of http_seconds of them
     fanout_items: int = 1000  # fanout: items of the map, and sequential runs it is compared with
     http_rounds: int = 1  # http: rounds of every case and the bare endpoint in turn, http_seconds shared out
@@ -138,12 +144,12 @@ class Profile:
 FULL = Profile(
     repeats=7, sample_seconds=0.2, long_n=2000, http_seconds=2.0, http_warmup=0.5,
     traced_runs=500, memory_runs=50_000, memory_checkpoints=10, memory_max_runs=None,
-    store_rounds=5, store_runs=200, http_rounds=3,
+    store_rounds=5, store_runs=200, fill_runs=10_000, fill_chunk=1000, sync_runs=640, http_rounds=3,
 )
 QUICK = Profile(
     repeats=3, sample_seconds=0.02, long_n=200, http_seconds=0.8, http_warmup=0.2,
     traced_runs=200, memory_runs=3000, memory_checkpoints=6, memory_max_runs=500,
-    store_rounds=3, store_runs=20, fanout_items=200,
+    store_rounds=3, store_runs=20, fill_runs=400, fill_chunk=100, sync_runs=32, fanout_items=200,
 )
 
 
@@ -1054,10 +1060,13 @@ def print_memory(result: dict[str, Any]) -> None:
 # once), next to the bare endpoint with the same body. Each store starts empty: a new SQLite file, a new PostgreSQL
 # database, for each part.
 STORES = ("memory", "sqlite", "postgres")
-STORE_CONNECTIONS = (1, 16)
+STORE_CONNECTIONS = (1, 16, 64)
+TARGET_FILL_SHARE = 0.8  # SQLite filling up: runs/s of the last chunk at least this share of the first chunk's
+SYNC_MODES = ("NORMAL", "FULL")  # PRAGMA synchronous settings measured; the first is SqliteStore's
+SYNC_CONCURRENCY = (1, 16)  # runs at once while measuring them
 POSTGRES_URL_VARIABLE = "WORKFLOW_TEST_POSTGRES_URL"  # the tests' server, the default of --postgres-url
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
-# Targets of issue 14, printed for information: a trivial 5-node run over HTTP, as a share of the bare endpoint.
+# Targets of issue 14: a trivial 5-node run over HTTP, as a share of the bare endpoint.
 TARGET_STORE_SHARE = {"memory": 0.6, "sqlite": 0.35, "postgres": 0.25}
 _IN_PROCESS_WIDTH = 45  # the table's columns before the HTTP ones: the store's name and its in-process figures
 BENCH_GRAPH = {  # bench_graph() as POST /graph/create takes it
@@ -1138,6 +1147,58 @@ async def _in_process(we: ModuleType, location: str | None, profile: Profile) ->
     median = statistics.median(rates)
     return {"rounds": profile.store_rounds, "runs_per_round": profile.store_runs, "runs_per_s": median,
             "us_per_run": 1e6 / median, "rounds_runs_per_s": rates, "not_completed": not_completed}
+
+
+async def _runs(we: ModuleType, engine: Any, count: int) -> int:
+    """Run the trivial run `count` times, one after another; return how many did not complete."""
+    not_completed = 0
+    for _ in range(count):
+        run = await engine.run("bench", we.WorkflowState(data={"i": 0, "n": 1}))
+        not_completed += run.status is not we.RunStatus.COMPLETED
+    return not_completed
+
+
+async def sqlite_fill(we: ModuleType, path: Path, profile: Profile) -> dict[str, Any]:
+    """Fill a new SQLite file whose bound is the run count, one run after another: runs/s of each chunk."""
+    engine = we.Engine(bench_registry(we), we.SqliteStore(path, max_runs=profile.fill_runs))
+    rates, not_completed = [], 0
+    try:
+        await engine.create_graph(bench_graph(we))
+        for _ in range(profile.fill_runs // profile.fill_chunk):
+            started = time.perf_counter()
+            not_completed += await _runs(we, engine, profile.fill_chunk)
+            rates.append(profile.fill_chunk / (time.perf_counter() - started))
+        stored = engine.store.counts()[1]
+    finally:
+        await engine.shutdown()
+    return {"runs": len(rates) * profile.fill_chunk, "chunk": profile.fill_chunk, "chunks_runs_per_s": rates,
+            "first_runs_per_s": rates[0], "last_runs_per_s": rates[-1], "last_share_of_first": rates[-1] / rates[0],
+            "max_runs": profile.fill_runs, "runs_stored": stored, "not_completed": not_completed}
+
+
+async def sqlite_synchronous(we: ModuleType, path: Path, mode: str, concurrency: int, runs: int) -> dict[str, Any]:
+    """Runs/s of `runs` trivial runs, `concurrency` at a time, through a new SQLite file with PRAGMA synchronous
+    `mode`."""
+    store_class = type(f"{mode.title()}SqliteStore", (we.SqliteStore,), {"SYNCHRONOUS": mode})
+    engine = we.Engine(bench_registry(we), store_class(path))
+    try:
+        await engine.create_graph(bench_graph(we))
+        await _runs(we, engine, 1)  # warm-up
+        started = time.perf_counter()
+        not_completed = sum(await asyncio.gather(*(_runs(we, engine, runs // concurrency) for _ in range(concurrency))))
+        rate = concurrency * (runs // concurrency) / (time.perf_counter() - started)
+    finally:
+        await engine.shutdown()
+    return {"synchronous": mode, "concurrency": concurrency, "runs_per_s": rate, "not_completed": not_completed}
+
+
+def run_sqlite_figures(we: ModuleType, scratch: Path, profile: Profile) -> dict[str, Any]:
+    """SQLite's own figures: filling up, and the synchronous settings (each in a new file)."""
+    fill = asyncio.run(sqlite_fill(we, scratch / "fill.db", profile))
+    synchronous = [asyncio.run(sqlite_synchronous(we, scratch / f"sync-{mode}-{concurrency}.db", mode, concurrency,
+                                                  profile.sync_runs))
+                   for concurrency in SYNC_CONCURRENCY for mode in SYNC_MODES]
+    return {"fill": fill, "synchronous": synchronous}
 
 
 def _json_bytes(payload: object) -> bytes:
@@ -1236,6 +1297,7 @@ def run_stores(profile: Profile, postgres_url: str | None) -> dict[str, Any]:
             if row["skipped"] is None:
                 with _recorded(row), store_location(row["store"], scratch, "in_process", postgres_url) as location:
                     row["in_process"] = asyncio.run(_in_process(we, location, profile))
+        sqlite = run_sqlite_figures(we, scratch, profile)
         bare = running.enter_context(uvicorn_server("bare", "bench_bare_app:app", scratch, env))
         servers = {}
         for row in rows:
@@ -1246,22 +1308,33 @@ def run_stores(profile: Profile, postgres_url: str | None) -> dict[str, Any]:
         ceiling, http = asyncio.run(_store_loads(bare, servers, profile))
     for row in rows:
         row["http"] = http.get(row["store"])
-    return {"connections": list(STORE_CONNECTIONS), "bare": ceiling, "stores": rows, "targets": _store_targets(rows)}
+    return {"connections": list(STORE_CONNECTIONS), "bare": ceiling, "stores": rows, "sqlite": sqlite,
+            "targets": _store_targets(rows, ceiling, sqlite)}
 
 
-def _connections(count: int) -> str:
-    return f"{count} connection{'' if count == 1 else 's'}"
-
-
-def _store_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _store_targets(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]],
+                   sqlite: dict[str, Any]) -> list[dict[str, Any]]:
     measured = [row for row in rows if row["http"] is not None]
-    targets = [{"target": f"{row['store']} trivial 5-node run >= {TARGET_STORE_SHARE[row['store']]:.0%} of bare "
-                          f"req/s at {_connections(case['connections'])}",
-                "value": case["share_of_bare"], "met": case["share_of_bare"] >= TARGET_STORE_SHARE[row["store"]]}
-               for row in measured for case in row["http"]["cases"]]
+    targets = []
+    for row in measured:
+        share, cases = TARGET_STORE_SHARE[row["store"]], row["http"]["cases"]
+        for case, bare in zip(cases, ceiling, strict=True):
+            targets.append(target_row(f"{row['store']} trivial 5-node run, wait, {case['connections']} conns: req/s",
+                                      case["rps"], bare["rps"], f">= {share:g}x bare",
+                                      case["rps"] >= share * bare["rps"]))
+        busiest = cases[-1]
+        targets.append(target_row(f"{row['store']} trivial 5-node run, {busiest['connections']} conns: p99 ms vs p50",
+                                  busiest["p99_ms"], busiest["p50_ms"], f"<= {TARGET_P99_OVER_P50:g}x p50",
+                                  busiest["p99_ms"] <= TARGET_P99_OVER_P50 * busiest["p50_ms"]))
+    fill = sqlite["fill"]
+    targets.append(target_row(f"sqlite filling up, last {fill['chunk']:,} of {fill['runs']:,} runs: runs/s vs the "
+                              f"first {fill['chunk']:,}", fill["last_runs_per_s"], fill["first_runs_per_s"],
+                              f">= {TARGET_FILL_SHARE:g}x", fill["last_runs_per_s"] >= TARGET_FILL_SHARE * fill[
+                                  "first_runs_per_s"]))
     errors = sum(row["in_process"]["not_completed"] + row["http"]["runs_not_completed"]
                  + sum(case["errors"] for case in row["http"]["cases"]) for row in measured)
-    targets.append({"target": "no errors", "value": errors, "met": errors == 0})
+    errors += fill["not_completed"] + sum(case["not_completed"] for case in sqlite["synchronous"])
+    targets.append(target_row("stores: errors", errors, None, "0", errors == 0))
     return targets
 
 
@@ -1280,11 +1353,20 @@ def print_stores(result: dict[str, Any], profile: Profile) -> None:
     for row in result["stores"]:
         for line in _store_lines(row, memory):
             print(line)
-    for target in result["targets"]:
-        value = target["value"]
-        shown = f"{value:.0%}" if isinstance(value, float) else value
-        print(f"  target {target['target']}: {shown} {_status(target['met'])}"
-              f"{'  (issue 14, for information)' if isinstance(value, float) else ''}")
+    print_sqlite_figures(result["sqlite"])
+
+
+def print_sqlite_figures(sqlite: dict[str, Any]) -> None:
+    """Print SQLite filling up, chunk by chunk, and what each synchronous setting costs."""
+    fill = sqlite["fill"]
+    rates = " ".join(f"{rate:.0f}" for rate in fill["chunks_runs_per_s"])
+    print(f"  sqlite filling up, {fill['runs']:,} runs one after another into a file with max_runs = {fill['max_runs']:,},"
+          f" runs/s per {fill['chunk']:,}: {rates}")
+    cases = {(case["synchronous"], case["concurrency"]): case["runs_per_s"] for case in sqlite["synchronous"]}
+    for concurrency in SYNC_CONCURRENCY:
+        normal, full = cases[SYNC_MODES[0], concurrency], cases[SYNC_MODES[1], concurrency]
+        print(f"  sqlite synchronous, {concurrency} run{'' if concurrency == 1 else 's'} at a time: NORMAL "
+              f"{normal:.0f} runs/s, FULL {full:.0f} runs/s = {full / normal:.2f}x  (for information)")
 
 
 def _store_case(case: dict[str, Any], share: float) -> str:
@@ -1382,6 +1464,9 @@ def _parser() -> argparse.ArgumentParser:
                              f"--quick {QUICK.memory_runs:,})")
     parser.add_argument("--http-requests", metavar="N", type=int,
                         help="send N requests per http and stores case instead of loading it for a fixed time")
+    parser.add_argument("--fill", metavar="N", type=int,
+                        help=f"runs the stores section puts into a SQLite file with max_runs = N (default "
+                             f"{FULL.fill_runs:,}; --quick {QUICK.fill_runs:,}; issue 14 asks for 100,000)")
     parser.add_argument("--postgres-url", metavar="URL",
                         help=f"a PostgreSQL server (postgresql://user@host:port/db) on which the stores section "
                              f"creates and then drops databases of its own (default ${POSTGRES_URL_VARIABLE}; "
@@ -1472,6 +1557,11 @@ def main(argv: list[str] | None = None) -> int:
             print("bench.py: --http-requests must be at least 1", file=sys.stderr)
             return 2
         profile = attrs.evolve(profile, http_requests=args.http_requests)
+    if args.fill is not None:
+        if args.fill < 2 * profile.fill_chunk:
+            print(f"bench.py: --fill must be at least {2 * profile.fill_chunk:,}", file=sys.stderr)
+            return 2
+        profile = attrs.evolve(profile, fill_runs=args.fill)
     postgres_url = args.postgres_url or os.environ.get(POSTGRES_URL_VARIABLE) or None
     if postgres_url is not None and not postgres_url.startswith(POSTGRES_SCHEMES):
         print(f"bench.py: --postgres-url must start with {' or '.join(POSTGRES_SCHEMES)}", file=sys.stderr)
