@@ -3035,7 +3035,8 @@ async def test_sqlite_store_over_its_bound_after_a_restart_evicts_when_opened(tm
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db, db:  # back to version 4
         db.executescript("DELETE FROM meta WHERE key = 'finished_runs'; DROP INDEX runs_finished; DROP TABLE webhooks;"
-                         " DROP INDEX idempotency_keys_by_run; UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+                         " DROP INDEX idempotency_keys_by_run; DROP TABLE graph_references;"
+                         " UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     reopened = we.SqliteStore(path, max_runs=2)
     summaries, total = reopened.list_runs()
     assert ([s.run_id for s in summaries], total) == ([runs[4].run_id, runs[3].run_id, paused.run_id], 3)
@@ -6408,7 +6409,8 @@ async def test_sqlite_upgrade_to_version_3_counts_stopped_runs_from_the_upgrade(
     run = await engine.run(we.GraphDefinition(graph_id="u", start_node="inc", nodes=("inc",)))
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db:  # back to version 2
-        db.executescript("DROP TABLE webhooks; DROP TABLE idempotency_keys; DROP INDEX runs_by_stop;"
+        db.executescript("DROP TABLE graph_references; DROP TABLE webhooks; DROP TABLE idempotency_keys;"
+                         " DROP INDEX runs_by_stop;"
                          " ALTER TABLE runs DROP COLUMN stopped_at; DROP INDEX runs_finished;"
                          " DELETE FROM meta WHERE key = 'finished_runs';"
                          " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
@@ -6938,6 +6940,120 @@ async def test_delete_of_a_graph_another_runs_is_refused_naming_it(par_client: h
         "runs it; delete that graph first", "details": []}})
     assert (await par_client.delete("/graph/definition/user")).status_code == 204
     assert (await par_client.delete("/graph/definition/finder")).status_code == 204
+
+
+def gated(store_class: type) -> type:
+    """A subclass of a store whose add_graph or delete_graph, when a gate is set for it, says it has been called
+    (after the engine's own checks) and waits to be released before it goes on to the store's."""
+
+    class Gated(store_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            self.gates: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}  # method -> (called, released)
+
+        def gate(self, method: str) -> tuple[asyncio.Event, asyncio.Event]:
+            self.gates[method] = (asyncio.Event(), asyncio.Event())
+            return self.gates[method]
+
+        async def _wait(self, method: str) -> None:
+            called, released = self.gates.pop(method, (None, None))
+            if called is not None and released is not None:
+                called.set()
+                await released.wait()
+
+        async def add_graph(self, graph: we.GraphDefinition, registered: Any = ()) -> bool:
+            await self._wait("add_graph")
+            return await super().add_graph(graph, registered)
+
+        async def delete_graph(self, graph_id: str) -> None:
+            await self._wait("delete_graph")
+            await super().delete_graph(graph_id)
+
+    return Gated
+
+
+def two_servers_stores(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    """Two gated stores on one database (memory: one store that two engines share)."""
+    if kind == "memory":
+        store = gated(we.MemoryStore)()
+        return store, store
+    store_class = we.SqliteStore if kind == "sqlite" else we.PostgresStore
+    target = str(tmp_path / "runs.db") if kind == "sqlite" else request.getfixturevalue("pg_url")
+    return gated(store_class)(target), gated(store_class)(target)
+
+
+USER_OF_FINDER = one_node("user", {"name": "review_each", "map": {"over": "xs", "as": "x", "graph": "finder",
+                                                                  "collect": "c"}})
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("postgres", marks=needs_postgres)])
+async def test_create_of_a_graph_and_delete_of_one_it_runs_on_two_servers_never_both_succeed(
+        tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    """Each request is held after its server's own checks, while the other server's request goes through: the held
+    one, checked again by the store in the transaction of its write, is refused."""
+    store_a, store_b = two_servers_stores(kind, tmp_path, request)
+    app_a, app_b = (we.create_app(registry=par_registry(), store=store) for store in (store_a, store_b))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app_a), base_url="http://a") as a, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app_b), base_url="http://b") as b:
+        finder = {"graph_id": "finder", "start_node": "find", "nodes": ["find"]}
+        assert (await b.post("/graph/create", json=finder)).status_code == 201
+        called, released = store_a.gate("add_graph")  # A has validated "user" against "finder"; B deletes it
+        create = asyncio.create_task(a.post("/graph/create", json=USER_OF_FINDER))
+        await called.wait()
+        deleted = await b.delete("/graph/definition/finder")
+        released.set()
+        refused_create = await create
+        assert (await b.post("/graph/create", json=finder)).status_code == 201
+        called, released = store_b.gate("delete_graph")  # B has found no registered graph that runs "finder"
+        delete = asyncio.create_task(b.delete("/graph/definition/finder"))
+        await called.wait()
+        created = await a.post("/graph/create", json=USER_OF_FINDER)
+        released.set()
+        refused_delete = await delete
+        listed = sorted(graph["graph_id"] for graph in (await b.get("/graph/list")).json()["graphs"])
+        for app in (app_a, app_b):
+            await engine_of(app).shutdown()
+    assert (deleted.status_code, refused_create.status_code, refused_create.json()) == (204, 422, {"error": {
+        "code": "invalid_graph", "message": "the graph has 1 problem",
+        "details": [{"path": "$.nodes[0].map.graph", "message": "unknown graph 'finder'"}]}})
+    assert (created.status_code, refused_delete.status_code, refused_delete.json()) == (201, 409, {"error": {
+        "code": "graph_conflict", "message": "graph 'finder' cannot be deleted: node 'review_each' of graph 'user' "
+        "runs it; delete that graph first", "details": []}})
+    assert listed == ["finder", "user"]
+
+
+async def test_sqlite_upgrade_to_version_7_indexes_the_graphs_stored_before(tmp_path: Path) -> None:
+    """A database of version 6 knows nothing of references: opened by this code, its graphs' are indexed, so a
+    delete of a graph that a stored graph runs is refused (naming the first such graph and node), and a delete of
+    that graph removes its references."""
+    path = tmp_path / "runs.db"
+    app = we.create_app(registry=par_registry(), store=we.SqliteStore(path))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        for definition in [{"graph_id": "finder", "start_node": "find", "nodes": ["find"]},
+                           {"graph_id": "plus", "start_node": "inc", "nodes": ["inc"]}, USER_OF_FINDER,
+                           one_node("both", {"name": "checks", "parallel": {"branches": ["plus", "finder", "plus"],
+                                                                            "merge": {"count": "sum"}}})]:
+            assert (await client.post("/graph/create", json=definition)).status_code == 201
+    await engine_of(app).shutdown()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript("DROP TABLE graph_references; UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    store = we.SqliteStore(path)
+    rows = store._read_all("SELECT graph_id, position, node, referenced FROM graph_references"
+                           " ORDER BY graph_id, referenced")
+    app = we.create_app(registry=par_registry(), store=store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        refused = [(await client.delete(f"/graph/definition/{graph_id}")).json()["error"]["message"]
+                   for graph_id in ("finder", "plus")]
+        deleted = [(await client.delete(f"/graph/definition/{graph_id}")).status_code
+                   for graph_id in ("user", "finder", "both", "finder", "plus")]
+    left = store._read_all("SELECT COUNT(*) FROM graph_references")
+    await engine_of(app).shutdown()
+    assert rows == [("both", 0, "checks", "finder"), ("both", 0, "checks", "plus"),
+                    ("user", 0, "review_each", "finder")]
+    assert refused == ["graph 'finder' cannot be deleted: node 'review_each' of graph 'user' runs it; delete that "
+                       "graph first", "graph 'plus' cannot be deleted: node 'checks' of graph 'both' runs it; delete "
+                       "that graph first"]
+    assert (deleted, left) == ([204, 409, 204, 204, 204], [(0,)])
 
 
 def signalling(store_class: type) -> type:
