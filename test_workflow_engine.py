@@ -5493,6 +5493,108 @@ def test_tools_read_a_review_server(review_server: str, capsys: pytest.CaptureFi
     assert capsys.readouterr().out.startswith(f"run {run_id}, graph code_review, status completed, 8 steps\n")
 
 
+FAN_GRAPHS = [  # graph, map and parallel nodes, one inside another, of E2E_FLOW's nodes
+    {"graph_id": "count_once", "start_node": "count", "nodes": ["count"]},
+    {"graph_id": "count_loop", "start_node": "count", "nodes": ["count"],
+     "edges": {"count": {"branches": [{"condition": "below_limit", "target": "count"}]}}},
+    {"graph_id": "inner", "start_node": "sub", "nodes": [{"name": "sub", "graph": "count_once"}]},
+    {"graph_id": "fan", "start_node": "each", "nodes": [
+        {"name": "each", "map": {"over": "limits", "as": "limit", "graph": "count_loop", "collect": "ns", "output": "n",
+                                 "max_concurrency": 2}},
+        {"name": "both", "parallel": {"branches": ["count_once", "inner"], "merge": {"n": "sum"}}},
+        {"name": "again", "graph": "count_once"}],
+     "edges": {"each": {"default_next": "both"}, "both": {"default_next": "again"}}},
+]
+FAN_DOT = """digraph "fan" {
+  rankdir=TB;
+  node [shape=box, style=rounded, fontname="Helvetica"];
+  edge [fontname="Helvetica"];
+  "__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+  "__end__" [label="end", shape=doublecircle];
+  subgraph "cluster_each" {
+    label="each: map count_loop over limits as limit, collect n -> ns, 2 at once";
+    style=rounded; fontname="Helvetica";
+    "each/__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+    "each/__end__" [label="end", shape=doublecircle];
+    "each/count" [label="count"];
+  }
+  subgraph "cluster_both" {
+    label="both: parallel, merge n sum";
+    style=rounded; fontname="Helvetica";
+    "both/__fork__" [label="fork", shape=invtriangle];
+    "both/__join__" [label="join", shape=triangle];
+    subgraph "cluster_both[0]" {
+      label="both[0]: count_once";
+      style=rounded; fontname="Helvetica";
+      "both[0]/count" [label="count"];
+    }
+    subgraph "cluster_both[1]" {
+      label="both[1]: inner";
+      style=rounded; fontname="Helvetica";
+      subgraph "cluster_both[1]/sub" {
+        label="sub: graph count_once";
+        style=rounded; fontname="Helvetica";
+        "both[1]/sub/__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+        "both[1]/sub/__end__" [label="end", shape=doublecircle];
+        "both[1]/sub/count" [label="count"];
+      }
+    }
+  }
+  subgraph "cluster_again" {
+    label="again: graph count_once";
+    style=rounded; fontname="Helvetica";
+    "again/__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+    "again/__end__" [label="end", shape=doublecircle];
+    "again/count" [label="count"];
+  }
+  "__start__" -> "each/__start__";
+  "each/__end__" -> "both/__fork__";
+  "both/__join__" -> "again/__start__";
+  "again/__end__" -> "__end__";
+  "each/__start__" -> "each/count";
+  "each/count" -> "each/count" [label="below_limit", style=dashed];
+  "each/count" -> "each/__end__";
+  "both/__fork__" -> "both[0]/count";
+  "both[0]/count" -> "both/__join__";
+  "both/__fork__" -> "both[1]/sub/__start__";
+  "both[1]/sub/__end__" -> "both/__join__";
+  "both[1]/sub/__start__" -> "both[1]/sub/count";
+  "both[1]/sub/count" -> "both[1]/sub/__end__";
+  "again/__start__" -> "again/count";
+  "again/count" -> "again/__end__";
+}
+"""
+
+
+def test_e2e_tools_draw_and_tabulate_graph_map_and_parallel_nodes_of_a_live_server(
+        server: str, capsys: pytest.CaptureFixture) -> None:
+    """visualize_graph fetches the drawn graph and every graph it runs from the server; visualize_logs fetches the
+    run and groups its branches' steps under their step. Every line is compared; of the durations, which the run
+    measured, the table must show exactly the record's."""
+    with httpx.Client(base_url=server, timeout=10) as client:
+        created = [client.post("/graph/create", json=graph).status_code for graph in FAN_GRAPHS]
+        run = client.post("/graph/run", json={"graph_id": "fan", "state": {"data": {"limits": [1, 3]}}}).json()
+    assert (created, run["status"], run["final_state"]["data"]) == (
+        [201] * 4, "completed", {"limits": [1, 3], "ns": [1, 3], "n": 3})
+    assert visualize_graph.main(["--url", server, "--graph-id", "fan"]) == 0
+    assert capsys.readouterr() == (FAN_DOT, "")
+    assert visualize_logs.main(["--url", server, "--run-id", run["run_id"]]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    rows = [[cell.rstrip() for cell in line.split(" | ")] for line in lines[3:]]  # a branch's node is indented
+    assert (err, lines[:3]) == ("", [
+        f"run {run['run_id']}, graph fan, status completed, 11 steps, 8 in branches",
+        "Iteration | Node      | Path              | Event    | Duration | Keys Changed",
+        "----------+-----------+-------------------+----------+----------+-------------"])
+    assert [row[:4] + row[5:] for row in rows] == [
+        ["1", "  count", "each[0]/count", "executed", "n"], *[["1", "  count", "each[1]/count", "executed", "n"]] * 3,
+        ["1", "each", "", "executed", "ns"], ["2", "  count", "both[0]/count", "executed", "n"],
+        ["2", "    count", "both[1]/sub/count", "executed", "n"], ["2", "  sub", "both[1]/sub", "executed", "n"],
+        ["2", "both", "", "executed", "n"], ["3", "  count", "again/count", "executed", "n"],
+        ["3", "again", "", "executed", "n"]]
+    assert sorted(row[4] for row in rows) == sorted(f"{entry['duration_ms']:.2f} ms" for entry in run["logs"])
+
+
 def test_e2e_stream_follows_a_run_live_while_a_blocking_node_keeps_the_server_free(server: str,
                                                                                    tmp_path: Path) -> None:
     """The server answers while a plain-function node blocks, and the stream then follows the run to its end."""
