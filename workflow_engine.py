@@ -2381,13 +2381,18 @@ class _Fork:
         log_share = max(self.root.max_log_bytes // max(len(plans), 1), 1)
         # The branches start from the step's data (a map's plus its item): each of its values is measured once.
         known = {key: (value, _json_size(value)) for key, value in plans[0][2].items()} if plans else {}
+        tasks = [asyncio.ensure_future(self._branch(key, graph, data, limit, log_share, known))
+                 for key, graph, data in plans if key not in self.root.branch_results]
+        failures: list[BaseException] = []  # in the order the branches failed
+        for task in tasks:
+            task.add_done_callback(functools.partial(_note_failure, failures))
         try:
-            async with asyncio.TaskGroup() as group:
-                for key, graph, data in plans:
-                    if key not in self.root.branch_results:
-                        group.create_task(self._branch(key, graph, data, limit, log_share, known))
-        except ExceptionGroup as failed:  # the first failure: a branch's (the usual), or an engine's
-            raise next((exc for exc in failed.exceptions if isinstance(exc, _BranchFailed)), failed.exceptions[0])
+            if tasks:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # a failure, or the step's own cancel or timeout
+            await _cancelled_in_order(tasks)
+        if failures:  # the first failure: a branch's (the usual), or an engine's
+            raise next((exc for exc in failures if isinstance(exc, _BranchFailed)), failures[0])
         return [self.root.branch_results[key] for key, _, _ in plans]
 
     async def _branch(self, key: str, graph: GraphDefinition, data: dict[str, Any], limit: asyncio.Semaphore,
@@ -2442,6 +2447,27 @@ class _Fork:
                 await self.checkpoint(snapshot)
             except EngineError as exc:
                 raise _BranchFailed(f"the results of finished branches could not be saved: {exc.message}") from None
+
+
+def _note_failure(failures: list[BaseException], task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        failures.append(task.exception())  # type: ignore[arg-type]
+
+
+async def _cancelled_in_order(tasks: list[asyncio.Future[None]]) -> None:
+    """Cancel the branch tasks still running and wait until every one has ended, even through a cancel of the
+    caller, which is raised then. They are cancelled in branch order (a TaskGroup's order is its set's), so their
+    `cancelled` entries join the log in that order: the same run logs the same way every time."""
+    for task in tasks:
+        task.cancel()
+    cancel = None
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError as exc:
+            cancel = exc
+    if cancel is not None:
+        raise cancel
 
 
 def _branch_pause(run: RunContext) -> str | None:
