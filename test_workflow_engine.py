@@ -6896,6 +6896,189 @@ async def test_failing_branch_cancels_its_siblings_and_on_error_is_followed(par_
     assert run["final_state"]["data"]["last_error"] == {"node": "checks", "error": error}
 
 
+STRESS_SEED, STRESS_RUNS = 15, 40
+STRESS_ACTS = ("ok", "ok", "fail", "slow", "slow")  # what a branch's `act` node does: return, raise, or wait
+
+
+@attrs.frozen
+class StressPlan:
+    """One run of the branch stress test: a map or a parallel node whose branches each do `prep`, then `act`."""
+
+    kind: str  # "map" or "parallel"
+    acts: tuple[str, ...]  # each branch's act, by branch index
+    max_concurrency: int
+    cancel_at: int | None  # the slow branch at whose entry the test cancels the run, rather than release it
+    has_on_error: bool
+
+
+def stress_plans(seed: int) -> list[StressPlan]:
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(STRESS_RUNS):
+        acts = tuple(rng.choice(STRESS_ACTS) for _ in range(rng.randint(1, 6)))
+        slow = [index for index, act in enumerate(acts) if act == "slow"]
+        plans.append(StressPlan(kind=rng.choice(["map", "parallel"]), acts=acts, max_concurrency=rng.randint(1, 4),
+                                cancel_at=rng.choice([None, None, *slow]), has_on_error=rng.random() < 0.3))
+    return plans
+
+
+class StressGates:
+    """Per (run tag, branch index): how often each node started, and the gates of slow branches."""
+
+    def __init__(self) -> None:
+        self.started: collections.Counter[tuple[str, int, str]] = collections.Counter()
+        self.entered: collections.defaultdict[tuple[str, int], asyncio.Event] = collections.defaultdict(asyncio.Event)
+        self.released: collections.defaultdict[tuple[str, int], asyncio.Event] = collections.defaultdict(asyncio.Event)
+
+
+def stress_registry(gates: StressGates) -> we.Registry:
+    registry = make_registry()
+
+    def spec(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        # A map's branch has its item in data; a parallel's branch graph has it in its nodes' config.
+        spec = state.data["item"] if "item" in state.data else ctx.config
+        gates.started[state.metadata["tag"], spec["id"], ctx.node] += 1
+        return spec
+
+    @registry.node
+    async def prep(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        return {"seen": [spec(state, ctx)["id"]]}
+
+    @registry.node
+    async def act(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        branch = spec(state, ctx)
+        if branch["act"] == "fail":
+            raise ValueError(f"branch {branch['id']} fails")
+        if branch["act"] == "slow":
+            gates.entered[state.metadata["tag"], branch["id"]].set()
+            await gates.released[state.metadata["tag"], branch["id"]].wait()
+        return {"out": branch["id"] * 10, "total": branch["id"]}
+
+    return registry
+
+
+def stress_graphs(tag: str, plan: StressPlan) -> tuple[list[dict], dict]:
+    """The graphs of one planned run (its branch graphs first), and its initial data."""
+    items = [{"id": index, "act": act} for index, act in enumerate(plan.acts)]
+    branch = {"start_node": "prep", "nodes": ["prep", "act"], "edges": {"prep": {"default_next": "act"}}}
+    edges = {"step": {"on_error": "handle_error"}} if plan.has_on_error else {}
+    if plan.kind == "map":
+        node = {"name": "step", "map": {"over": "items", "as": "item", "graph": f"{tag}_branch", "collect": "outs",
+                                        "output": "out", "max_concurrency": plan.max_concurrency}}
+        return [{**branch, "graph_id": f"{tag}_branch"}, one_node(tag, node, **edges)], {"items": items}
+    graphs = [{**branch, "graph_id": f"{tag}_b{item['id']}", "nodes": [
+        {"name": "prep", "config": item}, {"name": "act", "config": item}]} for item in items]
+    node = {"name": "step", "parallel": {"branches": [graph["graph_id"] for graph in graphs], "merge": {
+        "seen": "extend", "out": "append", "total": "sum"}, "max_concurrency": plan.max_concurrency}}
+    return [*graphs, one_node(tag, node, **edges)], {}
+
+
+async def drive_stress_run(client: httpx.AsyncClient, app: Any, gates: StressGates, tag: str,
+                           plan: StressPlan, data: dict) -> tuple[dict, int | None]:
+    """Start the run, then take its slow branches in index order: wait until the branch is inside its gate (or the
+    run has stopped), and release it, or cancel the run if it is the planned one. Return the run, and the cancel's
+    status code if one was sent."""
+    started = await client.post("/graph/run", json={"graph_id": tag, "wait": False,
+                                                    "state": {"data": data, "metadata": {"tag": tag}}})
+    run_id, engine = started.json()["run_id"], engine_of(app)
+    stopped = asyncio.ensure_future(engine.wait(engine.get_run(run_id)))
+    cancel_status = None
+    for index in [index for index, act in enumerate(plan.acts) if act == "slow"]:
+        entered = asyncio.ensure_future(gates.entered[tag, index].wait())
+        await asyncio.wait([entered, stopped], return_when=asyncio.FIRST_COMPLETED)
+        entered.cancel()
+        if stopped.done():
+            break
+        if index == plan.cancel_at:
+            cancel_status = (await client.post(f"/graph/cancel/{run_id}")).status_code
+            break
+        gates.released[tag, index].set()
+    await stopped
+    return (await client.get(f"/graph/state/{run_id}")).json(), cancel_status
+
+
+def check_stress_run(tag: str, plan: StressPlan, data: dict, run: dict, cancel_status: int | None,
+                     gates: StressGates) -> None:
+    """What must hold of every run, whatever the interleaving: see test_branch_stress_seeded_runs_keep_every_rule."""
+    branch_entries = [entry for entry in run["logs"] if entry["path"] is not None]
+    steps = [entry for entry in run["logs"] if entry["path"] is None]
+    by_branch: dict[int, list[tuple[str, str]]] = {}
+    for entry in branch_entries:
+        index = int(entry["path"].split("[", 1)[1].split("]", 1)[0])
+        assert entry["path"] == f"step[{index}]/{entry['node']}" and entry["iteration"] == 1, entry
+        by_branch.setdefault(index, []).append((entry["node"], entry["event"]))
+    # Nothing lost, nothing invented: one entry per node execution that started, and each started branch ended.
+    assert collections.Counter((index, node) for index, events in by_branch.items() for node, _ in events) == \
+        collections.Counter({(index, node): count for (run_tag, index, node), count in gates.started.items()
+                             if run_tag == tag})
+    for index, events in by_branch.items():
+        assert events[0] == ("prep", "executed") and len(events) == 2, (index, events)
+        assert (plan.acts[index], events[1]) in {("ok", ("act", "executed")), ("fail", ("act", "error")),
+                                                 ("slow", ("act", "executed")), ("slow", ("act", "cancelled"))}
+    errors = [entry for entry in branch_entries if entry["event"] == "error"]
+    error = errors and f"branch {errors[0]['path'].rsplit('/', 1)[0]} failed: node 'act' raised ValueError: " \
+        f"branch {errors[0]['path'].split('[')[1].split(']')[0]} fails"
+    if cancel_status == 200:
+        assert (run["status"], run["error"], steps[-1]["event"]) == (
+            "cancelled", "the run was cancelled at node 'step'", "cancelled")
+    elif errors and plan.has_on_error:
+        assert (run["status"], [(entry["node"], entry["event"]) for entry in steps]) == (
+            "completed", [("step", "error"), ("handle_error", "executed")])
+        assert run["state"]["data"] == {**data, "last_error": {"node": "step", "error": error}, "handled": "step"}
+    elif errors:
+        assert (run["status"], run["error"], [(entry["node"], entry["event"]) for entry in steps]) == (
+            "failed", error, [("step", "error")])
+    else:
+        ids = list(range(len(plan.acts)))
+        assert (run["status"], sorted(by_branch), [(entry["node"], entry["event"]) for entry in steps]) == (
+            "completed", ids, [("step", "executed")])
+        joined = {"outs": [index * 10 for index in ids]} if plan.kind == "map" else {
+            "seen": ids, "out": [index * 10 for index in ids], "total": sum(ids)}
+        assert run["state"]["data"] == {**data, **joined}
+    replayed = dict(data)  # the run's own entries rebuild its final data
+    for entry in steps:
+        for key in entry["keys_changed"]:
+            if key in entry["updates"]:
+                replayed[key] = entry["updates"][key]
+            else:
+                del replayed[key]
+    assert (replayed, "branch_results" in run) == (run["state"]["data"], False)
+
+
+async def run_stress(seed: int) -> list[tuple]:
+    """Run every planned run of `seed` on a fresh server; return each one's outcome, less times and ids."""
+    gates = StressGates()
+    app = we.create_app(registry=stress_registry(gates), store=we.MemoryStore())
+    outcomes = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        for number, plan in enumerate(stress_plans(seed)):
+            tag = f"s{number}"
+            graphs, data = stress_graphs(tag, plan)
+            for graph in graphs:
+                assert (await client.post("/graph/create", json=graph)).status_code == 201
+            async with asyncio.timeout(60):  # a hang is a failure of this test, not of the suite
+                run, cancel_status = await drive_stress_run(client, app, gates, tag, plan, data)
+            check_stress_run(tag, plan, data, run, cancel_status, gates)
+            outcomes.append((run["status"], run["error"], cancel_status, paths(run), run["state"]["data"]))
+    await engine_of(app).shutdown()
+    return outcomes
+
+
+async def test_branch_stress_seeded_runs_keep_every_rule() -> None:
+    """Seeded runs of map and parallel nodes whose branches succeed, fail or wait at a gate, some cancelled while a
+    branch waits: every node execution that started has one log entry with its path, every started branch ends
+    executed, error or cancelled, the status follows from what happened (a failure names the first failed branch;
+    on_error recovers it), a completed join is in branch order, and the run's own entries replay to its final data.
+    The same seed gives the same outcome, entry for entry."""
+    first = await run_stress(STRESS_SEED)
+    again = await run_stress(STRESS_SEED)
+    assert first == again
+    statuses = collections.Counter((status, cancel) for status, _, cancel, _, _ in first)
+    cancelled_branches = sum(event == "cancelled" for *_, logged, _ in first for path, _, event in logged if path)
+    print(f"branch stress, seed {STRESS_SEED}: {dict(statuses)}, {cancelled_branches} branch steps cancelled")
+    assert {status for status, _ in statuses} == {"completed", "failed", "cancelled"} and cancelled_branches > 0
+
+
 async def test_branch_that_pauses_or_loops_fails_the_step_saying_why(par_client: httpx.AsyncClient) -> None:
     paused = await create_and_run(par_client, one_node("p1", {"name": "sub", "graph": "pauser"}))
     looped = await create_and_run(par_client, one_node("p2", {"name": "sub", "graph": "looper"}))
