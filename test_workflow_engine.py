@@ -7404,16 +7404,18 @@ async def test_sql_store_saves_each_finished_branch_before_the_join(tmp_path: Pa
 
 PAR_FLOW = """
 import asyncio
+import os
 import pathlib
 
 
 def register(registry):
     @registry.node
     async def tally(state, ctx):
-        # Count this execution in a file, then hold item 2 until the test says so (it may kill the server meanwhile).
+        # Count this execution in a file, with the server's pid, then hold item 2 until the test says so (it may kill
+        # the server meanwhile).
         folder = pathlib.Path(state.data["dir"])
         with open(folder / "tally", "a") as tally_file:
-            tally_file.write(f"{state.data['item']}\\n")
+            tally_file.write(f"{state.data['item']} {os.getpid()}\\n")
         while state.data["item"] == 2 and not (folder / "release").exists():
             await asyncio.sleep(0.02)
         return {"seen": state.data["item"] * 10}
@@ -7440,7 +7442,47 @@ def test_e2e_sqlite_kill_mid_map_reruns_only_the_unfinished_branch(db_env: dict[
         wait_for(lambda: client.get(f"/graph/state/{run_id}").json()["status"] == "completed")
         done = client.get(f"/graph/state/{run_id}").json()
     assert sorted(saved.branch_results) == ["each[0]", "each[1]", "each[3]"]
-    assert sorted((tmp_path / "tally").read_text().split()) == ["0", "1", "2", "2", "3"]
+    assert sorted(line.split()[0] for line in (tmp_path / "tally").read_text().splitlines()) == ["0", "1", "2", "2", "3"]
+    assert done["state"]["data"] == {"items": [0, 1, 2, 3], "dir": str(tmp_path), "out": [0, 10, 20, 30]}
+    assert "branch_results" not in done
+    assert sorted(paths(done)[:3]) == [(f"each[{i}]/tally", "tally", "executed") for i in (0, 1, 3)]
+    assert paths(done)[3:] == [(None, "each", "recovered"), ("each[2]/tally", "tally", "executed"),
+                               (None, "each", "executed")]
+
+
+TALLY_GRAPHS = [{"graph_id": "tally_one", "start_node": "tally", "nodes": ["tally"]},
+                one_node("tallies", {"name": "each", "map": {"over": "items", "as": "item", "graph": "tally_one",
+                                                             "collect": "out", "output": "seen"}})]
+
+
+@needs_postgres
+def test_e2e_postgres_sigkill_mid_map_the_other_server_reruns_only_the_unfinished_branch(pg_url: str,
+                                                                                         tmp_path: Path) -> None:
+    """Two servers on one PostgreSQL database: SIGKILL of the one executing a map while one branch of four is held;
+    once its lease expires the other takes the run over and runs that branch alone."""
+    (tmp_path / "par_flow.py").write_text(PAR_FLOW)
+    env = {"PYTHONPATH": os.pathsep.join([str(HERE), str(tmp_path)]), "WORKFLOW_MODULES": "par_flow",
+           "WORKFLOW_DB": pg_url, "WORKFLOW_LEASE_S": "1"}
+    tally, reader = tmp_path / "tally", we.PostgresStore(pg_url)
+    with running_server({**env, "WORKFLOW_WORKER_ID": "a"}) as (a, a_pid), \
+            running_server({**env, "WORKFLOW_WORKER_ID": "b"}) as (b, b_pid), httpx.Client(timeout=10) as client:
+        created = [client.post(b + "/graph/create", json=graph).status_code for graph in TALLY_GRAPHS]
+        run_id = client.post(a + "/graph/run", json={"graph_id": "tallies", "wait": False, "state": {
+            "data": {"items": [0, 1, 2, 3], "dir": str(tmp_path)}}}).json()["run_id"]
+        wait_for(lambda: len(reader.get_run(run_id).branch_results) == 3)  # saved, not only done
+        saved = reader.get_run(run_id)
+        [executor] = {int(line.split()[1]) for line in tally.read_text().splitlines()}
+        kill(executor)
+        (tmp_path / "release").touch()
+        survivor = b if executor == a_pid else a
+        wait_for(lambda: client.get(f"{survivor}/graph/state/{run_id}").json()["status"] == "completed", 30)
+        done = client.get(f"{survivor}/graph/state/{run_id}").json()
+    reader.close()
+    executions = [tuple(map(int, line.split())) for line in tally.read_text().splitlines()]
+    assert (created, sorted(saved.branch_results), executor in (a_pid, b_pid)) == (
+        [201, 201], ["each[0]", "each[1]", "each[3]"], True)
+    assert (sorted(executions[:4]), executions[4:]) == (
+        [(item, executor) for item in range(4)], [(2, b_pid if executor == a_pid else a_pid)])
     assert done["state"]["data"] == {"items": [0, 1, 2, 3], "dir": str(tmp_path), "out": [0, 10, 20, 30]}
     assert "branch_results" not in done
     assert sorted(paths(done)[:3]) == [(f"each[{i}]/tally", "tally", "executed") for i in (0, 1, 3)]
