@@ -7131,21 +7131,28 @@ async def test_nested_forks_name_their_path_and_repeated_forks_differ_by_iterati
 
 
 async def test_branches_are_isolated_from_each_other_and_from_the_parent(par_client: httpx.AsyncClient) -> None:
-    """Each branch starts from its own deep copy: a branch changing a nested value in place changes nothing else."""
+    """Each branch starts from its own copy: a branch changing a value in place, nested (copied deeply) or a list or
+    object of scalars only (copied shallowly, the mapped list too), changes nothing else. Branch 0 runs to its end
+    before branch 1 starts, so branch 1 would see what branch 0 did."""
     registry = par_registry()
 
     @registry.node
     async def poke(state: we.WorkflowState, ctx: we.NodeContext) -> None:
-        state.data["shared"]["seen"].append(state.data["x"])
+        data = state.data
+        data["shared"]["seen"].append([data["x"], list(data["xs"]), dict(data["flags"])])
+        data["xs"].append(0)
+        data["flags"][str(data["x"])] = True
 
     app = we.create_app(registry=registry, store=we.MemoryStore())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
         await client.post("/graph/create", json={"graph_id": "poker", "start_node": "poke", "nodes": ["poke"]})
         run = await create_and_run(client, one_node("pokes", {"name": "each", "map": {
             "over": "xs", "as": "x", "graph": "poker", "collect": "out", "output": "shared"}}),
-            {"xs": [1, 2], "shared": {"seen": []}})
-    assert run["final_state"]["data"] == {"xs": [1, 2], "shared": {"seen": []},
-                                          "out": [{"seen": [1]}, {"seen": [2]}]}
+            {"xs": [1, 2], "flags": {}, "shared": {"seen": []}})
+    assert run["final_state"]["data"] == {"xs": [1, 2], "flags": {}, "shared": {"seen": []},
+                                          "out": [{"seen": [[1, [1, 2], {}]]}, {"seen": [[2, [1, 2], {}]]}]}
+    assert [(entry["path"], entry["keys_changed"]) for entry in run["logs"]] == [
+        ("each[0]/poke", ["xs", "flags", "shared"]), ("each[1]/poke", ["xs", "flags", "shared"]), (None, ["out"])]
 
 
 async def test_stream_carries_branch_entries_with_their_path(par_client: httpx.AsyncClient) -> None:

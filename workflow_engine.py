@@ -2098,15 +2098,22 @@ async def _run_node(
         return entry
 
 
-def _private(values: dict[str, Any], nested: list[str]) -> dict[str, Any]:
-    """Copy `values` for one attempt: the dict, and deeply the values under `nested`.
+def _private(values: dict[str, Any], nested: dict[str, bool]) -> dict[str, Any]:
+    """Copy `values` for one attempt: the dict, and each container under `nested`, shallowly if it holds only
+    scalars (which nothing can change in place), else deeply.
 
-    The run's values are plain JSON already (checked on their way in), so marshal copies them: in C, several times
-    faster than a walk in Python.
+    The run's values are plain JSON already (checked on their way in), so marshal copies them deeply: in C, several
+    times faster than a walk in Python, yet a list of a thousand numbers costs it ten times what `list.copy` does,
+    and each branch of a map over that list would copy it.
     """
-    copy = dict(values)
-    if nested:
-        copy.update(marshal.loads(marshal.dumps({key: values[key] for key in nested})))
+    copy, deep = dict(values), {}
+    for key, is_deep in nested.items():
+        if is_deep:
+            deep[key] = values[key]
+        else:
+            copy[key] = values[key].copy()
+    if deep:
+        copy.update(marshal.loads(marshal.dumps(deep)))
     return copy
 
 
@@ -2137,9 +2144,13 @@ def _check_writes(name: str, io: NodeIO, updates: dict[str, Any], keys: tuple[st
             raise _StepFailed(f"node {name!r} declares data[{key!r}] as {kind.value}, wrote {_json_type(updates[key])}")
 
 
+_FLAT_ITEMS = frozenset({str, int, float, bool, type(None)})  # a container of only these needs no deep copy
+_Measure = tuple[object, int, bool | None]  # a value, its size, and (a container) whether it holds containers
+
+
 class _DataBudget:
     """Keep a run's data under its `max_state_bytes` and the updates its log keeps under its `max_log_bytes`, and
-    know which keys of its data and metadata hold nested values (the ones an attempt must copy deeply).
+    know which keys of its data and metadata hold nested values (the ones an attempt must copy, and how deeply).
 
     Both limits count a value as the length of its JSON text. A step that would take the data over its limit fails;
     once the log is full, an entry keeps the keys a step changed but leaves out each new value that does not fit,
@@ -2147,16 +2158,20 @@ class _DataBudget:
     date from each step's changes: a step costs what it changes, not what the data holds.
     """
 
-    def __init__(self, run: RunContext, known: Mapping[str, tuple[object, int]] | None = None) -> None:
-        """Count `run`'s data; a value that `known` (key: (value, size)) holds as the very same object is not
+    def __init__(self, run: RunContext, known: Mapping[str, _Measure] | None = None) -> None:
+        """Count `run`'s data; a value that `known` (key: its _measured) holds as the very same object is not
         measured again: the branches of a map or parallel step share their values with the step's data."""
         self.limit, self.log_limit = run.max_state_bytes, run.max_log_bytes
         known = known or {}
-        self.sizes = {key: hit[1] if (hit := known.get(key)) is not None and hit[0] is value else _json_size(value)
-                      for key, value in run.state.data.items()}
+        self.sizes: dict[str, int] = {}
+        self.nested: dict[str, bool] = {}  # see _nested
+        for key, value in run.state.data.items():
+            hit = known.get(key)
+            _, self.sizes[key], is_deep = hit if hit is not None and hit[0] is value else _measured(value)
+            if is_deep is not None:
+                self.nested[key] = is_deep
         self.total = sum(self.sizes.values())
         self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values())
-        self.nested = _nested(run.state.data)
         self.nested_metadata = _nested(run.state.metadata)  # a run's metadata does not change while it runs
 
     def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -2180,8 +2195,8 @@ class _DataBudget:
         self.total = total
         self.sizes.update(counted)
         if is_nested or self.nested:  # only data that holds containers pays for tracking them
-            self.nested = [key for key in self.nested if key not in counted] + [
-                key for key, value in updates.items() if type(value) is dict or type(value) is list]
+            self.nested = {key: is_deep for key, is_deep in self.nested.items() if key not in counted}
+            self.nested.update(_nested(updates))
         if self.logged + logged <= self.log_limit:
             self.logged += logged
             return ()
@@ -2200,9 +2215,19 @@ def _json_size(value: object) -> int:
     return 8 if type(value) in _PLAIN_SCALARS or type(value) is float else len(json.dumps(value, ensure_ascii=False))
 
 
-def _nested(values: dict[str, Any]) -> list[str]:
-    """The keys of plain-JSON `values` that hold a list or a dict: what a node could change in place."""
-    return [key for key, value in values.items() if type(value) is dict or type(value) is list]
+def _nested(values: dict[str, Any]) -> dict[str, bool]:
+    """The keys of plain-JSON `values` that hold a list or a dict (what a node could change in place), each with
+    whether that holds containers in turn (True: an attempt copies it deeply) or only scalars (a shallow copy)."""
+    return {key: _is_deep(value) for key, value in values.items() if type(value) is dict or type(value) is list}
+
+
+def _is_deep(container: dict[str, Any] | list[Any]) -> bool:
+    return not _FLAT_ITEMS.issuperset(map(type, container.values() if type(container) is dict else container))
+
+
+def _measured(value: object) -> _Measure:
+    is_container = type(value) is dict or type(value) is list
+    return value, _json_size(value), _is_deep(value) if is_container else None  # type: ignore[arg-type]
 
 
 def _recover(run: RunContext, entry: LogEntry, target: str) -> None:
@@ -2380,7 +2405,7 @@ class _Fork:
         limit = asyncio.Semaphore(min(max_concurrency or FANOUT_CONCURRENCY, self.branches.max_fanout))
         log_share = max(self.root.max_log_bytes // max(len(plans), 1), 1)
         # The branches start from the step's data (a map's plus its item): each of its values is measured once.
-        known = {key: (value, _json_size(value)) for key, value in plans[0][2].items()} if plans else {}
+        known = {key: _measured(value) for key, value in plans[0][2].items()} if plans else {}
         tasks = [asyncio.ensure_future(self._branch(key, graph, data, limit, log_share, known))
                  for key, graph, data in plans if key not in self.root.branch_results]
         failures: list[BaseException] = []  # in the order the branches failed
@@ -2396,10 +2421,11 @@ class _Fork:
         return [self.root.branch_results[key] for key, _, _ in plans]
 
     async def _branch(self, key: str, graph: GraphDefinition, data: dict[str, Any], limit: asyncio.Semaphore,
-                      log_share: int, known: dict[str, tuple[object, int]]) -> None:
+                      log_share: int, known: dict[str, _Measure]) -> None:
         async with limit:
             # A shallow copy is enough: the runner never changes a value of a run's data in place (each attempt of a
-            # node works on deep copies), so a branch never sees its siblings' writes, nor they its.
+            # node works on copies that isolate it, see _private), so a branch never sees its siblings' writes, nor
+            # they its.
             start = dict(data)
             # The branch's own record for the runner's step loop; not a run: no status moves, never stored.
             child = RunContext(run_id=self.root.run_id, graph_id=graph.graph_id or "", next_node=graph.start_node,
