@@ -7329,12 +7329,15 @@ async def test_create_of_a_graph_and_delete_of_one_it_runs_on_two_servers_never_
     assert listed == ["finder", "user"]
 
 
-async def test_sqlite_upgrade_to_version_7_indexes_the_graphs_stored_before(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=needs_postgres)])
+async def test_sql_upgrade_to_version_7_indexes_the_graphs_stored_before(tmp_path: Path, kind: str,
+                                                                         request: pytest.FixtureRequest) -> None:
     """A database of version 6 knows nothing of references: opened by this code, its graphs' are indexed, so a
     delete of a graph that a stored graph runs is refused (naming the first such graph and node), and a delete of
     that graph removes its references."""
-    path = tmp_path / "runs.db"
-    app = we.create_app(registry=par_registry(), store=we.SqliteStore(path))
+    store_class = we.SqliteStore if kind == "sqlite" else we.PostgresStore
+    target = str(tmp_path / "runs.db") if kind == "sqlite" else request.getfixturevalue("pg_url")
+    app = we.create_app(registry=par_registry(), store=store_class(target))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
         for definition in [{"graph_id": "finder", "start_node": "find", "nodes": ["find"]},
                            {"graph_id": "plus", "start_node": "inc", "nodes": ["inc"]}, USER_OF_FINDER,
@@ -7342,9 +7345,15 @@ async def test_sqlite_upgrade_to_version_7_indexes_the_graphs_stored_before(tmp_
                                                                             "merge": {"count": "sum"}}})]:
             assert (await client.post("/graph/create", json=definition)).status_code == 201
     await engine_of(app).shutdown()
-    with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.executescript("DROP TABLE graph_references; UPDATE meta SET value = '6' WHERE key = 'schema_version'")
-    store = we.SqliteStore(path)
+    downgrade = ("DROP TABLE graph_references", "UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    if kind == "sqlite":
+        with contextlib.closing(sqlite3.connect(target)) as db, db:
+            db.executescript(";".join(downgrade))
+    else:
+        with pytest.importorskip("psycopg").connect(target, autocommit=True) as db:
+            for statement in downgrade:
+                db.execute(statement)
+    store = store_class(target)
     rows = store._read_all("SELECT graph_id, position, node, referenced FROM graph_references"
                            " ORDER BY graph_id, referenced")
     app = we.create_app(registry=par_registry(), store=store)
