@@ -2392,7 +2392,7 @@ class _Fork:
 
     def _graph(self, node: NodeDef, graph_id: str) -> GraphDefinition:
         graph = self.branches.find_graph(graph_id)
-        if graph is None:  # refused at create, so deleted since by another server
+        if graph is None:  # a graph registered in code on the server that created this one, but not here
             raise _StepFailed(f"node {node.name!r} runs graph {graph_id!r}, which does not exist")
         return graph
 
