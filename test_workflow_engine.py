@@ -6973,7 +6973,7 @@ def stress_graphs(tag: str, plan: StressPlan) -> tuple[list[dict], dict]:
     return [*graphs, one_node(tag, node, **edges)], {}
 
 
-async def stopped_run(engine: we.Engine, run_id: str) -> we.RunContext:
+async def followed_to_its_stop(engine: we.Engine, run_id: str) -> we.RunContext:
     """The run once it has stopped and been saved (with a SQL store, a worker claims it first: it may be pending)."""
     async for _ in engine.follow(run_id):
         pass
@@ -6988,7 +6988,7 @@ async def drive_stress_run(client: httpx.AsyncClient, app: Any, gates: StressGat
     started = await client.post("/graph/run", json={"graph_id": tag, "wait": False,
                                                     "state": {"data": data, "metadata": {"tag": tag}}})
     run_id, engine = started.json()["run_id"], engine_of(app)
-    stopped = asyncio.ensure_future(stopped_run(engine, run_id))
+    stopped = asyncio.ensure_future(followed_to_its_stop(engine, run_id))
     cancel_status = None
     for index in [index for index, act in enumerate(plan.acts) if act == "slow"]:
         entered = asyncio.ensure_future(gates.entered[tag, index].wait())
