@@ -3035,7 +3035,8 @@ async def test_sqlite_store_over_its_bound_after_a_restart_evicts_when_opened(tm
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db, db:  # back to version 4
         db.executescript("DELETE FROM meta WHERE key = 'finished_runs'; DROP INDEX runs_finished; DROP TABLE webhooks;"
-                         " DROP INDEX idempotency_keys_by_run; UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+                         " DROP INDEX idempotency_keys_by_run; DROP TABLE graph_references;"
+                         " UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     reopened = we.SqliteStore(path, max_runs=2)
     summaries, total = reopened.list_runs()
     assert ([s.run_id for s in summaries], total) == ([runs[4].run_id, runs[3].run_id, paused.run_id], 3)
@@ -5492,6 +5493,108 @@ def test_tools_read_a_review_server(review_server: str, capsys: pytest.CaptureFi
     assert capsys.readouterr().out.startswith(f"run {run_id}, graph code_review, status completed, 8 steps\n")
 
 
+FAN_GRAPHS = [  # graph, map and parallel nodes, one inside another, of E2E_FLOW's nodes
+    {"graph_id": "count_once", "start_node": "count", "nodes": ["count"]},
+    {"graph_id": "count_loop", "start_node": "count", "nodes": ["count"],
+     "edges": {"count": {"branches": [{"condition": "below_limit", "target": "count"}]}}},
+    {"graph_id": "inner", "start_node": "sub", "nodes": [{"name": "sub", "graph": "count_once"}]},
+    {"graph_id": "fan", "start_node": "each", "nodes": [
+        {"name": "each", "map": {"over": "limits", "as": "limit", "graph": "count_loop", "collect": "ns", "output": "n",
+                                 "max_concurrency": 2}},
+        {"name": "both", "parallel": {"branches": ["count_once", "inner"], "merge": {"n": "sum"}}},
+        {"name": "again", "graph": "count_once"}],
+     "edges": {"each": {"default_next": "both"}, "both": {"default_next": "again"}}},
+]
+FAN_DOT = """digraph "fan" {
+  rankdir=TB;
+  node [shape=box, style=rounded, fontname="Helvetica"];
+  edge [fontname="Helvetica"];
+  "__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+  "__end__" [label="end", shape=doublecircle];
+  subgraph "cluster_each" {
+    label="each: map count_loop over limits as limit, collect n -> ns, 2 at once";
+    style=rounded; fontname="Helvetica";
+    "each/__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+    "each/__end__" [label="end", shape=doublecircle];
+    "each/count" [label="count"];
+  }
+  subgraph "cluster_both" {
+    label="both: parallel, merge n sum";
+    style=rounded; fontname="Helvetica";
+    "both/__fork__" [label="fork", shape=invtriangle];
+    "both/__join__" [label="join", shape=triangle];
+    subgraph "cluster_both[0]" {
+      label="both[0]: count_once";
+      style=rounded; fontname="Helvetica";
+      "both[0]/count" [label="count"];
+    }
+    subgraph "cluster_both[1]" {
+      label="both[1]: inner";
+      style=rounded; fontname="Helvetica";
+      subgraph "cluster_both[1]/sub" {
+        label="sub: graph count_once";
+        style=rounded; fontname="Helvetica";
+        "both[1]/sub/__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+        "both[1]/sub/__end__" [label="end", shape=doublecircle];
+        "both[1]/sub/count" [label="count"];
+      }
+    }
+  }
+  subgraph "cluster_again" {
+    label="again: graph count_once";
+    style=rounded; fontname="Helvetica";
+    "again/__start__" [label="start", shape=circle, style=filled, fillcolor=black, fontcolor=white];
+    "again/__end__" [label="end", shape=doublecircle];
+    "again/count" [label="count"];
+  }
+  "__start__" -> "each/__start__";
+  "each/__end__" -> "both/__fork__";
+  "both/__join__" -> "again/__start__";
+  "again/__end__" -> "__end__";
+  "each/__start__" -> "each/count";
+  "each/count" -> "each/count" [label="below_limit", style=dashed];
+  "each/count" -> "each/__end__";
+  "both/__fork__" -> "both[0]/count";
+  "both[0]/count" -> "both/__join__";
+  "both/__fork__" -> "both[1]/sub/__start__";
+  "both[1]/sub/__end__" -> "both/__join__";
+  "both[1]/sub/__start__" -> "both[1]/sub/count";
+  "both[1]/sub/count" -> "both[1]/sub/__end__";
+  "again/__start__" -> "again/count";
+  "again/count" -> "again/__end__";
+}
+"""
+
+
+def test_e2e_tools_draw_and_tabulate_graph_map_and_parallel_nodes_of_a_live_server(
+        server: str, capsys: pytest.CaptureFixture) -> None:
+    """visualize_graph fetches the drawn graph and every graph it runs from the server; visualize_logs fetches the
+    run and groups its branches' steps under their step. Every line is compared; of the durations, which the run
+    measured, the table must show exactly the record's."""
+    with httpx.Client(base_url=server, timeout=10) as client:
+        created = [client.post("/graph/create", json=graph).status_code for graph in FAN_GRAPHS]
+        run = client.post("/graph/run", json={"graph_id": "fan", "state": {"data": {"limits": [1, 3]}}}).json()
+    assert (created, run["status"], run["final_state"]["data"]) == (
+        [201] * 4, "completed", {"limits": [1, 3], "ns": [1, 3], "n": 3})
+    assert visualize_graph.main(["--url", server, "--graph-id", "fan"]) == 0
+    assert capsys.readouterr() == (FAN_DOT, "")
+    assert visualize_logs.main(["--url", server, "--run-id", run["run_id"]]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    rows = [[cell.rstrip() for cell in line.split(" | ")] for line in lines[3:]]  # a branch's node is indented
+    assert (err, lines[:3]) == ("", [
+        f"run {run['run_id']}, graph fan, status completed, 11 steps, 8 in branches",
+        "Iteration | Node      | Path              | Event    | Duration | Keys Changed",
+        "----------+-----------+-------------------+----------+----------+-------------"])
+    assert [row[:4] + row[5:] for row in rows] == [
+        ["1", "  count", "each[0]/count", "executed", "n"], *[["1", "  count", "each[1]/count", "executed", "n"]] * 3,
+        ["1", "each", "", "executed", "ns"], ["2", "  count", "both[0]/count", "executed", "n"],
+        ["2", "    count", "both[1]/sub/count", "executed", "n"], ["2", "  sub", "both[1]/sub", "executed", "n"],
+        ["2", "both", "", "executed", "n"], ["3", "  count", "again/count", "executed", "n"],
+        ["3", "again", "", "executed", "n"]]
+    assert sorted(row[4] for row in rows) == sorted(f"{entry['duration_ms']:.2f} ms" for entry in run["logs"])
+
+
 def test_e2e_stream_follows_a_run_live_while_a_blocking_node_keeps_the_server_free(server: str,
                                                                                    tmp_path: Path) -> None:
     """The server answers while a plain-function node blocks, and the stream then follows the run to its end."""
@@ -6408,7 +6511,8 @@ async def test_sqlite_upgrade_to_version_3_counts_stopped_runs_from_the_upgrade(
     run = await engine.run(we.GraphDefinition(graph_id="u", start_node="inc", nodes=("inc",)))
     await engine.shutdown()
     with contextlib.closing(sqlite3.connect(path)) as db:  # back to version 2
-        db.executescript("DROP TABLE webhooks; DROP TABLE idempotency_keys; DROP INDEX runs_by_stop;"
+        db.executescript("DROP TABLE graph_references; DROP TABLE webhooks; DROP TABLE idempotency_keys;"
+                         " DROP INDEX runs_by_stop;"
                          " ALTER TABLE runs DROP COLUMN stopped_at; DROP INDEX runs_finished;"
                          " DELETE FROM meta WHERE key = 'finished_runs';"
                          " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
@@ -6792,6 +6896,204 @@ async def test_failing_branch_cancels_its_siblings_and_on_error_is_followed(par_
     assert run["final_state"]["data"]["last_error"] == {"node": "checks", "error": error}
 
 
+STRESS_SEED, STRESS_RUNS = 15, 40
+STRESS_ACTS = ("ok", "ok", "fail", "slow", "slow")  # what a branch's `act` node does: return, raise, or wait
+
+
+@attrs.frozen
+class StressPlan:
+    """One run of the branch stress test: a map or a parallel node whose branches each do `prep`, then `act`."""
+
+    kind: str  # "map" or "parallel"
+    acts: tuple[str, ...]  # each branch's act, by branch index
+    max_concurrency: int
+    cancel_at: int | None  # the slow branch at whose entry the test cancels the run, rather than release it
+    has_on_error: bool
+
+
+def stress_plans(seed: int) -> list[StressPlan]:
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(STRESS_RUNS):
+        acts = tuple(rng.choice(STRESS_ACTS) for _ in range(rng.randint(1, 6)))
+        slow = [index for index, act in enumerate(acts) if act == "slow"]
+        plans.append(StressPlan(kind=rng.choice(["map", "parallel"]), acts=acts, max_concurrency=rng.randint(1, 4),
+                                cancel_at=rng.choice([None, None, *slow]), has_on_error=rng.random() < 0.3))
+    return plans
+
+
+class StressGates:
+    """Per (run tag, branch index): how often each node started, and the gates of slow branches."""
+
+    def __init__(self) -> None:
+        self.started: collections.Counter[tuple[str, int, str]] = collections.Counter()
+        self.entered: collections.defaultdict[tuple[str, int], asyncio.Event] = collections.defaultdict(asyncio.Event)
+        self.released: collections.defaultdict[tuple[str, int], asyncio.Event] = collections.defaultdict(asyncio.Event)
+
+
+def stress_registry(gates: StressGates) -> we.Registry:
+    registry = make_registry()
+
+    def spec(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        # A map's branch has its item in data; a parallel's branch graph has it in its nodes' config.
+        spec = state.data["item"] if "item" in state.data else ctx.config
+        gates.started[state.metadata["tag"], spec["id"], ctx.node] += 1
+        return spec
+
+    @registry.node
+    async def prep(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        return {"seen": [spec(state, ctx)["id"]]}
+
+    @registry.node
+    async def act(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        branch = spec(state, ctx)
+        if branch["act"] == "fail":
+            raise ValueError(f"branch {branch['id']} fails")
+        if branch["act"] == "slow":
+            gates.entered[state.metadata["tag"], branch["id"]].set()
+            await gates.released[state.metadata["tag"], branch["id"]].wait()
+        return {"out": branch["id"] * 10, "total": branch["id"]}
+
+    return registry
+
+
+def stress_graphs(tag: str, plan: StressPlan) -> tuple[list[dict], dict]:
+    """The graphs of one planned run (its branch graphs first), and its initial data."""
+    items = [{"id": index, "act": act} for index, act in enumerate(plan.acts)]
+    branch = {"start_node": "prep", "nodes": ["prep", "act"], "edges": {"prep": {"default_next": "act"}}}
+    edges = {"step": {"on_error": "handle_error"}} if plan.has_on_error else {}
+    if plan.kind == "map":
+        node = {"name": "step", "map": {"over": "items", "as": "item", "graph": f"{tag}_branch", "collect": "outs",
+                                        "output": "out", "max_concurrency": plan.max_concurrency}}
+        return [{**branch, "graph_id": f"{tag}_branch"}, one_node(tag, node, **edges)], {"items": items}
+    graphs = [{**branch, "graph_id": f"{tag}_b{item['id']}", "nodes": [
+        {"name": "prep", "config": item}, {"name": "act", "config": item}]} for item in items]
+    node = {"name": "step", "parallel": {"branches": [graph["graph_id"] for graph in graphs], "merge": {
+        "seen": "extend", "out": "append", "total": "sum"}, "max_concurrency": plan.max_concurrency}}
+    return [*graphs, one_node(tag, node, **edges)], {}
+
+
+async def followed_to_its_stop(engine: we.Engine, run_id: str) -> we.RunContext:
+    """The run once it has stopped and been saved (with a SQL store, a worker claims it first: it may be pending)."""
+    async for _ in engine.follow(run_id):
+        pass
+    return await engine.wait(engine.get_run(run_id))
+
+
+async def drive_stress_run(client: httpx.AsyncClient, app: Any, gates: StressGates, tag: str,
+                           plan: StressPlan, data: dict) -> tuple[dict, int | None]:
+    """Start the run, then take its slow branches in index order: wait until the branch is inside its gate (or the
+    run has stopped), and release it, or cancel the run if it is the planned one. Return the run, and the cancel's
+    status code if one was sent."""
+    started = await client.post("/graph/run", json={"graph_id": tag, "wait": False,
+                                                    "state": {"data": data, "metadata": {"tag": tag}}})
+    run_id, engine = started.json()["run_id"], engine_of(app)
+    stopped = asyncio.ensure_future(followed_to_its_stop(engine, run_id))
+    cancel_status = None
+    for index in [index for index, act in enumerate(plan.acts) if act == "slow"]:
+        entered = asyncio.ensure_future(gates.entered[tag, index].wait())
+        await asyncio.wait([entered, stopped], return_when=asyncio.FIRST_COMPLETED)
+        entered.cancel()
+        if stopped.done():
+            break
+        if index == plan.cancel_at:
+            cancel_status = (await client.post(f"/graph/cancel/{run_id}")).status_code
+            break
+        gates.released[tag, index].set()
+    await stopped
+    return (await client.get(f"/graph/state/{run_id}")).json(), cancel_status
+
+
+def check_stress_run(tag: str, plan: StressPlan, data: dict, run: dict, cancel_status: int | None,
+                     gates: StressGates) -> None:
+    """What must hold of every run, whatever the interleaving: see test_branch_stress_seeded_runs_keep_every_rule."""
+    branch_entries = [entry for entry in run["logs"] if entry["path"] is not None]
+    steps = [entry for entry in run["logs"] if entry["path"] is None]
+    by_branch: dict[int, list[tuple[str, str]]] = {}
+    for entry in branch_entries:
+        index = int(entry["path"].split("[", 1)[1].split("]", 1)[0])
+        assert entry["path"] == f"step[{index}]/{entry['node']}" and entry["iteration"] == 1, entry
+        by_branch.setdefault(index, []).append((entry["node"], entry["event"]))
+    # Nothing lost, nothing invented: one entry per node execution that started, and each started branch ended.
+    assert collections.Counter((index, node) for index, events in by_branch.items() for node, _ in events) == \
+        collections.Counter({(index, node): count for (run_tag, index, node), count in gates.started.items()
+                             if run_tag == tag})
+    for index, events in by_branch.items():
+        assert events[0] == ("prep", "executed") and len(events) == 2, (index, events)
+        assert (plan.acts[index], events[1]) in {("ok", ("act", "executed")), ("fail", ("act", "error")),
+                                                 ("slow", ("act", "executed")), ("slow", ("act", "cancelled"))}
+    errors = [entry for entry in branch_entries if entry["event"] == "error"]
+    error = errors and f"branch {errors[0]['path'].rsplit('/', 1)[0]} failed: node 'act' raised ValueError: " \
+        f"branch {errors[0]['path'].split('[')[1].split(']')[0]} fails"
+    if cancel_status == 200:
+        assert (run["status"], run["error"], steps[-1]["event"]) == (
+            "cancelled", "the run was cancelled at node 'step'", "cancelled")
+    elif errors and plan.has_on_error:
+        assert (run["status"], [(entry["node"], entry["event"]) for entry in steps]) == (
+            "completed", [("step", "error"), ("handle_error", "executed")])
+        assert run["state"]["data"] == {**data, "last_error": {"node": "step", "error": error}, "handled": "step"}
+    elif errors:
+        assert (run["status"], run["error"], [(entry["node"], entry["event"]) for entry in steps]) == (
+            "failed", error, [("step", "error")])
+    else:
+        ids = list(range(len(plan.acts)))
+        assert (run["status"], sorted(by_branch), [(entry["node"], entry["event"]) for entry in steps]) == (
+            "completed", ids, [("step", "executed")])
+        joined = {"outs": [index * 10 for index in ids]} if plan.kind == "map" else {
+            "seen": ids, "out": [index * 10 for index in ids], "total": sum(ids)}
+        assert run["state"]["data"] == {**data, **joined}
+    replayed = dict(data)  # the run's own entries rebuild its final data
+    for entry in steps:
+        for key in entry["keys_changed"]:
+            if key in entry["updates"]:
+                replayed[key] = entry["updates"][key]
+            else:
+                del replayed[key]
+    assert (replayed, "branch_results" in run) == (run["state"]["data"], False)
+
+
+async def run_stress(seed: int, store: Any = None) -> list[tuple]:
+    """Run every planned run of `seed` on a fresh server (a memory store unless `store`); return each one's
+    outcome, less times and ids."""
+    gates = StressGates()
+    app = we.create_app(registry=stress_registry(gates), store=store or we.MemoryStore())
+    outcomes = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        for number, plan in enumerate(stress_plans(seed)):
+            tag = f"s{number}"
+            graphs, data = stress_graphs(tag, plan)
+            for graph in graphs:
+                assert (await client.post("/graph/create", json=graph)).status_code == 201
+            async with asyncio.timeout(60):  # a hang is a failure of this test, not of the suite
+                run, cancel_status = await drive_stress_run(client, app, gates, tag, plan, data)
+            check_stress_run(tag, plan, data, run, cancel_status, gates)
+            outcomes.append((run["status"], run["error"], cancel_status, paths(run), run["state"]["data"]))
+    await engine_of(app).shutdown()
+    return outcomes
+
+
+async def test_branch_stress_seeded_runs_keep_every_rule() -> None:
+    """Seeded runs of map and parallel nodes whose branches succeed, fail or wait at a gate, some cancelled while a
+    branch waits: every node execution that started has one log entry with its path, every started branch ends
+    executed, error or cancelled, the status follows from what happened (a failure names the first failed branch;
+    on_error recovers it), a completed join is in branch order, and the run's own entries replay to its final data.
+    The same seed gives the same outcome, entry for entry."""
+    first = await run_stress(STRESS_SEED)
+    again = await run_stress(STRESS_SEED)
+    assert first == again
+    statuses = collections.Counter((status, cancel) for status, _, cancel, _, _ in first)
+    cancelled_branches = sum(event == "cancelled" for *_, logged, _ in first for path, _, event in logged if path)
+    print(f"branch stress, seed {STRESS_SEED}: {dict(statuses)}, {cancelled_branches} branch steps cancelled")
+    assert {status for status, _ in statuses} == {"completed", "failed", "cancelled"} and cancelled_branches > 0
+
+
+async def test_branch_stress_through_sqlite_keeps_every_rule(tmp_path: Path) -> None:
+    """The same runs with each finished branch saved to SQLite before the join, on the store's writer thread: the
+    order of events may differ from the memory store's, the rules may not."""
+    outcomes = await run_stress(STRESS_SEED, we.SqliteStore(tmp_path / "runs.db"))
+    assert {status for status, *_ in outcomes} == {"completed", "failed", "cancelled"}
+
+
 async def test_branch_that_pauses_or_loops_fails_the_step_saying_why(par_client: httpx.AsyncClient) -> None:
     paused = await create_and_run(par_client, one_node("p1", {"name": "sub", "graph": "pauser"}))
     looped = await create_and_run(par_client, one_node("p2", {"name": "sub", "graph": "looper"}))
@@ -6844,21 +7146,28 @@ async def test_nested_forks_name_their_path_and_repeated_forks_differ_by_iterati
 
 
 async def test_branches_are_isolated_from_each_other_and_from_the_parent(par_client: httpx.AsyncClient) -> None:
-    """Each branch starts from its own deep copy: a branch changing a nested value in place changes nothing else."""
+    """Each branch starts from its own copy: a branch changing a value in place, nested (copied deeply) or a list or
+    object of scalars only (copied shallowly, the mapped list too), changes nothing else. Branch 0 runs to its end
+    before branch 1 starts, so branch 1 would see what branch 0 did."""
     registry = par_registry()
 
     @registry.node
     async def poke(state: we.WorkflowState, ctx: we.NodeContext) -> None:
-        state.data["shared"]["seen"].append(state.data["x"])
+        data = state.data
+        data["shared"]["seen"].append([data["x"], list(data["xs"]), dict(data["flags"])])
+        data["xs"].append(0)
+        data["flags"][str(data["x"])] = True
 
     app = we.create_app(registry=registry, store=we.MemoryStore())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
         await client.post("/graph/create", json={"graph_id": "poker", "start_node": "poke", "nodes": ["poke"]})
         run = await create_and_run(client, one_node("pokes", {"name": "each", "map": {
             "over": "xs", "as": "x", "graph": "poker", "collect": "out", "output": "shared"}}),
-            {"xs": [1, 2], "shared": {"seen": []}})
-    assert run["final_state"]["data"] == {"xs": [1, 2], "shared": {"seen": []},
-                                          "out": [{"seen": [1]}, {"seen": [2]}]}
+            {"xs": [1, 2], "flags": {}, "shared": {"seen": []}})
+    assert run["final_state"]["data"] == {"xs": [1, 2], "flags": {}, "shared": {"seen": []},
+                                          "out": [{"seen": [[1, [1, 2], {}]]}, {"seen": [[2, [1, 2], {}]]}]}
+    assert [(entry["path"], entry["keys_changed"]) for entry in run["logs"]] == [
+        ("each[0]/poke", ["xs", "flags", "shared"]), ("each[1]/poke", ["xs", "flags", "shared"]), (None, ["out"])]
 
 
 async def test_stream_carries_branch_entries_with_their_path(par_client: httpx.AsyncClient) -> None:
@@ -6940,6 +7249,129 @@ async def test_delete_of_a_graph_another_runs_is_refused_naming_it(par_client: h
     assert (await par_client.delete("/graph/definition/finder")).status_code == 204
 
 
+def gated(store_class: type) -> type:
+    """A subclass of a store whose add_graph or delete_graph, when a gate is set for it, says it has been called
+    (after the engine's own checks) and waits to be released before it goes on to the store's."""
+
+    class Gated(store_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            self.gates: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}  # method -> (called, released)
+
+        def gate(self, method: str) -> tuple[asyncio.Event, asyncio.Event]:
+            self.gates[method] = (asyncio.Event(), asyncio.Event())
+            return self.gates[method]
+
+        async def _wait(self, method: str) -> None:
+            called, released = self.gates.pop(method, (None, None))
+            if called is not None and released is not None:
+                called.set()
+                await released.wait()
+
+        async def add_graph(self, graph: we.GraphDefinition, registered: Any = ()) -> bool:
+            await self._wait("add_graph")
+            return await super().add_graph(graph, registered)
+
+        async def delete_graph(self, graph_id: str) -> None:
+            await self._wait("delete_graph")
+            await super().delete_graph(graph_id)
+
+    return Gated
+
+
+def two_servers_stores(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    """Two gated stores on one database (memory: one store that two engines share)."""
+    if kind == "memory":
+        store = gated(we.MemoryStore)()
+        return store, store
+    store_class = we.SqliteStore if kind == "sqlite" else we.PostgresStore
+    target = str(tmp_path / "runs.db") if kind == "sqlite" else request.getfixturevalue("pg_url")
+    return gated(store_class)(target), gated(store_class)(target)
+
+
+USER_OF_FINDER = one_node("user", {"name": "review_each", "map": {"over": "xs", "as": "x", "graph": "finder",
+                                                                  "collect": "c"}})
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("postgres", marks=needs_postgres)])
+async def test_create_of_a_graph_and_delete_of_one_it_runs_on_two_servers_never_both_succeed(
+        tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    """Each request is held after its server's own checks, while the other server's request goes through: the held
+    one, checked again by the store in the transaction of its write, is refused."""
+    store_a, store_b = two_servers_stores(kind, tmp_path, request)
+    app_a, app_b = (we.create_app(registry=par_registry(), store=store) for store in (store_a, store_b))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app_a), base_url="http://a") as a, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app_b), base_url="http://b") as b:
+        finder = {"graph_id": "finder", "start_node": "find", "nodes": ["find"]}
+        assert (await b.post("/graph/create", json=finder)).status_code == 201
+        called, released = store_a.gate("add_graph")  # A has validated "user" against "finder"; B deletes it
+        create = asyncio.create_task(a.post("/graph/create", json=USER_OF_FINDER))
+        await called.wait()
+        deleted = await b.delete("/graph/definition/finder")
+        released.set()
+        refused_create = await create
+        assert (await b.post("/graph/create", json=finder)).status_code == 201
+        called, released = store_b.gate("delete_graph")  # B has found no registered graph that runs "finder"
+        delete = asyncio.create_task(b.delete("/graph/definition/finder"))
+        await called.wait()
+        created = await a.post("/graph/create", json=USER_OF_FINDER)
+        released.set()
+        refused_delete = await delete
+        listed = sorted(graph["graph_id"] for graph in (await b.get("/graph/list")).json()["graphs"])
+        for app in (app_a, app_b):
+            await engine_of(app).shutdown()
+    assert (deleted.status_code, refused_create.status_code, refused_create.json()) == (204, 422, {"error": {
+        "code": "invalid_graph", "message": "the graph has 1 problem",
+        "details": [{"path": "$.nodes[0].map.graph", "message": "unknown graph 'finder'"}]}})
+    assert (created.status_code, refused_delete.status_code, refused_delete.json()) == (201, 409, {"error": {
+        "code": "graph_conflict", "message": "graph 'finder' cannot be deleted: node 'review_each' of graph 'user' "
+        "runs it; delete that graph first", "details": []}})
+    assert listed == ["finder", "user"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=needs_postgres)])
+async def test_sql_upgrade_to_version_7_indexes_the_graphs_stored_before(tmp_path: Path, kind: str,
+                                                                         request: pytest.FixtureRequest) -> None:
+    """A database of version 6 knows nothing of references: opened by this code, its graphs' are indexed, so a
+    delete of a graph that a stored graph runs is refused (naming the first such graph and node), and a delete of
+    that graph removes its references."""
+    store_class = we.SqliteStore if kind == "sqlite" else we.PostgresStore
+    target = str(tmp_path / "runs.db") if kind == "sqlite" else request.getfixturevalue("pg_url")
+    app = we.create_app(registry=par_registry(), store=store_class(target))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        for definition in [{"graph_id": "finder", "start_node": "find", "nodes": ["find"]},
+                           {"graph_id": "plus", "start_node": "inc", "nodes": ["inc"]}, USER_OF_FINDER,
+                           one_node("both", {"name": "checks", "parallel": {"branches": ["plus", "finder", "plus"],
+                                                                            "merge": {"count": "sum"}}})]:
+            assert (await client.post("/graph/create", json=definition)).status_code == 201
+    await engine_of(app).shutdown()
+    downgrade = ("DROP TABLE graph_references", "UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    if kind == "sqlite":
+        with contextlib.closing(sqlite3.connect(target)) as db, db:
+            db.executescript(";".join(downgrade))
+    else:
+        with pytest.importorskip("psycopg").connect(target, autocommit=True) as db:
+            for statement in downgrade:
+                db.execute(statement)
+    store = store_class(target)
+    rows = store._read_all("SELECT graph_id, position, node, referenced FROM graph_references"
+                           " ORDER BY graph_id, referenced")
+    app = we.create_app(registry=par_registry(), store=store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        refused = [(await client.delete(f"/graph/definition/{graph_id}")).json()["error"]["message"]
+                   for graph_id in ("finder", "plus")]
+        deleted = [(await client.delete(f"/graph/definition/{graph_id}")).status_code
+                   for graph_id in ("user", "finder", "both", "finder", "plus")]
+    left = store._read_all("SELECT COUNT(*) FROM graph_references")
+    await engine_of(app).shutdown()
+    assert rows == [("both", 0, "checks", "finder"), ("both", 0, "checks", "plus"),
+                    ("user", 0, "review_each", "finder")]
+    assert refused == ["graph 'finder' cannot be deleted: node 'review_each' of graph 'user' runs it; delete that "
+                       "graph first", "graph 'plus' cannot be deleted: node 'checks' of graph 'both' runs it; delete "
+                       "that graph first"]
+    assert (deleted, left) == ([204, 409, 204, 204, 204], [(0,)])
+
+
 def signalling(store_class: type) -> type:
     """A subclass of a SQL store that says when it has saved a run holding `expected` finished branches."""
 
@@ -7003,16 +7435,18 @@ async def test_sql_store_saves_each_finished_branch_before_the_join(tmp_path: Pa
 
 PAR_FLOW = """
 import asyncio
+import os
 import pathlib
 
 
 def register(registry):
     @registry.node
     async def tally(state, ctx):
-        # Count this execution in a file, then hold item 2 until the test says so (it may kill the server meanwhile).
+        # Count this execution in a file, with the server's pid, then hold item 2 until the test says so (it may kill
+        # the server meanwhile).
         folder = pathlib.Path(state.data["dir"])
         with open(folder / "tally", "a") as tally_file:
-            tally_file.write(f"{state.data['item']}\\n")
+            tally_file.write(f"{state.data['item']} {os.getpid()}\\n")
         while state.data["item"] == 2 and not (folder / "release").exists():
             await asyncio.sleep(0.02)
         return {"seen": state.data["item"] * 10}
@@ -7039,7 +7473,47 @@ def test_e2e_sqlite_kill_mid_map_reruns_only_the_unfinished_branch(db_env: dict[
         wait_for(lambda: client.get(f"/graph/state/{run_id}").json()["status"] == "completed")
         done = client.get(f"/graph/state/{run_id}").json()
     assert sorted(saved.branch_results) == ["each[0]", "each[1]", "each[3]"]
-    assert sorted((tmp_path / "tally").read_text().split()) == ["0", "1", "2", "2", "3"]
+    assert sorted(line.split()[0] for line in (tmp_path / "tally").read_text().splitlines()) == ["0", "1", "2", "2", "3"]
+    assert done["state"]["data"] == {"items": [0, 1, 2, 3], "dir": str(tmp_path), "out": [0, 10, 20, 30]}
+    assert "branch_results" not in done
+    assert sorted(paths(done)[:3]) == [(f"each[{i}]/tally", "tally", "executed") for i in (0, 1, 3)]
+    assert paths(done)[3:] == [(None, "each", "recovered"), ("each[2]/tally", "tally", "executed"),
+                               (None, "each", "executed")]
+
+
+TALLY_GRAPHS = [{"graph_id": "tally_one", "start_node": "tally", "nodes": ["tally"]},
+                one_node("tallies", {"name": "each", "map": {"over": "items", "as": "item", "graph": "tally_one",
+                                                             "collect": "out", "output": "seen"}})]
+
+
+@needs_postgres
+def test_e2e_postgres_sigkill_mid_map_the_other_server_reruns_only_the_unfinished_branch(pg_url: str,
+                                                                                         tmp_path: Path) -> None:
+    """Two servers on one PostgreSQL database: SIGKILL of the one executing a map while one branch of four is held;
+    once its lease expires the other takes the run over and runs that branch alone."""
+    (tmp_path / "par_flow.py").write_text(PAR_FLOW)
+    env = {"PYTHONPATH": os.pathsep.join([str(HERE), str(tmp_path)]), "WORKFLOW_MODULES": "par_flow",
+           "WORKFLOW_DB": pg_url, "WORKFLOW_LEASE_S": "1"}
+    tally, reader = tmp_path / "tally", we.PostgresStore(pg_url)
+    with running_server({**env, "WORKFLOW_WORKER_ID": "a"}) as (a, a_pid), \
+            running_server({**env, "WORKFLOW_WORKER_ID": "b"}) as (b, b_pid), httpx.Client(timeout=10) as client:
+        created = [client.post(b + "/graph/create", json=graph).status_code for graph in TALLY_GRAPHS]
+        run_id = client.post(a + "/graph/run", json={"graph_id": "tallies", "wait": False, "state": {
+            "data": {"items": [0, 1, 2, 3], "dir": str(tmp_path)}}}).json()["run_id"]
+        wait_for(lambda: len(reader.get_run(run_id).branch_results) == 3)  # saved, not only done
+        saved = reader.get_run(run_id)
+        [executor] = {int(line.split()[1]) for line in tally.read_text().splitlines()}
+        kill(executor)
+        (tmp_path / "release").touch()
+        survivor = b if executor == a_pid else a
+        wait_for(lambda: client.get(f"{survivor}/graph/state/{run_id}").json()["status"] == "completed", 30)
+        done = client.get(f"{survivor}/graph/state/{run_id}").json()
+    reader.close()
+    executions = [tuple(map(int, line.split())) for line in tally.read_text().splitlines()]
+    assert (created, sorted(saved.branch_results), executor in (a_pid, b_pid)) == (
+        [201, 201], ["each[0]", "each[1]", "each[3]"], True)
+    assert (sorted(executions[:4]), executions[4:]) == (
+        [(item, executor) for item in range(4)], [(2, b_pid if executor == a_pid else a_pid)])
     assert done["state"]["data"] == {"items": [0, 1, 2, 3], "dir": str(tmp_path), "out": [0, 10, 20, 30]}
     assert "branch_results" not in done
     assert sorted(paths(done)[:3]) == [(f"each[{i}]/tally", "tally", "executed") for i in (0, 1, 3)]

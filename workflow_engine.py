@@ -57,7 +57,7 @@ import types
 import typing
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -1611,6 +1611,22 @@ def graph_references(graph: GraphDefinition) -> dict[str, tuple[str, ...]]:
     return {name: node.graph_ids for name, node in graph.node_defs.items() if node.is_composite}
 
 
+def first_referrer(graphs: Iterable[GraphDefinition], graph_id: str) -> tuple[str, str] | None:
+    """The first of `graphs` (other than `graph_id` itself) that runs graph `graph_id`, and its node; None if none."""
+    for graph in graphs:
+        for name, graph_ids in graph_references(graph).items():
+            if graph_id in graph_ids and graph.graph_id != graph_id:
+                return graph.graph_id or "", name
+    return None
+
+
+def unknown_graphs(graph: GraphDefinition, exists: Callable[[str], bool]) -> list[Problem]:
+    """A problem, at its reference's path, for each graph that a node of `graph` runs and `exists` does not know."""
+    return [Problem(path, f"unknown graph {_shown(graph_id)}")
+            for index, node in enumerate(graph.nodes) if not isinstance(node, str) and node.is_composite
+            for path, graph_id in _referencing_paths(f"$.nodes[{index}]", node) if not exists(graph_id)]
+
+
 def _reference_problems(graph: GraphDefinition, registry: Registry, limits: Settings,
                         graphs: GraphLookup) -> list[Problem]:
     """Each graph a node runs exists and does not run `graph` again; a parallel node's branches fit the fan-out
@@ -2082,15 +2098,22 @@ async def _run_node(
         return entry
 
 
-def _private(values: dict[str, Any], nested: list[str]) -> dict[str, Any]:
-    """Copy `values` for one attempt: the dict, and deeply the values under `nested`.
+def _private(values: dict[str, Any], nested: dict[str, bool]) -> dict[str, Any]:
+    """Copy `values` for one attempt: the dict, and each container under `nested`, shallowly if it holds only
+    scalars (which nothing can change in place), else deeply.
 
-    The run's values are plain JSON already (checked on their way in), so marshal copies them: in C, several times
-    faster than a walk in Python.
+    The run's values are plain JSON already (checked on their way in), so marshal copies them deeply: in C, several
+    times faster than a walk in Python, yet a list of a thousand numbers costs it ten times what `list.copy` does,
+    and each branch of a map over that list would copy it.
     """
-    copy = dict(values)
-    if nested:
-        copy.update(marshal.loads(marshal.dumps({key: values[key] for key in nested})))
+    copy, deep = dict(values), {}
+    for key, is_deep in nested.items():
+        if is_deep:
+            deep[key] = values[key]
+        else:
+            copy[key] = values[key].copy()
+    if deep:
+        copy.update(marshal.loads(marshal.dumps(deep)))
     return copy
 
 
@@ -2121,9 +2144,13 @@ def _check_writes(name: str, io: NodeIO, updates: dict[str, Any], keys: tuple[st
             raise _StepFailed(f"node {name!r} declares data[{key!r}] as {kind.value}, wrote {_json_type(updates[key])}")
 
 
+_FLAT_ITEMS = frozenset({str, int, float, bool, type(None)})  # a container of only these needs no deep copy
+_Measure = tuple[object, int, bool | None]  # a value, its size, and (a container) whether it holds containers
+
+
 class _DataBudget:
     """Keep a run's data under its `max_state_bytes` and the updates its log keeps under its `max_log_bytes`, and
-    know which keys of its data and metadata hold nested values (the ones an attempt must copy deeply).
+    know which keys of its data and metadata hold nested values (the ones an attempt must copy, and how deeply).
 
     Both limits count a value as the length of its JSON text. A step that would take the data over its limit fails;
     once the log is full, an entry keeps the keys a step changed but leaves out each new value that does not fit,
@@ -2131,16 +2158,20 @@ class _DataBudget:
     date from each step's changes: a step costs what it changes, not what the data holds.
     """
 
-    def __init__(self, run: RunContext, known: Mapping[str, tuple[object, int]] | None = None) -> None:
-        """Count `run`'s data; a value that `known` (key: (value, size)) holds as the very same object is not
+    def __init__(self, run: RunContext, known: Mapping[str, _Measure] | None = None) -> None:
+        """Count `run`'s data; a value that `known` (key: its _measured) holds as the very same object is not
         measured again: the branches of a map or parallel step share their values with the step's data."""
         self.limit, self.log_limit = run.max_state_bytes, run.max_log_bytes
         known = known or {}
-        self.sizes = {key: hit[1] if (hit := known.get(key)) is not None and hit[0] is value else _json_size(value)
-                      for key, value in run.state.data.items()}
+        self.sizes: dict[str, int] = {}
+        self.nested: dict[str, bool] = {}  # see _nested
+        for key, value in run.state.data.items():
+            hit = known.get(key)
+            _, self.sizes[key], is_deep = hit if hit is not None and hit[0] is value else _measured(value)
+            if is_deep is not None:
+                self.nested[key] = is_deep
         self.total = sum(self.sizes.values())
         self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values())
-        self.nested = _nested(run.state.data)
         self.nested_metadata = _nested(run.state.metadata)  # a run's metadata does not change while it runs
 
     def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -2164,8 +2195,8 @@ class _DataBudget:
         self.total = total
         self.sizes.update(counted)
         if is_nested or self.nested:  # only data that holds containers pays for tracking them
-            self.nested = [key for key in self.nested if key not in counted] + [
-                key for key, value in updates.items() if type(value) is dict or type(value) is list]
+            self.nested = {key: is_deep for key, is_deep in self.nested.items() if key not in counted}
+            self.nested.update(_nested(updates))
         if self.logged + logged <= self.log_limit:
             self.logged += logged
             return ()
@@ -2184,9 +2215,19 @@ def _json_size(value: object) -> int:
     return 8 if type(value) in _PLAIN_SCALARS or type(value) is float else len(json.dumps(value, ensure_ascii=False))
 
 
-def _nested(values: dict[str, Any]) -> list[str]:
-    """The keys of plain-JSON `values` that hold a list or a dict: what a node could change in place."""
-    return [key for key, value in values.items() if type(value) is dict or type(value) is list]
+def _nested(values: dict[str, Any]) -> dict[str, bool]:
+    """The keys of plain-JSON `values` that hold a list or a dict (what a node could change in place), each with
+    whether that holds containers in turn (True: an attempt copies it deeply) or only scalars (a shallow copy)."""
+    return {key: _is_deep(value) for key, value in values.items() if type(value) is dict or type(value) is list}
+
+
+def _is_deep(container: dict[str, Any] | list[Any]) -> bool:
+    return not _FLAT_ITEMS.issuperset(map(type, container.values() if type(container) is dict else container))
+
+
+def _measured(value: object) -> _Measure:
+    is_container = type(value) is dict or type(value) is list
+    return value, _json_size(value), _is_deep(value) if is_container else None  # type: ignore[arg-type]
 
 
 def _recover(run: RunContext, entry: LogEntry, target: str) -> None:
@@ -2351,7 +2392,7 @@ class _Fork:
 
     def _graph(self, node: NodeDef, graph_id: str) -> GraphDefinition:
         graph = self.branches.find_graph(graph_id)
-        if graph is None:  # refused at create, so deleted since by another server
+        if graph is None:  # a graph registered in code on the server that created this one, but not here
             raise _StepFailed(f"node {node.name!r} runs graph {graph_id!r}, which does not exist")
         return graph
 
@@ -2364,21 +2405,27 @@ class _Fork:
         limit = asyncio.Semaphore(min(max_concurrency or FANOUT_CONCURRENCY, self.branches.max_fanout))
         log_share = max(self.root.max_log_bytes // max(len(plans), 1), 1)
         # The branches start from the step's data (a map's plus its item): each of its values is measured once.
-        known = {key: (value, _json_size(value)) for key, value in plans[0][2].items()} if plans else {}
+        known = {key: _measured(value) for key, value in plans[0][2].items()} if plans else {}
+        tasks = [asyncio.ensure_future(self._branch(key, graph, data, limit, log_share, known))
+                 for key, graph, data in plans if key not in self.root.branch_results]
+        failures: list[BaseException] = []  # in the order the branches failed
+        for task in tasks:
+            task.add_done_callback(functools.partial(_note_failure, failures))
         try:
-            async with asyncio.TaskGroup() as group:
-                for key, graph, data in plans:
-                    if key not in self.root.branch_results:
-                        group.create_task(self._branch(key, graph, data, limit, log_share, known))
-        except ExceptionGroup as failed:  # the first failure: a branch's (the usual), or an engine's
-            raise next((exc for exc in failed.exceptions if isinstance(exc, _BranchFailed)), failed.exceptions[0])
+            if tasks:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # a failure, or the step's own cancel or timeout
+            await _cancelled_in_order(tasks)
+        if failures:  # the first failure: a branch's (the usual), or an engine's
+            raise next((exc for exc in failures if isinstance(exc, _BranchFailed)), failures[0])
         return [self.root.branch_results[key] for key, _, _ in plans]
 
     async def _branch(self, key: str, graph: GraphDefinition, data: dict[str, Any], limit: asyncio.Semaphore,
-                      log_share: int, known: dict[str, tuple[object, int]]) -> None:
+                      log_share: int, known: dict[str, _Measure]) -> None:
         async with limit:
             # A shallow copy is enough: the runner never changes a value of a run's data in place (each attempt of a
-            # node works on deep copies), so a branch never sees its siblings' writes, nor they its.
+            # node works on copies that isolate it, see _private), so a branch never sees its siblings' writes, nor
+            # they its.
             start = dict(data)
             # The branch's own record for the runner's step loop; not a run: no status moves, never stored.
             child = RunContext(run_id=self.root.run_id, graph_id=graph.graph_id or "", next_node=graph.start_node,
@@ -2426,6 +2473,27 @@ class _Fork:
                 await self.checkpoint(snapshot)
             except EngineError as exc:
                 raise _BranchFailed(f"the results of finished branches could not be saved: {exc.message}") from None
+
+
+def _note_failure(failures: list[BaseException], task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        failures.append(task.exception())  # type: ignore[arg-type]
+
+
+async def _cancelled_in_order(tasks: list[asyncio.Future[None]]) -> None:
+    """Cancel the branch tasks still running and wait until every one has ended, even through a cancel of the
+    caller, which is raised then. They are cancelled in branch order (a TaskGroup's order is its set's), so their
+    `cancelled` entries join the log in that order: the same run logs the same way every time."""
+    for task in tasks:
+        task.cancel()
+    cancel = None
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError as exc:
+            cancel = exc
+    if cancel is not None:
+        raise cancel
 
 
 def _branch_pause(run: RunContext) -> str | None:
@@ -2505,6 +2573,11 @@ def _active_runs(count: int) -> str:
     if count == 1:
         return "1 run of it is pending or running; cancel it or wait for it to end"
     return f"{count} runs of it are pending or running; cancel them or wait for them to end"
+
+
+def _runs_it(referrer: tuple[str, str]) -> str:
+    """Why a graph that another graph's node runs cannot be deleted."""
+    return f"node {referrer[1]!r} of graph {referrer[0]!r} runs it; delete that graph first"
 
 
 _SIZE_PROBES = 256  # most values _is_big looks at; a record with more is big
@@ -2756,14 +2829,22 @@ class MemoryStore:
         events = self._webhooks.get(run_id)
         return next(reversed(events.values())).delivery if events else None
 
-    async def add_graph(self, graph: GraphDefinition) -> bool:
-        """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
+    async def add_graph(self, graph: GraphDefinition, registered: Collection[str] = ()) -> bool:
+        """Store `graph`; return False if the same definition was already there, raise GraphConflict if another.
+
+        Every graph it runs must be stored or `registered` (in code): else InvalidGraph, as at validation. This
+        check and delete_graph's of the graphs that run it hold together, so that a graph and one it runs are
+        never deleted and created at once (SqlStore checks both in the transaction of the write).
+        """
         assert graph.graph_id is not None
         stored = self._graphs.get(graph.graph_id)
         if stored is not None:
             if stored != graph:
                 raise GraphConflict(graph.graph_id)
             return False
+        missing = unknown_graphs(graph, lambda graph_id: graph_id in registered or graph_id in self._graphs)
+        if missing:
+            raise InvalidGraph(missing)
         if len(self._graphs) >= self.max_graphs:
             raise StoreFull(self.max_graphs)
         self._graphs[graph.graph_id] = graph
@@ -2822,9 +2903,13 @@ class MemoryStore:
         self._drop(run_id)
 
     async def delete_graph(self, graph_id: str) -> None:
-        """Delete a stored graph unless runs of it are pending or running (GraphInUse); raise GraphNotFound."""
+        """Delete a stored graph unless another stored graph runs it or runs of it are pending or running
+        (GraphInUse, naming the first of them); raise GraphNotFound."""
         if graph_id not in self._graphs:
             raise GraphNotFound(graph_id)
+        referrer = first_referrer(self._graphs.values(), graph_id)
+        if referrer is not None:
+            raise GraphInUse(graph_id, _runs_it(referrer))
         active = sum(isinstance(entry, RunContext) and entry.graph_id == graph_id and entry.status.is_active
                      for entry in self._runs.values())
         if active:
@@ -3019,7 +3104,34 @@ _WEBHOOKS = (  # version 6: completion webhooks, one row per event (a run's stop
     "CREATE INDEX webhooks_by_run ON webhooks (run_id, seq)",
     "CREATE INDEX idempotency_keys_by_run ON idempotency_keys (run_id)",
 )
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA, _LEASES, _STOPS, _KEYS, _FINISHED, _WEBHOOKS)
+
+
+def _reference_rows(graph: GraphDefinition) -> list[tuple[str, int, str, str]]:
+    """The graph_references rows of `graph`: (its id, the node's place among its composite nodes, the node, the
+    graph the node runs), each once."""
+    return list(dict.fromkeys((graph.graph_id or "", position, name, graph_id)
+                              for position, (name, graph_ids) in enumerate(graph_references(graph).items())
+                              for graph_id in graph_ids))
+
+
+def _fill_references(store: "SqlStore", db: Any) -> None:
+    """Index the references of the graphs stored before version 7."""
+    rows = [row for (definition,) in store._all(db, "SELECT definition FROM graphs")
+            for row in _reference_rows(converter.structure(json.loads(definition), GraphDefinition))]
+    store._executemany(db, _INSERT_REFERENCE, rows)
+
+
+_REFERENCES = (  # version 7: the graphs each stored graph's nodes run. A create checks that the graphs it runs are
+    # stored, and a delete that no stored graph runs its graph, each in the transaction of its write: of a create of a
+    # graph and a delete of one it runs, on two servers at once, the second to commit is refused.
+    "CREATE TABLE graph_references (graph_id TEXT NOT NULL, position INTEGER NOT NULL, node TEXT NOT NULL,"
+    " referenced TEXT NOT NULL, PRIMARY KEY (graph_id, position, referenced))",
+    "CREATE INDEX graph_references_by_referenced ON graph_references (referenced)",
+    _fill_references,
+)
+_INSERT_REFERENCE = "INSERT INTO graph_references (graph_id, position, node, referenced) VALUES (?, ?, ?, ?)"
+_Migration = tuple["str | Callable[[SqlStore, Any], None]", ...]  # statements, and steps that SQL alone cannot do
+_MIGRATIONS: tuple[_Migration, ...] = (_SCHEMA, _LEASES, _STOPS, _KEYS, _FINISHED, _WEBHOOKS, _REFERENCES)
 _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "cancel <id>"
 
 
@@ -3131,10 +3243,12 @@ class SqlStore:
         with self._reading() as db:
             return self._webhook_of(db, run_id)
 
-    async def add_graph(self, graph: GraphDefinition) -> bool:
-        """Store `graph`; return False if the same definition was already there, raise GraphConflict if another."""
+    async def add_graph(self, graph: GraphDefinition, registered: Collection[str] = ()) -> bool:
+        """Store `graph` as MemoryStore does; the graphs it runs are checked, and its references (see _REFERENCES)
+        written, in the transaction of the insert."""
         assert graph.graph_id is not None
-        stored = await self._write(self._insert_graph, graph.graph_id, dump_json(converter.unstructure(graph)))
+        stored = await self._write(self._insert_graph, graph, dump_json(converter.unstructure(graph)),
+                                   frozenset(registered))
         if stored is not None and converter.structure(json.loads(stored), GraphDefinition) != graph:
             raise GraphConflict(graph.graph_id)
         return stored is None
@@ -3210,8 +3324,8 @@ class SqlStore:
         await self._write(self._delete_run, run_id)
 
     async def delete_graph(self, graph_id: str) -> None:
-        """Delete a stored graph unless runs of it are pending or running (GraphInUse), counted in the same
-        transaction; raise GraphNotFound."""
+        """Delete a stored graph unless another stored graph runs it or runs of it are pending or running
+        (GraphInUse), both checked in the same transaction; raise GraphNotFound."""
         await self._write(self._delete_graph, graph_id)
         self._graph_cache.pop(graph_id, None)
 
@@ -3416,6 +3530,9 @@ class SqlStore:
             raise RuntimeError(f"the database has schema version {version}, newer than this code's {len(_MIGRATIONS)}")
         for statements in _MIGRATIONS[version:]:
             for statement in statements:
+                if not isinstance(statement, str):
+                    statement(self, db)
+                    continue
                 db.execute(statement.format(serial=self.SERIAL, json=self.JSON, without_rowid=self.WITHOUT_ROWID,
                                             now=self.NOW))
         db.execute(self._sql("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value ="
@@ -3477,13 +3594,19 @@ class SqlStore:
         for table in ("logs", "webhooks", "idempotency_keys", "runs"):
             self._executemany(db, f"DELETE FROM {table} WHERE run_id = ?", ids)
 
-    def _insert_graph(self, db: Any, graph_id: str, definition: bytes) -> bytes | None:
-        row = self._one(db, "SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
+    def _insert_graph(self, db: Any, graph: GraphDefinition, definition: bytes,
+                      registered: frozenset[str]) -> bytes | None:
+        row = self._one(db, "SELECT definition FROM graphs WHERE graph_id = ?", (graph.graph_id,))
         if row is not None:
             return row[0]
+        missing = unknown_graphs(graph, lambda graph_id: graph_id in registered or self._one(
+            db, "SELECT 1 FROM graphs WHERE graph_id = ?", (graph_id,)) is not None)
+        if missing:  # deleted by another server since the create's validation
+            raise InvalidGraph(missing)
         if self._one(db, "SELECT COUNT(*) FROM graphs")[0] >= self.max_graphs:
             raise StoreFull(self.max_graphs)
-        db.execute(self._sql("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)"), (graph_id, definition))
+        db.execute(self._sql("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)"), (graph.graph_id, definition))
+        self._executemany(db, _INSERT_REFERENCE, _reference_rows(graph))
         return None
 
     async def _encoded(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
@@ -3591,10 +3714,16 @@ class SqlStore:
     def _delete_graph(self, db: Any, graph_id: str) -> None:
         if self._one(db, "SELECT 1 FROM graphs WHERE graph_id = ?", (graph_id,)) is None:
             raise GraphNotFound(graph_id)
+        referrer = self._one(db, "SELECT g.graph_id, r.node FROM graph_references r JOIN graphs g ON g.graph_id ="
+                             " r.graph_id WHERE r.referenced = ? AND r.graph_id <> ? ORDER BY g.seq, r.position"
+                             " LIMIT 1", (graph_id, graph_id))
+        if referrer is not None:
+            raise GraphInUse(graph_id, _runs_it(referrer))
         active = self._one(db, f"SELECT COUNT(*) FROM runs WHERE graph_id = ? AND {_IN_ACTIVE}", (graph_id,))[0]
         if active:
             raise GraphInUse(graph_id, _active_runs(active))
         db.execute(self._sql("DELETE FROM graphs WHERE graph_id = ?"), (graph_id,))
+        db.execute(self._sql("DELETE FROM graph_references WHERE graph_id = ?"), (graph_id,))
 
     def _claim_sweep(self, db: Any, now: float | None, every_s: float) -> bool:
         # Writes are serialized (SQLite's write lock, PostgreSQL's advisory lock), so one server wins each round.
@@ -4152,7 +4281,7 @@ class Engine:
             if builtin != graph:
                 raise GraphConflict(graph.graph_id or "")
             return graph, False, warnings
-        return graph, await self.store.add_graph(graph), warnings
+        return graph, await self.store.add_graph(graph, self._builtin.keys()), warnings
 
     def get_graph(self, graph_id: str) -> GraphDefinition:
         """Return a registered or stored graph, or raise GraphNotFound."""
@@ -4347,30 +4476,18 @@ class Engine:
         await self.store.delete_run(run_id)
 
     async def delete_graph(self, graph_id: str) -> None:
-        """Delete a stored graph that no pending or running run uses; raise GraphNotFound, or GraphInUse.
+        """Delete a stored graph that no other graph runs and no pending or running run uses; raise GraphNotFound,
+        or GraphInUse. The store checks the stored graphs that run it in the transaction of the delete.
 
         Its stopped runs are kept, since a run's record holds all it shows; a paused one can still be cancelled or
         deleted, and a resume of it is a GraphNotFound that leaves it paused.
         """
         if graph_id in self._builtin:
             raise GraphInUse(graph_id, "it is registered in code")
-        referrer = self._referrer(graph_id)
+        referrer = first_referrer(self._builtin.values(), graph_id)  # the store checks the stored graphs
         if referrer is not None:
-            raise GraphInUse(graph_id, f"node {referrer[1]!r} of graph {referrer[0]!r} runs it; delete that graph "
-                                       "first")
+            raise GraphInUse(graph_id, _runs_it(referrer))
         await self.store.delete_graph(graph_id)
-
-    def _referrer(self, graph_id: str) -> tuple[str, str] | None:
-        """The first graph (and its node) that runs graph `graph_id`, registered graphs first."""
-        offset, total = 0, 1
-        while offset < total:
-            page, total = self.list_graphs(limit=MAX_PAGE, offset=offset)
-            offset += len(page) or total
-            for graph in page:
-                for name, graph_ids in graph_references(graph).items():
-                    if graph_id in graph_ids and graph.graph_id != graph_id:
-                        return graph.graph_id or "", name
-        return None
 
     async def sweep(self, now: datetime | None = None, *, batch: int = SWEEP_BATCH) -> int:
         """Delete the runs and idempotency keys past their time to live as of `now` (None: the store's clock),
