@@ -1224,12 +1224,23 @@ def _make_converter() -> cattrs.Converter:
     # A log entry names the keys whose values it left out only when it left some out (past max_log_bytes).
     converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
         LogEntry, converter, updates_omitted=override(omit_if_default=True)))
+    # A run's log and history are lists of one model: mapped in C, rather than by cattrs' generator (a call per item).
+    for model in (LogEntry, StatusChange):
+        converter.register_unstructure_hook_func(lambda type_, model=model: type_ == list[model],
+                                                 _list_unstructurer(converter.get_unstructure_hook(model)))
     # A node object shows the settings it has, so a function node reads as it did before graphs could be nodes.
     converter.register_unstructure_hook(NodeDef, make_dict_unstructure_fn(
         NodeDef, converter, **{name: override(omit_if_default=True) for name in ("graph", "map", "parallel")}))
     converter.register_unstructure_hook(RunContext, make_dict_unstructure_fn(
         RunContext, converter, branch_results=override(omit_if_default=True)))
     return converter
+
+
+def _list_unstructurer(item_hook: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
+    def unstructure(values: list[Any]) -> list[Any]:
+        return list(map(item_hook, values))
+
+    return unstructure
 
 
 def _wire_as(hook: Callable[[object, type], MapDef]) -> Callable[[object, type], MapDef]:
