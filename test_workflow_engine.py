@@ -987,6 +987,21 @@ def stopped_run(data: dict[str, Any]) -> we.RunContext:
     return run
 
 
+async def test_memory_store_keeps_a_short_record_uncompressed() -> None:
+    """Below RUN_COMPRESSION_MIN_BYTES a finished run's JSON is kept as it is, and read back the same either way."""
+    store = we.MemoryStore()
+    for run_id, text in (("short", "x"), ("long", "x" * we.RUN_COMPRESSION_MIN_BYTES)):
+        run = make_run(run_id, we.RunStatus.RUNNING)
+        lease = await store.claim_run(run, None, "me")
+        run.state.data["text"] = text
+        we.move_run(run, we.RunStatus.COMPLETED)
+        await store.save_run(run, lease)
+        assert store.get_run(run_id) == run
+        assert store.get_run_json(run_id) == we.dump_json(we.converter.unstructure(run))
+    assert store._runs["short"].record == store.get_run_json("short")  # plain JSON
+    assert store._runs["long"].record == we.zlib.compress(store.get_run_json("long"), we.RUN_COMPRESSION_LEVEL)
+
+
 RECORD_SIZES = [  # data, whether its record is encoded off the event loop
     pytest.param({"text": "x" * 5_000}, False, id="small"),  # with its log entry, about 10 KB
     pytest.param({"text": "x" * 10_000}, True, id="big"),  # about 20 KB

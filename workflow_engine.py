@@ -189,6 +189,9 @@ MAX_STORED_RUNS = 10_000  # finished runs kept in memory; the oldest finished is
 MAX_STORED_GRAPHS = 10_000  # graph definitions kept in memory
 MAX_PLANS = 1_000  # graphs a registry keeps planned for the runner (see Registry.plan); the oldest is planned anew
 RUN_COMPRESSION_LEVEL = 6  # zlib level of stored finished runs: a code-review record shrinks about fourfold
+# A finished run's JSON shorter than this is kept as it is: zlib would save a kilobyte or so of it, and cost about as
+# much time as the rest of the save, then as much again at every read of the record.
+RUN_COMPRESSION_MIN_BYTES = 2 * 1024
 OFF_LOOP_BYTES = 16 * 1024  # a record estimated over this much JSON is encoded on a store's thread, not the loop
 MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
 MAX_CONCURRENT_RUNS = 1_000  # runs executing at once; more wait as `pending`
@@ -2565,8 +2568,15 @@ async def _off_loop(thread: ThreadPoolExecutor, fn: Callable[..., T], *args: Any
         raise exc
 
 
-def _compressed(run: RunContext) -> bytes:
-    return zlib.compress(dump_json(converter.unstructure(run)), RUN_COMPRESSION_LEVEL)
+def _stored_record(run: RunContext) -> bytes:
+    """The record a memory store keeps of a stopped run: its JSON, compressed once it is RUN_COMPRESSION_MIN_BYTES
+    long. JSON text of an object starts with `{`, a zlib stream never does, so `_record_json` tells them apart."""
+    record = dump_json(converter.unstructure(run))
+    return record if len(record) < RUN_COMPRESSION_MIN_BYTES else zlib.compress(record, RUN_COMPRESSION_LEVEL)
+
+
+def _record_json(record: bytes) -> bytes:
+    return record if record[:1] == b"{" else zlib.decompress(record)
 
 
 @attrs.frozen
@@ -2619,7 +2629,7 @@ class _StoredKey:
 @attrs.frozen
 class _StoredRun:
     summary: RunSummary
-    record: bytes  # the run record's JSON, compressed
+    record: bytes  # the run record's JSON, compressed if it is long (see _stored_record)
 
 
 @attrs.frozen(kw_only=True)
@@ -2877,7 +2887,7 @@ class MemoryStore:
         entry = self._entry(run_id)
         if isinstance(entry, RunContext):
             return entry
-        return converter.structure(_with_webhook(json.loads(zlib.decompress(entry.record)), self.webhook_of(run_id)),
+        return converter.structure(_with_webhook(json.loads(_record_json(entry.record)), self.webhook_of(run_id)),
                                    RunContext)
 
     def get_run_json(self, run_id: str) -> bytes:
@@ -2885,7 +2895,7 @@ class MemoryStore:
         entry, delivery = self._entry(run_id), self.webhook_of(run_id)
         if isinstance(entry, RunContext):
             return dump_json(_with_webhook(converter.unstructure(entry), delivery))
-        record = zlib.decompress(entry.record)
+        record = _record_json(entry.record)
         return record if delivery is None else dump_json(_with_webhook(json.loads(record), delivery))
 
     def list_runs(
@@ -2907,11 +2917,11 @@ class MemoryStore:
         self._encoder.shutdown(wait=True)
 
     async def _record(self, run: RunContext) -> bytes | None:
-        # What _put keeps of a stopped run: its compressed JSON, made on a thread when it is big. Nothing changes a
+        # What _put keeps of a stopped run: its JSON, made on a thread when it is big. Nothing changes a
         # stopped run meanwhile (the engine saves it once its runner has returned).
         if run.status.is_active:
             return None
-        return await _off_loop(self._encoder, _compressed, run) if _is_big(run) else _compressed(run)
+        return await _off_loop(self._encoder, _stored_record, run) if _is_big(run) else _stored_record(run)
 
     def _put(self, run: RunContext, lease: Lease, record: bytes | None) -> None:
         # An active run is kept as the live object; a stopped one as its `record`, a copy nothing else changes.
