@@ -3140,6 +3140,16 @@ async def test_engine_logs_start_steps_and_end_with_fields(registry: we.Registry
     assert fields[-1]["error"] == "node 'boom' raised ValueError: boom"
 
 
+
+async def test_engine_logs_only_how_a_run_ended_at_info(registry: we.Registry, caplog: pytest.LogCaptureFixture) -> None:
+    """A run's start is a debug record, like its steps: at info the log holds one record per run."""
+    caplog.set_level(logging.INFO, logger="workflow_engine")
+    run = await we.Engine(registry).run(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",), edges={}))
+    assert [(record.levelname, record.getMessage(), record.fields) for record in caplog.records] == [
+        ("INFO", f"run {run.run_id} finished: completed",
+         {"event": "run_finished", "run_id": run.run_id, "graph_id": "g", "status": "completed", "iteration": 1,
+          "duration_ms": round(run.duration_ms, 3), "error": None})]
+
 # ---------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------

@@ -4029,8 +4029,8 @@ class _ActiveRun:
     logged: int = -1  # log entries written to the server log; -1 until the run's start is logged
     counted_logs: int = -1  # the run's log entries when it started here, which metrics do not count; -1 until then
     is_cancel_requested: bool = False
-    # Whether the server log takes the run's progress, asked once per run rather than at every step.
-    is_logging: bool = attrs.field(factory=lambda: logger.isEnabledFor(logging.INFO))
+    # Whether the server log takes the run's progress (debug), asked once per run rather than at every step.
+    is_logging: bool = attrs.field(factory=lambda: logger.isEnabledFor(logging.DEBUG))
 
     def cancel(self) -> None:
         """Cancel the run's task, unless it is in its first or last save: those are never cut short."""
@@ -4075,14 +4075,14 @@ class _ActiveRun:
             self.log_progress()
 
     def log_progress(self) -> None:
-        """Log the run's start (info) and each of its new steps (debug), with fields a log store can index."""
+        """Log the run's start and each of its new steps (debug), with fields a log store can index."""
         run = self.run
         ids = {"run_id": run.run_id, "graph_id": run.graph_id}
         if self.logged < 0:
             self.logged = len(run.logs)
-            logger.info("run %s of graph %s started", run.run_id, run.graph_id,
-                        extra={"fields": {"event": "run_started", **ids}})
-        for entry in run.logs[self.logged:] if logger.isEnabledFor(logging.DEBUG) else ():
+            logger.debug("run %s of graph %s started", run.run_id, run.graph_id,
+                         extra={"fields": {"event": "run_started", **ids}})
+        for entry in run.logs[self.logged:]:
             fields = {"event": "step", **ids, "node": entry.node, "iteration": entry.iteration,
                       "step": entry.event.value, "duration_ms": round(entry.duration_ms, 3), "error": entry.error}
             logger.debug("run %s step %d: %s %s", run.run_id, entry.iteration, entry.node, entry.event.value,
@@ -4090,9 +4090,10 @@ class _ActiveRun:
         self.logged = len(run.logs)
 
     def log_end(self) -> None:
-        """Log the steps not logged yet and how the run stopped."""
+        """Log the steps not logged yet (debug) and how the run stopped (info)."""
         run = self.run
-        self.log_progress()
+        if self.is_logging:
+            self.log_progress()
         fields = {"event": "run_finished", "run_id": run.run_id, "graph_id": run.graph_id, "status": run.status.value,
                   "iteration": run.iteration, "duration_ms": round(run.duration_ms, 3), "error": run.error}
         logger.info("run %s finished: %s", run.run_id, run.status.value, extra={"fields": fields})
