@@ -1857,8 +1857,9 @@ def _ms_since(clock: float) -> float:
 
 
 def _new_id() -> str:
-    # 128 random bits as 32 hex digits, like uuid4().hex at a quarter of its cost.
-    return secrets.token_hex(16)
+    # 128 random bits as 32 hex digits, like uuid4().hex at a quarter of its cost (and secrets.token_hex's source,
+    # without its three Python calls).
+    return os.urandom(16).hex()
 
 
 def new_run(
