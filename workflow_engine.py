@@ -2534,16 +2534,17 @@ def _is_big(run: RunContext, first_log: int = 0) -> bool:
     cannot finish. A plain loop with few calls: it runs on every save of a stopped run, and on every checkpoint.
     """
     entries = run.logs[first_log:]
-    probes, size = _SIZE_PROBES - len(entries), len(entries) * _ENTRY_BYTES
     containers: list[Any] = [entry.updates for entry in entries]
+    probes, size = _SIZE_PROBES - len(containers), len(containers) * _ENTRY_BYTES
     containers += (run.state.data, run.state.metadata)
     for container in containers:  # grows as it goes: nested containers are appended, and looked at in turn
-        count = len(container)
-        probes -= count
-        if probes < 0:
-            return True
-        size += 8 * count
-        for value in container.values() if type(container) is dict else container:
+        is_dict = type(container) is dict
+        for item in container:  # a dict's values by subscript: no call per container or per value
+            value = container[item] if is_dict else item
+            probes -= 1
+            if probes < 0:
+                return True
+            size += 8
             kind = type(value)
             if kind is str:
                 size += len(value)
