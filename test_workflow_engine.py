@@ -2388,6 +2388,22 @@ async def test_cancel_and_timeout_at_once_agree_on_status_and_log(registry: we.R
     assert [(e.node, e.event) for e in run.logs] == [("past_deadline", we.LogEvent.TIMED_OUT)]
 
 
+async def test_engine_worker_ends_when_cancelled_just_as_a_run_wakes_it(tmp_path: Path, registry: we.Registry) -> None:
+    """A cancel that comes as the worker's wake-up event is set ends it (asyncio.wait_for on 3.11 swallows it)."""
+    engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"))
+    await engine.open()
+    worker = engine._worker
+    assert worker is not None
+    while not engine._wake._waiters:  # its first beat done, it waits to be woken
+        await asyncio.sleep(0)
+    engine._wake.set()  # what a run that frees its slot does
+    worker.cancel()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert worker.cancelled()
+    await engine.shutdown()
+
+
 async def test_engine_run_in_the_callers_task_is_cancelled_with_its_caller_and_saved(registry: we.Registry) -> None:
     """Engine.run executes the run in the caller's task: cancelling the caller cancels the run, which is saved as
     cancelled (the engine lets go of it), and the CancelledError reaches the caller."""

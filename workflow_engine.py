@@ -4631,8 +4631,11 @@ class Engine:
                                  _describe(exc), tick)
                 is_failing = True
             self._wake.clear()
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that comes as the event is set (a run that
+            # has just freed its slot), and the worker would outlive the loop's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(next_beat - loop.time(), 0.0))
+                async with asyncio.timeout(max(next_beat - loop.time(), 0.0)):
+                    await self._wake.wait()
 
     async def _sweep_often(self) -> None:
         """Sweep every SWEEP_INTERVAL_S, from one interval after the start, until the engine drains; a failing
@@ -4692,7 +4695,8 @@ class Engine:
                                      _describe(exc), WEBHOOK_POLL_S)
                     is_failing, wait_s = True, WEBHOOK_POLL_S
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._webhooks_due.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):  # not wait_for: see _work
+                        await self._webhooks_due.wait()
         finally:
             threads.shutdown(wait=False)
 
