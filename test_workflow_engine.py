@@ -2388,6 +2388,34 @@ async def test_cancel_and_timeout_at_once_agree_on_status_and_log(registry: we.R
     assert [(e.node, e.event) for e in run.logs] == [("past_deadline", we.LogEvent.TIMED_OUT)]
 
 
+@pytest.mark.parametrize(("key", "wait", "is_own_task"), [
+    pytest.param(None, True, False, id="wait"), pytest.param(None, False, True, id="background"),
+    pytest.param("k1", True, True, id="wait-with-idempotency-key")])
+async def test_http_run_has_a_task_of_its_own_only_when_it_must(
+    registry: we.Registry, key: str | None, wait: bool, is_own_task: bool
+) -> None:
+    """A waited run executes in the request's task; in the background, or with an Idempotency-Key (accepted once
+    the store holds the run), in a task of its own."""
+    tasks: list[asyncio.Task | None] = []
+
+    async def where(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        tasks.append(asyncio.current_task())
+        return {"seen": True}
+
+    registry.node(where)
+    app = we.create_app(registry=registry, store=we.MemoryStore())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        await client.post("/graph/create", json=graph(["where"]))
+        headers = {} if key is None else {"Idempotency-Key": key}
+        answer = await client.post("/graph/run", json={"graph_id": "g", "wait": wait}, headers=headers)
+        run_id = answer.json()["run_id"]
+        await app.state.engine.wait(app.state.engine.get_run(run_id))
+        state = (await client.get(f"/graph/state/{run_id}")).json()
+    assert (answer.status_code, state["status"], state["state"]["data"]) == (200 if wait else 202, "completed",
+                                                                              {"seen": True})
+    assert [task is not asyncio.current_task() for task in tasks] == [is_own_task]  # ASGITransport: this task
+
+
 async def test_engine_worker_ends_when_cancelled_just_as_a_run_wakes_it(tmp_path: Path, registry: we.Registry) -> None:
     """A cancel that comes as the worker's wake-up event is set ends it (asyncio.wait_for on 3.11 swallows it)."""
     engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"))

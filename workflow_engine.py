@@ -4287,29 +4287,30 @@ class Engine:
         return run
 
     async def once(self, key: IdempotencyKey | None, run_id: str, wait: bool,
-                   begin: Callable[[], Awaitable[RunContext]]) -> tuple[RunContext, bool]:
-        """Start (or resume) run `run_id` with `begin`, which returns once the store holds it, unless an earlier
-        request with `key` did: then answer for that request's run. Return the run (with `wait`, once it has
-        stopped) and whether it is an earlier request's; raise IdempotencyKeyReused if that request was different.
+                   begin: Callable[[bool], Awaitable[RunContext]]) -> tuple[RunContext, bool]:
+        """Start (or resume) run `run_id` with `begin(wait)`, which returns once the store holds it (with `wait`,
+        once the run has stopped, executed in the caller's task), unless an earlier request with `key` did: then
+        answer for that request's run. Return the run (with `wait`, once it has stopped) and whether it is an
+        earlier request's; raise IdempotencyKeyReused if that request was different.
 
-        The key is reserved before `begin` and marked accepted after it, so of two requests with one key, here or
-        on another server, only the first starts a run and the other waits until it has; a `begin` that fails
-        releases the key, and a later request with it starts the run.
+        The key is reserved before `begin(False)` and marked accepted after it, so of two requests with one key,
+        here or on another server, only the first starts a run and the other waits until it has; a `begin` that
+        fails releases the key, and a later request with it starts the run. Without a key the run is begun with
+        `wait` itself: a waited run then needs no task of its own.
         """
         if key is None:
-            run = await begin()
-        else:
-            token, ttl_s = _new_id(), self.settings.idempotency_ttl_s
-            while (held := await self.store.reserve_key(key, run_id, token, ttl_s)) is not None:
-                if held.fingerprint == key.fingerprint and not held.is_accepted:
-                    held = await self._held_until_accepted(key.key)
-                if held is None:  # the first request started nothing, or died: this one may
-                    continue
-                if held.fingerprint != key.fingerprint:
-                    raise IdempotencyKeyReused(key.key)
-                return await self._replayed(held.run_id, wait), True
-            # Shielded: a client that goes away meanwhile still leaves the key accepted or released.
-            run = await asyncio.shield(self._begin_once(key.key, token, begin))
+            return await begin(wait), False
+        token, ttl_s = _new_id(), self.settings.idempotency_ttl_s
+        while (held := await self.store.reserve_key(key, run_id, token, ttl_s)) is not None:
+            if held.fingerprint == key.fingerprint and not held.is_accepted:
+                held = await self._held_until_accepted(key.key)
+            if held is None:  # the first request started nothing, or died: this one may
+                continue
+            if held.fingerprint != key.fingerprint:
+                raise IdempotencyKeyReused(key.key)
+            return await self._replayed(held.run_id, wait), True
+        # Shielded: a client that goes away meanwhile still leaves the key accepted or released.
+        run = await asyncio.shield(self._begin_once(key.key, token, begin))
         return (await self.wait(run) if wait else run), False
 
     async def cancel(self, run_id: str) -> RunContext:
@@ -4457,9 +4458,9 @@ class Engine:
             await asyncio.sleep(IDEMPOTENCY_POLL_S)
         return held
 
-    async def _begin_once(self, key: str, token: str, begin: Callable[[], Awaitable[RunContext]]) -> RunContext:
+    async def _begin_once(self, key: str, token: str, begin: Callable[[bool], Awaitable[RunContext]]) -> RunContext:
         try:
-            run = await begin()
+            run = await begin(False)
         except Exception:
             await self.store.release_key(key, token)  # nothing started, so a retry with this key may start it
             raise
@@ -5014,8 +5015,8 @@ async def post_graph_run(request: Request) -> Response:
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes), RunRequest)
     run_id = _new_id()
-    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda: engine.start(
-        body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s,
+    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda wait: engine.start(
+        body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s, wait=wait,
         queue=not body.wait, run_id=run_id, webhook=body.webhook))
     return _run_answer(run, body.wait, is_replayed)
 
@@ -5025,8 +5026,8 @@ async def post_graph_resume(request: Request) -> Response:
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes, empty={}), ResumeRequest)
     run_id = _path_id(request, "run_id")
-    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda: engine.resume(
-        run_id, body.updates, timeout_s=body.timeout_s, queue=not body.wait))
+    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda wait: engine.resume(
+        run_id, body.updates, timeout_s=body.timeout_s, wait=wait, queue=not body.wait))
     return _run_answer(run, body.wait, is_replayed)
 
 
