@@ -987,6 +987,21 @@ def stopped_run(data: dict[str, Any]) -> we.RunContext:
     return run
 
 
+async def test_memory_store_keeps_a_short_record_uncompressed() -> None:
+    """Below RUN_COMPRESSION_MIN_BYTES a finished run's JSON is kept as it is, and read back the same either way."""
+    store = we.MemoryStore()
+    for run_id, text in (("short", "x"), ("long", "x" * we.RUN_COMPRESSION_MIN_BYTES)):
+        run = make_run(run_id, we.RunStatus.RUNNING)
+        lease = await store.claim_run(run, None, "me")
+        run.state.data["text"] = text
+        we.move_run(run, we.RunStatus.COMPLETED)
+        await store.save_run(run, lease)
+        assert store.get_run(run_id) == run
+        assert store.get_run_json(run_id) == we.dump_json(we.converter.unstructure(run))
+    assert store._runs["short"].record == store.get_run_json("short")  # plain JSON
+    assert store._runs["long"].record == we.zlib.compress(store.get_run_json("long"), we.RUN_COMPRESSION_LEVEL)
+
+
 RECORD_SIZES = [  # data, whether its record is encoded off the event loop
     pytest.param({"text": "x" * 5_000}, False, id="small"),  # with its log entry, about 10 KB
     pytest.param({"text": "x" * 10_000}, True, id="big"),  # about 20 KB
@@ -2373,6 +2388,50 @@ async def test_cancel_and_timeout_at_once_agree_on_status_and_log(registry: we.R
     assert [(e.node, e.event) for e in run.logs] == [("past_deadline", we.LogEvent.TIMED_OUT)]
 
 
+@pytest.mark.parametrize(("key", "wait", "is_own_task"), [
+    pytest.param(None, True, False, id="wait"), pytest.param(None, False, True, id="background"),
+    pytest.param("k1", True, True, id="wait-with-idempotency-key")])
+async def test_http_run_has_a_task_of_its_own_only_when_it_must(
+    registry: we.Registry, key: str | None, wait: bool, is_own_task: bool
+) -> None:
+    """A waited run executes in the request's task; in the background, or with an Idempotency-Key (accepted once
+    the store holds the run), in a task of its own."""
+    tasks: list[asyncio.Task | None] = []
+
+    async def where(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        tasks.append(asyncio.current_task())
+        return {"seen": True}
+
+    registry.node(where)
+    app = we.create_app(registry=registry, store=we.MemoryStore())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        await client.post("/graph/create", json=graph(["where"]))
+        headers = {} if key is None else {"Idempotency-Key": key}
+        answer = await client.post("/graph/run", json={"graph_id": "g", "wait": wait}, headers=headers)
+        run_id = answer.json()["run_id"]
+        await app.state.engine.wait(app.state.engine.get_run(run_id))
+        state = (await client.get(f"/graph/state/{run_id}")).json()
+    assert (answer.status_code, state["status"], state["state"]["data"]) == (200 if wait else 202, "completed",
+                                                                              {"seen": True})
+    assert [task is not asyncio.current_task() for task in tasks] == [is_own_task]  # ASGITransport: this task
+
+
+async def test_engine_worker_ends_when_cancelled_just_as_a_run_wakes_it(tmp_path: Path, registry: we.Registry) -> None:
+    """A cancel that comes as the worker's wake-up event is set ends it (asyncio.wait_for on 3.11 swallows it)."""
+    engine = we.Engine(registry, we.SqliteStore(tmp_path / "runs.db"))
+    await engine.open()
+    worker = engine._worker
+    assert worker is not None
+    while not engine._wake._waiters:  # its first beat done, it waits to be woken
+        await asyncio.sleep(0)
+    engine._wake.set()  # what a run that frees its slot does
+    worker.cancel()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert worker.cancelled()
+    await engine.shutdown()
+
+
 async def test_engine_run_in_the_callers_task_is_cancelled_with_its_caller_and_saved(registry: we.Registry) -> None:
     """Engine.run executes the run in the caller's task: cancelling the caller cancels the run, which is saved as
     cancelled (the engine lets go of it), and the CancelledError reaches the caller."""
@@ -3125,6 +3184,16 @@ async def test_engine_logs_start_steps_and_end_with_fields(registry: we.Registry
     assert {f["run_id"] for f in fields} == {run.run_id}
     assert fields[-1]["error"] == "node 'boom' raised ValueError: boom"
 
+
+
+async def test_engine_logs_only_how_a_run_ended_at_info(registry: we.Registry, caplog: pytest.LogCaptureFixture) -> None:
+    """A run's start is a debug record, like its steps: at info the log holds one record per run."""
+    caplog.set_level(logging.INFO, logger="workflow_engine")
+    run = await we.Engine(registry).run(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",), edges={}))
+    assert [(record.levelname, record.getMessage(), record.fields) for record in caplog.records] == [
+        ("INFO", f"run {run.run_id} finished: completed",
+         {"event": "run_finished", "run_id": run.run_id, "graph_id": "g", "status": "completed", "iteration": 1,
+          "duration_ms": round(run.duration_ms, 3), "error": None})]
 
 # ---------------------------------------------------------------------------
 # Metrics

@@ -189,6 +189,9 @@ MAX_STORED_RUNS = 10_000  # finished runs kept in memory; the oldest finished is
 MAX_STORED_GRAPHS = 10_000  # graph definitions kept in memory
 MAX_PLANS = 1_000  # graphs a registry keeps planned for the runner (see Registry.plan); the oldest is planned anew
 RUN_COMPRESSION_LEVEL = 6  # zlib level of stored finished runs: a code-review record shrinks about fourfold
+# A finished run's JSON shorter than this is kept as it is: zlib would save a kilobyte or so of it, and cost about as
+# much time as the rest of the save, then as much again at every read of the record.
+RUN_COMPRESSION_MIN_BYTES = 2 * 1024
 OFF_LOOP_BYTES = 16 * 1024  # a record estimated over this much JSON is encoded on a store's thread, not the loop
 MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
 MAX_CONCURRENT_RUNS = 1_000  # runs executing at once; more wait as `pending`
@@ -1224,12 +1227,23 @@ def _make_converter() -> cattrs.Converter:
     # A log entry names the keys whose values it left out only when it left some out (past max_log_bytes).
     converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
         LogEntry, converter, updates_omitted=override(omit_if_default=True)))
+    # A run's log and history are lists of one model: mapped in C, rather than by cattrs' generator (a call per item).
+    for model in (LogEntry, StatusChange):
+        converter.register_unstructure_hook_func(lambda type_, model=model: type_ == list[model],
+                                                 _list_unstructurer(converter.get_unstructure_hook(model)))
     # A node object shows the settings it has, so a function node reads as it did before graphs could be nodes.
     converter.register_unstructure_hook(NodeDef, make_dict_unstructure_fn(
         NodeDef, converter, **{name: override(omit_if_default=True) for name in ("graph", "map", "parallel")}))
     converter.register_unstructure_hook(RunContext, make_dict_unstructure_fn(
         RunContext, converter, branch_results=override(omit_if_default=True)))
     return converter
+
+
+def _list_unstructurer(item_hook: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
+    def unstructure(values: list[Any]) -> list[Any]:
+        return list(map(item_hook, values))
+
+    return unstructure
 
 
 def _wire_as(hook: Callable[[object, type], MapDef]) -> Callable[[object, type], MapDef]:
@@ -1859,8 +1873,9 @@ def _ms_since(clock: float) -> float:
 
 
 def _new_id() -> str:
-    # 128 random bits as 32 hex digits, like uuid4().hex at a quarter of its cost.
-    return secrets.token_hex(16)
+    # 128 random bits as 32 hex digits, like uuid4().hex at a quarter of its cost (and secrets.token_hex's source,
+    # without its three Python calls).
+    return os.urandom(16).hex()
 
 
 def new_run(
@@ -2592,16 +2607,17 @@ def _is_big(run: RunContext, first_log: int = 0) -> bool:
     cannot finish. A plain loop with few calls: it runs on every save of a stopped run, and on every checkpoint.
     """
     entries = run.logs[first_log:]
-    probes, size = _SIZE_PROBES - len(entries), len(entries) * _ENTRY_BYTES
     containers: list[Any] = [entry.updates for entry in entries]
+    probes, size = _SIZE_PROBES - len(containers), len(containers) * _ENTRY_BYTES
     containers += (run.state.data, run.state.metadata)
     for container in containers:  # grows as it goes: nested containers are appended, and looked at in turn
-        count = len(container)
-        probes -= count
-        if probes < 0:
-            return True
-        size += 8 * count
-        for value in container.values() if type(container) is dict else container:
+        is_dict = type(container) is dict
+        for item in container:  # a dict's values by subscript: no call per container or per value
+            value = container[item] if is_dict else item
+            probes -= 1
+            if probes < 0:
+                return True
+            size += 8
             kind = type(value)
             if kind is str:
                 size += len(value)
@@ -2627,8 +2643,15 @@ async def _off_loop(thread: ThreadPoolExecutor, fn: Callable[..., T], *args: Any
         raise exc
 
 
-def _compressed(run: RunContext) -> bytes:
-    return zlib.compress(dump_json(converter.unstructure(run)), RUN_COMPRESSION_LEVEL)
+def _stored_record(run: RunContext) -> bytes:
+    """The record a memory store keeps of a stopped run: its JSON, compressed once it is RUN_COMPRESSION_MIN_BYTES
+    long. JSON text of an object starts with `{`, a zlib stream never does, so `_record_json` tells them apart."""
+    record = dump_json(converter.unstructure(run))
+    return record if len(record) < RUN_COMPRESSION_MIN_BYTES else zlib.compress(record, RUN_COMPRESSION_LEVEL)
+
+
+def _record_json(record: bytes) -> bytes:
+    return record if record[:1] == b"{" else zlib.decompress(record)
 
 
 @attrs.frozen
@@ -2681,7 +2704,7 @@ class _StoredKey:
 @attrs.frozen
 class _StoredRun:
     summary: RunSummary
-    record: bytes  # the run record's JSON, compressed
+    record: bytes  # the run record's JSON, compressed if it is long (see _stored_record)
 
 
 @attrs.frozen(kw_only=True)
@@ -2951,7 +2974,7 @@ class MemoryStore:
         entry = self._entry(run_id)
         if isinstance(entry, RunContext):
             return entry
-        return converter.structure(_with_webhook(json.loads(zlib.decompress(entry.record)), self.webhook_of(run_id)),
+        return converter.structure(_with_webhook(json.loads(_record_json(entry.record)), self.webhook_of(run_id)),
                                    RunContext)
 
     def get_run_json(self, run_id: str) -> bytes:
@@ -2959,7 +2982,7 @@ class MemoryStore:
         entry, delivery = self._entry(run_id), self.webhook_of(run_id)
         if isinstance(entry, RunContext):
             return dump_json(_with_webhook(converter.unstructure(entry), delivery))
-        record = zlib.decompress(entry.record)
+        record = _record_json(entry.record)
         return record if delivery is None else dump_json(_with_webhook(json.loads(record), delivery))
 
     def list_runs(
@@ -2981,11 +3004,11 @@ class MemoryStore:
         self._encoder.shutdown(wait=True)
 
     async def _record(self, run: RunContext) -> bytes | None:
-        # What _put keeps of a stopped run: its compressed JSON, made on a thread when it is big. Nothing changes a
+        # What _put keeps of a stopped run: its JSON, made on a thread when it is big. Nothing changes a
         # stopped run meanwhile (the engine saves it once its runner has returned).
         if run.status.is_active:
             return None
-        return await _off_loop(self._encoder, _compressed, run) if _is_big(run) else _compressed(run)
+        return await _off_loop(self._encoder, _stored_record, run) if _is_big(run) else _stored_record(run)
 
     def _put(self, run: RunContext, lease: Lease, record: bytes | None) -> None:
         # An active run is kept as the live object; a stopped one as its `record`, a copy nothing else changes.
@@ -3890,7 +3913,6 @@ class MetricKind(enum.Enum):
 
 Labels = tuple[Any, ...]  # one series' label values: strings, numbers, or enums (written as their value)
 _BUCKETS = len(METRIC_BUCKETS_S)
-_LOG_EVENTS = tuple(LogEvent)
 
 
 def _new_series() -> list[float]:
@@ -4025,14 +4047,12 @@ class Metrics:
             self.run_seconds.observe((graph,), (run.history[-1].at - started).total_seconds())
 
     def _count_steps(self, graph: str, entries: list[LogEntry]) -> None:
-        # Nothing here calls a function once per step. An enum's hash is a Python call, so events are counted with
-        # list.count (which compares by identity); `observe` is inlined, its bisect a linear scan.
-        events = [entry.event for entry in entries]
-        for event in _LOG_EVENTS:
-            if count := events.count(event):
-                self.steps.add((graph, event), count)
-        durations, bounds = self.step_seconds.samples, METRIC_BUCKETS_S
+        # Nothing here calls a function, once per step or once per event: a LogEvent hashes in C (see its __hash__),
+        # `add` and `observe` are inlined, the bisect a linear scan.
+        steps, durations, bounds = self.steps.samples, self.step_seconds.samples, METRIC_BUCKETS_S
         for entry in entries:
+            step_key = (graph, entry.event)
+            steps[step_key] = steps[step_key] + 1 if step_key in steps else 1
             series_key = (graph, OTHER_LABEL if graph == OTHER_LABEL else entry.node)
             if series_key not in durations:  # once per node, not per step
                 durations[series_key] = _new_series()
@@ -4137,8 +4157,8 @@ class _ActiveRun:
     logged: int = -1  # log entries written to the server log; -1 until the run's start is logged
     counted_logs: int = -1  # the run's log entries when it started here, which metrics do not count; -1 until then
     is_cancel_requested: bool = False
-    # Whether the server log takes the run's progress, asked once per run rather than at every step.
-    is_logging: bool = attrs.field(factory=lambda: logger.isEnabledFor(logging.INFO))
+    # Whether the server log takes the run's progress (debug), asked once per run rather than at every step.
+    is_logging: bool = attrs.field(factory=lambda: logger.isEnabledFor(logging.DEBUG))
 
     def cancel(self) -> None:
         """Cancel the run's task, unless it is in its first or last save: those are never cut short."""
@@ -4183,14 +4203,14 @@ class _ActiveRun:
             self.log_progress()
 
     def log_progress(self) -> None:
-        """Log the run's start (info) and each of its new steps (debug), with fields a log store can index."""
+        """Log the run's start and each of its new steps (debug), with fields a log store can index."""
         run = self.run
         ids = {"run_id": run.run_id, "graph_id": run.graph_id}
         if self.logged < 0:
             self.logged = len(run.logs)
-            logger.info("run %s of graph %s started", run.run_id, run.graph_id,
-                        extra={"fields": {"event": "run_started", **ids}})
-        for entry in run.logs[self.logged:] if logger.isEnabledFor(logging.DEBUG) else ():
+            logger.debug("run %s of graph %s started", run.run_id, run.graph_id,
+                         extra={"fields": {"event": "run_started", **ids}})
+        for entry in run.logs[self.logged:]:
             fields = {"event": "step", **ids, "node": entry.node, "iteration": entry.iteration,
                       "step": entry.event.value, "duration_ms": round(entry.duration_ms, 3), "error": entry.error}
             logger.debug("run %s step %d: %s %s", run.run_id, entry.iteration, entry.node, entry.event.value,
@@ -4198,9 +4218,10 @@ class _ActiveRun:
         self.logged = len(run.logs)
 
     def log_end(self) -> None:
-        """Log the steps not logged yet and how the run stopped."""
+        """Log the steps not logged yet (debug) and how the run stopped (info)."""
         run = self.run
-        self.log_progress()
+        if self.is_logging:
+            self.log_progress()
         fields = {"event": "run_finished", "run_id": run.run_id, "graph_id": run.graph_id, "status": run.status.value,
                   "iteration": run.iteration, "duration_ms": round(run.duration_ms, 3), "error": run.error}
         logger.info("run %s finished: %s", run.run_id, run.status.value, extra={"fields": fields})
@@ -4395,29 +4416,30 @@ class Engine:
         return run
 
     async def once(self, key: IdempotencyKey | None, run_id: str, wait: bool,
-                   begin: Callable[[], Awaitable[RunContext]]) -> tuple[RunContext, bool]:
-        """Start (or resume) run `run_id` with `begin`, which returns once the store holds it, unless an earlier
-        request with `key` did: then answer for that request's run. Return the run (with `wait`, once it has
-        stopped) and whether it is an earlier request's; raise IdempotencyKeyReused if that request was different.
+                   begin: Callable[[bool], Awaitable[RunContext]]) -> tuple[RunContext, bool]:
+        """Start (or resume) run `run_id` with `begin(wait)`, which returns once the store holds it (with `wait`,
+        once the run has stopped, executed in the caller's task), unless an earlier request with `key` did: then
+        answer for that request's run. Return the run (with `wait`, once it has stopped) and whether it is an
+        earlier request's; raise IdempotencyKeyReused if that request was different.
 
-        The key is reserved before `begin` and marked accepted after it, so of two requests with one key, here or
-        on another server, only the first starts a run and the other waits until it has; a `begin` that fails
-        releases the key, and a later request with it starts the run.
+        The key is reserved before `begin(False)` and marked accepted after it, so of two requests with one key,
+        here or on another server, only the first starts a run and the other waits until it has; a `begin` that
+        fails releases the key, and a later request with it starts the run. Without a key the run is begun with
+        `wait` itself: a waited run then needs no task of its own.
         """
         if key is None:
-            run = await begin()
-        else:
-            token, ttl_s = _new_id(), self.settings.idempotency_ttl_s
-            while (held := await self.store.reserve_key(key, run_id, token, ttl_s)) is not None:
-                if held.fingerprint == key.fingerprint and not held.is_accepted:
-                    held = await self._held_until_accepted(key.key)
-                if held is None:  # the first request started nothing, or died: this one may
-                    continue
-                if held.fingerprint != key.fingerprint:
-                    raise IdempotencyKeyReused(key.key)
-                return await self._replayed(held.run_id, wait), True
-            # Shielded: a client that goes away meanwhile still leaves the key accepted or released.
-            run = await asyncio.shield(self._begin_once(key.key, token, begin))
+            return await begin(wait), False
+        token, ttl_s = _new_id(), self.settings.idempotency_ttl_s
+        while (held := await self.store.reserve_key(key, run_id, token, ttl_s)) is not None:
+            if held.fingerprint == key.fingerprint and not held.is_accepted:
+                held = await self._held_until_accepted(key.key)
+            if held is None:  # the first request started nothing, or died: this one may
+                continue
+            if held.fingerprint != key.fingerprint:
+                raise IdempotencyKeyReused(key.key)
+            return await self._replayed(held.run_id, wait), True
+        # Shielded: a client that goes away meanwhile still leaves the key accepted or released.
+        run = await asyncio.shield(self._begin_once(key.key, token, begin))
         return (await self.wait(run) if wait else run), False
 
     async def cancel(self, run_id: str) -> RunContext:
@@ -4553,9 +4575,9 @@ class Engine:
             await asyncio.sleep(IDEMPOTENCY_POLL_S)
         return held
 
-    async def _begin_once(self, key: str, token: str, begin: Callable[[], Awaitable[RunContext]]) -> RunContext:
+    async def _begin_once(self, key: str, token: str, begin: Callable[[bool], Awaitable[RunContext]]) -> RunContext:
         try:
-            run = await begin()
+            run = await begin(False)
         except Exception:
             await self.store.release_key(key, token)  # nothing started, so a retry with this key may start it
             raise
@@ -4727,8 +4749,11 @@ class Engine:
                                  _describe(exc), tick)
                 is_failing = True
             self._wake.clear()
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that comes as the event is set (a run that
+            # has just freed its slot), and the worker would outlive the loop's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(next_beat - loop.time(), 0.0))
+                async with asyncio.timeout(max(next_beat - loop.time(), 0.0)):
+                    await self._wake.wait()
 
     async def _sweep_often(self) -> None:
         """Sweep every SWEEP_INTERVAL_S, from one interval after the start, until the engine drains; a failing
@@ -4788,7 +4813,8 @@ class Engine:
                                      _describe(exc), WEBHOOK_POLL_S)
                     is_failing, wait_s = True, WEBHOOK_POLL_S
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._webhooks_due.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):  # not wait_for: see _work
+                        await self._webhooks_due.wait()
         finally:
             threads.shutdown(wait=False)
 
@@ -5106,8 +5132,8 @@ async def post_graph_run(request: Request) -> Response:
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes), RunRequest)
     run_id = _new_id()
-    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda: engine.start(
-        body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s,
+    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda wait: engine.start(
+        body.graph_id, body.state, max_iterations=body.max_iterations, timeout_s=body.timeout_s, wait=wait,
         queue=not body.wait, run_id=run_id, webhook=body.webhook))
     return _run_answer(run, body.wait, is_replayed)
 
@@ -5117,8 +5143,8 @@ async def post_graph_resume(request: Request) -> Response:
     engine = _engine(request)
     body = structure_body(await read_json(request, engine.settings.max_body_bytes, empty={}), ResumeRequest)
     run_id = _path_id(request, "run_id")
-    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda: engine.resume(
-        run_id, body.updates, timeout_s=body.timeout_s, queue=not body.wait))
+    run, is_replayed = await engine.once(_idempotency_key(request, body), run_id, body.wait, lambda wait: engine.resume(
+        run_id, body.updates, timeout_s=body.timeout_s, wait=wait, queue=not body.wait))
     return _run_answer(run, body.wait, is_replayed)
 
 
