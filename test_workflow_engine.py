@@ -5528,6 +5528,25 @@ def test_e2e_create_run_and_state_over_a_socket(server: str) -> None:
     assert (state.status_code, state.json()["state"], state.json()["logs"]) == (200, body["final_state"], body["logs"])
 
 
+def test_e2e_client_that_leaves_a_waited_run_does_not_cancel_it(server: str, tmp_path: Path) -> None:
+    """A waited run executes in the request's task; a client that hangs up mid-run leaves it going, to the end."""
+    definition = {"graph_id": "held", "start_node": "hold", "nodes": ["hold"]}
+    body = json.dumps({"graph_id": "held", "state": {"data": {"dir": str(tmp_path)}}}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with httpx.Client(base_url=server, timeout=10) as client:
+        assert client.post("/graph/create", json=definition).status_code == 201
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /graph/run HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(lambda: (tmp_path / "entered").exists())
+        (tmp_path / "release").touch()  # the client is gone; the node goes on
+        wait_for(lambda: client.get("/graph/runs").json()["runs"][0]["status"] != "running")
+        [summary] = client.get("/graph/runs").json()["runs"]
+        state = client.get(f"/graph/state/{summary['run_id']}").json()
+    assert (state["status"], state["state"]["data"], steps(state)) == (
+        "completed", {"dir": str(tmp_path), "released": True}, [("hold", "executed")])
+
+
 def test_e2e_errors_over_a_socket(server: str) -> None:
     with httpx.Client(base_url=server, timeout=10) as client:
         missing = client.get("/graph/state/nope")
