@@ -2993,6 +2993,7 @@ _SUMMARY_FIELDS = tuple(field.name for field in attrs.fields(RunSummary))
 _IN_ACTIVE = f"status IN ({', '.join(repr(status) for status in _ACTIVE)})"  # constants only, never client values
 _IN_PAUSED = f"status IN ({', '.join(repr(status) for status in _PAUSED)})"
 _IN_TERMINAL = f"status IN ({', '.join(repr(status) for status in _TERMINAL)})"
+_QUEUED = f"status = {RunStatus.PENDING.value!r} AND owner IS NULL"  # waiting for any server to claim it
 _STOPS = (  # version 3: when a run last stopped (ended or paused) on the database's clock, which every server shares,
     # for the sweeper; runs stopped before the upgrade count from it
     "ALTER TABLE runs ADD COLUMN stopped_at DOUBLE PRECISION",
@@ -3142,11 +3143,10 @@ class SqlStore:
     def get_graph(self, graph_id: str) -> GraphDefinition:
         """Return the graph stored as `graph_id`, or raise GraphNotFound."""
         cached = self._graph_cache.get(graph_id)
-        with self._reading() as db:
-            row = self._one(db, "SELECT seq FROM graphs WHERE graph_id = ?", (graph_id,))
-            if row is not None and (cached is None or cached[0] != row[0]):
-                row = self._one(db, "SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
-                cached = None if row is None else (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
+        row = self._read_one("SELECT seq FROM graphs WHERE graph_id = ?", (graph_id,))
+        if row is not None and (cached is None or cached[0] != row[0]):
+            row = self._read_one("SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
+            cached = None if row is None else (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
         if row is None or cached is None:
             raise GraphNotFound(graph_id)
         self._graph_cache[graph_id] = cached
@@ -3180,6 +3180,9 @@ class SqlStore:
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
         None when none is queued."""
+        # Every run that ends wakes the worker to look: a read finds the queue empty without a write transaction.
+        if self._read_one(f"SELECT 1 FROM runs WHERE {_QUEUED} LIMIT 1") is None:
+            return None
         claimed = await self._write(self._claim_next, owner, lease_s)
         if claimed is None:
             return None
@@ -3308,13 +3311,13 @@ class SqlStore:
     def _all(self, db: Any, statement: str, values: tuple = ()) -> list:
         return db.execute(self._sql(statement), values).fetchall()
 
+    # One statement reads one committed state on its own: it needs no transaction (and, on PostgreSQL, no round
+    # trips to begin and end one).
     def _read_one(self, statement: str, values: tuple = ()) -> Any:
-        with self._reading() as db:
-            return self._one(db, statement, values)
+        return self._one(self._reader, statement, values)
 
     def _read_all(self, statement: str, values: tuple = ()) -> list:
-        with self._reading() as db:
-            return self._all(db, statement, values)
+        return self._all(self._reader, statement, values)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Any]:
@@ -3553,8 +3556,8 @@ class SqlStore:
         self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
     def _claim_next(self, db: Any, owner: str, lease_s: float) -> tuple[str, int, bool] | None:
-        row = self._one(db, "SELECT run_id, attempt, cancel_requested FROM runs WHERE status = 'pending'"
-                        f" AND owner IS NULL ORDER BY seq LIMIT 1{self.SKIP_LOCKED}")
+        row = self._one(db, f"SELECT run_id, attempt, cancel_requested FROM runs WHERE {_QUEUED}"
+                        f" ORDER BY seq LIMIT 1{self.SKIP_LOCKED}")
         if row is None:
             return None
         db.execute(self._sql(f"UPDATE runs SET owner = ?, attempt = ?, lease_until = {self.NOW} + ?"

@@ -59,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import urllib.parse
@@ -1075,6 +1076,51 @@ BENCH_GRAPH = {  # bench_graph() as POST /graph/create takes it
               "E": {"branches": [{"condition": "more", "target": "B"}]}},
 }
 TRIVIAL_RUN = {"graph_id": "bench", "state": {"data": {"i": 0, "n": 1}}, "wait": True}
+
+
+class RoundTrips:
+    """A TCP relay to a PostgreSQL server that counts round trips: how many times a client sent something after
+    the server had answered (a pipeline of statements sent at once, then waited for, is one). Threads of its own,
+    so that a client blocking the event loop (a store's reads) cannot stall it; `close` stops them."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self._target = (parts.hostname or HOST, parts.port or 5432)
+        self._listener = socket.create_server((HOST, 0))
+        self.url = parts._replace(netloc=f"{parts.username or ''}@{HOST}:{self._listener.getsockname()[1]}").geturl()
+        self.count = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="round-trips", daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # closed
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._target)
+                for sock in (client, server):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._sockets += [client, server]
+                answered = [True]  # whether the server spoke last on this connection
+                for source, sink, is_client in ((client, server, True), (server, client, False)):
+                    threading.Thread(target=self._pump, args=(source, sink, is_client, answered), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, is_client: bool, answered: list[bool]) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                with self._lock:
+                    if is_client and answered[0]:
+                        self.count += 1
+                    answered[0] = not is_client
+                sink.sendall(chunk)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        """Stop relaying: close the listener and every connection."""
+        for sock in (self._listener, *self._sockets):
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 def bench_flow_source() -> str:
