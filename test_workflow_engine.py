@@ -2980,6 +2980,19 @@ async def test_sqlite_group_commit_that_fails_fails_every_write_of_its_batch(tmp
     store.close()
 
 
+async def test_sqlite_commit_that_fails_is_rolled_back_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """A COMMIT that the database refuses leaves no transaction open behind it: the next write begins its own."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    refused, kept = stopped_run({"n": 1}), stopped_run({"n": 2})
+    store._commit_statement = lambda notices: "COMMIT TO nowhere"  # refused by SQLite's parser
+    with pytest.raises(sqlite3.OperationalError, match="syntax error"):
+        await store.claim_run(refused, None, None)
+    del store._commit_statement
+    assert await store.claim_run(kept, None, None) == we.Lease(owner="", attempt=1)
+    assert ([summary.run_id for summary in store.list_runs()[0]], store.get_run(kept.run_id)) == ([kept.run_id], kept)
+    store.close()
+
+
 async def test_sqlite_group_commit_runs_concurrent_runs_in_shared_transactions(tmp_path: Path,
                                                                               registry: we.Registry) -> None:
     """Twenty runs claimed while the writer is held share one transaction; every run is on disk when answered."""
@@ -5921,6 +5934,37 @@ async def test_postgres_store_claims_and_leases_like_the_others(pg_url: str) -> 
 async def test_postgres_group_commit_fails_only_the_failing_writes_of_a_batch(pg_url: str) -> None:
     import psycopg  # noqa: PLC0415
     await check_group_commit_fails_only_the_failing_writes(we.PostgresStore(pg_url), psycopg.errors.UniqueViolation)
+
+
+@needs_postgres
+async def test_postgres_notifications_go_with_the_commit_of_the_writes_that_committed(pg_url: str) -> None:
+    """A batch's notifications are sent with its COMMIT, in one statement, each once and quoted; a write that
+    fails (undone to its savepoint) announces nothing, and a batch that fails nothing at all."""
+    import psycopg  # noqa: PLC0415
+    store = we.PostgresStore(pg_url)
+    commits: list[str] = []
+    commit_statement = store._commit_statement
+    store._commit_statement = lambda notices: commits.append(commit_statement(notices)) or commits[-1]
+
+    def announce(db: Any, message: str, error: Exception | None = None) -> str:
+        store._notify(db, message)
+        if error is not None:
+            raise error
+        return message
+
+    with psycopg.connect(pg_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {we._CHANNEL}")
+        outcomes = await held_batch(store, [store._write(announce, "run a"),
+                                            store._write(announce, "run b", we.RunNotFound("b")),
+                                            store._write(announce, "cancel it's"), store._write(announce, "run a")])
+        assert [outcomes[0], *outcomes[2:]] == ["run a", "cancel it's", "run a"]
+        assert isinstance(outcomes[1], we.RunNotFound)
+        assert commits[-1] == ("SELECT pg_notify('workflow_engine', 'run a'), pg_notify('workflow_engine',"
+                               " 'cancel it''s'); COMMIT")
+        assert [notice.payload for notice in listener.notifies(timeout=10, stop_after=2)] == ["run a", "cancel it's"]
+        assert await store._write(announce, "run c") == "run c"
+        assert [notice.payload for notice in listener.notifies(timeout=10, stop_after=1)] == ["run c"]
+    store.close()
 
 
 @needs_postgres

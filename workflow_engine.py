@@ -3080,6 +3080,7 @@ class SqlStore:
         self._pending: list[_Write] = []  # writes waiting for the writer thread's next transaction
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
         self._is_draining = False  # whether the writer thread has a _drain queued or running
+        self._notices: list[str] = []  # the writer thread's: what its transaction tells the others (see _notify)
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         # The converter's hook for a run (see _make_converter) without the log, which the logs table holds: it
         # encodes a run at every step, and a copy of the run without its log would cost as much again.
@@ -3301,10 +3302,16 @@ class SqlStore:
         """Begin a write transaction; `is_progress`: of progress writes only (see _write)."""
         self._begin(db, write=True)
 
-    def _notify(self, db: Any, message: str) -> None:
-        """Tell the other servers (a database with notifications; the others poll)."""
+    def _commit_statement(self, notices: list[str]) -> str:
+        """What commits a write transaction that tells the other servers `notices` (see _notify)."""
+        return "COMMIT"
 
     # Shared plumbing.
+    def _notify(self, db: Any, message: str) -> None:
+        """Tell the other servers `message` when the transaction commits (a database with notifications sends
+        them all with its COMMIT; the others poll)."""
+        self._notices.append(message)
+
     def _one(self, db: Any, statement: str, values: tuple = ()) -> Any:
         return db.execute(self._sql(statement), values).fetchone()
 
@@ -3330,14 +3337,15 @@ class SqlStore:
 
     @contextlib.contextmanager
     def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
+        self._notices.clear()
         self._begin_write(self._writer, is_progress=is_progress)
         try:
             yield self._writer
-        except BaseException:
+            self._writer.execute(self._commit_statement(list(dict.fromkeys(self._notices))))
+        except BaseException:  # a commit that fails is undone too, so the next transaction can begin
             with contextlib.suppress(Exception):  # the database may have rolled back already (SQLite on a full disk)
                 self._writer.execute("ROLLBACK")
             raise
-        self._writer.execute("COMMIT")
 
     async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False) -> T:
         """Return `fn(db, *args)`, called on the writer thread in a transaction that commits before this returns.
@@ -3382,13 +3390,14 @@ class SqlStore:
             with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone
                 loop.call_soon_threadsafe(_settle, list(writes))
 
-    @staticmethod
-    def _apply(db: Any, write: "_Write") -> None:
+    def _apply(self, db: Any, write: "_Write") -> None:
         db.execute("SAVEPOINT write")
+        notices = len(self._notices)
         try:
             write.result = write.fn(db, *write.args)
         except Exception as exc:
             write.error = exc
+            del self._notices[notices:]  # what it undoes, it does not announce
             try:
                 db.execute("ROLLBACK TO SAVEPOINT write")
             except Exception:  # the database rolled the whole transaction back (SQLite does on a full disk)
@@ -3728,8 +3737,14 @@ class PostgresStore(SqlStore):
         durable = "" if is_progress else " SET LOCAL synchronous_commit = on;"
         db.execute(f"BEGIN;{durable} SELECT pg_advisory_xact_lock(7261)")  # one round trip
 
-    def _notify(self, db: Any, message: str) -> None:
-        db.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, message))
+    def _commit_statement(self, notices: list[str]) -> str:
+        # The notifications go with the COMMIT, in one round trip: one statement of literals (a message may hold a
+        # client's run id, so each is quoted by psycopg), sent as a simple query, which may hold two statements.
+        if not notices:
+            return "COMMIT"
+        literal = self._psycopg.sql.Literal
+        sends = ", ".join(f"pg_notify('{_CHANNEL}', {literal(notice).as_string(self._writer)})" for notice in notices)
+        return f"SELECT {sends}; COMMIT"
 
     def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
         if rows:
