@@ -2915,9 +2915,11 @@ async def held_batch(store: we.SqlStore, writes: list[Awaitable[Any]], kind: str
 
 
 def count_statements(store: we.SqliteStore) -> collections.Counter:
-    """Count the statements the store's writer connection runs, by first word."""
+    """Count the statements the store's two writing connections (its writer thread's, and the caller's thread's for
+    small writes) run, by first word."""
     counted: collections.Counter = collections.Counter()
-    store._writer.set_trace_callback(lambda statement: counted.update([statement.split()[0]]))
+    for db in (store._writer, store._here):
+        db.set_trace_callback(lambda statement: counted.update([statement.split()[0]]))
     return counted
 
 
@@ -2977,6 +2979,77 @@ async def test_sqlite_group_commit_that_fails_fails_every_write_of_its_batch(tmp
     assert store.list_runs() == ([], 0)
     assert await store.claim_run(runs[0], None, None) == we.Lease(owner="", attempt=1)  # the writer goes on
     assert store.get_run(runs[0].run_id) == runs[0]
+    store.close()
+
+
+def traced(db: sqlite3.Connection) -> list[str]:
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    return statements
+
+
+async def test_sqlite_small_writes_commit_on_the_callers_thread_while_the_writer_thread_is_idle(
+        tmp_path: Path, registry: we.Registry) -> None:
+    """A run one at a time makes no hop to the writer thread: every claim and checkpoint commits on the event loop's
+    thread; a big record still goes to the writer thread; every commit is on disk when the write returns."""
+    path = tmp_path / "runs.db"
+    store = we.SqliteStore(path)
+    engine = we.Engine(registry, store)
+    await engine.create_graph(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)))
+    here, thread = traced(store._here), traced(store._writer)
+    run = await engine.run("g", we.WorkflowState(data={"value": 2}))
+    assert (run.status, run.state.data) == (we.RunStatus.COMPLETED, {"value": 2, "count": 1})
+    assert [statement.split()[0] for statement in here if statement.startswith(("BEGIN", "COMMIT"))] == [
+        "BEGIN", "COMMIT"] * 4  # claim, running, the step, the end
+    assert [statement for statement in thread if " runs " in statement and "lease_until" not in statement] == []
+    other = we.SqliteStore(path)
+    assert other.get_run(run.run_id) == run
+    big = stopped_run({"text": "x" * 20_000})
+    await store.claim_run(big, None, None)
+    assert [statement.split()[:3] for statement in thread if "INSERT INTO runs" in statement] == [
+        ["INSERT", "INTO", "runs"]]
+    assert other.get_run(big.run_id) == big
+    other.close()
+    await engine.shutdown()
+
+
+async def test_sqlite_small_write_waits_for_the_writer_thread_while_another_process_writes(tmp_path: Path) -> None:
+    """The caller's thread never waits for the database's lock: with another connection writing, the write goes
+    to the writer thread, which waits for the lock while the event loop goes on."""
+    path = tmp_path / "runs.db"
+    store = we.SqliteStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    thread = traced(store._writer)
+    run = stopped_run({"n": 1})
+    claiming = asyncio.ensure_future(store.claim_run(run, None, None))
+    for _ in range(1000):  # the claim waits on the writer thread; the loop keeps turning
+        if store._pending or any(statement.startswith("BEGIN") for statement in thread):
+            break
+        await asyncio.sleep(0)
+    assert not claiming.done()
+    other.execute("ROLLBACK")
+    assert await claiming == we.Lease(owner="", attempt=1)
+    assert [statement.split()[0] for statement in thread] == ["BEGIN", "INSERT", "INSERT", "UPDATE", "UPDATE",
+                                                             "SELECT", "COMMIT"]  # the run, its log, its stop
+    assert store.get_run(run.run_id) == run
+    other.close()
+    store.close()
+
+
+async def test_sqlite_writer_thread_checkpoints_the_wal_of_the_callers_commits(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's thread never checkpoints (a checkpoint syncs the disk): every HERE_CHECKPOINT_COMMITS of its
+    commits, the writer thread does."""
+    monkeypatch.setattr(we, "HERE_CHECKPOINT_COMMITS", 2)
+    store = we.SqliteStore(tmp_path / "runs.db")
+    here, thread = traced(store._here), traced(store._writer)
+    for n in range(5):
+        await store.claim_run(stopped_run({"n": n}), None, None)
+    store._thread.submit(int).result()  # after what the writer thread was given
+    assert thread == ["PRAGMA wal_checkpoint(PASSIVE)"] * 2
+    assert [statement for statement in here if "checkpoint" in statement] == []
+    assert store._here.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
     store.close()
 
 

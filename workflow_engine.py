@@ -199,6 +199,7 @@ STREAM_KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so
 STREAM_POLL_S = 0.25  # how often a stream without notifications (SQLite) checks a run another process executes
 CANCEL_POLL_S = 0.05  # how often a cancel of a run on another server checks whether it has stopped
 SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's write to finish
+HERE_CHECKPOINT_COMMITS = 1000  # SQLite: commits on the caller's thread between two WAL checkpoints of the writer's
 MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
 MAX_BRANCHES = 100  # branches on one edge
@@ -3081,6 +3082,8 @@ class SqlStore:
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
         self._is_draining = False  # whether the writer thread has a _drain queued or running
         self._notices: list[str] = []  # the writer thread's: what its transaction tells the others (see _notify)
+        self._here = self._connect_here()  # for small writes on the caller's thread (see _write_here), or None
+        self._here_commits = 0
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         # The converter's hook for a run (see _make_converter) without the log, which the logs table holds: it
         # encodes a run at every step, and a copy of the run without its log would cost as much again.
@@ -3168,15 +3171,15 @@ class SqlStore:
         `origin` names the server that accepted the run; with `room`, an active run is refused (Busy) when that
         server already has `room` active runs, counted in the same transaction so simultaneous requests cannot pass.
         """
-        values = await self._encoded(run, saved_logs)
-        attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values)
+        values, is_small = await self._encoded(run, saved_logs)
+        attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values, is_small=is_small)
         return Lease(owner=owner or "", attempt=attempt)
 
     async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
         """Commit `run`'s record and its log entries from position `saved_logs` on, in one transaction, if `lease`
         is still the run's (renewing it); else raise LeaseLost and commit nothing."""
-        await self._write(self._save, lease, lease_s, *await self._encoded(run, saved_logs),
-                          is_progress=run.status.is_active)
+        values, is_small = await self._encoded(run, saved_logs)
+        await self._write(self._save, lease, lease_s, *values, is_progress=run.status.is_active, is_small=is_small)
 
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
@@ -3202,7 +3205,7 @@ class SqlStore:
 
     async def take_over(self, run: RunContext, lease: Lease, saved_logs: int) -> None:
         """Commit `run` (back in the queue, or ended) if `lease` is still its expired lease; else raise LeaseLost."""
-        await self._write(self._take_over, lease, *await self._encoded(run, saved_logs))
+        await self._write(self._take_over, lease, *(await self._encoded(run, saved_logs))[0])
 
     async def request_cancel(self, run_id: str) -> bool:
         """Flag an active run for its owner to cancel; return False if it is no longer active."""
@@ -3287,9 +3290,19 @@ class SqlStore:
         self._thread.shutdown(wait=True)
         self._reader.close()
         self._writer.close()
+        if self._here is not None:
+            self._here.close()
 
     # What each database does its own way.
     def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _connect_here(self) -> Any:
+        """A connection for writes on the caller's thread that never wait (see _write_here); None: there are none."""
+        return None
+
+    def _begin_here(self) -> bool:
+        """Begin a write transaction on the caller's thread's connection if the lock is free now; else False."""
         raise NotImplementedError
 
     def _sql(self, statement: str) -> str:
@@ -3337,17 +3350,23 @@ class SqlStore:
 
     @contextlib.contextmanager
     def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
-        self._notices.clear()
         self._begin_write(self._writer, is_progress=is_progress)
+        with self._committing(self._writer) as db:
+            yield db
+
+    @contextlib.contextmanager
+    def _committing(self, db: Any) -> Iterator[Any]:
+        # The rest of a write transaction that has begun on `db`: commit it, or roll it back.
+        self._notices.clear()
         try:
-            yield self._writer
-            self._writer.execute(self._commit_statement(list(dict.fromkeys(self._notices))))
+            yield db
+            db.execute(self._commit_statement(list(dict.fromkeys(self._notices))))
         except BaseException:  # a commit that fails is undone too, so the next transaction can begin
             with contextlib.suppress(Exception):  # the database may have rolled back already (SQLite on a full disk)
-                self._writer.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
 
-    async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False) -> T:
+    async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False, is_small: bool = False) -> T:
         """Return `fn(db, *args)`, called on the writer thread in a transaction that commits before this returns.
 
         Group commit: writes that arrive while the writer is busy wait, then share its next transaction, each in a
@@ -3356,7 +3375,13 @@ class SqlStore:
 
         `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
         transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin_write).
+        `is_small` marks a write of a few rows of little data, which a store with a connection for the caller's
+        thread commits there when it can do so at once (see _write_here).
         """
+        if is_small and self._here is not None:
+            is_done, result = self._write_here(fn, args)
+            if is_done:
+                return result
         write = _Write(fn=fn, args=args, future=asyncio.get_running_loop().create_future(), is_progress=is_progress)
         with self._pending_lock:
             self._pending.append(write)
@@ -3364,6 +3389,36 @@ class SqlStore:
         if is_idle:
             self._thread.submit(self._drain)
         return await write.future
+
+    def _write_here(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[bool, T | None]:
+        """Commit `fn(db, *args)` on the caller's thread, if the writer thread is idle and the database's write lock
+        free at once: (True, what it returned); else (False, None) and nothing is done.
+
+        A hop to the writer thread and back costs several times a small SQLite transaction. This one never waits:
+        the connection's busy timeout is zero, and it leaves WAL checkpoints (which sync the disk) to the writer
+        thread. Writes that arrive meanwhile (from another thread) wait for the writer thread, as in a batch.
+        """
+        with self._pending_lock:
+            if self._is_draining:
+                return False, None
+            self._is_draining = True  # the writer's turn is this thread's until the commit
+        try:
+            if not self._begin_here():  # another process holds the lock: the writer thread waits for it
+                return False, None
+            with self._committing(self._here) as db:
+                result = fn(db, *args)
+            self._here_commits += 1
+            if self._here_commits % HERE_CHECKPOINT_COMMITS == 0:
+                self._thread.submit(self._checkpoint)
+            return True, result
+        finally:
+            with self._pending_lock:
+                self._is_draining = is_waiting = bool(self._pending)
+            if is_waiting:
+                self._thread.submit(self._drain)
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL's committed pages into the database (see _write_here), without waiting for readers."""
 
     def _drain(self) -> None:
         # On the writer thread: commit batches until no write is waiting.
@@ -3498,12 +3553,13 @@ class SqlStore:
         db.execute(self._sql("INSERT INTO graphs (graph_id, definition) VALUES (?, ?)"), (graph_id, definition))
         return None
 
-    async def _encoded(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
-        # A big record is encoded on a thread of its own, so the event loop goes on serving; _off_loop holds a
-        # cancelled checkpoint until then, so the runner cannot change the run while the thread reads it.
+    async def _encoded(self, run: RunContext, saved_logs: int) -> tuple[tuple[Any, ...], bool]:
+        # The values of a write of `run`, and whether they are small. A big record is encoded on a thread of its
+        # own, so the event loop goes on serving; _off_loop holds a cancelled checkpoint until then, so the runner
+        # cannot change the run while the thread reads it.
         if _is_big(run, saved_logs):
-            return await _off_loop(self._encoder, self._values, run, saved_logs)
-        return self._values(run, saved_logs)
+            return await _off_loop(self._encoder, self._values, run, saved_logs), False
+        return self._values(run, saved_logs), True
 
     def _values(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
         # The writer thread gets values, not the live run, which the event loop may change meanwhile.
@@ -3690,6 +3746,22 @@ class SqliteStore(SqlStore):
 
     def _begin(self, db: sqlite3.Connection, *, write: bool) -> None:
         db.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # a writer takes the lock first: no deadlocks
+
+    def _connect_here(self) -> sqlite3.Connection:
+        db = self._connect()
+        db.execute("PRAGMA busy_timeout = 0")  # refused at once when another process writes
+        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints (see _write_here)
+        return db
+
+    def _begin_here(self) -> bool:
+        try:
+            self._here.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:  # "database is locked"
+            return False
+        return True
+
+    def _checkpoint(self) -> None:
+        self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 class PostgresStore(SqlStore):
