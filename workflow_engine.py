@@ -2482,7 +2482,8 @@ def _merged(policy: MergePolicy, values: list[Any], name: str, key: str) -> Any:
 # ---------------------------------------------------------------------------
 # Two stores share one interface: reads are plain calls, writes are awaited. MemoryStore never awaits, so no other
 # task can see it between a read and a write. SqliteStore reads on the caller's thread (WAL readers never wait for
-# writers) and writes on one thread of its own, so a busy database never stalls the event loop. A finished run is
+# writers) and writes on one thread of its own, so a busy database never stalls the event loop; a small write
+# commits on the caller's thread when it can do so without waiting (see SqlStore._write_here). A finished run is
 # kept as compact JSON: a fifth of the memory of its objects, nothing for the garbage collector to scan again and
 # again, and ready to send as it is. A big record (see _is_big) is encoded on a thread of the store's own, so that
 # the event loop does no work that grows with a run's size when the run is saved.
@@ -3058,8 +3059,9 @@ class SqlStore:
     active run is guarded by its lease (owner and attempt), and a lease lasts until a deadline on the database's
     clock that its owner keeps renewing; a run whose deadline passed is anyone's to take over. Runs queued without
     an owner are claimed by whichever server has room. Reads run on the caller's thread (short, indexed queries);
-    writes on one thread of the store's own, so a busy database never stalls the event loop. At most `max_runs`
-    finished runs are kept, the oldest deleted first (see _evict).
+    writes on one thread of the store's own, so a busy database never stalls the event loop (SQLite commits a small
+    write on the caller's thread when it need not wait, see _write_here). At most `max_runs` finished runs are kept,
+    the oldest deleted first (see _evict).
     """
 
     is_durable = True

@@ -1069,6 +1069,7 @@ POSTGRES_URL_VARIABLE = "WORKFLOW_TEST_POSTGRES_URL"  # the tests' server, the d
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # Targets of issue 14: a trivial 5-node run over HTTP, as a share of the bare endpoint.
 TARGET_STORE_SHARE = {"memory": 0.6, "sqlite": 0.35, "postgres": 0.25}
+TRAFFIC_KEYS = ("writes_per_run", "hops_per_run", "transactions_per_run", "round_trips_per_run")  # store_traffic
 _IN_PROCESS_WIDTH = 45  # the table's columns before the HTTP ones: the store's name and its in-process figures
 BENCH_GRAPH = {  # bench_graph() as POST /graph/create takes it
     "graph_id": "bench", "start_node": "A", "nodes": list(NODE_FUNCTIONS),
@@ -1191,8 +1192,52 @@ async def _in_process(we: ModuleType, location: str | None, profile: Profile) ->
     finally:
         await engine.shutdown()
     median = statistics.median(rates)
+    traffic = await store_traffic(we, location, profile.store_runs) if location else dict.fromkeys(TRAFFIC_KEYS)
     return {"rounds": profile.store_rounds, "runs_per_round": profile.store_runs, "runs_per_s": median,
-            "us_per_run": 1e6 / median, "rounds_runs_per_s": rates, "not_completed": not_completed}
+            "us_per_run": 1e6 / median, "rounds_runs_per_s": rates, "not_completed": not_completed, **traffic}
+
+
+async def store_traffic(we: ModuleType, location: str, runs: int) -> dict[str, Any]:
+    """What `runs` trivial runs cost a SQL store, per run: its writes, those handed to its writer thread (each a hop
+    there and back; the others commit on the event loop's thread), the transactions they take, and on PostgreSQL
+    the round trips of all its connections (counted by a relay, which slows them: these runs are not timed). The
+    worker's heartbeats are not counted."""
+    relay = RoundTrips(location) if location.startswith(POSTGRES_SCHEMES) else None
+    store = we.open_store(relay.url if relay else location)
+    counts = dict.fromkeys(("writes", "hops", "transactions"), 0)
+    commit, write_here = store._commit, store._write_here
+
+    def counted(batch: list[Any]) -> None:
+        writes = sum(write.fn.__name__ != "_heartbeat" for write in batch)
+        counts["writes"] += writes
+        counts["hops"] += writes
+        counts["transactions"] += writes > 0
+        commit(batch)
+
+    def counted_here(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        is_done, result = write_here(fn, args)
+        counts["writes"] += is_done
+        counts["transactions"] += is_done
+        return is_done, result
+
+    store._commit, store._write_here = counted, counted_here
+    engine = we.Engine(bench_registry(we), store)
+    try:
+        await engine.create_graph(bench_graph(we))
+        await _runs(we, engine, 1)  # warm-up: the graph read and cached, the worker started
+        counts.update(dict.fromkeys(counts, 0))
+        trips = relay.count if relay else 0
+        not_completed = await _runs(we, engine, runs)
+        trips = relay.count - trips if relay else None
+    finally:
+        await engine.shutdown()
+        if relay:
+            relay.close()
+    if not_completed:
+        raise BenchError(f"{not_completed} of {runs} trivial runs did not complete while their writes were counted")
+    return {"writes_per_run": counts["writes"] / runs, "hops_per_run": counts["hops"] / runs,
+            "transactions_per_run": counts["transactions"] / runs,
+            "round_trips_per_run": None if trips is None else trips / runs}
 
 
 async def _runs(we: ModuleType, engine: Any, count: int) -> int:
@@ -1399,7 +1444,18 @@ def print_stores(result: dict[str, Any], profile: Profile) -> None:
     for row in result["stores"]:
         for line in _store_lines(row, memory):
             print(line)
+    for row in result["stores"]:
+        if row["in_process"] is not None and row["in_process"]["writes_per_run"] is not None:
+            print(traffic_line(row["store"], row["in_process"]))
     print_sqlite_figures(result["sqlite"])
+
+
+def traffic_line(store: str, figures: dict[str, Any]) -> str:
+    """What one trivial run costs a SQL store (see store_traffic)."""
+    trips = figures["round_trips_per_run"]
+    return (f"  {store} per run: {figures['writes_per_run']:.2f} writes, {figures['hops_per_run']:.2f} of them "
+            f"through the writer thread, {figures['transactions_per_run']:.2f} transactions"
+            + ("" if trips is None else f", {trips:.1f} round trips to the server"))
 
 
 def print_sqlite_figures(sqlite: dict[str, Any]) -> None:
