@@ -5235,7 +5235,14 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
     assert (row["skipped"], row["error"]) == (None, None)
     in_process = row["in_process"]
     assert in_process.keys() == {"rounds", "runs_per_round", "runs_per_s", "us_per_run", "rounds_runs_per_s",
-                                 "not_completed"}
+                                 "not_completed", *bench.TRAFFIC_KEYS}
+    traffic = [in_process[key] for key in bench.TRAFFIC_KEYS]
+    if row["store"] == "memory":
+        assert traffic == [None] * 4
+    else:  # claim, running, five steps, end: one transaction each, one run at a time
+        writes, hops, transactions, round_trips = traffic
+        assert (writes, transactions) == (8, 8) and 0 <= hops <= writes
+        assert (round_trips is None) == (row["store"] == "sqlite") and (round_trips is None or round_trips > 8)
     assert (in_process["rounds"], in_process["runs_per_round"]) == (bench.QUICK.store_rounds, bench.QUICK.store_runs)
     assert (len(in_process["rounds_runs_per_s"]), in_process["not_completed"]) == (bench.QUICK.store_rounds, 0)
     assert in_process["runs_per_s"] == statistics.median(in_process["rounds_runs_per_s"]) > 0
@@ -5327,6 +5334,7 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
     assert rows == ["store", "bare", "memory", "sqlite"]  # one table: a row per store, continued per connection count
     assert f"  postgres          skipped: {skipped}" in out.splitlines()
     check_closing_store_targets(out, stores["targets"])
+    assert bench.traffic_line("sqlite", measured[1]["in_process"]) in out.splitlines()
     rates = " ".join(f"{rate:.0f}" for rate in stores["sqlite"]["fill"]["chunks_runs_per_s"])
     assert (f"  sqlite filling up, 400 runs one after another into a file with max_runs = 400, runs/s per 100: "
             f"{rates}") in out.splitlines()
@@ -6007,6 +6015,22 @@ async def test_postgres_store_claims_and_leases_like_the_others(pg_url: str) -> 
 async def test_postgres_group_commit_fails_only_the_failing_writes_of_a_batch(pg_url: str) -> None:
     import psycopg  # noqa: PLC0415
     await check_group_commit_fails_only_the_failing_writes(we.PostgresStore(pg_url), psycopg.errors.UniqueViolation)
+
+
+@needs_postgres
+def test_bench_round_trips_counts_what_a_client_waits_for(pg_url: str) -> None:
+    """The bench's relay counts a statement as one round trip, and a pipeline of three as one too."""
+    import psycopg  # noqa: PLC0415
+    relay = bench.RoundTrips(pg_url)
+    with psycopg.connect(relay.url, autocommit=True) as db:
+        before = relay.count
+        assert [db.execute("SELECT %s::int", (n,)).fetchone() for n in range(3)] == [(0,), (1,), (2,)]
+        assert relay.count - before == 3
+        with db.pipeline():
+            cursors = [db.execute("SELECT %s::int", (n,)) for n in range(3)]
+        assert [cursor.fetchone() for cursor in cursors] == [(0,), (1,), (2,)]
+        assert relay.count - before == 4
+    relay.close()
 
 
 @needs_postgres

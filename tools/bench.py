@@ -23,6 +23,8 @@ stores  Trivial runs (the engine loop with N = 1: five steps) through the memory
         each starting empty: in process, runs/s of Engine.run one after another (median of a few rounds); over
         HTTP, one `uvicorn workflow_engine:app` per store (WORKFLOW_DB set) at 1, 16 and 64 connections, POST
         /graph/run with "wait": true, requests/s and p50/p99 next to the bare endpoint given the same body.
+        For the SQL stores, what one run costs them: writes, those through the writer thread, transactions, and
+        PostgreSQL's round trips (counted by a relay between the store and the server).
         Then SQLite filling up: --fill N runs one after another into a file with max_runs = N, runs/s of the
         last chunk against the first (default 10,000; issue 14 asks for 100,000), and what PRAGMA synchronous
         FULL costs against NORMAL (the store's setting), one run at a time and 16 at once.
