@@ -2982,6 +2982,28 @@ async def test_sqlite_group_commit_that_fails_fails_every_write_of_its_batch(tmp
     store.close()
 
 
+async def test_sqlite_checkpoint_of_an_unchanged_status_names_neither_status_nor_owner(tmp_path: Path) -> None:
+    """A checkpoint whose status was saved before leaves status and owner out of its UPDATE (SQLite rewrites the
+    index entries of every column set); its lease still guards it, and the record saved is the whole run."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+    we.move_run(run, we.RunStatus.RUNNING)
+    lease = await store.claim_run(run, None, "one")
+    statements = traced(store._here)
+    for step in range(2):
+        run.logs.append(we.LogEntry(iteration=step + 1, node="a", event=we.LogEvent.EXECUTED,
+                                    started_at=run.created_at, duration_ms=1.0))
+        run.state.data["step"] = step
+        await store.save_run(run, lease, step)
+        assert store.get_run(run.run_id) == run
+    assert [statement.split(" = ")[0] for statement in statements if statement.startswith("UPDATE runs")] == [
+        "UPDATE runs SET status", "UPDATE runs SET lease_until"]  # the first step may follow the move to running
+    with pytest.raises(we.LeaseLost, match=f"run '{run.run_id}' is now owned by another worker"):
+        await store.save_run(attrs.evolve(run, state=we.WorkflowState(data={"stale": True})), we.Lease("one", 2), 2)
+    assert store.get_run(run.run_id) == run
+    store.close()
+
+
 def traced(db: sqlite3.Connection) -> list[str]:
     statements: list[str] = []
     db.set_trace_callback(statements.append)
