@@ -3035,6 +3035,31 @@ async def test_sqlite_small_writes_commit_on_the_callers_thread_while_the_writer
     await engine.shutdown()
 
 
+async def test_sqlite_writes_of_several_executing_runs_go_through_the_writer_thread(tmp_path: Path) -> None:
+    """With two runs executing here, the event loop has other work: their writes go to the writer thread (group
+    commit on another core); once one has made its last save, the other's writes commit on the loop's thread."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    here, thread = traced(store._here), traced(store._writer)
+    first, second = (we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+                     for _ in range(2))
+    for run in (first, second):
+        we.move_run(run, we.RunStatus.RUNNING)
+    leases = [await store.claim_run(run, None, "here") for run in (first, second)]
+    assert (sum(s.startswith("INSERT INTO runs") for s in here), sum(s.startswith("INSERT INTO runs") for s in thread),
+            store._executing) == (2, 0, 2)  # the second claim was made with one run executing
+    we.move_run(first, we.RunStatus.COMPLETED)
+    await store.save_run(first, leases[0])
+    assert [s.split(" = ")[0] for s in thread if s.startswith("UPDATE runs SET status")] == [
+        "UPDATE runs SET status"]
+    await store.save_run(second, leases[1])
+    assert ([s.split(" = ")[0] for s in here if s.startswith("UPDATE runs SET status")], store._executing) == (
+        ["UPDATE runs SET status"], 1)
+    with pytest.raises(we.LeaseLost):
+        await store.save_run(second, we.Lease("here", 2))  # a lost lease: the run is no longer executed here
+    assert store._executing == 0
+    store.close()
+
+
 async def test_sqlite_small_write_waits_for_the_writer_thread_while_another_process_writes(tmp_path: Path) -> None:
     """The caller's thread never waits for the database's lock: with another connection writing, the write goes
     to the writer thread, which waits for the lock while the event loop goes on."""

@@ -3086,6 +3086,9 @@ class SqlStore:
         self._notices: list[str] = []  # the writer thread's: what its transaction tells the others (see _notify)
         self._here = self._connect_here()  # for small writes on the caller's thread (see _write_here), or None
         self._here_commits = 0
+        # How many runs this process executes under a lease, as its claims and last saves count them: with more
+        # than one, the event loop has other work, and the writer thread commits in batches on another core.
+        self._executing = 0
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         # The converter's hook for a run (see _make_converter) without the log, which the logs table holds: it
         # encodes a run at every step, and a copy of the run without its log would cost as much again.
@@ -3175,6 +3178,7 @@ class SqlStore:
         """
         values, is_small = await self._encoded(run, saved_logs)
         attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values, is_small=is_small)
+        self._executing += owner is not None and run.status.is_active
         return Lease(owner=owner or "", attempt=attempt)
 
     async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
@@ -3183,8 +3187,16 @@ class SqlStore:
         # Unchanged since the last save: the status, and the owner of an active run (its lease names it).
         is_same_status = run.status.is_active and run.history[-1].log_count < saved_logs
         values, is_small = await self._encoded(run, saved_logs)
-        await self._write(self._save, lease, lease_s, is_same_status, *values, is_progress=run.status.is_active,
-                          is_small=is_small)
+        is_last = not run.status.is_active
+        try:
+            await self._write(self._save, lease, lease_s, is_same_status, *values, is_progress=run.status.is_active,
+                              is_small=is_small)
+        except LeaseLost:
+            is_last = True  # the run is no longer this process's to execute
+            raise
+        finally:
+            if is_last:
+                self._executing = max(self._executing - 1, 0)
 
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
@@ -3196,6 +3208,7 @@ class SqlStore:
         if claimed is None:
             return None
         run_id, attempt, is_cancel_requested = claimed
+        self._executing += 1
         return self.get_run(run_id), Lease(owner=owner, attempt=attempt), is_cancel_requested
 
     async def heartbeat(self, owner: str, leases: Mapping[str, int], lease_s: float = LEASE_S) -> Heartbeat:
@@ -3381,9 +3394,9 @@ class SqlStore:
         `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
         transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin_write).
         `is_small` marks a write of a few rows of little data, which a store with a connection for the caller's
-        thread commits there when it can do so at once (see _write_here).
+        thread commits there when it can do so at once and executes at most one run (see _write_here).
         """
-        if is_small and self._here is not None:
+        if is_small and self._here is not None and self._executing <= 1:
             is_done, result = self._write_here(fn, args)
             if is_done:
                 return result
