@@ -3091,12 +3091,16 @@ async def test_sqlite_writer_thread_checkpoints_the_wal_of_the_callers_commits(t
     monkeypatch.setattr(we, "HERE_CHECKPOINT_COMMITS", 2)
     store = we.SqliteStore(tmp_path / "runs.db")
     here, thread = traced(store._here), traced(store._writer)
-    for n in range(5):
+    wal_sizes = []
+    for n in range(60):
         await store.claim_run(stopped_run({"n": n}), None, None)
-    store._thread.submit(int).result()  # after what the writer thread was given
-    assert thread == ["PRAGMA wal_checkpoint(PASSIVE)"] * 2
+        store._thread.submit(int).result()  # after what the writer thread was given
+        wal_sizes.append(os.path.getsize(tmp_path / "runs.db-wal"))
+    assert thread == ["PRAGMA wal_checkpoint(PASSIVE)"] * 30
     assert [statement for statement in here if "checkpoint" in statement] == []
     assert store._here.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    assert wal_sizes[-1] == wal_sizes[9]  # each checkpoint completes: the WAL file starts over, and stops growing
+    assert store.list_runs()[1] == 60
     store.close()
 
 

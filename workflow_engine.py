@@ -199,7 +199,8 @@ STREAM_KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so
 STREAM_POLL_S = 0.25  # how often a stream without notifications (SQLite) checks a run another process executes
 CANCEL_POLL_S = 0.05  # how often a cancel of a run on another server checks whether it has stopped
 SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's write to finish
-HERE_CHECKPOINT_COMMITS = 1000  # SQLite: commits on the caller's thread between two WAL checkpoints of the writer's
+HERE_CHECKPOINT_COMMITS = 200  # SQLite: commits on the caller's thread between two WAL checkpoints of the writer's
+# (a trivial run's commit adds about 20 KB to the WAL: some 4 MB between checkpoints, as SQLite's own default)
 MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
 MAX_BRANCHES = 100  # branches on one edge
@@ -3420,23 +3421,31 @@ class SqlStore:
             if self._is_draining:
                 return False, None
             self._is_draining = True  # the writer's turn is this thread's until the commit
+        is_done = False
         try:
             if not self._begin_here():  # another process holds the lock: the writer thread waits for it
                 return False, None
             with self._committing(self._here) as db:
                 result = fn(db, *args)
-            self._here_commits += 1
-            if self._here_commits % HERE_CHECKPOINT_COMMITS == 0:
-                self._thread.submit(self._checkpoint)
+            is_done = True
             return True, result
         finally:
-            with self._pending_lock:
-                self._is_draining = is_waiting = bool(self._pending)
-            if is_waiting:
-                self._thread.submit(self._drain)
+            self._here_commits += is_done
+            is_checkpoint = is_done and self._here_commits % HERE_CHECKPOINT_COMMITS == 0
+            with self._pending_lock:  # a checkpoint is the writer thread's turn: this process appends nothing
+                self._is_draining = is_busy = is_checkpoint or bool(self._pending)  # meanwhile, so it completes
+            if is_busy:
+                self._thread.submit(self._checkpoint_then_drain if is_checkpoint else self._drain)
+
+    def _checkpoint_then_drain(self) -> None:
+        try:
+            self._checkpoint()
+        finally:
+            self._drain()
 
     def _checkpoint(self) -> None:
-        """Copy the WAL's committed pages into the database (see _write_here), without waiting for readers."""
+        """Copy the WAL's committed pages into the database (see _write_here), without waiting for readers; a
+        complete checkpoint lets the next write start the WAL file over."""
 
     def _drain(self) -> None:
         # On the writer thread: commit batches until no write is waiting.
@@ -3788,7 +3797,10 @@ class SqliteStore(SqlStore):
         return True
 
     def _checkpoint(self) -> None:
-        self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:
+            self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next one may succeed; meanwhile the WAL grows
+            logger.warning("SQLite checkpoint of %s failed: %s", self.path, exc)
 
 
 class PostgresStore(SqlStore):
