@@ -2974,9 +2974,11 @@ async def held_batch(store: we.SqlStore, writes: list[Awaitable[Any]], kind: str
 
 
 def count_statements(store: we.SqliteStore) -> collections.Counter:
-    """Count the statements the store's writer connection runs, by first word."""
+    """Count the statements the store's two writing connections (its writer thread's, and the caller's thread's for
+    small writes) run, by first word."""
     counted: collections.Counter = collections.Counter()
-    store._writer.set_trace_callback(lambda statement: counted.update([statement.split()[0]]))
+    for db in (store._writer, store._here):
+        db.set_trace_callback(lambda statement: counted.update([statement.split()[0]]))
     return counted
 
 
@@ -3036,6 +3038,141 @@ async def test_sqlite_group_commit_that_fails_fails_every_write_of_its_batch(tmp
     assert store.list_runs() == ([], 0)
     assert await store.claim_run(runs[0], None, None) == we.Lease(owner="", attempt=1)  # the writer goes on
     assert store.get_run(runs[0].run_id) == runs[0]
+    store.close()
+
+
+async def test_sqlite_checkpoint_of_an_unchanged_status_names_neither_status_nor_owner(tmp_path: Path) -> None:
+    """A checkpoint whose status was saved before leaves status and owner out of its UPDATE (SQLite rewrites the
+    index entries of every column set); its lease still guards it, and the record saved is the whole run."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+    we.move_run(run, we.RunStatus.RUNNING)
+    lease = await store.claim_run(run, None, "one")
+    statements = traced(store._here)
+    for step in range(2):
+        run.logs.append(we.LogEntry(iteration=step + 1, node="a", event=we.LogEvent.EXECUTED,
+                                    started_at=run.created_at, duration_ms=1.0))
+        run.state.data["step"] = step
+        await store.save_run(run, lease, step)
+        assert store.get_run(run.run_id) == run
+    assert [statement.split(" = ")[0] for statement in statements if statement.startswith("UPDATE runs")] == [
+        "UPDATE runs SET status", "UPDATE runs SET lease_until"]  # the first step may follow the move to running
+    with pytest.raises(we.LeaseLost, match=f"run '{run.run_id}' is now owned by another worker"):
+        await store.save_run(attrs.evolve(run, state=we.WorkflowState(data={"stale": True})), we.Lease("one", 2), 2)
+    assert store.get_run(run.run_id) == run
+    store.close()
+
+
+def traced(db: sqlite3.Connection) -> list[str]:
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    return statements
+
+
+async def test_sqlite_small_writes_commit_on_the_callers_thread_while_the_writer_thread_is_idle(
+        tmp_path: Path, registry: we.Registry) -> None:
+    """A run one at a time makes no hop to the writer thread: every claim and checkpoint commits on the event loop's
+    thread; a big record still goes to the writer thread; every commit is on disk when the write returns."""
+    path = tmp_path / "runs.db"
+    store = we.SqliteStore(path)
+    engine = we.Engine(registry, store)
+    await engine.create_graph(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)))
+    here, thread = traced(store._here), traced(store._writer)
+    run = await engine.run("g", we.WorkflowState(data={"value": 2}))
+    assert (run.status, run.state.data) == (we.RunStatus.COMPLETED, {"value": 2, "count": 1})
+    assert [statement.split()[0] for statement in here if statement.startswith(("BEGIN", "COMMIT"))] == [
+        "BEGIN", "COMMIT"] * 4  # claim, running, the step, the end
+    assert [statement for statement in thread if " runs " in statement and "lease_until" not in statement] == []
+    other = we.SqliteStore(path)
+    assert other.get_run(run.run_id) == run
+    big = stopped_run({"text": "x" * 20_000})
+    await store.claim_run(big, None, None)
+    assert [statement.split()[:3] for statement in thread if "INSERT INTO runs" in statement] == [
+        ["INSERT", "INTO", "runs"]]
+    assert other.get_run(big.run_id) == big
+    other.close()
+    await engine.shutdown()
+
+
+async def test_sqlite_writes_of_several_executing_runs_go_through_the_writer_thread(tmp_path: Path) -> None:
+    """With two runs executing here, the event loop has other work: their writes go to the writer thread (group
+    commit on another core); once one has made its last save, the other's writes commit on the loop's thread."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    here, thread = traced(store._here), traced(store._writer)
+    first, second = (we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+                     for _ in range(2))
+    for run in (first, second):
+        we.move_run(run, we.RunStatus.RUNNING)
+    leases = [await store.claim_run(run, None, "here") for run in (first, second)]
+    assert (sum(s.startswith("INSERT INTO runs") for s in here), sum(s.startswith("INSERT INTO runs") for s in thread),
+            store._executing) == (2, 0, 2)  # the second claim was made with one run executing
+    we.move_run(first, we.RunStatus.COMPLETED)
+    await store.save_run(first, leases[0])
+    assert [s.split(" = ")[0] for s in thread if s.startswith("UPDATE runs SET status")] == [
+        "UPDATE runs SET status"]
+    await store.save_run(second, leases[1])
+    assert ([s.split(" = ")[0] for s in here if s.startswith("UPDATE runs SET status")], store._executing) == (
+        ["UPDATE runs SET status"], 1)
+    with pytest.raises(we.LeaseLost):
+        await store.save_run(second, we.Lease("here", 2))  # a lost lease: the run is no longer executed here
+    assert store._executing == 0
+    store.close()
+
+
+async def test_sqlite_small_write_waits_for_the_writer_thread_while_another_process_writes(tmp_path: Path) -> None:
+    """The caller's thread never waits for the database's lock: with another connection writing, the write goes
+    to the writer thread, which waits for the lock while the event loop goes on."""
+    path = tmp_path / "runs.db"
+    store = we.SqliteStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    thread = traced(store._writer)
+    run = stopped_run({"n": 1})
+    claiming = asyncio.ensure_future(store.claim_run(run, None, None))
+    for _ in range(1000):  # the claim waits on the writer thread; the loop keeps turning
+        if store._pending or any(statement.startswith("BEGIN") for statement in thread):
+            break
+        await asyncio.sleep(0)
+    assert not claiming.done()
+    other.execute("ROLLBACK")
+    assert await claiming == we.Lease(owner="", attempt=1)
+    assert [statement.split()[0] for statement in thread] == ["BEGIN", "INSERT", "INSERT", "UPDATE", "UPDATE",
+                                                             "SELECT", "COMMIT"]  # the run, its log, its stop
+    assert store.get_run(run.run_id) == run
+    other.close()
+    store.close()
+
+
+async def test_sqlite_writer_thread_checkpoints_the_wal_of_the_callers_commits(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's thread never checkpoints (a checkpoint syncs the disk): every HERE_CHECKPOINT_COMMITS of its
+    commits, the writer thread does."""
+    monkeypatch.setattr(we, "HERE_CHECKPOINT_COMMITS", 2)
+    store = we.SqliteStore(tmp_path / "runs.db")
+    here, thread = traced(store._here), traced(store._writer)
+    wal_sizes = []
+    for n in range(60):
+        await store.claim_run(stopped_run({"n": n}), None, None)
+        store._thread.submit(int).result()  # after what the writer thread was given
+        wal_sizes.append(os.path.getsize(tmp_path / "runs.db-wal"))
+    assert thread == ["PRAGMA wal_checkpoint(PASSIVE)"] * 30
+    assert [statement for statement in here if "checkpoint" in statement] == []
+    assert store._here.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    assert wal_sizes[-1] == wal_sizes[9]  # each checkpoint completes: the WAL file starts over, and stops growing
+    assert store.list_runs()[1] == 60
+    store.close()
+
+
+async def test_sqlite_commit_that_fails_is_rolled_back_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """A COMMIT that the database refuses leaves no transaction open behind it: the next write begins its own."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    refused, kept = stopped_run({"n": 1}), stopped_run({"n": 2})
+    store._commit_statement = lambda notices: "COMMIT TO nowhere"  # refused by SQLite's parser
+    with pytest.raises(sqlite3.OperationalError, match="syntax error"):
+        await store.claim_run(refused, None, None)
+    del store._commit_statement
+    assert await store.claim_run(kept, None, None) == we.Lease(owner="", attempt=1)
+    assert ([summary.run_id for summary in store.list_runs()[0]], store.get_run(kept.run_id)) == ([kept.run_id], kept)
     store.close()
 
 
@@ -5219,7 +5356,14 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
     assert (row["skipped"], row["error"]) == (None, None)
     in_process = row["in_process"]
     assert in_process.keys() == {"rounds", "runs_per_round", "runs_per_s", "us_per_run", "rounds_runs_per_s",
-                                 "not_completed"}
+                                 "not_completed", *bench.TRAFFIC_KEYS}
+    traffic = [in_process[key] for key in bench.TRAFFIC_KEYS]
+    if row["store"] == "memory":
+        assert traffic == [None] * 4
+    else:  # claim, running, five steps, end: one transaction each, one run at a time
+        writes, hops, transactions, round_trips = traffic
+        assert (writes, transactions) == (8, 8) and 0 <= hops <= writes
+        assert (round_trips is None) == (row["store"] == "sqlite") and (round_trips is None or round_trips > 8)
     assert (in_process["rounds"], in_process["runs_per_round"]) == (bench.QUICK.store_rounds, bench.QUICK.store_runs)
     assert (len(in_process["rounds_runs_per_s"]), in_process["not_completed"]) == (bench.QUICK.store_rounds, 0)
     assert in_process["runs_per_s"] == statistics.median(in_process["rounds_runs_per_s"]) > 0
@@ -5311,6 +5455,7 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
     assert rows == ["store", "bare", "memory", "sqlite"]  # one table: a row per store, continued per connection count
     assert f"  postgres          skipped: {skipped}" in out.splitlines()
     check_closing_store_targets(out, stores["targets"])
+    assert bench.traffic_line("sqlite", measured[1]["in_process"]) in out.splitlines()
     rates = " ".join(f"{rate:.0f}" for rate in stores["sqlite"]["fill"]["chunks_runs_per_s"])
     assert (f"  sqlite filling up, 400 runs one after another into a file with max_runs = 400, runs/s per 100: "
             f"{rates}") in out.splitlines()
@@ -6112,6 +6257,53 @@ async def test_postgres_store_claims_and_leases_like_the_others(pg_url: str) -> 
 async def test_postgres_group_commit_fails_only_the_failing_writes_of_a_batch(pg_url: str) -> None:
     import psycopg  # noqa: PLC0415
     await check_group_commit_fails_only_the_failing_writes(we.PostgresStore(pg_url), psycopg.errors.UniqueViolation)
+
+
+@needs_postgres
+def test_bench_round_trips_counts_what_a_client_waits_for(pg_url: str) -> None:
+    """The bench's relay counts a statement as one round trip, and a pipeline of three as one too."""
+    import psycopg  # noqa: PLC0415
+    relay = bench.RoundTrips(pg_url)
+    with psycopg.connect(relay.url, autocommit=True) as db:
+        before = relay.count
+        assert [db.execute("SELECT %s::int", (n,)).fetchone() for n in range(3)] == [(0,), (1,), (2,)]
+        assert relay.count - before == 3
+        with db.pipeline():
+            cursors = [db.execute("SELECT %s::int", (n,)) for n in range(3)]
+        assert [cursor.fetchone() for cursor in cursors] == [(0,), (1,), (2,)]
+        assert relay.count - before == 4
+    relay.close()
+
+
+@needs_postgres
+async def test_postgres_notifications_go_with_the_commit_of_the_writes_that_committed(pg_url: str) -> None:
+    """A batch's notifications are sent with its COMMIT, in one statement, each once and quoted; a write that
+    fails (undone to its savepoint) announces nothing, and a batch that fails nothing at all."""
+    import psycopg  # noqa: PLC0415
+    store = we.PostgresStore(pg_url)
+    commits: list[str] = []
+    commit_statement = store._commit_statement
+    store._commit_statement = lambda notices: commits.append(commit_statement(notices)) or commits[-1]
+
+    def announce(db: Any, message: str, error: Exception | None = None) -> str:
+        store._notify(db, message)
+        if error is not None:
+            raise error
+        return message
+
+    with psycopg.connect(pg_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {we._CHANNEL}")
+        outcomes = await held_batch(store, [store._write(announce, "run a"),
+                                            store._write(announce, "run b", we.RunNotFound("b")),
+                                            store._write(announce, "cancel it's"), store._write(announce, "run a")])
+        assert [outcomes[0], *outcomes[2:]] == ["run a", "cancel it's", "run a"]
+        assert isinstance(outcomes[1], we.RunNotFound)
+        assert commits[-1] == ("SELECT pg_notify('workflow_engine', 'run a'), pg_notify('workflow_engine',"
+                               " 'cancel it''s'); COMMIT")
+        assert [notice.payload for notice in listener.notifies(timeout=10, stop_after=2)] == ["run a", "cancel it's"]
+        assert await store._write(announce, "run c") == "run c"
+        assert [notice.payload for notice in listener.notifies(timeout=10, stop_after=1)] == ["run c"]
+    store.close()
 
 
 @needs_postgres

@@ -202,6 +202,8 @@ STREAM_KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so
 STREAM_POLL_S = 0.25  # how often a stream without notifications (SQLite) checks a run another process executes
 CANCEL_POLL_S = 0.05  # how often a cancel of a run on another server checks whether it has stopped
 SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's write to finish
+HERE_CHECKPOINT_COMMITS = 200  # SQLite: commits on the caller's thread between two WAL checkpoints of the writer's
+# (a trivial run's commit adds about 20 KB to the WAL: some 4 MB between checkpoints, as SQLite's own default)
 MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
 MAX_BRANCHES = 100  # branches on one edge
@@ -2564,7 +2566,8 @@ def _merged(policy: MergePolicy, values: list[Any], name: str, key: str) -> Any:
 # ---------------------------------------------------------------------------
 # Two stores share one interface: reads are plain calls, writes are awaited. MemoryStore never awaits, so no other
 # task can see it between a read and a write. SqliteStore reads on the caller's thread (WAL readers never wait for
-# writers) and writes on one thread of its own, so a busy database never stalls the event loop. A finished run is
+# writers) and writes on one thread of its own, so a busy database never stalls the event loop; a small write
+# commits on the caller's thread when it can do so without waiting (see SqlStore._write_here). A finished run is
 # kept as compact JSON: a fifth of the memory of its objects, nothing for the garbage collector to scan again and
 # again, and ready to send as it is. A big record (see _is_big) is encoded on a thread of the store's own, so that
 # the event loop does no work that grows with a run's size when the run is saved.
@@ -3101,6 +3104,7 @@ _SUMMARY_FIELDS = tuple(field.name for field in attrs.fields(RunSummary))
 _IN_ACTIVE = f"status IN ({', '.join(repr(status) for status in _ACTIVE)})"  # constants only, never client values
 _IN_PAUSED = f"status IN ({', '.join(repr(status) for status in _PAUSED)})"
 _IN_TERMINAL = f"status IN ({', '.join(repr(status) for status in _TERMINAL)})"
+_QUEUED = f"status = {RunStatus.PENDING.value!r} AND owner IS NULL"  # waiting for any server to claim it
 _STOPS = (  # version 3: when a run last stopped (ended or paused) on the database's clock, which every server shares,
     # for the sweeper; runs stopped before the upgrade count from it
     "ALTER TABLE runs ADD COLUMN stopped_at DOUBLE PRECISION",
@@ -3191,8 +3195,9 @@ class SqlStore:
     active run is guarded by its lease (owner and attempt), and a lease lasts until a deadline on the database's
     clock that its owner keeps renewing; a run whose deadline passed is anyone's to take over. Runs queued without
     an owner are claimed by whichever server has room. Reads run on the caller's thread (short, indexed queries);
-    writes on one thread of the store's own, so a busy database never stalls the event loop. At most `max_runs`
-    finished runs are kept, the oldest deleted first (see _evict).
+    writes on one thread of the store's own, so a busy database never stalls the event loop (SQLite commits a small
+    write on the caller's thread when it need not wait, see _write_here). At most `max_runs` finished runs are kept,
+    the oldest deleted first (see _evict).
     """
 
     is_durable = True
@@ -3214,6 +3219,12 @@ class SqlStore:
         self._pending: list[_Write] = []  # writes waiting for the writer thread's next transaction
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
         self._is_draining = False  # whether the writer thread has a _drain queued or running
+        self._notices: list[str] = []  # the writer thread's: what its transaction tells the others (see _notify)
+        self._here = self._connect_here()  # for small writes on the caller's thread (see _write_here), or None
+        self._here_commits = 0
+        # How many runs this process executes under a lease, as its claims and last saves count them: with more
+        # than one, the event loop has other work, and the writer thread commits in batches on another core.
+        self._executing = 0
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         # The converter's hook for a run (see _make_converter) without the log, which the logs table holds: it
         # encodes a run at every step, and a copy of the run without its log would cost as much again.
@@ -3279,11 +3290,10 @@ class SqlStore:
     def get_graph(self, graph_id: str) -> GraphDefinition:
         """Return the graph stored as `graph_id`, or raise GraphNotFound."""
         cached = self._graph_cache.get(graph_id)
-        with self._reading() as db:
-            row = self._one(db, "SELECT seq FROM graphs WHERE graph_id = ?", (graph_id,))
-            if row is not None and (cached is None or cached[0] != row[0]):
-                row = self._one(db, "SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
-                cached = None if row is None else (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
+        row = self._read_one("SELECT seq FROM graphs WHERE graph_id = ?", (graph_id,))
+        if row is not None and (cached is None or cached[0] != row[0]):
+            row = self._read_one("SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
+            cached = None if row is None else (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
         if row is None or cached is None:
             raise GraphNotFound(graph_id)
         self._graph_cache[graph_id] = cached
@@ -3304,23 +3314,39 @@ class SqlStore:
         `origin` names the server that accepted the run; with `room`, an active run is refused (Busy) when that
         server already has `room` active runs, counted in the same transaction so simultaneous requests cannot pass.
         """
-        values = await self._encoded(run, saved_logs)
-        attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values)
+        values, is_small = await self._encoded(run, saved_logs)
+        attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values, is_small=is_small)
+        self._executing += owner is not None and run.status.is_active
         return Lease(owner=owner or "", attempt=attempt)
 
     async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
         """Commit `run`'s record and its log entries from position `saved_logs` on, in one transaction, if `lease`
         is still the run's (renewing it); else raise LeaseLost and commit nothing."""
-        await self._write(self._save, lease, lease_s, *await self._encoded(run, saved_logs),
-                          is_progress=run.status.is_active)
+        # Unchanged since the last save: the status, and the owner of an active run (its lease names it).
+        is_same_status = run.status.is_active and run.history[-1].log_count < saved_logs
+        values, is_small = await self._encoded(run, saved_logs)
+        is_last = not run.status.is_active
+        try:
+            await self._write(self._save, lease, lease_s, is_same_status, *values, is_progress=run.status.is_active,
+                              is_small=is_small)
+        except LeaseLost:
+            is_last = True  # the run is no longer this process's to execute
+            raise
+        finally:
+            if is_last:
+                self._executing = max(self._executing - 1, 0)
 
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
         None when none is queued."""
+        # Every run that ends wakes the worker to look: a read finds the queue empty without a write transaction.
+        if self._read_one(f"SELECT 1 FROM runs WHERE {_QUEUED} LIMIT 1") is None:
+            return None
         claimed = await self._write(self._claim_next, owner, lease_s)
         if claimed is None:
             return None
         run_id, attempt, is_cancel_requested = claimed
+        self._executing += 1
         return self.get_run(run_id), Lease(owner=owner, attempt=attempt), is_cancel_requested
 
     async def heartbeat(self, owner: str, leases: Mapping[str, int], lease_s: float = LEASE_S) -> Heartbeat:
@@ -3335,7 +3361,7 @@ class SqlStore:
 
     async def take_over(self, run: RunContext, lease: Lease, saved_logs: int) -> None:
         """Commit `run` (back in the queue, or ended) if `lease` is still its expired lease; else raise LeaseLost."""
-        await self._write(self._take_over, lease, *await self._encoded(run, saved_logs))
+        await self._write(self._take_over, lease, *(await self._encoded(run, saved_logs))[0])
 
     async def request_cancel(self, run_id: str) -> bool:
         """Flag an active run for its owner to cancel; return False if it is no longer active."""
@@ -3420,9 +3446,19 @@ class SqlStore:
         self._thread.shutdown(wait=True)
         self._reader.close()
         self._writer.close()
+        if self._here is not None:
+            self._here.close()
 
     # What each database does its own way.
     def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _connect_here(self) -> Any:
+        """A connection for writes on the caller's thread that never wait (see _write_here); None: there are none."""
+        return None
+
+    def _begin_here(self) -> bool:
+        """Begin a write transaction on the caller's thread's connection if the lock is free now; else False."""
         raise NotImplementedError
 
     def _sql(self, statement: str) -> str:
@@ -3435,23 +3471,29 @@ class SqlStore:
         """Begin a write transaction; `is_progress`: of progress writes only (see _write)."""
         self._begin(db, write=True)
 
-    def _notify(self, db: Any, message: str) -> None:
-        """Tell the other servers (a database with notifications; the others poll)."""
+    def _commit_statement(self, notices: list[str]) -> str:
+        """What commits a write transaction that tells the other servers `notices` (see _notify)."""
+        return "COMMIT"
 
     # Shared plumbing.
+    def _notify(self, db: Any, message: str) -> None:
+        """Tell the other servers `message` when the transaction commits (a database with notifications sends
+        them all with its COMMIT; the others poll)."""
+        self._notices.append(message)
+
     def _one(self, db: Any, statement: str, values: tuple = ()) -> Any:
         return db.execute(self._sql(statement), values).fetchone()
 
     def _all(self, db: Any, statement: str, values: tuple = ()) -> list:
         return db.execute(self._sql(statement), values).fetchall()
 
+    # One statement reads one committed state on its own: it needs no transaction (and, on PostgreSQL, no round
+    # trips to begin and end one).
     def _read_one(self, statement: str, values: tuple = ()) -> Any:
-        with self._reading() as db:
-            return self._one(db, statement, values)
+        return self._one(self._reader, statement, values)
 
     def _read_all(self, statement: str, values: tuple = ()) -> list:
-        with self._reading() as db:
-            return self._all(db, statement, values)
+        return self._all(self._reader, statement, values)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Any]:
@@ -3465,15 +3507,22 @@ class SqlStore:
     @contextlib.contextmanager
     def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
         self._begin_write(self._writer, is_progress=is_progress)
-        try:
-            yield self._writer
-        except BaseException:
-            with contextlib.suppress(Exception):  # the database may have rolled back already (SQLite on a full disk)
-                self._writer.execute("ROLLBACK")
-            raise
-        self._writer.execute("COMMIT")
+        with self._committing(self._writer) as db:
+            yield db
 
-    async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False) -> T:
+    @contextlib.contextmanager
+    def _committing(self, db: Any) -> Iterator[Any]:
+        # The rest of a write transaction that has begun on `db`: commit it, or roll it back.
+        self._notices.clear()
+        try:
+            yield db
+            db.execute(self._commit_statement(list(dict.fromkeys(self._notices))))
+        except BaseException:  # a commit that fails is undone too, so the next transaction can begin
+            with contextlib.suppress(Exception):  # the database may have rolled back already (SQLite on a full disk)
+                db.execute("ROLLBACK")
+            raise
+
+    async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False, is_small: bool = False) -> T:
         """Return `fn(db, *args)`, called on the writer thread in a transaction that commits before this returns.
 
         Group commit: writes that arrive while the writer is busy wait, then share its next transaction, each in a
@@ -3482,7 +3531,13 @@ class SqlStore:
 
         `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
         transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin_write).
+        `is_small` marks a write of a few rows of little data, which a store with a connection for the caller's
+        thread commits there when it can do so at once and executes at most one run (see _write_here).
         """
+        if is_small and self._here is not None and self._executing <= 1:
+            is_done, result = self._write_here(fn, args)
+            if is_done:
+                return result
         write = _Write(fn=fn, args=args, future=asyncio.get_running_loop().create_future(), is_progress=is_progress)
         with self._pending_lock:
             self._pending.append(write)
@@ -3490,6 +3545,44 @@ class SqlStore:
         if is_idle:
             self._thread.submit(self._drain)
         return await write.future
+
+    def _write_here(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[bool, T | None]:
+        """Commit `fn(db, *args)` on the caller's thread, if the writer thread is idle and the database's write lock
+        free at once: (True, what it returned); else (False, None) and nothing is done.
+
+        A hop to the writer thread and back costs several times a small SQLite transaction. This one never waits:
+        the connection's busy timeout is zero, and it leaves WAL checkpoints (which sync the disk) to the writer
+        thread. Writes that arrive meanwhile (from another thread) wait for the writer thread, as in a batch.
+        """
+        with self._pending_lock:
+            if self._is_draining:
+                return False, None
+            self._is_draining = True  # the writer's turn is this thread's until the commit
+        is_done = False
+        try:
+            if not self._begin_here():  # another process holds the lock: the writer thread waits for it
+                return False, None
+            with self._committing(self._here) as db:
+                result = fn(db, *args)
+            is_done = True
+            return True, result
+        finally:
+            self._here_commits += is_done
+            is_checkpoint = is_done and self._here_commits % HERE_CHECKPOINT_COMMITS == 0
+            with self._pending_lock:  # a checkpoint is the writer thread's turn: this process appends nothing
+                self._is_draining = is_busy = is_checkpoint or bool(self._pending)  # meanwhile, so it completes
+            if is_busy:
+                self._thread.submit(self._checkpoint_then_drain if is_checkpoint else self._drain)
+
+    def _checkpoint_then_drain(self) -> None:
+        try:
+            self._checkpoint()
+        finally:
+            self._drain()
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL's committed pages into the database (see _write_here), without waiting for readers; a
+        complete checkpoint lets the next write start the WAL file over."""
 
     def _drain(self) -> None:
         # On the writer thread: commit batches until no write is waiting.
@@ -3516,13 +3609,14 @@ class SqlStore:
             with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone
                 loop.call_soon_threadsafe(_settle, list(writes))
 
-    @staticmethod
-    def _apply(db: Any, write: "_Write") -> None:
+    def _apply(self, db: Any, write: "_Write") -> None:
         db.execute("SAVEPOINT write")
+        notices = len(self._notices)
         try:
             write.result = write.fn(db, *write.args)
         except Exception as exc:
             write.error = exc
+            del self._notices[notices:]  # what it undoes, it does not announce
             try:
                 db.execute("ROLLBACK TO SAVEPOINT write")
             except Exception:  # the database rolled the whole transaction back (SQLite does on a full disk)
@@ -3632,12 +3726,13 @@ class SqlStore:
         self._executemany(db, _INSERT_REFERENCE, _reference_rows(graph))
         return None
 
-    async def _encoded(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
-        # A big record is encoded on a thread of its own, so the event loop goes on serving; _off_loop holds a
-        # cancelled checkpoint until then, so the runner cannot change the run while the thread reads it.
+    async def _encoded(self, run: RunContext, saved_logs: int) -> tuple[tuple[Any, ...], bool]:
+        # The values of a write of `run`, and whether they are small. A big record is encoded on a thread of its
+        # own, so the event loop goes on serving; _off_loop holds a cancelled checkpoint until then, so the runner
+        # cannot change the run while the thread reads it.
         if _is_big(run, saved_logs):
-            return await _off_loop(self._encoder, self._values, run, saved_logs)
-        return self._values(run, saved_logs)
+            return await _off_loop(self._encoder, self._values, run, saved_logs), False
+        return self._values(run, saved_logs), True
 
     def _values(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
         # The writer thread gets values, not the live run, which the event loop may change meanwhile.
@@ -3675,8 +3770,17 @@ class SqlStore:
                        was_finished=expected is not None and expected.is_terminal)
         return attempt
 
-    def _save(self, db: Any, lease: Lease, lease_s: float, run_id: str, graph_id: str, status: RunStatus, head: bytes,
-              history: bytes, events: int, entries: list[tuple[str, int, bytes]], webhook: WebhookEvent | None) -> None:
+    def _save(self, db: Any, lease: Lease, lease_s: float, is_same_status: bool, run_id: str, graph_id: str,
+              status: RunStatus, head: bytes, history: bytes, events: int, entries: list[tuple[str, int, bytes]],
+              webhook: WebhookEvent | None) -> None:
+        # A checkpoint that leaves the status and owner alone does not name them: SQLite rewrites the index entries
+        # of every column an UPDATE sets, changed or not (four times the cost of the rest of the statement).
+        if is_same_status and db.execute(self._sql(
+                f"UPDATE runs SET lease_until = {self.NOW} + ?, head = ?, event_count = ? WHERE run_id = ?"
+                " AND owner = ? AND attempt = ? AND status = ?"),
+                (lease_s, head, events, run_id, lease.owner, lease.attempt, status.value)).rowcount:
+            self._add_logs(db, run_id, status, entries, webhook)
+            return
         owner = lease.owner if status.is_active else None
         updated = db.execute(self._sql(
             f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
@@ -3699,8 +3803,8 @@ class SqlStore:
         self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
     def _claim_next(self, db: Any, owner: str, lease_s: float) -> tuple[str, int, bool] | None:
-        row = self._one(db, "SELECT run_id, attempt, cancel_requested FROM runs WHERE status = 'pending'"
-                        f" AND owner IS NULL ORDER BY seq LIMIT 1{self.SKIP_LOCKED}")
+        row = self._one(db, f"SELECT run_id, attempt, cancel_requested FROM runs WHERE {_QUEUED}"
+                        f" ORDER BY seq LIMIT 1{self.SKIP_LOCKED}")
         if row is None:
             return None
         db.execute(self._sql(f"UPDATE runs SET owner = ?, attempt = ?, lease_until = {self.NOW} + ?"
@@ -3831,6 +3935,25 @@ class SqliteStore(SqlStore):
     def _begin(self, db: sqlite3.Connection, *, write: bool) -> None:
         db.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # a writer takes the lock first: no deadlocks
 
+    def _connect_here(self) -> sqlite3.Connection:
+        db = self._connect()
+        db.execute("PRAGMA busy_timeout = 0")  # refused at once when another process writes
+        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints (see _write_here)
+        return db
+
+    def _begin_here(self) -> bool:
+        try:
+            self._here.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:  # "database is locked"
+            return False
+        return True
+
+    def _checkpoint(self) -> None:
+        try:
+            self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next one may succeed; meanwhile the WAL grows
+            logger.warning("SQLite checkpoint of %s failed: %s", self.path, exc)
+
 
 class PostgresStore(SqlStore):
     """The SQL store in a PostgreSQL database, which servers on many machines share (psycopg 3).
@@ -3877,8 +4000,14 @@ class PostgresStore(SqlStore):
         durable = "" if is_progress else " SET LOCAL synchronous_commit = on;"
         db.execute(f"BEGIN;{durable} SELECT pg_advisory_xact_lock(7261)")  # one round trip
 
-    def _notify(self, db: Any, message: str) -> None:
-        db.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, message))
+    def _commit_statement(self, notices: list[str]) -> str:
+        # The notifications go with the COMMIT, in one round trip: one statement of literals (a message may hold a
+        # client's run id, so each is quoted by psycopg), sent as a simple query, which may hold two statements.
+        if not notices:
+            return "COMMIT"
+        literal = self._psycopg.sql.Literal
+        sends = ", ".join(f"pg_notify('{_CHANNEL}', {literal(notice).as_string(self._writer)})" for notice in notices)
+        return f"SELECT {sends}; COMMIT"
 
     def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
         if rows:

@@ -23,6 +23,8 @@ stores  Trivial runs (the engine loop with N = 1: five steps) through the memory
         each starting empty: in process, runs/s of Engine.run one after another (median of a few rounds); over
         HTTP, one `uvicorn workflow_engine:app` per store (WORKFLOW_DB set) at 1, 16 and 64 connections, POST
         /graph/run with "wait": true, requests/s and p50/p99 next to the bare endpoint given the same body.
+        For the SQL stores, what one run costs them: writes, those through the writer thread, transactions, and
+        PostgreSQL's round trips (counted by a relay between the store and the server).
         Then SQLite filling up: --fill N runs one after another into a file with max_runs = N, runs/s of the
         last chunk against the first (default 10,000; issue 14 asks for 100,000), and what PRAGMA synchronous
         FULL costs against NORMAL (the store's setting), one run at a time and 16 at once.
@@ -59,6 +61,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import urllib.parse
@@ -1068,6 +1071,7 @@ POSTGRES_URL_VARIABLE = "WORKFLOW_TEST_POSTGRES_URL"  # the tests' server, the d
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # Targets of issue 14: a trivial 5-node run over HTTP, as a share of the bare endpoint.
 TARGET_STORE_SHARE = {"memory": 0.6, "sqlite": 0.35, "postgres": 0.25}
+TRAFFIC_KEYS = ("writes_per_run", "hops_per_run", "transactions_per_run", "round_trips_per_run")  # store_traffic
 _IN_PROCESS_WIDTH = 45  # the table's columns before the HTTP ones: the store's name and its in-process figures
 BENCH_GRAPH = {  # bench_graph() as POST /graph/create takes it
     "graph_id": "bench", "start_node": "A", "nodes": list(NODE_FUNCTIONS),
@@ -1075,6 +1079,51 @@ BENCH_GRAPH = {  # bench_graph() as POST /graph/create takes it
               "E": {"branches": [{"condition": "more", "target": "B"}]}},
 }
 TRIVIAL_RUN = {"graph_id": "bench", "state": {"data": {"i": 0, "n": 1}}, "wait": True}
+
+
+class RoundTrips:
+    """A TCP relay to a PostgreSQL server that counts round trips: how many times a client sent something after
+    the server had answered (a pipeline of statements sent at once, then waited for, is one). Threads of its own,
+    so that a client blocking the event loop (a store's reads) cannot stall it; `close` stops them."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self._target = (parts.hostname or HOST, parts.port or 5432)
+        self._listener = socket.create_server((HOST, 0))
+        self.url = parts._replace(netloc=f"{parts.username or ''}@{HOST}:{self._listener.getsockname()[1]}").geturl()
+        self.count = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="round-trips", daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # closed
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._target)
+                for sock in (client, server):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._sockets += [client, server]
+                answered = [True]  # whether the server spoke last on this connection
+                for source, sink, is_client in ((client, server, True), (server, client, False)):
+                    threading.Thread(target=self._pump, args=(source, sink, is_client, answered), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, is_client: bool, answered: list[bool]) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                with self._lock:
+                    if is_client and answered[0]:
+                        self.count += 1
+                    answered[0] = not is_client
+                sink.sendall(chunk)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        """Stop relaying: close the listener and every connection."""
+        for sock in (self._listener, *self._sockets):
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 def bench_flow_source() -> str:
@@ -1145,8 +1194,52 @@ async def _in_process(we: ModuleType, location: str | None, profile: Profile) ->
     finally:
         await engine.shutdown()
     median = statistics.median(rates)
+    traffic = await store_traffic(we, location, profile.store_runs) if location else dict.fromkeys(TRAFFIC_KEYS)
     return {"rounds": profile.store_rounds, "runs_per_round": profile.store_runs, "runs_per_s": median,
-            "us_per_run": 1e6 / median, "rounds_runs_per_s": rates, "not_completed": not_completed}
+            "us_per_run": 1e6 / median, "rounds_runs_per_s": rates, "not_completed": not_completed, **traffic}
+
+
+async def store_traffic(we: ModuleType, location: str, runs: int) -> dict[str, Any]:
+    """What `runs` trivial runs cost a SQL store, per run: its writes, those handed to its writer thread (each a hop
+    there and back; the others commit on the event loop's thread), the transactions they take, and on PostgreSQL
+    the round trips of all its connections (counted by a relay, which slows them: these runs are not timed). The
+    worker's heartbeats are not counted."""
+    relay = RoundTrips(location) if location.startswith(POSTGRES_SCHEMES) else None
+    store = we.open_store(relay.url if relay else location)
+    counts = dict.fromkeys(("writes", "hops", "transactions"), 0)
+    commit, write_here = store._commit, store._write_here
+
+    def counted(batch: list[Any]) -> None:
+        writes = sum(write.fn.__name__ != "_heartbeat" for write in batch)
+        counts["writes"] += writes
+        counts["hops"] += writes
+        counts["transactions"] += writes > 0
+        commit(batch)
+
+    def counted_here(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        is_done, result = write_here(fn, args)
+        counts["writes"] += is_done
+        counts["transactions"] += is_done
+        return is_done, result
+
+    store._commit, store._write_here = counted, counted_here
+    engine = we.Engine(bench_registry(we), store)
+    try:
+        await engine.create_graph(bench_graph(we))
+        await _runs(we, engine, 1)  # warm-up: the graph read and cached, the worker started
+        counts.update(dict.fromkeys(counts, 0))
+        trips = relay.count if relay else 0
+        not_completed = await _runs(we, engine, runs)
+        trips = relay.count - trips if relay else None
+    finally:
+        await engine.shutdown()
+        if relay:
+            relay.close()
+    if not_completed:
+        raise BenchError(f"{not_completed} of {runs} trivial runs did not complete while their writes were counted")
+    return {"writes_per_run": counts["writes"] / runs, "hops_per_run": counts["hops"] / runs,
+            "transactions_per_run": counts["transactions"] / runs,
+            "round_trips_per_run": None if trips is None else trips / runs}
 
 
 async def _runs(we: ModuleType, engine: Any, count: int) -> int:
@@ -1353,7 +1446,18 @@ def print_stores(result: dict[str, Any], profile: Profile) -> None:
     for row in result["stores"]:
         for line in _store_lines(row, memory):
             print(line)
+    for row in result["stores"]:
+        if row["in_process"] is not None and row["in_process"]["writes_per_run"] is not None:
+            print(traffic_line(row["store"], row["in_process"]))
     print_sqlite_figures(result["sqlite"])
+
+
+def traffic_line(store: str, figures: dict[str, Any]) -> str:
+    """What one trivial run costs a SQL store (see store_traffic)."""
+    trips = figures["round_trips_per_run"]
+    return (f"  {store} per run: {figures['writes_per_run']:.2f} writes, {figures['hops_per_run']:.2f} of them "
+            f"through the writer thread, {figures['transactions_per_run']:.2f} transactions"
+            + ("" if trips is None else f", {trips:.1f} round trips to the server"))
 
 
 def print_sqlite_figures(sqlite: dict[str, Any]) -> None:
