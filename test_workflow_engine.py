@@ -5189,7 +5189,7 @@ def test_bench_engine_quick_prints_ratios_calls_and_targets_and_writes_json(tmp_
 
     results = json.loads(path.read_text())
     assert results["quick"] is True
-    assert {"date", "cpu", "cpus", "python"} <= results["machine"].keys()
+    assert {"date", "cpu", "cpus", "python", "load"} <= results["machine"].keys()
     engine = results["engine"]
     names = {"bare", "bare_log", "engine", "runner"} | ({"pocketflow"} if engine["pocketflow"] else set())
     for kind, n, unit, calls_limit in (("long", bench.QUICK.long_n, "step", 20), ("short", 1, "run", 150)):
@@ -5341,6 +5341,37 @@ def test_bench_prints_targets_of_every_section_in_one_table(capsys: pytest.Captu
         f"  {'stores':<8}{'no errors':<9}{'0':>10}{'-':>10}{'-':>7}  {'-':<15}met",
         f"  {'engine':<8}(no target rows: the section prints its targets above)",
     ]
+
+
+def test_bench_markdown_targets_is_the_closing_table_with_when_and_where(tmp_path: Path) -> None:
+    """`--markdown` writes the closing table as the README shows it: the machine line, then a row per target."""
+    results = {"machine": {"date": "2026-12-02T12:00:00+00:00", "cpu": "CPU X", "cpus": 2, "python": "3.11.7",
+                           "load": "0.10 / 0.20 / 0.30"},
+               "http": {"targets": [bench.target_row("a: req/s", 1500.0, 2000.0, ">= 0.75x bare", True)]},
+               "memory": {"targets": [bench.target_row("held (B)", 5000.0, None, "<= 4096 B", False)]}}
+    assert bench.markdown_targets(results).splitlines() == [
+        "Measured 2026-12-02T12:00:00+00:00 on CPU X, 2 cpus, load average 0.10 / 0.20 / 0.30 at the start, "
+        "Python 3.11.7: 1 of 2 targets met.",
+        "",
+        "| section | target | figure | baseline | ratio | goal | met |",
+        "|---|---|---|---|---|---|---|",
+        "| http | a: req/s | 1,500 | 2,000 | 0.75 | >= 0.75x bare | met |",
+        "| memory | held (B) | 5,000 | - | - | <= 4096 B | **not met** |",
+    ]
+
+
+def test_bench_memory_verdicts_are_target_rows() -> None:
+    """Bytes per stored run (tracemalloc, and RSS until the store is full) and RSS once the store has been full
+    for max_runs runs against RSS then; growth past FLAT_TOLERANCE is not met."""
+    checkpoints = [{"runs": runs, "stored": min(runs, 100), "rss_kib": rss, "errors": 0, "seconds": 1.0}
+                   for runs, rss in ((0, 1000), (100, 1500), (200, 1600), (300, 1700))]
+    result = bench._memory_verdicts({"bytes_per_run": 2000.0}, checkpoints, 100)
+    assert result["targets"] == [
+        bench.target_row("held per stored run, tracemalloc (B)", 2000.0, None, "<= 4096 B", True),
+        bench.target_row("held per stored run, server RSS (B)", 5120.0, None, "<= 4096 B", False),
+        bench.target_row("server RSS at 300 runs against 200 (KiB)", 1700, 1600, "<= 1.05x", False),
+    ]
+    assert (result["traced_met"], result["rss_met"], result["flat_met"]) == (True, False, False)
 
 
 def test_bench_graph_is_the_graph_the_stores_section_posts() -> None:

@@ -1,7 +1,8 @@
 """Benchmark the workflow engine against its ceiling: the runner in-process, the HTTP server, memory, the stores.
 
-Usage:  python tools/bench.py [engine] [http] [memory] [stores] [fanout] [--quick] [--json PATH] [--memory-runs N]
-                               [--http-requests N] [--postgres-url URL] [--fill N]   (default: all sections)
+Usage:  python tools/bench.py [engine] [http] [memory] [stores] [fanout] [--quick] [--json PATH] [--markdown PATH]
+                               [--memory-runs N] [--http-requests N] [--postgres-url URL] [--fill N]
+                               (default: all sections)
 
 engine  The five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < N, with full per-step logging,
         through Engine.run (the run record created, and saved to the memory store at the end): microseconds and
@@ -1011,18 +1012,27 @@ async def _checkpoint(server: Server, runs: int, errors: int, seconds: float) ->
 
 
 def _memory_verdicts(traced: dict[str, Any], checkpoints: list[dict[str, Any]], max_runs: int) -> dict[str, Any]:
+    """The memory section's figures and its target rows: bytes held per stored run (tracemalloc, and the server's
+    RSS until the store is full), and the RSS growth once the store has been full for `max_runs` runs."""
     base = checkpoints[0]
     full = max((cp for cp in checkpoints if cp["runs"] <= max_runs), key=lambda cp: cp["runs"])
     settled = min((cp for cp in checkpoints if cp["runs"] >= 2 * max_runs), key=lambda cp: cp["runs"], default=None)
     last = checkpoints[-1]
+    goal = f"<= {TARGET_BYTES_PER_RUN} B"
     verdicts: dict[str, Any] = {"traced_met": traced["bytes_per_run"] <= TARGET_BYTES_PER_RUN}
+    targets = [target_row("held per stored run, tracemalloc (B)", traced["bytes_per_run"], None, goal,
+                          verdicts["traced_met"])]
     if None not in (base["rss_kib"], full["rss_kib"]) and full["stored"] != base["stored"]:
         per_run = (full["rss_kib"] - base["rss_kib"]) * 1024 / (full["stored"] - base["stored"])
         verdicts.update(rss_bytes_per_run=per_run, rss_met=per_run <= TARGET_BYTES_PER_RUN)
+        targets.append(target_row("held per stored run, server RSS (B)", per_run, None, goal, verdicts["rss_met"]))
     if settled is not None and None not in (settled["rss_kib"], last["rss_kib"]):
         growth = (last["rss_kib"] - settled["rss_kib"]) / settled["rss_kib"]
         verdicts.update(growth_after_full=growth, flat_from_runs=settled["runs"], flat_met=growth <= FLAT_TOLERANCE)
-    return verdicts
+        targets.append(target_row(f"server RSS at {last['runs']:,} runs against {settled['runs']:,} (KiB)",
+                                  last["rss_kib"], settled["rss_kib"], f"<= {1 + FLAT_TOLERANCE:.2f}x",
+                                  verdicts["flat_met"]))
+    return {**verdicts, "targets": targets}
 
 
 def _print_checkpoint(checkpoint: dict[str, Any], chunk: int) -> None:
@@ -1498,7 +1508,8 @@ def _machine() -> dict[str, Any]:
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
         model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
     return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": model, "cpus": os.cpu_count(),
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "load": " / ".join(f"{load:.2f}" for load in os.getloadavg())}
 
 
 # ---------------------------------------------------------------------------
@@ -1563,6 +1574,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="engine, http, memory, stores or fanout (default: all)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: few repeats, short loads, few runs")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON to PATH")
+    parser.add_argument("--markdown", metavar="PATH", type=Path,
+                        help="also write the closing target table as Markdown to PATH (the README's table)")
     parser.add_argument("--memory-runs", metavar="N", type=int,
                         help=f"runs sent to the server in the memory section (default {FULL.memory_runs:,}; "
                              f"--quick {QUICK.memory_runs:,})")
@@ -1613,10 +1626,16 @@ def _figure(value: object) -> str:
     return str(value)
 
 
+def _target_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every measured section's target rows, in section order, each with its section's name."""
+    return [(name, row) for name in SECTIONS if isinstance(results.get(name), dict)
+            for row in results[name].get("targets", [])]
+
+
 def print_targets(results: dict[str, Any]) -> None:
     """Print every section's target rows as one table (a row missing a key of TARGET_KEYS shows '-' there)."""
     measured = [name for name in SECTIONS if isinstance(results.get(name), dict)]
-    rows = [(name, row) for name in measured for row in results[name].get("targets", [])]
+    rows = _target_rows(results)
     if not rows:
         return
     width = max(len(row.get("target", "")) for _, row in rows)
@@ -1631,6 +1650,22 @@ def print_targets(results: dict[str, Any]) -> None:
     for name in measured:
         if "targets" not in results[name]:
             print(f"  {name:<8}(no target rows: the section prints its targets above)")
+
+
+def markdown_targets(results: dict[str, Any]) -> str:
+    """The closing target table as Markdown, headed by when and where it was measured (the README's table)."""
+    machine = results["machine"]
+    rows = _target_rows(results)
+    lines = [f"Measured {machine['date']} on {machine['cpu']}, {machine['cpus']} cpus, load average "
+             f"{machine['load']} at the start, Python {machine['python']}: {sum(bool(row.get('met')) for _, row in rows)}"
+             f" of {len(rows)} targets met.", "",
+             "| section | target | figure | baseline | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
+    for name, row in rows:
+        ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}"
+        met = "met" if row.get("met") else "**not met**"
+        lines.append(f"| {name} | {row.get('target', '')} | {_figure(row.get('figure', row.get('value')))} | "
+                     f"{_figure(row.get('baseline'))} | {ratio} | {row.get('goal', '-')} | {met} |")
+    return "\n".join(lines) + "\n"
 
 
 def _raise_store_errors(result: dict[str, Any]) -> None:
@@ -1672,11 +1707,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results: dict[str, Any] = {"machine": _machine(), "quick": args.quick}
     print(f"bench.py {results['machine']['date']}  {results['machine']['cpu']}, {results['machine']['cpus']} cpus, "
-          f"Python {results['machine']['python']}{'  (quick)' if args.quick else ''}\n")
+          f"Python {results['machine']['python']}, load average {results['machine']['load']}"
+          f"{'  (quick)' if args.quick else ''}\n")
     ok = all([_run_section(name, profile, results, postgres_url) for name in (args.sections or SECTIONS)])
     print_targets(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.markdown is not None:
+        args.markdown.write_text(markdown_targets(results), encoding="utf-8")
     return 0 if ok else 1
 
 
