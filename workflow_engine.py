@@ -1178,6 +1178,12 @@ def _shape_guard(kind: type, name: str, factory: Callable) -> Callable:
     return guarded_factory
 
 
+def _plain_object(value: object, _: type) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidValue(f"expected an object, got {_json_type(value)}")
+    return dict(value)
+
+
 def _make_converter() -> cattrs.Converter:
     """Build the module's converter: strict JSON types, no extra keys, ISO 8601 datetimes, enums by value."""
     converter = cattrs.Converter(forbid_extra_keys=True)
@@ -1194,6 +1200,8 @@ def _make_converter() -> cattrs.Converter:
         _shape_guard(list, "an array", homogenous_tuple_structure_factory),
     )
     converter.register_structure_hook_factory(is_mapping, _shape_guard(dict, "an object", mapping_structure_factory))
+    # Decoded JSON has string keys, so an object of Any values is taken as it is (copied), not key by key.
+    converter.register_structure_hook_func(lambda type_: type_ == dict[str, Any], _plain_object)
     # Without this guard a model given a list or a scalar fails inside cattrs' generated code ("'list' object has no
     # attribute 'keys'", "expected WorkflowState"), which the client cannot act on.
     converter.register_structure_hook_factory(
