@@ -1153,9 +1153,9 @@ def _json_type(value: object) -> str:
     return "a number" if isinstance(value, int | float) else type(value).__name__
 
 
-def _strict(expected: type, name: str, accepts: tuple[type, ...], rejects: tuple[type, ...] = ()) -> Callable:
+def _strict(expected: type, name: str, accepts: tuple[type, ...], rejects: type | None = None) -> Callable:
     def hook(value: object, _: type) -> Any:
-        if not isinstance(value, accepts) or isinstance(value, rejects):
+        if not isinstance(value, accepts) or type(value) is rejects:  # `rejects` is bool, which has no subclasses
             raise InvalidValue(f"expected {name}, got {_json_type(value)}")
         return expected(value) if expected is float else value
 
@@ -1188,8 +1188,8 @@ def _make_converter() -> cattrs.Converter:
     """Build the module's converter: strict JSON types, no extra keys, ISO 8601 datetimes, enums by value."""
     converter = cattrs.Converter(forbid_extra_keys=True)
     converter.register_structure_hook(str, _strict(str, "a string", (str,)))
-    converter.register_structure_hook(int, _strict(int, "an integer", (int,), (bool,)))
-    converter.register_structure_hook(float, _strict(float, "a number", (int, float), (bool,)))
+    converter.register_structure_hook(int, _strict(int, "an integer", (int,), bool))
+    converter.register_structure_hook(float, _strict(float, "a number", (int, float), bool))
     converter.register_structure_hook(bool, _strict(bool, "a boolean", (bool,)))
     # Later factories are tried first, so the predicates must stay disjoint.
     converter.register_structure_hook_factory(
