@@ -5175,6 +5175,9 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # json.loads would build one per body
+
+
 # A media type's parameters (`; charset=utf-8`) do not matter: JSON is UTF-8 whatever they say.
 _JSON_MEDIA_TYPE = re.compile(r"application/json|[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\+json")
 
@@ -5201,6 +5204,14 @@ def _utf8_text(body: bytes | bytearray) -> str:
     return text
 
 
+def _header(request: Request, name: bytes) -> str | None:
+    """The first value of the header `name` (lowercase), as `request.headers.get` gives it, in one call, not ten."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSING) -> object:
     """Read the body (at most `max_bytes`) and decode it as strict JSON, or raise BodyTooLarge / InvalidJson.
 
@@ -5208,21 +5219,25 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
     needs no Content-Type. An empty body is `empty` when one is given (a request whose fields are all optional),
     else invalid JSON.
     """
-    declared = _count_or_none(request.headers.get("content-length", ""))
+    declared = _count_or_none(_header(request, b"content-length") or "")
     if declared is not None and declared > max_bytes:
         raise BodyTooLarge(max_bytes)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    body, more = bytearray(), True
+    while more:  # ASGI's messages, as Request.stream() reads them, without an async generator's hooks per request
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
         if len(body) > max_bytes:
             raise BodyTooLarge(max_bytes)
-    content_type = request.headers.get("content-type")
+    content_type = _header(request, b"content-type")
     if body and not _is_json(content_type):
         raise UnsupportedMediaType(content_type)
     if not body.strip() and empty is not _MISSING:
         return empty
     try:
-        payload = json.loads(_utf8_text(body), parse_constant=_reject_constant)
+        payload = _JSON_DECODER.decode(_utf8_text(body))
     except (ValueError, RecursionError) as exc:
         detail = "nesting is too deep" if isinstance(exc, RecursionError) else str(exc)
         raise InvalidJson("the request body is not valid JSON", [Problem("$", detail)]) from None
