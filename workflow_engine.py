@@ -512,20 +512,13 @@ class RunStatus(enum.Enum):
     # Python call, and every move of a run looks its status up in RUN_MOVES.
     __hash__ = object.__hash__
 
-    @property
-    def is_active(self) -> bool:
-        """True while the run waits for a slot or executes."""
-        return self is RunStatus.PENDING or self is RunStatus.RUNNING
-
-    @property
-    def is_resumable(self) -> bool:
-        """True when the run stopped part-way (for a person, or because its process died) and may be resumed."""
-        return self is RunStatus.WAITING or self is RunStatus.INTERRUPTED
-
-    @property
-    def is_terminal(self) -> bool:
-        """True once the run has ended for good and will not change again."""
-        return not self.is_active and not self.is_resumable
+    def __init__(self, value: str) -> None:
+        # Plain attributes, set once per member: the run path reads them about a dozen times a run, and a property
+        # is a Python call each time. Active: the run waits for a slot or executes. Resumable: it stopped part-way
+        # (for a person, or because its process died) and may be resumed. Terminal: it has ended for good.
+        self.is_active = value in ("pending", "running")
+        self.is_resumable = value in ("waiting", "interrupted")
+        self.is_terminal = not self.is_active and not self.is_resumable
 
 
 # Every move a run's status may make; `move_run` applies one and refuses the rest. Nothing else sets a status.
@@ -1944,8 +1937,11 @@ async def execute_run(
     try:
         if checkpoint is not None:
             await checkpoint(run)
-        async with deadline or contextlib.nullcontext():
+        if deadline is None:  # nullcontext would cost three calls a run
             status, error = await _drive(run, graph, registry, hooks, is_resumed)
+        else:
+            async with deadline:
+                status, error = await _drive(run, graph, registry, hooks, is_resumed)
     except (TimeoutError, asyncio.CancelledError):
         # One decision gives both the status and the last log entry's event: see _stop_status.
         status = _stop_status(deadline)
@@ -3025,7 +3021,8 @@ class MemoryStore:
         assert record is not None
         self._runs[run_id] = _StoredRun(summary=summarize(run), record=record)
         self._leases[run_id] = Lease(owner="", attempt=lease.attempt)
-        self._add_webhook(webhook_event(run))
+        if run.webhook is not None:
+            self._add_webhook(webhook_event(run))
         if not status.is_terminal:
             return
         self._finished[run_id] = None
