@@ -3471,9 +3471,16 @@ class SqlStore:
         """Begin a write transaction; `is_progress`: of progress writes only (see _write)."""
         self._begin(db, write=True)
 
-    def _commit_statement(self, notices: list[str]) -> str:
-        """What commits a write transaction that tells the other servers `notices` (see _notify)."""
-        return "COMMIT"
+    def _end_write(self, db: Any, notices: list[str]) -> None:
+        """Commit a write transaction that tells the other servers `notices` (see _notify)."""
+        db.execute("COMMIT")
+
+    def _sync(self, db: Any) -> None:
+        """Wait for the answers to every statement sent on `db` so far (see PostgresStore._transaction)."""
+
+    def _changed(self, db: Any, statement: str, values: tuple) -> int:
+        """Execute an UPDATE or DELETE; return how many rows it changed."""
+        return db.execute(self._sql(statement), values).rowcount
 
     # Shared plumbing.
     def _notify(self, db: Any, message: str) -> None:
@@ -3516,11 +3523,16 @@ class SqlStore:
         self._notices.clear()
         try:
             yield db
-            db.execute(self._commit_statement(list(dict.fromkeys(self._notices))))
+            self._end_write(db, list(dict.fromkeys(self._notices)))
         except BaseException:  # a commit that fails is undone too, so the next transaction can begin
             with contextlib.suppress(Exception):  # the database may have rolled back already (SQLite on a full disk)
-                db.execute("ROLLBACK")
+                self._undo(db, "ROLLBACK")
             raise
+
+    def _undo(self, db: Any, statement: str) -> None:
+        with contextlib.suppress(Exception):  # a pipeline (PostgreSQL) skips what follows an error until synced
+            self._sync(db)
+        db.execute(statement)
 
     async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False, is_small: bool = False) -> T:
         """Return `fn(db, *args)`, called on the writer thread in a transaction that commits before this returns.
@@ -3614,11 +3626,12 @@ class SqlStore:
         notices = len(self._notices)
         try:
             write.result = write.fn(db, *write.args)
+            self._sync(db)  # a failure that the database reports later is still this write's
         except Exception as exc:
             write.error = exc
             del self._notices[notices:]  # what it undoes, it does not announce
             try:
-                db.execute("ROLLBACK TO SAVEPOINT write")
+                self._undo(db, "ROLLBACK TO SAVEPOINT write")
             except Exception:  # the database rolled the whole transaction back (SQLite does on a full disk)
                 raise exc from None
         db.execute("RELEASE SAVEPOINT write")
@@ -3775,30 +3788,28 @@ class SqlStore:
               webhook: WebhookEvent | None) -> None:
         # A checkpoint that leaves the status and owner alone does not name them: SQLite rewrites the index entries
         # of every column an UPDATE sets, changed or not (four times the cost of the rest of the statement).
-        if is_same_status and db.execute(self._sql(
-                f"UPDATE runs SET lease_until = {self.NOW} + ?, head = ?, event_count = ? WHERE run_id = ?"
-                " AND owner = ? AND attempt = ? AND status = ?"),
-                (lease_s, head, events, run_id, lease.owner, lease.attempt, status.value)).rowcount:
+        if is_same_status and self._changed(
+                db, f"UPDATE runs SET lease_until = {self.NOW} + ?, head = ?, event_count = ? WHERE run_id = ?"
+                " AND owner = ? AND attempt = ? AND status = ?",
+                (lease_s, head, events, run_id, lease.owner, lease.attempt, status.value)):
             self._add_logs(db, run_id, status, entries, webhook)
             return
         owner = lease.owner if status.is_active else None
-        updated = db.execute(self._sql(
-            f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
-            " event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ?"),
-            (status.value, owner, lease_s if owner else None, head, history, events, run_id, lease.owner,
-             lease.attempt))
-        if updated.rowcount == 0:
+        if not self._changed(
+                db, f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
+                " event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ?",
+                (status.value, owner, lease_s if owner else None, head, history, events, run_id, lease.owner,
+                 lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook)
 
     def _take_over(self, db: Any, lease: Lease, run_id: str, graph_id: str, status: RunStatus, head: bytes,
                    history: bytes, events: int, entries: list[tuple[str, int, bytes]],
                    webhook: WebhookEvent | None) -> None:
-        updated = db.execute(self._sql(
-            "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?, event_count = ?"
-            f" WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}"),
-            (status.value, head, history, events, run_id, lease.owner, lease.attempt))
-        if updated.rowcount == 0:
+        if not self._changed(
+                db, "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
+                f" event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}",
+                (status.value, head, history, events, run_id, lease.owner, lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
@@ -3820,8 +3831,8 @@ class SqlStore:
         return Heartbeat(lost=lost, cancel_requested=tuple(run_id for run_id, (_, flag) in held.items() if flag))
 
     def _request_cancel(self, db: Any, run_id: str) -> bool:
-        updated = db.execute(self._sql(f"UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND {_IN_ACTIVE}"),
-                             (run_id,)).rowcount
+        updated = self._changed(db, f"UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND {_IN_ACTIVE}",
+                                (run_id,))
         self._notify(db, f"cancel {run_id}")
         return updated > 0
 
@@ -3829,9 +3840,8 @@ class SqlStore:
         row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
         if row is None:
             raise RunNotFound(run_id)
-        deleted = db.execute(self._sql(f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL"),
-                             (run_id,)).rowcount
-        if deleted == 0:
+        if not self._changed(db, f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL",
+                             (run_id,)):
             raise _delete_refused(run_id, RunStatus(row[0]))
         self._delete_with_runs(db, [(run_id,)])
         if RunStatus(row[0]).is_terminal:
@@ -3972,6 +3982,7 @@ class PostgresStore(SqlStore):
         self.url = url
         import psycopg  # only a PostgreSQL store needs it, so the single file runs without it  # noqa: PLC0415
         self._psycopg = psycopg
+        self._pipeline: Any = None  # the writer's, during a write transaction (see _transaction)
         super().__init__(max_runs=max_runs, max_graphs=max_graphs)
 
     def listen(self, on_message: Callable[[str], None], stop: threading.Event) -> None:
@@ -3991,23 +4002,44 @@ class PostgresStore(SqlStore):
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
 
+    @contextlib.contextmanager
+    def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
+        # In pipeline mode, statements go to the server without waiting for each other's answers: only a read (the
+        # row count that guards a lease, a count) and the end wait, each for the answers so far. A checkpoint takes
+        # two round trips: BEGIN, the lock and the UPDATE that guards the lease; then the log rows, the
+        # notifications and the COMMIT.
+        try:
+            with self._writer.pipeline() as self._pipeline:
+                with super()._transaction(is_progress=is_progress) as db:
+                    yield db
+        finally:
+            self._pipeline = None
+            status = self._psycopg.pq.TransactionStatus
+            if self._writer.info.transaction_status in (status.INTRANS, status.INERROR):
+                self._writer.execute("ROLLBACK")  # after an error, a pipeline skips all else it was sent
+
     def _begin_write(self, db: Any, *, is_progress: bool) -> None:
         # One writer at a time, on every server, for the rules that count rows (graphs, a server's room, the count
         # of finished runs, the queue's order, migrations); taken first, so no two transactions can wait for each
         # other's rows. A commit is on disk before its callers hear of it, except one of progress writes only: a
         # database crash that loses the last of those sends their runs back to an earlier step, as a crash of their
         # server does, and the lock is held for a shorter time.
-        durable = "" if is_progress else " SET LOCAL synchronous_commit = on;"
-        db.execute(f"BEGIN;{durable} SELECT pg_advisory_xact_lock(7261)")  # one round trip
+        db.execute("BEGIN")
+        if not is_progress:
+            db.execute("SET LOCAL synchronous_commit = on")
+        db.execute("SELECT pg_advisory_xact_lock(7261)")
 
-    def _commit_statement(self, notices: list[str]) -> str:
-        # The notifications go with the COMMIT, in one round trip: one statement of literals (a message may hold a
-        # client's run id, so each is quoted by psycopg), sent as a simple query, which may hold two statements.
-        if not notices:
-            return "COMMIT"
-        literal = self._psycopg.sql.Literal
-        sends = ", ".join(f"pg_notify('{_CHANNEL}', {literal(notice).as_string(self._writer)})" for notice in notices)
-        return f"SELECT {sends}; COMMIT"
+    def _end_write(self, db: Any, notices: list[str]) -> None:
+        if notices:  # with the COMMIT, in its round trip
+            db.execute(f"SELECT {', '.join(['pg_notify(%s, %s)'] * len(notices))}",
+                       [value for notice in notices for value in (_CHANNEL, notice)])
+        db.execute("COMMIT")
+
+    def _sync(self, db: Any) -> None:
+        self._pipeline.sync()
+
+    def _changed(self, db: Any, statement: str, values: tuple) -> int:
+        return len(self._all(db, f"{statement} RETURNING 1", values))  # a fetch, so the pipeline waits for it
 
     def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
         if rows:
