@@ -3234,7 +3234,7 @@ class SqlStore:
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
             self._migrate(db)
-            self._evict(db)  # a store opened with a smaller max_runs than it holds
+            self._evict(db, self._count_finished(db, 0))  # a store opened with a smaller max_runs than it holds
 
     async def reserve_key(self, key: IdempotencyKey, run_id: str, token: str, ttl_s: float,
                           reserve_s: float = IDEMPOTENCY_RESERVE_S) -> HeldKey | None:
@@ -3891,8 +3891,7 @@ class SqlStore:
         if webhook is not None:  # in the transaction of the stop itself: a crash cannot lose it
             self._add_webhook(db, webhook)
         if status.is_terminal and not was_finished:
-            self._count_finished(db, 1)
-            self._evict(db)
+            self._evict(db, self._count_finished(db, 1))
         self._notify(db, f"run {run_id}")
         if queued:
             self._notify(db, "queue")
@@ -3901,15 +3900,15 @@ class SqlStore:
         if rows:
             db.executemany(self._sql(statement), rows)
 
-    def _count_finished(self, db: Any, change: int) -> None:
-        if change:
-            db.execute(self._sql("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
-                                 " WHERE key = 'finished_runs'"), (change,))
+    def _count_finished(self, db: Any, change: int) -> int:
+        """Add `change` to the count of finished runs (in meta); return the new count."""
+        return int(self._all(db, "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
+                             " WHERE key = 'finished_runs' RETURNING value", (change,))[0][0])
 
-    def _evict(self, db: Any) -> None:
-        """Delete the oldest finished runs beyond max_runs: the count in meta says how many, the index of finished
-        runs finds them without reading the others."""
-        excess = int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0]) - self.max_runs
+    def _evict(self, db: Any, finished: int) -> None:
+        """Delete the oldest finished runs beyond max_runs, of the `finished` stored: the index of finished runs
+        finds them without reading the others."""
+        excess = finished - self.max_runs
         if excess > 0:
             oldest = f"SELECT run_id FROM {self.FINISHED_RUNS} WHERE {_IN_TERMINAL} ORDER BY seq LIMIT ?"
             for table in ("logs", "webhooks", "idempotency_keys", "runs"):  # as _delete_with_runs
@@ -3994,9 +3993,7 @@ class PostgresStore(SqlStore):
                     on_message(notification.payload)
 
     def _connect(self) -> Any:
-        db = self._psycopg.connect(self.url, autocommit=True)
-        db.execute("SET synchronous_commit = off")  # but for progress writes, _begin_write turns it on again
-        return db
+        return self._psycopg.connect(self.url, autocommit=True)
 
     @functools.cache  # noqa: B019  # a few constant statements
     def _sql(self, statement: str) -> str:
@@ -4025,9 +4022,8 @@ class PostgresStore(SqlStore):
         # database crash that loses the last of those sends their runs back to an earlier step, as a crash of their
         # server does, and the lock is held for a shorter time.
         db.execute("BEGIN")
-        if not is_progress:
-            db.execute("SET LOCAL synchronous_commit = on")
-        db.execute("SELECT pg_advisory_xact_lock(7261)")
+        db.execute("SELECT pg_advisory_xact_lock(7261), set_config('synchronous_commit', %s, true)",
+                   ("off" if is_progress else "on",))
 
     def _end_write(self, db: Any, notices: list[str]) -> None:
         if notices:  # with the COMMIT, in its round trip
