@@ -3167,10 +3167,17 @@ async def test_sqlite_commit_that_fails_is_rolled_back_and_the_writer_goes_on(tm
     """A COMMIT that the database refuses leaves no transaction open behind it: the next write begins its own."""
     store = we.SqliteStore(tmp_path / "runs.db")
     refused, kept = stopped_run({"n": 1}), stopped_run({"n": 2})
-    store._end_write = lambda db, notices: db.execute("COMMIT TO nowhere")  # refused by SQLite's parser
-    with pytest.raises(sqlite3.OperationalError, match="syntax error"):
+
+    def refuse_commit(action: int, what: str | None, *_: Any) -> int:
+        is_commit = action == sqlite3.SQLITE_TRANSACTION and what == "COMMIT"
+        return sqlite3.SQLITE_DENY if is_commit else sqlite3.SQLITE_OK
+
+    for db in (store._writer, store._here):
+        db.set_authorizer(refuse_commit)
+    with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
         await store.claim_run(refused, None, None)
-    del store._end_write
+    for db in (store._writer, store._here):
+        db.set_authorizer(None)
     assert await store.claim_run(kept, None, None) == we.Lease(owner="", attempt=1)
     assert ([summary.run_id for summary in store.list_runs()[0]], store.get_run(kept.run_id)) == ([kept.run_id], kept)
     store.close()
@@ -6301,13 +6308,10 @@ async def test_postgres_checkpoint_takes_two_round_trips_and_a_stale_lease_commi
 
 @needs_postgres
 async def test_postgres_notifications_go_with_the_commit_of_the_writes_that_committed(pg_url: str) -> None:
-    """A batch's notifications are sent with its COMMIT, in one statement, each once and whatever they hold; a
-    write that fails (undone to its savepoint) announces nothing, and a batch that fails nothing at all."""
+    """A batch's notifications are sent with its COMMIT, each once and whatever they hold; a write that fails
+    (undone to its savepoint) announces nothing, and a batch that fails nothing at all."""
     import psycopg  # noqa: PLC0415
     store = we.PostgresStore(pg_url)
-    commits: list[list[str]] = []
-    end_write = store._end_write
-    store._end_write = lambda db, notices: commits.append(notices) or end_write(db, notices)
 
     def announce(db: Any, message: str, error: Exception | None = None) -> str:
         store._notify(db, message)
@@ -6322,7 +6326,6 @@ async def test_postgres_notifications_go_with_the_commit_of_the_writes_that_comm
                                             store._write(announce, "cancel it's"), store._write(announce, "run a")])
         assert [outcomes[0], *outcomes[2:]] == ["run a", "cancel it's", "run a"]
         assert isinstance(outcomes[1], we.RunNotFound)
-        assert commits[-1] == ["run a", "cancel it's"]
         assert [notice.payload for notice in listener.notifies(timeout=10, stop_after=2)] == ["run a", "cancel it's"]
         assert await store._write(announce, "run c") == "run c"
         assert [notice.payload for notice in listener.notifies(timeout=10, stop_after=1)] == ["run c"]

@@ -3194,10 +3194,8 @@ class SqlStore:
     step that was executing; concurrent writes share transactions (group commit, see _write). Every write for an
     active run is guarded by its lease (owner and attempt), and a lease lasts until a deadline on the database's
     clock that its owner keeps renewing; a run whose deadline passed is anyone's to take over. Runs queued without
-    an owner are claimed by whichever server has room. Reads run on the caller's thread (short, indexed queries);
-    writes on one thread of the store's own, so a busy database never stalls the event loop (SQLite commits a small
-    write on the caller's thread when it need not wait, see _write_here). At most `max_runs` finished runs are kept,
-    the oldest deleted first (see _evict).
+    an owner are claimed by whichever server has room. Threads: see the section's opening comment. At most
+    `max_runs` finished runs are kept, the oldest deleted first (see _evict).
     """
 
     is_durable = True
@@ -3219,7 +3217,6 @@ class SqlStore:
         self._pending: list[_Write] = []  # writes waiting for the writer thread's next transaction
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
         self._is_draining = False  # whether the writer thread has a _drain queued or running
-        self._notices: list[str] = []  # the writer thread's: what its transaction tells the others (see _notify)
         self._here = self._connect_here()  # for small writes on the caller's thread (see _write_here), or None
         self._here_commits = 0
         # How many runs this process executes under a lease, as its claims and last saves count them: with more
@@ -3444,10 +3441,9 @@ class SqlStore:
         """Finish pending writes and close the database."""
         self._encoder.shutdown(wait=True)
         self._thread.shutdown(wait=True)
-        self._reader.close()
-        self._writer.close()
-        if self._here is not None:
-            self._here.close()
+        for db in (self._reader, self._writer, self._here):
+            if db is not None:
+                db.close()
 
     # What each database does its own way.
     def _connect(self) -> Any:
@@ -3464,29 +3460,20 @@ class SqlStore:
     def _sql(self, statement: str) -> str:
         return statement
 
-    def _begin(self, db: Any, *, write: bool) -> None:
+    def _begin(self, db: Any, *, write: bool, is_progress: bool = False) -> None:
+        """Begin a transaction; `is_progress`: a write transaction of progress writes only (see _write)."""
         db.execute("BEGIN")
-
-    def _begin_write(self, db: Any, *, is_progress: bool) -> None:
-        """Begin a write transaction; `is_progress`: of progress writes only (see _write)."""
-        self._begin(db, write=True)
-
-    def _end_write(self, db: Any, notices: list[str]) -> None:
-        """Commit a write transaction that tells the other servers `notices` (see _notify)."""
-        db.execute("COMMIT")
 
     def _sync(self, db: Any) -> None:
         """Wait for the answers to every statement sent on `db` so far (see PostgresStore._transaction)."""
 
     def _changed(self, db: Any, statement: str, values: tuple) -> int:
-        """Execute an UPDATE or DELETE; return how many rows it changed."""
-        return db.execute(self._sql(statement), values).rowcount
+        """Execute an UPDATE or DELETE; return how many rows it changed (read back, so a pipeline waits for it)."""
+        return len(self._all(db, f"{statement} RETURNING 1", values))
 
     # Shared plumbing.
     def _notify(self, db: Any, message: str) -> None:
-        """Tell the other servers `message` when the transaction commits (a database with notifications sends
-        them all with its COMMIT; the others poll)."""
-        self._notices.append(message)
+        """Tell the other servers `message` if the transaction commits (without notifications, they poll)."""
 
     def _one(self, db: Any, statement: str, values: tuple = ()) -> Any:
         return db.execute(self._sql(statement), values).fetchone()
@@ -3513,17 +3500,16 @@ class SqlStore:
 
     @contextlib.contextmanager
     def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
-        self._begin_write(self._writer, is_progress=is_progress)
+        self._begin(self._writer, write=True, is_progress=is_progress)
         with self._committing(self._writer) as db:
             yield db
 
     @contextlib.contextmanager
     def _committing(self, db: Any) -> Iterator[Any]:
         # The rest of a write transaction that has begun on `db`: commit it, or roll it back.
-        self._notices.clear()
         try:
             yield db
-            self._end_write(db, list(dict.fromkeys(self._notices)))
+            db.execute("COMMIT")
         except BaseException:  # a commit that fails is undone too, so the next transaction can begin
             with contextlib.suppress(Exception):  # the database may have rolled back already (SQLite on a full disk)
                 self._undo(db, "ROLLBACK")
@@ -3542,7 +3528,7 @@ class SqlStore:
         caller sees the error. A commit that fails fails every write of its batch.
 
         `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
-        transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin_write).
+        transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin).
         `is_small` marks a write of a few rows of little data, which a store with a connection for the caller's
         thread commits there when it can do so at once and executes at most one run (see _write_here).
         """
@@ -3584,20 +3570,17 @@ class SqlStore:
             with self._pending_lock:  # a checkpoint is the writer thread's turn: this process appends nothing
                 self._is_draining = is_busy = is_checkpoint or bool(self._pending)  # meanwhile, so it completes
             if is_busy:
-                self._thread.submit(self._checkpoint_then_drain if is_checkpoint else self._drain)
-
-    def _checkpoint_then_drain(self) -> None:
-        try:
-            self._checkpoint()
-        finally:
-            self._drain()
+                self._thread.submit(self._drain, is_checkpoint)
 
     def _checkpoint(self) -> None:
         """Copy the WAL's committed pages into the database (see _write_here), without waiting for readers; a
         complete checkpoint lets the next write start the WAL file over."""
 
-    def _drain(self) -> None:
-        # On the writer thread: commit batches until no write is waiting.
+    def _drain(self, is_checkpoint: bool = False) -> None:
+        # On the writer thread: checkpoint if asked to (see _write_here), then commit batches until no write waits.
+        if is_checkpoint:
+            with contextlib.suppress(Exception):  # SqliteStore._checkpoint logs its failures; the writes go on
+                self._checkpoint()
         while True:
             with self._pending_lock:
                 batch, self._pending = [write for write in self._pending if not write.future.cancelled()], []
@@ -3623,13 +3606,11 @@ class SqlStore:
 
     def _apply(self, db: Any, write: "_Write") -> None:
         db.execute("SAVEPOINT write")
-        notices = len(self._notices)
         try:
             write.result = write.fn(db, *write.args)
             self._sync(db)  # a failure that the database reports later is still this write's
         except Exception as exc:
             write.error = exc
-            del self._notices[notices:]  # what it undoes, it does not announce
             try:
                 self._undo(db, "ROLLBACK TO SAVEPOINT write")
             except Exception:  # the database rolled the whole transaction back (SQLite does on a full disk)
@@ -3897,8 +3878,8 @@ class SqlStore:
             self._notify(db, "queue")
 
     def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
-        if rows:
-            db.executemany(self._sql(statement), rows)
+        if rows:  # on a cursor: a psycopg connection has no executemany
+            db.cursor().executemany(self._sql(statement), rows)
 
     def _count_finished(self, db: Any, change: int) -> int:
         """Add `change` to the count of finished runs (in meta); return the new count."""
@@ -3941,7 +3922,7 @@ class SqliteStore(SqlStore):
         db.execute(f"PRAGMA synchronous={self.SYNCHRONOUS}")
         return db
 
-    def _begin(self, db: sqlite3.Connection, *, write: bool) -> None:
+    def _begin(self, db: sqlite3.Connection, *, write: bool, is_progress: bool = False) -> None:
         db.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # a writer takes the lock first: no deadlocks
 
     def _connect_here(self) -> sqlite3.Connection:
@@ -4001,46 +3982,32 @@ class PostgresStore(SqlStore):
 
     @contextlib.contextmanager
     def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
-        # In pipeline mode, statements go to the server without waiting for each other's answers: only a read (the
-        # row count that guards a lease, a count) and the end wait, each for the answers so far. A checkpoint takes
-        # two round trips: BEGIN, the lock and the UPDATE that guards the lease; then the log rows, the
-        # notifications and the COMMIT.
+        # In pipeline mode, statements go without waiting for each other's answers: only a read (a lease's guard, a
+        # count) and the end wait, for the answers so far. A checkpoint takes two round trips: BEGIN, the lock and
+        # the UPDATE that guards the lease; then the log rows, the notifications and the COMMIT.
         try:
-            with self._writer.pipeline() as self._pipeline:
-                with super()._transaction(is_progress=is_progress) as db:
-                    yield db
-        finally:
-            self._pipeline = None
-            status = self._psycopg.pq.TransactionStatus
-            if self._writer.info.transaction_status in (status.INTRANS, status.INERROR):
-                self._writer.execute("ROLLBACK")  # after an error, a pipeline skips all else it was sent
+            with self._writer.pipeline() as self._pipeline, super()._transaction(is_progress=is_progress) as db:
+                yield db
+        finally:  # an error that the pipeline's end reported: the pipeline skipped what followed it, the ROLLBACK too
+            if self._writer.info.transaction_status is self._psycopg.pq.TransactionStatus.INERROR:
+                self._writer.execute("ROLLBACK")
 
-    def _begin_write(self, db: Any, *, is_progress: bool) -> None:
-        # One writer at a time, on every server, for the rules that count rows (graphs, a server's room, the count
-        # of finished runs, the queue's order, migrations); taken first, so no two transactions can wait for each
-        # other's rows. A commit is on disk before its callers hear of it, except one of progress writes only: a
-        # database crash that loses the last of those sends their runs back to an earlier step, as a crash of their
-        # server does, and the lock is held for a shorter time.
+    def _begin(self, db: Any, *, write: bool, is_progress: bool = False) -> None:
+        # One writer at a time on every server, for the rules that count rows (graphs, a server's room, the finished
+        # runs, the queue's order, migrations), taken first so no two transactions wait for each other's rows. A commit
+        # is on disk before its callers hear of it, but for one of progress writes only: a database crash that loses
+        # the last of those sends their runs back to an earlier step, as a crash of their server does.
         db.execute("BEGIN")
-        db.execute("SELECT pg_advisory_xact_lock(7261), set_config('synchronous_commit', %s, true)",
-                   ("off" if is_progress else "on",))
+        if write:
+            db.execute("SELECT pg_advisory_xact_lock(7261), set_config('synchronous_commit', %s, true)",
+                       ("off" if is_progress else "on",))
 
-    def _end_write(self, db: Any, notices: list[str]) -> None:
-        if notices:  # with the COMMIT, in its round trip
-            db.execute(f"SELECT {', '.join(['pg_notify(%s, %s)'] * len(notices))}",
-                       [value for notice in notices for value in (_CHANNEL, notice)])
-        db.execute("COMMIT")
+    def _notify(self, db: Any, message: str) -> None:
+        # Sent with the COMMIT (in its round trip here), each message once; a rollback to a savepoint drops its own.
+        db.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, message))
 
     def _sync(self, db: Any) -> None:
         self._pipeline.sync()
-
-    def _changed(self, db: Any, statement: str, values: tuple) -> int:
-        return len(self._all(db, f"{statement} RETURNING 1", values))  # a fetch, so the pipeline waits for it
-
-    def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
-        if rows:
-            with db.cursor() as cursor:
-                cursor.executemany(self._sql(statement), rows)
 
 
 def open_store(url: str, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> SqlStore:
