@@ -3137,7 +3137,7 @@ async def test_sqlite_small_write_waits_for_the_writer_thread_while_another_proc
     other.execute("ROLLBACK")
     assert await claiming == we.Lease(owner="", attempt=1)
     assert [statement.split()[0] for statement in thread] == ["BEGIN", "INSERT", "INSERT", "UPDATE", "UPDATE",
-                                                             "SELECT", "COMMIT"]  # the run, its log, its stop
+                                                             "COMMIT"]  # the run, its log, its stop, the count
     assert store.get_run(run.run_id) == run
     other.close()
     store.close()
@@ -3167,10 +3167,17 @@ async def test_sqlite_commit_that_fails_is_rolled_back_and_the_writer_goes_on(tm
     """A COMMIT that the database refuses leaves no transaction open behind it: the next write begins its own."""
     store = we.SqliteStore(tmp_path / "runs.db")
     refused, kept = stopped_run({"n": 1}), stopped_run({"n": 2})
-    store._commit_statement = lambda notices: "COMMIT TO nowhere"  # refused by SQLite's parser
-    with pytest.raises(sqlite3.OperationalError, match="syntax error"):
+
+    def refuse_commit(action: int, what: str | None, *_: Any) -> int:
+        is_commit = action == sqlite3.SQLITE_TRANSACTION and what == "COMMIT"
+        return sqlite3.SQLITE_DENY if is_commit else sqlite3.SQLITE_OK
+
+    for db in (store._writer, store._here):
+        db.set_authorizer(refuse_commit)
+    with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
         await store.claim_run(refused, None, None)
-    del store._commit_statement
+    for db in (store._writer, store._here):
+        db.set_authorizer(None)
     assert await store.claim_run(kept, None, None) == we.Lease(owner="", attempt=1)
     assert ([summary.run_id for summary in store.list_runs()[0]], store.get_run(kept.run_id)) == ([kept.run_id], kept)
     store.close()
@@ -6307,14 +6314,35 @@ def test_bench_round_trips_counts_what_a_client_waits_for(pg_url: str) -> None:
 
 
 @needs_postgres
+async def test_postgres_checkpoint_takes_two_round_trips_and_a_stale_lease_commits_nothing(pg_url: str) -> None:
+    """In pipeline mode a checkpoint waits twice: for the UPDATE whose row count guards the lease (with BEGIN and
+    the lock), then for the log rows, the notification and the COMMIT. A stale lease's checkpoint is refused."""
+    relay = bench.RoundTrips(pg_url)
+    store = we.PostgresStore(relay.url)
+    run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+    we.move_run(run, we.RunStatus.RUNNING)
+    lease = await store.claim_run(run, None, "worker")
+    run.logs.append(we.LogEntry(iteration=1, node="a", event=we.LogEvent.EXECUTED, started_at=run.created_at,
+                                duration_ms=1.0, keys_changed=("n",), updates={"n": 1}))
+    before = relay.count
+    await store.save_run(run, lease)
+    assert relay.count - before == 2
+    run.logs.append(attrs.evolve(run.logs[0], iteration=2))
+    with pytest.raises(we.LeaseLost):
+        await store.save_run(run, we.Lease("worker", lease.attempt + 1), saved_logs=1)
+    assert (store.get_run(run.run_id), store.event_count(run.run_id)) == (attrs.evolve(run, logs=run.logs[:1]), 3)
+    await store.save_run(run, lease, saved_logs=1)  # the writer goes on
+    assert (store.get_run(run.run_id), store.event_count(run.run_id)) == (run, 4)
+    store.close()
+    relay.close()
+
+
+@needs_postgres
 async def test_postgres_notifications_go_with_the_commit_of_the_writes_that_committed(pg_url: str) -> None:
-    """A batch's notifications are sent with its COMMIT, in one statement, each once and quoted; a write that
-    fails (undone to its savepoint) announces nothing, and a batch that fails nothing at all."""
+    """A batch's notifications are sent with its COMMIT, each once and whatever they hold; a write that fails
+    (undone to its savepoint) announces nothing, and a batch that fails nothing at all."""
     import psycopg  # noqa: PLC0415
     store = we.PostgresStore(pg_url)
-    commits: list[str] = []
-    commit_statement = store._commit_statement
-    store._commit_statement = lambda notices: commits.append(commit_statement(notices)) or commits[-1]
 
     def announce(db: Any, message: str, error: Exception | None = None) -> str:
         store._notify(db, message)
@@ -6329,8 +6357,6 @@ async def test_postgres_notifications_go_with_the_commit_of_the_writes_that_comm
                                             store._write(announce, "cancel it's"), store._write(announce, "run a")])
         assert [outcomes[0], *outcomes[2:]] == ["run a", "cancel it's", "run a"]
         assert isinstance(outcomes[1], we.RunNotFound)
-        assert commits[-1] == ("SELECT pg_notify('workflow_engine', 'run a'), pg_notify('workflow_engine',"
-                               " 'cancel it''s'); COMMIT")
         assert [notice.payload for notice in listener.notifies(timeout=10, stop_after=2)] == ["run a", "cancel it's"]
         assert await store._write(announce, "run c") == "run c"
         assert [notice.payload for notice in listener.notifies(timeout=10, stop_after=1)] == ["run c"]

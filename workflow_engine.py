@@ -3193,10 +3193,8 @@ class SqlStore:
     step that was executing; concurrent writes share transactions (group commit, see _write). Every write for an
     active run is guarded by its lease (owner and attempt), and a lease lasts until a deadline on the database's
     clock that its owner keeps renewing; a run whose deadline passed is anyone's to take over. Runs queued without
-    an owner are claimed by whichever server has room. Reads run on the caller's thread (short, indexed queries);
-    writes on one thread of the store's own, so a busy database never stalls the event loop (SQLite commits a small
-    write on the caller's thread when it need not wait, see _write_here). At most `max_runs` finished runs are kept,
-    the oldest deleted first (see _evict).
+    an owner are claimed by whichever server has room. Threads: see the section's opening comment. At most
+    `max_runs` finished runs are kept, the oldest deleted first (see _evict).
     """
 
     is_durable = True
@@ -3218,7 +3216,6 @@ class SqlStore:
         self._pending: list[_Write] = []  # writes waiting for the writer thread's next transaction
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
         self._is_draining = False  # whether the writer thread has a _drain queued or running
-        self._notices: list[str] = []  # the writer thread's: what its transaction tells the others (see _notify)
         self._here = self._connect_here()  # for small writes on the caller's thread (see _write_here), or None
         self._here_commits = 0
         # How many runs this process executes under a lease, as its claims and last saves count them: with more
@@ -3233,7 +3230,7 @@ class SqlStore:
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
             self._migrate(db)
-            self._evict(db)  # a store opened with a smaller max_runs than it holds
+            self._evict(db, self._count_finished(db, 0))  # a store opened with a smaller max_runs than it holds
 
     async def reserve_key(self, key: IdempotencyKey, run_id: str, token: str, ttl_s: float,
                           reserve_s: float = IDEMPOTENCY_RESERVE_S) -> HeldKey | None:
@@ -3443,10 +3440,9 @@ class SqlStore:
         """Finish pending writes and close the database."""
         self._encoder.shutdown(wait=True)
         self._thread.shutdown(wait=True)
-        self._reader.close()
-        self._writer.close()
-        if self._here is not None:
-            self._here.close()
+        for db in (self._reader, self._writer, self._here):
+            if db is not None:
+                db.close()
 
     # What each database does its own way.
     def _connect(self) -> Any:
@@ -3463,22 +3459,20 @@ class SqlStore:
     def _sql(self, statement: str) -> str:
         return statement
 
-    def _begin(self, db: Any, *, write: bool) -> None:
+    def _begin(self, db: Any, *, write: bool, is_progress: bool = False) -> None:
+        """Begin a transaction; `is_progress`: a write transaction of progress writes only (see _write)."""
         db.execute("BEGIN")
 
-    def _begin_write(self, db: Any, *, is_progress: bool) -> None:
-        """Begin a write transaction; `is_progress`: of progress writes only (see _write)."""
-        self._begin(db, write=True)
+    def _sync(self, db: Any) -> None:
+        """Wait for the answers to every statement sent on `db` so far (see PostgresStore._transaction)."""
 
-    def _commit_statement(self, notices: list[str]) -> str:
-        """What commits a write transaction that tells the other servers `notices` (see _notify)."""
-        return "COMMIT"
+    def _changed(self, db: Any, statement: str, values: tuple) -> int:
+        """Execute an UPDATE or DELETE; return how many rows it changed (read back, so a pipeline waits for it)."""
+        return len(self._all(db, f"{statement} RETURNING 1", values))
 
     # Shared plumbing.
     def _notify(self, db: Any, message: str) -> None:
-        """Tell the other servers `message` when the transaction commits (a database with notifications sends
-        them all with its COMMIT; the others poll)."""
-        self._notices.append(message)
+        """Tell the other servers `message` if the transaction commits (without notifications, they poll)."""
 
     def _one(self, db: Any, statement: str, values: tuple = ()) -> Any:
         return db.execute(self._sql(statement), values).fetchone()
@@ -3505,21 +3499,25 @@ class SqlStore:
 
     @contextlib.contextmanager
     def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
-        self._begin_write(self._writer, is_progress=is_progress)
+        self._begin(self._writer, write=True, is_progress=is_progress)
         with self._committing(self._writer) as db:
             yield db
 
     @contextlib.contextmanager
     def _committing(self, db: Any) -> Iterator[Any]:
         # The rest of a write transaction that has begun on `db`: commit it, or roll it back.
-        self._notices.clear()
         try:
             yield db
-            db.execute(self._commit_statement(list(dict.fromkeys(self._notices))))
+            db.execute("COMMIT")
         except BaseException:  # a commit that fails is undone too, so the next transaction can begin
             with contextlib.suppress(Exception):  # the database may have rolled back already (SQLite on a full disk)
-                db.execute("ROLLBACK")
+                self._undo(db, "ROLLBACK")
             raise
+
+    def _undo(self, db: Any, statement: str) -> None:
+        with contextlib.suppress(Exception):  # a pipeline (PostgreSQL) skips what follows an error until synced
+            self._sync(db)
+        db.execute(statement)
 
     async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False, is_small: bool = False) -> T:
         """Return `fn(db, *args)`, called on the writer thread in a transaction that commits before this returns.
@@ -3529,7 +3527,7 @@ class SqlStore:
         caller sees the error. A commit that fails fails every write of its batch.
 
         `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
-        transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin_write).
+        transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin).
         `is_small` marks a write of a few rows of little data, which a store with a connection for the caller's
         thread commits there when it can do so at once and executes at most one run (see _write_here).
         """
@@ -3571,20 +3569,17 @@ class SqlStore:
             with self._pending_lock:  # a checkpoint is the writer thread's turn: this process appends nothing
                 self._is_draining = is_busy = is_checkpoint or bool(self._pending)  # meanwhile, so it completes
             if is_busy:
-                self._thread.submit(self._checkpoint_then_drain if is_checkpoint else self._drain)
-
-    def _checkpoint_then_drain(self) -> None:
-        try:
-            self._checkpoint()
-        finally:
-            self._drain()
+                self._thread.submit(self._drain, is_checkpoint)
 
     def _checkpoint(self) -> None:
         """Copy the WAL's committed pages into the database (see _write_here), without waiting for readers; a
         complete checkpoint lets the next write start the WAL file over."""
 
-    def _drain(self) -> None:
-        # On the writer thread: commit batches until no write is waiting.
+    def _drain(self, is_checkpoint: bool = False) -> None:
+        # On the writer thread: checkpoint if asked to (see _write_here), then commit batches until no write waits.
+        if is_checkpoint:
+            with contextlib.suppress(Exception):  # SqliteStore._checkpoint logs its failures; the writes go on
+                self._checkpoint()
         while True:
             with self._pending_lock:
                 batch, self._pending = [write for write in self._pending if not write.future.cancelled()], []
@@ -3610,14 +3605,13 @@ class SqlStore:
 
     def _apply(self, db: Any, write: "_Write") -> None:
         db.execute("SAVEPOINT write")
-        notices = len(self._notices)
         try:
             write.result = write.fn(db, *write.args)
+            self._sync(db)  # a failure that the database reports later is still this write's
         except Exception as exc:
             write.error = exc
-            del self._notices[notices:]  # what it undoes, it does not announce
             try:
-                db.execute("ROLLBACK TO SAVEPOINT write")
+                self._undo(db, "ROLLBACK TO SAVEPOINT write")
             except Exception:  # the database rolled the whole transaction back (SQLite does on a full disk)
                 raise exc from None
         db.execute("RELEASE SAVEPOINT write")
@@ -3774,30 +3768,28 @@ class SqlStore:
               webhook: WebhookEvent | None) -> None:
         # A checkpoint that leaves the status and owner alone does not name them: SQLite rewrites the index entries
         # of every column an UPDATE sets, changed or not (four times the cost of the rest of the statement).
-        if is_same_status and db.execute(self._sql(
-                f"UPDATE runs SET lease_until = {self.NOW} + ?, head = ?, event_count = ? WHERE run_id = ?"
-                " AND owner = ? AND attempt = ? AND status = ?"),
-                (lease_s, head, events, run_id, lease.owner, lease.attempt, status.value)).rowcount:
+        if is_same_status and self._changed(
+                db, f"UPDATE runs SET lease_until = {self.NOW} + ?, head = ?, event_count = ? WHERE run_id = ?"
+                " AND owner = ? AND attempt = ? AND status = ?",
+                (lease_s, head, events, run_id, lease.owner, lease.attempt, status.value)):
             self._add_logs(db, run_id, status, entries, webhook)
             return
         owner = lease.owner if status.is_active else None
-        updated = db.execute(self._sql(
-            f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
-            " event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ?"),
-            (status.value, owner, lease_s if owner else None, head, history, events, run_id, lease.owner,
-             lease.attempt))
-        if updated.rowcount == 0:
+        if not self._changed(
+                db, f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
+                " event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ?",
+                (status.value, owner, lease_s if owner else None, head, history, events, run_id, lease.owner,
+                 lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook)
 
     def _take_over(self, db: Any, lease: Lease, run_id: str, graph_id: str, status: RunStatus, head: bytes,
                    history: bytes, events: int, entries: list[tuple[str, int, bytes]],
                    webhook: WebhookEvent | None) -> None:
-        updated = db.execute(self._sql(
-            "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?, event_count = ?"
-            f" WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}"),
-            (status.value, head, history, events, run_id, lease.owner, lease.attempt))
-        if updated.rowcount == 0:
+        if not self._changed(
+                db, "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
+                f" event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}",
+                (status.value, head, history, events, run_id, lease.owner, lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
@@ -3819,8 +3811,8 @@ class SqlStore:
         return Heartbeat(lost=lost, cancel_requested=tuple(run_id for run_id, (_, flag) in held.items() if flag))
 
     def _request_cancel(self, db: Any, run_id: str) -> bool:
-        updated = db.execute(self._sql(f"UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND {_IN_ACTIVE}"),
-                             (run_id,)).rowcount
+        updated = self._changed(db, f"UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND {_IN_ACTIVE}",
+                                (run_id,))
         self._notify(db, f"cancel {run_id}")
         return updated > 0
 
@@ -3828,9 +3820,8 @@ class SqlStore:
         row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
         if row is None:
             raise RunNotFound(run_id)
-        deleted = db.execute(self._sql(f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL"),
-                             (run_id,)).rowcount
-        if deleted == 0:
+        if not self._changed(db, f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL",
+                             (run_id,)):
             raise _delete_refused(run_id, RunStatus(row[0]))
         self._delete_with_runs(db, [(run_id,)])
         if RunStatus(row[0]).is_terminal:
@@ -3880,25 +3871,24 @@ class SqlStore:
         if webhook is not None:  # in the transaction of the stop itself: a crash cannot lose it
             self._add_webhook(db, webhook)
         if status.is_terminal and not was_finished:
-            self._count_finished(db, 1)
-            self._evict(db)
+            self._evict(db, self._count_finished(db, 1))
         self._notify(db, f"run {run_id}")
         if queued:
             self._notify(db, "queue")
 
     def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
-        if rows:
-            db.executemany(self._sql(statement), rows)
+        if rows:  # on a cursor: a psycopg connection has no executemany
+            db.cursor().executemany(self._sql(statement), rows)
 
-    def _count_finished(self, db: Any, change: int) -> None:
-        if change:
-            db.execute(self._sql("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
-                                 " WHERE key = 'finished_runs'"), (change,))
+    def _count_finished(self, db: Any, change: int) -> int:
+        """Add `change` to the count of finished runs (in meta); return the new count."""
+        return int(self._all(db, "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
+                             " WHERE key = 'finished_runs' RETURNING value", (change,))[0][0])
 
-    def _evict(self, db: Any) -> None:
-        """Delete the oldest finished runs beyond max_runs: the count in meta says how many, the index of finished
-        runs finds them without reading the others."""
-        excess = int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0]) - self.max_runs
+    def _evict(self, db: Any, finished: int) -> None:
+        """Delete the oldest finished runs beyond max_runs, of the `finished` stored: the index of finished runs
+        finds them without reading the others."""
+        excess = finished - self.max_runs
         if excess > 0:
             oldest = f"SELECT run_id FROM {self.FINISHED_RUNS} WHERE {_IN_TERMINAL} ORDER BY seq LIMIT ?"
             for table in ("logs", "webhooks", "idempotency_keys", "runs"):  # as _delete_with_runs
@@ -3931,7 +3921,7 @@ class SqliteStore(SqlStore):
         db.execute(f"PRAGMA synchronous={self.SYNCHRONOUS}")
         return db
 
-    def _begin(self, db: sqlite3.Connection, *, write: bool) -> None:
+    def _begin(self, db: sqlite3.Connection, *, write: bool, is_progress: bool = False) -> None:
         db.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # a writer takes the lock first: no deadlocks
 
     def _connect_here(self) -> sqlite3.Connection:
@@ -3971,6 +3961,7 @@ class PostgresStore(SqlStore):
         self.url = url
         import psycopg  # only a PostgreSQL store needs it, so the single file runs without it  # noqa: PLC0415
         self._psycopg = psycopg
+        self._pipeline: Any = None  # the writer's, during a write transaction (see _transaction)
         super().__init__(max_runs=max_runs, max_graphs=max_graphs)
 
     def listen(self, on_message: Callable[[str], None], stop: threading.Event) -> None:
@@ -3982,36 +3973,40 @@ class PostgresStore(SqlStore):
                     on_message(notification.payload)
 
     def _connect(self) -> Any:
-        db = self._psycopg.connect(self.url, autocommit=True)
-        db.execute("SET synchronous_commit = off")  # but for progress writes, _begin_write turns it on again
-        return db
+        return self._psycopg.connect(self.url, autocommit=True)
 
     @functools.cache  # noqa: B019  # a few constant statements
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
 
-    def _begin_write(self, db: Any, *, is_progress: bool) -> None:
-        # One writer at a time, on every server, for the rules that count rows (graphs, a server's room, the count
-        # of finished runs, the queue's order, migrations); taken first, so no two transactions can wait for each
-        # other's rows. A commit is on disk before its callers hear of it, except one of progress writes only: a
-        # database crash that loses the last of those sends their runs back to an earlier step, as a crash of their
-        # server does, and the lock is held for a shorter time.
-        durable = "" if is_progress else " SET LOCAL synchronous_commit = on;"
-        db.execute(f"BEGIN;{durable} SELECT pg_advisory_xact_lock(7261)")  # one round trip
+    @contextlib.contextmanager
+    def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
+        # In pipeline mode, statements go without waiting for each other's answers: only a read (a lease's guard, a
+        # count) and the end wait, for the answers so far. A checkpoint takes two round trips: BEGIN, the lock and
+        # the UPDATE that guards the lease; then the log rows, the notifications and the COMMIT.
+        try:
+            with self._writer.pipeline() as self._pipeline, super()._transaction(is_progress=is_progress) as db:
+                yield db
+        finally:  # an error that the pipeline's end reported: the pipeline skipped what followed it, the ROLLBACK too
+            if self._writer.info.transaction_status is self._psycopg.pq.TransactionStatus.INERROR:
+                self._writer.execute("ROLLBACK")
 
-    def _commit_statement(self, notices: list[str]) -> str:
-        # The notifications go with the COMMIT, in one round trip: one statement of literals (a message may hold a
-        # client's run id, so each is quoted by psycopg), sent as a simple query, which may hold two statements.
-        if not notices:
-            return "COMMIT"
-        literal = self._psycopg.sql.Literal
-        sends = ", ".join(f"pg_notify('{_CHANNEL}', {literal(notice).as_string(self._writer)})" for notice in notices)
-        return f"SELECT {sends}; COMMIT"
+    def _begin(self, db: Any, *, write: bool, is_progress: bool = False) -> None:
+        # One writer at a time on every server, for the rules that count rows (graphs, a server's room, the finished
+        # runs, the queue's order, migrations), taken first so no two transactions wait for each other's rows. A commit
+        # is on disk before its callers hear of it, but for one of progress writes only: a database crash that loses
+        # the last of those sends their runs back to an earlier step, as a crash of their server does.
+        db.execute("BEGIN")
+        if write:
+            db.execute("SELECT pg_advisory_xact_lock(7261), set_config('synchronous_commit', %s, true)",
+                       ("off" if is_progress else "on",))
 
-    def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
-        if rows:
-            with db.cursor() as cursor:
-                cursor.executemany(self._sql(statement), rows)
+    def _notify(self, db: Any, message: str) -> None:
+        # Sent with the COMMIT (in its round trip here), each message once; a rollback to a savepoint drops its own.
+        db.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, message))
+
+    def _sync(self, db: Any) -> None:
+        self._pipeline.sync()
 
 
 def open_store(url: str, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> SqlStore:
