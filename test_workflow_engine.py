@@ -3094,6 +3094,31 @@ async def test_sqlite_small_writes_commit_on_the_callers_thread_while_the_writer
     await engine.shutdown()
 
 
+async def test_sqlite_writer_thread_frees_its_turn_before_its_callers_go_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread hands a committed batch back to its callers only once its turn is over: a caller's next
+    small write then commits on the loop's thread, rather than racing the thread back to idle (which made a run's
+    claim hop to the writer thread now and then). The turn is looked at as the thread schedules the hand-back."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    here, thread = traced(store._here), traced(store._writer)
+    loop, turns = asyncio.get_running_loop(), []
+    schedule = loop.call_soon_threadsafe
+
+    def recording(callback: Callable[..., Any], *args: Any) -> Any:
+        if callback is we._settle:
+            turns.append(store._is_draining)
+        return schedule(callback, *args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", recording)
+    for index in range(3):  # a graph's create is not a small write: it goes through the writer thread
+        assert await store.add_graph(we.GraphDefinition(graph_id=f"g{index}", start_node="a", nodes=("a",)))
+    run = we.new_run(we.GraphDefinition(graph_id="g0", start_node="a", nodes=("a",)), we.WorkflowState())
+    await store.claim_run(run, None, "here")
+    assert (turns, sum(s.startswith("INSERT INTO graphs") for s in thread),
+            sum(s.startswith("INSERT INTO runs") for s in here)) == ([False] * 3, 3, 1)
+    store.close()
+
+
 async def test_sqlite_writes_of_several_executing_runs_go_through_the_writer_thread(tmp_path: Path) -> None:
     """With two runs executing here, the event loop has other work: their writes go to the writer thread (group
     commit on another core); once one has made its last save, the other's writes commit on the loop's thread."""

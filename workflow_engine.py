@@ -3580,13 +3580,19 @@ class SqlStore:
         if is_checkpoint:
             with contextlib.suppress(Exception):  # SqliteStore._checkpoint logs its failures; the writes go on
                 self._checkpoint()
-        while True:
+        is_more = True
+        while is_more:
             with self._pending_lock:
                 batch, self._pending = [write for write in self._pending if not write.future.cancelled()], []
-                if not batch:
-                    self._is_draining = False
-                    return
+                self._is_draining = bool(batch)
+            if not batch:
+                return
             self._commit(batch)
+            with self._pending_lock:  # before the callers go on: the next small write of theirs finds the turn free
+                self._is_draining = is_more = bool(self._pending)
+            for loop, writes in itertools.groupby(batch, key=lambda write: write.future.get_loop()):
+                with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone
+                    loop.call_soon_threadsafe(_settle, list(writes))
 
     def _commit(self, batch: list["_Write"]) -> None:
         try:
@@ -3599,9 +3605,6 @@ class SqlStore:
         except Exception as exc:  # nothing of the batch was committed
             for write in batch:
                 write.result, write.error = None, exc
-        for loop, writes in itertools.groupby(batch, key=lambda write: write.future.get_loop()):
-            with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone
-                loop.call_soon_threadsafe(_settle, list(writes))
 
     def _apply(self, db: Any, write: "_Write") -> None:
         db.execute("SAVEPOINT write")
