@@ -3161,8 +3161,8 @@ async def test_sqlite_small_write_waits_for_the_writer_thread_while_another_proc
     assert not claiming.done()
     other.execute("ROLLBACK")
     assert await claiming == we.Lease(owner="", attempt=1)
-    assert [statement.split()[0] for statement in thread] == ["BEGIN", "INSERT", "INSERT", "UPDATE", "UPDATE",
-                                                             "COMMIT"]  # the run, its log, its stop, the count
+    assert [statement.split()[0] for statement in thread] == [
+        "BEGIN", "INSERT", "INSERT", "UPDATE", "UPDATE", "SELECT", "COMMIT"]  # the run, its log, its stop, the count
     assert store.get_run(run.run_id) == run
     other.close()
     store.close()

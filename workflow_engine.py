@@ -3467,8 +3467,8 @@ class SqlStore:
         """Wait for the answers to every statement sent on `db` so far (see PostgresStore._transaction)."""
 
     def _changed(self, db: Any, statement: str, values: tuple) -> int:
-        """Execute an UPDATE or DELETE; return how many rows it changed (read back, so a pipeline waits for it)."""
-        return len(self._all(db, f"{statement} RETURNING 1", values))
+        """Execute an UPDATE or DELETE; return how many rows it changed."""
+        return db.execute(self._sql(statement), values).rowcount
 
     # Shared plumbing.
     def _notify(self, db: Any, message: str) -> None:
@@ -3885,8 +3885,9 @@ class SqlStore:
 
     def _count_finished(self, db: Any, change: int) -> int:
         """Add `change` to the count of finished runs (in meta); return the new count."""
-        return int(self._all(db, "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
-                             " WHERE key = 'finished_runs' RETURNING value", (change,))[0][0])
+        db.execute(self._sql("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
+                             " WHERE key = 'finished_runs'"), (change,))
+        return int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0])
 
     def _evict(self, db: Any, finished: int) -> None:
         """Delete the oldest finished runs beyond max_runs, of the `finished` stored: the index of finished runs
@@ -4010,6 +4011,10 @@ class PostgresStore(SqlStore):
 
     def _sync(self, db: Any) -> None:
         self._pipeline.sync()
+
+    def _changed(self, db: Any, statement: str, values: tuple) -> int:
+        # Read back: in the pipeline a row count is known only once the statement's answer has come.
+        return len(self._all(db, f"{statement} RETURNING 1", values))
 
 
 def open_store(url: str, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> SqlStore:
