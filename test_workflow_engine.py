@@ -3989,6 +3989,25 @@ async def test_an_app_given_its_engine_leaves_the_garbage_collector_alone(regist
         assert gc.get_freeze_count() == 0
 
 
+@pytest.mark.parametrize(("log_format", "uvicorn_level", "level"), [
+    ("text", logging.NOTSET, logging.INFO), ("json", logging.NOTSET, logging.DEBUG),
+    ("text", logging.INFO, logging.INFO), ("json", logging.INFO, logging.DEBUG), ("text", logging.DEBUG, logging.INFO),
+    ("text", logging.WARNING, logging.WARNING), ("json", logging.ERROR, logging.ERROR)])
+async def test_server_log_handler_takes_uvicorns_log_level_when_it_asks_for_less(
+        registry: we.Registry, monkeypatch: pytest.MonkeyPatch, log_format: str, uvicorn_level: int,
+        level: int) -> None:
+    """`uvicorn ... --log-level warning` silences the line per finished run too (it sets `uvicorn.error`'s level);
+    a lower level than the format's own (INFO for text, DEBUG for JSON) changes nothing."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(we.logger, "handlers", [])
+    monkeypatch.setattr(logging.getLogger("uvicorn.error"), "level", uvicorn_level)
+    monkeypatch.setattr(we.logger, "level", logging.NOTSET)
+    app = we.create_app(registry=registry, settings=we.Settings(log_format=we.LogFormat(log_format)))
+    async with app.router.lifespan_context(app):
+        assert (we.logger.level, len(we.logger.handlers)) == (level, 1)
+    assert we.logger.handlers == []
+
+
 def readme_block(opening: str) -> str:
     """The first ```python block of the README whose first line is `opening`."""
     blocks = (HERE / "README.md").read_text().split("```python\n")[1:]
@@ -5662,21 +5681,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def uvicorn_command(port: int) -> list[str]:
+def uvicorn_command(port: int, log_level: str = "warning") -> list[str]:
     return [sys.executable, "-m", "uvicorn", "workflow_engine:app", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning"]
+            "--log-level", log_level]
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str], log: list[str] | None = None) -> Iterator[tuple[str, int]]:
-    """Run `uvicorn workflow_engine:app` on a free port with `env` added; yield its URL and pid once it answers.
+def running_server(env: dict[str, str], log: list[str] | None = None,
+                   log_level: str = "warning") -> Iterator[tuple[str, int]]:
+    """Run `uvicorn workflow_engine:app` (`--log-level log_level`) on a free port with `env` added; yield its URL
+    and pid once it answers.
 
     Its output goes to a file (a pipe nobody reads would fill up and stall the server); `log` receives its lines.
     """
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(HERE), **env}
     with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen(uvicorn_command(port), cwd=HERE, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(uvicorn_command(port, log_level), cwd=HERE, env=env, stdout=output, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 20
@@ -6168,7 +6189,7 @@ def test_e2e_token_guards_http_and_websockets_and_logs_are_json(tmp_path: Path) 
 
     log: list[str] = []
     env = {"WORKFLOW_API_TOKEN": "s3cret", "WORKFLOW_LOG_FORMAT": "json"}
-    with running_server(env, log) as (base, _):
+    with running_server(env, log, log_level="info") as (base, _):  # --log-level warning would silence the runs
         token = {"Authorization": "Bearer s3cret"}
         with httpx.Client(base_url=base, timeout=10) as client:
             health, refused = client.get("/"), client.get("/graph/list")

@@ -5884,6 +5884,13 @@ def load_workflows(registry: Registry, modules: tuple[str, ...] | None) -> None:
         module.register(registry)
 
 
+def _server_log_level(is_json: bool) -> int:
+    """The level of the log handler a server sets up: every step in JSON (for a log store), how each run ended in
+    text; or what uvicorn's `--log-level` asked for (it sets the level of its logger `uvicorn.error`) if higher."""
+    asked = logging.getLogger("uvicorn.error").level
+    return max(logging.DEBUG if is_json else logging.INFO, asked if asked > logging.INFO else logging.NOTSET)
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     """While serving: the engine (the default app builds it now, from the environment), a log handler if the host
@@ -5898,7 +5905,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         is_json = engine.settings.log_format is LogFormat.JSON
         handler.setFormatter(JsonLogFormatter() if is_json else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG if is_json else logging.INFO)  # JSON, for a log store, has every step
+        logger.setLevel(_server_log_level(is_json))
     if engine.settings.api_token is None:
         logger.warning("authentication is off: set WORKFLOW_API_TOKEN to require a bearer token")
     if importlib.util.find_spec("websockets") is None and importlib.util.find_spec("wsproto") is None:
