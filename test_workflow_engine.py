@@ -5399,15 +5399,17 @@ def test_bench_markdown_targets_is_the_closing_table_with_when_and_where(tmp_pat
     results = {"machine": {"date": "2026-12-02T12:00:00+00:00", "cpu": "CPU X", "cpus": 2, "python": "3.11.7",
                            "load": "0.10 / 0.20 / 0.30"},
                "http": {"targets": [bench.target_row("a: req/s", 1500.0, 2000.0, ">= 0.75x bare", True)]},
-               "memory": {"targets": [bench.target_row("held (B)", 5000.0, None, "<= 4096 B", False)]}}
+               "memory": {"targets": [bench.target_row("held (B)", 5000.0, None, "<= 4096 B", False),
+                                      bench.target_row("RSS (KiB)", 66220, 64952, "<= 1.05x", True)]}}
     assert bench.markdown_targets(results).splitlines() == [
         "Measured 2026-12-02T12:00:00+00:00 on CPU X, 2 cpus, load average 0.10 / 0.20 / 0.30 at the start, "
-        "Python 3.11.7: 1 of 2 targets met.",
+        "Python 3.11.7: 2 of 3 targets met.",
         "",
         "| section | target | figure | baseline | ratio | goal | met |",
         "|---|---|---|---|---|---|---|",
         "| http | a: req/s | 1,500 | 2,000 | 0.75 | >= 0.75x bare | met |",
         "| memory | held (B) | 5,000 | - | - | <= 4096 B | **not met** |",
+        "| memory | RSS (KiB) | 66,220 | 64,952 | 1.02 | <= 1.05x | met |",
     ]
 
 

@@ -1623,7 +1623,7 @@ def _figure(value: object) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
-    return str(value)
+    return f"{value:,}" if type(value) is int else str(value)
 
 
 def _target_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
