@@ -3885,8 +3885,9 @@ class SqlStore:
 
     def _count_finished(self, db: Any, change: int) -> int:
         """Add `change` to the count of finished runs (in meta); return the new count."""
-        db.execute(self._sql("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
-                             " WHERE key = 'finished_runs'"), (change,))
+        if change:
+            db.execute(self._sql("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
+                                 " WHERE key = 'finished_runs'"), (change,))
         return int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0])
 
     def _evict(self, db: Any, finished: int) -> None:
