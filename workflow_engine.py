@@ -5201,9 +5201,11 @@ def _header_values(request: Request, name: bytes) -> list[str]:  # as request.he
     return [value.decode("latin-1") for key, value in request.scope["headers"] if key == name]
 
 
-def _header(request: Request, name: bytes) -> str | None:
-    values = _header_values(request, name)
-    return values[0] if values else None
+def _header(request: Request, name: bytes) -> str | None:  # the first value: one call, not three
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSING) -> object:
@@ -5216,9 +5218,12 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
     declared = _count_or_none(_header(request, b"content-length") or "")
     if declared is not None and declared > max_bytes:
         raise BodyTooLarge(max_bytes)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    body, receive, message = bytearray(), request.receive, {"more_body": True}
+    while message.get("more_body", False):  # as request.stream(), without an async generator per request
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
         if len(body) > max_bytes:
             raise BodyTooLarge(max_bytes)
     content_type = _header(request, b"content-type")
