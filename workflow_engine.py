@@ -5987,7 +5987,7 @@ def create_app(*, registry: Registry | None = None, store: Store | None = None,
     setting, imports no workflow module and opens no database, and a bad setting stops startup naming its variable.
     """
     routes = [WebSocketRoute(path, endpoints["GET"]) if endpoints.get("GET") is websocket_graph_ws
-              else Route(path, _by_method(endpoints), methods=list(endpoints))
+              else Route(path, _Endpoints(endpoints), methods=list(endpoints))
               for path, endpoints in _endpoints_by_path(OPERATIONS).items()]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
@@ -6007,15 +6007,19 @@ def _endpoints_by_path(operations: tuple[Operation, ...]) -> dict[str, dict[str,
     return by_path
 
 
-def _by_method(endpoints: dict[str, Callable[..., Awaitable[Any]]]) -> Callable[..., Awaitable[Any]]:
-    """One endpoint for a path that several methods share, so that a wrong method's 405 lists them all in Allow."""
-    if len(endpoints) == 1:
-        return next(iter(endpoints.values()))
+class _Endpoints:
+    """The ASGI app of a path: it answers with the endpoint of the request's method (HEAD: GET's), so a wrong method's
+    405 lists them all in Allow. Starlette's wrapper of a function endpoint would add a Request and a layer of the
+    exception handling that its ExceptionMiddleware already gives around the router: 5 calls a request."""
 
-    async def by_method(request: Request) -> Response:
-        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+    def __init__(self, endpoints: dict[str, Callable[[Request], Awaitable[Response]]]) -> None:
+        self.endpoints = endpoints
+        self.__name__ = next(iter(endpoints.values())).__name__  # the route's name (url_path_for), as Starlette gives it
 
-    return by_method
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        response = await self.endpoints["GET" if method == "HEAD" else method](Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
 def _serve(app: Starlette, engine: Engine) -> None:
