@@ -5249,12 +5249,6 @@ def _engine(request: Request) -> Engine:
     return engine
 
 
-def _run_response(run: RunContext) -> RunResponse:
-    return RunResponse(run_id=run.run_id, graph_id=run.graph_id, status=run.status, final_state=run.state,
-                       logs=run.logs, iteration=run.iteration, current_node=run.current_node, error=run.error,
-                       duration_ms=run.duration_ms, engine_overhead_ms=run.engine_overhead_ms)
-
-
 async def get_health(request: Request) -> Response:
     """Answer that the service is up, with how many graphs and runs it holds."""
     graphs, runs = _engine(request).counts()
@@ -5311,7 +5305,10 @@ def _idempotency_key(request: Request, body: RunRequest | ResumeRequest) -> Idem
 def _run_answer(run: RunContext, wait: bool, is_replayed: bool = False) -> Response:
     replayed = {"Idempotent-Replayed": "true"} if is_replayed else {}
     if wait:  # no headers as None, not {}, spares Response a pass over them
-        return JSONResponse(converter.unstructure(_run_response(run)), headers=replayed or None)
+        answer = RunResponse(run_id=run.run_id, graph_id=run.graph_id, status=run.status, final_state=run.state,
+                             logs=run.logs, iteration=run.iteration, current_node=run.current_node, error=run.error,
+                             duration_ms=run.duration_ms, engine_overhead_ms=run.engine_overhead_ms)
+        return JSONResponse(converter.unstructure(answer), headers=replayed or None)
     # The store took the run as pending; it may have moved on already, which /graph/state tells.
     accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=RunStatus.PENDING))
     return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}", **replayed})
