@@ -5197,10 +5197,6 @@ def _utf8_text(body: bytes | bytearray) -> str:
     return text
 
 
-def _header_values(request: Request, name: bytes) -> list[str]:  # as request.headers.getlist: 2 calls, not 10
-    return [value.decode("latin-1") for key, value in request.scope["headers"] if key == name]
-
-
 def _header(request: Request, name: bytes) -> str | None:  # the first value: one call, not three
     for key, value in request.scope["headers"]:
         if key == name:
@@ -5290,7 +5286,7 @@ async def post_graph_resume(request: Request) -> Response:
 def _idempotency_key(request: Request, body: RunRequest | ResumeRequest) -> IdempotencyKey | None:
     """The request's Idempotency-Key, fingerprinted by method, path and body (parsed, defaults filled in, as
     canonical JSON: spacing, key order and spelled-out defaults do not make requests differ); None without one."""
-    keys = _header_values(request, b"idempotency-key")
+    keys = [value.decode("latin-1") for key, value in request.scope["headers"] if key == b"idempotency-key"]
     if not keys:
         return None
     if len(keys) > 1 or not IDEMPOTENCY_KEY_PATTERN.fullmatch(keys[0]):
@@ -6011,7 +6007,7 @@ class _Endpoints:
 
     def __init__(self, endpoints: dict[str, Callable[[Request], Awaitable[Response]]]) -> None:
         self.endpoints = endpoints
-        self.__name__ = next(iter(endpoints.values())).__name__  # the route's name (url_path_for), as Starlette gives it
+        self.__name__ = next(iter(endpoints.values())).__name__  # the route's name (url_path_for), as Starlette's
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
