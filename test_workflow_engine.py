@@ -1362,7 +1362,8 @@ async def test_http_head_answers_as_get_without_a_body_on_shared_and_single_path
     """A path's ASGI app picks the endpoint by method: HEAD takes GET's, and each route keeps its endpoint's name."""
     await client.post("/graph/create", json=graph(["inc"]))
     app = client._transport.app  # type: ignore[attr-defined]
-    answers = {path: (await client.get(path), await client.head(path)) for path in ("/graph/definition/g", "/graph/list")}
+    paths = ("/graph/definition/g", "/graph/list")
+    answers = {path: (await client.get(path), await client.head(path)) for path in paths}
     assert {path: (get.status_code, head.status_code, head.content, head.headers["content-length"])
             for path, (get, head) in answers.items()} == {
         path: (200, 200, b"", str(len(get.content))) for path, (get, _) in answers.items()}
