@@ -1358,6 +1358,19 @@ async def test_http_method_not_allowed_keeps_the_allow_header(client: httpx.Asyn
     assert (response.status_code, response.headers["allow"]) == (405, "POST")
 
 
+async def test_http_head_answers_as_get_without_a_body_on_shared_and_single_paths(client: httpx.AsyncClient) -> None:
+    """A path's ASGI app picks the endpoint by method: HEAD takes GET's, and each route keeps its endpoint's name."""
+    await client.post("/graph/create", json=graph(["inc"]))
+    app = client._transport.app  # type: ignore[attr-defined]
+    paths = ("/graph/definition/g", "/graph/list")
+    answers = {path: (await client.get(path), await client.head(path)) for path in paths}
+    assert {path: (get.status_code, head.status_code, head.content, head.headers["content-length"])
+            for path, (get, head) in answers.items()} == {
+        path: (200, 200, b"", str(len(get.content))) for path, (get, _) in answers.items()}
+    assert (app.url_path_for("get_graph_definition", graph_id="g"), app.url_path_for("post_graph_run")) == (
+        "/graph/definition/g", "/graph/run")
+
+
 async def test_http_body_over_limit_without_content_length_is_413(registry: we.Registry) -> None:
     app = we.create_app(registry=registry, settings=we.Settings(max_body_bytes=100))
 

@@ -5197,13 +5197,11 @@ def _utf8_text(body: bytes | bytearray) -> str:
     return text
 
 
-def _header_values(request: Request, name: bytes) -> list[str]:  # as request.headers.getlist: 2 calls, not 10
-    return [value.decode("latin-1") for key, value in request.scope["headers"] if key == name]
-
-
-def _header(request: Request, name: bytes) -> str | None:
-    values = _header_values(request, name)
-    return values[0] if values else None
+def _header(request: Request, name: bytes) -> str | None:  # the first value: one call, not three
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSING) -> object:
@@ -5216,9 +5214,12 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
     declared = _count_or_none(_header(request, b"content-length") or "")
     if declared is not None and declared > max_bytes:
         raise BodyTooLarge(max_bytes)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    body, receive, message = bytearray(), request.receive, {"more_body": True}
+    while message.get("more_body", False):  # as request.stream(), without an async generator per request
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
         if len(body) > max_bytes:
             raise BodyTooLarge(max_bytes)
     content_type = _header(request, b"content-type")
@@ -5242,12 +5243,6 @@ def _engine(request: Request) -> Engine:
     if engine is None:
         raise RuntimeError("the app has not started: serve it (its lifespan builds the engine from the environment)")
     return engine
-
-
-def _run_response(run: RunContext) -> RunResponse:
-    return RunResponse(run_id=run.run_id, graph_id=run.graph_id, status=run.status, final_state=run.state,
-                       logs=run.logs, iteration=run.iteration, current_node=run.current_node, error=run.error,
-                       duration_ms=run.duration_ms, engine_overhead_ms=run.engine_overhead_ms)
 
 
 async def get_health(request: Request) -> Response:
@@ -5291,7 +5286,7 @@ async def post_graph_resume(request: Request) -> Response:
 def _idempotency_key(request: Request, body: RunRequest | ResumeRequest) -> IdempotencyKey | None:
     """The request's Idempotency-Key, fingerprinted by method, path and body (parsed, defaults filled in, as
     canonical JSON: spacing, key order and spelled-out defaults do not make requests differ); None without one."""
-    keys = _header_values(request, b"idempotency-key")
+    keys = [value.decode("latin-1") for key, value in request.scope["headers"] if key == b"idempotency-key"]
     if not keys:
         return None
     if len(keys) > 1 or not IDEMPOTENCY_KEY_PATTERN.fullmatch(keys[0]):
@@ -5306,7 +5301,10 @@ def _idempotency_key(request: Request, body: RunRequest | ResumeRequest) -> Idem
 def _run_answer(run: RunContext, wait: bool, is_replayed: bool = False) -> Response:
     replayed = {"Idempotent-Replayed": "true"} if is_replayed else {}
     if wait:  # no headers as None, not {}, spares Response a pass over them
-        return JSONResponse(converter.unstructure(_run_response(run)), headers=replayed or None)
+        answer = RunResponse(run_id=run.run_id, graph_id=run.graph_id, status=run.status, final_state=run.state,
+                             logs=run.logs, iteration=run.iteration, current_node=run.current_node, error=run.error,
+                             duration_ms=run.duration_ms, engine_overhead_ms=run.engine_overhead_ms)
+        return JSONResponse(converter.unstructure(answer), headers=replayed or None)
     # The store took the run as pending; it may have moved on already, which /graph/state tells.
     accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=RunStatus.PENDING))
     return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}", **replayed})
@@ -5982,7 +5980,7 @@ def create_app(*, registry: Registry | None = None, store: Store | None = None,
     setting, imports no workflow module and opens no database, and a bad setting stops startup naming its variable.
     """
     routes = [WebSocketRoute(path, endpoints["GET"]) if endpoints.get("GET") is websocket_graph_ws
-              else Route(path, _by_method(endpoints), methods=list(endpoints))
+              else Route(path, _Endpoints(endpoints), methods=list(endpoints))
               for path, endpoints in _endpoints_by_path(OPERATIONS).items()]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
@@ -6002,15 +6000,17 @@ def _endpoints_by_path(operations: tuple[Operation, ...]) -> dict[str, dict[str,
     return by_path
 
 
-def _by_method(endpoints: dict[str, Callable[..., Awaitable[Any]]]) -> Callable[..., Awaitable[Any]]:
-    """One endpoint for a path that several methods share, so that a wrong method's 405 lists them all in Allow."""
-    if len(endpoints) == 1:
-        return next(iter(endpoints.values()))
+class _Endpoints:
+    """A path's ASGI app: the endpoint of the request's method answers, so a wrong method's 405 lists all in Allow.
+    Starlette's wrapper of each function would add a Request and a second layer of exception handling: 5 calls."""
 
-    async def by_method(request: Request) -> Response:
-        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+    def __init__(self, endpoints: dict[str, Callable[[Request], Awaitable[Response]]]) -> None:
+        self.endpoints = {"HEAD": endpoints["GET"], **endpoints} if "GET" in endpoints else endpoints  # as Route does
+        self.__name__ = next(iter(endpoints.values())).__name__  # the route's name (url_path_for), as Starlette's
 
-    return by_method
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.endpoints[scope["method"]](Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
 def _serve(app: Starlette, engine: Engine) -> None:
