@@ -2575,9 +2575,13 @@ def summarize(run: RunContext) -> RunSummary:
                       iteration=run.iteration, error=run.error, created_at=run.created_at, finished_at=run.finished_at)
 
 
+# One encoder for every record (json.dumps builds one per call); no cycle check: _copy_json let none through.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False)
+
+
 def dump_json(value: Any) -> bytes:
     """Encode unstructured data as compact UTF-8 JSON, the way JSONResponse does."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return _JSON_ENCODER.encode(value).encode()
 
 
 def _epoch(moment: datetime | None) -> float | None:
