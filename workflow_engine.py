@@ -1210,7 +1210,7 @@ def _make_converter() -> cattrs.Converter:
         MapDef, converter))
     converter.register_unstructure_hook(MapDef, make_dict_unstructure_fn(MapDef, converter, as_=override(rename="as")))
     converter.register_unstructure_hook(datetime, datetime.isoformat)
-    # Every save of a run unstructures it, so its hooks are ones cattrs inlines (an optional scalar is itself) or
+    # Answers are unstructured per request, so their hooks are ones cattrs inlines (an optional scalar is itself) or
     # one call each (an enum is its `_value_`), rather than cattrs' generic ones, which call two or three functions.
     for scalar in (str, int, float, bool):
         converter.register_unstructure_hook(scalar | None, identity)
@@ -1221,26 +1221,47 @@ def _make_converter() -> cattrs.Converter:
     # unstructured value by value, which dispatches on each value's type.
     converter.register_unstructure_hook_func(lambda type_: type_ == dict[str, Any], dict)
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
-    # A log entry names the keys whose values it left out only when it left some out (past max_log_bytes).
-    converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
-        LogEntry, converter, updates_omitted=override(omit_if_default=True)))
-    # A run's log and history are lists of one model: mapped in C, rather than by cattrs' generator (a call per item).
-    for model in (LogEntry, StatusChange):
-        converter.register_unstructure_hook_func(lambda type_, model=model: type_ == list[model],
-                                                 _list_unstructurer(converter.get_unstructure_hook(model)))
+    # The run record's own encoders (below), for every use: stores, answers, events.
+    converter.register_unstructure_hook(RunContext, _unstructure_run)
+    converter.register_unstructure_hook(WorkflowState, _unstructure_state)
+    converter.register_unstructure_hook_func(lambda type_: type_ == list[LogEntry], _unstructure_logs)
+    converter.register_unstructure_hook(LogEntry, lambda entry: _unstructure_logs((entry,))[0])
     # A node object shows the settings it has, so a function node reads as it did before graphs could be nodes.
     converter.register_unstructure_hook(NodeDef, make_dict_unstructure_fn(
         NodeDef, converter, **{name: override(omit_if_default=True) for name in ("graph", "map", "parallel")}))
-    converter.register_unstructure_hook(RunContext, make_dict_unstructure_fn(
-        RunContext, converter, branch_results=override(omit_if_default=True)))
     return converter
 
 
-def _list_unstructurer(item_hook: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
-    def unstructure(values: list[Any]) -> list[Any]:
-        return list(map(item_hook, values))
+# A record holds up to thousands of log entries: each one dict of a comprehension, not a call (a test checks the keys).
+def _unstructure_logs(entries: Iterable[LogEntry]) -> list[dict[str, Any]]:
+    return [{"iteration": entry.iteration, "node": entry.node, "event": entry.event._value_,
+             "started_at": entry.started_at.isoformat(), "duration_ms": entry.duration_ms,
+             "keys_changed": list(entry.keys_changed), "updates": dict(entry.updates), "next": entry.next,
+             "branch": entry.branch, "error": entry.error, "attempt": entry.attempt, "path": entry.path,
+             **({"updates_omitted": list(entry.updates_omitted)} if entry.updates_omitted else {})}
+            for entry in entries]
 
-    return unstructure
+
+def _unstructure_state(state: WorkflowState) -> dict[str, Any]:
+    return {"data": dict(state.data), "metadata": dict(state.metadata)}  # plain JSON already: copied, not walked
+
+
+def _unstructure_run(run: RunContext, logs: Iterable[LogEntry] | None = None) -> dict[str, Any]:
+    """A run's record as JSON-ready data, keys in field order (branch_results last, if any); `logs` for the run's."""
+    record = {"run_id": run.run_id, "graph_id": run.graph_id, "status": run.status._value_,
+              "current_node": run.current_node, "next_node": run.next_node, "iteration": run.iteration,
+              "max_iterations": run.max_iterations, "max_state_bytes": run.max_state_bytes,
+              "max_log_bytes": run.max_log_bytes, "timeout_s": run.timeout_s, "state": _unstructure_state(run.state),
+              "logs": _unstructure_logs(run.logs if logs is None else logs), "error": run.error,
+              "created_at": run.created_at.isoformat(), "started_at": run.started_at and run.started_at.isoformat(),
+              "finished_at": run.finished_at and run.finished_at.isoformat(), "duration_ms": run.duration_ms,
+              "engine_overhead_ms": run.engine_overhead_ms,
+              "history": [{"status": change.status._value_, "at": change.at.isoformat(), "log_count": change.log_count}
+                          for change in run.history],
+              "webhook": run.webhook and converter.unstructure(run.webhook)}
+    if run.branch_results:  # only while a composite step's branches are part done
+        record["branch_results"] = converter.unstructure(run.branch_results, dict[str, BranchResult])
+    return record
 
 
 def _wire_as(hook: Callable[[object, type], MapDef]) -> Callable[[object, type], MapDef]:
@@ -3226,10 +3247,6 @@ class SqlStore:
         # than one, the event loop has other work, and the writer thread commits in batches on another core.
         self._executing = 0
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
-        # The converter's hook for a run (see _make_converter) without the log, which the logs table holds: it
-        # encodes a run at every step, and a copy of the run without its log would cost as much again.
-        self._unstructure_head = make_dict_unstructure_fn(RunContext, converter, logs=override(omit=True),
-                                                          branch_results=override(omit_if_default=True))
         self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
@@ -3736,9 +3753,10 @@ class SqlStore:
 
     def _values(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
         # The writer thread gets values, not the live run, which the event loop may change meanwhile.
-        head = self._unstructure_head(run)
-        entries = [(run.run_id, position, dump_json(converter.unstructure(entry)))
-                   for position, entry in enumerate(run.logs[saved_logs:], start=saved_logs)]
+        head = _unstructure_run(run, logs=())
+        del head["logs"]  # the logs table holds them
+        entries = [(run.run_id, position, dump_json(entry))
+                   for position, entry in enumerate(_unstructure_logs(run.logs[saved_logs:]), start=saved_logs)]
         history, events = dump_json(head["history"]), len(run.history) + len(run.logs)
         return run.run_id, run.graph_id, run.status, dump_json(head), history, events, entries, webhook_event(run)
 
