@@ -1223,7 +1223,6 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
     # The run record's own encoders (below), for every use: stores, answers, events.
     converter.register_unstructure_hook(RunContext, _unstructure_run)
-    converter.register_unstructure_hook(WorkflowState, _unstructure_state)
     converter.register_unstructure_hook_func(lambda type_: type_ == list[LogEntry], _unstructure_logs)
     converter.register_unstructure_hook(LogEntry, lambda entry: _unstructure_logs((entry,))[0])
     # A node object shows the settings it has, so a function node reads as it did before graphs could be nodes.
@@ -1242,26 +1241,22 @@ def _unstructure_logs(entries: Iterable[LogEntry]) -> list[dict[str, Any]]:
             for entry in entries]
 
 
-def _unstructure_state(state: WorkflowState) -> dict[str, Any]:
-    return {"data": dict(state.data), "metadata": dict(state.metadata)}  # plain JSON already: copied, not walked
-
-
 def _unstructure_run(run: RunContext, logs: Iterable[LogEntry] | None = None) -> dict[str, Any]:
     """A run's record as JSON-ready data, keys in field order (branch_results last, if any); `logs` for the run's."""
-    record = {"run_id": run.run_id, "graph_id": run.graph_id, "status": run.status._value_,
-              "current_node": run.current_node, "next_node": run.next_node, "iteration": run.iteration,
-              "max_iterations": run.max_iterations, "max_state_bytes": run.max_state_bytes,
-              "max_log_bytes": run.max_log_bytes, "timeout_s": run.timeout_s, "state": _unstructure_state(run.state),
-              "logs": _unstructure_logs(run.logs if logs is None else logs), "error": run.error,
-              "created_at": run.created_at.isoformat(), "started_at": run.started_at and run.started_at.isoformat(),
-              "finished_at": run.finished_at and run.finished_at.isoformat(), "duration_ms": run.duration_ms,
-              "engine_overhead_ms": run.engine_overhead_ms,
-              "history": [{"status": change.status._value_, "at": change.at.isoformat(), "log_count": change.log_count}
-                          for change in run.history],
-              "webhook": run.webhook and converter.unstructure(run.webhook)}
-    if run.branch_results:  # only while a composite step's branches are part done
-        record["branch_results"] = converter.unstructure(run.branch_results, dict[str, BranchResult])
-    return record
+    return {"run_id": run.run_id, "graph_id": run.graph_id, "status": run.status._value_,
+            "current_node": run.current_node, "next_node": run.next_node, "iteration": run.iteration,
+            "max_iterations": run.max_iterations, "max_state_bytes": run.max_state_bytes,
+            "max_log_bytes": run.max_log_bytes, "timeout_s": run.timeout_s,
+            "state": {"data": dict(run.state.data), "metadata": dict(run.state.metadata)},  # as WorkflowState's hook
+            "logs": _unstructure_logs(run.logs if logs is None else logs), "error": run.error,
+            "created_at": run.created_at.isoformat(), "started_at": run.started_at and run.started_at.isoformat(),
+            "finished_at": run.finished_at and run.finished_at.isoformat(), "duration_ms": run.duration_ms,
+            "engine_overhead_ms": run.engine_overhead_ms,
+            "history": [{"status": change.status._value_, "at": change.at.isoformat(), "log_count": change.log_count}
+                        for change in run.history],
+            "webhook": run.webhook and converter.unstructure(run.webhook),
+            **({"branch_results": converter.unstructure(run.branch_results, dict[str, BranchResult])}
+               if run.branch_results else {})}
 
 
 def _wire_as(hook: Callable[[object, type], MapDef]) -> Callable[[object, type], MapDef]:
@@ -2672,7 +2667,7 @@ async def _off_loop(thread: ThreadPoolExecutor, fn: Callable[..., T], *args: Any
 def _stored_record(run: RunContext) -> bytes:
     """The record a memory store keeps of a stopped run: its JSON, compressed once it is RUN_COMPRESSION_MIN_BYTES
     long. JSON text of an object starts with `{`, a zlib stream never does, so `_record_json` tells them apart."""
-    record = dump_json(converter.unstructure(run))
+    record = dump_json(_unstructure_run(run))
     return record if len(record) < RUN_COMPRESSION_MIN_BYTES else zlib.compress(record, RUN_COMPRESSION_LEVEL)
 
 
