@@ -189,8 +189,7 @@ MAX_STORED_RUNS = 10_000  # finished runs kept in memory; the oldest finished is
 MAX_STORED_GRAPHS = 10_000  # graph definitions kept in memory
 MAX_PLANS = 1_000  # graphs a registry keeps planned for the runner (see Registry.plan); the oldest is planned anew
 RUN_COMPRESSION_LEVEL = 3  # zlib level of stored runs: about fourfold smaller; 6 shrinks 7% more in twice the time
-# A finished run's JSON shorter than this is kept as it is: zlib would save a kilobyte or so of it, and cost about as
-# much time as the rest of the save, then as much again at every read of the record.
+# A finished run's JSON shorter than this is kept as it is: zlib would save a kilobyte or so, and cost at every read.
 RUN_COMPRESSION_MIN_BYTES = 2 * 1024
 OFF_LOOP_BYTES = 16 * 1024  # a record estimated over this much JSON is encoded on a store's thread, not the loop
 MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
@@ -1179,21 +1178,17 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _strict(float, "a number", (int, float), bool))
     converter.register_structure_hook(bool, _strict(bool, "a boolean", (bool,)))
     # Later factories are tried first, so the predicates must stay disjoint.
-    converter.register_structure_hook_factory(
-        is_mutable_sequence, _shape_guard(list, "an array", list_structure_factory)
-    )
-    converter.register_structure_hook_factory(
-        lambda t: is_sequence(t) and not is_mutable_sequence(t),
-        _shape_guard(list, "an array", homogenous_tuple_structure_factory),
-    )
+    converter.register_structure_hook_factory(is_mutable_sequence, _shape_guard(
+        list, "an array", list_structure_factory))
+    converter.register_structure_hook_factory(lambda t: is_sequence(t) and not is_mutable_sequence(t),
+                                              _shape_guard(list, "an array", homogenous_tuple_structure_factory))
     converter.register_structure_hook_factory(is_mapping, _shape_guard(dict, "an object", mapping_structure_factory))
     converter.register_structure_hook_factory(lambda type_: type_ == dict[str, Any],  # JSON's keys are strings: copy
                                               _shape_guard(dict, "an object", lambda *_: lambda value, _: dict(value)))
     # Without this guard a model given a list or a scalar fails inside cattrs' generated code ("'list' object has no
     # attribute 'keys'", "expected WorkflowState"), which the client cannot act on.
-    converter.register_structure_hook_factory(
-        attrs.has, _shape_guard(dict, "an object", lambda type_, conv: conv.gen_structure_attrs_fromdict(type_))
-    )
+    converter.register_structure_hook_factory(attrs.has, _shape_guard(
+        dict, "an object", lambda type_, conv: conv.gen_structure_attrs_fromdict(type_)))
 
     def structure_node(value: object, _: type) -> str | NodeDef:
         if isinstance(value, str):
