@@ -398,10 +398,12 @@ def test_converter_unstructures_enums_and_datetimes_as_json() -> None:
 
 
 def _plain(instance: object, field: object, value: Any) -> Any:
-    """attrs.asdict's serializer for the converter's wire form: enums by value, datetimes in ISO 8601, tuples as lists."""
+    """attrs.asdict's serializer to the converter's wire form: enums by value, datetimes in ISO 8601, lists."""
     if isinstance(value, tuple):
         return list(value)
-    return value.value if isinstance(value, we.enum.Enum) else value.isoformat() if isinstance(value, datetime) else value
+    if isinstance(value, we.enum.Enum):
+        return value.value
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def test_converter_unstructures_every_field_of_a_run_record_in_order() -> None:

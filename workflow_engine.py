@@ -1205,28 +1205,30 @@ def _make_converter() -> cattrs.Converter:
         MapDef, converter))
     converter.register_unstructure_hook(MapDef, make_dict_unstructure_fn(MapDef, converter, as_=override(rename="as")))
     converter.register_unstructure_hook(datetime, datetime.isoformat)
-    # Answers are unstructured per request, so their hooks are ones cattrs inlines (an optional scalar is itself) or
-    # one call each (an enum is its `_value_`), rather than cattrs' generic ones, which call two or three functions.
+    # Hooks that cattrs inlines (an optional scalar is itself) or that cost one call (an enum's `_value_`), for saves.
     for scalar in (str, int, float, bool):
         converter.register_unstructure_hook(scalar | None, identity)
     converter.register_unstructure_hook(datetime | None, lambda value: None if value is None else value.isoformat())
     converter.register_unstructure_hook_func(lambda type_: isinstance(type_, type) and issubclass(type_, enum.Enum),
                                              operator.attrgetter("_value_"))
-    # A `dict[str, Any]` field holds plain JSON (checked where it comes in): it is copied as it is, rather than
-    # unstructured value by value, which dispatches on each value's type.
+    # A `dict[str, Any]` field holds plain JSON (checked where it comes in): copied as it is, not value by value.
     converter.register_unstructure_hook_func(lambda type_: type_ == dict[str, Any], dict)
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
-    # The run record's own encoders (below), for every use: stores, answers, events.
-    converter.register_unstructure_hook(RunContext, _unstructure_run)
+    # A run's log and history are dicts of a comprehension, not of a hook called per entry (see _unstructure_logs).
     converter.register_unstructure_hook_func(lambda type_: type_ == list[LogEntry], _unstructure_logs)
     converter.register_unstructure_hook(LogEntry, lambda entry: _unstructure_logs((entry,))[0])
+    converter.register_unstructure_hook_func(lambda type_: type_ == list[StatusChange], lambda history: [
+        {"status": change.status._value_, "at": change.at.isoformat(), "log_count": change.log_count}
+        for change in history])
     # A node object shows the settings it has, so a function node reads as it did before graphs could be nodes.
     converter.register_unstructure_hook(NodeDef, make_dict_unstructure_fn(
         NodeDef, converter, **{name: override(omit_if_default=True) for name in ("graph", "map", "parallel")}))
+    converter.register_unstructure_hook(RunContext, make_dict_unstructure_fn(
+        RunContext, converter, branch_results=override(omit_if_default=True)))
     return converter
 
 
-# A record holds up to thousands of log entries: each one dict of a comprehension, not a call (a test checks the keys).
+# A record may hold thousands of entries: no call per entry. A test checks the keys, in order, against the fields.
 def _unstructure_logs(entries: Iterable[LogEntry]) -> list[dict[str, Any]]:
     return [{"iteration": entry.iteration, "node": entry.node, "event": entry.event._value_,
              "started_at": entry.started_at.isoformat(), "duration_ms": entry.duration_ms,
@@ -1234,24 +1236,6 @@ def _unstructure_logs(entries: Iterable[LogEntry]) -> list[dict[str, Any]]:
              "branch": entry.branch, "error": entry.error, "attempt": entry.attempt, "path": entry.path,
              **({"updates_omitted": list(entry.updates_omitted)} if entry.updates_omitted else {})}
             for entry in entries]
-
-
-def _unstructure_run(run: RunContext, logs: Iterable[LogEntry] | None = None) -> dict[str, Any]:
-    """A run's record as JSON-ready data, keys in field order (branch_results last, if any); `logs` for the run's."""
-    return {"run_id": run.run_id, "graph_id": run.graph_id, "status": run.status._value_,
-            "current_node": run.current_node, "next_node": run.next_node, "iteration": run.iteration,
-            "max_iterations": run.max_iterations, "max_state_bytes": run.max_state_bytes,
-            "max_log_bytes": run.max_log_bytes, "timeout_s": run.timeout_s,
-            "state": {"data": dict(run.state.data), "metadata": dict(run.state.metadata)},  # as WorkflowState's hook
-            "logs": _unstructure_logs(run.logs if logs is None else logs), "error": run.error,
-            "created_at": run.created_at.isoformat(), "started_at": run.started_at and run.started_at.isoformat(),
-            "finished_at": run.finished_at and run.finished_at.isoformat(), "duration_ms": run.duration_ms,
-            "engine_overhead_ms": run.engine_overhead_ms,
-            "history": [{"status": change.status._value_, "at": change.at.isoformat(), "log_count": change.log_count}
-                        for change in run.history],
-            "webhook": run.webhook and converter.unstructure(run.webhook),
-            **({"branch_results": converter.unstructure(run.branch_results, dict[str, BranchResult])}
-               if run.branch_results else {})}
 
 
 def _wire_as(hook: Callable[[object, type], MapDef]) -> Callable[[object, type], MapDef]:
@@ -2662,7 +2646,7 @@ async def _off_loop(thread: ThreadPoolExecutor, fn: Callable[..., T], *args: Any
 def _stored_record(run: RunContext) -> bytes:
     """The record a memory store keeps of a stopped run: its JSON, compressed once it is RUN_COMPRESSION_MIN_BYTES
     long. JSON text of an object starts with `{`, a zlib stream never does, so `_record_json` tells them apart."""
-    record = dump_json(_unstructure_run(run))
+    record = dump_json(converter.unstructure(run))
     return record if len(record) < RUN_COMPRESSION_MIN_BYTES else zlib.compress(record, RUN_COMPRESSION_LEVEL)
 
 
@@ -3237,6 +3221,9 @@ class SqlStore:
         # than one, the event loop has other work, and the writer thread commits in batches on another core.
         self._executing = 0
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
+        # The converter's hook for a run without the log, which the logs table holds (a checkpoint every step).
+        self._unstructure_head = make_dict_unstructure_fn(RunContext, converter, logs=override(omit=True),
+                                                          branch_results=override(omit_if_default=True))
         self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
         # deleted (on any server) and created again has a new seq
         with self._transaction() as db:
@@ -3743,8 +3730,7 @@ class SqlStore:
 
     def _values(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
         # The writer thread gets values, not the live run, which the event loop may change meanwhile.
-        head = _unstructure_run(run, logs=())
-        del head["logs"]  # the logs table holds them
+        head = self._unstructure_head(run)
         entries = [(run.run_id, position, dump_json(entry))
                    for position, entry in enumerate(_unstructure_logs(run.logs[saved_logs:]), start=saved_logs)]
         history, events = dump_json(head["history"]), len(run.history) + len(run.logs)
