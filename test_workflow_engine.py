@@ -397,6 +397,37 @@ def test_converter_unstructures_enums_and_datetimes_as_json() -> None:
     }
 
 
+def _plain(instance: object, field: object, value: Any) -> Any:
+    """attrs.asdict's serializer to the converter's wire form: enums by value, datetimes in ISO 8601, lists."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, we.enum.Enum):
+        return value.value
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def test_converter_unstructures_every_field_of_a_run_record_in_order() -> None:
+    """The run record's own encoders give what attrs' fields say (updates_omitted and branch_results last, as
+    cattrs gave them), and the record structures back to the same run."""
+    at = we.datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=we.UTC)
+    run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)),
+                     we.WorkflowState(data={"n": [1]}, metadata={"m": "x"}), timeout_s=5.0)
+    we.move_run(run, we.RunStatus.RUNNING)
+    run.logs.append(we.LogEntry(iteration=1, node="a", event=we.LogEvent.ERROR, started_at=at, duration_ms=1.5,
+                                keys_changed=("n", "o"), updates={"n": [1]}, next="a", branch="b", error="e",
+                                attempt=2, updates_omitted=("o",), path="p[0]/a"))
+    run.branch_results["a[0]"] = we.BranchResult(updates={"x": 1}, removed=("y",))
+    run.webhook = we.WebhookDelivery(url="http://h:1/p", attempts=1, delivered_at=at, last_error="down")
+    we.move_run(run, we.RunStatus.FAILED, "e")
+    record = we.converter.unstructure(run)
+    assert record == attrs.asdict(run, value_serializer=_plain)
+    run_fields = [f.name for f in attrs.fields(we.RunContext) if f.name != "branch_results"] + ["branch_results"]
+    entry_fields = [f.name for f in attrs.fields(we.LogEntry) if f.name != "updates_omitted"] + ["updates_omitted"]
+    assert (list(record), list(record["logs"][0])) == (run_fields, entry_fields)
+    assert we.converter.unstructure(run.logs[0]) == record["logs"][0]
+    assert we.converter.structure(json.loads(we.dump_json(record)), we.RunContext) == run
+
+
 @pytest.mark.parametrize(
     ("value", "problem"),
     [

@@ -188,9 +188,8 @@ MAX_ITERATIONS_CAP = 10_000  # server-wide ceiling on any max_iterations a graph
 MAX_STORED_RUNS = 10_000  # finished runs kept in memory; the oldest finished is evicted first
 MAX_STORED_GRAPHS = 10_000  # graph definitions kept in memory
 MAX_PLANS = 1_000  # graphs a registry keeps planned for the runner (see Registry.plan); the oldest is planned anew
-RUN_COMPRESSION_LEVEL = 6  # zlib level of stored finished runs: a code-review record shrinks about fourfold
-# A finished run's JSON shorter than this is kept as it is: zlib would save a kilobyte or so of it, and cost about as
-# much time as the rest of the save, then as much again at every read of the record.
+RUN_COMPRESSION_LEVEL = 3  # zlib level of stored runs: about fourfold smaller; 6 shrinks 7% more in twice the time
+# A finished run's JSON shorter than this is kept as it is: zlib would save a kilobyte or so, and cost at every read.
 RUN_COMPRESSION_MIN_BYTES = 2 * 1024
 OFF_LOOP_BYTES = 16 * 1024  # a record estimated over this much JSON is encoded on a store's thread, not the loop
 MAX_BODY_BYTES = 1024 * 1024  # largest request body accepted
@@ -1179,21 +1178,17 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _strict(float, "a number", (int, float), bool))
     converter.register_structure_hook(bool, _strict(bool, "a boolean", (bool,)))
     # Later factories are tried first, so the predicates must stay disjoint.
-    converter.register_structure_hook_factory(
-        is_mutable_sequence, _shape_guard(list, "an array", list_structure_factory)
-    )
-    converter.register_structure_hook_factory(
-        lambda t: is_sequence(t) and not is_mutable_sequence(t),
-        _shape_guard(list, "an array", homogenous_tuple_structure_factory),
-    )
+    converter.register_structure_hook_factory(is_mutable_sequence, _shape_guard(
+        list, "an array", list_structure_factory))
+    converter.register_structure_hook_factory(lambda t: is_sequence(t) and not is_mutable_sequence(t),
+                                              _shape_guard(list, "an array", homogenous_tuple_structure_factory))
     converter.register_structure_hook_factory(is_mapping, _shape_guard(dict, "an object", mapping_structure_factory))
     converter.register_structure_hook_factory(lambda type_: type_ == dict[str, Any],  # JSON's keys are strings: copy
                                               _shape_guard(dict, "an object", lambda *_: lambda value, _: dict(value)))
     # Without this guard a model given a list or a scalar fails inside cattrs' generated code ("'list' object has no
     # attribute 'keys'", "expected WorkflowState"), which the client cannot act on.
-    converter.register_structure_hook_factory(
-        attrs.has, _shape_guard(dict, "an object", lambda type_, conv: conv.gen_structure_attrs_fromdict(type_))
-    )
+    converter.register_structure_hook_factory(attrs.has, _shape_guard(
+        dict, "an object", lambda type_, conv: conv.gen_structure_attrs_fromdict(type_)))
 
     def structure_node(value: object, _: type) -> str | NodeDef:
         if isinstance(value, str):
@@ -1210,24 +1205,21 @@ def _make_converter() -> cattrs.Converter:
         MapDef, converter))
     converter.register_unstructure_hook(MapDef, make_dict_unstructure_fn(MapDef, converter, as_=override(rename="as")))
     converter.register_unstructure_hook(datetime, datetime.isoformat)
-    # Every save of a run unstructures it, so its hooks are ones cattrs inlines (an optional scalar is itself) or
-    # one call each (an enum is its `_value_`), rather than cattrs' generic ones, which call two or three functions.
+    # Hooks that cattrs inlines (an optional scalar is itself) or that cost one call (an enum's `_value_`), for saves.
     for scalar in (str, int, float, bool):
         converter.register_unstructure_hook(scalar | None, identity)
     converter.register_unstructure_hook(datetime | None, lambda value: None if value is None else value.isoformat())
     converter.register_unstructure_hook_func(lambda type_: isinstance(type_, type) and issubclass(type_, enum.Enum),
                                              operator.attrgetter("_value_"))
-    # A `dict[str, Any]` field holds plain JSON (checked where it comes in): it is copied as it is, rather than
-    # unstructured value by value, which dispatches on each value's type.
+    # A `dict[str, Any]` field holds plain JSON (checked where it comes in): copied as it is, not value by value.
     converter.register_unstructure_hook_func(lambda type_: type_ == dict[str, Any], dict)
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
-    # A log entry names the keys whose values it left out only when it left some out (past max_log_bytes).
-    converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
-        LogEntry, converter, updates_omitted=override(omit_if_default=True)))
-    # A run's log and history are lists of one model: mapped in C, rather than by cattrs' generator (a call per item).
-    for model in (LogEntry, StatusChange):
-        converter.register_unstructure_hook_func(lambda type_, model=model: type_ == list[model],
-                                                 _list_unstructurer(converter.get_unstructure_hook(model)))
+    # A run's log and history are dicts of a comprehension, not of a hook called per entry (see _unstructure_logs).
+    converter.register_unstructure_hook_func(lambda type_: type_ == list[LogEntry], _unstructure_logs)
+    converter.register_unstructure_hook(LogEntry, lambda entry: _unstructure_logs((entry,))[0])
+    converter.register_unstructure_hook_func(lambda type_: type_ == list[StatusChange], lambda history: [
+        {"status": change.status._value_, "at": change.at.isoformat(), "log_count": change.log_count}
+        for change in history])
     # A node object shows the settings it has, so a function node reads as it did before graphs could be nodes.
     converter.register_unstructure_hook(NodeDef, make_dict_unstructure_fn(
         NodeDef, converter, **{name: override(omit_if_default=True) for name in ("graph", "map", "parallel")}))
@@ -1236,11 +1228,14 @@ def _make_converter() -> cattrs.Converter:
     return converter
 
 
-def _list_unstructurer(item_hook: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
-    def unstructure(values: list[Any]) -> list[Any]:
-        return list(map(item_hook, values))
-
-    return unstructure
+# A record may hold thousands of entries: no call per entry. A test checks the keys, in order, against the fields.
+def _unstructure_logs(entries: Iterable[LogEntry]) -> list[dict[str, Any]]:
+    return [{"iteration": entry.iteration, "node": entry.node, "event": entry.event._value_,
+             "started_at": entry.started_at.isoformat(), "duration_ms": entry.duration_ms,
+             "keys_changed": list(entry.keys_changed), "updates": dict(entry.updates), "next": entry.next,
+             "branch": entry.branch, "error": entry.error, "attempt": entry.attempt, "path": entry.path,
+             **({"updates_omitted": list(entry.updates_omitted)} if entry.updates_omitted else {})}
+            for entry in entries]
 
 
 def _wire_as(hook: Callable[[object, type], MapDef]) -> Callable[[object, type], MapDef]:
@@ -2575,9 +2570,13 @@ def summarize(run: RunContext) -> RunSummary:
                       iteration=run.iteration, error=run.error, created_at=run.created_at, finished_at=run.finished_at)
 
 
+# One encoder for every record (json.dumps builds one per call); no cycle check: _copy_json let none through.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False)
+
+
 def dump_json(value: Any) -> bytes:
     """Encode unstructured data as compact UTF-8 JSON, the way JSONResponse does."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return _JSON_ENCODER.encode(value).encode()
 
 
 def _epoch(moment: datetime | None) -> float | None:
@@ -3222,8 +3221,7 @@ class SqlStore:
         # than one, the event loop has other work, and the writer thread commits in batches on another core.
         self._executing = 0
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
-        # The converter's hook for a run (see _make_converter) without the log, which the logs table holds: it
-        # encodes a run at every step, and a copy of the run without its log would cost as much again.
+        # The converter's hook for a run without the log, which the logs table holds (a checkpoint every step).
         self._unstructure_head = make_dict_unstructure_fn(RunContext, converter, logs=override(omit=True),
                                                           branch_results=override(omit_if_default=True))
         self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
@@ -3733,8 +3731,8 @@ class SqlStore:
     def _values(self, run: RunContext, saved_logs: int) -> tuple[Any, ...]:
         # The writer thread gets values, not the live run, which the event loop may change meanwhile.
         head = self._unstructure_head(run)
-        entries = [(run.run_id, position, dump_json(converter.unstructure(entry)))
-                   for position, entry in enumerate(run.logs[saved_logs:], start=saved_logs)]
+        entries = [(run.run_id, position, dump_json(entry))
+                   for position, entry in enumerate(_unstructure_logs(run.logs[saved_logs:]), start=saved_logs)]
         history, events = dump_json(head["history"]), len(run.history) + len(run.logs)
         return run.run_id, run.graph_id, run.status, dump_json(head), history, events, entries, webhook_event(run)
 
