@@ -5431,7 +5431,8 @@ def test_bench_graph_is_the_graph_the_stores_section_posts() -> None:
     assert we.structure_body(bench.BENCH_GRAPH, we.GraphDefinition) == bench.bench_graph(we)
 
 
-BENCH_CASE_KEYS = {"connections", "seconds", "requests", "errors", "rps", "p50_ms", "p99_ms", "client_cpu"}
+BENCH_CASE_KEYS = {"connections", "seconds", "requests", "errors", "rps", "p50_ms", "p99_ms", "client_cpu",
+                   "server_cpu_us"}
 
 
 def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], requests: int) -> None:
