@@ -3004,10 +3004,11 @@ async def check_group_commit_fails_only_the_failing_writes(store: we.SqlStore, d
 
 
 async def test_sqlite_group_commit_fails_only_the_failing_writes_of_a_batch(tmp_path: Path) -> None:
+    """The batch is applied once without savepoints, undone when a write fails, then applied with one each."""
     store = we.SqliteStore(tmp_path / "runs.db")
     counted = count_statements(store)
     await check_group_commit_fails_only_the_failing_writes(store, sqlite3.IntegrityError)
-    assert (counted["BEGIN"], counted["SAVEPOINT"], counted["ROLLBACK"], counted["COMMIT"]) == (3, 4, 2, 3)
+    assert (counted["BEGIN"], counted["SAVEPOINT"], counted["ROLLBACK"], counted["COMMIT"]) == (4, 4, 3, 3)
 
 
 class FailingCommitStore(we.SqliteStore):
@@ -3077,6 +3078,7 @@ async def test_sqlite_small_writes_commit_on_the_callers_thread_while_the_writer
     store = we.SqliteStore(path)
     engine = we.Engine(registry, store)
     await engine.create_graph(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",)))
+    await engine.run("g")  # its claim may share the first heartbeat's transaction, on the writer thread
     here, thread = traced(store._here), traced(store._writer)
     run = await engine.run("g", we.WorkflowState(data={"value": 2}))
     assert (run.status, run.state.data) == (we.RunStatus.COMPLETED, {"value": 2, "count": 1})
@@ -3119,28 +3121,32 @@ async def test_sqlite_writer_thread_frees_its_turn_before_its_callers_go_on(
     store.close()
 
 
-async def test_sqlite_writes_of_several_executing_runs_go_through_the_writer_thread(tmp_path: Path) -> None:
-    """With two runs executing here, the event loop has other work: their writes go to the writer thread (group
-    commit on another core); once one has made its last save, the other's writes commit on the loop's thread."""
+async def test_sqlite_small_writes_of_concurrent_runs_share_one_transaction_on_the_callers_thread(
+        tmp_path: Path) -> None:
+    """Small writes that arrive in one turn of the event loop commit together on the loop's thread, in one
+    transaction without savepoints; one that fails sends its batch to the writer thread, which applies it again with
+    a savepoint for each write, so that only its caller sees the error."""
     store = we.SqliteStore(tmp_path / "runs.db")
     here, thread = traced(store._here), traced(store._writer)
-    first, second = (we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
-                     for _ in range(2))
-    for run in (first, second):
+    runs = [we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+            for _ in range(4)]
+    for run in runs:
         we.move_run(run, we.RunStatus.RUNNING)
-    leases = [await store.claim_run(run, None, "here") for run in (first, second)]
-    assert (sum(s.startswith("INSERT INTO runs") for s in here), sum(s.startswith("INSERT INTO runs") for s in thread),
-            store._executing) == (2, 0, 2)  # the second claim was made with one run executing
-    we.move_run(first, we.RunStatus.COMPLETED)
-    await store.save_run(first, leases[0])
-    assert [s.split(" = ")[0] for s in thread if s.startswith("UPDATE runs SET status")] == [
-        "UPDATE runs SET status"]
-    await store.save_run(second, leases[1])
-    assert ([s.split(" = ")[0] for s in here if s.startswith("UPDATE runs SET status")], store._executing) == (
-        ["UPDATE runs SET status"], 1)
-    with pytest.raises(we.LeaseLost):
-        await store.save_run(second, we.Lease("here", 2))  # a lost lease: the run is no longer executed here
-    assert store._executing == 0
+    leases = await asyncio.gather(*(store.claim_run(run, None, "here") for run in runs))
+    for run in runs:
+        we.move_run(run, we.RunStatus.COMPLETED)
+    stale = attrs.evolve(runs[0], status=we.RunStatus.FAILED)
+    outcomes = await asyncio.gather(store.save_run(stale, we.Lease("here", 2)),
+                                    *(store.save_run(run, lease) for run, lease in zip(runs, leases, strict=True)),
+                                    return_exceptions=True)
+    assert ([type(outcome) for outcome in outcomes], leases) == ([we.LeaseLost] + [type(None)] * 4,
+                                                                 [we.Lease("here", 1)] * 4)
+    assert [statement.split()[0] for statement in here if statement.split()[0] in ("BEGIN", "COMMIT", "ROLLBACK")] == [
+        "BEGIN", "COMMIT", "BEGIN", "ROLLBACK"]  # the claims; the saves, undone for the stale one
+    assert (sum(s.startswith("INSERT INTO runs") for s in here),
+            [s.split()[0] for s in thread if s.split()[0] in ("BEGIN", "SAVEPOINT", "ROLLBACK", "COMMIT")]) == (
+        4, ["BEGIN"] + ["SAVEPOINT", "ROLLBACK"] + ["SAVEPOINT"] * 4 + ["COMMIT"])
+    assert [store.get_run(run.run_id) for run in runs] == runs
     store.close()
 
 

@@ -2565,7 +2565,7 @@ def _merged(policy: MergePolicy, values: list[Any], name: str, key: str) -> Any:
 # Two stores share one interface: reads are plain calls, writes are awaited. MemoryStore never awaits, so no other
 # task can see it between a read and a write. SqliteStore reads on the caller's thread (WAL readers never wait for
 # writers) and writes on one thread of its own, so a busy database never stalls the event loop; a small write
-# commits on the caller's thread when it can do so without waiting (see SqlStore._write_here). A finished run is
+# commits on the caller's thread when it can do so without waiting (see SqlStore._commit_here). A finished run is
 # kept as compact JSON: a fifth of the memory of its objects, nothing for the garbage collector to scan again and
 # again, and ready to send as it is. A big record (see _is_big) is encoded on a thread of the store's own, so that
 # the event loop does no work that grows with a run's size when the run is saved.
@@ -3170,6 +3170,7 @@ class _Write:
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
     is_progress: bool  # see SqlStore._write
+    has_failed: bool = False  # whether its batch, applied without savepoints, failed (see SqlStore._commit)
     result: Any = None
     error: Exception | None = None
 
@@ -3183,6 +3184,10 @@ def _settle(writes: list[_Write]) -> None:
             write.future.set_result(write.result)
         else:
             write.future.set_exception(write.error)
+
+
+class _WriteFailed(Exception):
+    """One write of a batch applied without savepoints raised: the batch is undone, to be applied again with them."""
 
 
 class SqlStore:
@@ -3216,11 +3221,9 @@ class SqlStore:
         self._pending: list[_Write] = []  # writes waiting for the writer thread's next transaction
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
         self._is_draining = False  # whether the writer thread has a _drain queued or running
-        self._here = self._connect_here()  # for small writes on the caller's thread (see _write_here), or None
+        self._here = self._connect_here()  # for small writes on the caller's thread (see _commit_here), or None
+        self._gathered: list[_Write] = []  # small writes for the caller's thread's next transaction
         self._here_commits = 0
-        # How many runs this process executes under a lease, as its claims and last saves count them: with more
-        # than one, the event loop has other work, and the writer thread commits in batches on another core.
-        self._executing = 0
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         # The converter's hook for a run (see _make_converter) without the log, which the logs table holds: it
         # encodes a run at every step, and a copy of the run without its log would cost as much again.
@@ -3312,7 +3315,6 @@ class SqlStore:
         """
         values, is_small = await self._encoded(run, saved_logs)
         attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values, is_small=is_small)
-        self._executing += owner is not None and run.status.is_active
         return Lease(owner=owner or "", attempt=attempt)
 
     async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
@@ -3321,16 +3323,8 @@ class SqlStore:
         # Unchanged since the last save: the status, and the owner of an active run (its lease names it).
         is_same_status = run.status.is_active and run.history[-1].log_count < saved_logs
         values, is_small = await self._encoded(run, saved_logs)
-        is_last = not run.status.is_active
-        try:
-            await self._write(self._save, lease, lease_s, is_same_status, *values, is_progress=run.status.is_active,
-                              is_small=is_small)
-        except LeaseLost:
-            is_last = True  # the run is no longer this process's to execute
-            raise
-        finally:
-            if is_last:
-                self._executing = max(self._executing - 1, 0)
+        await self._write(self._save, lease, lease_s, is_same_status, *values, is_progress=run.status.is_active,
+                          is_small=is_small)
 
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
@@ -3342,7 +3336,6 @@ class SqlStore:
         if claimed is None:
             return None
         run_id, attempt, is_cancel_requested = claimed
-        self._executing += 1
         return self.get_run(run_id), Lease(owner=owner, attempt=attempt), is_cancel_requested
 
     async def heartbeat(self, owner: str, leases: Mapping[str, int], lease_s: float = LEASE_S) -> Heartbeat:
@@ -3449,7 +3442,7 @@ class SqlStore:
         raise NotImplementedError
 
     def _connect_here(self) -> Any:
-        """A connection for writes on the caller's thread that never wait (see _write_here); None: there are none."""
+        """A connection for writes on the caller's thread that never wait (see _commit_here); None: there are none."""
         return None
 
     def _begin_here(self) -> bool:
@@ -3520,63 +3513,75 @@ class SqlStore:
         db.execute(statement)
 
     async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False, is_small: bool = False) -> T:
-        """Return `fn(db, *args)`, called on the writer thread in a transaction that commits before this returns.
+        """Return `fn(db, *args)`, called in a transaction that commits before this returns.
 
-        Group commit: writes that arrive while the writer is busy wait, then share its next transaction, each in a
-        savepoint of its own, so that one that raises (a lost lease, a conflict) is undone alone and only its
-        caller sees the error. A commit that fails fails every write of its batch.
+        Group commit: writes that arrive together share a transaction (see _commit). `is_small` marks a write of a
+        few rows of little data: a store with a connection for the caller's thread gathers those that arrive in one
+        turn of the event loop and commits them there, at its next turn (see _commit_here). Every other write goes
+        to the writer thread, where those that arrive while it is busy wait, then share its next transaction.
 
         `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
         transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin).
-        `is_small` marks a write of a few rows of little data, which a store with a connection for the caller's
-        thread commits there when it can do so at once and executes at most one run (see _write_here).
         """
-        if is_small and self._here is not None and self._executing <= 1:
-            is_done, result = self._write_here(fn, args)
-            if is_done:
-                return result
-        write = _Write(fn=fn, args=args, future=asyncio.get_running_loop().create_future(), is_progress=is_progress)
+        loop = asyncio.get_running_loop()
+        write = _Write(fn=fn, args=args, future=loop.create_future(), is_progress=is_progress)
+        if not is_small or self._here is None:
+            self._hand_over([write])
+        else:
+            self._gathered.append(write)
+            if len(self._gathered) == 1:
+                loop.call_soon(self._commit_here)
+        return await write.future
+
+    def _hand_over(self, writes: list[_Write]) -> None:
+        # Queue `writes` for the writer thread's next transaction, waking it if it is idle.
         with self._pending_lock:
-            self._pending.append(write)
+            self._pending += writes
             is_idle, self._is_draining = not self._is_draining, True
         if is_idle:
             self._thread.submit(self._drain)
-        return await write.future
 
-    def _write_here(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[bool, T | None]:
-        """Commit `fn(db, *args)` on the caller's thread, if the writer thread is idle and the database's write lock
-        free at once: (True, what it returned); else (False, None) and nothing is done.
+    def _commit_here(self) -> None:
+        """Commit the gathered small writes on the caller's thread, if the writer thread is idle and the database's
+        write lock free at once; else (or if one of them fails: see _commit) hand them to the writer thread.
 
         A hop to the writer thread and back costs several times a small SQLite transaction. This one never waits:
         the connection's busy timeout is zero, and it leaves WAL checkpoints (which sync the disk) to the writer
         thread. Writes that arrive meanwhile (from another thread) wait for the writer thread, as in a batch.
         """
+        batch, self._gathered = [write for write in self._gathered if not write.future.cancelled()], []
         with self._pending_lock:
-            if self._is_draining:
-                return False, None
-            self._is_draining = True  # the writer's turn is this thread's until the commit
+            is_turn, self._is_draining = not self._is_draining, True  # the writer's turn is this thread's
         is_done = False
         try:
-            if not self._begin_here():  # another process holds the lock: the writer thread waits for it
-                return False, None
-            with self._committing(self._here) as db:
-                result = fn(db, *args)
-            is_done = True
-            return True, result
-        finally:
-            self._here_commits += is_done
-            is_checkpoint = is_done and self._here_commits % HERE_CHECKPOINT_COMMITS == 0
-            with self._pending_lock:  # a checkpoint is the writer thread's turn: this process appends nothing
-                self._is_draining = is_busy = is_checkpoint or bool(self._pending)  # meanwhile, so it completes
-            if is_busy:
-                self._thread.submit(self._drain, is_checkpoint)
+            if batch and is_turn and self._begin_here():  # else another process holds the lock: the thread waits
+                with self._committing(self._here) as db:
+                    self._apply_all(db, batch)
+                is_done = True
+        except _WriteFailed:  # the writer thread applies them again, with savepoints
+            for write in batch:
+                write.has_failed = True
+        except Exception as exc:  # nothing of the batch was committed
+            for write in batch:
+                write.error, is_done = exc, True
+        self._here_commits += is_done
+        is_checkpoint = is_done and self._here_commits % HERE_CHECKPOINT_COMMITS == 0
+        with self._pending_lock:  # a checkpoint is the writer thread's turn: this process appends nothing
+            if not is_done:  # meanwhile, so it completes
+                self._pending += batch
+            if is_turn:
+                self._is_draining = is_busy = is_checkpoint or bool(self._pending)
+        if is_turn and is_busy:
+            self._thread.submit(self._drain, is_checkpoint)
+        if is_done:
+            _settle(batch)
 
     def _checkpoint(self) -> None:
-        """Copy the WAL's committed pages into the database (see _write_here), without waiting for readers; a
+        """Copy the WAL's committed pages into the database (see _commit_here), without waiting for readers; a
         complete checkpoint lets the next write start the WAL file over."""
 
     def _drain(self, is_checkpoint: bool = False) -> None:
-        # On the writer thread: checkpoint if asked to (see _write_here), then commit batches until no write waits.
+        # On the writer thread: checkpoint if asked to (see _commit_here), then commit batches until no write waits.
         if is_checkpoint:
             with contextlib.suppress(Exception):  # SqliteStore._checkpoint logs its failures; the writes go on
                 self._checkpoint()
@@ -3595,16 +3600,36 @@ class SqlStore:
                     loop.call_soon_threadsafe(_settle, list(writes))
 
     def _commit(self, batch: list["_Write"]) -> None:
+        # One transaction, the writes one after another. If one of several raises (a lost lease, a conflict), the
+        # transaction is undone and the batch applied again with a savepoint for each write, so that it is undone
+        # alone and only its caller sees the error. A commit that fails fails every write of its batch.
+        is_progress = all(write.is_progress for write in batch)
         try:
-            with self._transaction(is_progress=all(write.is_progress for write in batch)) as db:
-                if len(batch) == 1:  # alone in its transaction, a write that fails needs no savepoint to undo
-                    batch[0].result = batch[0].fn(db, *batch[0].args)
-                else:
+            try:
+                if any(write.has_failed for write in batch):  # on the caller's thread already
+                    raise _WriteFailed
+                with self._transaction(is_progress=is_progress) as db:
+                    self._apply_all(db, batch)
+            except _WriteFailed:
+                with self._transaction(is_progress=is_progress) as db:
                     for write in batch:
                         self._apply(db, write)
         except Exception as exc:  # nothing of the batch was committed
             for write in batch:
                 write.result, write.error = None, exc
+
+    def _apply_all(self, db: Any, batch: list["_Write"]) -> None:
+        # Alone in its transaction, a write that raises needs no savepoint to undo: its caller gets the error (one
+        # that the database reports later, at the commit, too).
+        try:
+            for write in batch:
+                write.result = write.fn(db, *write.args)
+            if len(batch) > 1:
+                self._sync(db)  # a failure that the database reports later is still one of the writes'
+        except Exception:
+            if len(batch) == 1:
+                raise
+            raise _WriteFailed from None
 
     def _apply(self, db: Any, write: "_Write") -> None:
         db.execute("SAVEPOINT write")
@@ -3932,7 +3957,7 @@ class SqliteStore(SqlStore):
     def _connect_here(self) -> sqlite3.Connection:
         db = self._connect()
         db.execute("PRAGMA busy_timeout = 0")  # refused at once when another process writes
-        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints (see _write_here)
+        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints (see _commit_here)
         return db
 
     def _begin_here(self) -> bool:

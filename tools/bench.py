@@ -1211,22 +1211,16 @@ async def store_traffic(we: ModuleType, location: str, runs: int) -> dict[str, A
     relay = RoundTrips(location) if location.startswith(POSTGRES_SCHEMES) else None
     store = we.open_store(relay.url if relay else location)
     counts = dict.fromkeys(("writes", "hops", "transactions"), 0)
-    commit, write_here = store._commit, store._write_here
+    apply_all = store._apply_all
 
-    def counted(batch: list[Any]) -> None:
+    def counted(db: Any, batch: list[Any]) -> None:  # every transaction of writes, on either thread
         writes = sum(write.fn.__name__ != "_heartbeat" for write in batch)
         counts["writes"] += writes
-        counts["hops"] += writes
+        counts["hops"] += writes if db is not store._here else 0
         counts["transactions"] += writes > 0
-        commit(batch)
+        apply_all(db, batch)
 
-    def counted_here(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
-        is_done, result = write_here(fn, args)
-        counts["writes"] += is_done
-        counts["transactions"] += is_done
-        return is_done, result
-
-    store._commit, store._write_here = counted, counted_here
+    store._apply_all = counted
     engine = we.Engine(bench_registry(we), store)
     try:
         await engine.create_graph(bench_graph(we))
