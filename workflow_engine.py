@@ -3132,6 +3132,12 @@ _WEBHOOKS = (  # version 6: completion webhooks, one row per event (a run's stop
 )
 
 
+def _stopped(status: RunStatus) -> int | None:
+    """What a write of a run in `status` adds to the database's clock for its stopped_at, when the sweeper counts
+    its time to live from (NULL + a time is NULL: an active run has none)."""
+    return None if status.is_active else 0
+
+
 def _reference_rows(graph: GraphDefinition) -> list[tuple[str, int, str, str]]:
     """The graph_references rows of `graph`: (its id, the node's place among its composite nodes, the node, the
     graph the node runs), each once."""
@@ -3767,15 +3773,16 @@ class SqlStore:
                room: int | None, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
                events: int, entries: list[tuple[str, int, bytes]], webhook: WebhookEvent | None) -> int:
         owner = owner if status.is_active else None  # a stopped run has no owner
-        lease = None if owner is None else lease_s
+        lease, stopped = None if owner is None else lease_s, _stopped(status)
         if room is not None and status.is_active and self._one(
                 db, f"SELECT COUNT(*) FROM runs WHERE origin = ? AND {_IN_ACTIVE}", (origin,))[0] >= room:
             raise Busy("too many runs are waiting; retry later")
         if expected is None:
             attempt = 1
             db.execute(self._sql("INSERT INTO runs (run_id, graph_id, status, owner, attempt, lease_until, head,"
-                                 f" history, event_count, origin) VALUES (?, ?, ?, ?, 1, {self.NOW} + ?, ?, ?, ?, ?)"),
-                       (run_id, graph_id, status.value, owner, lease, head, history, events, origin))
+                                 " history, event_count, origin, stopped_at)"
+                                 f" VALUES (?, ?, ?, ?, 1, {self.NOW} + ?, ?, ?, ?, ?, {self.NOW} + ?)"),
+                       (run_id, graph_id, status.value, owner, lease, head, history, events, origin, stopped))
         else:
             row = self._one(db, "SELECT status, attempt, owner FROM runs WHERE run_id = ?", (run_id,))
             if row is None:
@@ -3785,8 +3792,8 @@ class SqlStore:
             attempt = row[1] + 1
             db.execute(self._sql(f"UPDATE runs SET status = ?, owner = ?, attempt = ?, lease_until = {self.NOW} + ?,"
                                  " cancel_requested = 0, head = ?, history = ?, event_count = ?,"
-                                 " origin = COALESCE(?, origin) WHERE run_id = ?"),
-                       (status.value, owner, attempt, lease, head, history, events, origin, run_id))
+                                 f" origin = COALESCE(?, origin), stopped_at = {self.NOW} + ? WHERE run_id = ?"),
+                       (status.value, owner, attempt, lease, head, history, events, origin, stopped, run_id))
         self._add_logs(db, run_id, status, entries, webhook, queued=owner is None and status.is_active,
                        was_finished=expected is not None and expected.is_terminal)
         return attempt
@@ -3805,9 +3812,9 @@ class SqlStore:
         owner = lease.owner if status.is_active else None
         if not self._changed(
                 db, f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
-                " event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ?",
-                (status.value, owner, lease_s if owner else None, head, history, events, run_id, lease.owner,
-                 lease.attempt)):
+                f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?",
+                (status.value, owner, lease_s if owner else None, head, history, events, _stopped(status), run_id,
+                 lease.owner, lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook)
 
@@ -3815,9 +3822,10 @@ class SqlStore:
                    history: bytes, events: int, entries: list[tuple[str, int, bytes]],
                    webhook: WebhookEvent | None) -> None:
         if not self._changed(
-                db, "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
-                f" event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}",
-                (status.value, head, history, events, run_id, lease.owner, lease.attempt)):
+                db, f"UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
+                f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?"
+                f" AND lease_until < {self.NOW}",
+                (status.value, head, history, events, _stopped(status), run_id, lease.owner, lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
@@ -3894,8 +3902,6 @@ class SqlStore:
                   webhook: WebhookEvent | None = None, *, queued: bool = False, was_finished: bool = False) -> None:
         self._executemany(db, "INSERT INTO logs (run_id, position, entry) VALUES (?, ?, ?)"
                           " ON CONFLICT (run_id, position) DO UPDATE SET entry = excluded.entry", entries)
-        if not status.is_active:  # what the sweeper counts a time to live from
-            db.execute(self._sql(f"UPDATE runs SET stopped_at = {self.NOW} WHERE run_id = ?"), (run_id,))
         if webhook is not None:  # in the transaction of the stop itself: a crash cannot lose it
             self._add_webhook(db, webhook)
         if status.is_terminal and not was_finished:
@@ -3910,10 +3916,10 @@ class SqlStore:
 
     def _count_finished(self, db: Any, change: int) -> int:
         """Add `change` to the count of finished runs (in meta); return the new count."""
-        if change:
-            db.execute(self._sql("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
-                                 " WHERE key = 'finished_runs'"), (change,))
-        return int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0])
+        if not change:
+            return int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0])
+        return int(self._one(db, "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
+                             " WHERE key = 'finished_runs' RETURNING value", (change,))[0])
 
     def _evict(self, db: Any, finished: int) -> None:
         """Delete the oldest finished runs beyond max_runs, of the `finished` stored: the index of finished runs
