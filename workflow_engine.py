@@ -3132,12 +3132,6 @@ _WEBHOOKS = (  # version 6: completion webhooks, one row per event (a run's stop
 )
 
 
-def _stopped(status: RunStatus) -> int | None:
-    """What a write of a run in `status` adds to the database's clock for its stopped_at, when the sweeper counts
-    its time to live from (NULL + a time is NULL: an active run has none)."""
-    return None if status.is_active else 0
-
-
 def _reference_rows(graph: GraphDefinition) -> list[tuple[str, int, str, str]]:
     """The graph_references rows of `graph`: (its id, the node's place among its composite nodes, the node, the
     graph the node runs), each once."""
@@ -3169,14 +3163,13 @@ _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "
 
 @attrs.define(eq=False)
 class _Write:
-    """One write a SqlStore's writer thread applies: `fn(db, *args)`, what it returned or raised, and the future
-    of the caller that awaits it."""
+    """One write of a SqlStore's batch: `fn(db, *args)`, what it returned or raised, the future its caller awaits."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
     is_progress: bool  # see SqlStore._write
-    has_failed: bool = False  # whether its batch, applied without savepoints, failed (see SqlStore._commit)
+    has_failed: bool = False  # in a batch applied without savepoints on the caller's thread (see SqlStore._commit)
     result: Any = None
     error: Exception | None = None
 
@@ -3226,8 +3219,8 @@ class SqlStore:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
         self._pending: list[_Write] = []  # writes waiting for the writer thread's next transaction
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
-        self._is_draining = False  # whether the writer thread has a _drain queued or running
-        self._here = self._connect_here()  # for small writes on the caller's thread (see _commit_here), or None
+        self._is_draining = False  # whose turn to write: a _drain queued or running, or _commit_here's
+        self._here: Any = None  # SqliteStore's, for small writes on the caller's thread (see _commit_here)
         self._gathered: list[_Write] = []  # small writes for the caller's thread's next transaction
         self._here_commits = 0
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
@@ -3235,8 +3228,7 @@ class SqlStore:
         # encodes a run at every step, and a copy of the run without its log would cost as much again.
         self._unstructure_head = make_dict_unstructure_fn(RunContext, converter, logs=override(omit=True),
                                                           branch_results=override(omit_if_default=True))
-        self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
-        # deleted (on any server) and created again has a new seq
+        self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: new if made again
         with self._transaction() as db:
             self._migrate(db)
             self._evict(db, self._count_finished(db, 0))  # a store opened with a smaller max_runs than it holds
@@ -3279,8 +3271,7 @@ class SqlStore:
 
     def webhook_of(self, run_id: str) -> WebhookDelivery | None:
         """How the latest webhook event of a run went; None if it has none."""
-        with self._reading() as db:
-            return self._webhook_of(db, run_id)
+        return self._webhook_of(self._reader, run_id)  # one statement: no transaction (see _read_one)
 
     async def add_graph(self, graph: GraphDefinition, registered: Collection[str] = ()) -> bool:
         """Store `graph` as MemoryStore does; the graphs it runs are checked, and its references (see _REFERENCES)
@@ -3294,14 +3285,12 @@ class SqlStore:
 
     def get_graph(self, graph_id: str) -> GraphDefinition:
         """Return the graph stored as `graph_id`, or raise GraphNotFound."""
-        cached = self._graph_cache.get(graph_id)
-        row = self._read_one("SELECT seq FROM graphs WHERE graph_id = ?", (graph_id,))
-        if row is not None and (cached is None or cached[0] != row[0]):
-            row = self._read_one("SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
-            cached = None if row is None else (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
-        if row is None or cached is None:
+        row = self._read_one("SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
+        if row is None:
             raise GraphNotFound(graph_id)
-        self._graph_cache[graph_id] = cached
+        cached = self._graph_cache.get(graph_id)
+        if cached is None or cached[0] != row[0]:
+            cached = self._graph_cache[graph_id] = (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
         return cached[1]
 
     def list_graphs(self, *, limit: int = 50, offset: int = 0) -> tuple[list[GraphDefinition], int]:
@@ -3447,14 +3436,6 @@ class SqlStore:
     def _connect(self) -> Any:
         raise NotImplementedError
 
-    def _connect_here(self) -> Any:
-        """A connection for writes on the caller's thread that never wait (see _commit_here); None: there are none."""
-        return None
-
-    def _begin_here(self) -> bool:
-        """Begin a write transaction on the caller's thread's connection if the lock is free now; else False."""
-        raise NotImplementedError
-
     def _sql(self, statement: str) -> str:
         return statement
 
@@ -3521,26 +3502,24 @@ class SqlStore:
     async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False, is_small: bool = False) -> T:
         """Return `fn(db, *args)`, called in a transaction that commits before this returns.
 
-        Group commit: writes that arrive together share a transaction (see _commit). `is_small` marks a write of a
-        few rows of little data: a store with a connection for the caller's thread gathers those that arrive in one
-        turn of the event loop and commits them there, at its next turn (see _commit_here). Every other write goes
-        to the writer thread, where those that arrive while it is busy wait, then share its next transaction.
+        Group commit: writes that arrive together share a transaction (see _commit). Small ones (a few rows of
+        little data) wait for the end of this turn of the event loop and commit with the turn's others, on the
+        caller's thread if there is a connection for it (see _commit_here); the others go to the writer thread.
 
         `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
         transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin).
         """
         loop = asyncio.get_running_loop()
         write = _Write(fn=fn, args=args, future=loop.create_future(), is_progress=is_progress)
-        if not is_small or self._here is None:
-            self._hand_over([write])
-        else:
+        if is_small and self._here is not None:
             self._gathered.append(write)
             if len(self._gathered) == 1:
                 loop.call_soon(self._commit_here)
+        else:
+            self._hand_over([write])
         return await write.future
 
     def _hand_over(self, writes: list[_Write]) -> None:
-        # Queue `writes` for the writer thread's next transaction, waking it if it is idle.
         with self._pending_lock:
             self._pending += writes
             is_idle, self._is_draining = not self._is_draining, True
@@ -3548,43 +3527,34 @@ class SqlStore:
             self._thread.submit(self._drain)
 
     def _commit_here(self) -> None:
-        """Commit the gathered small writes on the caller's thread, if the writer thread is idle and the database's
-        write lock free at once; else (or if one of them fails: see _commit) hand them to the writer thread.
-
-        A hop to the writer thread and back costs several times a small SQLite transaction. This one never waits:
-        the connection's busy timeout is zero, and it leaves WAL checkpoints (which sync the disk) to the writer
-        thread. Writes that arrive meanwhile (from another thread) wait for the writer thread, as in a batch.
-        """
+        """Commit the gathered writes on the caller's thread if the writer thread is idle and the database's write
+        lock free at once (a hop to the writer thread and back costs several times a small SQLite transaction);
+        else, or if one of them fails (see _commit), hand them to the writer thread. This never waits: the busy
+        timeout is zero, and WAL checkpoints (which sync the disk) are the writer thread's, every
+        HERE_CHECKPOINT_COMMITS commits, while this thread's writes wait for it."""
         batch, self._gathered = [write for write in self._gathered if not write.future.cancelled()], []
         with self._pending_lock:
             is_turn, self._is_draining = not self._is_draining, True  # the writer's turn is this thread's
         is_done = False
-        try:
-            if batch and is_turn and self._begin_here():  # else another process holds the lock: the thread waits
+        if batch and is_turn and self._begin_here():  # else another process holds the lock: the thread waits
+            try:
                 with self._committing(self._here) as db:
                     self._apply_all(db, batch)
                 is_done = True
-        except _WriteFailed:  # the writer thread applies them again, with savepoints
-            for write in batch:
-                write.has_failed = True
-        except Exception as exc:  # nothing of the batch was committed
-            for write in batch:
-                write.error, is_done = exc, True
+            except _WriteFailed:  # the writer thread applies them again, with savepoints
+                for write in batch:
+                    write.has_failed = True
+            except Exception as exc:  # nothing of the batch was committed
+                for write in batch:
+                    write.error, is_done = exc, True
         self._here_commits += is_done
         is_checkpoint = is_done and self._here_commits % HERE_CHECKPOINT_COMMITS == 0
-        with self._pending_lock:  # a checkpoint is the writer thread's turn: this process appends nothing
-            if not is_done:  # meanwhile, so it completes
-                self._pending += batch
-            if is_turn:
+        if is_turn:
+            with self._pending_lock:  # the turn ends, or is the writer thread's if it has work (a checkpoint too)
                 self._is_draining = is_busy = is_checkpoint or bool(self._pending)
-        if is_turn and is_busy:
-            self._thread.submit(self._drain, is_checkpoint)
-        if is_done:
-            _settle(batch)
-
-    def _checkpoint(self) -> None:
-        """Copy the WAL's committed pages into the database (see _commit_here), without waiting for readers; a
-        complete checkpoint lets the next write start the WAL file over."""
+            if is_busy:
+                self._thread.submit(self._drain, is_checkpoint)
+        (_settle if is_done else self._hand_over)(batch)
 
     def _drain(self, is_checkpoint: bool = False) -> None:
         # On the writer thread: checkpoint if asked to (see _commit_here), then commit batches until no write waits.
@@ -3612,7 +3582,7 @@ class SqlStore:
         is_progress = all(write.is_progress for write in batch)
         try:
             try:
-                if any(write.has_failed for write in batch):  # on the caller's thread already
+                if any(write.has_failed for write in batch):
                     raise _WriteFailed
                 with self._transaction(is_progress=is_progress) as db:
                     self._apply_all(db, batch)
@@ -3625,8 +3595,7 @@ class SqlStore:
                 write.result, write.error = None, exc
 
     def _apply_all(self, db: Any, batch: list["_Write"]) -> None:
-        # Alone in its transaction, a write that raises needs no savepoint to undo: its caller gets the error (one
-        # that the database reports later, at the commit, too).
+        # Alone in its transaction, a write that raises needs no savepoint to undo: its caller gets the error.
         try:
             for write in batch:
                 write.result = write.fn(db, *write.args)
@@ -3773,7 +3742,8 @@ class SqlStore:
                room: int | None, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
                events: int, entries: list[tuple[str, int, bytes]], webhook: WebhookEvent | None) -> int:
         owner = owner if status.is_active else None  # a stopped run has no owner
-        lease, stopped = None if owner is None else lease_s, _stopped(status)
+        # stopped_at, what the sweeper counts a time to live from: now for a stopped run, NULL (NULL + now) if active
+        lease, stopped = None if owner is None else lease_s, None if status.is_active else 0
         if room is not None and status.is_active and self._one(
                 db, f"SELECT COUNT(*) FROM runs WHERE origin = ? AND {_IN_ACTIVE}", (origin,))[0] >= room:
             raise Busy("too many runs are waiting; retry later")
@@ -3813,8 +3783,8 @@ class SqlStore:
         if not self._changed(
                 db, f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
                 f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?",
-                (status.value, owner, lease_s if owner else None, head, history, events, _stopped(status), run_id,
-                 lease.owner, lease.attempt)):
+                (status.value, owner, lease_s if owner else None, head, history, events,
+                 None if status.is_active else 0, run_id, lease.owner, lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook)
 
@@ -3825,7 +3795,8 @@ class SqlStore:
                 db, f"UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
                 f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?"
                 f" AND lease_until < {self.NOW}",
-                (status.value, head, history, events, _stopped(status), run_id, lease.owner, lease.attempt)):
+                (status.value, head, history, events, None if status.is_active else 0, run_id, lease.owner,
+                 lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
@@ -3892,11 +3863,10 @@ class SqlStore:
         clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
         expired = self._all(db, f"SELECT run_id FROM runs WHERE {_IN_PAUSED if is_paused else _IN_TERMINAL}"
                             " AND owner IS NULL AND stopped_at < ? ORDER BY stopped_at LIMIT ?", (clock - ttl_s, limit))
-        ids = [(run_id,) for (run_id,) in expired]
-        self._delete_with_runs(db, ids)
+        self._delete_with_runs(db, expired)
         if not is_paused:
-            self._count_finished(db, -len(ids))
-        return len(ids)
+            self._count_finished(db, -len(expired))
+        return len(expired)
 
     def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]],
                   webhook: WebhookEvent | None = None, *, queued: bool = False, was_finished: bool = False) -> None:
@@ -3950,6 +3920,9 @@ class SqliteStore(SqlStore):
                  max_graphs: int = MAX_STORED_GRAPHS) -> None:
         self.path = str(path)
         super().__init__(max_runs=max_runs, max_graphs=max_graphs)
+        self._here = self._connect()  # for small writes on the caller's thread, which never wait (see _commit_here)
+        self._here.execute("PRAGMA busy_timeout = 0")  # refused at once when another process writes
+        self._here.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints (see _commit_here)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_S)
@@ -3960,12 +3933,6 @@ class SqliteStore(SqlStore):
     def _begin(self, db: sqlite3.Connection, *, write: bool, is_progress: bool = False) -> None:
         db.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # a writer takes the lock first: no deadlocks
 
-    def _connect_here(self) -> sqlite3.Connection:
-        db = self._connect()
-        db.execute("PRAGMA busy_timeout = 0")  # refused at once when another process writes
-        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints (see _commit_here)
-        return db
-
     def _begin_here(self) -> bool:
         try:
             self._here.execute("BEGIN IMMEDIATE")
@@ -3974,6 +3941,8 @@ class SqliteStore(SqlStore):
         return True
 
     def _checkpoint(self) -> None:
+        """Copy the WAL's committed pages into the database (see _commit_here), without waiting for readers; a
+        complete checkpoint lets the next write start the WAL file over."""
         try:
             self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:  # the next one may succeed; meanwhile the WAL grows
