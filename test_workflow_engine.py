@@ -6512,17 +6512,20 @@ def test_e2e_postgres_background_runs_are_executed_by_all_three_servers(pg_env: 
 @needs_postgres
 def test_e2e_postgres_sigkill_of_a_server_its_runs_go_on_elsewhere(pg_env: dict[str, str], tmp_path: Path) -> None:
     """With WORKFLOW_LEASE_S=2, the runs of a killed server finish on the others; answered runs stay intact, and no
-    committed step runs twice (only the one that was cut short may)."""
+    committed step runs twice (only the one that was cut short may). Each server executes at most 4 of the 12 queued
+    runs at once, so the one killed has some: it is killed once it has executed a step of one (its answered runs
+    wrote its pid first, which made the kill come before any claim of it now and then)."""
     journal = tmp_path / "journal"
     data = {"journal": str(journal), "steps": 6, "step_s": 0.3}
-    with three_servers(pg_env) as servers, httpx.Client(timeout=30) as client:
+    with three_servers({**pg_env, "WORKFLOW_MAX_CONCURRENT_RUNS": "4"}) as servers, httpx.Client(timeout=30) as client:
         (a, a_pid), (b, _), (c, _) = servers
         client.post(a + "/graph/create", json=STEPS_GRAPH)
         answered = [client.post(a + "/graph/run", json={"graph_id": "steps", "state": {"data": {**data, "steps": 1}}})
                     .json() for _ in range(3)]
         run_ids = [client.post(url + "/graph/run", json={"graph_id": "steps", "wait": False, "state": {"data": data}})
                    .json()["run_id"] for url in (a, b, c) * 4]
-        wait_for(lambda: str(a_pid) in {line.split()[2] for line in journal.read_text().splitlines()})
+        wait_for(lambda: (str(a_pid), True) in {(line.split()[2], line.split()[0] in run_ids)
+                                                for line in journal.read_text().splitlines()})
         kill(a_pid)
         wait_for(lambda: all(client.get(f"{b}/graph/state/{r}").json()["status"] == "completed" for r in run_ids), 60)
         records = {r: client.get(f"{c}/graph/state/{r}").json() for r in run_ids}
