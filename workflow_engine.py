@@ -2560,7 +2560,7 @@ def _merged(policy: MergePolicy, values: list[Any], name: str, key: str) -> Any:
 # Two stores share one interface: reads are plain calls, writes are awaited. MemoryStore never awaits, so no other
 # task can see it between a read and a write. SqliteStore reads on the caller's thread (WAL readers never wait for
 # writers) and writes on one thread of its own, so a busy database never stalls the event loop; a small write
-# commits on the caller's thread when it can do so without waiting (see SqlStore._write_here). A finished run is
+# commits on the caller's thread when it can do so without waiting (see SqlStore._commit_here). A finished run is
 # kept as compact JSON: a fifth of the memory of its objects, nothing for the garbage collector to scan again and
 # again, and ready to send as it is. A big record (see _is_big) is encoded on a thread of the store's own, so that
 # the event loop does no work that grows with a run's size when the run is saved.
@@ -3162,13 +3162,13 @@ _CHANNEL = "workflow_engine"  # PostgreSQL notifications: "run <id>", "queue", "
 
 @attrs.define(eq=False)
 class _Write:
-    """One write a SqlStore's writer thread applies: `fn(db, *args)`, what it returned or raised, and the future
-    of the caller that awaits it."""
+    """One write of a SqlStore's batch: `fn(db, *args)`, what it returned or raised, the future its caller awaits."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
     is_progress: bool  # see SqlStore._write
+    has_failed: bool = False  # in a batch applied without savepoints on the caller's thread (see SqlStore._commit)
     result: Any = None
     error: Exception | None = None
 
@@ -3182,6 +3182,10 @@ def _settle(writes: list[_Write]) -> None:
             write.future.set_result(write.result)
         else:
             write.future.set_exception(write.error)
+
+
+class _WriteFailed(Exception):
+    """One write of a batch applied without savepoints raised: the batch is undone, to be applied again with them."""
 
 
 class SqlStore:
@@ -3214,18 +3218,15 @@ class SqlStore:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-store")
         self._pending: list[_Write] = []  # writes waiting for the writer thread's next transaction
         self._pending_lock = threading.Lock()  # guards _pending and _is_draining, shared with the writer thread
-        self._is_draining = False  # whether the writer thread has a _drain queued or running
-        self._here = self._connect_here()  # for small writes on the caller's thread (see _write_here), or None
+        self._is_draining = False  # whose turn to write: a _drain queued or running, or _commit_here's
+        self._here: Any = None  # SqliteStore's, for small writes on the caller's thread (see _commit_here)
+        self._gathered: list[_Write] = []  # small writes for the caller's thread's next transaction
         self._here_commits = 0
-        # How many runs this process executes under a lease, as its claims and last saves count them: with more
-        # than one, the event loop has other work, and the writer thread commits in batches on another core.
-        self._executing = 0
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         # The converter's hook for a run without the log, which the logs table holds (a checkpoint every step).
         self._unstructure_head = make_dict_unstructure_fn(RunContext, converter, logs=override(omit=True),
                                                           branch_results=override(omit_if_default=True))
-        self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: a graph
-        # deleted (on any server) and created again has a new seq
+        self._graph_cache: dict[str, tuple[int, GraphDefinition]] = {}  # by id, with its row's seq: new if made again
         with self._transaction() as db:
             self._migrate(db)
             self._evict(db, self._count_finished(db, 0))  # a store opened with a smaller max_runs than it holds
@@ -3268,8 +3269,7 @@ class SqlStore:
 
     def webhook_of(self, run_id: str) -> WebhookDelivery | None:
         """How the latest webhook event of a run went; None if it has none."""
-        with self._reading() as db:
-            return self._webhook_of(db, run_id)
+        return self._webhook_of(self._reader, run_id)  # one statement: no transaction (see _read_one)
 
     async def add_graph(self, graph: GraphDefinition, registered: Collection[str] = ()) -> bool:
         """Store `graph` as MemoryStore does; the graphs it runs are checked, and its references (see _REFERENCES)
@@ -3283,14 +3283,12 @@ class SqlStore:
 
     def get_graph(self, graph_id: str) -> GraphDefinition:
         """Return the graph stored as `graph_id`, or raise GraphNotFound."""
-        cached = self._graph_cache.get(graph_id)
-        row = self._read_one("SELECT seq FROM graphs WHERE graph_id = ?", (graph_id,))
-        if row is not None and (cached is None or cached[0] != row[0]):
-            row = self._read_one("SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
-            cached = None if row is None else (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
-        if row is None or cached is None:
+        row = self._read_one("SELECT seq, definition FROM graphs WHERE graph_id = ?", (graph_id,))
+        if row is None:
             raise GraphNotFound(graph_id)
-        self._graph_cache[graph_id] = cached
+        cached = self._graph_cache.get(graph_id)
+        if cached is None or cached[0] != row[0]:
+            cached = self._graph_cache[graph_id] = (row[0], converter.structure(json.loads(row[1]), GraphDefinition))
         return cached[1]
 
     def list_graphs(self, *, limit: int = 50, offset: int = 0) -> tuple[list[GraphDefinition], int]:
@@ -3310,7 +3308,6 @@ class SqlStore:
         """
         values, is_small = await self._encoded(run, saved_logs)
         attempt = await self._write(self._claim, expected, owner, lease_s, origin, room, *values, is_small=is_small)
-        self._executing += owner is not None and run.status.is_active
         return Lease(owner=owner or "", attempt=attempt)
 
     async def save_run(self, run: RunContext, lease: Lease, saved_logs: int = 0, lease_s: float = LEASE_S) -> None:
@@ -3319,16 +3316,8 @@ class SqlStore:
         # Unchanged since the last save: the status, and the owner of an active run (its lease names it).
         is_same_status = run.status.is_active and run.history[-1].log_count < saved_logs
         values, is_small = await self._encoded(run, saved_logs)
-        is_last = not run.status.is_active
-        try:
-            await self._write(self._save, lease, lease_s, is_same_status, *values, is_progress=run.status.is_active,
-                              is_small=is_small)
-        except LeaseLost:
-            is_last = True  # the run is no longer this process's to execute
-            raise
-        finally:
-            if is_last:
-                self._executing = max(self._executing - 1, 0)
+        await self._write(self._save, lease, lease_s, is_same_status, *values, is_progress=run.status.is_active,
+                          is_small=is_small)
 
     async def claim_next(self, owner: str, lease_s: float = LEASE_S) -> tuple[RunContext, Lease, bool] | None:
         """Take the oldest queued run for `owner`: the run, its lease, and whether someone asked to cancel it; or
@@ -3340,7 +3329,6 @@ class SqlStore:
         if claimed is None:
             return None
         run_id, attempt, is_cancel_requested = claimed
-        self._executing += 1
         return self.get_run(run_id), Lease(owner=owner, attempt=attempt), is_cancel_requested
 
     async def heartbeat(self, owner: str, leases: Mapping[str, int], lease_s: float = LEASE_S) -> Heartbeat:
@@ -3446,14 +3434,6 @@ class SqlStore:
     def _connect(self) -> Any:
         raise NotImplementedError
 
-    def _connect_here(self) -> Any:
-        """A connection for writes on the caller's thread that never wait (see _write_here); None: there are none."""
-        return None
-
-    def _begin_here(self) -> bool:
-        """Begin a write transaction on the caller's thread's connection if the lock is free now; else False."""
-        raise NotImplementedError
-
     def _sql(self, statement: str) -> str:
         return statement
 
@@ -3518,63 +3498,64 @@ class SqlStore:
         db.execute(statement)
 
     async def _write(self, fn: Callable[..., T], *args: Any, is_progress: bool = False, is_small: bool = False) -> T:
-        """Return `fn(db, *args)`, called on the writer thread in a transaction that commits before this returns.
+        """Return `fn(db, *args)`, called in a transaction that commits before this returns.
 
-        Group commit: writes that arrive while the writer is busy wait, then share its next transaction, each in a
-        savepoint of its own, so that one that raises (a lost lease, a conflict) is undone alone and only its
-        caller sees the error. A commit that fails fails every write of its batch.
+        Group commit: writes that arrive together share a transaction (see _commit). Small ones (a few rows of
+        little data) wait for the end of this turn of the event loop and commit with the turn's others, on the
+        caller's thread if there is a connection for it (see _commit_here); the others go to the writer thread.
 
         `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
         transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin).
-        `is_small` marks a write of a few rows of little data, which a store with a connection for the caller's
-        thread commits there when it can do so at once and executes at most one run (see _write_here).
         """
-        if is_small and self._here is not None and self._executing <= 1:
-            is_done, result = self._write_here(fn, args)
-            if is_done:
-                return result
-        write = _Write(fn=fn, args=args, future=asyncio.get_running_loop().create_future(), is_progress=is_progress)
+        loop = asyncio.get_running_loop()
+        write = _Write(fn=fn, args=args, future=loop.create_future(), is_progress=is_progress)
+        if is_small and self._here is not None:
+            self._gathered.append(write)
+            if len(self._gathered) == 1:
+                loop.call_soon(self._commit_here)
+        else:
+            self._hand_over([write])
+        return await write.future
+
+    def _hand_over(self, writes: list[_Write]) -> None:
         with self._pending_lock:
-            self._pending.append(write)
+            self._pending += writes
             is_idle, self._is_draining = not self._is_draining, True
         if is_idle:
             self._thread.submit(self._drain)
-        return await write.future
 
-    def _write_here(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[bool, T | None]:
-        """Commit `fn(db, *args)` on the caller's thread, if the writer thread is idle and the database's write lock
-        free at once: (True, what it returned); else (False, None) and nothing is done.
-
-        A hop to the writer thread and back costs several times a small SQLite transaction. This one never waits:
-        the connection's busy timeout is zero, and it leaves WAL checkpoints (which sync the disk) to the writer
-        thread. Writes that arrive meanwhile (from another thread) wait for the writer thread, as in a batch.
-        """
+    def _commit_here(self) -> None:
+        """Commit the gathered writes on the caller's thread if the writer thread is idle and the database's write
+        lock free at once (a hop to the writer thread and back costs several times a small SQLite transaction);
+        else, or if one of them fails (see _commit), hand them to the writer thread. This never waits: the busy
+        timeout is zero, and WAL checkpoints (which sync the disk) are the writer thread's, every
+        HERE_CHECKPOINT_COMMITS commits, while this thread's writes wait for it."""
+        batch, self._gathered = [write for write in self._gathered if not write.future.cancelled()], []
         with self._pending_lock:
-            if self._is_draining:
-                return False, None
-            self._is_draining = True  # the writer's turn is this thread's until the commit
+            is_turn, self._is_draining = not self._is_draining, True  # the writer's turn is this thread's
         is_done = False
-        try:
-            if not self._begin_here():  # another process holds the lock: the writer thread waits for it
-                return False, None
-            with self._committing(self._here) as db:
-                result = fn(db, *args)
-            is_done = True
-            return True, result
-        finally:
-            self._here_commits += is_done
-            is_checkpoint = is_done and self._here_commits % HERE_CHECKPOINT_COMMITS == 0
-            with self._pending_lock:  # a checkpoint is the writer thread's turn: this process appends nothing
-                self._is_draining = is_busy = is_checkpoint or bool(self._pending)  # meanwhile, so it completes
+        if batch and is_turn and self._begin_here():  # else another process holds the lock: the thread waits
+            try:
+                with self._committing(self._here) as db:
+                    self._apply_all(db, batch)
+                is_done = True
+            except _WriteFailed:  # the writer thread applies them again, with savepoints
+                for write in batch:
+                    write.has_failed = True
+            except Exception as exc:  # nothing of the batch was committed
+                for write in batch:
+                    write.error, is_done = exc, True
+        self._here_commits += is_done
+        is_checkpoint = is_done and self._here_commits % HERE_CHECKPOINT_COMMITS == 0
+        if is_turn:
+            with self._pending_lock:  # the turn ends, or is the writer thread's if it has work (a checkpoint too)
+                self._is_draining = is_busy = is_checkpoint or bool(self._pending)
             if is_busy:
                 self._thread.submit(self._drain, is_checkpoint)
-
-    def _checkpoint(self) -> None:
-        """Copy the WAL's committed pages into the database (see _write_here), without waiting for readers; a
-        complete checkpoint lets the next write start the WAL file over."""
+        (_settle if is_done else self._hand_over)(batch)
 
     def _drain(self, is_checkpoint: bool = False) -> None:
-        # On the writer thread: checkpoint if asked to (see _write_here), then commit batches until no write waits.
+        # On the writer thread: checkpoint if asked to (see _commit_here), then commit batches until no write waits.
         if is_checkpoint:
             with contextlib.suppress(Exception):  # SqliteStore._checkpoint logs its failures; the writes go on
                 self._checkpoint()
@@ -3593,16 +3574,35 @@ class SqlStore:
                     loop.call_soon_threadsafe(_settle, list(writes))
 
     def _commit(self, batch: list["_Write"]) -> None:
+        # One transaction, the writes one after another. If one of several raises (a lost lease, a conflict), the
+        # transaction is undone and the batch applied again with a savepoint for each write, so that it is undone
+        # alone and only its caller sees the error. A commit that fails fails every write of its batch.
+        is_progress = all(write.is_progress for write in batch)
         try:
-            with self._transaction(is_progress=all(write.is_progress for write in batch)) as db:
-                if len(batch) == 1:  # alone in its transaction, a write that fails needs no savepoint to undo
-                    batch[0].result = batch[0].fn(db, *batch[0].args)
-                else:
+            try:
+                if any(write.has_failed for write in batch):
+                    raise _WriteFailed
+                with self._transaction(is_progress=is_progress) as db:
+                    self._apply_all(db, batch)
+            except _WriteFailed:
+                with self._transaction(is_progress=is_progress) as db:
                     for write in batch:
                         self._apply(db, write)
         except Exception as exc:  # nothing of the batch was committed
             for write in batch:
                 write.result, write.error = None, exc
+
+    def _apply_all(self, db: Any, batch: list["_Write"]) -> None:
+        # Alone in its transaction, a write that raises needs no savepoint to undo: its caller gets the error.
+        try:
+            for write in batch:
+                write.result = write.fn(db, *write.args)
+            if len(batch) > 1:
+                self._sync(db)  # a failure that the database reports later is still one of the writes'
+        except Exception:
+            if len(batch) == 1:
+                raise
+            raise _WriteFailed from None
 
     def _apply(self, db: Any, write: "_Write") -> None:
         db.execute("SAVEPOINT write")
@@ -3740,15 +3740,17 @@ class SqlStore:
                room: int | None, run_id: str, graph_id: str, status: RunStatus, head: bytes, history: bytes,
                events: int, entries: list[tuple[str, int, bytes]], webhook: WebhookEvent | None) -> int:
         owner = owner if status.is_active else None  # a stopped run has no owner
-        lease = None if owner is None else lease_s
+        # stopped_at, what the sweeper counts a time to live from: now for a stopped run, NULL (NULL + now) if active
+        lease, stopped = None if owner is None else lease_s, None if status.is_active else 0
         if room is not None and status.is_active and self._one(
                 db, f"SELECT COUNT(*) FROM runs WHERE origin = ? AND {_IN_ACTIVE}", (origin,))[0] >= room:
             raise Busy("too many runs are waiting; retry later")
         if expected is None:
             attempt = 1
             db.execute(self._sql("INSERT INTO runs (run_id, graph_id, status, owner, attempt, lease_until, head,"
-                                 f" history, event_count, origin) VALUES (?, ?, ?, ?, 1, {self.NOW} + ?, ?, ?, ?, ?)"),
-                       (run_id, graph_id, status.value, owner, lease, head, history, events, origin))
+                                 " history, event_count, origin, stopped_at)"
+                                 f" VALUES (?, ?, ?, ?, 1, {self.NOW} + ?, ?, ?, ?, ?, {self.NOW} + ?)"),
+                       (run_id, graph_id, status.value, owner, lease, head, history, events, origin, stopped))
         else:
             row = self._one(db, "SELECT status, attempt, owner FROM runs WHERE run_id = ?", (run_id,))
             if row is None:
@@ -3758,8 +3760,8 @@ class SqlStore:
             attempt = row[1] + 1
             db.execute(self._sql(f"UPDATE runs SET status = ?, owner = ?, attempt = ?, lease_until = {self.NOW} + ?,"
                                  " cancel_requested = 0, head = ?, history = ?, event_count = ?,"
-                                 " origin = COALESCE(?, origin) WHERE run_id = ?"),
-                       (status.value, owner, attempt, lease, head, history, events, origin, run_id))
+                                 f" origin = COALESCE(?, origin), stopped_at = {self.NOW} + ? WHERE run_id = ?"),
+                       (status.value, owner, attempt, lease, head, history, events, origin, stopped, run_id))
         self._add_logs(db, run_id, status, entries, webhook, queued=owner is None and status.is_active,
                        was_finished=expected is not None and expected.is_terminal)
         return attempt
@@ -3778,9 +3780,9 @@ class SqlStore:
         owner = lease.owner if status.is_active else None
         if not self._changed(
                 db, f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
-                " event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ?",
-                (status.value, owner, lease_s if owner else None, head, history, events, run_id, lease.owner,
-                 lease.attempt)):
+                f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?",
+                (status.value, owner, lease_s if owner else None, head, history, events,
+                 None if status.is_active else 0, run_id, lease.owner, lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook)
 
@@ -3788,9 +3790,11 @@ class SqlStore:
                    history: bytes, events: int, entries: list[tuple[str, int, bytes]],
                    webhook: WebhookEvent | None) -> None:
         if not self._changed(
-                db, "UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
-                f" event_count = ? WHERE run_id = ? AND owner = ? AND attempt = ? AND lease_until < {self.NOW}",
-                (status.value, head, history, events, run_id, lease.owner, lease.attempt)):
+                db, f"UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
+                f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?"
+                f" AND lease_until < {self.NOW}",
+                (status.value, head, history, events, None if status.is_active else 0, run_id, lease.owner,
+                 lease.attempt)):
             raise LeaseLost(run_id)
         self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
@@ -3857,18 +3861,15 @@ class SqlStore:
         clock = self._one(db, f"SELECT {self.NOW}")[0] if now is None else now
         expired = self._all(db, f"SELECT run_id FROM runs WHERE {_IN_PAUSED if is_paused else _IN_TERMINAL}"
                             " AND owner IS NULL AND stopped_at < ? ORDER BY stopped_at LIMIT ?", (clock - ttl_s, limit))
-        ids = [(run_id,) for (run_id,) in expired]
-        self._delete_with_runs(db, ids)
+        self._delete_with_runs(db, expired)
         if not is_paused:
-            self._count_finished(db, -len(ids))
-        return len(ids)
+            self._count_finished(db, -len(expired))
+        return len(expired)
 
     def _add_logs(self, db: Any, run_id: str, status: RunStatus, entries: list[tuple[str, int, bytes]],
                   webhook: WebhookEvent | None = None, *, queued: bool = False, was_finished: bool = False) -> None:
         self._executemany(db, "INSERT INTO logs (run_id, position, entry) VALUES (?, ?, ?)"
                           " ON CONFLICT (run_id, position) DO UPDATE SET entry = excluded.entry", entries)
-        if not status.is_active:  # what the sweeper counts a time to live from
-            db.execute(self._sql(f"UPDATE runs SET stopped_at = {self.NOW} WHERE run_id = ?"), (run_id,))
         if webhook is not None:  # in the transaction of the stop itself: a crash cannot lose it
             self._add_webhook(db, webhook)
         if status.is_terminal and not was_finished:
@@ -3883,10 +3884,10 @@ class SqlStore:
 
     def _count_finished(self, db: Any, change: int) -> int:
         """Add `change` to the count of finished runs (in meta); return the new count."""
-        if change:
-            db.execute(self._sql("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
-                                 " WHERE key = 'finished_runs'"), (change,))
-        return int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0])
+        if not change:
+            return int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0])
+        return int(self._one(db, "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
+                             " WHERE key = 'finished_runs' RETURNING value", (change,))[0])
 
     def _evict(self, db: Any, finished: int) -> None:
         """Delete the oldest finished runs beyond max_runs, of the `finished` stored: the index of finished runs
@@ -3917,6 +3918,9 @@ class SqliteStore(SqlStore):
                  max_graphs: int = MAX_STORED_GRAPHS) -> None:
         self.path = str(path)
         super().__init__(max_runs=max_runs, max_graphs=max_graphs)
+        self._here = self._connect()  # for small writes on the caller's thread, which never wait (see _commit_here)
+        self._here.execute("PRAGMA busy_timeout = 0")  # refused at once when another process writes
+        self._here.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints (see _commit_here)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_S)
@@ -3927,12 +3931,6 @@ class SqliteStore(SqlStore):
     def _begin(self, db: sqlite3.Connection, *, write: bool, is_progress: bool = False) -> None:
         db.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # a writer takes the lock first: no deadlocks
 
-    def _connect_here(self) -> sqlite3.Connection:
-        db = self._connect()
-        db.execute("PRAGMA busy_timeout = 0")  # refused at once when another process writes
-        db.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints (see _write_here)
-        return db
-
     def _begin_here(self) -> bool:
         try:
             self._here.execute("BEGIN IMMEDIATE")
@@ -3941,6 +3939,8 @@ class SqliteStore(SqlStore):
         return True
 
     def _checkpoint(self) -> None:
+        """Copy the WAL's committed pages into the database (see _commit_here), without waiting for readers; a
+        complete checkpoint lets the next write start the WAL file over."""
         try:
             self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:  # the next one may succeed; meanwhile the WAL grows

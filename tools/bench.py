@@ -897,12 +897,6 @@ def _over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {"connections": rounds[0]["connections"], **figures, "rounds": len(rounds)}
 
 
-async def _load_case(port: int, request: bytes, connections: int, profile: Profile) -> dict[str, Any]:
-    if profile.http_requests is None:
-        return await load_for(port, request, connections, profile.http_warmup, profile.http_seconds)
-    return await load_counted(port, request, connections, profile.http_requests)
-
-
 def _http_targets(row: dict[str, Any]) -> list[dict[str, Any]]:
     if row["skipped"] is not None:
         return [target_row(f"http on {row['stack']}: skipped ({row['skipped']})", None, None, "measured", False)]
@@ -1217,22 +1211,16 @@ async def store_traffic(we: ModuleType, location: str, runs: int) -> dict[str, A
     relay = RoundTrips(location) if location.startswith(POSTGRES_SCHEMES) else None
     store = we.open_store(relay.url if relay else location)
     counts = dict.fromkeys(("writes", "hops", "transactions"), 0)
-    commit, write_here = store._commit, store._write_here
+    apply_all = store._apply_all
 
-    def counted(batch: list[Any]) -> None:
+    def counted(db: Any, batch: list[Any]) -> None:  # every transaction of writes, on either thread
         writes = sum(write.fn.__name__ != "_heartbeat" for write in batch)
         counts["writes"] += writes
-        counts["hops"] += writes
+        counts["hops"] += writes if db is not store._here else 0
         counts["transactions"] += writes > 0
-        commit(batch)
+        apply_all(db, batch)
 
-    def counted_here(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
-        is_done, result = write_here(fn, args)
-        counts["writes"] += is_done
-        counts["transactions"] += is_done
-        return is_done, result
-
-    store._commit, store._write_here = counted, counted_here
+    store._apply_all = counted
     engine = we.Engine(bench_registry(we), store)
     try:
         await engine.create_graph(bench_graph(we))
@@ -1347,10 +1335,10 @@ async def _store_loads(
     cases: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
     for connections in STORE_CONNECTIONS:
         echo = http_request("POST", "/echo", bare.port, _json_bytes(TRIVIAL_RUN))
-        ceiling.append(await _load_case(bare.port, echo, connections, profile))
+        ceiling.append(await _http_load(bare, echo, connections, attrs.evolve(profile, http_rounds=1)))
         for kind, server in servers.items():
             request = http_request("POST", "/graph/run", server.port, _json_bytes(TRIVIAL_RUN))
-            figures = await _load_case(server.port, request, connections, profile)
+            figures = await _http_load(server, request, connections, attrs.evolve(profile, http_rounds=1))
             figures["share_of_bare"] = figures["rps"] / ceiling[-1]["rps"] if ceiling[-1]["rps"] else 0.0
             cases[kind].append(figures)
     return ceiling, {kind: {"cases": cases[kind], **await _run_counts(server)} for kind, server in servers.items()}
@@ -1449,7 +1437,7 @@ def print_stores(result: dict[str, Any], profile: Profile) -> None:
           f"median of {profile.store_rounds} rounds of {profile.store_runs}; over HTTP: POST /graph/run "
           f'"wait": true, one uvicorn worker per store, {load}')
     print(f"  {'store':<18}{'runs/s':>8}{'us/run':>9}{'vs memory':>10}  |{'conns':>6}{'req/s':>8}{'p50 ms':>8}"
-          f"{'p99 ms':>8}{'errors':>7}{'vs bare':>8}")
+          f"{'p99 ms':>8}{'errors':>7}{'vs bare':>8}{'server cpu us/req':>18}")
     for index, case in enumerate(result["bare"]):
         print(f"  {'bare POST /echo' if index == 0 else '':<{_IN_PROCESS_WIDTH}}  |{_store_case(case, 1.0)}")
     memory = next((row["in_process"] for row in result["stores"] if row["store"] == "memory"), None)
@@ -1485,7 +1473,11 @@ def print_sqlite_figures(sqlite: dict[str, Any]) -> None:
 
 def _store_case(case: dict[str, Any], share: float) -> str:
     return (f"{case['connections']:>6}{case['rps']:>8.0f}{case['p50_ms']:>8.2f}{case['p99_ms']:>8.2f}"
-            f"{case['errors']:>7}{share:>8.0%}")
+            f"{case['errors']:>7}{share:>8.0%}{_cpu_text(case['server_cpu_us']):>18}")
+
+
+def _cpu_text(cpu_us: float | None) -> str:
+    return "-" if cpu_us is None else f"{cpu_us:.0f}"
 
 
 def _store_lines(row: dict[str, Any], memory: dict[str, Any] | None) -> list[str]:
