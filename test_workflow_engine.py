@@ -3212,7 +3212,7 @@ async def test_sqlite_small_write_waits_for_the_writer_thread_while_another_proc
     other.execute("ROLLBACK")
     assert await claiming == we.Lease(owner="", attempt=1)
     assert [statement.split()[0] for statement in thread] == [
-        "BEGIN", "INSERT", "INSERT", "UPDATE", "COMMIT"]  # the run with its stop, its log, the count
+        "BEGIN", "INSERT", "INSERT", "UPDATE", "SELECT", "COMMIT"]  # the run with its stop, its log, the count
     assert store.get_run(run.run_id) == run
     other.close()
     store.close()

@@ -3883,11 +3883,12 @@ class SqlStore:
             db.cursor().executemany(self._sql(statement), rows)
 
     def _count_finished(self, db: Any, change: int) -> int:
-        """Add `change` to the count of finished runs (in meta); return the new count."""
-        if not change:
-            return int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0])
-        return int(self._one(db, "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
-                             " WHERE key = 'finished_runs' RETURNING value", (change,))[0])
+        """Add `change` to the count of finished runs (in meta); return the new count. No `RETURNING`: the SQLite
+        that Python 3.11 links on older systems (before 3.35) has none."""
+        if change:
+            db.execute(self._sql("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT)"
+                                 " WHERE key = 'finished_runs'"), (change,))
+        return int(self._one(db, "SELECT value FROM meta WHERE key = 'finished_runs'")[0])
 
     def _evict(self, db: Any, finished: int) -> None:
         """Delete the oldest finished runs beyond max_runs, of the `finished` stored: the index of finished runs
