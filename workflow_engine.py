@@ -1913,8 +1913,9 @@ async def execute_run(
     on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _may_pause,
     branches: "Branches | None" = None,
 ) -> RunContext:
-    """Drive a pending `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
+    """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
 
+    A pending run is moved to running first; a running one (its caller moved and saved it) starts at once.
     `on_change(run)` is called after every log entry and status change, and `checkpoint(run)` awaited once the run
     is running and after every step that does not end it (a durable store commits it there). `may_pause(run)`
     answers None to let the run pause, or the error that fails it instead. A run over its `timeout_s` ends
@@ -1924,8 +1925,10 @@ async def execute_run(
     """
     is_resumed = run.next_node is not None
     run.next_node = run.next_node or graph.start_node
-    move_run(run, RunStatus.RUNNING)
-    on_change(run)
+    is_moved = run.status is RunStatus.PENDING
+    if is_moved:
+        move_run(run, RunStatus.RUNNING)
+        on_change(run)
     clock = time.perf_counter()
     # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
     deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
@@ -1935,7 +1938,7 @@ async def execute_run(
         fork = _Fork(run, branches, registry, on_change, checkpoint)
     hooks = _Hooks(on_change, checkpoint, deadline, may_pause, fork)
     try:
-        if checkpoint is not None:
+        if checkpoint is not None and is_moved:
             await checkpoint(run)
         if deadline is None:  # nullcontext would cost three calls a run
             status, error = await _drive(run, graph, registry, hooks, is_resumed)
@@ -4289,6 +4292,7 @@ class _ActiveRun:
     logged: int = -1  # log entries written to the server log; -1 until the run's start is logged
     counted_logs: int = -1  # the run's log entries when it started here, which metrics do not count; -1 until then
     is_cancel_requested: bool = False
+    has_slot: bool = False  # whether the run holds one of the engine's max_concurrent_runs execution slots
     # Whether the server log takes the run's progress (debug), asked once per run rather than at every step.
     is_logging: bool = attrs.field(factory=lambda: logger.isEnabledFor(logging.DEBUG))
 
@@ -4388,7 +4392,8 @@ class Engine:
         self._builtin = {graph.graph_id or "": graph for graph in registry.graphs}
         for graph in registry.graphs:  # all known first: a registered graph may run one registered after it
             validate_graph(graph, registry, limits=self.settings, graphs=self.find_graph)
-        self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
+        self._free_slots = self.settings.max_concurrent_runs
+        self._slot_waiters: list[asyncio.Future[None]] = []  # runs waiting for a slot, first come first served
         self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
         self._draining: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None  # with a shared store: claims queued runs, keeps leases
@@ -4795,10 +4800,11 @@ class Engine:
             if not active.graph.nodes:  # see _graph_or_none
                 move_run(run, RunStatus.FAILED, f"graph {run.graph_id!r} was deleted before the run started")
             elif not active.is_cancel_requested:
-                async with self._slots:
-                    checkpoint = active.save if self.store.is_durable else None
-                    await execute_run(run, active.graph, self.registry, on_change=active.notify,
-                                      checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
+                if not active.has_slot:
+                    await self._slot(active)
+                checkpoint = active.save if self.store.is_durable else None
+                await execute_run(run, active.graph, self.registry, on_change=active.notify,
+                                  checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
         except asyncio.CancelledError:  # the runner recorded it, or the finally below does for a run not started
             task = asyncio.current_task()
             for _ in range(active.cancels):  # the engine's own cancels end here, after the last save
@@ -4816,6 +4822,8 @@ class Engine:
             if run.status.is_active:
                 move_run(run, RunStatus.FAILED, "internal error; see the server log")
         finally:
+            if active.has_slot:
+                self._free_slot(active)
             if run.status.is_active:
                 move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
             if active.failure is None:  # a lost lease leaves the run to its new owner
@@ -4832,11 +4840,14 @@ class Engine:
             raise asyncio.CancelledError
 
     async def _claim(self, active: _ActiveRun) -> bool:
-        """Have the store hold the run for this engine; if it refuses, release the record, put the error on
-        `active.accepted` and return False."""
+        """Have the store hold the run for this engine, as running if a slot is free (one write where a pending
+        claim and the move to running take two), else as pending (it waits for a slot); if the store refuses,
+        release the record, put the error on `active.accepted` and return False."""
         try:
             if self.store.is_shared:
                 await self.open()
+            if self._take_slot(active):
+                move_run(active.run, RunStatus.RUNNING)
             await active.claim(self.worker_id, self._room())
         except EngineError as exc:
             self._release(active)
@@ -4846,11 +4857,47 @@ class Engine:
             self._release(active)  # and the run is taken over like one of a server that died
             active.accepted.cancel()
             raise
+        if active.run.status is RunStatus.RUNNING:
+            active.notify(active.run)  # it has started: counted and logged once the store holds it
         return True
 
     def _release(self, active: _ActiveRun) -> None:
+        if active.has_slot:
+            self._free_slot(active)
         del self._active[active.run.run_id]
         active.stopped.set_result(None)
+
+    def _take_slot(self, active: _ActiveRun) -> bool:
+        """Give the run a free slot, if there is one (while any is free, no run waits for one)."""
+        if not active.has_slot and self._free_slots > 0:
+            self._free_slots -= 1
+            active.has_slot = True
+        return active.has_slot
+
+    async def _slot(self, active: _ActiveRun) -> None:
+        """Give the run a slot: a free one, else the next one freed, in the order runs came to wait for one."""
+        if self._take_slot(active):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if not waiter.cancelled():  # handed a slot as the cancel came: it goes to the next run
+                active.has_slot = True
+                self._free_slot(active)
+            raise
+        active.has_slot = True
+
+    def _free_slot(self, active: _ActiveRun) -> None:
+        """Hand the run's slot to the first run still waiting for one, or free it."""
+        active.has_slot = False
+        while self._slot_waiters:
+            waiter = self._slot_waiters.pop(0)
+            if not waiter.done():  # else its run was cancelled while it waited
+                waiter.set_result(None)
+                return
+        self._free_slots += 1
 
     async def _save_last(self, active: _ActiveRun, is_logged: bool) -> None:
         try:
