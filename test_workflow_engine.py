@@ -2621,9 +2621,8 @@ async def test_engine_claims_a_run_with_a_free_slot_as_running_and_queues_the_ot
     assert [(run.status, [change.status for change in run.history]) for run in runs] == 2 * [
         (we.RunStatus.COMPLETED, [we.RunStatus.PENDING, we.RunStatus.RUNNING, we.RunStatus.COMPLETED])]
     running, pending, completed = we.RunStatus.RUNNING, we.RunStatus.PENDING, we.RunStatus.COMPLETED
-    # The first run: its claim, the checkpoint after its step, its end; then the second's claim is followed by
-    # its move to running, its step's checkpoint and its end.
-    assert store.writes == [running, pending, running, completed, running, running, completed]
+    # The first run: its claim, then its end with its one step; the second's claim, its move to running, its end.
+    assert store.writes == [running, pending, completed, running, completed]
 
 
 async def test_engine_cancelled_run_waiting_for_a_slot_passes_the_slot_on(registry: we.Registry) -> None:
@@ -3127,7 +3126,7 @@ async def test_sqlite_small_writes_commit_on_the_callers_thread_while_the_writer
     run = await engine.run("g", we.WorkflowState(data={"value": 2}))
     assert (run.status, run.state.data) == (we.RunStatus.COMPLETED, {"value": 2, "count": 1})
     assert [statement.split()[0] for statement in here if statement.startswith(("BEGIN", "COMMIT"))] == [
-        "BEGIN", "COMMIT"] * 3  # the claim (as running), the step, the end
+        "BEGIN", "COMMIT"] * 2  # the claim (as running), then the end with the run's one step
     assert [statement for statement in thread if " runs " in statement and "lease_until" not in statement] == []
     other = we.SqliteStore(path)
     assert other.get_run(run.run_id) == run
@@ -5490,9 +5489,9 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
     traffic = [in_process[key] for key in bench.TRAFFIC_KEYS]
     if row["store"] == "memory":
         assert traffic == [None] * 4
-    else:  # the claim (as running), five steps, end: one transaction each, one run at a time
+    else:  # the claim (as running), four steps, the end with the last: one transaction each, one run at a time
         writes, hops, transactions, round_trips = traffic
-        assert (writes, transactions) == (7, 7) and 0 <= hops <= writes
+        assert (writes, transactions) == (6, 6) and 0 <= hops <= writes
         assert (round_trips is None) == (row["store"] == "sqlite") and (round_trips is None or round_trips > 8)
     assert (in_process["rounds"], in_process["runs_per_round"]) == (bench.QUICK.store_rounds, bench.QUICK.store_runs)
     assert (len(in_process["rounds_runs_per_s"]), in_process["not_completed"]) == (bench.QUICK.store_rounds, 0)

@@ -1917,7 +1917,7 @@ async def execute_run(
 
     A pending run is moved to running first; a running one (its caller moved and saved it) starts at once.
     `on_change(run)` is called after every log entry and status change, and `checkpoint(run)` awaited once the run
-    is running and after every step that does not end it (a durable store commits it there). `may_pause(run)`
+    is running and after every step that has a next node (a durable store commits it there). `may_pause(run)`
     answers None to let the run pause, or the error that fails it instead. A run over its `timeout_s` ends
     `timed_out`; a cancelled one ends `cancelled`, and the CancelledError propagates once that is recorded. Return
     the run. `branches` says where graph, map and parallel nodes find the graphs they run (default: the graphs
@@ -2026,7 +2026,7 @@ async def _drive(
         if entry.event is LogEvent.ERROR and entry.next is None:
             return RunStatus.FAILED, entry.error
         hooks.on_change(run)
-        if hooks.checkpoint is not None:
+        if hooks.checkpoint is not None and entry.next is not None:  # a run's last step is saved with its end
             await hooks.checkpoint(run)
     return RunStatus.COMPLETED, None
 
