@@ -4281,9 +4281,13 @@ class _ActiveRun:
     lease_s: float
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
     saved_logs: int  # how many of the run's log entries the store holds
-    accepted: asyncio.Future[None]  # done once the store holds the claim (or refused it)
-    stopped: asyncio.Future[None]  # done once the record is released, after the run's last save; waiters await it
     metrics: Metrics
+    # Made only for those who wait (a run its caller executes needs neither): the caller of a run launched in a
+    # task of its own (done once the store holds the claim, or refused it), and waiters for the run to stop (done
+    # once the record is released, after the run's last save).
+    accepted: asyncio.Future[None] | None = None
+    stopped: asyncio.Future[None] | None = None
+    is_accepted: bool = False  # the store holds the claim: from now on a cancel cancels the task
     task: asyncio.Task[Any] | None = None  # the task executing the run: its own, or the caller's for a waited run
     cancels: int = 0  # times `cancel` cancelled the task: those CancelledErrors end in the task, any other goes on
     lease: Lease | None = None
@@ -4299,7 +4303,7 @@ class _ActiveRun:
     def cancel(self) -> None:
         """Cancel the run's task, unless it is in its first or last save: those are never cut short."""
         self.is_cancel_requested = True
-        if self.accepted.done() and self.run.status.is_active and self.task is not None:
+        if self.is_accepted and self.run.status.is_active and self.task is not None:
             self.task.cancel()
             self.cancels += 1
 
@@ -4522,7 +4526,7 @@ class Engine:
         if previous is not None:
             if previous.run.status.is_active:
                 raise _refused(run_id, previous.run.status, RunStatus.PENDING)
-            await asyncio.wait([previous.stopped])  # its last save: go on from what it saved
+            await self._until_stopped([previous])  # its last save: go on from what it saved
             if run_id in self._active:  # another resume was quicker
                 raise _refused(run_id, self._active[run_id].run.status, RunStatus.PENDING)
         run = self.store.get_run(run_id)
@@ -4631,7 +4635,7 @@ class Engine:
         if active is not None:
             if active.run.status.is_active:
                 raise _delete_refused(run_id, active.run.status)
-            await asyncio.wait([active.stopped])  # its last save; then the store decides
+            await self._until_stopped([active])  # its last save; then the store decides
         await self.store.delete_run(run_id)
 
     async def delete_graph(self, graph_id: str) -> None:
@@ -4688,12 +4692,12 @@ class Engine:
                 event.set()
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         if self._active and grace_s > 0:
-            await asyncio.wait([active.stopped for active in self._active.values()], timeout=grace_s)
+            await self._until_stopped(self._active.values(), grace_s)
         while self._active:  # cancel even the runs launched while the others were cancelled
             actives = list(self._active.values())
             for active in actives:
                 active.cancel()
-            await asyncio.wait([active.stopped for active in actives])
+            await self._until_stopped(actives)
         # Only now: until its runs are saved, the worker renews their leases (it claims nothing new meanwhile).
         self._stopping.set()
         self._wake.set()
@@ -4727,7 +4731,7 @@ class Engine:
         while True:
             active = self._active.get(run_id)
             if active is not None and wait:
-                await asyncio.wait([active.stopped])
+                await self._until_stopped([active])
                 continue
             run = self.get_run(run_id)
             if not wait or not run.status.is_active:
@@ -4760,20 +4764,19 @@ class Engine:
             active.task = asyncio.current_task()
             await self._execute(active)
         else:
+            active.accepted = asyncio.get_running_loop().create_future()
             active.task = asyncio.create_task(self._execute(active), name=f"run {run.run_id}")
             await asyncio.wait([active.accepted])  # unlike awaiting it, a caller that goes away cancels nothing
-        if active.accepted.exception() is not None:
-            raise active.accepted.exception()  # type: ignore[misc]
+            if active.accepted.exception() is not None:
+                raise active.accepted.exception()  # type: ignore[misc]
         if active.failure is not None:
             raise active.failure
         return run
 
     def _new_active(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None,
                     saved_logs: int) -> _ActiveRun:
-        loop = asyncio.get_running_loop()
         active = _ActiveRun(run=run, graph=graph, store=self.store, lease_s=self.settings.lease_s, expected=expected,
-                            saved_logs=saved_logs, accepted=loop.create_future(), stopped=loop.create_future(),
-                            metrics=self.metrics)
+                            saved_logs=saved_logs, metrics=self.metrics)
         self._active[run.run_id] = active
         return active
 
@@ -4781,9 +4784,18 @@ class Engine:
         return self.settings.max_concurrent_runs + self.settings.max_pending_runs
 
     async def _stopped(self, active: _ActiveRun) -> None:
-        await asyncio.wait([active.stopped])
+        await self._until_stopped([active])
         if active.failure is not None:
             raise active.failure
+
+    async def _until_stopped(self, actives: Iterable[_ActiveRun], timeout_s: float | None = None) -> None:
+        """Wait (at most `timeout_s`) until the runs' records are released, after their last saves; unlike awaiting
+        their tasks, a waiter that goes away cancels nothing."""
+        loop, stopped = asyncio.get_running_loop(), []
+        for active in actives:
+            active.stopped = active.stopped or loop.create_future()
+            stopped.append(active.stopped)
+        await asyncio.wait(stopped, timeout=timeout_s)
 
     async def _execute(self, active: _ActiveRun) -> None:
         """Claim the run (unless it is claimed), execute it and save it, then release its record.
@@ -4794,7 +4806,9 @@ class Engine:
         run = active.run
         if active.lease is None and not await self._claim(active):
             return
-        active.accepted.set_result(None)
+        active.is_accepted = True
+        if active.accepted is not None:
+            active.accepted.set_result(None)
         is_logged = is_cancelled = False
         try:
             if not active.graph.nodes:  # see _graph_or_none
@@ -4842,7 +4856,8 @@ class Engine:
     async def _claim(self, active: _ActiveRun) -> bool:
         """Have the store hold the run for this engine, as running if a slot is free (one write where a pending
         claim and the move to running take two), else as pending (it waits for a slot); if the store refuses,
-        release the record, put the error on `active.accepted` and return False."""
+        release the record and raise its error, or for a run launched in a task of its own put it on
+        `active.accepted` and return False."""
         try:
             if self.store.is_shared:
                 await self.open()
@@ -4851,11 +4866,14 @@ class Engine:
             await active.claim(self.worker_id, self._room())
         except EngineError as exc:
             self._release(active)
+            if active.accepted is None:
+                raise
             active.accepted.set_exception(exc)
             return False
         except asyncio.CancelledError:  # the caller's, during the claim: a claim the store took expires unrenewed,
             self._release(active)  # and the run is taken over like one of a server that died
-            active.accepted.cancel()
+            if active.accepted is not None:
+                active.accepted.cancel()
             raise
         if active.run.status is RunStatus.RUNNING:
             active.notify(active.run)  # it has started: counted and logged once the store holds it
@@ -4865,7 +4883,8 @@ class Engine:
         if active.has_slot:
             self._free_slot(active)
         del self._active[active.run.run_id]
-        active.stopped.set_result(None)
+        if active.stopped is not None:
+            active.stopped.set_result(None)
 
     def _take_slot(self, active: _ActiveRun) -> bool:
         """Give the run a free slot, if there is one (while any is free, no run waits for one)."""
