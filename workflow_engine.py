@@ -27,7 +27,6 @@ Every non-2xx answer has one shape:
 
 import asyncio
 import base64
-import bisect
 import contextlib
 import enum
 import functools
@@ -4048,6 +4047,7 @@ class MetricKind(enum.Enum):
 
 Labels = tuple[Any, ...]  # one series' label values: strings, numbers, or enums (written as their value)
 _BUCKETS = len(METRIC_BUCKETS_S)
+_SECOND = timedelta(seconds=1)  # a timedelta divided by it is its seconds, without total_seconds()'s call
 
 
 def _new_series() -> list[float]:
@@ -4065,12 +4065,17 @@ class _Family:
     labels: tuple[str, ...] = ()
     samples: dict[Labels, Any] = attrs.field(factory=dict)
 
+    # Neither calls a function (the bisect is a linear scan): the engine counts every run's start and stop here.
     def add(self, values: Labels = (), amount: float = 1) -> None:
-        self.samples[values] = self.samples.get(values, 0) + amount
+        self.samples[values] = self.samples[values] + amount if values in self.samples else amount
 
     def observe(self, values: Labels, seconds: float) -> None:
-        series = self.samples.get(values) or self.samples.setdefault(values, _new_series())
-        series[bisect.bisect_left(METRIC_BUCKETS_S, seconds)] += 1
+        if values not in self.samples:
+            self.samples[values] = _new_series()
+        series, bucket = self.samples[values], 0
+        while bucket < _BUCKETS and seconds > METRIC_BUCKETS_S[bucket]:
+            bucket += 1
+        series[bucket] += 1
         series[-1] += seconds
 
     def lines(self) -> Iterator[str]:
@@ -4160,7 +4165,7 @@ class Metrics:
         log entries it had then."""
         graph = self.graph_label(run.graph_id)
         self.runs_started.add((graph,))
-        self.queue_seconds.observe((graph,), (run.history[-1].at - run.history[-2].at).total_seconds())
+        self.queue_seconds.observe((graph,), (run.history[-1].at - run.history[-2].at) / _SECOND)
         return len(run.logs)
 
     def count_stop(self, run: RunContext, first_log: int, *, is_lost: bool = False) -> None:
@@ -4179,11 +4184,11 @@ class Metrics:
                 if change.status is RunStatus.RUNNING:
                     started = change.at
                     break
-            self.run_seconds.observe((graph,), (run.history[-1].at - started).total_seconds())
+            self.run_seconds.observe((graph,), (run.history[-1].at - started) / _SECOND)
 
     def _count_steps(self, graph: str, entries: list[LogEntry]) -> None:
         # Nothing here calls a function, once per step or once per event: a LogEvent hashes in C (see its __hash__),
-        # `add` and `observe` are inlined, the bisect a linear scan.
+        # `add` and `observe` are inlined.
         steps, durations, bounds = self.steps.samples, self.step_seconds.samples, METRIC_BUCKETS_S
         for entry in entries:
             step_key = (graph, entry.event)
