@@ -4401,8 +4401,8 @@ class Engine:
         self._builtin = {graph.graph_id or "": graph for graph in registry.graphs}
         for graph in registry.graphs:  # all known first: a registered graph may run one registered after it
             validate_graph(graph, registry, limits=self.settings, graphs=self.find_graph)
-        self._free_slots = self.settings.max_concurrent_runs
-        self._slot_waiters: list[asyncio.Future[None]] = []  # runs waiting for a slot, first come first served
+        self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)  # first come, first served
+        self._room = self.settings.max_concurrent_runs + self.settings.max_pending_runs  # runs this engine holds
         self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
         self._draining: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None  # with a shared store: claims queued runs, keeps leases
@@ -4746,7 +4746,7 @@ class Engine:
     def _check_room(self) -> None:
         if self._draining is not None:
             raise Busy("the server is shutting down")
-        if len(self._active) >= self._room():
+        if len(self._active) >= self._room:
             raise Busy("too many runs are waiting; retry later")
 
     async def _submit(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None, wait: bool,
@@ -4756,7 +4756,7 @@ class Engine:
             await self.open()
             try:
                 await self.store.claim_run(run, expected, None, saved_logs, self.settings.lease_s, self.worker_id,
-                                           self._room())
+                                           self._room)
             except EngineError:
                 raise
             except Exception as exc:
@@ -4784,9 +4784,6 @@ class Engine:
                             saved_logs=saved_logs, metrics=self.metrics)
         self._active[run.run_id] = active
         return active
-
-    def _room(self) -> int:
-        return self.settings.max_concurrent_runs + self.settings.max_pending_runs
 
     async def _stopped(self, active: _ActiveRun) -> None:
         await self._until_stopped([active])
@@ -4820,7 +4817,8 @@ class Engine:
                 move_run(run, RunStatus.FAILED, f"graph {run.graph_id!r} was deleted before the run started")
             elif not active.is_cancel_requested:
                 if not active.has_slot:
-                    await self._slot(active)
+                    await self._slots.acquire()
+                    active.has_slot = True
                 checkpoint = active.save if self.store.is_durable else None
                 await execute_run(run, active.graph, self.registry, on_change=active.notify,
                                   checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
@@ -4841,8 +4839,6 @@ class Engine:
             if run.status.is_active:
                 move_run(run, RunStatus.FAILED, "internal error; see the server log")
         finally:
-            if active.has_slot:
-                self._free_slot(active)
             if run.status.is_active:
                 move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
             if active.failure is None:  # a lost lease leaves the run to its new owner
@@ -4866,9 +4862,11 @@ class Engine:
         try:
             if self.store.is_shared:
                 await self.open()
-            if self._take_slot(active):
+            if not self._slots.locked():  # so acquiring it waits for nothing
+                await self._slots.acquire()
+                active.has_slot = True
                 move_run(active.run, RunStatus.RUNNING)
-            await active.claim(self.worker_id, self._room())
+            await active.claim(self.worker_id, self._room)
         except EngineError as exc:
             self._release(active)
             if active.accepted is None:
@@ -4885,43 +4883,11 @@ class Engine:
         return True
 
     def _release(self, active: _ActiveRun) -> None:
-        if active.has_slot:
-            self._free_slot(active)
+        if active.has_slot:  # held until the run's last save, like its record
+            self._slots.release()
         del self._active[active.run.run_id]
         if active.stopped is not None:
             active.stopped.set_result(None)
-
-    def _take_slot(self, active: _ActiveRun) -> bool:
-        """Give the run a free slot, if there is one (while any is free, no run waits for one)."""
-        if not active.has_slot and self._free_slots > 0:
-            self._free_slots -= 1
-            active.has_slot = True
-        return active.has_slot
-
-    async def _slot(self, active: _ActiveRun) -> None:
-        """Give the run a slot: a free one, else the next one freed, in the order runs came to wait for one."""
-        if self._take_slot(active):
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._slot_waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if not waiter.cancelled():  # handed a slot as the cancel came: it goes to the next run
-                active.has_slot = True
-                self._free_slot(active)
-            raise
-        active.has_slot = True
-
-    def _free_slot(self, active: _ActiveRun) -> None:
-        """Hand the run's slot to the first run still waiting for one, or free it."""
-        active.has_slot = False
-        while self._slot_waiters:
-            waiter = self._slot_waiters.pop(0)
-            if not waiter.done():  # else its run was cancelled while it waited
-                waiter.set_result(None)
-                return
-        self._free_slots += 1
 
     async def _save_last(self, active: _ActiveRun, is_logged: bool) -> None:
         try:
