@@ -4278,12 +4278,21 @@ def post_webhook(event: WebhookEvent, secret: str | None, timeout_s: float = WEB
     return f"the receiver answered {answer.status}{redirect}"
 
 
+async def _stored(metrics: Metrics, run_id: str, write: Awaitable[T]) -> T:
+    """Await a store's write; a failure of the store itself (not an EngineError) is counted, as StoreUnavailable."""
+    try:
+        return await write
+    except EngineError:
+        raise
+    except Exception as exc:
+        metrics.count_store_error()
+        raise StoreUnavailable(run_id, exc) from exc
+
+
 @attrs.define(eq=False)
 class _ActiveRun:
     run: RunContext
     graph: GraphDefinition
-    store: "Store"
-    lease_s: float
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
     saved_logs: int  # how many of the run's log entries the store holds
     metrics: Metrics
@@ -4311,31 +4320,6 @@ class _ActiveRun:
         if self.is_accepted and self.run.status.is_active and self.task is not None:
             self.task.cancel()
             self.cancels += 1
-
-    async def claim(self, owner: str, room: int) -> None:
-        """Have the store hold the run for `owner` (at most `room` active runs of this server); raise
-        StoreUnavailable if it cannot."""
-        try:
-            self.lease = await self.store.claim_run(self.run, self.expected, owner, self.saved_logs, self.lease_s,
-                                                    owner, room)
-        except EngineError:
-            raise
-        except Exception as exc:
-            self.metrics.count_store_error()
-            raise StoreUnavailable(self.run.run_id, exc) from exc
-        self.saved_logs = len(self.run.logs)
-
-    async def save(self, run: RunContext) -> None:
-        """Save the run under its lease (the runner's checkpoint); raise StoreUnavailable, or LeaseLost."""
-        assert self.lease is not None
-        try:
-            await self.store.save_run(run, self.lease, self.saved_logs, self.lease_s)
-        except EngineError:
-            raise
-        except Exception as exc:
-            self.metrics.count_store_error()
-            raise StoreUnavailable(run.run_id, exc) from exc
-        self.saved_logs = len(run.logs)
 
     def notify(self, run: RunContext) -> None:
         """Wake the run's streams (the runner's on_change) and log its progress."""
@@ -4605,16 +4589,11 @@ class Engine:
         expected = run.status
         move_run(run, RunStatus.CANCELLED, f"the run was cancelled while {expected.value}")
         try:
-            await self.store.claim_run(run, expected, self.worker_id, len(run.logs))
+            await _stored(self.metrics, run_id, self.store.claim_run(run, expected, self.worker_id, len(run.logs)))
         except RunConflict:  # another server holds it: ask its owner
             if not expected.is_active:
                 raise
             return await self._cancel_elsewhere(run_id)
-        except EngineError:
-            raise
-        except Exception as exc:
-            self.metrics.count_store_error()
-            raise StoreUnavailable(run_id, exc) from exc
         self.metrics.count_stop(run, -1)
         if run.webhook is not None:
             self._deliver_soon()
@@ -4754,14 +4733,8 @@ class Engine:
         self._check_room()  # again, with no await between it and the reservation below
         if queue and self.store.is_shared and not wait:  # any server with room takes it from the queue
             await self.open()
-            try:
-                await self.store.claim_run(run, expected, None, saved_logs, self.settings.lease_s, self.worker_id,
-                                           self._room)
-            except EngineError:
-                raise
-            except Exception as exc:
-                self.metrics.count_store_error()
-                raise StoreUnavailable(run.run_id, exc) from exc
+            await _stored(self.metrics, run.run_id, self.store.claim_run(
+                run, expected, None, saved_logs, self.settings.lease_s, self.worker_id, self._room))
             self._wake.set()
             return run
         active = self._new_active(run, graph, expected, saved_logs)
@@ -4780,8 +4753,7 @@ class Engine:
 
     def _new_active(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None,
                     saved_logs: int) -> _ActiveRun:
-        active = _ActiveRun(run=run, graph=graph, store=self.store, lease_s=self.settings.lease_s, expected=expected,
-                            saved_logs=saved_logs, metrics=self.metrics)
+        active = _ActiveRun(run=run, graph=graph, expected=expected, saved_logs=saved_logs, metrics=self.metrics)
         self._active[run.run_id] = active
         return active
 
@@ -4819,7 +4791,7 @@ class Engine:
                 if not active.has_slot:
                     await self._slots.acquire()
                     active.has_slot = True
-                checkpoint = active.save if self.store.is_durable else None
+                checkpoint = functools.partial(self._save, active) if self.store.is_durable else None
                 await execute_run(run, active.graph, self.registry, on_change=active.notify,
                                   checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
         except asyncio.CancelledError:  # the runner recorded it, or the finally below does for a run not started
@@ -4866,7 +4838,10 @@ class Engine:
                 await self._slots.acquire()
                 active.has_slot = True
                 move_run(active.run, RunStatus.RUNNING)
-            await active.claim(self.worker_id, self._room)
+            active.lease = await _stored(self.metrics, active.run.run_id, self.store.claim_run(
+                active.run, active.expected, self.worker_id, active.saved_logs, self.settings.lease_s, self.worker_id,
+                self._room))
+            active.saved_logs = len(active.run.logs)
         except EngineError as exc:
             self._release(active)
             if active.accepted is None:
@@ -4889,9 +4864,16 @@ class Engine:
         if active.stopped is not None:
             active.stopped.set_result(None)
 
+    async def _save(self, active: _ActiveRun, run: RunContext) -> None:
+        """Save the run under its lease (the runner's checkpoint); raise StoreUnavailable, or LeaseLost."""
+        assert active.lease is not None
+        await _stored(self.metrics, run.run_id, self.store.save_run(run, active.lease, active.saved_logs,
+                                                                    self.settings.lease_s))
+        active.saved_logs = len(run.logs)
+
     async def _save_last(self, active: _ActiveRun, is_logged: bool) -> None:
         try:
-            await active.save(active.run)
+            await self._save(active, active.run)
         except EngineError as exc:
             active.failure = exc
             if not is_logged:
@@ -4912,11 +4894,7 @@ class Engine:
                 await self._claim_queued()
                 is_failing = False
             except Exception as exc:  # the database is away: keep trying, and say so once
-                self.metrics.count_store_error()
-                if not is_failing:
-                    logger.error("worker %s: the store failed (%s); trying again every %s s", self.worker_id,
-                                 _describe(exc), tick)
-                is_failing = True
+                is_failing = self._store_failed("worker", exc, is_failing, tick)
             self._wake.clear()
             # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that comes as the event is set (a run that
             # has just freed its slot), and the worker would outlive the loop's shutdown.
@@ -4937,10 +4915,15 @@ class Engine:
                     logger.info("deleted %d runs and idempotency keys past their time to live", deleted)
                 is_failing = False
             except Exception as exc:
-                if not is_failing:
-                    logger.error("sweeper %s: the store failed (%s); trying again every %s s", self.worker_id,
-                                 _describe(exc), SWEEP_INTERVAL_S)
-                is_failing = True
+                is_failing = self._store_failed("sweeper", exc, is_failing, SWEEP_INTERVAL_S)
+
+    def _store_failed(self, task: str, exc: Exception, is_failing: bool, every_s: float) -> bool:
+        """Count a store failure of a background task, and log it if the task was not failing yet; return True."""
+        self.metrics.count_store_error()
+        if not is_failing:
+            logger.error("%s %s: the store failed (%s); trying again every %s s", task, self.worker_id,
+                         _describe(exc), every_s)
+        return True
 
     def _webhook(self, url: str | None) -> WebhookDelivery | None:
         """The webhook of a new run, or raise InvalidRequest: its target must be one of the allowed hosts."""
@@ -4976,11 +4959,7 @@ class Engine:
                     wait_s = await self._deliver_due(threads)
                     is_failing = False
                 except Exception as exc:
-                    self.metrics.count_store_error()
-                    if not is_failing:
-                        logger.error("webhooks %s: the store failed (%s); trying again every %s s", self.worker_id,
-                                     _describe(exc), WEBHOOK_POLL_S)
-                    is_failing, wait_s = True, WEBHOOK_POLL_S
+                    is_failing, wait_s = self._store_failed("webhooks", exc, is_failing, WEBHOOK_POLL_S), WEBHOOK_POLL_S
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait_s):  # not wait_for: see _work
                         await self._webhooks_due.wait()
