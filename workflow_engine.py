@@ -1880,7 +1880,7 @@ def new_run(
     run_id: str | None = None,
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`; raise InvalidValue if it is not JSON."""
-    created_at = _now()
+    created_at = datetime.now(UTC)
     return RunContext(
         run_id=run_id or _new_id(),
         graph_id=graph.graph_id or "",
@@ -1888,7 +1888,7 @@ def new_run(
         max_state_bytes=max_state_bytes,
         max_log_bytes=max_log_bytes,
         timeout_s=timeout_s,
-        state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata)),
+        state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata) if state.metadata else {}),
         created_at=created_at,
         history=[StatusChange(status=RunStatus.PENDING, at=created_at, log_count=0)],
     )
@@ -1903,13 +1903,9 @@ async def run_graph(
     return await execute_run(run, graph, registry)
 
 
-def _may_pause(run: RunContext) -> str | None:
-    return None
-
-
 async def execute_run(
     run: RunContext, graph: GraphDefinition, registry: Registry, *,
-    on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _may_pause,
+    on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _ignore,
     branches: "Branches | None" = None,
 ) -> RunContext:
     """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
@@ -1968,7 +1964,7 @@ def _stop_error(run: RunContext, status: RunStatus) -> str:
 
 
 def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: OnChange) -> None:
-    run.duration_ms += _ms_since(clock)
+    run.duration_ms += (time.perf_counter() - clock) * 1000
     # A branch's steps ran inside their graph, map or parallel step's own entry, so they are not counted again.
     run.engine_overhead_ms = max(
         run.duration_ms - sum([entry.duration_ms for entry in run.logs if entry.path is None]), 0.0)
@@ -4070,9 +4066,8 @@ class _Family:
         self.samples[values] = self.samples[values] + amount if values in self.samples else amount
 
     def observe(self, values: Labels, seconds: float) -> None:
-        if values not in self.samples:
-            self.samples[values] = _new_series()
-        series, bucket = self.samples[values], 0
+        series = self.samples[values] if values in self.samples else self.samples.setdefault(values, _new_series())
+        bucket = 0
         while bucket < _BUCKETS and seconds > METRIC_BUCKETS_S[bucket]:
             bucket += 1
         series[bucket] += 1
@@ -4161,30 +4156,25 @@ class Metrics:
         return OTHER_LABEL
 
     def count_start(self, run: RunContext) -> int:
-        """Count a run that has just moved to running, and its time pending (from its history); return how many
-        log entries it had then."""
+        """Count a run that has just moved to running, and its time pending (from its history); return where in
+        its history that move is."""
         graph = self.graph_label(run.graph_id)
         self.runs_started.add((graph,))
         self.queue_seconds.observe((graph,), (run.history[-1].at - run.history[-2].at) / _SECOND)
-        return len(run.logs)
+        return len(run.history) - 1
 
-    def count_stop(self, run: RunContext, first_log: int, *, is_lost: bool = False) -> None:
-        """Count a run that stopped here: its status, and if it ran (`first_log` is its log's length when it
-        started, else -1) its running time and the steps from `first_log` on. A run whose lease another server
-        took (`is_lost`) has its steps counted only: the new owner counts how it ends."""
+    def count_stop(self, run: RunContext, started: int, *, is_lost: bool = False) -> None:
+        """Count a run that stopped here: its status, and if it ran (`started` is what count_start returned, else
+        -1) its running time and its steps since. A run whose lease another server took (`is_lost`) has its steps
+        counted only: the new owner counts how it ends."""
         graph = self.graph_label(run.graph_id)
-        if first_log >= 0:
-            self._count_steps(graph, run.logs[first_log:])
+        if started >= 0:
+            self._count_steps(graph, run.logs[run.history[started].log_count:])
         if is_lost:
             return
         self.runs_finished.add((graph, run.status))
-        if first_log >= 0:
-            started = run.history[-1].at
-            for change in reversed(run.history):  # to the last move to running: when this execution began
-                if change.status is RunStatus.RUNNING:
-                    started = change.at
-                    break
-            self.run_seconds.observe((graph,), (run.history[-1].at - started) / _SECOND)
+        if started >= 0:
+            self.run_seconds.observe((graph,), (run.history[-1].at - run.history[started].at) / _SECOND)
 
     def _count_steps(self, graph: str, entries: list[LogEntry]) -> None:
         # Nothing here calls a function, once per step or once per event: a LogEvent hashes in C (see its __hash__),
@@ -4296,9 +4286,8 @@ class _ActiveRun:
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
     saved_logs: int  # how many of the run's log entries the store holds
     metrics: Metrics
-    # Made only for those who wait (a run its caller executes needs neither): the caller of a run launched in a
-    # task of its own (done once the store holds the claim, or refused it), and waiters for the run to stop (done
-    # once the record is released, after the run's last save).
+    # Made only for who waits: the caller of a run launched in a task of its own (done once the store holds the
+    # claim, or refused it), and waiters for the run to stop (done once the record is released, after its last save).
     accepted: asyncio.Future[None] | None = None
     stopped: asyncio.Future[None] | None = None
     is_accepted: bool = False  # the store holds the claim: from now on a cancel cancels the task
@@ -4308,7 +4297,7 @@ class _ActiveRun:
     failure: EngineError | None = None  # set when the store does not hold the run's last state
     changed: asyncio.Event | None = None  # set (and dropped) at the run's next change; streams wait on it
     logged: int = -1  # log entries written to the server log; -1 until the run's start is logged
-    counted_logs: int = -1  # the run's log entries when it started here, which metrics do not count; -1 until then
+    started: int = -1  # where in the run's history it moved to running here (see count_start); -1 until then
     is_cancel_requested: bool = False
     has_slot: bool = False  # whether the run holds one of the engine's max_concurrent_runs execution slots
     # Whether the server log takes the run's progress (debug), asked once per run rather than at every step.
@@ -4326,8 +4315,8 @@ class _ActiveRun:
         if self.changed is not None:
             self.changed.set()
             self.changed = None
-        if self.counted_logs < 0 and run.status is RunStatus.RUNNING:  # its first change here: it has just started
-            self.counted_logs = self.metrics.count_start(run)
+        if self.started < 0 and run.status is RunStatus.RUNNING:  # its first change here: it has just started
+            self.started = self.metrics.count_start(run)
         if self.is_logging:
             self.log_progress()
 
@@ -4488,7 +4477,7 @@ class Engine:
         record returned is then the queued one, which `get_run` reads anew.
         """
         self._check_room()
-        delivery = self._webhook(webhook)
+        delivery = None if webhook is None else self._webhook(webhook)
         graph = self.get_graph(graph) if isinstance(graph, str) else (await self.create_graph(graph))[0]
         limit = self._max_iterations(graph, max_iterations)
         state = state or WorkflowState()
@@ -4745,8 +4734,7 @@ class Engine:
             active.accepted = asyncio.get_running_loop().create_future()
             active.task = asyncio.create_task(self._execute(active), name=f"run {run.run_id}")
             await asyncio.wait([active.accepted])  # unlike awaiting it, a caller that goes away cancels nothing
-            if active.accepted.exception() is not None:
-                raise active.accepted.exception()  # type: ignore[misc]
+            active.accepted.result()  # raises the claim's error, if the store refused it
         if active.failure is not None:
             raise active.failure
         return run
@@ -4763,8 +4751,7 @@ class Engine:
             raise active.failure
 
     async def _until_stopped(self, actives: Iterable[_ActiveRun], timeout_s: float | None = None) -> None:
-        """Wait (at most `timeout_s`) until the runs' records are released, after their last saves; unlike awaiting
-        their tasks, a waiter that goes away cancels nothing."""
+        """Wait (at most `timeout_s`) until the runs' records are released, after their last saves."""
         loop, stopped = asyncio.get_running_loop(), []
         for active in actives:
             active.stopped = active.stopped or loop.create_future()
@@ -4815,7 +4802,7 @@ class Engine:
                 move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
             if active.failure is None:  # a lost lease leaves the run to its new owner
                 await self._save_last(active, is_logged)
-            self.metrics.count_stop(run, active.counted_logs, is_lost=isinstance(active.failure, LeaseLost))
+            self.metrics.count_stop(run, active.started, is_lost=isinstance(active.failure, LeaseLost))
             if run.webhook is not None and active.failure is None:
                 self._deliver_soon()
             self._release(active)
@@ -4827,10 +4814,9 @@ class Engine:
             raise asyncio.CancelledError
 
     async def _claim(self, active: _ActiveRun) -> bool:
-        """Have the store hold the run for this engine, as running if a slot is free (one write where a pending
-        claim and the move to running take two), else as pending (it waits for a slot); if the store refuses,
-        release the record and raise its error, or for a run launched in a task of its own put it on
-        `active.accepted` and return False."""
+        """Have the store hold the run for this engine: as running if a slot is free (one write, not a pending claim
+        and a move to running), else as pending (it waits for a slot). If the store refuses, release the record and
+        raise its error, or for a run launched in a task of its own put it on `active.accepted` and return False."""
         try:
             if self.store.is_shared:
                 await self.open()
@@ -4925,10 +4911,8 @@ class Engine:
                          _describe(exc), every_s)
         return True
 
-    def _webhook(self, url: str | None) -> WebhookDelivery | None:
+    def _webhook(self, url: str) -> WebhookDelivery:
         """The webhook of a new run, or raise InvalidRequest: its target must be one of the allowed hosts."""
-        if url is None:
-            return None
         problem = url_problem(url)  # the request's validator said so already; a caller in code may not have
         if problem is None and not self.settings.webhook_hosts:
             problem = "webhooks are off on this server; its operator turns them on by listing the host:port targets " \
