@@ -2179,13 +2179,13 @@ class _DataBudget:
         self.sizes: dict[str, int] = {}
         self.nested: dict[str, bool] = {}  # see _nested
         for key, value in run.state.data.items():
-            hit = known.get(key)
+            hit = known[key] if key in known else None
             _, self.sizes[key], is_deep = hit if hit is not None and hit[0] is value else _measured(value)
             if is_deep is not None:
                 self.nested[key] = is_deep
         self.total = sum(self.sizes.values())
-        self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values())
-        self.nested_metadata = _nested(run.state.metadata)  # a run's metadata does not change while it runs
+        self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values()) if run.logs else 0
+        self.nested_metadata = _nested(run.state.metadata) if run.state.metadata else {}  # unchanged while it runs
 
     def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
         """Count a step's changes, or raise _StepFailed (counting nothing) if they take the data over the limit.
