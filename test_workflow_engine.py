@@ -2388,7 +2388,8 @@ async def test_resume_right_after_a_pause_waits_for_the_pause_to_be_saved(
     assert resumed["final_state"]["data"]["value"] == 6
     assert (cancel.status_code, cancel.json()) == (409, error(
         "run_conflict", f"run '{run_id}' is completed and cannot become cancelled; it has ended"))
-    assert [status.value for status in store.writes] == ["pending", "waiting", "pending", "completed"]
+    # The run and its resume are each claimed as running (a slot was free): one write each.
+    assert [status.value for status in store.writes] == ["running", "waiting", "running", "completed"]
     assert server_errors(caplog) == []
 
 
@@ -2631,7 +2632,7 @@ async def test_sqlite_on_a_full_disk_never_reports_a_status_it_did_not_save(smal
 async def test_shutdown_racing_a_start_leaves_no_pending_run(registry: we.Registry) -> None:
     """Issue 10.7: a run whose first save is in progress when shutdown begins is cancelled and saved."""
     store = HeldStore()
-    store.hold = lambda run: run.status is we.RunStatus.PENDING
+    store.hold = lambda run: run.status is we.RunStatus.RUNNING
     engine = we.Engine(registry, store)
     start = asyncio.ensure_future(engine.start(we.GraphDefinition(graph_id="s", start_node="inc", nodes=("inc",))))
     await store.entered.wait()
@@ -2643,7 +2644,51 @@ async def test_shutdown_racing_a_start_leaves_no_pending_run(registry: we.Regist
     await shutdown
     assert (run.status, run.error) == (we.RunStatus.CANCELLED, "the run was cancelled before it started")
     assert store.get_run(run.run_id).status is we.RunStatus.CANCELLED
-    assert store.writes == [we.RunStatus.PENDING, we.RunStatus.CANCELLED]
+    assert store.writes == [we.RunStatus.RUNNING, we.RunStatus.CANCELLED]  # claimed as running: a slot was free
+
+
+async def test_engine_claims_a_run_with_a_free_slot_as_running_and_queues_the_others_as_pending(
+        registry: we.Registry) -> None:
+    """A run with a slot free is claimed as running in one write; one that must wait is claimed pending, and moves
+    to running (a second write) once the slot is handed to it."""
+    store = HeldStore(durable=True)
+    engine = we.Engine(registry, store, we.Settings(max_concurrent_runs=1))
+    definition = we.GraphDefinition(graph_id="s", start_node="gate", nodes=("gate",))
+    gates["slot"] = Gate()
+    first = asyncio.ensure_future(engine.run(definition, we.WorkflowState(metadata={"gate": "slot"})))
+    await gates["slot"].entered.wait()
+    assert store.writes == [we.RunStatus.RUNNING]
+    second = await engine.start("s", we.WorkflowState(metadata={"gate": "slot"}))
+    assert (second.status, store.get_run(second.run_id).status) == (we.RunStatus.PENDING, we.RunStatus.PENDING)
+    gates["slot"].opened.set()
+    runs = [await first, await engine.wait(second)]
+    assert [(run.status, [change.status for change in run.history]) for run in runs] == 2 * [
+        (we.RunStatus.COMPLETED, [we.RunStatus.PENDING, we.RunStatus.RUNNING, we.RunStatus.COMPLETED])]
+    running, pending, completed = we.RunStatus.RUNNING, we.RunStatus.PENDING, we.RunStatus.COMPLETED
+    # The first run: its claim, then its end with its one step; the second's claim, its move to running, its end.
+    assert store.writes == [running, pending, completed, running, completed]
+
+
+async def test_engine_cancelled_run_waiting_for_a_slot_passes_the_slot_on(registry: we.Registry) -> None:
+    """A pending run cancelled while it waits for a slot leaves the queue: the slot freed next goes to the run
+    behind it, and the engine still has its one slot afterwards."""
+    engine = we.Engine(registry, settings=we.Settings(max_concurrent_runs=1, max_pending_runs=3))
+    definition = we.GraphDefinition(graph_id="s", start_node="gate", nodes=("gate",))
+    gates["slot"] = Gate()
+    first = await engine.start(definition, we.WorkflowState(metadata={"gate": "slot"}))
+    await gates["slot"].entered.wait()
+    cancelled = await engine.start("s", we.WorkflowState(metadata={"gate": "slot"}))
+    behind = await engine.start("s", we.WorkflowState(data={"n": 1}, metadata={"gate": "slot"}))
+    await engine.cancel(cancelled.run_id)
+    gates["slot"].opened.set()
+    runs = [await engine.wait(run) for run in (first, cancelled, behind)]
+    later = await engine.run("s", we.WorkflowState(data={"n": 2}, metadata={"gate": "slot"}))
+    assert [(run.status, run.error, run.state.data) for run in (*runs, later)] == [
+        (we.RunStatus.COMPLETED, None, {"passed": "slot"}),
+        (we.RunStatus.CANCELLED, "the run was cancelled before it started", {}),
+        (we.RunStatus.COMPLETED, None, {"n": 1, "passed": "slot"}),
+        (we.RunStatus.COMPLETED, None, {"n": 2, "passed": "slot"})]
+    await engine.shutdown()
 
 
 async def test_stream_ids_never_repeat_across_a_resume(client: httpx.AsyncClient) -> None:
@@ -3127,7 +3172,7 @@ async def test_sqlite_small_writes_commit_on_the_callers_thread_while_the_writer
     run = await engine.run("g", we.WorkflowState(data={"value": 2}))
     assert (run.status, run.state.data) == (we.RunStatus.COMPLETED, {"value": 2, "count": 1})
     assert [statement.split()[0] for statement in here if statement.startswith(("BEGIN", "COMMIT"))] == [
-        "BEGIN", "COMMIT"] * 4  # claim, running, the step, the end
+        "BEGIN", "COMMIT"] * 2  # the claim (as running), then the end with the run's one step
     assert [statement for statement in thread if " runs " in statement and "lease_until" not in statement] == []
     other = we.SqliteStore(path)
     assert other.get_run(run.run_id) == run
@@ -5495,9 +5540,9 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
     traffic = [in_process[key] for key in bench.TRAFFIC_KEYS]
     if row["store"] == "memory":
         assert traffic == [None] * 4
-    else:  # claim, running, five steps, end: one transaction each, one run at a time
+    else:  # the claim (as running), four steps, the end with the last: one transaction each, one run at a time
         writes, hops, transactions, round_trips = traffic
-        assert (writes, transactions) == (8, 8) and 0 <= hops <= writes
+        assert (writes, transactions) == (6, 6) and 0 <= hops <= writes
         assert (round_trips is None) == (row["store"] == "sqlite") and (round_trips is None or round_trips > 8)
     assert (in_process["rounds"], in_process["runs_per_round"]) == (bench.QUICK.store_rounds, bench.QUICK.store_runs)
     assert (len(in_process["rounds_runs_per_s"]), in_process["not_completed"]) == (bench.QUICK.store_rounds, 0)

@@ -27,7 +27,6 @@ Every non-2xx answer has one shape:
 
 import asyncio
 import base64
-import bisect
 import contextlib
 import enum
 import functools
@@ -1876,7 +1875,7 @@ def new_run(
     run_id: str | None = None,
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`; raise InvalidValue if it is not JSON."""
-    created_at = _now()
+    created_at = datetime.now(UTC)
     return RunContext(
         run_id=run_id or _new_id(),
         graph_id=graph.graph_id or "",
@@ -1884,7 +1883,7 @@ def new_run(
         max_state_bytes=max_state_bytes,
         max_log_bytes=max_log_bytes,
         timeout_s=timeout_s,
-        state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata)),
+        state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata) if state.metadata else {}),
         created_at=created_at,
         history=[StatusChange(status=RunStatus.PENDING, at=created_at, log_count=0)],
     )
@@ -1899,19 +1898,16 @@ async def run_graph(
     return await execute_run(run, graph, registry)
 
 
-def _may_pause(run: RunContext) -> str | None:
-    return None
-
-
 async def execute_run(
     run: RunContext, graph: GraphDefinition, registry: Registry, *,
-    on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _may_pause,
+    on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _ignore,
     branches: "Branches | None" = None,
 ) -> RunContext:
-    """Drive a pending `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
+    """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
 
+    A pending run is moved to running first; a running one (its caller moved and saved it) starts at once.
     `on_change(run)` is called after every log entry and status change, and `checkpoint(run)` awaited once the run
-    is running and after every step that does not end it (a durable store commits it there). `may_pause(run)`
+    is running and after every step that has a next node (a durable store commits it there). `may_pause(run)`
     answers None to let the run pause, or the error that fails it instead. A run over its `timeout_s` ends
     `timed_out`; a cancelled one ends `cancelled`, and the CancelledError propagates once that is recorded. Return
     the run. `branches` says where graph, map and parallel nodes find the graphs they run (default: the graphs
@@ -1919,8 +1915,10 @@ async def execute_run(
     """
     is_resumed = run.next_node is not None
     run.next_node = run.next_node or graph.start_node
-    move_run(run, RunStatus.RUNNING)
-    on_change(run)
+    is_moved = run.status is RunStatus.PENDING
+    if is_moved:
+        move_run(run, RunStatus.RUNNING)
+        on_change(run)
     clock = time.perf_counter()
     # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
     deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
@@ -1930,7 +1928,7 @@ async def execute_run(
         fork = _Fork(run, branches, registry, on_change, checkpoint)
     hooks = _Hooks(on_change, checkpoint, deadline, may_pause, fork)
     try:
-        if checkpoint is not None:
+        if checkpoint is not None and is_moved:
             await checkpoint(run)
         if deadline is None:  # nullcontext would cost three calls a run
             status, error = await _drive(run, graph, registry, hooks, is_resumed)
@@ -1961,7 +1959,7 @@ def _stop_error(run: RunContext, status: RunStatus) -> str:
 
 
 def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: OnChange) -> None:
-    run.duration_ms += _ms_since(clock)
+    run.duration_ms += (time.perf_counter() - clock) * 1000
     # A branch's steps ran inside their graph, map or parallel step's own entry, so they are not counted again.
     run.engine_overhead_ms = max(
         run.duration_ms - sum([entry.duration_ms for entry in run.logs if entry.path is None]), 0.0)
@@ -2018,7 +2016,7 @@ async def _drive(
         if entry.event is LogEvent.ERROR and entry.next is None:
             return RunStatus.FAILED, entry.error
         hooks.on_change(run)
-        if hooks.checkpoint is not None:
+        if hooks.checkpoint is not None and entry.next is not None:  # a run's last step is saved with its end
             await hooks.checkpoint(run)
     return RunStatus.COMPLETED, None
 
@@ -2176,13 +2174,13 @@ class _DataBudget:
         self.sizes: dict[str, int] = {}
         self.nested: dict[str, bool] = {}  # see _nested
         for key, value in run.state.data.items():
-            hit = known.get(key)
+            hit = known[key] if key in known else None
             _, self.sizes[key], is_deep = hit if hit is not None and hit[0] is value else _measured(value)
             if is_deep is not None:
                 self.nested[key] = is_deep
         self.total = sum(self.sizes.values())
-        self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values())
-        self.nested_metadata = _nested(run.state.metadata)  # a run's metadata does not change while it runs
+        self.logged = sum(_json_size(value) for entry in run.logs for value in entry.updates.values()) if run.logs else 0
+        self.nested_metadata = _nested(run.state.metadata) if run.state.metadata else {}  # unchanged while it runs
 
     def charge(self, name: str, updates: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...]:
         """Count a step's changes, or raise _StepFailed (counting nothing) if they take the data over the limit.
@@ -4044,6 +4042,7 @@ class MetricKind(enum.Enum):
 
 Labels = tuple[Any, ...]  # one series' label values: strings, numbers, or enums (written as their value)
 _BUCKETS = len(METRIC_BUCKETS_S)
+_SECOND = timedelta(seconds=1)  # a timedelta divided by it is its seconds, without total_seconds()'s call
 
 
 def _new_series() -> list[float]:
@@ -4061,12 +4060,16 @@ class _Family:
     labels: tuple[str, ...] = ()
     samples: dict[Labels, Any] = attrs.field(factory=dict)
 
+    # Neither calls a function (the bisect is a linear scan): the engine counts every run's start and stop here.
     def add(self, values: Labels = (), amount: float = 1) -> None:
-        self.samples[values] = self.samples.get(values, 0) + amount
+        self.samples[values] = self.samples[values] + amount if values in self.samples else amount
 
     def observe(self, values: Labels, seconds: float) -> None:
-        series = self.samples.get(values) or self.samples.setdefault(values, _new_series())
-        series[bisect.bisect_left(METRIC_BUCKETS_S, seconds)] += 1
+        series = self.samples[values] if values in self.samples else self.samples.setdefault(values, _new_series())
+        bucket = 0
+        while bucket < _BUCKETS and seconds > METRIC_BUCKETS_S[bucket]:
+            bucket += 1
+        series[bucket] += 1
         series[-1] += seconds
 
     def lines(self) -> Iterator[str]:
@@ -4152,34 +4155,29 @@ class Metrics:
         return OTHER_LABEL
 
     def count_start(self, run: RunContext) -> int:
-        """Count a run that has just moved to running, and its time pending (from its history); return how many
-        log entries it had then."""
+        """Count a run that has just moved to running, and its time pending (from its history); return where in
+        its history that move is."""
         graph = self.graph_label(run.graph_id)
         self.runs_started.add((graph,))
-        self.queue_seconds.observe((graph,), (run.history[-1].at - run.history[-2].at).total_seconds())
-        return len(run.logs)
+        self.queue_seconds.observe((graph,), (run.history[-1].at - run.history[-2].at) / _SECOND)
+        return len(run.history) - 1
 
-    def count_stop(self, run: RunContext, first_log: int, *, is_lost: bool = False) -> None:
-        """Count a run that stopped here: its status, and if it ran (`first_log` is its log's length when it
-        started, else -1) its running time and the steps from `first_log` on. A run whose lease another server
-        took (`is_lost`) has its steps counted only: the new owner counts how it ends."""
+    def count_stop(self, run: RunContext, started: int, *, is_lost: bool = False) -> None:
+        """Count a run that stopped here: its status, and if it ran (`started` is what count_start returned, else
+        -1) its running time and its steps since. A run whose lease another server took (`is_lost`) has its steps
+        counted only: the new owner counts how it ends."""
         graph = self.graph_label(run.graph_id)
-        if first_log >= 0:
-            self._count_steps(graph, run.logs[first_log:])
+        if started >= 0:
+            self._count_steps(graph, run.logs[run.history[started].log_count:])
         if is_lost:
             return
         self.runs_finished.add((graph, run.status))
-        if first_log >= 0:
-            started = run.history[-1].at
-            for change in reversed(run.history):  # to the last move to running: when this execution began
-                if change.status is RunStatus.RUNNING:
-                    started = change.at
-                    break
-            self.run_seconds.observe((graph,), (run.history[-1].at - started).total_seconds())
+        if started >= 0:
+            self.run_seconds.observe((graph,), (run.history[-1].at - run.history[started].at) / _SECOND)
 
     def _count_steps(self, graph: str, entries: list[LogEntry]) -> None:
         # Nothing here calls a function, once per step or once per event: a LogEvent hashes in C (see its __hash__),
-        # `add` and `observe` are inlined, the bisect a linear scan.
+        # `add` and `observe` are inlined.
         steps, durations, bounds = self.steps.samples, self.step_seconds.samples, METRIC_BUCKETS_S
         for entry in entries:
             step_key = (graph, entry.event)
@@ -4269,67 +4267,55 @@ def post_webhook(event: WebhookEvent, secret: str | None, timeout_s: float = WEB
     return f"the receiver answered {answer.status}{redirect}"
 
 
+async def _stored(metrics: Metrics, run_id: str, write: Awaitable[T]) -> T:
+    """Await a store's write; a failure of the store itself (not an EngineError) is counted, as StoreUnavailable."""
+    try:
+        return await write
+    except EngineError:
+        raise
+    except Exception as exc:
+        metrics.count_store_error()
+        raise StoreUnavailable(run_id, exc) from exc
+
+
 @attrs.define(eq=False)
 class _ActiveRun:
     run: RunContext
     graph: GraphDefinition
-    store: "Store"
-    lease_s: float
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
     saved_logs: int  # how many of the run's log entries the store holds
-    accepted: asyncio.Future[None]  # done once the store holds the claim (or refused it)
-    stopped: asyncio.Future[None]  # done once the record is released, after the run's last save; waiters await it
     metrics: Metrics
+    # Made only for who waits: the caller of a run launched in a task of its own (done once the store holds the
+    # claim, or refused it), and waiters for the run to stop (done once the record is released, after its last save).
+    accepted: asyncio.Future[None] | None = None
+    stopped: asyncio.Future[None] | None = None
+    is_accepted: bool = False  # the store holds the claim: from now on a cancel cancels the task
     task: asyncio.Task[Any] | None = None  # the task executing the run: its own, or the caller's for a waited run
     cancels: int = 0  # times `cancel` cancelled the task: those CancelledErrors end in the task, any other goes on
     lease: Lease | None = None
     failure: EngineError | None = None  # set when the store does not hold the run's last state
     changed: asyncio.Event | None = None  # set (and dropped) at the run's next change; streams wait on it
     logged: int = -1  # log entries written to the server log; -1 until the run's start is logged
-    counted_logs: int = -1  # the run's log entries when it started here, which metrics do not count; -1 until then
+    started: int = -1  # where in the run's history it moved to running here (see count_start); -1 until then
     is_cancel_requested: bool = False
+    has_slot: bool = False  # whether the run holds one of the engine's max_concurrent_runs execution slots
     # Whether the server log takes the run's progress (debug), asked once per run rather than at every step.
     is_logging: bool = attrs.field(factory=lambda: logger.isEnabledFor(logging.DEBUG))
 
     def cancel(self) -> None:
         """Cancel the run's task, unless it is in its first or last save: those are never cut short."""
         self.is_cancel_requested = True
-        if self.accepted.done() and self.run.status.is_active and self.task is not None:
+        if self.is_accepted and self.run.status.is_active and self.task is not None:
             self.task.cancel()
             self.cancels += 1
-
-    async def claim(self, owner: str, room: int) -> None:
-        """Have the store hold the run for `owner` (at most `room` active runs of this server); raise
-        StoreUnavailable if it cannot."""
-        try:
-            self.lease = await self.store.claim_run(self.run, self.expected, owner, self.saved_logs, self.lease_s,
-                                                    owner, room)
-        except EngineError:
-            raise
-        except Exception as exc:
-            self.metrics.count_store_error()
-            raise StoreUnavailable(self.run.run_id, exc) from exc
-        self.saved_logs = len(self.run.logs)
-
-    async def save(self, run: RunContext) -> None:
-        """Save the run under its lease (the runner's checkpoint); raise StoreUnavailable, or LeaseLost."""
-        assert self.lease is not None
-        try:
-            await self.store.save_run(run, self.lease, self.saved_logs, self.lease_s)
-        except EngineError:
-            raise
-        except Exception as exc:
-            self.metrics.count_store_error()
-            raise StoreUnavailable(run.run_id, exc) from exc
-        self.saved_logs = len(run.logs)
 
     def notify(self, run: RunContext) -> None:
         """Wake the run's streams (the runner's on_change) and log its progress."""
         if self.changed is not None:
             self.changed.set()
             self.changed = None
-        if self.counted_logs < 0 and run.status is RunStatus.RUNNING:  # its first change here: it has just started
-            self.counted_logs = self.metrics.count_start(run)
+        if self.started < 0 and run.status is RunStatus.RUNNING:  # its first change here: it has just started
+            self.started = self.metrics.count_start(run)
         if self.is_logging:
             self.log_progress()
 
@@ -4387,7 +4373,8 @@ class Engine:
         self._builtin = {graph.graph_id or "": graph for graph in registry.graphs}
         for graph in registry.graphs:  # all known first: a registered graph may run one registered after it
             validate_graph(graph, registry, limits=self.settings, graphs=self.find_graph)
-        self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)
+        self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)  # first come, first served
+        self._room = self.settings.max_concurrent_runs + self.settings.max_pending_runs  # runs this engine holds
         self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
         self._draining: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None  # with a shared store: claims queued runs, keeps leases
@@ -4489,7 +4476,7 @@ class Engine:
         record returned is then the queued one, which `get_run` reads anew.
         """
         self._check_room()
-        delivery = self._webhook(webhook)
+        delivery = None if webhook is None else self._webhook(webhook)
         graph = self.get_graph(graph) if isinstance(graph, str) else (await self.create_graph(graph))[0]
         limit = self._max_iterations(graph, max_iterations)
         state = state or WorkflowState()
@@ -4516,7 +4503,7 @@ class Engine:
         if previous is not None:
             if previous.run.status.is_active:
                 raise _refused(run_id, previous.run.status, RunStatus.PENDING)
-            await asyncio.wait([previous.stopped])  # its last save: go on from what it saved
+            await self._until_stopped([previous])  # its last save: go on from what it saved
             if run_id in self._active:  # another resume was quicker
                 raise _refused(run_id, self._active[run_id].run.status, RunStatus.PENDING)
         run = self.store.get_run(run_id)
@@ -4590,16 +4577,11 @@ class Engine:
         expected = run.status
         move_run(run, RunStatus.CANCELLED, f"the run was cancelled while {expected.value}")
         try:
-            await self.store.claim_run(run, expected, self.worker_id, len(run.logs))
+            await _stored(self.metrics, run_id, self.store.claim_run(run, expected, self.worker_id, len(run.logs)))
         except RunConflict:  # another server holds it: ask its owner
             if not expected.is_active:
                 raise
             return await self._cancel_elsewhere(run_id)
-        except EngineError:
-            raise
-        except Exception as exc:
-            self.metrics.count_store_error()
-            raise StoreUnavailable(run_id, exc) from exc
         self.metrics.count_stop(run, -1)
         if run.webhook is not None:
             self._deliver_soon()
@@ -4625,7 +4607,7 @@ class Engine:
         if active is not None:
             if active.run.status.is_active:
                 raise _delete_refused(run_id, active.run.status)
-            await asyncio.wait([active.stopped])  # its last save; then the store decides
+            await self._until_stopped([active])  # its last save; then the store decides
         await self.store.delete_run(run_id)
 
     async def delete_graph(self, graph_id: str) -> None:
@@ -4682,12 +4664,12 @@ class Engine:
                 event.set()
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         if self._active and grace_s > 0:
-            await asyncio.wait([active.stopped for active in self._active.values()], timeout=grace_s)
+            await self._until_stopped(self._active.values(), grace_s)
         while self._active:  # cancel even the runs launched while the others were cancelled
             actives = list(self._active.values())
             for active in actives:
                 active.cancel()
-            await asyncio.wait([active.stopped for active in actives])
+            await self._until_stopped(actives)
         # Only now: until its runs are saved, the worker renews their leases (it claims nothing new meanwhile).
         self._stopping.set()
         self._wake.set()
@@ -4721,7 +4703,7 @@ class Engine:
         while True:
             active = self._active.get(run_id)
             if active is not None and wait:
-                await asyncio.wait([active.stopped])
+                await self._until_stopped([active])
                 continue
             run = self.get_run(run_id)
             if not wait or not run.status.is_active:
@@ -4731,7 +4713,7 @@ class Engine:
     def _check_room(self) -> None:
         if self._draining is not None:
             raise Busy("the server is shutting down")
-        if len(self._active) >= self._room():
+        if len(self._active) >= self._room:
             raise Busy("too many runs are waiting; retry later")
 
     async def _submit(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None, wait: bool,
@@ -4739,14 +4721,8 @@ class Engine:
         self._check_room()  # again, with no await between it and the reservation below
         if queue and self.store.is_shared and not wait:  # any server with room takes it from the queue
             await self.open()
-            try:
-                await self.store.claim_run(run, expected, None, saved_logs, self.settings.lease_s, self.worker_id,
-                                           self._room())
-            except EngineError:
-                raise
-            except Exception as exc:
-                self.metrics.count_store_error()
-                raise StoreUnavailable(run.run_id, exc) from exc
+            await _stored(self.metrics, run.run_id, self.store.claim_run(
+                run, expected, None, saved_logs, self.settings.lease_s, self.worker_id, self._room))
             self._wake.set()
             return run
         active = self._new_active(run, graph, expected, saved_logs)
@@ -4754,30 +4730,32 @@ class Engine:
             active.task = asyncio.current_task()
             await self._execute(active)
         else:
+            active.accepted = asyncio.get_running_loop().create_future()
             active.task = asyncio.create_task(self._execute(active), name=f"run {run.run_id}")
             await asyncio.wait([active.accepted])  # unlike awaiting it, a caller that goes away cancels nothing
-        if active.accepted.exception() is not None:
-            raise active.accepted.exception()  # type: ignore[misc]
+            active.accepted.result()  # raises the claim's error, if the store refused it
         if active.failure is not None:
             raise active.failure
         return run
 
     def _new_active(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None,
                     saved_logs: int) -> _ActiveRun:
-        loop = asyncio.get_running_loop()
-        active = _ActiveRun(run=run, graph=graph, store=self.store, lease_s=self.settings.lease_s, expected=expected,
-                            saved_logs=saved_logs, accepted=loop.create_future(), stopped=loop.create_future(),
-                            metrics=self.metrics)
+        active = _ActiveRun(run=run, graph=graph, expected=expected, saved_logs=saved_logs, metrics=self.metrics)
         self._active[run.run_id] = active
         return active
 
-    def _room(self) -> int:
-        return self.settings.max_concurrent_runs + self.settings.max_pending_runs
-
     async def _stopped(self, active: _ActiveRun) -> None:
-        await asyncio.wait([active.stopped])
+        await self._until_stopped([active])
         if active.failure is not None:
             raise active.failure
+
+    async def _until_stopped(self, actives: Iterable[_ActiveRun], timeout_s: float | None = None) -> None:
+        """Wait (at most `timeout_s`) until the runs' records are released, after their last saves."""
+        loop, stopped = asyncio.get_running_loop(), []
+        for active in actives:
+            active.stopped = active.stopped or loop.create_future()
+            stopped.append(active.stopped)
+        await asyncio.wait(stopped, timeout=timeout_s)
 
     async def _execute(self, active: _ActiveRun) -> None:
         """Claim the run (unless it is claimed), execute it and save it, then release its record.
@@ -4788,16 +4766,20 @@ class Engine:
         run = active.run
         if active.lease is None and not await self._claim(active):
             return
-        active.accepted.set_result(None)
+        active.is_accepted = True
+        if active.accepted is not None:
+            active.accepted.set_result(None)
         is_logged = is_cancelled = False
         try:
             if not active.graph.nodes:  # see _graph_or_none
                 move_run(run, RunStatus.FAILED, f"graph {run.graph_id!r} was deleted before the run started")
             elif not active.is_cancel_requested:
-                async with self._slots:
-                    checkpoint = active.save if self.store.is_durable else None
-                    await execute_run(run, active.graph, self.registry, on_change=active.notify,
-                                      checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
+                if not active.has_slot:
+                    await self._slots.acquire()
+                    active.has_slot = True
+                checkpoint = functools.partial(self._save, active) if self.store.is_durable else None
+                await execute_run(run, active.graph, self.registry, on_change=active.notify,
+                                  checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
         except asyncio.CancelledError:  # the runner recorded it, or the finally below does for a run not started
             task = asyncio.current_task()
             for _ in range(active.cancels):  # the engine's own cancels end here, after the last save
@@ -4819,7 +4801,7 @@ class Engine:
                 move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
             if active.failure is None:  # a lost lease leaves the run to its new owner
                 await self._save_last(active, is_logged)
-            self.metrics.count_stop(run, active.counted_logs, is_lost=isinstance(active.failure, LeaseLost))
+            self.metrics.count_stop(run, active.started, is_lost=isinstance(active.failure, LeaseLost))
             if run.webhook is not None and active.failure is None:
                 self._deliver_soon()
             self._release(active)
@@ -4831,29 +4813,52 @@ class Engine:
             raise asyncio.CancelledError
 
     async def _claim(self, active: _ActiveRun) -> bool:
-        """Have the store hold the run for this engine; if it refuses, release the record, put the error on
-        `active.accepted` and return False."""
+        """Have the store hold the run for this engine: as running if a slot is free (one write, not a pending claim
+        and a move to running), else as pending (it waits for a slot). If the store refuses, release the record and
+        raise its error, or for a run launched in a task of its own put it on `active.accepted` and return False."""
         try:
             if self.store.is_shared:
                 await self.open()
-            await active.claim(self.worker_id, self._room())
+            if not self._slots.locked():  # so acquiring it waits for nothing
+                await self._slots.acquire()
+                active.has_slot = True
+                move_run(active.run, RunStatus.RUNNING)
+            active.lease = await _stored(self.metrics, active.run.run_id, self.store.claim_run(
+                active.run, active.expected, self.worker_id, active.saved_logs, self.settings.lease_s, self.worker_id,
+                self._room))
+            active.saved_logs = len(active.run.logs)
         except EngineError as exc:
             self._release(active)
+            if active.accepted is None:
+                raise
             active.accepted.set_exception(exc)
             return False
         except asyncio.CancelledError:  # the caller's, during the claim: a claim the store took expires unrenewed,
             self._release(active)  # and the run is taken over like one of a server that died
-            active.accepted.cancel()
+            if active.accepted is not None:
+                active.accepted.cancel()
             raise
+        if active.run.status is RunStatus.RUNNING:
+            active.notify(active.run)  # it has started: counted and logged once the store holds it
         return True
 
     def _release(self, active: _ActiveRun) -> None:
+        if active.has_slot:  # held until the run's last save, like its record
+            self._slots.release()
         del self._active[active.run.run_id]
-        active.stopped.set_result(None)
+        if active.stopped is not None:
+            active.stopped.set_result(None)
+
+    async def _save(self, active: _ActiveRun, run: RunContext) -> None:
+        """Save the run under its lease (the runner's checkpoint); raise StoreUnavailable, or LeaseLost."""
+        assert active.lease is not None
+        await _stored(self.metrics, run.run_id, self.store.save_run(run, active.lease, active.saved_logs,
+                                                                    self.settings.lease_s))
+        active.saved_logs = len(run.logs)
 
     async def _save_last(self, active: _ActiveRun, is_logged: bool) -> None:
         try:
-            await active.save(active.run)
+            await self._save(active, active.run)
         except EngineError as exc:
             active.failure = exc
             if not is_logged:
@@ -4874,11 +4879,7 @@ class Engine:
                 await self._claim_queued()
                 is_failing = False
             except Exception as exc:  # the database is away: keep trying, and say so once
-                self.metrics.count_store_error()
-                if not is_failing:
-                    logger.error("worker %s: the store failed (%s); trying again every %s s", self.worker_id,
-                                 _describe(exc), tick)
-                is_failing = True
+                is_failing = self._store_failed("worker", exc, is_failing, tick)
             self._wake.clear()
             # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that comes as the event is set (a run that
             # has just freed its slot), and the worker would outlive the loop's shutdown.
@@ -4899,15 +4900,18 @@ class Engine:
                     logger.info("deleted %d runs and idempotency keys past their time to live", deleted)
                 is_failing = False
             except Exception as exc:
-                if not is_failing:
-                    logger.error("sweeper %s: the store failed (%s); trying again every %s s", self.worker_id,
-                                 _describe(exc), SWEEP_INTERVAL_S)
-                is_failing = True
+                is_failing = self._store_failed("sweeper", exc, is_failing, SWEEP_INTERVAL_S)
 
-    def _webhook(self, url: str | None) -> WebhookDelivery | None:
+    def _store_failed(self, task: str, exc: Exception, is_failing: bool, every_s: float) -> bool:
+        """Count a store failure of a background task, and log it if the task was not failing yet; return True."""
+        self.metrics.count_store_error()
+        if not is_failing:
+            logger.error("%s %s: the store failed (%s); trying again every %s s", task, self.worker_id,
+                         _describe(exc), every_s)
+        return True
+
+    def _webhook(self, url: str) -> WebhookDelivery:
         """The webhook of a new run, or raise InvalidRequest: its target must be one of the allowed hosts."""
-        if url is None:
-            return None
         problem = url_problem(url)  # the request's validator said so already; a caller in code may not have
         if problem is None and not self.settings.webhook_hosts:
             problem = "webhooks are off on this server; its operator turns them on by listing the host:port targets " \
@@ -4938,11 +4942,7 @@ class Engine:
                     wait_s = await self._deliver_due(threads)
                     is_failing = False
                 except Exception as exc:
-                    self.metrics.count_store_error()
-                    if not is_failing:
-                        logger.error("webhooks %s: the store failed (%s); trying again every %s s", self.worker_id,
-                                     _describe(exc), WEBHOOK_POLL_S)
-                    is_failing, wait_s = True, WEBHOOK_POLL_S
+                    is_failing, wait_s = self._store_failed("webhooks", exc, is_failing, WEBHOOK_POLL_S), WEBHOOK_POLL_S
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait_s):  # not wait_for: see _work
                         await self._webhooks_due.wait()
