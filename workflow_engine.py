@@ -5304,7 +5304,7 @@ def _run_answer(run: RunContext, wait: bool, is_replayed: bool = False) -> Respo
                              logs=run.logs, iteration=run.iteration, current_node=run.current_node, error=run.error,
                              duration_ms=run.duration_ms, engine_overhead_ms=run.engine_overhead_ms)
         return JSONResponse(converter.unstructure(answer), headers=replayed or None)
-    # The store took the run as pending; it may have moved on already, which /graph/state tells.
+    # "pending" as in accepted: the run may be waiting for a slot or running already, which /graph/state tells.
     accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=RunStatus.PENDING))
     return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}", **replayed})
 
