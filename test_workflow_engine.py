@@ -2985,15 +2985,28 @@ async def test_sqlite_run_recovered_too_often_fails_saying_so(tmp_path: Path, re
                                              "3 times, the limit (WORKFLOW_MAX_RECOVERIES)")
 
 
-async def test_sqlite_worker_that_lost_its_lease_changes_nothing(tmp_path: Path, registry: we.Registry) -> None:
+async def test_sqlite_worker_that_lost_its_lease_changes_nothing(
+    tmp_path: Path, registry: we.Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another worker holds the run now: the first stops it at its next heartbeat and writes nothing more."""
+    monkeypatch.setattr(we, "HEARTBEAT_S", 60.0)  # the worker beats once at its start, then not during the test
     path = tmp_path / "runs.db"
-    first = we.Engine(registry, we.SqliteStore(path), worker_id="first")
+    first, beaten = we.Engine(registry, we.SqliteStore(path), worker_id="first"), asyncio.Event()
+    heartbeat = first.store.heartbeat
+
+    async def worker_heartbeat(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await heartbeat(*args, **kwargs)
+        finally:
+            beaten.set()
+
+    monkeypatch.setattr(first.store, "heartbeat", worker_heartbeat)
     gates["lost"] = Gate()
     definition = we.GraphDefinition(graph_id="l", start_node="gate", nodes=("gate", "inc"),
                                     edges={"gate": we.EdgeDef(default_next="inc")})
     run = await first.start(definition, we.WorkflowState(metadata={"gate": "lost"}))
     await gates["lost"].entered.wait()
+    await beaten.wait()  # the worker's first beat is over: only the test's own beat can see the lease lost
     with contextlib.closing(sqlite3.connect(path)) as other:  # as a takeover by another worker would leave it
         other.execute("UPDATE runs SET owner = 'second', attempt = attempt + 1 WHERE run_id = ?", (run.run_id,))
         other.commit()
