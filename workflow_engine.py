@@ -1214,9 +1214,10 @@ def _make_converter() -> cattrs.Converter:
     # A `dict[str, Any]` field holds plain JSON (checked where it comes in): copied as it is, not value by value.
     converter.register_unstructure_hook_func(lambda type_: type_ == dict[str, Any], dict)
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
-    # A run's log and history are dicts of a comprehension, not of a hook called per entry (see _unstructure_logs).
+    # A run's log and history are comprehensions, no call per entry (see _unstructure_logs); one entry, cattrs' hook.
     converter.register_unstructure_hook_func(lambda type_: type_ == list[LogEntry], _unstructure_logs)
-    converter.register_unstructure_hook(LogEntry, lambda entry: _unstructure_logs((entry,))[0])
+    converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
+        LogEntry, converter, updates_omitted=override(omit_if_default=True)))
     converter.register_unstructure_hook_func(lambda type_: type_ == list[StatusChange], lambda history: [
         {"status": change.status._value_, "at": change.at.isoformat(), "log_count": change.log_count}
         for change in history])
