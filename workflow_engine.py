@@ -329,7 +329,7 @@ class InvalidRequest(EngineError):
     code = ErrorCode.INVALID_REQUEST
 
     def __init__(self, details: list[Problem]) -> None:
-        super().__init__(f"the request has {_count(details, 'problem')}{_first_listed(details)}", details[:MAX_PROBLEMS])
+        super().__init__(_problems_message("request", details), details[:MAX_PROBLEMS])
 
 
 class InvalidGraph(EngineError):
@@ -339,7 +339,7 @@ class InvalidGraph(EngineError):
     code = ErrorCode.INVALID_GRAPH
 
     def __init__(self, details: list[Problem]) -> None:
-        super().__init__(f"the graph has {_count(details, 'problem')}{_first_listed(details)}", details[:MAX_PROBLEMS])
+        super().__init__(_problems_message("graph", details), details[:MAX_PROBLEMS])
 
 
 class UnknownName(EngineError):
@@ -476,17 +476,14 @@ class Interrupt(Exception):
         self.reason = reason
 
 
-def _count(items: list[Any], noun: str) -> str:
-    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
-
-
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _first_listed(details: list[Problem]) -> str:
+def _problems_message(subject: str, details: list[Problem]) -> str:
     # A 1 MB body can hold 200,000 problems: listing them all would answer with tens of megabytes.
-    return f"; the first {MAX_PROBLEMS} are listed" if len(details) > MAX_PROBLEMS else ""
+    listed = f"; the first {MAX_PROBLEMS} are listed" if len(details) > MAX_PROBLEMS else ""
+    return f"the {subject} has {len(details)} problem{'' if len(details) == 1 else 's'}{listed}"
 
 
 # ---------------------------------------------------------------------------
