@@ -747,9 +747,7 @@ class NodeDef:
     @property
     def function(self) -> str:
         """The name of the registered function this node calls; "" (never a registered name) for a composite."""
-        if self.graph is None and self.map is None and self.parallel is None:  # inline: the runner asks every step
-            return self.fn or self.name
-        return ""
+        return "" if self.is_composite else self.fn or self.name
 
     @property
     def graph_ids(self) -> tuple[str, ...]:
