@@ -5850,18 +5850,14 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
             value = parse(raw)
             if fields[name].validator is not None:
                 fields[name].validator(None, fields[name], value)
-        except ValueError as exc:
-            raise ValueError(f"{variable}={raw[:40]!r}: {_setting_problem(exc, name)}") from None
+        except ValueError as exc:  # a validator names the Settings field; the operator knows the variable, put first
+            problem = str(exc).removeprefix(f"{name} ").removeprefix(f"'{name}' ")
+            raise ValueError(f"{variable}={raw[:40]!r}: {problem}") from None
         values[name] = value
     iterations, cap = values.get("max_iterations", MAX_ITERATIONS), values.get("max_iterations_cap", MAX_ITERATIONS_CAP)
     if iterations > cap:  # else every run would be refused for a max_iterations its client never sent
         raise ValueError(f"WORKFLOW_MAX_ITERATIONS ({iterations}) must be at most WORKFLOW_MAX_ITERATIONS_CAP ({cap})")
     return Settings(**values)
-
-
-def _setting_problem(exc: ValueError, name: str) -> str:
-    # A validator names the Settings field; the operator knows the variable, which the caller puts first.
-    return str(exc).removeprefix(f"{name} ").removeprefix(f"'{name}' ")
 
 
 def load_workflows(registry: Registry, modules: tuple[str, ...] | None) -> None:
