@@ -5647,8 +5647,8 @@ async def get_openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
 
 
-_IDEMPOTENCY_HEADER = {"Idempotency-Key": {  # what IDEMPOTENCY_KEY_PATTERN says
-    "type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$",
+_IDEMPOTENCY_HEADER = {"Idempotency-Key": {
+    "type": "string", "pattern": f"^{IDEMPOTENCY_KEY_PATTERN.pattern}$",
     "description": "A request like an earlier one with this key answers for that one's run"}}
 OPERATIONS = (  # the router tries them in this order, so the busiest come first (each costs about four calls)
     Operation(method="POST", path="/graph/run", endpoint=post_graph_run, summary="Run a stored graph", body=RunRequest,
@@ -5688,7 +5688,6 @@ OPERATIONS = (  # the router tries them in this order, so the busiest come first
               answers={200: PlainText(media_type=PROMETHEUS_MEDIA_TYPE)}),
     Operation(method="GET", path="/openapi.json", endpoint=get_openapi, summary="This document", answers={200: Any}),
 )
-_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
 
 
 def json_schema(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
@@ -5708,8 +5707,8 @@ def json_schema(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
         return {"$ref": f"#/components/schemas/{type_.__name__}"}
     if isinstance(type_, type) and issubclass(type_, enum.Enum):
         return {"type": "string", "enum": [member.value for member in type_]}
-    if type_ in _JSON_TYPES:
-        return {"type": _JSON_TYPES[type_]}
+    if type_ in _KINDS or type_ is type(None):
+        return {"type": "null" if type_ is type(None) else _KINDS[type_].value}
     if type_ is datetime:
         return {"type": "string", "format": "date-time"}
     if origin in (types.UnionType, typing.Union):
