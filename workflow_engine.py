@@ -1599,7 +1599,9 @@ def validate_graph(graph: GraphDefinition, registry: Registry, *, limits: Settin
                    graphs: GraphLookup = _no_graphs) -> None:
     """Raise InvalidGraph listing every problem of `graph` against the names in `registry`, the graphs its nodes
     run (found by `graphs`) and the `limits`."""
-    problems = [*_id_problems(graph), *_node_problems(graph, registry), *_edge_problems(graph, registry)]
+    problems = [] if graph.graph_id is None or GRAPH_ID_PATTERN.fullmatch(graph.graph_id) else [
+        Problem("$.graph_id", ID_RULE)]
+    problems += [*_node_problems(graph, registry), *_edge_problems(graph, registry)]
     problems += [Problem(f"$.interrupt_before[{index}]", f"unknown node {_shown(name)}")
                  for index, name in enumerate(graph.interrupt_before) if name not in graph.node_defs]
     problems += _limit_problems(graph, limits)
@@ -1764,12 +1766,6 @@ def _reaching(graph: GraphDefinition, target: str) -> set[str]:
         frontier = {source for source, nexts in targets.items() if nexts & frontier} - found
         found |= frontier
     return found
-
-
-def _id_problems(graph: GraphDefinition) -> list[Problem]:
-    if graph.graph_id is None or GRAPH_ID_PATTERN.fullmatch(graph.graph_id):
-        return []
-    return [Problem("$.graph_id", ID_RULE)]
 
 
 def _node_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
