@@ -5964,9 +5964,11 @@ def create_app(*, registry: Registry | None = None, store: Store | None = None,
     when it starts (its lifespan), from the WORKFLOW_* environment variables: importing this module reads no
     setting, imports no workflow module and opens no database, and a bad setting stops startup naming its variable.
     """
+    by_path: dict[str, dict[str, Callable[..., Awaitable[Any]]]] = {}
+    for operation in OPERATIONS:
+        by_path.setdefault(operation.path, {})[operation.method] = operation.endpoint
     routes = [WebSocketRoute(path, endpoints["GET"]) if endpoints.get("GET") is websocket_graph_ws
-              else Route(path, _Endpoints(endpoints), methods=list(endpoints))
-              for path, endpoints in _endpoints_by_path(OPERATIONS).items()]
+              else Route(path, _Endpoints(endpoints), methods=list(endpoints)) for path, endpoints in by_path.items()]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
     middleware = [Middleware(RequestMetrics), Middleware(BearerAuth)]  # outermost first: refused requests count too
@@ -5976,13 +5978,6 @@ def create_app(*, registry: Registry | None = None, store: Store | None = None,
     if registry is not None or store is not None or settings is not None:
         _serve(starlette_app, build_engine(registry=registry, store=store, settings=settings))
     return starlette_app
-
-
-def _endpoints_by_path(operations: tuple[Operation, ...]) -> dict[str, dict[str, Callable[..., Awaitable[Any]]]]:
-    by_path: dict[str, dict[str, Callable[..., Awaitable[Any]]]] = {}
-    for operation in operations:
-        by_path.setdefault(operation.path, {})[operation.method] = operation.endpoint
-    return by_path
 
 
 class _Endpoints:
