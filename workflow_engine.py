@@ -5161,6 +5161,7 @@ def _reject_constant(name: str) -> None:
 
 
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # json.loads would build one per body
+_SSE_ENCODER = json.JSONEncoder(separators=(",", ":"))  # an event's data line; json.dumps would build one per event
 # A media type's parameters (`; charset=utf-8`) do not matter: JSON is UTF-8 whatever they say.
 _JSON_MEDIA_TYPE = re.compile(r"application/json|[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\+json")
 
@@ -5364,8 +5365,7 @@ async def _server_sent(events: AsyncIterator[RunEvent | None]) -> AsyncIterator[
         if event is None:
             yield ": keep-alive\n\n"
         else:
-            data = json.dumps(event.data, separators=(",", ":"))
-            yield f"id: {event.id}\nevent: {event.event.value}\ndata: {data}\n\n"
+            yield f"id: {event.id}\nevent: {event.event.value}\ndata: {_SSE_ENCODER.encode(event.data)}\n\n"
 
 
 def _query(request: Request, allowed: set[str]) -> dict[str, str]:
