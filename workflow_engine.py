@@ -5354,7 +5354,8 @@ async def websocket_graph_ws(websocket: WebSocket) -> None:
     try:
         async for event in engine.follow(run_id, after):
             if event is not None:
-                await websocket.send_json(converter.unstructure(event))
+                # send_json's bytes, without the encoder its json.dumps builds for every message
+                await websocket.send_text(_JSON_ENCODER.encode(converter.unstructure(event)))
         await websocket.close()
     except WebSocketDisconnect:  # the client went away: not the server's error
         logger.debug("websocket client of run %s went away", run_id)
