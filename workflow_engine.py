@@ -328,7 +328,7 @@ class InvalidRequest(EngineError):
     code = ErrorCode.INVALID_REQUEST
 
     def __init__(self, details: list[Problem]) -> None:
-        super().__init__(f"the request has {_count(details, 'problem')}{_first_listed(details)}", details[:MAX_PROBLEMS])
+        super().__init__(_problems_message("request", details), details[:MAX_PROBLEMS])
 
 
 class InvalidGraph(EngineError):
@@ -338,7 +338,7 @@ class InvalidGraph(EngineError):
     code = ErrorCode.INVALID_GRAPH
 
     def __init__(self, details: list[Problem]) -> None:
-        super().__init__(f"the graph has {_count(details, 'problem')}{_first_listed(details)}", details[:MAX_PROBLEMS])
+        super().__init__(_problems_message("graph", details), details[:MAX_PROBLEMS])
 
 
 class UnknownName(EngineError):
@@ -475,17 +475,14 @@ class Interrupt(Exception):
         self.reason = reason
 
 
-def _count(items: list[Any], noun: str) -> str:
-    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
-
-
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _first_listed(details: list[Problem]) -> str:
+def _problems_message(subject: str, details: list[Problem]) -> str:
     # A 1 MB body can hold 200,000 problems: listing them all would answer with tens of megabytes.
-    return f"; the first {MAX_PROBLEMS} are listed" if len(details) > MAX_PROBLEMS else ""
+    listed = f"; the first {MAX_PROBLEMS} are listed" if len(details) > MAX_PROBLEMS else ""
+    return f"the {subject} has {len(details)} problem{'' if len(details) == 1 else 's'}{listed}"
 
 
 # ---------------------------------------------------------------------------
@@ -749,9 +746,7 @@ class NodeDef:
     @property
     def function(self) -> str:
         """The name of the registered function this node calls; "" (never a registered name) for a composite."""
-        if self.graph is None and self.map is None and self.parallel is None:  # inline: the runner asks every step
-            return self.fn or self.name
-        return ""
+        return "" if self.is_composite else self.fn or self.name
 
     @property
     def graph_ids(self) -> tuple[str, ...]:
@@ -1213,9 +1208,10 @@ def _make_converter() -> cattrs.Converter:
     # A `dict[str, Any]` field holds plain JSON (checked where it comes in): copied as it is, not value by value.
     converter.register_unstructure_hook_func(lambda type_: type_ == dict[str, Any], dict)
     converter.register_structure_hook(datetime, lambda value, _: datetime.fromisoformat(value))
-    # A run's log and history are dicts of a comprehension, not of a hook called per entry (see _unstructure_logs).
+    # A run's log and history are comprehensions, no call per entry (see _unstructure_logs); one entry, cattrs' hook.
     converter.register_unstructure_hook_func(lambda type_: type_ == list[LogEntry], _unstructure_logs)
-    converter.register_unstructure_hook(LogEntry, lambda entry: _unstructure_logs((entry,))[0])
+    converter.register_unstructure_hook(LogEntry, make_dict_unstructure_fn(
+        LogEntry, converter, updates_omitted=override(omit_if_default=True)))
     converter.register_unstructure_hook_func(lambda type_: type_ == list[StatusChange], lambda history: [
         {"status": change.status._value_, "at": change.at.isoformat(), "log_count": change.log_count}
         for change in history])
@@ -1602,7 +1598,9 @@ def validate_graph(graph: GraphDefinition, registry: Registry, *, limits: Settin
                    graphs: GraphLookup = _no_graphs) -> None:
     """Raise InvalidGraph listing every problem of `graph` against the names in `registry`, the graphs its nodes
     run (found by `graphs`) and the `limits`."""
-    problems = [*_id_problems(graph), *_node_problems(graph, registry), *_edge_problems(graph, registry)]
+    problems = [] if graph.graph_id is None or GRAPH_ID_PATTERN.fullmatch(graph.graph_id) else [
+        Problem("$.graph_id", ID_RULE)]
+    problems += [*_node_problems(graph, registry), *_edge_problems(graph, registry)]
     problems += [Problem(f"$.interrupt_before[{index}]", f"unknown node {_shown(name)}")
                  for index, name in enumerate(graph.interrupt_before) if name not in graph.node_defs]
     problems += _limit_problems(graph, limits)
@@ -1767,12 +1765,6 @@ def _reaching(graph: GraphDefinition, target: str) -> set[str]:
         frontier = {source for source, nexts in targets.items() if nexts & frontier} - found
         found |= frontier
     return found
-
-
-def _id_problems(graph: GraphDefinition) -> list[Problem]:
-    if graph.graph_id is None or GRAPH_ID_PATTERN.fullmatch(graph.graph_id):
-        return []
-    return [Problem("$.graph_id", ID_RULE)]
 
 
 def _node_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
@@ -5170,6 +5162,7 @@ def _reject_constant(name: str) -> None:
 
 
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # json.loads would build one per body
+_SSE_ENCODER = json.JSONEncoder(separators=(",", ":"))  # an event's data line; json.dumps would build one per event
 # A media type's parameters (`; charset=utf-8`) do not matter: JSON is UTF-8 whatever they say.
 _JSON_MEDIA_TYPE = re.compile(r"application/json|[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\+json")
 
@@ -5362,7 +5355,8 @@ async def websocket_graph_ws(websocket: WebSocket) -> None:
     try:
         async for event in engine.follow(run_id, after):
             if event is not None:
-                await websocket.send_json(converter.unstructure(event))
+                # send_json's bytes, without the encoder its json.dumps builds for every message
+                await websocket.send_text(_JSON_ENCODER.encode(converter.unstructure(event)))
         await websocket.close()
     except WebSocketDisconnect:  # the client went away: not the server's error
         logger.debug("websocket client of run %s went away", run_id)
@@ -5373,8 +5367,7 @@ async def _server_sent(events: AsyncIterator[RunEvent | None]) -> AsyncIterator[
         if event is None:
             yield ": keep-alive\n\n"
         else:
-            data = json.dumps(event.data, separators=(",", ":"))
-            yield f"id: {event.id}\nevent: {event.event.value}\ndata: {data}\n\n"
+            yield f"id: {event.id}\nevent: {event.event.value}\ndata: {_SSE_ENCODER.encode(event.data)}\n\n"
 
 
 def _query(request: Request, allowed: set[str]) -> dict[str, str]:
@@ -5652,8 +5645,8 @@ async def get_openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
 
 
-_IDEMPOTENCY_HEADER = {"Idempotency-Key": {  # what IDEMPOTENCY_KEY_PATTERN says
-    "type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$",
+_IDEMPOTENCY_HEADER = {"Idempotency-Key": {
+    "type": "string", "pattern": f"^{IDEMPOTENCY_KEY_PATTERN.pattern}$",
     "description": "A request like an earlier one with this key answers for that one's run"}}
 OPERATIONS = (  # the router tries them in this order, so the busiest come first (each costs about four calls)
     Operation(method="POST", path="/graph/run", endpoint=post_graph_run, summary="Run a stored graph", body=RunRequest,
@@ -5693,7 +5686,6 @@ OPERATIONS = (  # the router tries them in this order, so the busiest come first
               answers={200: PlainText(media_type=PROMETHEUS_MEDIA_TYPE)}),
     Operation(method="GET", path="/openapi.json", endpoint=get_openapi, summary="This document", answers={200: Any}),
 )
-_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
 
 
 def json_schema(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
@@ -5713,8 +5705,8 @@ def json_schema(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
         return {"$ref": f"#/components/schemas/{type_.__name__}"}
     if isinstance(type_, type) and issubclass(type_, enum.Enum):
         return {"type": "string", "enum": [member.value for member in type_]}
-    if type_ in _JSON_TYPES:
-        return {"type": _JSON_TYPES[type_]}
+    if type_ in _KINDS or type_ is type(None):
+        return {"type": "null" if type_ is type(None) else _KINDS[type_].value}
     if type_ is datetime:
         return {"type": "string", "format": "date-time"}
     if origin in (types.UnionType, typing.Union):
@@ -5855,18 +5847,14 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
             value = parse(raw)
             if fields[name].validator is not None:
                 fields[name].validator(None, fields[name], value)
-        except ValueError as exc:
-            raise ValueError(f"{variable}={raw[:40]!r}: {_setting_problem(exc, name)}") from None
+        except ValueError as exc:  # a validator names the Settings field; the operator knows the variable, put first
+            problem = str(exc).removeprefix(f"{name} ").removeprefix(f"'{name}' ")
+            raise ValueError(f"{variable}={raw[:40]!r}: {problem}") from None
         values[name] = value
     iterations, cap = values.get("max_iterations", MAX_ITERATIONS), values.get("max_iterations_cap", MAX_ITERATIONS_CAP)
     if iterations > cap:  # else every run would be refused for a max_iterations its client never sent
         raise ValueError(f"WORKFLOW_MAX_ITERATIONS ({iterations}) must be at most WORKFLOW_MAX_ITERATIONS_CAP ({cap})")
     return Settings(**values)
-
-
-def _setting_problem(exc: ValueError, name: str) -> str:
-    # A validator names the Settings field; the operator knows the variable, which the caller puts first.
-    return str(exc).removeprefix(f"{name} ").removeprefix(f"'{name}' ")
 
 
 def load_workflows(registry: Registry, modules: tuple[str, ...] | None) -> None:
@@ -5978,9 +5966,11 @@ def create_app(*, registry: Registry | None = None, store: Store | None = None,
     when it starts (its lifespan), from the WORKFLOW_* environment variables: importing this module reads no
     setting, imports no workflow module and opens no database, and a bad setting stops startup naming its variable.
     """
+    by_path: dict[str, dict[str, Callable[..., Awaitable[Any]]]] = {}
+    for operation in OPERATIONS:
+        by_path.setdefault(operation.path, {})[operation.method] = operation.endpoint
     routes = [WebSocketRoute(path, endpoints["GET"]) if endpoints.get("GET") is websocket_graph_ws
-              else Route(path, _Endpoints(endpoints), methods=list(endpoints))
-              for path, endpoints in _endpoints_by_path(OPERATIONS).items()]
+              else Route(path, _Endpoints(endpoints), methods=list(endpoints)) for path, endpoints in by_path.items()]
     handlers = {EngineError: on_engine_error, HTTPException: on_http_error, ClientDisconnect: on_client_gone,
                 Exception: on_unexpected_error}
     middleware = [Middleware(RequestMetrics), Middleware(BearerAuth)]  # outermost first: refused requests count too
@@ -5990,13 +5980,6 @@ def create_app(*, registry: Registry | None = None, store: Store | None = None,
     if registry is not None or store is not None or settings is not None:
         _serve(starlette_app, build_engine(registry=registry, store=store, settings=settings))
     return starlette_app
-
-
-def _endpoints_by_path(operations: tuple[Operation, ...]) -> dict[str, dict[str, Callable[..., Awaitable[Any]]]]:
-    by_path: dict[str, dict[str, Callable[..., Awaitable[Any]]]] = {}
-    for operation in operations:
-        by_path.setdefault(operation.path, {})[operation.method] = operation.endpoint
-    return by_path
 
 
 class _Endpoints:
