@@ -2291,10 +2291,6 @@ def _next_node(step: NodePlan, state: WorkflowState, name: str) -> tuple[str | N
     return step.default_next, None
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 # A graph, map or parallel node runs other graphs as branches: tasks on the run's event loop, each on its own copy
 # of the data, at most max_concurrency at once. Their steps join the run's log with a `path` as they happen. Each
 # branch's result is kept in the run (and checkpointed) when it finishes, and the results are joined in branch
