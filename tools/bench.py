@@ -52,7 +52,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import logging
 import os
 import platform
 import pstats
