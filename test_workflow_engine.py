@@ -5370,7 +5370,13 @@ def test_bench_engine_quick_prints_ratios_calls_and_targets_and_writes_json(tmp_
         assert calls_target == {
             "target": calls_target["target"], "unit": f"calls/{unit}", "figure": calls, "baseline": bare_calls,
             "ratio": pytest.approx(calls / bare_calls), "limit": calls_limit, "met": calls <= calls_limit}
+        by_section = figures["calls_by_section"]  # every profiled call, by the section (or library) that made it
+        assert sum(by_section.values()) == pytest.approx(calls, rel=0.01)
+        assert list(by_section)[0] == "Runner" and {"Serialization", "Engine"} <= by_section.keys()
+        assert list(by_section.values()) == sorted(by_section.values(), reverse=True)
     out, err = capsys.readouterr()
+    assert [line.split(" run): ")[0] for line in out.splitlines() if line.startswith("  where Engine.run")] == [
+        "  where Engine.run's calls per step are made (long", "  where Engine.run's calls per run are made (short"]
     verdicts = [line for line in out.splitlines() if line.strip().startswith("Engine.run") and "target <=" in line]
     assert [line.split("target <= ")[1].split(":")[0] for line in verdicts] == [
         "5.0x bare", "20 calls/step", "5.0x bare", "150 calls/run"]

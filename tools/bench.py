@@ -10,7 +10,8 @@ engine  The five-node loop A -> B -> C -> D -> E, E back to B while data["i"] < 
         (N = 2000) and per short run (N = 1, five steps), next to two baselines measured in the same invocation: a
         bare asyncio loop awaiting the same node functions, and that loop plus a minimal attrs log record per step.
         Also shown: the runner alone (run_graph, no store), and PocketFlow running the same nodes when it is
-        importable (`pip install pocketflow` in the benchmark's own environment; never a project dependency).
+        importable (`pip install pocketflow` in the benchmark's own environment; never a project dependency), and
+        where Engine.run's calls are made: by section of workflow_engine.py (or library) of the calling code.
 http    `uvicorn workflow_engine:app` and a bare Starlette endpoint that parses a 300-byte JSON body (one worker
         each, 127.0.0.1, the same server stack on both), driven by the same keep-alive HTTP/1.1 client at 1, 16 and
         64 connections: requests/s, p50/p99 latency and errors of POST /graph/run (a trivial 1-node run and a
@@ -409,8 +410,8 @@ def _engine_variants(
     return variants, engine
 
 
-async def count_calls(fn: Callable[[], Awaitable[object]]) -> int:
-    """Return how many function calls cProfile counts in one call of `fn` (after one unprofiled warm-up call).
+async def profiled(fn: Callable[[], Awaitable[object]]) -> pstats.Stats:
+    """Return cProfile's statistics of one call of `fn` (after one unprofiled warm-up call).
 
     The profiler sees every task of this thread's event loop, not the threads of a store (which encode big
     records): the count of a long run leaves out the encoding of its record.
@@ -422,7 +423,34 @@ async def count_calls(fn: Callable[[], Awaitable[object]]) -> int:
         await fn()
     finally:
         profiler.disable()
-    return pstats.Stats(profiler).total_calls
+    return pstats.Stats(profiler)
+
+
+def sections_of(path: str) -> list[tuple[int, str]]:
+    """Return (first line, name) of each section of a module whose sections are headed `# ---` / `# Name` / `# ---`."""
+    lines = Path(path).read_text().splitlines()
+    return [(number + 1, lines[number][2:]) for number in range(1, len(lines) - 1)
+            if lines[number - 1].startswith("# ---") and lines[number + 1].startswith("# ---")]
+
+
+def calls_by_section(stats: pstats.Stats, module: ModuleType) -> dict[str, int]:
+    """Return how many of the profiled calls each place made, most first: a call counts for the section of
+    workflow_engine.py its caller is in (a built-in such as len or perf_counter, or attrs' generated __init__,
+    counts for the section that called it), or for the caller's library (asyncio, cattrs, ...) outside it."""
+    sections = sections_of(module.__file__)
+
+    def place(where: tuple[str, int, str]) -> str:
+        path, line, _ = where
+        if path == module.__file__:
+            return next(name for first, name in reversed(sections) if first <= line) if line >= sections[0][0] \
+                else "module top"
+        return "bench" if path == __file__ else Path(path).parent.name if "site-packages" in path \
+            else Path(path).stem if path.endswith(".py") else path.split()[0].strip("<")
+    counts: dict[str, int] = {}
+    for _, (_, calls, _, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        for caller, (_, caller_calls, _, _) in (callers.items() if callers else [((__file__, 0, ""), (0, calls, 0, 0))]):
+            counts[place(caller)] = counts.get(place(caller), 0) + caller_calls
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 async def _engine_figures(we: ModuleType, profile: Profile, pocketflow: Callable | None) -> dict[str, Any]:
@@ -431,13 +459,15 @@ async def _engine_figures(we: ModuleType, profile: Profile, pocketflow: Callable
         variants, engine = _engine_variants(we, n, pocketflow)
         await engine.create_graph(bench_graph(we))
         await _check_engine(we, engine, n, pocketflow)
-        calls = {name: await count_calls(fn) for name, fn in variants.items()}
+        stats = {name: await profiled(fn) for name, fn in variants.items()}
         seconds = await measure(variants, profile.repeats, profile.sample_seconds)
-        figures[kind] = {"n": n, "seconds": seconds, "calls": calls}
+        figures[kind] = {"n": n, "seconds": seconds, "calls": {name: stat.total_calls for name, stat in stats.items()},
+                         "by_section": calls_by_section(stats["engine"], we)}
     return figures
 
 
-def _engine_result(kind: str, n: int, seconds: dict[str, float], calls: dict[str, int]) -> dict[str, Any]:
+def _engine_result(kind: str, n: int, seconds: dict[str, float], calls: dict[str, int],
+                   by_section: dict[str, int]) -> dict[str, Any]:
     steps = steps_for(n)
     per, unit = (steps, "step") if kind == "long" else (1, "run")
     rows = {name: {f"us_per_{unit}": seconds[name] * 1e6 / per, f"calls_per_{unit}": calls[name] / per,
@@ -446,7 +476,8 @@ def _engine_result(kind: str, n: int, seconds: dict[str, float], calls: dict[str
     calls_limit = TARGET_CALLS_PER_STEP if kind == "long" else TARGET_CALLS_PER_RUN
     targets = [_target(f"Engine.run time {what}", f"us/{unit}", rows, f"us_per_{unit}", TARGET_ENGINE_RATIO),
                _target(f"Engine.run function calls {what}", f"calls/{unit}", rows, f"calls_per_{unit}", calls_limit)]
-    return {"n": n, "steps": steps, "unit": unit, "rows": rows, "targets": targets}
+    return {"n": n, "steps": steps, "unit": unit, "rows": rows, "targets": targets,
+            "calls_by_section": {place: count / per for place, count in by_section.items()}}
 
 
 def _target(name: str, unit: str, rows: dict[str, Any], key: str, limit: float) -> dict[str, Any]:
@@ -464,7 +495,7 @@ def run_engine(profile: Profile) -> dict[str, Any]:
     we = _import_engine()
     found = pocketflow_run()
     figures = asyncio.run(_engine_figures(we, profile, found[1] if found else None))
-    result = {kind: _engine_result(kind, figure["n"], figure["seconds"], figure["calls"])
+    result = {kind: _engine_result(kind, figure["n"], figure["seconds"], figure["calls"], figure["by_section"])
               for kind, figure in figures.items()}
     targets = [target_row(row["target"] + f" ({row['unit']})", row["figure"], row["baseline"],
                           _limit_text(row), row["met"]) for kind in result for row in result[kind]["targets"]]
@@ -489,6 +520,11 @@ def print_engine(result: dict[str, Any]) -> None:
                 continue
             print(f"    {label:<54}{row[f'us_per_{unit}']:>10.2f}{row['ratio_to_bare']:>8.2f}x"
                   f"{row[f'calls_per_{unit}']:>13.1f}")
+    for kind in ("long", "short"):
+        by_section = result[kind]["calls_by_section"]
+        places = ", ".join(f"{place} {count:.1f}" if kind == "long" else f"{place} {count:.0f}"
+                           for place, count in by_section.items() if count >= sum(by_section.values()) / 100)
+        print(f"  where Engine.run's calls per {result[kind]['unit']} are made ({kind} run): {places}")
     print("  targets (Engine.run, each against the bare loop of this invocation)")
     for target in result["long"]["targets"] + result["short"]["targets"]:
         print(f"    {target['target']:<44}{target['figure']:>10.2f} {target['unit']:<11} "
