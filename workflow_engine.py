@@ -5226,6 +5226,14 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
     return payload
 
 
+class _Answer(JSONResponse):
+    """A JSONResponse encoded by the module's one encoder: JSONResponse's json.dumps builds an encoder per answer."""
+
+    def render(self, content: Any) -> bytes:
+        """Encode `content` as compact UTF-8 JSON, byte for byte as JSONResponse does."""
+        return dump_json(content)
+
+
 def _engine(request: Request) -> Engine:
     engine = request.app.state.engine
     if engine is None:
@@ -5236,7 +5244,7 @@ def _engine(request: Request) -> Engine:
 async def get_health(request: Request) -> Response:
     """Answer that the service is up, with how many graphs and runs it holds."""
     graphs, runs = _engine(request).counts()
-    return JSONResponse(converter.unstructure(HealthResponse(status="ok", graphs=graphs, runs=runs)))
+    return _Answer(converter.unstructure(HealthResponse(status="ok", graphs=graphs, runs=runs)))
 
 
 async def post_graph_create(request: Request) -> Response:
@@ -5245,7 +5253,7 @@ async def post_graph_create(request: Request) -> Response:
     graph = structure_body(await read_json(request, engine.settings.max_body_bytes), GraphDefinition)
     graph, created, warnings = await engine.create_graph(graph)
     body = converter.unstructure(CreateGraphResponse(graph_id=graph.graph_id or "", warnings=warnings))
-    return JSONResponse(body, status_code=201 if created else 200)
+    return _Answer(body, status_code=201 if created else 200)
 
 
 async def post_graph_run(request: Request) -> Response:
@@ -5292,16 +5300,16 @@ def _run_answer(run: RunContext, wait: bool, is_replayed: bool = False) -> Respo
         answer = RunResponse(run_id=run.run_id, graph_id=run.graph_id, status=run.status, final_state=run.state,
                              logs=run.logs, iteration=run.iteration, current_node=run.current_node, error=run.error,
                              duration_ms=run.duration_ms, engine_overhead_ms=run.engine_overhead_ms)
-        return JSONResponse(converter.unstructure(answer), headers=replayed or None)
+        return _Answer(converter.unstructure(answer), headers=replayed or None)
     # "pending" as in accepted: the run may be waiting for a slot or running already, which /graph/state tells.
     accepted = converter.unstructure(RunAccepted(run_id=run.run_id, status=RunStatus.PENDING))
-    return JSONResponse(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}", **replayed})
+    return _Answer(accepted, status_code=202, headers={"Location": f"/graph/state/{run.run_id}", **replayed})
 
 
 async def post_graph_cancel(request: Request) -> Response:
     """Cancel a pending or running run and answer with its record; a run that already ended is a 409."""
     run = await _engine(request).cancel(_path_id(request, "run_id"))
-    return JSONResponse(converter.unstructure(run))
+    return _Answer(converter.unstructure(run))
 
 
 async def delete_graph_run(request: Request) -> Response:
@@ -5316,7 +5324,7 @@ async def get_graph_runs(request: Request) -> Response:
     limit, offset = _page(query)
     status, graph_id = _status_filter(query.get("status")), _query_id(query, "graph_id")
     summaries, total = _engine(request).store.list_runs(graph_id=graph_id, status=status, limit=limit, offset=offset)
-    return JSONResponse(converter.unstructure(RunsPage(runs=summaries, total=total, limit=limit, offset=offset)))
+    return _Answer(converter.unstructure(RunsPage(runs=summaries, total=total, limit=limit, offset=offset)))
 
 
 async def get_graph_list(request: Request) -> Response:
@@ -5325,7 +5333,7 @@ async def get_graph_list(request: Request) -> Response:
     graphs, total = _engine(request).list_graphs(limit=limit, offset=offset)
     summaries = [GraphSummary(graph_id=g.graph_id or "", start_node=g.start_node, nodes=list(g.node_defs))
                  for g in graphs]
-    return JSONResponse(converter.unstructure(GraphsPage(graphs=summaries, total=total, limit=limit, offset=offset)))
+    return _Answer(converter.unstructure(GraphsPage(graphs=summaries, total=total, limit=limit, offset=offset)))
 
 
 async def get_graph_stream(request: Request) -> Response:
@@ -5449,7 +5457,7 @@ async def get_graph_definition(request: Request) -> Response:
     if _query_bool(query, "declarations"):
         declared = {name: engine.registry.node_io(node.function) for name, node in graph.node_defs.items()}
         body["declarations"] = {name: converter.unstructure(io) for name, io in declared.items() if io is not None}
-    return JSONResponse(body)
+    return _Answer(body)
 
 
 async def get_metrics(request: Request) -> Response:
@@ -5570,9 +5578,9 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def error_response(status_code: int, code: ErrorCode, message: str, details: list[Problem] | None = None,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None) -> _Answer:
     """Build the one error shape every non-2xx answer has."""
-    return JSONResponse(_error_body(code, message, details), status_code=status_code, headers=headers)
+    return _Answer(_error_body(code, message, details), status_code=status_code, headers=headers)
 
 
 def _error_body(code: ErrorCode, message: str, details: list[Problem] | None) -> dict[str, Any]:
@@ -5638,7 +5646,7 @@ class Operation:
 
 async def get_openapi(request: Request) -> Response:
     """Answer with the OpenAPI 3.1 document of every endpoint."""
-    return JSONResponse(request.app.state.openapi)
+    return _Answer(request.app.state.openapi)
 
 
 _IDEMPOTENCY_HEADER = {"Idempotency-Key": {
