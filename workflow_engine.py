@@ -5235,7 +5235,7 @@ class _Answer(JSONResponse):
 
 
 def _engine(request: Request) -> Engine:
-    engine = request.app.state.engine
+    engine = request.scope["app"].state.engine  # what request.app reads, without its property call
     if engine is None:
         raise RuntimeError("the app has not started: serve it (its lifespan builds the engine from the environment)")
     return engine
@@ -5415,7 +5415,7 @@ def _query_id(query: dict[str, str], name: str) -> str | None:
 
 def _path_id(request: Request, name: str) -> str:
     """The id in the path parameter `name`, checked as every id is (so a huge one never reaches a message)."""
-    raw = request.path_params[name]
+    raw = request.scope["path_params"][name]  # the router sets them; request.path_params costs two calls
     if not GRAPH_ID_PATTERN.fullmatch(raw):
         raise InvalidRequest([Problem(f"$.path.{name}", ID_RULE)])
     return raw
