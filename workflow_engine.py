@@ -1143,7 +1143,7 @@ def _strict(expected: type, name: str, accepts: tuple[type, ...], rejects: type 
     def hook(value: object, _: type) -> Any:
         if not isinstance(value, accepts) or type(value) is rejects:  # `rejects` is bool, which has no subclasses
             raise InvalidValue(f"expected {name}, got {_json_type(value)}")
-        return expected(value) if expected is float else value
+        return expected(value) if expected is float or expected is dict else value  # an int as a float; a copy
 
     return hook
 
@@ -1164,12 +1164,6 @@ def _shape_guard(kind: type, name: str, factory: Callable) -> Callable:
     return guarded_factory
 
 
-def _copied_object(value: object, _: type) -> dict[str, Any]:
-    if not isinstance(value, dict):  # a JSON object's keys are strings: copied as it is, one call (not a guard's two)
-        raise InvalidValue(f"expected an object, got {_json_type(value)}")
-    return dict(value)
-
-
 def _make_converter() -> cattrs.Converter:
     """Build the module's converter: strict JSON types, no extra keys, ISO 8601 datetimes, enums by value."""
     converter = cattrs.Converter(forbid_extra_keys=True)
@@ -1183,7 +1177,8 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook_factory(lambda t: is_sequence(t) and not is_mutable_sequence(t),
                                               _shape_guard(list, "an array", homogenous_tuple_structure_factory))
     converter.register_structure_hook_factory(is_mapping, _shape_guard(dict, "an object", mapping_structure_factory))
-    converter.register_structure_hook_func(lambda type_: type_ == dict[str, Any], _copied_object)
+    converter.register_structure_hook_func(lambda type_: type_ == dict[str, Any],  # JSON's keys are strings: copy
+                                           _strict(dict, "an object", (dict,)))
     # Without this guard a model given a list or a scalar fails inside cattrs' generated code ("'list' object has no
     # attribute 'keys'", "expected WorkflowState"), which the client cannot act on.
     converter.register_structure_hook_factory(attrs.has, _shape_guard(
