@@ -1305,8 +1305,7 @@ def structure_body(payload: object, cls: type[T]) -> T:
     try:
         return converter.structure(payload, cls)
     except cattrs.BaseValidationError as exc:
-        problems = cattrs.transform_error(exc, format_exception=_format_problem)
-        raise InvalidRequest([_split(p) for p in problems]) from None
+        raise InvalidRequest([_split(p) for p in cattrs.transform_error(exc, format_exception=_format_problem)]) from None
 
 
 _PLAIN_SCALARS = frozenset({int, bool, type(None)})  # checked by exact type first: this runs on every step
@@ -5217,10 +5216,9 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
         return empty
     try:
         payload = _JSON_DECODER.decode(_utf8_text(body))
+        problem = json_problem(payload)
     except (ValueError, RecursionError) as exc:
-        detail = "nesting is too deep" if isinstance(exc, RecursionError) else str(exc)
-        raise InvalidJson("the request body is not valid JSON", [Problem("$", detail)]) from None
-    problem = json_problem(payload)
+        problem = "nesting is too deep" if isinstance(exc, RecursionError) else str(exc)
     if problem:
         raise InvalidJson("the request body is not valid JSON", [Problem("$", problem)])
     return payload
@@ -5366,10 +5364,8 @@ async def websocket_graph_ws(websocket: WebSocket) -> None:
 
 async def _server_sent(events: AsyncIterator[RunEvent | None]) -> AsyncIterator[str]:
     async for event in events:
-        if event is None:
-            yield ": keep-alive\n\n"
-        else:
-            yield f"id: {event.id}\nevent: {event.event.value}\ndata: {_SSE_ENCODER.encode(event.data)}\n\n"
+        yield (": keep-alive\n\n" if event is None
+               else f"id: {event.id}\nevent: {event.event.value}\ndata: {_SSE_ENCODER.encode(event.data)}\n\n")
 
 
 def _query(request: Request, allowed: set[str]) -> dict[str, str]:
@@ -5386,9 +5382,7 @@ def _count_or_none(raw: str) -> int | None:
 
 def _query_int(query: dict[str, str], name: str, default: int, maximum: int) -> int:
     raw = query.get(name)
-    if raw is None:
-        return default
-    value = _count_or_none(raw)
+    value = default if raw is None else _count_or_none(raw)  # the default is within range
     if value is None or value > maximum:
         raise InvalidRequest([Problem(f"$.query.{name}", f"expected an integer from 0 to {maximum}, got {_shown(raw)}")])
     return value
