@@ -80,7 +80,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Match, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -5224,9 +5224,10 @@ async def read_json(request: Request, max_bytes: int, *, empty: object = _MISSIN
     return payload
 
 
-class _Answer(JSONResponse):
-    """A JSONResponse encoded by the module's one encoder, byte for byte (its json.dumps builds one per answer)."""
+class _Answer(Response):
+    """JSONResponse's answer byte for byte, one call cheaper, by the module's one encoder (not one per answer)."""
 
+    media_type = "application/json"
     render = staticmethod(dump_json)
 
 
@@ -5327,8 +5328,7 @@ async def get_graph_list(request: Request) -> Response:
     """List stored graphs, in the order they were created."""
     limit, offset = _page(_query(request, {"limit", "offset"}))
     graphs, total = _engine(request).list_graphs(limit=limit, offset=offset)
-    summaries = [GraphSummary(graph_id=g.graph_id or "", start_node=g.start_node, nodes=list(g.node_defs))
-                 for g in graphs]
+    summaries = [GraphSummary(graph_id=g.graph_id or "", start_node=g.start_node, nodes=list(g.node_defs)) for g in graphs]
     return _Answer(converter.unstructure(GraphsPage(graphs=summaries, total=total, limit=limit, offset=offset)))
 
 
