@@ -44,6 +44,7 @@ import attrs
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.responses import JSONResponse
 
 import code_review
 import workflow_engine as we
@@ -1384,6 +1385,19 @@ async def test_http_body_may_start_with_a_utf8_byte_order_mark(client: httpx.Asy
     response = await client.post("/graph/run", content=b'\xef\xbb\xbf{"graph_id": "g"}',
                                  headers={"content-type": "application/json"})
     assert (response.status_code, response.json()["final_state"]) == (200, {"data": {"count": 1}, "metadata": {}})
+
+
+async def test_http_answers_are_the_bytes_and_headers_of_jsonresponse(client: httpx.AsyncClient) -> None:
+    """The module's encoder writes what Starlette's JSONResponse would: compact, non-ASCII text as UTF-8, same headers."""
+    await client.post("/graph/create", json=graph(["inc"]))
+    answers = [await client.post("/graph/run", json={"graph_id": "g", "state": {"data": {"text": "\u00e9 \u2603"}}}),
+               await client.post("/graph/run", json={"graph_id": "g", "wait": False}), await client.put("/graph/run")]
+    for response in answers:
+        expected = JSONResponse(response.json(), status_code=response.status_code)
+        assert (response.content, response.headers["content-type"], response.headers["content-length"]) == (
+            expected.body, "application/json", str(len(expected.body)))
+    assert [response.status_code for response in answers] == [200, 202, 405]
+    assert "\u00e9 \u2603".encode() in answers[0].content
 
 
 async def test_http_method_not_allowed_keeps_the_allow_header(client: httpx.AsyncClient) -> None:
