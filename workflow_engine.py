@@ -3962,6 +3962,7 @@ class PostgresStore(SqlStore):
         self._psycopg = psycopg
         self._pipeline: Any = None  # the writer's, during a write transaction (see _transaction)
         self._checks: list[tuple[Any, EngineError]] = []  # the transaction's, not yet read (see _check)
+        self._messages: list[str] = []  # the transaction's notifications, not yet sent (see _notify)
         super().__init__(max_runs=max_runs, max_graphs=max_graphs)
 
     def listen(self, on_message: Callable[[str], None], stop: threading.Event) -> None:
@@ -3984,7 +3985,7 @@ class PostgresStore(SqlStore):
         # In pipeline mode, statements go without waiting for each other's answers: only a read (a count) and the
         # end wait, for the answers so far. The checks (the leases' guards) are read at the end, before the COMMIT,
         # all at once: a batch of checkpoints takes two round trips, however many it holds.
-        self._checks = []
+        self._checks, self._messages = [], []
         try:
             with self._writer.pipeline() as self._pipeline, super()._transaction(is_progress=is_progress) as db:
                 yield db
@@ -3996,6 +3997,7 @@ class PostgresStore(SqlStore):
     def _committing(self, db: Any) -> Iterator[Any]:
         with super()._committing(db):
             yield db
+            self._send_messages(db)
             self._checked()  # before the COMMIT, which the pipeline would otherwise send with the checks
 
     def _begin(self, db: Any, *, write: bool, is_progress: bool = False) -> None:
@@ -4009,10 +4011,19 @@ class PostgresStore(SqlStore):
                        ("off" if is_progress else "on",))
 
     def _notify(self, db: Any, message: str) -> None:
-        # Sent with the COMMIT (in its round trip here), each message once; a rollback to a savepoint drops its own.
-        db.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, message))
+        # Sent with the others of its write or batch, before the COMMIT (see _send_messages), each message once; a
+        # write undone to its savepoint drops its own (with savepoints, every write's are sent before its sync).
+        self._messages.append(message)
+
+    def _send_messages(self, db: Any) -> None:
+        # The notifications of every write so far, in one statement: a batch's writes send theirs together.
+        if self._messages:
+            db.execute("SELECT " + ", ".join(["pg_notify(%s, %s)"] * len(self._messages)),
+                       [value for message in self._messages for value in (_CHANNEL, message)])
+            self._messages = []
 
     def _sync(self, db: Any) -> None:
+        self._send_messages(db)
         self._pipeline.sync()
         self._checked()
 
