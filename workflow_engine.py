@@ -3436,8 +3436,7 @@ class SqlStore:
         return db.execute(self._sql(statement), values).rowcount
 
     def _guard(self, db: Any, statement: str, values: tuple, error: EngineError) -> None:
-        """Execute an UPDATE that must change a row, else raise `error`: here at once, on PostgreSQL before the
-        transaction commits (see PostgresStore._check); either way the write's changes are undone (see _commit)."""
+        """Execute an UPDATE that must change a row, else raise `error` (on PostgreSQL, before the COMMIT)."""
         if not self._changed(db, statement, values):
             raise error
 
@@ -3785,11 +3784,11 @@ class SqlStore:
     def _take_over(self, db: Any, lease: Lease, run_id: str, graph_id: str, status: RunStatus, head: bytes,
                    history: bytes, events: int, entries: list[tuple[str, int, bytes]],
                    webhook: WebhookEvent | None) -> None:
+        values = (status.value, head, history, events, None if status.is_active else 0, run_id, lease.owner,
+                  lease.attempt)
         self._guard(db, f"UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
                     f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?"
-                    f" AND lease_until < {self.NOW}", (status.value, head, history, events,
-                                                       None if status.is_active else 0, run_id, lease.owner,
-                                                       lease.attempt), LeaseLost(run_id))
+                    f" AND lease_until < {self.NOW}", values, LeaseLost(run_id))
         self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
     def _claim_next(self, db: Any, owner: str, lease_s: float) -> tuple[str, int, bool] | None:
@@ -3998,7 +3997,7 @@ class PostgresStore(SqlStore):
         with super()._committing(db):
             yield db
             self._send_messages(db)
-            self._checked()  # before the COMMIT, which the pipeline would otherwise send with the checks
+            self._checked()  # before the COMMIT, which the pipeline would send with them
 
     def _begin(self, db: Any, *, write: bool, is_progress: bool = False) -> None:
         # One writer at a time on every server, for the rules that count rows (graphs, a server's room, the finished
@@ -4039,8 +4038,7 @@ class PostgresStore(SqlStore):
         self._checks.append((db.execute(self._sql(statement), values), error))
 
     def _checked(self) -> None:
-        """Raise the error of the first check whose statement returned no row (waiting for the answers not yet
-        come), and forget them all."""
+        # Raise the error of the first check that returned no row (waiting for answers not yet come); forget them.
         checks, self._checks = self._checks, []
         for cursor, error in checks:
             if cursor.fetchone() is None:
