@@ -3142,6 +3142,22 @@ async def check_batch_fails_only_the_checkpoint_whose_lease_was_taken(store: we.
     other.close()
 
 
+async def check_batch_refuses_only_the_queued_claims_beyond_the_room(store: we.SqlStore) -> None:
+    """Three queued claims from one server with room for two, in one batch: the count of each sees the claims
+    before it, so the third alone is refused (Busy) and the two others committed."""
+    runs = [we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+            for _ in range(3)]
+    outcomes = await held_batch(store, [store.claim_run(run, None, None, origin="here", room=2) for run in runs])
+    assert outcomes[:2] == [we.Lease(owner="", attempt=1)] * 2
+    assert isinstance(outcomes[2], we.Busy) and outcomes[2].message == "too many runs are waiting; retry later"
+    assert [store.has_run(run.run_id) for run in runs] == [True, True, False]
+    store.close()
+
+
+async def test_sqlite_batch_refuses_only_the_queued_claims_beyond_the_room(tmp_path: Path) -> None:
+    await check_batch_refuses_only_the_queued_claims_beyond_the_room(we.SqliteStore(tmp_path / "runs.db"))
+
+
 async def test_sqlite_batch_fails_only_the_checkpoint_whose_lease_was_taken(tmp_path: Path) -> None:
     await check_batch_fails_only_the_checkpoint_whose_lease_was_taken(we.SqliteStore(tmp_path / "runs.db"),
                                                                       we.SqliteStore(tmp_path / "runs.db"))
@@ -6503,6 +6519,11 @@ async def test_postgres_batch_checks_every_lease_at_once_and_fails_only_the_writ
     await check_batch_fails_only_the_checkpoint_whose_lease_was_taken(we.PostgresStore(relay.url),
                                                                       we.PostgresStore(pg_url), relay)
     relay.close()
+
+
+@needs_postgres
+async def test_postgres_batch_refuses_only_the_queued_claims_beyond_the_room(pg_url: str) -> None:
+    await check_batch_refuses_only_the_queued_claims_beyond_the_room(we.PostgresStore(pg_url))
 
 
 @needs_postgres
