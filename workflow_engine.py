@@ -3436,7 +3436,7 @@ class SqlStore:
         return db.execute(self._sql(statement), values).rowcount
 
     def _guard(self, db: Any, statement: str, values: tuple, error: EngineError) -> None:
-        """Execute an UPDATE that must change a row, else raise `error` (on PostgreSQL, before the COMMIT)."""
+        """Execute an UPDATE or DELETE that must change a row, else raise `error` (PostgreSQL: before the COMMIT)."""
         if not self._changed(db, statement, values):
             raise error
 
@@ -3818,9 +3818,8 @@ class SqlStore:
         row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
         if row is None:
             raise RunNotFound(run_id)
-        if not self._changed(db, f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL",
-                             (run_id,)):
-            raise _delete_refused(run_id, RunStatus(row[0]))
+        self._guard(db, f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL", (run_id,),
+                    _delete_refused(run_id, RunStatus(row[0])))
         self._delete_with_runs(db, [(run_id,)])
         if RunStatus(row[0]).is_terminal:
             self._count_finished(db, -1)
