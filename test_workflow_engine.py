@@ -3121,6 +3121,62 @@ async def check_group_commit_fails_only_the_failing_writes(store: we.SqlStore, d
     store.close()
 
 
+async def check_batch_fails_only_the_checkpoint_whose_lease_was_taken(store: we.SqlStore, other: we.SqlStore,
+                                                                      relay: Any = None) -> None:
+    """Three checkpoints in one batch, the second's run taken over by another server before the batch commits: its
+    caller alone hears LeaseLost, the others committed, and the taken-over run is as the other server left it.
+    Then a batch of checkpoints whose leases all hold commits at once (on PostgreSQL: two round trips, `relay`)."""
+    runs = [we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+            for _ in range(3)]
+    leases = []
+    for index, run in enumerate(runs):
+        we.move_run(run, we.RunStatus.RUNNING)
+        leases.append(await store.claim_run(run, None, "a", lease_s=-1.0 if index == 1 else we.LEASE_S))
+    [(taken, expired_lease)] = other.expired()
+    we.move_run(taken, we.RunStatus.PENDING)
+    await other.take_over(taken, expired_lease, 0)
+    for step, run in enumerate(runs):
+        run.state.data["step"] = step
+        run.logs.append(we.LogEntry(iteration=1, node="a", event=we.LogEvent.EXECUTED, started_at=run.created_at,
+                                    duration_ms=1.0, keys_changed=("step",), updates={"step": step}))
+    outcomes = await held_batch(store, [store.save_run(run, lease) for run, lease in zip(runs, leases)])
+    assert [type(outcome) for outcome in outcomes] == [type(None), we.LeaseLost, type(None)]
+    assert outcomes[1].message == f"run '{taken.run_id}' is now owned by another worker; this one stopped executing it"
+    assert [store.get_run(run.run_id) for run in runs] == [runs[0], taken, runs[2]]
+    for run in (runs[0], runs[2]):
+        run.logs.append(attrs.evolve(run.logs[0], iteration=2))
+    before = None if relay is None else relay.count
+    outcomes = await held_batch(store, [store.save_run(run, leases[index], saved_logs=1) for index, run in
+                                        ((0, runs[0]), (2, runs[2]))])
+    assert outcomes == [None, None]
+    if relay is not None:
+        assert relay.count - before == 1 + 2  # held_batch's own transaction, then the batch's
+    assert [store.get_run(run.run_id) for run in runs] == [runs[0], taken, runs[2]]
+    store.close()
+    other.close()
+
+
+async def check_batch_refuses_only_the_queued_claims_beyond_the_room(store: we.SqlStore) -> None:
+    """Three queued claims from one server with room for two, in one batch: the count of each sees the claims
+    before it, so the third alone is refused (Busy) and the two others committed."""
+    runs = [we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+            for _ in range(3)]
+    outcomes = await held_batch(store, [store.claim_run(run, None, None, origin="here", room=2) for run in runs])
+    assert outcomes[:2] == [we.Lease(owner="", attempt=1)] * 2
+    assert isinstance(outcomes[2], we.Busy) and outcomes[2].message == "too many runs are waiting; retry later"
+    assert [store.has_run(run.run_id) for run in runs] == [True, True, False]
+    store.close()
+
+
+async def test_sqlite_batch_refuses_only_the_queued_claims_beyond_the_room(tmp_path: Path) -> None:
+    await check_batch_refuses_only_the_queued_claims_beyond_the_room(we.SqliteStore(tmp_path / "runs.db"))
+
+
+async def test_sqlite_batch_fails_only_the_checkpoint_whose_lease_was_taken(tmp_path: Path) -> None:
+    await check_batch_fails_only_the_checkpoint_whose_lease_was_taken(we.SqliteStore(tmp_path / "runs.db"),
+                                                                      we.SqliteStore(tmp_path / "runs.db"))
+
+
 async def test_sqlite_group_commit_fails_only_the_failing_writes_of_a_batch(tmp_path: Path) -> None:
     """The batch is applied once without savepoints, undone when a write fails, then applied with one each."""
     store = we.SqliteStore(tmp_path / "runs.db")
@@ -6477,6 +6533,20 @@ async def test_postgres_group_commit_fails_only_the_failing_writes_of_a_batch(pg
 
 
 @needs_postgres
+async def test_postgres_batch_checks_every_lease_at_once_and_fails_only_the_write_whose_lease_was_taken(
+        pg_url: str) -> None:
+    relay = bench.RoundTrips(pg_url)
+    await check_batch_fails_only_the_checkpoint_whose_lease_was_taken(we.PostgresStore(relay.url),
+                                                                      we.PostgresStore(pg_url), relay)
+    relay.close()
+
+
+@needs_postgres
+async def test_postgres_batch_refuses_only_the_queued_claims_beyond_the_room(pg_url: str) -> None:
+    await check_batch_refuses_only_the_queued_claims_beyond_the_room(we.PostgresStore(pg_url))
+
+
+@needs_postgres
 def test_bench_round_trips_counts_what_a_client_waits_for(pg_url: str) -> None:
     """The bench's relay counts a statement as one round trip, and a pipeline of three as one too."""
     import psycopg  # noqa: PLC0415
@@ -6494,8 +6564,8 @@ def test_bench_round_trips_counts_what_a_client_waits_for(pg_url: str) -> None:
 
 @needs_postgres
 async def test_postgres_checkpoint_takes_two_round_trips_and_a_stale_lease_commits_nothing(pg_url: str) -> None:
-    """In pipeline mode a checkpoint waits twice: for the UPDATE whose row count guards the lease (with BEGIN and
-    the lock), then for the log rows, the notification and the COMMIT. A stale lease's checkpoint is refused."""
+    """In pipeline mode a checkpoint waits twice: for BEGIN, the lock, the UPDATE whose row guards the lease, the
+    log rows and the notification; then for the COMMIT, sent once the guard held. A stale lease's is refused."""
     relay = bench.RoundTrips(pg_url)
     store = we.PostgresStore(relay.url)
     run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())

@@ -3194,6 +3194,7 @@ class SqlStore:
     WITHOUT_ROWID = ""
     SKIP_LOCKED = ""  # how a queue claim skips rows that another transaction holds
     FINISHED_RUNS = "runs"  # the runs table, read through the index of finished runs in order (see _evict)
+    IS_NARROW_CHECKPOINT = True  # a checkpoint's UPDATE leaves out the columns it does not change (see _save)
     HAS_META = ""  # a query that returns a row if the meta table exists
 
     def __init__(self, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> None:
@@ -3432,6 +3433,16 @@ class SqlStore:
     def _changed(self, db: Any, statement: str, values: tuple) -> int:
         """Execute an UPDATE or DELETE; return how many rows it changed."""
         return db.execute(self._sql(statement), values).rowcount
+
+    def _guard(self, db: Any, statement: str, values: tuple, error: EngineError) -> None:
+        """Execute an UPDATE or DELETE that must change a row, else raise `error` (PostgreSQL: before the COMMIT)."""
+        if not self._changed(db, statement, values):
+            raise error
+
+    def _check(self, db: Any, statement: str, values: tuple, error: EngineError) -> None:
+        """Raise `error` unless `statement` returns a row, when _guard would."""
+        if self._one(db, statement, values) is None:
+            raise error
 
     # Shared plumbing.
     def _notify(self, db: Any, message: str) -> None:
@@ -3727,9 +3738,9 @@ class SqlStore:
         owner = owner if status.is_active else None  # a stopped run has no owner
         # stopped_at, what the sweeper counts a time to live from: now for a stopped run, NULL (NULL + now) if active
         lease, stopped = None if owner is None else lease_s, None if status.is_active else 0
-        if room is not None and status.is_active and self._one(
-                db, f"SELECT COUNT(*) FROM runs WHERE origin = ? AND {_IN_ACTIVE}", (origin,))[0] >= room:
-            raise Busy("too many runs are waiting; retry later")
+        if room is not None and status.is_active:
+            self._check(db, f"SELECT 1 WHERE (SELECT COUNT(*) FROM runs WHERE origin = ? AND {_IN_ACTIVE}) < ?",
+                        (origin, room), Busy("too many runs are waiting; retry later"))
         if expected is None:
             attempt = 1
             db.execute(self._sql("INSERT INTO runs (run_id, graph_id, status, owner, attempt, lease_until, head,"
@@ -3756,31 +3767,27 @@ class SqlStore:
               webhook: WebhookEvent | None) -> None:
         # A checkpoint that leaves the status and owner alone does not name them: SQLite rewrites the index entries
         # of every column an UPDATE sets, changed or not (four times the cost of the rest of the statement).
-        if is_same_status and self._changed(
+        if is_same_status and self.IS_NARROW_CHECKPOINT and self._changed(
                 db, f"UPDATE runs SET lease_until = {self.NOW} + ?, head = ?, event_count = ? WHERE run_id = ?"
                 " AND owner = ? AND attempt = ? AND status = ?",
                 (lease_s, head, events, run_id, lease.owner, lease.attempt, status.value)):
             self._add_logs(db, run_id, status, entries, webhook)
             return
         owner = lease.owner if status.is_active else None
-        if not self._changed(
-                db, f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
-                f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?",
-                (status.value, owner, lease_s if owner else None, head, history, events,
-                 None if status.is_active else 0, run_id, lease.owner, lease.attempt)):
-            raise LeaseLost(run_id)
+        self._guard(db, f"UPDATE runs SET status = ?, owner = ?, lease_until = {self.NOW} + ?, head = ?, history = ?,"
+                    f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?",
+                    (status.value, owner, lease_s if owner else None, head, history, events,
+                     None if status.is_active else 0, run_id, lease.owner, lease.attempt), LeaseLost(run_id))
         self._add_logs(db, run_id, status, entries, webhook)
 
     def _take_over(self, db: Any, lease: Lease, run_id: str, graph_id: str, status: RunStatus, head: bytes,
                    history: bytes, events: int, entries: list[tuple[str, int, bytes]],
                    webhook: WebhookEvent | None) -> None:
-        if not self._changed(
-                db, f"UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
-                f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?"
-                f" AND lease_until < {self.NOW}",
-                (status.value, head, history, events, None if status.is_active else 0, run_id, lease.owner,
-                 lease.attempt)):
-            raise LeaseLost(run_id)
+        values = (status.value, head, history, events, None if status.is_active else 0, run_id, lease.owner,
+                  lease.attempt)
+        self._guard(db, f"UPDATE runs SET status = ?, owner = NULL, lease_until = NULL, head = ?, history = ?,"
+                    f" event_count = ?, stopped_at = {self.NOW} + ? WHERE run_id = ? AND owner = ? AND attempt = ?"
+                    f" AND lease_until < {self.NOW}", values, LeaseLost(run_id))
         self._add_logs(db, run_id, status, entries, webhook, queued=status.is_active)
 
     def _claim_next(self, db: Any, owner: str, lease_s: float) -> tuple[str, int, bool] | None:
@@ -3810,9 +3817,8 @@ class SqlStore:
         row = self._one(db, "SELECT status FROM runs WHERE run_id = ?", (run_id,))
         if row is None:
             raise RunNotFound(run_id)
-        if not self._changed(db, f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL",
-                             (run_id,)):
-            raise _delete_refused(run_id, RunStatus(row[0]))
+        self._guard(db, f"DELETE FROM runs WHERE run_id = ? AND NOT {_IN_ACTIVE} AND owner IS NULL", (run_id,),
+                    _delete_refused(run_id, RunStatus(row[0])))
         self._delete_with_runs(db, [(run_id,)])
         if RunStatus(row[0]).is_terminal:
             self._count_finished(db, -1)
@@ -3944,6 +3950,7 @@ class PostgresStore(SqlStore):
     SERIAL = "BIGSERIAL PRIMARY KEY"
     JSON = "BYTEA"
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    IS_NARROW_CHECKPOINT = False  # an UPDATE that sets a column to its value costs nothing; a read first would wait
     HAS_META = "SELECT 1 FROM information_schema.tables WHERE table_name = 'meta' AND table_schema = current_schema()"
 
     def __init__(self, url: str, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> None:
@@ -3951,6 +3958,8 @@ class PostgresStore(SqlStore):
         import psycopg  # only a PostgreSQL store needs it, so the single file runs without it  # noqa: PLC0415
         self._psycopg = psycopg
         self._pipeline: Any = None  # the writer's, during a write transaction (see _transaction)
+        self._checks: list[tuple[Any, EngineError]] = []  # the transaction's, not yet read (see _check)
+        self._messages: list[str] = []  # the transaction's notifications, not yet sent (see _notify)
         super().__init__(max_runs=max_runs, max_graphs=max_graphs)
 
     def listen(self, on_message: Callable[[str], None], stop: threading.Event) -> None:
@@ -3970,15 +3979,23 @@ class PostgresStore(SqlStore):
 
     @contextlib.contextmanager
     def _transaction(self, *, is_progress: bool = False) -> Iterator[Any]:
-        # In pipeline mode, statements go without waiting for each other's answers: only a read (a lease's guard, a
-        # count) and the end wait, for the answers so far. A checkpoint takes two round trips: BEGIN, the lock and
-        # the UPDATE that guards the lease; then the log rows, the notifications and the COMMIT.
+        # In pipeline mode, statements go without waiting for each other's answers: only a read (a count) and the
+        # end wait, for the answers so far. The checks (the leases' guards) are read at the end, before the COMMIT,
+        # all at once: a batch of checkpoints takes two round trips, however many it holds.
+        self._checks, self._messages = [], []
         try:
             with self._writer.pipeline() as self._pipeline, super()._transaction(is_progress=is_progress) as db:
                 yield db
         finally:  # an error that the pipeline's end reported: the pipeline skipped what followed it, the ROLLBACK too
             if self._writer.info.transaction_status is self._psycopg.pq.TransactionStatus.INERROR:
                 self._writer.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def _committing(self, db: Any) -> Iterator[Any]:
+        with super()._committing(db):
+            yield db
+            self._send_messages(db)
+            self._checked()  # before the COMMIT, which the pipeline would send with them
 
     def _begin(self, db: Any, *, write: bool, is_progress: bool = False) -> None:
         # One writer at a time on every server, for the rules that count rows (graphs, a server's room, the finished
@@ -3991,15 +4008,39 @@ class PostgresStore(SqlStore):
                        ("off" if is_progress else "on",))
 
     def _notify(self, db: Any, message: str) -> None:
-        # Sent with the COMMIT (in its round trip here), each message once; a rollback to a savepoint drops its own.
-        db.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, message))
+        # Sent with the others of its write or batch, before the COMMIT (see _send_messages), each message once; a
+        # write undone to its savepoint drops its own (with savepoints, every write's are sent before its sync).
+        self._messages.append(message)
+
+    def _send_messages(self, db: Any) -> None:
+        # The notifications of every write so far, in one statement: a batch's writes send theirs together. One
+        # parameter each (psycopg converts a statement of up to 50 once; an array parameter costs more calls).
+        if self._messages:
+            db.execute("SELECT " + ", ".join([f"pg_notify('{_CHANNEL}', %s)"] * len(self._messages)), self._messages)
+            self._messages = []
 
     def _sync(self, db: Any) -> None:
+        self._send_messages(db)
         self._pipeline.sync()
+        self._checked()
 
     def _changed(self, db: Any, statement: str, values: tuple) -> int:
         # Read back: in the pipeline a row count is known only once the statement's answer has come.
         return len(self._all(db, f"{statement} RETURNING 1", values))
+
+    def _guard(self, db: Any, statement: str, values: tuple, error: EngineError) -> None:
+        self._check(db, f"{statement} RETURNING 1", values, error)
+
+    def _check(self, db: Any, statement: str, values: tuple, error: EngineError) -> None:
+        # Its answer is read with the others of its write, or of its batch (see _checked): no wait of its own.
+        self._checks.append((db.execute(self._sql(statement), values), error))
+
+    def _checked(self) -> None:
+        # Raise the error of the first check that returned no row (waiting for answers not yet come); forget them.
+        checks, self._checks = self._checks, []
+        for cursor, error in checks:
+            if cursor.fetchone() is None:
+                raise error
 
 
 def open_store(url: str, *, max_runs: int = MAX_STORED_RUNS, max_graphs: int = MAX_STORED_GRAPHS) -> SqlStore:
