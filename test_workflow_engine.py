@@ -872,6 +872,20 @@ async def test_run_cancelled_records_the_node_and_keeps_state(registry: we.Regis
     assert run.state.data == {"count": 1} and run.finished_at is not None
 
 
+async def test_execute_run_reports_changes_from_when_its_change_hook_is_set(registry: we.Registry) -> None:
+    """A hook set while the run executes hears of every change from then on; unset, the runner calls nothing."""
+    gates["hook"] = Gate()
+    definition = we.structure_body(graph(["inc", "gate", "double"], chain("inc", "gate", "double")), we.GraphDefinition)
+    run, hook, heard = we.new_run(definition, we.WorkflowState(metadata={"gate": "hook"})), we.ChangeHook(), []
+    task = asyncio.create_task(we.execute_run(run, definition, registry, on_change=hook))
+    await gates["hook"].entered.wait()
+    hook.call = lambda changed: heard.append((changed.status, [e.node for e in changed.logs]))
+    gates["hook"].opened.set()
+    assert await task is run
+    assert heard == [(we.RunStatus.RUNNING, ["inc", "gate"]), (we.RunStatus.RUNNING, ["inc", "gate", "double"]),
+                     (we.RunStatus.COMPLETED, ["inc", "gate", "double"])]
+
+
 @pytest.mark.parametrize(
     ("nodes", "problems"),
     [

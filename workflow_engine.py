@@ -91,6 +91,7 @@ __all__ = [
     "BranchResult",
     "Branches",
     "Busy",
+    "ChangeHook",
     "EdgeDef",
     "Engine",
     "EngineError",
@@ -1847,6 +1848,23 @@ def _ignore(run: RunContext) -> None:
     return None
 
 
+@attrs.define(eq=False)
+class ChangeHook:
+    """What the runner calls after every log entry and status change of a run: `call(run)`, looked up each time.
+
+    While `call` is None the runner calls nothing, so a run that nobody watches pays nothing per step for being
+    watchable. Set it at any moment, also while the run executes (a stream that subscribes): every change from then
+    on is reported.
+    """
+
+    call: OnChange | None = None
+
+    def report(self, run: RunContext) -> None:
+        """Call `call(run)`, if it is set."""
+        if self.call is not None:
+            self.call(run)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -1892,13 +1910,13 @@ async def run_graph(
 
 async def execute_run(
     run: RunContext, graph: GraphDefinition, registry: Registry, *,
-    on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _ignore,
+    on_change: ChangeHook | None = None, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _ignore,
     branches: "Branches | None" = None,
 ) -> RunContext:
     """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
 
     A pending run is moved to running first; a running one (its caller moved and saved it) starts at once.
-    `on_change(run)` is called after every log entry and status change, and `checkpoint(run)` awaited once the run
+    `on_change` hears of every log entry and status change (see ChangeHook), and `checkpoint(run)` awaited once the run
     is running and after every step that has a next node (a durable store commits it there). `may_pause(run)`
     answers None to let the run pause, or the error that fails it instead. A run over its `timeout_s` ends
     `timed_out`; a cancelled one ends `cancelled`, and the CancelledError propagates once that is recorded. Return
@@ -1907,10 +1925,11 @@ async def execute_run(
     """
     is_resumed = run.next_node is not None
     run.next_node = run.next_node or graph.start_node
+    on_change = on_change or ChangeHook()
     is_moved = run.status is RunStatus.PENDING
     if is_moved:
         move_run(run, RunStatus.RUNNING)
-        on_change(run)
+        on_change.report(run)
     clock = time.perf_counter()
     # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
     deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
@@ -1950,18 +1969,18 @@ def _stop_error(run: RunContext, status: RunStatus) -> str:
     return f"the run was cancelled {where}"
 
 
-def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: OnChange) -> None:
+def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: ChangeHook) -> None:
     run.duration_ms += (time.perf_counter() - clock) * 1000
     # A branch's steps ran inside their graph, map or parallel step's own entry, so they are not counted again.
     run.engine_overhead_ms = max(
         run.duration_ms - sum([entry.duration_ms for entry in run.logs if entry.path is None]), 0.0)
     move_run(run, status, error)
-    on_change(run)
+    on_change.report(run)
 
 
 @attrs.frozen
 class _Hooks:
-    on_change: OnChange
+    on_change: ChangeHook
     checkpoint: Checkpoint | None
     deadline: asyncio.Timeout | None
     may_pause: PauseCheck
@@ -2007,7 +2026,8 @@ async def _drive(
             return _pause(run, hooks)
         if entry.event is LogEvent.ERROR and entry.next is None:
             return RunStatus.FAILED, entry.error
-        hooks.on_change(run)
+        if hooks.on_change.call is not None:  # report's test, inline: this runs on every step
+            hooks.on_change.call(run)
         if hooks.checkpoint is not None and entry.next is not None:  # a run's last step is saved with its end
             await hooks.checkpoint(run)
     return RunStatus.COMPLETED, None
@@ -2046,7 +2066,7 @@ def _route(run: RunContext, step: NodePlan, entry: LogEntry, budget: "_DataBudge
 
 
 async def _run_node(
-    run: RunContext, step: NodePlan, registry: Registry, ctx: NodeContext, on_change: OnChange,
+    run: RunContext, step: NodePlan, registry: Registry, ctx: NodeContext, on_change: ChangeHook,
     budget: "_DataBudget", clock: float,
 ) -> LogEntry:
     """Call the node until an attempt succeeds or none are left; log each failed attempt that is retried.
@@ -2083,7 +2103,7 @@ async def _run_node(
                 return entry
             entry.event = LogEvent.RETRY
             run.logs.append(entry)
-            on_change(run)
+            on_change.report(run)
             await asyncio.sleep(node.retry.delay_s(attempt))
             attempt, clock = attempt + 1, time.perf_counter()
             continue
@@ -2324,7 +2344,7 @@ class _Fork:
     root: RunContext  # the run whose log and branch_results hold every branch, however deep
     branches: Branches
     registry: Registry
-    on_change: OnChange
+    on_change: ChangeHook
     checkpoint: Checkpoint | None
     prefix: str = ""  # where the forking step runs: "" in the run itself, "outer[2]/" in a branch of node outer
     saves: _Saves = attrs.field(factory=_Saves)
@@ -2431,7 +2451,8 @@ class _Fork:
             adopt = functools.partial(self._adopt, key=key)
             fork = attrs.evolve(self, prefix=f"{key}/")
             try:
-                status, error = await _drive(child, graph, self.registry, _Hooks(adopt, None, None, _branch_pause, fork),
+                status, error = await _drive(child, graph, self.registry,
+                                             _Hooks(ChangeHook(adopt), None, None, _branch_pause, fork),
                                              False, _DataBudget(child, known))
             finally:
                 adopt(child)
@@ -2451,7 +2472,7 @@ class _Fork:
                 entry.error = f"the branch was cancelled during node {entry.node!r}"
         self.root.logs += child.logs
         child.logs.clear()
-        self.on_change(self.root)
+        self.on_change.report(self.root)
 
     async def _save(self) -> None:
         saves = self.saves
@@ -4287,8 +4308,9 @@ class _ActiveRun:
     started: int = -1  # where in the run's history it moved to running here (see count_start); -1 until then
     is_cancel_requested: bool = False
     has_slot: bool = False  # whether the run holds one of the engine's max_concurrent_runs execution slots
-    # Whether the server log takes the run's progress (debug), asked once per run rather than at every step.
-    is_logging: bool = attrs.field(factory=lambda: logger.isEnabledFor(logging.DEBUG))
+    is_logging: bool = False  # the server log takes the run's progress (debug): asked once per run, not per step
+    # The runner's on_change: `notify` while something needs the run's changes, else unset (see notify and listen).
+    hook: ChangeHook = attrs.field(factory=ChangeHook)
 
     def cancel(self) -> None:
         """Cancel the run's task, unless it is in its first or last save: those are never cut short."""
@@ -4298,7 +4320,8 @@ class _ActiveRun:
             self.cancels += 1
 
     def notify(self, run: RunContext) -> None:
-        """Wake the run's streams (the runner's on_change) and log its progress."""
+        """Wake the run's streams, count its start and log its progress (the runner's on_change, while set); unset
+        the hook once nothing needs the next change: a stream sets it again (see listen)."""
         if self.changed is not None:
             self.changed.set()
             self.changed = None
@@ -4306,6 +4329,15 @@ class _ActiveRun:
             self.started = self.metrics.count_start(run)
         if self.is_logging:
             self.log_progress()
+        elif self.started >= 0:
+            self.hook.call = None
+
+    def listen(self) -> asyncio.Event:
+        """Return the event the run's next change sets (a stream waits on it), having the runner report it."""
+        if self.changed is None:
+            self.changed = asyncio.Event()
+            self.hook.call = self.notify
+        return self.changed
 
     def log_progress(self) -> None:
         """Log the run's start and each of its new steps (debug), with fields a log store can index."""
@@ -4728,7 +4760,9 @@ class Engine:
 
     def _new_active(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None,
                     saved_logs: int) -> _ActiveRun:
-        active = _ActiveRun(run=run, graph=graph, expected=expected, saved_logs=saved_logs, metrics=self.metrics)
+        active = _ActiveRun(run=run, graph=graph, expected=expected, saved_logs=saved_logs, metrics=self.metrics,
+                            is_logging=logger.isEnabledFor(logging.DEBUG))
+        active.hook.call = active.notify  # until its start is counted
         self._active[run.run_id] = active
         return active
 
@@ -4766,7 +4800,7 @@ class Engine:
                     await self._slots.acquire()
                     active.has_slot = True
                 checkpoint = functools.partial(self._save, active) if self.store.is_durable else None
-                await execute_run(run, active.graph, self.registry, on_change=active.notify,
+                await execute_run(run, active.graph, self.registry, on_change=active.hook,
                                   checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
         except asyncio.CancelledError:  # the runner recorded it, or the finally below does for a run not started
             task = asyncio.current_task()
@@ -4793,7 +4827,7 @@ class Engine:
             if run.webhook is not None and active.failure is None:
                 self._deliver_soon()
             self._release(active)
-            active.notify(run)
+            active.hook.report(run)
             self._wake.set()  # a slot came free
             if logger.isEnabledFor(logging.INFO):
                 active.log_end()
@@ -5058,7 +5092,7 @@ class Engine:
             # Only a run executing here has changes to wait for; registering for another would leave the event behind.
             changed = None
             if active is not None and run.status.is_active:
-                changed = active.changed = active.changed or asyncio.Event()
+                changed = active.listen()
             sent = False
             for event in run_events(run, after):
                 after, sent = event.id, True
