@@ -1402,18 +1402,19 @@ NodeResult = dict[str, Any] | None
 NodeFn = Callable[[WorkflowState, "NodeContext"], NodeResult | Awaitable[NodeResult]]
 ConditionFn = Callable[[WorkflowState], bool]
 ToolFn = Callable[..., Any]
+NodeCall = Callable[[WorkflowState, "NodeContext"], Awaitable[object]]  # what a step awaits, from its plan
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 @attrs.frozen(kw_only=True)
 class NodePlan:
     """What the runner needs of one node of a graph, decided once per graph rather than on every step: the node's
-    definition, whether it runs graphs (then its function is ""), the name of its function and what that declares
-    it reads and writes, and its edge, with the function of each branch's condition."""
+    definition, whether it runs graphs, how to call it and what its function declares it reads and writes, and its
+    edge, with the function of each branch's condition."""
 
     node: NodeDef
     is_composite: bool
-    function: str
+    call: NodeCall  # a composite's calls its NodeContext's fork
     io: NodeIO | None
     default_next: str | None
     branches: tuple[tuple[BranchCondition, ConditionFn], ...]
@@ -1501,7 +1502,7 @@ class Registry:
         if cached is not None and cached[0] is graph:
             return cached[1]
         plan = {name: self._plan_node(node, graph.edges.get(name)) for name, node in graph.node_defs.items()}
-        if all((step.is_composite or step.function in self._nodes)
+        if all((step.is_composite or step.node.function in self._nodes)
                and all(b.condition in self._conditions for b, _ in step.branches) for step in plan.values()):
             self._plans[id(graph)] = (graph, plan)
             if len(self._plans) > MAX_PLANS:
@@ -1512,9 +1513,15 @@ class Registry:
         edge = edge or EdgeDef()
         branches = tuple((branch, self._conditions.get(branch.condition) or self._late_condition(branch.condition))
                          for branch in edge.branches)
-        return NodePlan(node=node, is_composite=node.is_composite, function=node.function,
-                        io=self._io.get(node.function), default_next=edge.default_next, branches=branches,
-                        on_error=edge.on_error)
+        call = functools.partial(_forked, node) if node.is_composite else self._caller(node.function)
+        return NodePlan(node=node, is_composite=node.is_composite, call=call, io=self._io.get(node.function),
+                        default_next=edge.default_next, branches=branches, on_error=edge.on_error)
+
+    def _caller(self, name: str) -> NodeCall:
+        fn = self._nodes.get(name)
+        if fn is None:  # looked up on every call: UnknownName until `name` is registered
+            return functools.partial(self.call_node, name)
+        return fn if name in self._async_nodes else functools.partial(_in_thread, fn)
 
     def _late_condition(self, name: str) -> ConditionFn:
         return lambda state: self.get_condition(name)(state)  # raises UnknownName until `name` is registered
@@ -1575,6 +1582,10 @@ async def _in_thread(fn: NodeFn, state: WorkflowState, ctx: "NodeContext") -> ob
     # A plain function may block: a worker thread keeps the event loop serving meanwhile.
     result = await asyncio.to_thread(fn, state, ctx)
     return await result if inspect.isawaitable(result) else result
+
+
+def _forked(node: NodeDef, state: WorkflowState, ctx: "NodeContext") -> Awaitable[object]:
+    return ctx.fork(node, state)  # type: ignore[misc]  # a composite node's context has a fork
 
 
 def _lookup(table: dict[str, T], kind: str, name: str) -> T:
@@ -2086,7 +2097,7 @@ async def _run_node(
         try:
             if io is not None:
                 _check_reads(node.name, io, before)
-            awaitable = registry.call_node(step.function, working, ctx) if ctx.fork is None else ctx.fork(node, working)
+            awaitable = step.call(working, ctx)
             result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
             updates, keys = _changes(node.name, before, working.data, result)
             if io is not None:
