@@ -2025,12 +2025,13 @@ async def _drive(
         ctx = contexts[name]
         clock = time.perf_counter()
         try:
-            entry = await _run_node(run, step, registry, ctx, hooks.on_change, budget, clock)
+            entry = await _run_node(run, step, ctx, hooks.on_change, budget, clock)
         except asyncio.CancelledError:
             event = LogEvent.TIMED_OUT if _stop_status(hooks.deadline) is RunStatus.TIMED_OUT else LogEvent.CANCELLED
             run.logs.append(_interrupted(run, name, clock, event))
             raise
-        _route(run, step, entry, budget)
+        if entry.event is not LogEvent.EXECUTED or step.branches:
+            _route(run, step, entry, budget)
         run.logs.append(entry)
         run.next_node = entry.next
         if entry.event is LogEvent.INTERRUPT:
@@ -2058,32 +2059,28 @@ def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> L
 
 
 def _route(run: RunContext, step: NodePlan, entry: LogEntry, budget: "_DataBudget") -> None:
-    """Complete `entry` with the next node: a branch or the default after success, `on_error` after a failure."""
+    """Complete `entry`, unless it is a success and its node has no branches (its default next node is set): with
+    the branch taken after success, the node itself after an interrupt, `on_error` after a failure."""
     if entry.event is LogEvent.INTERRUPT:
         entry.next = entry.node  # a resume runs the node again
-        return
-    if entry.event is LogEvent.ERROR:
+    elif entry.event is LogEvent.ERROR:
         if step.on_error is not None:
             _recover(run, entry, step.on_error)
             budget.nested = _nested(run.state.data)
-        return
-    if not step.branches:
-        entry.next = step.default_next
-        return
-    try:
-        entry.next, entry.branch = _next_node(step, run.state, entry.node)
-    except _StepFailed as exc:
-        entry.event, entry.error = LogEvent.ERROR, str(exc)
+    else:
+        try:
+            entry.next, entry.branch = _next_node(step, run.state, entry.node)
+        except _StepFailed as exc:
+            entry.event, entry.error, entry.next = LogEvent.ERROR, str(exc), None
 
 
 async def _run_node(
-    run: RunContext, step: NodePlan, registry: Registry, ctx: NodeContext, on_change: ChangeHook,
-    budget: "_DataBudget", clock: float,
+    run: RunContext, step: NodePlan, ctx: NodeContext, on_change: ChangeHook, budget: "_DataBudget", clock: float,
 ) -> LogEntry:
     """Call the node until an attempt succeeds or none are left; log each failed attempt that is retried.
 
-    Return the entry of the last attempt: `executed`, with its changes committed to the run, or `error`. `clock`
-    is when the step began (time.perf_counter()).
+    Return the entry of the last attempt: `executed`, with its changes committed to the run and the default next
+    node, or `error` or `interrupt`. `clock` is when the step began (time.perf_counter()).
     """
     node, io, before, metadata = step.node, step.io, run.state.data, run.state.metadata
     attempt = 1
@@ -2099,34 +2096,42 @@ async def _run_node(
                 _check_reads(node.name, io, before)
             awaitable = step.call(working, ctx)
             result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
-            updates, keys = _changes(node.name, before, working.data, result)
+            updates, keys, removed = _changes(node.name, before, working.data, result)
             if io is not None:
                 _check_writes(node.name, io, updates, keys)
             omitted = budget.charge(node.name, updates, keys)
-        except Interrupt as interrupt:
-            return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.INTERRUPT, started_at=started_at,
-                            duration_ms=_ms_since(clock), error=interrupt.reason or None, attempt=attempt)
         except Exception as exc:  # a failing node is recorded, never raised
-            message = str(exc) if isinstance(exc, _StepFailed) else f"node {node.name!r} raised {_describe(exc)}"
-            entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.ERROR, started_at=started_at,
-                             duration_ms=_ms_since(clock), error=message, attempt=attempt)
-            if attempt >= node.retry.max_attempts:
+            entry = _failed(run, node, exc, started_at, clock, attempt)
+            if entry.event is not LogEvent.RETRY:
                 return entry
-            entry.event = LogEvent.RETRY
             run.logs.append(entry)
             on_change.report(run)
             await asyncio.sleep(node.retry.delay_s(attempt))
             attempt, clock = attempt + 1, time.perf_counter()
             continue
-        if keys:
-            run.state.data = _applied(before, updates, keys)
-        duration_ms = (time.perf_counter() - clock) * 1000
+        if keys:  # the run's next data: `before` with the updates, less the keys the node removed
+            data = run.state.data = {**before, **updates}
+            for key in removed:
+                del data[key]
         entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
-                         duration_ms=duration_ms, keys_changed=keys, updates=updates, attempt=attempt)
+                         duration_ms=(time.perf_counter() - clock) * 1000, keys_changed=keys, updates=updates,
+                         next=step.default_next, attempt=attempt)
         if omitted:
             entry.updates = {key: value for key, value in updates.items() if key not in omitted}
             entry.updates_omitted = omitted
         return entry
+
+
+def _failed(run: RunContext, node: NodeDef, exc: Exception, started_at: datetime, clock: float,
+            attempt: int) -> LogEntry:
+    """The entry of a failed attempt: `interrupt` for an Interrupt, else `retry` while attempts are left, `error`."""
+    if isinstance(exc, Interrupt):
+        event, error = LogEvent.INTERRUPT, exc.reason or None
+    else:
+        event = LogEvent.RETRY if attempt < node.retry.max_attempts else LogEvent.ERROR
+        error = str(exc) if isinstance(exc, _StepFailed) else f"node {node.name!r} raised {_describe(exc)}"
+    return LogEntry(iteration=run.iteration, node=node.name, event=event, started_at=started_at,
+                    duration_ms=_ms_since(clock), error=error, attempt=attempt)
 
 
 def _private(values: dict[str, Any], nested: dict[str, bool]) -> dict[str, Any]:
@@ -2146,15 +2151,6 @@ def _private(values: dict[str, Any], nested: dict[str, bool]) -> dict[str, Any]:
     if deep:
         copy.update(marshal.loads(marshal.dumps(deep)))
     return copy
-
-
-def _applied(before: dict[str, Any], updates: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """The run's next data: a copy of `before` with `updates`, less the other `keys` (those the node removed)."""
-    data = {**before, **updates}
-    for key in keys:
-        if key not in updates:
-            del data[key]
-    return data
 
 
 def _check_reads(name: str, io: NodeIO, data: dict[str, Any]) -> None:
@@ -2279,8 +2275,11 @@ async def _within(node: NodeDef, awaitable: Awaitable[object]) -> object:
 _MISSING = object()
 
 
-def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: object) -> tuple[dict, tuple[str, ...]]:
-    """Return a step's changes: checked copies of the changed keys' new values, and every changed key (removed last).
+def _changes(
+    name: str, before: dict[str, Any], data: dict[str, Any], result: object,
+) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:
+    """Return a step's changes: checked copies of the changed keys' new values, every changed key (removed last),
+    and the removed keys.
 
     A key changed if the node returned it, or bound, rebound, removed or changed in place its value in `data`, the
     node's own copy of `before`; a new value of the same type that compares equal to the old one is no change.
@@ -2300,12 +2299,12 @@ def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: ob
         if result:
             changed.update(result)
     elif not changed:
-        return {}, ()
+        return {}, (), ()
     try:
         updates = _copy_json(changed)
     except InvalidValue as exc:
         raise _StepFailed(f"node {name!r} wrote data that is not JSON: {exc}") from None
-    return updates, (*updates, *removed)
+    return updates, (*updates, *removed), removed
 
 
 def _next_node(step: NodePlan, state: WorkflowState, name: str) -> tuple[str | None, str | None]:
@@ -2471,8 +2470,8 @@ class _Fork:
                 error = f"it stopped at its graph's max_iterations ({child.max_iterations})"
             if status is not RunStatus.COMPLETED:
                 raise _BranchFailed(f"branch {key} failed: {error}")
-            updates, keys = _changes(key, start, child.state.data, None)
-            self.root.branch_results[key] = BranchResult(updates=updates, removed=keys[len(updates):])
+            updates, _, removed = _changes(key, start, child.state.data, None)
+            self.root.branch_results[key] = BranchResult(updates=updates, removed=removed)
             await self._save()
 
     def _adopt(self, child: RunContext, key: str) -> None:
