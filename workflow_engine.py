@@ -2206,31 +2206,32 @@ class _DataBudget:
 
         Return the keys whose new values the log leaves out, having counted those it keeps.
         """
-        total, logged, counted, is_nested = self.total, 0, {}, False
+        sizes, total, logged, previous, is_nested = self.sizes, self.total, 0, {}, False
         for key in keys:  # a plain loop with no calls for scalars: this runs on every step
             value = updates[key] if key in updates else _MISSING
             kind = type(value)
             is_container = kind is dict or kind is list
             size = len(value) + 2 if kind is str else 0 if value is _MISSING else (
                 _json_size(value) if is_container else 8)
-            total += size - (self.sizes[key] if key in self.sizes else 0)
+            previous[key] = sizes[key] if key in sizes else 0  # a key counts 0 while the data does not hold it
+            total += size - previous[key]
             logged += size
-            counted[key] = size
+            sizes[key] = size
             is_nested = is_nested or is_container
         if total > self.limit:
+            sizes.update(previous)  # the step fails: it counts nothing
             raise _StepFailed(f"node {name!r} took the run's data to about {total} bytes, over its limit of {self.limit}")
         self.total = total
-        self.sizes.update(counted)
         if is_nested or self.nested:  # only data that holds containers pays for tracking them
-            self.nested = {key: is_deep for key, is_deep in self.nested.items() if key not in counted}
+            self.nested = {key: is_deep for key, is_deep in self.nested.items() if key not in previous}
             self.nested.update(_nested(updates))
         if self.logged + logged <= self.log_limit:
             self.logged += logged
             return ()
         omitted = []
-        for key, size in counted.items():  # a removed key counts 0, so it always fits
-            if self.logged + size <= self.log_limit:
-                self.logged += size
+        for key in keys:  # a removed key counts 0, so it always fits
+            if self.logged + sizes[key] <= self.log_limit:
+                self.logged += sizes[key]
             else:
                 omitted.append(key)
         return tuple(omitted)
