@@ -3426,6 +3426,16 @@ async def test_run_data_over_its_limit_fails_the_step(registry: we.Registry) -> 
     assert large.state.data == {"size": 5000}
 
 
+def test_data_budget_counts_nothing_of_a_step_over_its_limit() -> None:
+    definition = we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",))
+    budget = we._DataBudget(we.new_run(definition, we.WorkflowState(data={"blob": "x" * 10}), max_state_bytes=100))
+    with pytest.raises(we._StepFailed, match="to about 210 bytes, over its limit of 100"):
+        budget.charge("a", {"blob": "x" * 200, "new": 1}, ("blob", "new"))
+    assert budget.total == 12
+    assert budget.charge("a", {"blob": "x" * 90}, ("blob",)) == ()
+    assert budget.total == 92  # the failed step's 202 bytes of blob were not kept as its size
+
+
 @pytest.fixture
 async def guarded_client(registry: we.Registry) -> Any:
     app = we.create_app(registry=registry, settings=we.Settings(api_token="s3cret"))
