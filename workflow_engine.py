@@ -1861,12 +1861,9 @@ def _ignore(run: RunContext) -> None:
 
 @attrs.define(eq=False)
 class ChangeHook:
-    """What the runner calls after every log entry and status change of a run: `call(run)`, looked up each time.
-
-    While `call` is None the runner calls nothing, so a run that nobody watches pays nothing per step for being
-    watchable. Set it at any moment, also while the run executes (a stream that subscribes): every change from then
-    on is reported.
-    """
+    """What the runner calls after every log entry and status change of a run: `call(run)`, looked up each time. Set
+    it at any moment (a stream that subscribes) to hear of every change from then on; while it is None, nothing is
+    called, so a run nobody watches pays nothing per step for being watchable."""
 
     call: OnChange | None = None
 
@@ -1924,41 +1921,34 @@ async def execute_run(
     on_change: ChangeHook | None = None, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _ignore,
     branches: "Branches | None" = None,
 ) -> RunContext:
-    """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
+    """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place; return it.
 
-    A pending run is moved to running first; a running one (its caller moved and saved it) starts at once.
-    `on_change` hears of every log entry and status change (see ChangeHook), and `checkpoint(run)` awaited once the run
-    is running and after every step that has a next node (a durable store commits it there). `may_pause(run)`
-    answers None to let the run pause, or the error that fails it instead. A run over its `timeout_s` ends
-    `timed_out`; a cancelled one ends `cancelled`, and the CancelledError propagates once that is recorded. Return
-    the run. `branches` says where graph, map and parallel nodes find the graphs they run (default: the graphs
-    registered in `registry`) and bounds them.
+    A pending run is moved to running first; a running one (its caller moved and saved it) starts at once. `on_change`
+    hears of every log entry and status change; `checkpoint(run)` is awaited once the run is running and after every
+    step that has a next node (a durable store commits it there). `may_pause(run)` answers None to let the run pause,
+    or the error that fails it instead. A run over its `timeout_s` ends `timed_out`; a cancelled one ends `cancelled`,
+    and the CancelledError propagates once that is recorded. `branches` says where graph, map and parallel nodes find
+    the graphs they run (default: those registered in `registry`) and bounds them.
     """
-    is_resumed = run.next_node is not None
-    run.next_node = run.next_node or graph.start_node
-    on_change = on_change or ChangeHook()
-    is_moved = run.status is RunStatus.PENDING
+    is_resumed, is_moved = run.next_node is not None, run.status is RunStatus.PENDING
+    run.next_node, on_change = run.next_node or graph.start_node, on_change or ChangeHook()
     if is_moved:
         move_run(run, RunStatus.RUNNING)
         on_change.report(run)
-    clock = time.perf_counter()
-    # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
-    deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
-    fork = None
-    if graph.has_branches:  # most graphs have none: they pay nothing for branches
-        branches = branches or Branches(find_graph={graph.graph_id: graph for graph in registry.graphs}.get)
-        fork = _Fork(run, branches, registry, on_change, checkpoint)
-    hooks = _Hooks(on_change, checkpoint, deadline, may_pause, fork)
+    clock, deadline = time.perf_counter(), None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
+    fork = None if not graph.has_branches else _Fork(  # most graphs have none: they pay nothing for branches
+        run, branches or Branches(find_graph={g.graph_id: g for g in registry.graphs}.get), registry, on_change,
+        checkpoint)
     try:
         if checkpoint is not None and is_moved:
             await checkpoint(run)
-        if deadline is None:  # nullcontext would cost three calls a run
-            status, error = await _drive(run, graph, registry, hooks, is_resumed)
+        drive = _drive(run, graph, registry, _Hooks(on_change, checkpoint, deadline, may_pause, fork), is_resumed)
+        if deadline is None:  # entering asyncio.timeout costs as much as two steps (nullcontext, three calls)
+            status, error = await drive
         else:
             async with deadline:
-                status, error = await _drive(run, graph, registry, hooks, is_resumed)
-    except (TimeoutError, asyncio.CancelledError):
-        # One decision gives both the status and the last log entry's event: see _stop_status.
+                status, error = await drive
+    except (TimeoutError, asyncio.CancelledError):  # _stop_status decides the status and the last entry's event
         status = _stop_status(deadline)
         _end(run, status, _stop_error(run, status), clock, on_change)
         if asyncio.current_task().cancelling():  # type: ignore[union-attr]
@@ -2015,20 +2005,15 @@ async def _drive(
         if name in graph.interrupt_before and not is_resumed:
             return _pause(run, hooks)
         is_resumed = False  # only the first node of a resumed run passes its interrupt_before
-        run.iteration += 1
-        run.current_node = name
-        step = plan[name]
+        run.iteration, run.current_node, step = run.iteration + 1, name, plan[name]
         if name not in contexts:
-            fork = hooks.fork if step.is_composite else None
-            contexts[name] = NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=name,
-                                         config=step.node.config, registry=registry, fork=fork)
-        ctx = contexts[name]
+            contexts[name] = NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=name, config=step.node.config,
+                                         registry=registry, fork=hooks.fork if step.is_composite else None)
         clock = time.perf_counter()
         try:
-            entry = await _run_node(run, step, ctx, hooks.on_change, budget, clock)
+            entry = await _run_node(run, step, contexts[name], hooks.on_change, budget, clock)
         except asyncio.CancelledError:
-            event = LogEvent.TIMED_OUT if _stop_status(hooks.deadline) is RunStatus.TIMED_OUT else LogEvent.CANCELLED
-            run.logs.append(_interrupted(run, name, clock, event))
+            run.logs.append(_interrupted(run, name, clock, hooks.deadline))
             raise
         if entry.event is not LogEvent.EXECUTED or step.branches:
             _route(run, step, entry, budget)
@@ -2050,7 +2035,8 @@ def _pause(run: RunContext, hooks: _Hooks) -> tuple[RunStatus, str | None]:
     return (RunStatus.WAITING, None) if refusal is None else (RunStatus.FAILED, refusal)
 
 
-def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> LogEntry:
+def _interrupted(run: RunContext, name: str, clock: float, deadline: asyncio.Timeout | None) -> LogEntry:
+    event = LogEvent.TIMED_OUT if _stop_status(deadline) is RunStatus.TIMED_OUT else LogEvent.CANCELLED
     duration_ms = _ms_since(clock)
     started_at = _now() - timedelta(milliseconds=duration_ms)
     reason = "the run timed out" if event is LogEvent.TIMED_OUT else "the run was cancelled"
@@ -2077,17 +2063,14 @@ def _route(run: RunContext, step: NodePlan, entry: LogEntry, budget: "_DataBudge
 async def _run_node(
     run: RunContext, step: NodePlan, ctx: NodeContext, on_change: ChangeHook, budget: "_DataBudget", clock: float,
 ) -> LogEntry:
-    """Call the node until an attempt succeeds or none are left; log each failed attempt that is retried.
-
-    Return the entry of the last attempt: `executed`, with its changes committed to the run and the default next
-    node, or `error` or `interrupt`. `clock` is when the step began (time.perf_counter()).
-    """
-    node, io, before, metadata = step.node, step.io, run.state.data, run.state.metadata
-    attempt = 1
+    """Call the node until an attempt succeeds or none are left, logging each failed one that is retried; return
+    the last one's entry: `executed` (its changes committed to the run, its next node the default), `error` or
+    `interrupt`. `clock` is when the step began (time.perf_counter())."""
+    node, io, before, metadata, attempt = step.node, step.io, run.state.data, run.state.metadata, 1
     while True:
         # Each attempt works on copies of data and metadata, nested values too: whatever it changes in place, even
-        # from a worker thread that outlives its timeout, stays out of the run. The run takes only the checked
-        # copy of what changed, and drops every change to metadata (the caller's).
+        # from a worker thread that outlives its timeout, stays out of the run. The run takes only the checked copy
+        # of what changed, and drops every change to metadata (the caller's).
         working = WorkflowState(data=_private(before, budget.nested) if budget.nested else dict(before),
                                 metadata=_private(metadata, budget.nested_metadata) if metadata else {})
         started_at = datetime.now(UTC)
@@ -2113,13 +2096,10 @@ async def _run_node(
             data = run.state.data = {**before, **updates}
             for key in removed:
                 del data[key]
-        entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
-                         duration_ms=(time.perf_counter() - clock) * 1000, keys_changed=keys, updates=updates,
-                         next=step.default_next, attempt=attempt)
-        if omitted:
-            entry.updates = {key: value for key, value in updates.items() if key not in omitted}
-            entry.updates_omitted = omitted
-        return entry
+        logged = {key: value for key, value in updates.items() if key not in omitted} if omitted else updates
+        return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
+                        duration_ms=(time.perf_counter() - clock) * 1000, keys_changed=keys, updates=logged,
+                        next=step.default_next, attempt=attempt, updates_omitted=omitted)
 
 
 def _failed(run: RunContext, node: NodeDef, exc: Exception, started_at: datetime, clock: float,
@@ -4795,11 +4775,8 @@ class Engine:
         await asyncio.wait(stopped, timeout=timeout_s)
 
     async def _execute(self, active: _ActiveRun) -> None:
-        """Claim the run (unless it is claimed), execute it and save it, then release its record.
-
-        A CancelledError that `active.cancel` caused ends here once the run is saved; any other (the caller's, for
-        a run its task executes) propagates after that.
-        """
+        """Claim the run (unless it is claimed), execute and save it, release its record. A CancelledError that
+        `active.cancel` caused ends here once the run is saved; any other (the caller's) propagates after that."""
         run = active.run
         if active.lease is None and not await self._claim(active):
             return
@@ -4834,18 +4811,7 @@ class Engine:
             if run.status.is_active:
                 move_run(run, RunStatus.FAILED, "internal error; see the server log")
         finally:
-            if run.status.is_active:
-                move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
-            if active.failure is None:  # a lost lease leaves the run to its new owner
-                await self._save_last(active, is_logged)
-            self.metrics.count_stop(run, active.started, is_lost=isinstance(active.failure, LeaseLost))
-            if run.webhook is not None and active.failure is None:
-                self._deliver_soon()
-            self._release(active)
-            active.hook.report(run)
-            self._wake.set()  # a slot came free
-            if logger.isEnabledFor(logging.INFO):
-                active.log_end()
+            await self._finish(active, is_logged)
         if is_cancelled:
             raise asyncio.CancelledError
 
@@ -4893,14 +4859,27 @@ class Engine:
                                                                     self.settings.lease_s))
         active.saved_logs = len(run.logs)
 
-    async def _save_last(self, active: _ActiveRun, is_logged: bool) -> None:
+    async def _finish(self, active: _ActiveRun, is_logged: bool) -> None:
+        """Save the run's last state (a lost lease leaves it to its new owner), count it, release its record and
+        tell who waits. `is_logged`: the run's failure is in the server log already."""
+        run = active.run
+        if run.status.is_active:
+            move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
         try:
-            await self._save(active, active.run)
+            if active.failure is None:
+                await self._save(active, run)
         except EngineError as exc:
             active.failure = exc
             if not is_logged:
-                logger.error("run %s: its last state (%s) was not saved: %s", active.run.run_id,
-                             active.run.status.value, exc.message)
+                logger.error("run %s: its last state (%s) was not saved: %s", run.run_id, run.status.value, exc.message)
+        self.metrics.count_stop(run, active.started, is_lost=isinstance(active.failure, LeaseLost))
+        if run.webhook is not None and active.failure is None:
+            self._deliver_soon()
+        self._release(active)
+        active.hook.report(run)
+        self._wake.set()  # a slot came free
+        if logger.isEnabledFor(logging.INFO):
+            active.log_end()
 
     async def _work(self) -> None:
         """With a shared store: claim queued runs while there is room, and on every heartbeat renew leases, cancel
