@@ -1513,15 +1513,14 @@ class Registry:
         edge = edge or EdgeDef()
         branches = tuple((branch, self._conditions.get(branch.condition) or self._late_condition(branch.condition))
                          for branch in edge.branches)
-        call = functools.partial(_forked, node) if node.is_composite else self._caller(node.function)
+        call = (lambda state, ctx: ctx.fork(node, state)) if node.is_composite else self._caller(node.function)
         return NodePlan(node=node, is_composite=node.is_composite, call=call, io=self._io.get(node.function),
                         default_next=edge.default_next, branches=branches, on_error=edge.on_error)
 
     def _caller(self, name: str) -> NodeCall:
-        fn = self._nodes.get(name)
-        if fn is None:  # looked up on every call: UnknownName until `name` is registered
+        if name not in self._nodes:  # looked up on every call: UnknownName until `name` is registered
             return functools.partial(self.call_node, name)
-        return fn if name in self._async_nodes else functools.partial(_in_thread, fn)
+        return self._nodes[name] if name in self._async_nodes else functools.partial(_in_thread, self._nodes[name])
 
     def _late_condition(self, name: str) -> ConditionFn:
         return lambda state: self.get_condition(name)(state)  # raises UnknownName until `name` is registered
@@ -1582,10 +1581,6 @@ async def _in_thread(fn: NodeFn, state: WorkflowState, ctx: "NodeContext") -> ob
     # A plain function may block: a worker thread keeps the event loop serving meanwhile.
     result = await asyncio.to_thread(fn, state, ctx)
     return await result if inspect.isawaitable(result) else result
-
-
-def _forked(node: NodeDef, state: WorkflowState, ctx: "NodeContext") -> Awaitable[object]:
-    return ctx.fork(node, state)  # type: ignore[misc]  # a composite node's context has a fork
 
 
 def _lookup(table: dict[str, T], kind: str, name: str) -> T:
@@ -1855,10 +1850,6 @@ Checkpoint = Callable[["RunContext"], Awaitable[None]]
 PauseCheck = Callable[["RunContext"], str | None]
 
 
-def _ignore(run: RunContext) -> None:
-    return None
-
-
 @attrs.define(eq=False)
 class ChangeHook:
     """What the runner calls after every log entry and status change of a run: `call(run)`, looked up each time. Set
@@ -1918,17 +1909,17 @@ async def run_graph(
 
 async def execute_run(
     run: RunContext, graph: GraphDefinition, registry: Registry, *,
-    on_change: ChangeHook | None = None, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _ignore,
+    on_change: ChangeHook | None = None, checkpoint: Checkpoint | None = None, may_pause: PauseCheck | None = None,
     branches: "Branches | None" = None,
 ) -> RunContext:
     """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place; return it.
 
     A pending run is moved to running first; a running one (its caller moved and saved it) starts at once. `on_change`
     hears of every log entry and status change; `checkpoint(run)` is awaited once the run is running and after every
-    step that has a next node (a durable store commits it there). `may_pause(run)` answers None to let the run pause,
-    or the error that fails it instead. A run over its `timeout_s` ends `timed_out`; a cancelled one ends `cancelled`,
-    and the CancelledError propagates once that is recorded. `branches` says where graph, map and parallel nodes find
-    the graphs they run (default: those registered in `registry`) and bounds them.
+    step that has a next node (a durable store commits it there). `may_pause(run)`, if given, answers None to let the
+    run pause, or the error that fails it instead. A run over its `timeout_s` ends `timed_out`; a cancelled one ends
+    `cancelled`, and the CancelledError propagates once that is recorded. `branches` says where graph, map and
+    parallel nodes find the graphs they run (default: those registered in `registry`) and bounds them.
     """
     is_resumed, is_moved = run.next_node is not None, run.status is RunStatus.PENDING
     run.next_node, on_change = run.next_node or graph.start_node, on_change or ChangeHook()
@@ -1984,7 +1975,7 @@ class _Hooks:
     on_change: ChangeHook
     checkpoint: Checkpoint | None
     deadline: asyncio.Timeout | None
-    may_pause: PauseCheck
+    may_pause: PauseCheck | None
     fork: "_Fork | None"  # None when the graph has no graph, map or parallel node
 
 
@@ -2031,7 +2022,7 @@ async def _drive(
 
 
 def _pause(run: RunContext, hooks: _Hooks) -> tuple[RunStatus, str | None]:
-    refusal = hooks.may_pause(run)
+    refusal = None if hooks.may_pause is None else hooks.may_pause(run)
     return (RunStatus.WAITING, None) if refusal is None else (RunStatus.FAILED, refusal)
 
 
@@ -4316,7 +4307,7 @@ class _ActiveRun:
 
     def notify(self, run: RunContext) -> None:
         """Wake the run's streams, count its start and log its progress (the runner's on_change, while set); unset
-        the hook once nothing needs the next change: a stream sets it again (see listen)."""
+        the hook once nothing needs the next change: a stream sets it again (see _events)."""
         if self.changed is not None:
             self.changed.set()
             self.changed = None
@@ -4326,13 +4317,6 @@ class _ActiveRun:
             self.log_progress()
         elif self.started >= 0:
             self.hook.call = None
-
-    def listen(self) -> asyncio.Event:
-        """Return the event the run's next change sets (a stream waits on it), having the runner report it."""
-        if self.changed is None:
-            self.changed = asyncio.Event()
-            self.hook.call = self.notify
-        return self.changed
 
     def log_progress(self) -> None:
         """Log the run's start and each of its new steps (debug), with fields a log store can index."""
@@ -5086,7 +5070,8 @@ class Engine:
             # Only a run executing here has changes to wait for; registering for another would leave the event behind.
             changed = None
             if active is not None and run.status.is_active:
-                changed = active.listen()
+                changed = active.changed = active.changed or asyncio.Event()
+                active.hook.call = active.notify  # until that change: see notify
             sent = False
             for event in run_events(run, after):
                 after, sent = event.id, True
