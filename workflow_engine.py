@@ -4273,8 +4273,9 @@ async def _stored(metrics: Metrics, run_id: str, write: Awaitable[T]) -> T:
         raise StoreUnavailable(run_id, exc) from exc
 
 
-@attrs.define(eq=False)
-class _ActiveRun:
+# As the runner's ChangeHook, its `call` is `notify` while something needs the run's changes (see notify).
+@attrs.define(eq=False, kw_only=True)
+class _ActiveRun(ChangeHook):
     run: RunContext
     graph: GraphDefinition
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
@@ -4295,8 +4296,6 @@ class _ActiveRun:
     is_cancel_requested: bool = False
     has_slot: bool = False  # whether the run holds one of the engine's max_concurrent_runs execution slots
     is_logging: bool = False  # the server log takes the run's progress (debug): asked once per run, not per step
-    # The runner's on_change: `notify` while something needs the run's changes, else unset (see notify and listen).
-    hook: ChangeHook = attrs.field(factory=ChangeHook)
 
     def cancel(self) -> None:
         """Cancel the run's task, unless it is in its first or last save: those are never cut short."""
@@ -4316,7 +4315,7 @@ class _ActiveRun:
         if self.is_logging:
             self.log_progress()
         elif self.started >= 0:
-            self.hook.call = None
+            self.call = None
 
     def log_progress(self) -> None:
         """Log the run's start and each of its new steps (debug), with fields a log store can index."""
@@ -4741,7 +4740,7 @@ class Engine:
                     saved_logs: int) -> _ActiveRun:
         active = _ActiveRun(run=run, graph=graph, expected=expected, saved_logs=saved_logs, metrics=self.metrics,
                             is_logging=logger.isEnabledFor(logging.DEBUG))
-        active.hook.call = active.notify  # until its start is counted
+        active.call = active.notify  # until its start is counted
         self._active[run.run_id] = active
         return active
 
@@ -4776,7 +4775,7 @@ class Engine:
                     await self._slots.acquire()
                     active.has_slot = True
                 checkpoint = functools.partial(self._save, active) if self.store.is_durable else None
-                await execute_run(run, active.graph, self.registry, on_change=active.hook,
+                await execute_run(run, active.graph, self.registry, on_change=active,
                                   checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
         except asyncio.CancelledError:  # the runner recorded it, or the finally below does for a run not started
             task = asyncio.current_task()
@@ -4860,7 +4859,7 @@ class Engine:
         if run.webhook is not None and active.failure is None:
             self._deliver_soon()
         self._release(active)
-        active.hook.report(run)
+        active.report(run)
         self._wake.set()  # a slot came free
         if logger.isEnabledFor(logging.INFO):
             active.log_end()
@@ -5071,7 +5070,7 @@ class Engine:
             changed = None
             if active is not None and run.status.is_active:
                 changed = active.changed = active.changed or asyncio.Event()
-                active.hook.call = active.notify  # until that change: see notify
+                active.call = active.notify  # until that change: see notify
             sent = False
             for event in run_events(run, after):
                 after, sent = event.id, True
