@@ -2059,9 +2059,8 @@ async def _run_node(
     `interrupt`. `clock` is when the step began (time.perf_counter())."""
     node, io, before, metadata, attempt = step.node, step.io, run.state.data, run.state.metadata, 1
     while True:
-        # Each attempt works on copies of data and metadata, nested values too: whatever it changes in place, even
-        # from a worker thread that outlives its timeout, stays out of the run. The run takes only the checked copy
-        # of what changed, and drops every change to metadata (the caller's).
+        # Each attempt works on copies of data and metadata, nested values too: what it changes in place, even from a
+        # thread outliving its timeout, stays out of the run, which takes the checked copy of what changed in data only.
         working = WorkflowState(data=_private(before, budget.nested) if budget.nested else dict(before),
                                 metadata=_private(metadata, budget.nested_metadata) if metadata else {})
         started_at = datetime.now(UTC)
@@ -2070,7 +2069,8 @@ async def _run_node(
                 _check_reads(node.name, io, before)
             awaitable = step.call(working, ctx)
             result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
-            updates, keys, removed = _changes(node.name, before, working.data, result)
+            updates, removed = _changes(node.name, before, working.data, result)
+            keys = (*updates, *removed)  # every changed key, removed last
             if io is not None:
                 _check_writes(node.name, io, updates, keys)
             omitted = budget.charge(node.name, updates, keys)
@@ -2144,6 +2144,8 @@ def _check_writes(name: str, io: NodeIO, updates: dict[str, Any], keys: tuple[st
 
 _FLAT_ITEMS = frozenset({str, int, float, bool, type(None)})  # a container of only these needs no deep copy
 _Measure = tuple[object, int, bool | None]  # a value, its size, and (a container) whether it holds containers
+# One encoder for every measure (json.dumps builds one per call); its spaced separators count, as they always have.
+_SIZE_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 class _DataBudget:
@@ -2208,10 +2210,6 @@ class _DataBudget:
         return tuple(omitted)
 
 
-# One encoder for every measure (json.dumps builds one per call); its spaced separators count, as they always have.
-_SIZE_ENCODER = json.JSONEncoder(ensure_ascii=False)
-
-
 def _json_size(value: object) -> int:
     if type(value) is str:
         return len(value) + 2
@@ -2251,11 +2249,8 @@ async def _within(node: NodeDef, awaitable: Awaitable[object]) -> object:
 _MISSING = object()
 
 
-def _changes(
-    name: str, before: dict[str, Any], data: dict[str, Any], result: object,
-) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:
-    """Return a step's changes: checked copies of the changed keys' new values, every changed key (removed last),
-    and the removed keys.
+def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: object) -> tuple[dict, tuple[str, ...]]:
+    """Return a step's changes: checked copies of the changed keys' new values, and the keys removed.
 
     A key changed if the node returned it, or bound, rebound, removed or changed in place its value in `data`, the
     node's own copy of `before`; a new value of the same type that compares equal to the old one is no change.
@@ -2275,12 +2270,12 @@ def _changes(
         if result:
             changed.update(result)
     elif not changed:
-        return {}, (), ()
+        return {}, ()
     try:
         updates = _copy_json(changed)
     except InvalidValue as exc:
         raise _StepFailed(f"node {name!r} wrote data that is not JSON: {exc}") from None
-    return updates, (*updates, *removed), removed
+    return updates, removed
 
 
 def _next_node(step: NodePlan, state: WorkflowState, name: str) -> tuple[str | None, str | None]:
@@ -2434,19 +2429,18 @@ class _Fork:
                                max_iterations=graph.max_iterations or self.branches.max_iterations,
                                max_state_bytes=self.root.max_state_bytes, max_log_bytes=log_share,
                                state=WorkflowState(data=start, metadata=self.root.state.metadata), created_at=_now())
-            adopt = functools.partial(self._adopt, key=key)
+            adopt = ChangeHook(functools.partial(self._adopt, key=key))
             fork = attrs.evolve(self, prefix=f"{key}/")
             try:
-                status, error = await _drive(child, graph, self.registry,
-                                             _Hooks(ChangeHook(adopt), None, None, _branch_pause, fork),
+                status, error = await _drive(child, graph, self.registry, _Hooks(adopt, None, None, _branch_pause, fork),
                                              False, _DataBudget(child, known))
             finally:
-                adopt(child)
+                adopt.report(child)
             if status is RunStatus.STOPPED_MAX_ITERATIONS:
                 error = f"it stopped at its graph's max_iterations ({child.max_iterations})"
             if status is not RunStatus.COMPLETED:
                 raise _BranchFailed(f"branch {key} failed: {error}")
-            updates, _, removed = _changes(key, start, child.state.data, None)
+            updates, removed = _changes(key, start, child.state.data, None)
             self.root.branch_results[key] = BranchResult(updates=updates, removed=removed)
             await self._save()
 
