@@ -1885,17 +1885,12 @@ def new_run(
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`; raise InvalidValue if it is not JSON."""
     created_at = datetime.now(UTC)
-    return RunContext(
-        run_id=run_id or _new_id(),
-        graph_id=graph.graph_id or "",
-        max_iterations=max_iterations,
-        max_state_bytes=max_state_bytes,
-        max_log_bytes=max_log_bytes,
-        timeout_s=timeout_s,
-        state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata) if state.metadata else {}),
-        created_at=created_at,
-        history=[StatusChange(status=RunStatus.PENDING, at=created_at, log_count=0)],
-    )
+    return RunContext(run_id=run_id or _new_id(), graph_id=graph.graph_id or "", max_iterations=max_iterations,
+                      max_state_bytes=max_state_bytes, max_log_bytes=max_log_bytes, timeout_s=timeout_s,
+                      state=WorkflowState(data=_copy_json(state.data),
+                                          metadata=_copy_json(state.metadata) if state.metadata else {}),
+                      created_at=created_at, history=[StatusChange(status=RunStatus.PENDING, at=created_at,
+                                                                   log_count=0)])
 
 
 async def run_graph(
@@ -2093,15 +2088,14 @@ async def _run_node(
                         next=step.default_next, attempt=attempt, updates_omitted=omitted)
 
 
-def _failed(run: RunContext, node: NodeDef, exc: Exception, started_at: datetime, clock: float,
-            attempt: int) -> LogEntry:
+def _failed(run: RunContext, node: NodeDef, exc: Exception, started: datetime, clock: float, attempt: int) -> LogEntry:
     """The entry of a failed attempt: `interrupt` for an Interrupt, else `retry` while attempts are left, `error`."""
     if isinstance(exc, Interrupt):
         event, error = LogEvent.INTERRUPT, exc.reason or None
     else:
         event = LogEvent.RETRY if attempt < node.retry.max_attempts else LogEvent.ERROR
         error = str(exc) if isinstance(exc, _StepFailed) else f"node {node.name!r} raised {_describe(exc)}"
-    return LogEntry(iteration=run.iteration, node=node.name, event=event, started_at=started_at,
+    return LogEntry(iteration=run.iteration, node=node.name, event=event, started_at=started,
                     duration_ms=_ms_since(clock), error=error, attempt=attempt)
 
 
