@@ -873,6 +873,20 @@ async def test_run_cancelled_records_the_node_and_keeps_state(registry: we.Regis
     assert run.state.data == {"count": 1} and run.finished_at is not None
 
 
+async def test_execute_run_reports_changes_from_when_its_change_hook_is_set(registry: we.Registry) -> None:
+    """A hook set while the run executes hears of every change from then on; unset, the runner calls nothing."""
+    gates["hook"] = Gate()
+    definition = we.structure_body(graph(["inc", "gate", "double"], chain("inc", "gate", "double")), we.GraphDefinition)
+    run, hook, heard = we.new_run(definition, we.WorkflowState(metadata={"gate": "hook"})), we.ChangeHook(), []
+    task = asyncio.create_task(we.execute_run(run, definition, registry, on_change=hook))
+    await gates["hook"].entered.wait()
+    hook.call = lambda changed: heard.append((changed.status, [e.node for e in changed.logs]))
+    gates["hook"].opened.set()
+    assert await task is run
+    assert heard == [(we.RunStatus.RUNNING, ["inc", "gate"]), (we.RunStatus.RUNNING, ["inc", "gate", "double"]),
+                     (we.RunStatus.COMPLETED, ["inc", "gate", "double"])]
+
+
 @pytest.mark.parametrize(
     ("nodes", "problems"),
     [
@@ -3480,6 +3494,16 @@ async def test_run_data_over_its_limit_fails_the_step(registry: we.Registry) -> 
     assert (large.status, large.error) == (
         we.RunStatus.FAILED, "node 'grow' took the run's data to about 5010 bytes, over its limit of 1000")
     assert large.state.data == {"size": 5000}
+
+
+def test_data_budget_counts_nothing_of_a_step_over_its_limit() -> None:
+    definition = we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",))
+    budget = we._DataBudget(we.new_run(definition, we.WorkflowState(data={"blob": "x" * 10}), max_state_bytes=100))
+    with pytest.raises(we._StepFailed, match="to about 210 bytes, over its limit of 100"):
+        budget.charge("a", {"blob": "x" * 200, "new": 1}, ("blob", "new"))
+    assert budget.total == 12
+    assert budget.charge("a", {"blob": "x" * 90}, ("blob",)) == ()
+    assert budget.total == 92  # the failed step's 202 bytes of blob were not kept as its size
 
 
 @pytest.fixture

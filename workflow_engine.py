@@ -91,6 +91,7 @@ __all__ = [
     "BranchResult",
     "Branches",
     "Busy",
+    "ChangeHook",
     "EdgeDef",
     "Engine",
     "EngineError",
@@ -1400,18 +1401,19 @@ NodeResult = dict[str, Any] | None
 NodeFn = Callable[[WorkflowState, "NodeContext"], NodeResult | Awaitable[NodeResult]]
 ConditionFn = Callable[[WorkflowState], bool]
 ToolFn = Callable[..., Any]
+NodeCall = Callable[[WorkflowState, "NodeContext"], Awaitable[object]]  # what a step awaits, from its plan
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 @attrs.frozen(kw_only=True)
 class NodePlan:
     """What the runner needs of one node of a graph, decided once per graph rather than on every step: the node's
-    definition, whether it runs graphs (then its function is ""), the name of its function and what that declares
-    it reads and writes, and its edge, with the function of each branch's condition."""
+    definition, whether it runs graphs, how to call it and what its function declares it reads and writes, and its
+    edge, with the function of each branch's condition."""
 
     node: NodeDef
     is_composite: bool
-    function: str
+    call: NodeCall  # a composite's calls its NodeContext's fork
     io: NodeIO | None
     default_next: str | None
     branches: tuple[tuple[BranchCondition, ConditionFn], ...]
@@ -1499,7 +1501,7 @@ class Registry:
         if cached is not None and cached[0] is graph:
             return cached[1]
         plan = {name: self._plan_node(node, graph.edges.get(name)) for name, node in graph.node_defs.items()}
-        if all((step.is_composite or step.function in self._nodes)
+        if all((step.is_composite or step.node.function in self._nodes)
                and all(b.condition in self._conditions for b, _ in step.branches) for step in plan.values()):
             self._plans[id(graph)] = (graph, plan)
             if len(self._plans) > MAX_PLANS:
@@ -1510,9 +1512,14 @@ class Registry:
         edge = edge or EdgeDef()
         branches = tuple((branch, self._conditions.get(branch.condition) or self._late_condition(branch.condition))
                          for branch in edge.branches)
-        return NodePlan(node=node, is_composite=node.is_composite, function=node.function,
-                        io=self._io.get(node.function), default_next=edge.default_next, branches=branches,
-                        on_error=edge.on_error)
+        call = (lambda state, ctx: ctx.fork(node, state)) if node.is_composite else self._caller(node.function)
+        return NodePlan(node=node, is_composite=node.is_composite, call=call, io=self._io.get(node.function),
+                        default_next=edge.default_next, branches=branches, on_error=edge.on_error)
+
+    def _caller(self, name: str) -> NodeCall:
+        if name not in self._nodes:  # looked up on every call: UnknownName until `name` is registered
+            return functools.partial(self.call_node, name)
+        return self._nodes[name] if name in self._async_nodes else functools.partial(_in_thread, self._nodes[name])
 
     def _late_condition(self, name: str) -> ConditionFn:
         return lambda state: self.get_condition(name)(state)  # raises UnknownName until `name` is registered
@@ -1842,8 +1849,18 @@ Checkpoint = Callable[["RunContext"], Awaitable[None]]
 PauseCheck = Callable[["RunContext"], str | None]
 
 
-def _ignore(run: RunContext) -> None:
-    return None
+@attrs.define(eq=False)
+class ChangeHook:
+    """What the runner calls after every log entry and status change of a run: `call(run)`, looked up each time. Set
+    it at any moment (a stream that subscribes) to hear of every change from then on; while it is None, nothing is
+    called, so a run nobody watches pays nothing per step for being watchable."""
+
+    call: OnChange | None = None
+
+    def report(self, run: RunContext) -> None:
+        """Call `call(run)`, if it is set."""
+        if self.call is not None:
+            self.call(run)
 
 
 def _now() -> datetime:
@@ -1867,17 +1884,12 @@ def new_run(
 ) -> RunContext:
     """Create a pending run record of `graph` that owns a copy of `state`; raise InvalidValue if it is not JSON."""
     created_at = datetime.now(UTC)
-    return RunContext(
-        run_id=run_id or _new_id(),
-        graph_id=graph.graph_id or "",
-        max_iterations=max_iterations,
-        max_state_bytes=max_state_bytes,
-        max_log_bytes=max_log_bytes,
-        timeout_s=timeout_s,
-        state=WorkflowState(data=_copy_json(state.data), metadata=_copy_json(state.metadata) if state.metadata else {}),
-        created_at=created_at,
-        history=[StatusChange(status=RunStatus.PENDING, at=created_at, log_count=0)],
-    )
+    return RunContext(run_id=run_id or _new_id(), graph_id=graph.graph_id or "", max_iterations=max_iterations,
+                      max_state_bytes=max_state_bytes, max_log_bytes=max_log_bytes, timeout_s=timeout_s,
+                      state=WorkflowState(data=_copy_json(state.data),
+                                          metadata=_copy_json(state.metadata) if state.metadata else {}),
+                      created_at=created_at, history=[StatusChange(status=RunStatus.PENDING, at=created_at,
+                                                                   log_count=0)])
 
 
 async def run_graph(
@@ -1891,43 +1903,37 @@ async def run_graph(
 
 async def execute_run(
     run: RunContext, graph: GraphDefinition, registry: Registry, *,
-    on_change: OnChange = _ignore, checkpoint: Checkpoint | None = None, may_pause: PauseCheck = _ignore,
+    on_change: ChangeHook | None = None, checkpoint: Checkpoint | None = None, may_pause: PauseCheck | None = None,
     branches: "Branches | None" = None,
 ) -> RunContext:
-    """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place.
+    """Drive `run` through `graph` from its `next_node` (the start node for a new run), updating it in place; return it.
 
-    A pending run is moved to running first; a running one (its caller moved and saved it) starts at once.
-    `on_change(run)` is called after every log entry and status change, and `checkpoint(run)` awaited once the run
-    is running and after every step that has a next node (a durable store commits it there). `may_pause(run)`
-    answers None to let the run pause, or the error that fails it instead. A run over its `timeout_s` ends
-    `timed_out`; a cancelled one ends `cancelled`, and the CancelledError propagates once that is recorded. Return
-    the run. `branches` says where graph, map and parallel nodes find the graphs they run (default: the graphs
-    registered in `registry`) and bounds them.
+    A pending run is moved to running first; a running one (its caller moved and saved it) starts at once. `on_change`
+    hears of every log entry and status change; `checkpoint(run)` is awaited once the run is running and after every
+    step that has a next node (a durable store commits it there). `may_pause(run)`, if given, answers None to let the
+    run pause, or the error that fails it instead. A run over its `timeout_s` ends `timed_out`; a cancelled one ends
+    `cancelled`, and the CancelledError propagates once that is recorded. `branches` says where graph, map and
+    parallel nodes find the graphs they run (default: those registered in `registry`) and bounds them.
     """
-    is_resumed = run.next_node is not None
-    run.next_node = run.next_node or graph.start_node
-    is_moved = run.status is RunStatus.PENDING
+    is_resumed, is_moved = run.next_node is not None, run.status is RunStatus.PENDING
+    run.next_node, on_change = run.next_node or graph.start_node, on_change or ChangeHook()
     if is_moved:
         move_run(run, RunStatus.RUNNING)
-        on_change(run)
-    clock = time.perf_counter()
-    # Entering asyncio.timeout costs as much as two steps, so a run without a timeout skips it.
-    deadline = None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
-    fork = None
-    if graph.has_branches:  # most graphs have none: they pay nothing for branches
-        branches = branches or Branches(find_graph={graph.graph_id: graph for graph in registry.graphs}.get)
-        fork = _Fork(run, branches, registry, on_change, checkpoint)
-    hooks = _Hooks(on_change, checkpoint, deadline, may_pause, fork)
+        on_change.report(run)
+    clock, deadline = time.perf_counter(), None if run.timeout_s is None else asyncio.timeout(run.timeout_s)
+    fork = None if not graph.has_branches else _Fork(  # most graphs have none: they pay nothing for branches
+        run, branches or Branches(find_graph={g.graph_id: g for g in registry.graphs}.get), registry, on_change,
+        checkpoint)
     try:
         if checkpoint is not None and is_moved:
             await checkpoint(run)
-        if deadline is None:  # nullcontext would cost three calls a run
-            status, error = await _drive(run, graph, registry, hooks, is_resumed)
+        drive = _drive(run, graph, registry, _Hooks(on_change, checkpoint, deadline, may_pause, fork), is_resumed)
+        if deadline is None:  # entering asyncio.timeout costs as much as two steps (nullcontext, three calls)
+            status, error = await drive
         else:
             async with deadline:
-                status, error = await _drive(run, graph, registry, hooks, is_resumed)
-    except (TimeoutError, asyncio.CancelledError):
-        # One decision gives both the status and the last log entry's event: see _stop_status.
+                status, error = await drive
+    except (TimeoutError, asyncio.CancelledError):  # _stop_status decides the status and the last entry's event
         status = _stop_status(deadline)
         _end(run, status, _stop_error(run, status), clock, on_change)
         if asyncio.current_task().cancelling():  # type: ignore[union-attr]
@@ -1949,21 +1955,21 @@ def _stop_error(run: RunContext, status: RunStatus) -> str:
     return f"the run was cancelled {where}"
 
 
-def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: OnChange) -> None:
+def _end(run: RunContext, status: RunStatus, error: str | None, clock: float, on_change: ChangeHook) -> None:
     run.duration_ms += (time.perf_counter() - clock) * 1000
     # A branch's steps ran inside their graph, map or parallel step's own entry, so they are not counted again.
     run.engine_overhead_ms = max(
         run.duration_ms - sum([entry.duration_ms for entry in run.logs if entry.path is None]), 0.0)
     move_run(run, status, error)
-    on_change(run)
+    on_change.report(run)
 
 
 @attrs.frozen
 class _Hooks:
-    on_change: OnChange
+    on_change: ChangeHook
     checkpoint: Checkpoint | None
     deadline: asyncio.Timeout | None
-    may_pause: PauseCheck
+    may_pause: PauseCheck | None
     fork: "_Fork | None"  # None when the graph has no graph, map or parallel node
 
 
@@ -1984,40 +1990,38 @@ async def _drive(
         if name in graph.interrupt_before and not is_resumed:
             return _pause(run, hooks)
         is_resumed = False  # only the first node of a resumed run passes its interrupt_before
-        run.iteration += 1
-        run.current_node = name
-        step = plan[name]
+        run.iteration, run.current_node, step = run.iteration + 1, name, plan[name]
         if name not in contexts:
-            fork = hooks.fork if step.is_composite else None
-            contexts[name] = NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=name,
-                                         config=step.node.config, registry=registry, fork=fork)
-        ctx = contexts[name]
+            contexts[name] = NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=name, config=step.node.config,
+                                         registry=registry, fork=hooks.fork if step.is_composite else None)
         clock = time.perf_counter()
         try:
-            entry = await _run_node(run, step, registry, ctx, hooks.on_change, budget, clock)
+            entry = await _run_node(run, step, contexts[name], hooks.on_change, budget, clock)
         except asyncio.CancelledError:
-            event = LogEvent.TIMED_OUT if _stop_status(hooks.deadline) is RunStatus.TIMED_OUT else LogEvent.CANCELLED
-            run.logs.append(_interrupted(run, name, clock, event))
+            run.logs.append(_interrupted(run, name, clock, hooks.deadline))
             raise
-        _route(run, step, entry, budget)
+        if entry.event is not LogEvent.EXECUTED or step.branches:
+            _route(run, step, entry, budget)
         run.logs.append(entry)
         run.next_node = entry.next
         if entry.event is LogEvent.INTERRUPT:
             return _pause(run, hooks)
         if entry.event is LogEvent.ERROR and entry.next is None:
             return RunStatus.FAILED, entry.error
-        hooks.on_change(run)
+        if hooks.on_change.call is not None:  # report's test, inline: this runs on every step
+            hooks.on_change.call(run)
         if hooks.checkpoint is not None and entry.next is not None:  # a run's last step is saved with its end
             await hooks.checkpoint(run)
     return RunStatus.COMPLETED, None
 
 
 def _pause(run: RunContext, hooks: _Hooks) -> tuple[RunStatus, str | None]:
-    refusal = hooks.may_pause(run)
+    refusal = None if hooks.may_pause is None else hooks.may_pause(run)
     return (RunStatus.WAITING, None) if refusal is None else (RunStatus.FAILED, refusal)
 
 
-def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> LogEntry:
+def _interrupted(run: RunContext, name: str, clock: float, deadline: asyncio.Timeout | None) -> LogEntry:
+    event = LogEvent.TIMED_OUT if _stop_status(deadline) is RunStatus.TIMED_OUT else LogEvent.CANCELLED
     duration_ms = _ms_since(clock)
     started_at = _now() - timedelta(milliseconds=duration_ms)
     reason = "the run timed out" if event is LogEvent.TIMED_OUT else "the run was cancelled"
@@ -2026,75 +2030,72 @@ def _interrupted(run: RunContext, name: str, clock: float, event: LogEvent) -> L
 
 
 def _route(run: RunContext, step: NodePlan, entry: LogEntry, budget: "_DataBudget") -> None:
-    """Complete `entry` with the next node: a branch or the default after success, `on_error` after a failure."""
+    """Complete `entry`, unless it is a success and its node has no branches (its default next node is set): with
+    the branch taken after success, the node itself after an interrupt, `on_error` after a failure."""
     if entry.event is LogEvent.INTERRUPT:
         entry.next = entry.node  # a resume runs the node again
-        return
-    if entry.event is LogEvent.ERROR:
+    elif entry.event is LogEvent.ERROR:
         if step.on_error is not None:
             _recover(run, entry, step.on_error)
             budget.nested = _nested(run.state.data)
-        return
-    if not step.branches:
-        entry.next = step.default_next
-        return
-    try:
-        entry.next, entry.branch = _next_node(step, run.state, entry.node)
-    except _StepFailed as exc:
-        entry.event, entry.error = LogEvent.ERROR, str(exc)
+    else:
+        try:
+            entry.next, entry.branch = _next_node(step, run.state, entry.node)
+        except _StepFailed as exc:
+            entry.event, entry.error, entry.next = LogEvent.ERROR, str(exc), None
 
 
 async def _run_node(
-    run: RunContext, step: NodePlan, registry: Registry, ctx: NodeContext, on_change: OnChange,
-    budget: "_DataBudget", clock: float,
+    run: RunContext, step: NodePlan, ctx: NodeContext, on_change: ChangeHook, budget: "_DataBudget", clock: float,
 ) -> LogEntry:
-    """Call the node until an attempt succeeds or none are left; log each failed attempt that is retried.
-
-    Return the entry of the last attempt: `executed`, with its changes committed to the run, or `error`. `clock`
-    is when the step began (time.perf_counter()).
-    """
-    node, io, before, metadata = step.node, step.io, run.state.data, run.state.metadata
-    attempt = 1
+    """Call the node until an attempt succeeds or none are left, logging each failed one that is retried; return
+    the last one's entry: `executed` (its changes committed to the run, its next node the default), `error` or
+    `interrupt`. `clock` is when the step began (time.perf_counter())."""
+    node, io, before, metadata, attempt = step.node, step.io, run.state.data, run.state.metadata, 1
     while True:
-        # Each attempt works on copies of data and metadata, nested values too: whatever it changes in place, even
-        # from a worker thread that outlives its timeout, stays out of the run. The run takes only the checked
-        # copy of what changed, and drops every change to metadata (the caller's).
+        # Each attempt works on copies of data and metadata, nested values too: what it changes in place, even from a
+        # thread outliving its timeout, stays out of the run, which takes the checked copy of what changed in data only.
         working = WorkflowState(data=_private(before, budget.nested) if budget.nested else dict(before),
                                 metadata=_private(metadata, budget.nested_metadata) if metadata else {})
         started_at = datetime.now(UTC)
         try:
             if io is not None:
                 _check_reads(node.name, io, before)
-            awaitable = registry.call_node(step.function, working, ctx) if ctx.fork is None else ctx.fork(node, working)
+            awaitable = step.call(working, ctx)
             result = await (awaitable if node.timeout_s is None else _within(node, awaitable))
-            updates, keys = _changes(node.name, before, working.data, result)
+            updates, removed = _changes(node.name, before, working.data, result)
+            keys = (*updates, *removed)  # every changed key, removed last
             if io is not None:
                 _check_writes(node.name, io, updates, keys)
             omitted = budget.charge(node.name, updates, keys)
-        except Interrupt as interrupt:
-            return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.INTERRUPT, started_at=started_at,
-                            duration_ms=_ms_since(clock), error=interrupt.reason or None, attempt=attempt)
         except Exception as exc:  # a failing node is recorded, never raised
-            message = str(exc) if isinstance(exc, _StepFailed) else f"node {node.name!r} raised {_describe(exc)}"
-            entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.ERROR, started_at=started_at,
-                             duration_ms=_ms_since(clock), error=message, attempt=attempt)
-            if attempt >= node.retry.max_attempts:
+            entry = _failed(run, node, exc, started_at, clock, attempt)
+            if entry.event is not LogEvent.RETRY:
                 return entry
-            entry.event = LogEvent.RETRY
             run.logs.append(entry)
-            on_change(run)
+            on_change.report(run)
             await asyncio.sleep(node.retry.delay_s(attempt))
             attempt, clock = attempt + 1, time.perf_counter()
             continue
-        if keys:
-            run.state.data = _applied(before, updates, keys)
-        duration_ms = (time.perf_counter() - clock) * 1000
-        entry = LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
-                         duration_ms=duration_ms, keys_changed=keys, updates=updates, attempt=attempt)
-        if omitted:
-            entry.updates = {key: value for key, value in updates.items() if key not in omitted}
-            entry.updates_omitted = omitted
-        return entry
+        if keys:  # the run's next data: `before` with the updates, less the keys the node removed
+            data = run.state.data = {**before, **updates}
+            for key in removed:
+                del data[key]
+        logged = {key: value for key, value in updates.items() if key not in omitted} if omitted else updates
+        return LogEntry(iteration=run.iteration, node=node.name, event=LogEvent.EXECUTED, started_at=started_at,
+                        duration_ms=(time.perf_counter() - clock) * 1000, keys_changed=keys, updates=logged,
+                        next=step.default_next, attempt=attempt, updates_omitted=omitted)
+
+
+def _failed(run: RunContext, node: NodeDef, exc: Exception, started: datetime, clock: float, attempt: int) -> LogEntry:
+    """The entry of a failed attempt: `interrupt` for an Interrupt, else `retry` while attempts are left, `error`."""
+    if isinstance(exc, Interrupt):
+        event, error = LogEvent.INTERRUPT, exc.reason or None
+    else:
+        event = LogEvent.RETRY if attempt < node.retry.max_attempts else LogEvent.ERROR
+        error = str(exc) if isinstance(exc, _StepFailed) else f"node {node.name!r} raised {_describe(exc)}"
+    return LogEntry(iteration=run.iteration, node=node.name, event=event, started_at=started,
+                    duration_ms=_ms_since(clock), error=error, attempt=attempt)
 
 
 def _private(values: dict[str, Any], nested: dict[str, bool]) -> dict[str, Any]:
@@ -2114,15 +2115,6 @@ def _private(values: dict[str, Any], nested: dict[str, bool]) -> dict[str, Any]:
     if deep:
         copy.update(marshal.loads(marshal.dumps(deep)))
     return copy
-
-
-def _applied(before: dict[str, Any], updates: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """The run's next data: a copy of `before` with `updates`, less the other `keys` (those the node removed)."""
-    data = {**before, **updates}
-    for key in keys:
-        if key not in updates:
-            del data[key]
-    return data
 
 
 def _check_reads(name: str, io: NodeIO, data: dict[str, Any]) -> None:
@@ -2145,6 +2137,8 @@ def _check_writes(name: str, io: NodeIO, updates: dict[str, Any], keys: tuple[st
 
 _FLAT_ITEMS = frozenset({str, int, float, bool, type(None)})  # a container of only these needs no deep copy
 _Measure = tuple[object, int, bool | None]  # a value, its size, and (a container) whether it holds containers
+# One encoder for every measure (json.dumps builds one per call); its spaced separators count, as they always have.
+_SIZE_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 class _DataBudget:
@@ -2178,31 +2172,32 @@ class _DataBudget:
 
         Return the keys whose new values the log leaves out, having counted those it keeps.
         """
-        total, logged, counted, is_nested = self.total, 0, {}, False
+        sizes, total, logged, previous, is_nested = self.sizes, self.total, 0, {}, False
         for key in keys:  # a plain loop with no calls for scalars: this runs on every step
             value = updates[key] if key in updates else _MISSING
             kind = type(value)
             is_container = kind is dict or kind is list
             size = len(value) + 2 if kind is str else 0 if value is _MISSING else (
                 _json_size(value) if is_container else 8)
-            total += size - (self.sizes[key] if key in self.sizes else 0)
+            previous[key] = sizes[key] if key in sizes else 0  # a key counts 0 while the data does not hold it
+            total += size - previous[key]
             logged += size
-            counted[key] = size
+            sizes[key] = size
             is_nested = is_nested or is_container
         if total > self.limit:
+            sizes.update(previous)  # the step fails: it counts nothing
             raise _StepFailed(f"node {name!r} took the run's data to about {total} bytes, over its limit of {self.limit}")
         self.total = total
-        self.sizes.update(counted)
         if is_nested or self.nested:  # only data that holds containers pays for tracking them
-            self.nested = {key: is_deep for key, is_deep in self.nested.items() if key not in counted}
+            self.nested = {key: is_deep for key, is_deep in self.nested.items() if key not in previous}
             self.nested.update(_nested(updates))
         if self.logged + logged <= self.log_limit:
             self.logged += logged
             return ()
         omitted = []
-        for key, size in counted.items():  # a removed key counts 0, so it always fits
-            if self.logged + size <= self.log_limit:
-                self.logged += size
+        for key in keys:  # a removed key counts 0, so it always fits
+            if self.logged + sizes[key] <= self.log_limit:
+                self.logged += sizes[key]
             else:
                 omitted.append(key)
         return tuple(omitted)
@@ -2211,7 +2206,7 @@ class _DataBudget:
 def _json_size(value: object) -> int:
     if type(value) is str:
         return len(value) + 2
-    return 8 if type(value) in _PLAIN_SCALARS or type(value) is float else len(json.dumps(value, ensure_ascii=False))
+    return 8 if type(value) in _PLAIN_SCALARS or type(value) is float else len(_SIZE_ENCODER.encode(value))
 
 
 def _nested(values: dict[str, Any]) -> dict[str, bool]:
@@ -2248,7 +2243,7 @@ _MISSING = object()
 
 
 def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: object) -> tuple[dict, tuple[str, ...]]:
-    """Return a step's changes: checked copies of the changed keys' new values, and every changed key (removed last).
+    """Return a step's changes: checked copies of the changed keys' new values, and the keys removed.
 
     A key changed if the node returned it, or bound, rebound, removed or changed in place its value in `data`, the
     node's own copy of `before`; a new value of the same type that compares equal to the old one is no change.
@@ -2273,7 +2268,7 @@ def _changes(name: str, before: dict[str, Any], data: dict[str, Any], result: ob
         updates = _copy_json(changed)
     except InvalidValue as exc:
         raise _StepFailed(f"node {name!r} wrote data that is not JSON: {exc}") from None
-    return updates, (*updates, *removed)
+    return updates, removed
 
 
 def _next_node(step: NodePlan, state: WorkflowState, name: str) -> tuple[str | None, str | None]:
@@ -2323,7 +2318,7 @@ class _Fork:
     root: RunContext  # the run whose log and branch_results hold every branch, however deep
     branches: Branches
     registry: Registry
-    on_change: OnChange
+    on_change: ChangeHook
     checkpoint: Checkpoint | None
     prefix: str = ""  # where the forking step runs: "" in the run itself, "outer[2]/" in a branch of node outer
     saves: _Saves = attrs.field(factory=_Saves)
@@ -2427,19 +2422,19 @@ class _Fork:
                                max_iterations=graph.max_iterations or self.branches.max_iterations,
                                max_state_bytes=self.root.max_state_bytes, max_log_bytes=log_share,
                                state=WorkflowState(data=start, metadata=self.root.state.metadata), created_at=_now())
-            adopt = functools.partial(self._adopt, key=key)
+            adopt = ChangeHook(functools.partial(self._adopt, key=key))
             fork = attrs.evolve(self, prefix=f"{key}/")
             try:
                 status, error = await _drive(child, graph, self.registry, _Hooks(adopt, None, None, _branch_pause, fork),
                                              False, _DataBudget(child, known))
             finally:
-                adopt(child)
+                adopt.report(child)
             if status is RunStatus.STOPPED_MAX_ITERATIONS:
                 error = f"it stopped at its graph's max_iterations ({child.max_iterations})"
             if status is not RunStatus.COMPLETED:
                 raise _BranchFailed(f"branch {key} failed: {error}")
-            updates, keys = _changes(key, start, child.state.data, None)
-            self.root.branch_results[key] = BranchResult(updates=updates, removed=keys[len(updates):])
+            updates, removed = _changes(key, start, child.state.data, None)
+            self.root.branch_results[key] = BranchResult(updates=updates, removed=removed)
             await self._save()
 
     def _adopt(self, child: RunContext, key: str) -> None:
@@ -2450,7 +2445,7 @@ class _Fork:
                 entry.error = f"the branch was cancelled during node {entry.node!r}"
         self.root.logs += child.logs
         child.logs.clear()
-        self.on_change(self.root)
+        self.on_change.report(self.root)
 
     async def _save(self) -> None:
         saves = self.saves
@@ -4306,8 +4301,9 @@ async def _stored(metrics: Metrics, run_id: str, write: Awaitable[T]) -> T:
         raise StoreUnavailable(run_id, exc) from exc
 
 
-@attrs.define(eq=False)
-class _ActiveRun:
+# As the runner's ChangeHook, its `call` is `notify` while something needs the run's changes (see notify).
+@attrs.define(eq=False, kw_only=True)
+class _ActiveRun(ChangeHook):
     run: RunContext
     graph: GraphDefinition
     expected: RunStatus | None  # the stored status the task claims the run from; None for a new run
@@ -4327,8 +4323,7 @@ class _ActiveRun:
     started: int = -1  # where in the run's history it moved to running here (see count_start); -1 until then
     is_cancel_requested: bool = False
     has_slot: bool = False  # whether the run holds one of the engine's max_concurrent_runs execution slots
-    # Whether the server log takes the run's progress (debug), asked once per run rather than at every step.
-    is_logging: bool = attrs.field(factory=lambda: logger.isEnabledFor(logging.DEBUG))
+    is_logging: bool = False  # the server log takes the run's progress (debug): asked once per run, not per step
 
     def cancel(self) -> None:
         """Cancel the run's task, unless it is in its first or last save: those are never cut short."""
@@ -4338,7 +4333,8 @@ class _ActiveRun:
             self.cancels += 1
 
     def notify(self, run: RunContext) -> None:
-        """Wake the run's streams (the runner's on_change) and log its progress."""
+        """Wake the run's streams, count its start and log its progress (the runner's on_change, while set); unset
+        the hook once nothing needs the next change: a stream sets it again (see _events)."""
         if self.changed is not None:
             self.changed.set()
             self.changed = None
@@ -4346,6 +4342,8 @@ class _ActiveRun:
             self.started = self.metrics.count_start(run)
         if self.is_logging:
             self.log_progress()
+        elif self.started >= 0:
+            self.call = None
 
     def log_progress(self) -> None:
         """Log the run's start and each of its new steps (debug), with fields a log store can index."""
@@ -4768,7 +4766,9 @@ class Engine:
 
     def _new_active(self, run: RunContext, graph: GraphDefinition, expected: RunStatus | None,
                     saved_logs: int) -> _ActiveRun:
-        active = _ActiveRun(run=run, graph=graph, expected=expected, saved_logs=saved_logs, metrics=self.metrics)
+        active = _ActiveRun(run=run, graph=graph, expected=expected, saved_logs=saved_logs, metrics=self.metrics,
+                            is_logging=logger.isEnabledFor(logging.DEBUG))
+        active.call = active.notify  # until its start is counted
         self._active[run.run_id] = active
         return active
 
@@ -4786,11 +4786,8 @@ class Engine:
         await asyncio.wait(stopped, timeout=timeout_s)
 
     async def _execute(self, active: _ActiveRun) -> None:
-        """Claim the run (unless it is claimed), execute it and save it, then release its record.
-
-        A CancelledError that `active.cancel` caused ends here once the run is saved; any other (the caller's, for
-        a run its task executes) propagates after that.
-        """
+        """Claim the run (unless it is claimed), execute and save it, release its record. A CancelledError that
+        `active.cancel` caused ends here once the run is saved; any other (the caller's) propagates after that."""
         run = active.run
         if active.lease is None and not await self._claim(active):
             return
@@ -4806,7 +4803,7 @@ class Engine:
                     await self._slots.acquire()
                     active.has_slot = True
                 checkpoint = functools.partial(self._save, active) if self.store.is_durable else None
-                await execute_run(run, active.graph, self.registry, on_change=active.notify,
+                await execute_run(run, active.graph, self.registry, on_change=active,
                                   checkpoint=checkpoint, may_pause=self._may_pause, branches=self._branches)
         except asyncio.CancelledError:  # the runner recorded it, or the finally below does for a run not started
             task = asyncio.current_task()
@@ -4825,18 +4822,7 @@ class Engine:
             if run.status.is_active:
                 move_run(run, RunStatus.FAILED, "internal error; see the server log")
         finally:
-            if run.status.is_active:
-                move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
-            if active.failure is None:  # a lost lease leaves the run to its new owner
-                await self._save_last(active, is_logged)
-            self.metrics.count_stop(run, active.started, is_lost=isinstance(active.failure, LeaseLost))
-            if run.webhook is not None and active.failure is None:
-                self._deliver_soon()
-            self._release(active)
-            active.notify(run)
-            self._wake.set()  # a slot came free
-            if logger.isEnabledFor(logging.INFO):
-                active.log_end()
+            await self._finish(active, is_logged)
         if is_cancelled:
             raise asyncio.CancelledError
 
@@ -4884,14 +4870,27 @@ class Engine:
                                                                     self.settings.lease_s))
         active.saved_logs = len(run.logs)
 
-    async def _save_last(self, active: _ActiveRun, is_logged: bool) -> None:
+    async def _finish(self, active: _ActiveRun, is_logged: bool) -> None:
+        """Save the run's last state (a lost lease leaves it to its new owner), count it, release its record and
+        tell who waits. `is_logged`: the run's failure is in the server log already."""
+        run = active.run
+        if run.status.is_active:
+            move_run(run, RunStatus.CANCELLED, "the run was cancelled before it started")
         try:
-            await self._save(active, active.run)
+            if active.failure is None:
+                await self._save(active, run)
         except EngineError as exc:
             active.failure = exc
             if not is_logged:
-                logger.error("run %s: its last state (%s) was not saved: %s", active.run.run_id,
-                             active.run.status.value, exc.message)
+                logger.error("run %s: its last state (%s) was not saved: %s", run.run_id, run.status.value, exc.message)
+        self.metrics.count_stop(run, active.started, is_lost=isinstance(active.failure, LeaseLost))
+        if run.webhook is not None and active.failure is None:
+            self._deliver_soon()
+        self._release(active)
+        active.report(run)
+        self._wake.set()  # a slot came free
+        if logger.isEnabledFor(logging.INFO):
+            active.log_end()
 
     async def _work(self) -> None:
         """With a shared store: claim queued runs while there is room, and on every heartbeat renew leases, cancel
@@ -5099,6 +5098,7 @@ class Engine:
             changed = None
             if active is not None and run.status.is_active:
                 changed = active.changed = active.changed or asyncio.Event()
+                active.call = active.notify  # until that change: see notify
             sent = False
             for event in run_events(run, after):
                 after, sent = event.id, True
