@@ -3295,7 +3295,7 @@ async def test_sqlite_writer_thread_frees_its_turn_before_its_callers_go_on(
     schedule = loop.call_soon_threadsafe
 
     def recording(callback: Callable[..., Any], *args: Any) -> Any:
-        if callback is we._settle:
+        if callback == store._settle:
             turns.append(store._is_draining)
         return schedule(callback, *args)
 
@@ -3336,6 +3336,57 @@ async def test_sqlite_small_writes_of_concurrent_runs_share_one_transaction_on_t
         4, ["BEGIN"] + ["SAVEPOINT", "ROLLBACK"] + ["SAVEPOINT"] * 4 + ["COMMIT"])
     assert [store.get_run(run.run_id) for run in runs] == runs
     store.close()
+
+
+async def test_sqlite_small_write_of_a_task_that_wrote_alone_commits_at_once(tmp_path: Path) -> None:
+    """A task new to the store waits for the end of the turn (other tasks may write in it too); once a write of its
+    own was alone in its transaction, its next small write commits at once: the coroutine ends at its first step,
+    without a turn of the event loop."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    here = traced(store._here)
+    run = we.new_run(we.GraphDefinition(graph_id="g", start_node="a", nodes=("a",)), we.WorkflowState())
+    we.move_run(run, we.RunStatus.RUNNING)
+    claiming = store.claim_run(run, None, "here")
+    waiting = claiming.send(None)  # stepped by hand: the claim waits for the end of the turn
+    assert (isinstance(waiting, asyncio.Future), waiting.done(), here) == (True, False, [])
+    await asyncio.sleep(0)  # the turn ends: the claim commits
+    with pytest.raises(StopIteration) as claimed:
+        claiming.send(None)
+    we.move_run(run, we.RunStatus.COMPLETED)
+    saving = store.save_run(run, claimed.value.value)
+    with pytest.raises(StopIteration):
+        saving.send(None)  # committed at once
+    assert ([statement.split()[0] for statement in here if statement.startswith(("BEGIN", "COMMIT"))],
+            store.get_run(run.run_id)) == (["BEGIN", "COMMIT"] * 2, run)
+    store.close()
+
+
+async def test_sqlite_concurrent_runs_share_each_steps_transaction_and_a_lone_run_takes_one_per_write(
+        tmp_path: Path, registry: we.Registry) -> None:
+    """Eight runs started in one turn share a transaction for their claims, then one for each step's checkpoints
+    (none of them wrote alone); a run alone takes one per write, as one at once does."""
+    store = we.SqliteStore(tmp_path / "runs.db")
+    engine = we.Engine(registry, store)
+    await engine.create_graph(we.GraphDefinition(graph_id="g", start_node="inc", nodes=("inc",), edges={
+        "inc": we.EdgeDef(branches=(we.BranchCondition(condition="below_three", target="inc"),))}))
+    await engine.run("g")  # the worker started, its first heartbeat sent
+    batches: list[list[str]] = []
+    apply_all = store._apply_all
+
+    def recording(db: Any, batch: list[Any]) -> None:  # every transaction of writes, on either thread
+        names = [write.fn.__name__ for write in batch if write.fn.__name__ != "_heartbeat"]
+        batches.extend([names] if names else [])
+        apply_all(db, batch)
+
+    store._apply_all = recording  # type: ignore[method-assign]
+    runs = await asyncio.gather(*(engine.run("g", we.WorkflowState(data={"value": value})) for value in range(8)))
+    concurrent, batches[:] = list(batches), []
+    lone = [await engine.run("g", we.WorkflowState(data={"value": value})) for value in range(2)]
+    assert [(run.status, run.state.data) for run in runs + lone] == [
+        (we.RunStatus.COMPLETED, {"value": value, "count": 3}) for value in [*range(8), *range(2)]]
+    assert (concurrent, batches) == ([["_claim"] * 8] + [["_save"] * 8] * 3, [["_claim"], ["_save"], ["_save"],
+                                                                             ["_save"]] * 2)
+    await engine.shutdown()
 
 
 async def test_sqlite_small_write_waits_for_the_writer_thread_while_another_process_writes(tmp_path: Path) -> None:

@@ -201,8 +201,7 @@ STREAM_KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so
 STREAM_POLL_S = 0.25  # how often a stream without notifications (SQLite) checks a run another process executes
 CANCEL_POLL_S = 0.05  # how often a cancel of a run on another server checks whether it has stopped
 SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's write to finish
-HERE_CHECKPOINT_COMMITS = 200  # SQLite: commits on the caller's thread between two WAL checkpoints of the writer's
-# (a trivial run's commit adds about 20 KB to the WAL: some 4 MB between checkpoints, as SQLite's own default)
+HERE_CHECKPOINT_COMMITS = 200  # SQLite: commits on the caller's thread between WAL checkpoints (~4 MB, as SQLite's)
 MAX_PAGE = 1_000  # most items one list request returns
 MAX_NODES = 1_000  # nodes in one graph
 MAX_BRANCHES = 100  # branches on one edge
@@ -3148,20 +3147,10 @@ class _Write:
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
     is_progress: bool  # see SqlStore._write
+    task: "asyncio.Task[Any] | None" = attrs.field(factory=asyncio.current_task)  # the caller's, as it writes
     has_failed: bool = False  # in a batch applied without savepoints on the caller's thread (see SqlStore._commit)
     result: Any = None
     error: Exception | None = None
-
-
-def _settle(writes: list[_Write]) -> None:
-    """Resolve the callers' futures of a committed (or failed) batch, on their event loop."""
-    for write in writes:
-        if write.future.cancelled():
-            continue
-        if write.error is None:
-            write.future.set_result(write.result)
-        else:
-            write.future.set_exception(write.error)
 
 
 class _WriteFailed(Exception):
@@ -3203,6 +3192,7 @@ class SqlStore:
         self._here: Any = None  # SqliteStore's, for small writes on the caller's thread (see _commit_here)
         self._gathered: list[_Write] = []  # small writes for the caller's thread's next transaction
         self._here_commits = 0
+        self._alone: asyncio.Task | None = None  # whose write was the last transaction's only one (see _write)
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workflow-encode")  # started when used
         # The converter's hook for a run without the log, which the logs table holds (a checkpoint every step).
         self._unstructure_head = make_dict_unstructure_fn(RunContext, converter, logs=override(omit=True),
@@ -3492,8 +3482,10 @@ class SqlStore:
         """Return `fn(db, *args)`, called in a transaction that commits before this returns.
 
         Group commit: writes that arrive together share a transaction (see _commit). Small ones (a few rows of
-        little data) wait for the end of this turn of the event loop and commit with the turn's others, on the
-        caller's thread if there is a connection for it (see _commit_here); the others go to the writer thread.
+        little data) commit on the caller's thread if there is a connection for it (see _commit_here), others on
+        the writer thread. A small write waits for the end of this turn of the event loop to share it with the
+        turn's others (a task that has not written alone, a run starting say, may be one of several), but commits
+        at once if none is gathered and its task's last write was alone in its transaction.
 
         `is_progress` marks a write that no client's answer waits for (an active run's checkpoint, a heartbeat): a
         transaction of such writes only may commit without waiting for the disk (see PostgresStore._begin).
@@ -3502,11 +3494,21 @@ class SqlStore:
         write = _Write(fn=fn, args=args, future=loop.create_future(), is_progress=is_progress)
         if is_small and self._here is not None:
             self._gathered.append(write)
-            if len(self._gathered) == 1:
+            if len(self._gathered) == 1 and write.task is self._alone:
+                self._commit_here()  # answered before the await below, which then does not yield
+            elif len(self._gathered) == 1:
                 loop.call_soon(self._commit_here)
         else:
             self._hand_over([write])
         return await write.future
+
+    def _settle(self, writes: list[_Write]) -> None:  # a committed (or failed) batch's, on its callers' loop
+        self._alone = writes[0].task if len(writes) == 1 else None
+        for write in (write for write in writes if not write.future.cancelled()):
+            if write.error is None:
+                write.future.set_result(write.result)
+            else:
+                write.future.set_exception(write.error)
 
     def _hand_over(self, writes: list[_Write]) -> None:
         with self._pending_lock:
@@ -3516,11 +3518,10 @@ class SqlStore:
             self._thread.submit(self._drain)
 
     def _commit_here(self) -> None:
-        """Commit the gathered writes on the caller's thread if the writer thread is idle and the database's write
-        lock free at once (a hop to the writer thread and back costs several times a small SQLite transaction);
-        else, or if one of them fails (see _commit), hand them to the writer thread. This never waits: the busy
-        timeout is zero, and WAL checkpoints (which sync the disk) are the writer thread's, every
-        HERE_CHECKPOINT_COMMITS commits, while this thread's writes wait for it."""
+        """Commit the gathered writes on the caller's thread if the writer thread is idle and the write lock free
+        at once (a hop to the writer thread and back costs several times a small SQLite transaction); else, or if
+        one fails (see _commit), hand them to the writer thread. This never waits: the busy timeout is zero, and
+        the writer thread checkpoints the WAL (a disk sync) every HERE_CHECKPOINT_COMMITS commits, alone."""
         batch, self._gathered = [write for write in self._gathered if not write.future.cancelled()], []
         with self._pending_lock:
             is_turn, self._is_draining = not self._is_draining, True  # the writer's turn is this thread's
@@ -3543,13 +3544,12 @@ class SqlStore:
                 self._is_draining = is_busy = is_checkpoint or bool(self._pending)
             if is_busy:
                 self._thread.submit(self._drain, is_checkpoint)
-        (_settle if is_done else self._hand_over)(batch)
+        (self._settle if is_done else self._hand_over)(batch)
 
     def _drain(self, is_checkpoint: bool = False) -> None:
         # On the writer thread: checkpoint if asked to (see _commit_here), then commit batches until no write waits.
-        if is_checkpoint:
-            with contextlib.suppress(Exception):  # SqliteStore._checkpoint logs its failures; the writes go on
-                self._checkpoint()
+        if is_checkpoint:  # SqliteStore._checkpoint logs its failures; the writes go on
+            self._checkpoint()
         is_more = True
         while is_more:
             with self._pending_lock:
@@ -3562,7 +3562,7 @@ class SqlStore:
                 self._is_draining = is_more = bool(self._pending)
             for loop, writes in itertools.groupby(batch, key=lambda write: write.future.get_loop()):
                 with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone
-                    loop.call_soon_threadsafe(_settle, list(writes))
+                    loop.call_soon_threadsafe(self._settle, list(writes))
 
     def _commit(self, batch: list["_Write"]) -> None:
         # One transaction, the writes one after another. If one of several raises (a lost lease, a conflict), the
@@ -3930,7 +3930,7 @@ class SqliteStore(SqlStore):
         complete checkpoint lets the next write start the WAL file over."""
         try:
             self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:  # the next one may succeed; meanwhile the WAL grows
+        except Exception as exc:  # the next one may succeed; meanwhile the WAL grows
             logger.warning("SQLite checkpoint of %s failed: %s", self.path, exc)
 
 
