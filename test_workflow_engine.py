@@ -5624,6 +5624,11 @@ def test_bench_cpu_time_of_a_process_grows_as_it_works() -> None:
     assert bench.cpu_ns(2**22 + 1) is None  # above Linux's largest pid: no such process
 
 
+def test_bench_tenths_compares_the_median_of_the_last_tenth_with_the_first() -> None:
+    assert bench._tenths([10.0, 30.0, 20.0] + [99.0] * 24 + [40.0, 25.0, 50.0]) == 40.0 / 20.0  # 30 values: 3 each
+    assert bench._tenths([10.0, 99.0, 15.0]) == 1.5  # fewer than ten: one value each
+
+
 def test_bench_http_figures_over_rounds_add_counts_and_take_medians() -> None:
     def load(rps: float, p99: float, cpu: float | None) -> dict[str, Any]:
         return {"connections": 16, "seconds": 1.0, "requests": int(rps), "errors": 1, "rps": rps, "p50_ms": rps / 1000,
@@ -5728,11 +5733,13 @@ def check_bench_store_row(row: dict[str, Any], bare: list[dict[str, Any]], reque
 def check_bench_sqlite_figures(sqlite: dict[str, Any]) -> None:
     """SQLite filling up (every run completed, the file at its bound) and the synchronous settings' cases."""
     fill = sqlite["fill"]
-    assert fill.keys() == {"runs", "chunk", "chunks_runs_per_s", "first_runs_per_s", "last_runs_per_s",
+    assert fill.keys() == {"runs", "chunk", "chunks_runs_per_s", "chunks_cpu_us_per_run", "first_runs_per_s",
+                           "last_runs_per_s",
                            "last_share_of_first", "max_runs", "runs_stored", "not_completed"}
     assert (fill["runs"], fill["chunk"], fill["max_runs"]) == (400, 100, 400) == (
         bench.QUICK.fill_runs, bench.QUICK.fill_chunk, bench.QUICK.fill_runs)
     assert (len(fill["chunks_runs_per_s"]), fill["runs_stored"], fill["not_completed"]) == (4, 400, 0)
+    assert len(fill["chunks_cpu_us_per_run"]) == 4 and all(us > 0 for us in fill["chunks_cpu_us_per_run"])
     rates = fill["chunks_runs_per_s"]
     assert (fill["first_runs_per_s"], fill["last_runs_per_s"], fill["last_share_of_first"]) == (
         rates[0], rates[-1], rates[-1] / rates[0])
@@ -5805,6 +5812,10 @@ def test_bench_stores_quick_through_memory_and_sqlite(tmp_path: Path, capsys: py
     rates = " ".join(f"{rate:.0f}" for rate in stores["sqlite"]["fill"]["chunks_runs_per_s"])
     assert (f"  sqlite filling up, 400 runs one after another into a file with max_runs = 400, runs/s per 100: "
             f"{rates}") in out.splitlines()
+    cpu = stores["sqlite"]["fill"]["chunks_cpu_us_per_run"]
+    assert (f"  sqlite filling up, CPU µs per run per 100: {' '.join(f'{us:.0f}' for us in cpu)}; last against first "
+            f"{cpu[-1] / cpu[0]:.2f}x, median of the last tenth against the first tenth {cpu[-1] / cpu[0]:.2f}x  "
+            "(for information)") in out.splitlines()  # 4 chunks: a tenth is one
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("  sqlite synchronous")] == [
         "  sqlite synchronous, 1 run at a time", "  sqlite synchronous, 16 runs at a time"]
 

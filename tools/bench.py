@@ -1285,20 +1285,22 @@ async def _runs(we: ModuleType, engine: Any, count: int) -> int:
 
 
 async def sqlite_fill(we: ModuleType, path: Path, profile: Profile) -> dict[str, Any]:
-    """Fill a new SQLite file whose bound is the run count, one run after another: runs/s of each chunk."""
+    """Fill a new SQLite file whose bound is the run count, one run after another: runs/s of each chunk, and the
+    process's CPU time per run (every thread's; another process's load moves it far less than runs/s)."""
     engine = we.Engine(bench_registry(we), we.SqliteStore(path, max_runs=profile.fill_runs))
-    rates, not_completed = [], 0
+    rates, cpu_us, not_completed = [], [], 0
     try:
         await engine.create_graph(bench_graph(we))
         for _ in range(profile.fill_runs // profile.fill_chunk):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             not_completed += await _runs(we, engine, profile.fill_chunk)
             rates.append(profile.fill_chunk / (time.perf_counter() - started))
+            cpu_us.append((time.process_time() - cpu_started) * 1e6 / profile.fill_chunk)
         stored = engine.store.counts()[1]
     finally:
         await engine.shutdown()
     return {"runs": len(rates) * profile.fill_chunk, "chunk": profile.fill_chunk, "chunks_runs_per_s": rates,
-            "first_runs_per_s": rates[0], "last_runs_per_s": rates[-1], "last_share_of_first": rates[-1] / rates[0],
+            "chunks_cpu_us_per_run": cpu_us, "first_runs_per_s": rates[0], "last_runs_per_s": rates[-1], "last_share_of_first": rates[-1] / rates[0],
             "max_runs": profile.fill_runs, "runs_stored": stored, "not_completed": not_completed}
 
 
@@ -1493,12 +1495,22 @@ def traffic_line(store: str, figures: dict[str, Any]) -> str:
             + ("" if trips is None else f", {trips:.1f} round trips to the server"))
 
 
+def _tenths(values: list[float]) -> float:
+    """The median of the last tenth of `values` (at least one) against the median of the first tenth."""
+    tenth = max(1, len(values) // 10)
+    return statistics.median(values[-tenth:]) / statistics.median(values[:tenth])
+
+
 def print_sqlite_figures(sqlite: dict[str, Any]) -> None:
     """Print SQLite filling up, chunk by chunk, and what each synchronous setting costs."""
     fill = sqlite["fill"]
     rates = " ".join(f"{rate:.0f}" for rate in fill["chunks_runs_per_s"])
     print(f"  sqlite filling up, {fill['runs']:,} runs one after another into a file with max_runs = {fill['max_runs']:,},"
           f" runs/s per {fill['chunk']:,}: {rates}")
+    cpu = fill["chunks_cpu_us_per_run"]
+    print(f"  sqlite filling up, CPU µs per run per {fill['chunk']:,}: {' '.join(f'{us:.0f}' for us in cpu)}; last "
+          f"against first {cpu[-1] / cpu[0]:.2f}x, median of the last tenth against the first tenth "
+          f"{_tenths(cpu):.2f}x  (for information)")
     cases = {(case["synchronous"], case["concurrency"]): case["runs_per_s"] for case in sqlite["synchronous"]}
     for concurrency in SYNC_CONCURRENCY:
         normal, full = cases[SYNC_MODES[0], concurrency], cases[SYNC_MODES[1], concurrency]
