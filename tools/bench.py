@@ -28,8 +28,9 @@ stores  Trivial runs (the engine loop with N = 1: five steps) through the memory
         For the SQL stores, what one run costs them: writes, those through the writer thread, transactions, and
         PostgreSQL's round trips (counted by a relay between the store and the server).
         Then SQLite filling up: --fill N runs one after another into a file with max_runs = N, runs/s of the
-        last chunk against the first (default 10,000; issue 14 asks for 100,000), and what PRAGMA synchronous
-        FULL costs against NORMAL (the store's setting), one run at a time and 16 at once.
+        last chunk against the first (default 10,000; issue 14 asks for 100,000) and, for information, the
+        process's CPU time per run of each chunk (which another process's load moves far less); and what PRAGMA
+        synchronous FULL costs against NORMAL (the store's setting), one run at a time and 16 at once.
         PostgreSQL only with --postgres-url (default $WORKFLOW_TEST_POSTGRES_URL): a server on which the bench
         creates databases of its own and drops them afterwards; without one its row says it was skipped.
 fanout  A `map` node over 1,000 items (200 with --quick) of a one-node trivial graph (E: i += 1), with the default
