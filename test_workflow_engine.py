@@ -2615,6 +2615,26 @@ async def test_a_failing_last_save_answers_503_and_reports_what_the_store_holds(
     assert server_errors(caplog) == [f"run {run_id}: its last state (completed) was not saved: {message}"]
 
 
+async def test_a_failing_last_save_is_raised_to_early_and_late_waiters_alike(registry: we.Registry) -> None:
+    """Engine.wait raises the failure a run stopped with, whether it began waiting before or after the run stopped."""
+    store = HeldStore(durable=True)
+    store.fail = lambda run: OSError(28, "No space left on device") if not run.status.is_active else None
+    engine, gates["last"] = we.Engine(registry, store), Gate()
+    run = await engine.start(we.GraphDefinition(graph_id="w", start_node="gate", nodes=("gate",)),
+                             we.WorkflowState(metadata={"gate": "last"}))
+    await gates["last"].entered.wait()
+    early = asyncio.create_task(engine.wait(run))
+    gates["last"].opened.set()
+    outcomes = [await asyncio.gather(early, return_exceptions=True), await asyncio.gather(engine.wait(run),
+                                                                                           return_exceptions=True)]
+    other = await engine.wait(we.RunContext(run_id=run.run_id, graph_id="w", state=we.WorkflowState(),
+                                            created_at=run.created_at))  # another record of the run: not this one
+    await engine.shutdown()
+    message = f"the store could not save run '{run.run_id}': OSError: [Errno 28] No space left on device"
+    assert [(type(error), error.message) for [error] in outcomes] == [(we.StoreUnavailable, message)] * 2
+    assert (run.status, other.status) == (we.RunStatus.COMPLETED, we.RunStatus.PENDING)
+
+
 async def test_a_failing_first_save_refuses_the_run(registry: we.Registry) -> None:
     store = HeldStore()
     store.fail = lambda run: OSError(28, "No space left on device")
@@ -3045,6 +3065,8 @@ async def test_sqlite_worker_that_lost_its_lease_changes_nothing(
     with pytest.raises(we.LeaseLost, match="is now owned by another worker"):
         await first.wait(run)
     gates["lost"].opened.set()
+    with pytest.raises(we.LeaseLost, match="is now owned by another worker"):  # a waiter once it was released
+        await first.wait(run)
     after = first.store.get_run_json(run.run_id)
     await first.shutdown()
     assert (run.status, json.loads(after)["status"]) == (we.RunStatus.CANCELLED, "running")  # the first's, unsaved

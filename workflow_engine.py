@@ -55,6 +55,7 @@ import time
 import types
 import typing
 import urllib.parse
+import weakref
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -4402,6 +4403,8 @@ class Engine:
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_runs)  # first come, first served
         self._room = self.settings.max_concurrent_runs + self.settings.max_pending_runs  # runs this engine holds
         self._active: dict[str, _ActiveRun] = {}  # the runs this engine executes, by run id
+        # The failures released runs stopped with, for a late `wait`: by id(record), each dropped with its record.
+        self._failures: dict[int, tuple[weakref.ref[RunContext], EngineError]] = {}
         self._draining: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None  # with a shared store: claims queued runs, keeps leases
         self._sweeper: asyncio.Task[None] | None = None  # deletes expired runs and idempotency keys
@@ -4553,10 +4556,13 @@ class Engine:
         return await self.start(graph, state, max_iterations=max_iterations, timeout_s=timeout_s, wait=True)
 
     async def wait(self, run: RunContext) -> RunContext:
-        """Wait until the run stops and its record is saved; return it (raise StoreUnavailable if that save failed)."""
+        """Wait until the run stops and its record is saved; return it. Raise what the run stopped with, before or
+        after the wait began: StoreUnavailable if its last save failed, LeaseLost if another worker took it over."""
         active = self._active.get(run.run_id)
         if active is not None and active.run is run:
             await self._stopped(active)
+        if (failed := self._failures.get(id(run))) is not None and failed[0]() is run:
+            raise failed[1]
         return run
 
     async def once(self, key: IdempotencyKey | None, run_id: str, wait: bool,
@@ -4860,6 +4866,11 @@ class Engine:
         if active.has_slot:  # held until the run's last save, like its record
             self._slots.release()
         del self._active[active.run.run_id]
+        if active.failure is not None:
+            key = id(active.run)
+            self._failures[key] = (weakref.ref(active.run, lambda _: self._failures.pop(key, None)), active.failure)
+        elif self._failures:  # the record was executed again, and stopped well this time
+            self._failures.pop(id(active.run), None)
         if active.stopped is not None:
             active.stopped.set_result(None)
 
