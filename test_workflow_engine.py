@@ -850,6 +850,32 @@ async def test_run_one_function_serves_nodes_with_their_own_config(registry: we.
     assert [e.node for e in run.logs] == ["first", "second"]
 
 
+async def test_a_node_that_changes_its_config_changes_neither_the_stored_graph_nor_another_run(
+        registry: we.Registry, client: httpx.AsyncClient) -> None:
+    @registry.node
+    async def spoil_config(state: we.WorkflowState, ctx: we.NodeContext) -> dict:
+        seen = {"n": ctx.config["n"], "items": list(ctx.config["nested"]["items"])}
+        ctx.config["n"] += 1
+        ctx.config["nested"]["items"].append("spoiled")
+        return {f"seen_{state.data['i']}": seen, "i": state.data["i"] + 1}
+
+    registry.condition(lambda state: state.data["i"] < 2, name="below_two")
+    config = {"n": 1, "nested": {"items": ["a"]}}
+    definition = graph([node("spoil", fn="spoil_config", config=config)],
+                       {"spoil": {"branches": [{"condition": "below_two", "target": "spoil"}]}})
+    assert (await client.post("/graph/create", json=definition)).status_code == 201
+    first, second = [(await client.post("/graph/run", json={"graph_id": "g", "state": {"data": {"i": 0}}})).json()
+                     for _ in range(2)]
+    # Within a run the node's config is one copy (a loop sees its own change); each run starts from the stored one.
+    changed = {"n": 2, "items": ["a", "spoiled"]}
+    assert first["final_state"]["data"] == second["final_state"]["data"] == {
+        "seen_0": {"n": 1, "items": ["a"]}, "seen_1": changed, "i": 2}
+    stored = await client.get("/graph/definition/g")
+    assert (stored.status_code, stored.json()["nodes"]) == (200, [{
+        "name": "spoil", "fn": "spoil_config", "timeout_s": None,
+        "retry": {"max_attempts": 1, "backoff_s": 0.0, "backoff_factor": 2.0}, "config": {"n": 1, "nested": {"items": ["a"]}}}])
+
+
 async def test_run_timeout_ends_the_run_timed_out(registry: we.Registry) -> None:
     definition = we.structure_body(graph(["inc", "hang"], chain("inc", "hang")), we.GraphDefinition)
     run = await we.run_graph(definition, we.WorkflowState(), registry, timeout_s=0.05)

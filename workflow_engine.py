@@ -1820,7 +1820,8 @@ def _edge_problems(graph: GraphDefinition, registry: Registry) -> list[Problem]:
 # The runner never raises for a node or condition failure: it records it in the log and ends the run `failed`.
 @attrs.frozen(kw_only=True)
 class NodeContext:
-    """What a node gets besides the state: its run's ids, its node's `config`, a logger, and the registered tools."""
+    """What a node gets besides the state: its run's ids, its node's `config` (the run's own copy: a node that
+    changes it changes nothing stored, nor another run), a logger, and the registered tools."""
 
     run_id: str
     graph_id: str
@@ -1992,7 +1993,8 @@ async def _drive(
         is_resumed = False  # only the first node of a resumed run passes its interrupt_before
         run.iteration, run.current_node, step = run.iteration + 1, name, plan[name]
         if name not in contexts:
-            contexts[name] = NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=name, config=step.node.config,
+            config = step.node.config and marshal.loads(marshal.dumps(step.node.config))  # the run's own (JSON)
+            contexts[name] = NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=name, config=config or {},
                                          registry=registry, fork=hooks.fork if step.is_composite else None)
         clock = time.perf_counter()
         try:
