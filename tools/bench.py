@@ -443,10 +443,13 @@ def calls_by_section(stats: pstats.Stats, module: ModuleType) -> dict[str, int]:
     def place(where: tuple[str, int, str]) -> str:
         path, line, _ = where
         if path == module.__file__:
-            return next(name for first, name in reversed(sections) if first <= line) if line >= sections[0][0] \
-                else "module top"
-        return "bench" if path == __file__ else Path(path).parent.name if "site-packages" in path \
-            else Path(path).stem if path.endswith(".py") else path.split()[0].strip("<")
+            return next((name for first, name in reversed(sections) if first <= line), "module top")
+        if path == __file__:
+            return "bench"
+        if "site-packages" in path:
+            return Path(path).parent.name  # the library's package
+        return Path(path).stem if path.endswith(".py") else path.split()[0].strip("<")  # "<attrs generated ...>"
+
     counts: dict[str, int] = {}
     for _, (_, calls, _, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
         for caller, (_, caller_calls, _, _) in (callers.items() if callers else [((__file__, 0, ""), (0, calls, 0, 0))]):
@@ -1301,8 +1304,8 @@ async def sqlite_fill(we: ModuleType, path: Path, profile: Profile) -> dict[str,
     finally:
         await engine.shutdown()
     return {"runs": len(rates) * profile.fill_chunk, "chunk": profile.fill_chunk, "chunks_runs_per_s": rates,
-            "chunks_cpu_us_per_run": cpu_us, "first_runs_per_s": rates[0], "last_runs_per_s": rates[-1], "last_share_of_first": rates[-1] / rates[0],
-            "max_runs": profile.fill_runs, "runs_stored": stored, "not_completed": not_completed}
+            "chunks_cpu_us_per_run": cpu_us, "first_runs_per_s": rates[0], "last_runs_per_s": rates[-1],
+            "last_share_of_first": rates[-1] / rates[0], "max_runs": profile.fill_runs, "runs_stored": stored, "not_completed": not_completed}
 
 
 async def sqlite_synchronous(we: ModuleType, path: Path, mode: str, concurrency: int, runs: int) -> dict[str, Any]:
@@ -1509,8 +1512,8 @@ def print_sqlite_figures(sqlite: dict[str, Any]) -> None:
     print(f"  sqlite filling up, {fill['runs']:,} runs one after another into a file with max_runs = {fill['max_runs']:,},"
           f" runs/s per {fill['chunk']:,}: {rates}")
     cpu = fill["chunks_cpu_us_per_run"]
-    print(f"  sqlite filling up, CPU µs per run per {fill['chunk']:,}: {' '.join(f'{us:.0f}' for us in cpu)}; last "
-          f"against first {cpu[-1] / cpu[0]:.2f}x, median of the last tenth against the first tenth "
+    print(f"  sqlite filling up, CPU µs per run per {fill['chunk']:,}: {' '.join(f'{us:.0f}' for us in cpu)}; the "
+          f"last tenth against the first (medians): runs/s {_tenths(fill['chunks_runs_per_s']):.2f}x, CPU µs per run "
           f"{_tenths(cpu):.2f}x  (for information)")
     cases = {(case["synchronous"], case["concurrency"]): case["runs_per_s"] for case in sqlite["synchronous"]}
     for concurrency in SYNC_CONCURRENCY:
