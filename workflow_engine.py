@@ -1993,8 +1993,8 @@ async def _drive(
         is_resumed = False  # only the first node of a resumed run passes its interrupt_before
         run.iteration, run.current_node, step = run.iteration + 1, name, plan[name]
         if name not in contexts:
-            config = step.node.config and marshal.loads(marshal.dumps(step.node.config))  # the run's own (JSON)
-            contexts[name] = NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=name, config=config or {},
+            config = marshal.loads(marshal.dumps(step.node.config)) if step.node.config else {}  # the run's own
+            contexts[name] = NodeContext(run_id=run.run_id, graph_id=run.graph_id, node=name, config=config,
                                          registry=registry, fork=hooks.fork if step.is_composite else None)
         clock = time.perf_counter()
         try:
